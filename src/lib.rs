@@ -5,7 +5,9 @@
 //! - [`config`]: `routes.toml`, parsed then validated, with `file:line` diagnostics.
 //! - [`subject`]: NATS subjects, subject templates and app path templates.
 //! - [`routes`]: the egress route table (radix tree per host).
+//! - [`inject`]: the Kubernetes MutatingAdmissionWebhook that injects the sidecar into pods.
 
 pub mod config;
+pub mod inject;
 pub mod routes;
 pub mod subject;
