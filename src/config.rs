@@ -331,6 +331,33 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Settings given on the command line or in `NATSBRIDGE_*` variables; they win over the
+/// file, on every load and reload.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub nats_servers: Option<Vec<String>>,
+    pub app_url: Option<http::Uri>,
+}
+
+impl Config {
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.listen {
+            self.sidecar.listen = v;
+        }
+        if let Some(v) = o.admin_listen {
+            self.sidecar.admin_listen = v;
+        }
+        if let Some(v) = &o.nats_servers {
+            self.nats.servers = v.clone();
+        }
+        if let Some(v) = &o.app_url {
+            self.sidecar.app_url = v.clone();
+        }
+    }
+}
+
 /// Reads and validates a routing file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();

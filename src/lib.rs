@@ -4,10 +4,28 @@
 //! The modules, by what they own:
 //! - [`config`]: `routes.toml`, parsed then validated, with `file:line` diagnostics.
 //! - [`subject`]: NATS subjects, subject templates and app path templates.
-//! - [`routes`]: the egress route table (radix tree per host).
+//! - [`routes`]: the egress route table (a radix tree per host).
+//! - [`codec`]: the pure HTTP ↔ NATS translation (headers, status, tunnel envelope).
+//! - [`problem`]: failures as HTTP statuses and `application/problem+json` bodies.
+//! - [`connection`]: the NATS connection, its auth, TLS, reconnects and events.
+//! - [`egress`]: the HTTP listener that carries the app's calls over NATS.
+//! - [`ingress`]: subscriptions and consumers that call the local app.
 //! - [`inject`]: the Kubernetes MutatingAdmissionWebhook that injects the sidecar into pods.
+//! - [`admin`]: health, readiness and metrics endpoints.
+//! - [`metrics`]: the Prometheus families and per-route handles.
+//! - [`reload`]: hot reload of the routing file.
+//! - [`sidecar`]: one running sidecar, wired from the parts above.
 
+pub mod admin;
+pub mod codec;
 pub mod config;
+pub mod connection;
+pub mod egress;
+pub mod ingress;
 pub mod inject;
+pub mod metrics;
+pub mod problem;
+pub mod reload;
 pub mod routes;
+pub mod sidecar;
 pub mod subject;

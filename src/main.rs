@@ -1,1 +1,201 @@
-fn main(){}
+//! The `natsbridge` binary: parses the command line, sets up logging, binds listeners,
+//! installs signal handlers, and hands everything to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use natsbridge::config::{self, Overrides};
+
+#[derive(Parser)]
+#[command(name = "natsbridge", version, about = "A sidecar that moves HTTP services onto NATS and JetStream one route at a time")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: egress listener, inbound routes, admin endpoints.
+    Run(RunArgs),
+    /// Validate a routing file, print its route table, and exit (1 on any error).
+    Check {
+        /// The routing file.
+        config: PathBuf,
+    },
+    /// Print every metric family the binary exports, one per line.
+    Metrics,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The routing file.
+    #[arg(long, short, env = "NATSBRIDGE_CONFIG", default_value = "routes.toml")]
+    config: PathBuf,
+    /// Egress listener address (overrides [sidecar] listen).
+    #[arg(long, env = "NATSBRIDGE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin listener address (overrides [sidecar] admin_listen).
+    #[arg(long, env = "NATSBRIDGE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// NATS server URL(s), comma-separated (overrides [nats] servers).
+    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',')]
+    nats_url: Option<Vec<String>>,
+    /// The local app's base URL (overrides [sidecar] app_url).
+    #[arg(long, env = "NATSBRIDGE_APP_URL")]
+    app_url: Option<http::Uri>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(clap::Args)]
+struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "NATSBRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `natsbridge=debug,async_nats=warn`.
+    #[arg(long, env = "NATSBRIDGE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Metrics => {
+            for name in natsbridge::metrics::NAMES {
+                println!("{name}");
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run(args))
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    match config::load(path) {
+        Ok(c) => {
+            println!("{}: ok (service {:?})", path.display(), c.sidecar.service);
+            if !c.outbound.is_empty() {
+                println!("\noutbound routes:");
+                for r in &c.outbound {
+                    let target = match &r.target {
+                        config::OutboundTarget::Request(t) | config::OutboundTarget::Publish(t) | config::OutboundTarget::JetStream(t) => {
+                            t.as_str().to_owned()
+                        }
+                        config::OutboundTarget::Tunnel { subject, .. } => subject.clone(),
+                        config::OutboundTarget::Http { upstream } => upstream.to_string(),
+                    };
+                    println!(
+                        "  {:<24} {:<7} {:<20} {:<36} {:<9} -> {}",
+                        r.name,
+                        r.method.as_ref().map(|m| m.as_str()).unwrap_or("*"),
+                        r.host.as_deref().unwrap_or("*"),
+                        r.path,
+                        r.mode().as_str(),
+                        target
+                    );
+                }
+            }
+            if !c.inbound.is_empty() {
+                println!("\ninbound routes:");
+                for r in &c.inbound {
+                    println!("  {:<24} {:<9} {:<36} -> {} {}", r.name, r.mode_name().as_str(), r.subject.as_str(), r.method, r.path.as_str());
+                }
+            }
+            if !c.streams.is_empty() {
+                println!("\nstreams:");
+                for s in &c.streams {
+                    println!("  {:<24} {}", s.name, s.subjects.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "));
+                }
+            }
+            for w in &c.warnings {
+                println!("warning: {w}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprint!("{e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let overrides = Overrides { listen: args.listen, admin_listen: args.admin_listen, nats_servers: args.nats_url, app_url: args.app_url };
+    let mut effective = config.clone();
+    effective.apply(&overrides);
+    let egress = tokio::net::TcpListener::bind(effective.sidecar.listen)
+        .await
+        .with_context(|| format!("cannot bind the egress listener on {}", effective.sidecar.listen))?;
+    let admin = tokio::net::TcpListener::bind(effective.sidecar.admin_listen)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {}", effective.sidecar.admin_listen))?;
+
+    let shutdown = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    spawn_signal_handlers(shutdown.clone(), reload_tx)?;
+
+    natsbridge::sidecar::run(natsbridge::sidecar::Parts {
+        config,
+        overrides,
+        egress,
+        admin,
+        env: Arc::new(|k| std::env::var(k).ok()),
+        reload: reload_rx,
+        shutdown,
+    })
+    .await?;
+    Ok(())
+}
+
+fn spawn_signal_handlers(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        shutdown.cancel();
+    });
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the routing file");
+            let _ = reload.send(()).await;
+        }
+    });
+    Ok(())
+}

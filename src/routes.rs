@@ -22,6 +22,8 @@ pub struct RouteTable {
 #[derive(Debug)]
 pub struct Match<'t, 'p> {
     pub route: &'t Outbound,
+    /// The route's position in [`RouteTable::routes`], for per-route state.
+    pub index: usize,
     pub params: matchit::Params<'t, 'p>,
 }
 
@@ -119,8 +121,8 @@ impl RouteTable {
         let m = router.at(path).ok()?;
         for (want, idx) in &m.value.0 {
             match want {
-                None => return Some(Match { route: &self.routes[*idx], params: m.params }),
-                Some(w) if w == method => return Some(Match { route: &self.routes[*idx], params: m.params }),
+                None => return Some(Match { route: &self.routes[*idx], index: *idx, params: m.params }),
+                Some(w) if w == method => return Some(Match { route: &self.routes[*idx], index: *idx, params: m.params }),
                 Some(w) => allowed.push(w.clone()),
             }
         }

@@ -1,0 +1,117 @@
+//! The admin listener: `/healthz` (alive), `/readyz` (NATS connected, config loaded, every
+//! inbound subscription and consumer bound) and `/metrics` (Prometheus text).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::connection::is_connected;
+use crate::metrics::Metrics;
+
+/// Named readiness conditions that other components set; ready when none is failing.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    failing: Mutex<BTreeMap<String, String>>,
+}
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Marks `check` as not ready, saying why (shown by `/readyz`).
+    pub fn fail(&self, check: impl Into<String>, why: impl Into<String>) {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).insert(check.into(), why.into());
+    }
+
+    pub fn pass(&self, check: &str) {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).remove(check);
+    }
+
+    /// The failing checks and their reasons.
+    pub fn failing(&self) -> BTreeMap<String, String> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What the admin endpoints look at.
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Metrics,
+    pub nats: async_nats::Client,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Admin {
+    /// Ready only while NATS is connected and nothing registered a failing check.
+    pub fn ready(&self) -> Result<(), BTreeMap<String, String>> {
+        let mut failing = self.readiness.failing();
+        if !is_connected(&self.nats) {
+            failing.insert("nats".into(), "not connected to NATS".into());
+        }
+        if failing.is_empty() {
+            Ok(())
+        } else {
+            Err(failing)
+        }
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, ctype, body): (StatusCode, &'static str, Bytes) = match req.uri().path() {
+            "/healthz" | "/livez" => (StatusCode::OK, "text/plain; charset=utf-8", Bytes::from_static(b"ok\n")),
+            "/readyz" => match self.ready() {
+                Ok(()) => (StatusCode::OK, "text/plain; charset=utf-8", Bytes::from_static(b"ready\n")),
+                Err(failing) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    Bytes::from(serde_json::to_vec(&serde_json::json!({ "ready": false, "failing": failing })).unwrap_or_default()),
+                ),
+            },
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(self.metrics.encode())),
+            _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", Bytes::from_static(b"not found\n")),
+        };
+        let mut res = Response::new(Full::new(body));
+        *res.status_mut() = status;
+        res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        res
+    }
+}
+
+/// Serves the admin endpoints until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |req| {
+                let res = admin.handle(&req);
+                async move { Ok::<_, Infallible>(res) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}

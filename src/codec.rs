@@ -1,0 +1,345 @@
+//! The pure translation between HTTP messages and NATS messages: header mapping in both
+//! directions, the reply → response status rules, and the tunnel envelope.
+//!
+//! No I/O here, so every rule is unit-tested and fuzzed directly.
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
+
+/// Status of a reply or tunnelled response (ours).
+pub const BRIDGE_STATUS: &str = "Bridge-Status";
+/// The NATS micro convention for errors.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+pub const BRIDGE_METHOD: &str = "Bridge-Method";
+pub const BRIDGE_PATH: &str = "Bridge-Path";
+pub const BRIDGE_QUERY: &str = "Bridge-Query";
+pub const BRIDGE_STREAM: &str = "Bridge-Stream";
+pub const BRIDGE_SEQ: &str = "Bridge-Seq";
+pub const BRIDGE_DELIVERY: &str = "Bridge-Delivery";
+pub const BRIDGE_IDEMPOTENCY_KEY: &str = "Bridge-Idempotency-Key";
+pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+pub const REQUEST_ID: &str = "X-Request-Id";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus those a NATS hop recomputes.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn is_hop_by_hop(name: &HeaderName, connection: &[&str]) -> bool {
+    let n = name.as_str();
+    HOP_BY_HOP.contains(&n) || connection.iter().any(|c| c.eq_ignore_ascii_case(n))
+}
+
+/// Headers listed in `Connection:` are hop-by-hop too.
+fn connection_tokens(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// `x-request-id` → `X-Request-Id`: NATS peers (Go, NestJS, the server's own `Nats-Msg-Id`
+/// dedupe) read header names case-sensitively in canonical form.
+pub fn canonical_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = true;
+    for c in name.chars() {
+        if upper {
+            out.push(c.to_ascii_uppercase());
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+        upper = c == '-';
+    }
+    out
+}
+
+/// End-to-end HTTP headers → NATS headers. Hop-by-hop headers are dropped; values that are
+/// not visible ASCII/UTF-8 cannot travel in a NATS header and are dropped too.
+pub fn http_to_nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
+    let connection = connection_tokens(headers);
+    let mut out = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        if is_hop_by_hop(name, &connection) {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            out.append(canonical_name(name.as_str()), v);
+        }
+    }
+    out
+}
+
+/// NATS headers → HTTP headers, skipping names or values HTTP cannot carry and our own
+/// protocol headers (`Bridge-*` control headers are re-added explicitly where wanted).
+pub fn nats_to_http_headers(headers: &async_nats::HeaderMap, skip: &[&str]) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, values) in headers.iter() {
+        let n: &str = name.as_ref();
+        if skip.iter().any(|s| s.eq_ignore_ascii_case(n)) {
+            continue;
+        }
+        let Ok(hn) = HeaderName::from_bytes(n.as_bytes()) else { continue };
+        if is_hop_by_hop(&hn, &[]) {
+            continue;
+        }
+        for v in values {
+            if let Ok(hv) = HeaderValue::from_str(v.as_str()) {
+                out.append(hn.clone(), hv);
+            }
+        }
+    }
+    out
+}
+
+/// The reply headers that are ours, not the app's.
+const REPLY_CONTROL: &[&str] = &[BRIDGE_STATUS, SERVICE_ERROR, SERVICE_ERROR_CODE];
+
+/// Why a reply could not become a response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("reply status {0:?} is not an HTTP status code")]
+    BadStatus(String),
+}
+
+/// The HTTP response a NATS reply stands for.
+#[derive(Debug)]
+pub struct ReplyResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+fn parse_status(v: &str) -> Result<StatusCode, ReplyError> {
+    v.trim()
+        .parse::<u16>()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .filter(|s| s.as_u16() >= 200)
+        .ok_or_else(|| ReplyError::BadStatus(v.to_owned()))
+}
+
+/// Reply → response: status from `Bridge-Status`, else `Nats-Service-Error-Code` (NATS
+/// micro), else 200; the other headers become response headers; the payload the body.
+pub fn reply_to_response(headers: Option<&async_nats::HeaderMap>, payload: Bytes) -> Result<ReplyResponse, ReplyError> {
+    let Some(h) = headers else {
+        return Ok(ReplyResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: payload });
+    };
+    let status = if let Some(s) = h.get(BRIDGE_STATUS) {
+        parse_status(s.as_str())?
+    } else if let Some(s) = h.get(SERVICE_ERROR_CODE) {
+        // Micro services may send codes outside HTTP's range; those are server errors.
+        parse_status(s.as_str()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    } else {
+        StatusCode::OK
+    };
+    let mut headers = nats_to_http_headers(h, REPLY_CONTROL);
+    if !headers.contains_key(http::header::CONTENT_TYPE) && h.get(SERVICE_ERROR).is_some() && payload.is_empty() {
+        // A micro error with no body: surface its description as text.
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        let msg = h.get(SERVICE_ERROR).map(|v| Bytes::copy_from_slice(v.as_str().as_bytes())).unwrap_or_default();
+        return Ok(ReplyResponse { status, headers, body: msg });
+    }
+    Ok(ReplyResponse { status, headers, body: payload })
+}
+
+/// App response → reply headers: the status in `Bridge-Status`, and for errors the NATS
+/// micro headers too, so plain NATS clients and micro tooling see the failure.
+pub fn response_to_reply_headers(status: StatusCode, headers: &HeaderMap) -> async_nats::HeaderMap {
+    let mut out = http_to_nats_headers(headers);
+    out.insert(BRIDGE_STATUS, status.as_str());
+    if status.as_u16() >= 400 {
+        out.insert(SERVICE_ERROR_CODE, status.as_str());
+        out.insert(SERVICE_ERROR, status.canonical_reason().unwrap_or("error"));
+    }
+    out
+}
+
+/// Request line parts → tunnel headers, added to the request's own end-to-end headers.
+pub fn tunnel_request_headers(method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> async_nats::HeaderMap {
+    let mut out = http_to_nats_headers(headers);
+    out.insert(BRIDGE_METHOD, method.as_str());
+    out.insert(BRIDGE_PATH, path);
+    if let Some(q) = query {
+        out.insert(BRIDGE_QUERY, q);
+    }
+    out
+}
+
+/// A tunnelled request, as the receiving sidecar replays it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRequest {
+    pub method: Method,
+    /// Path and query, ready for a request URI.
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TunnelError {
+    #[error("not a tunnelled request: no headers")]
+    NoHeaders,
+    #[error("missing or invalid {0} header")]
+    Missing(&'static str),
+    #[error("invalid {0}: {1:?}")]
+    Invalid(&'static str, String),
+}
+
+/// Tunnel headers → the request to replay. Refuses anything that could not have come
+/// from `tunnel_request_headers` (relative paths, absolute URLs, bad methods).
+pub fn decode_tunnel_request(headers: Option<&async_nats::HeaderMap>) -> Result<TunnelRequest, TunnelError> {
+    let h = headers.ok_or(TunnelError::NoHeaders)?;
+    let method = h.get(BRIDGE_METHOD).ok_or(TunnelError::Missing(BRIDGE_METHOD))?.as_str();
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| TunnelError::Invalid(BRIDGE_METHOD, method.to_owned()))?;
+    let path = h.get(BRIDGE_PATH).ok_or(TunnelError::Missing(BRIDGE_PATH))?.as_str();
+    // Only origin-form paths: "//host" or "http://" would redirect the replay elsewhere.
+    if !path.starts_with('/') || path.starts_with("//") {
+        return Err(TunnelError::Invalid(BRIDGE_PATH, path.to_owned()));
+    }
+    let mut path_and_query = path.to_owned();
+    if let Some(q) = h.get(BRIDGE_QUERY) {
+        path_and_query.push('?');
+        path_and_query.push_str(q.as_str());
+    }
+    if http::uri::PathAndQuery::try_from(path_and_query.as_str()).is_err() {
+        return Err(TunnelError::Invalid(BRIDGE_PATH, path_and_query));
+    }
+    let headers = nats_to_http_headers(h, &[BRIDGE_METHOD, BRIDGE_PATH, BRIDGE_QUERY]);
+    Ok(TunnelRequest { method, path_and_query, headers })
+}
+
+/// Status class label for metrics: "2xx", "4xx", …
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn canonical_names() {
+        assert_eq!(canonical_name("x-request-id"), "X-Request-Id");
+        assert_eq!(canonical_name("nats-msg-id"), "Nats-Msg-Id");
+        assert_eq!(canonical_name("traceparent"), "Traceparent");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let h = hm(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("host", "agent-service"),
+            ("traceparent", "00-abc-def-01"),
+            ("accept", "a"),
+            ("accept", "b"),
+        ]);
+        let n = http_to_nats_headers(&h);
+        assert!(n.get("X-Secret").is_none());
+        assert!(n.get("Transfer-Encoding").is_none());
+        assert!(n.get("Host").is_none());
+        assert_eq!(n.get("Traceparent").unwrap().as_str(), "00-abc-def-01");
+        assert_eq!(n.get_all("Accept").map(|v| v.as_str().to_owned()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn reply_status_rules() {
+        let r = reply_to_response(None, Bytes::from_static(b"hi")).unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(BRIDGE_STATUS, "201");
+        h.insert(SERVICE_ERROR_CODE, "500");
+        h.insert("Content-Type", "application/json");
+        let r = reply_to_response(Some(&h), Bytes::new()).unwrap();
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(r.headers.get("content-type").unwrap(), "application/json");
+        assert!(r.headers.get("bridge-status").is_none());
+
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(SERVICE_ERROR_CODE, "404");
+        h.insert(SERVICE_ERROR, "no such key");
+        let r = reply_to_response(Some(&h), Bytes::new()).unwrap();
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert_eq!(&r.body[..], b"no such key");
+
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(SERVICE_ERROR_CODE, "9999");
+        assert_eq!(reply_to_response(Some(&h), Bytes::new()).unwrap().status, StatusCode::INTERNAL_SERVER_ERROR);
+
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(BRIDGE_STATUS, "teapot");
+        assert!(reply_to_response(Some(&h), Bytes::new()).is_err());
+        h.insert(BRIDGE_STATUS, "101");
+        assert!(reply_to_response(Some(&h), Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn response_to_reply_marks_errors_for_micro_clients() {
+        let h = hm(&[("content-type", "text/plain")]);
+        let ok = response_to_reply_headers(StatusCode::OK, &h);
+        assert_eq!(ok.get(BRIDGE_STATUS).unwrap().as_str(), "200");
+        assert!(ok.get(SERVICE_ERROR_CODE).is_none());
+        let err = response_to_reply_headers(StatusCode::NOT_FOUND, &h);
+        assert_eq!(err.get(SERVICE_ERROR_CODE).unwrap().as_str(), "404");
+        assert_eq!(err.get(SERVICE_ERROR).unwrap().as_str(), "Not Found");
+        // And the round trip gives the same status back.
+        let back = reply_to_response(Some(&err), Bytes::new()).unwrap();
+        assert_eq!(back.status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn tunnel_round_trip() {
+        let h = hm(&[("content-type", "application/json"), ("x-trace", "1"), ("connection", "close")]);
+        let n = tunnel_request_headers(&Method::PATCH, "/v1/keys/9", Some("a=1&b=2"), &h);
+        let t = decode_tunnel_request(Some(&n)).unwrap();
+        assert_eq!(t.method, Method::PATCH);
+        assert_eq!(t.path_and_query, "/v1/keys/9?a=1&b=2");
+        assert_eq!(t.headers.get("x-trace").unwrap(), "1");
+        assert!(t.headers.get("bridge-method").is_none());
+        assert!(t.headers.get("connection").is_none());
+    }
+
+    #[test]
+    fn tunnel_decoding_refuses_redirects() {
+        for bad in ["//evil.example/x", "http://evil/x", "x", "/a b"] {
+            let mut n = async_nats::HeaderMap::new();
+            n.insert(BRIDGE_METHOD, "GET");
+            n.insert(BRIDGE_PATH, bad);
+            assert!(decode_tunnel_request(Some(&n)).is_err(), "{bad}");
+        }
+        assert_eq!(decode_tunnel_request(None), Err(TunnelError::NoHeaders));
+    }
+}

@@ -1,0 +1,218 @@
+//! Prometheus metrics: every family the sidecar exports (all prefixed `natsbridge_`, with
+//! units in the name), and pre-resolved per-route handles so the hot path takes no locks.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric family name the binary exports (histograms without their suffixes).
+pub const NAMES: &[&str] = &[
+    "natsbridge_egress_requests_total",
+    "natsbridge_egress_request_duration_seconds",
+    "natsbridge_egress_requests_in_flight",
+    "natsbridge_nats_connected",
+    "natsbridge_nats_reconnects_total",
+    "natsbridge_config_reloads_total",
+    "natsbridge_config_reload_failures_total",
+    "natsbridge_jetstream_publishes_in_flight",
+    "natsbridge_ingress_deliveries_total",
+    "natsbridge_ingress_outcomes_total",
+    "natsbridge_ingress_handler_duration_seconds",
+    "natsbridge_ingress_in_flight",
+    "natsbridge_ingress_consumer_pending",
+    "natsbridge_ingress_advisories_total",
+    "natsbridge_nats_slow_consumers_total",
+    "natsbridge_idempotency_total",
+    "natsbridge_dlq_published_total",
+];
+
+/// Latency buckets from 100µs to 60s: sidecar overhead is sub-millisecond, app calls are not.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub egress_requests: IntCounterVec,
+    pub egress_duration: HistogramVec,
+    pub egress_in_flight: IntGauge,
+    pub nats_connected: IntGauge,
+    pub nats_reconnects: IntCounter,
+    pub config_reloads: IntCounter,
+    pub config_reload_failures: IntCounter,
+    pub jetstream_in_flight: IntGauge,
+    pub ingress_deliveries: IntCounterVec,
+    pub ingress_outcomes: IntCounterVec,
+    pub ingress_duration: HistogramVec,
+    pub ingress_in_flight: IntGaugeVec,
+    pub ingress_pending: IntGaugeVec,
+    pub ingress_advisories: IntCounterVec,
+    pub slow_consumers: IntCounter,
+    pub idempotency: IntCounterVec,
+    pub dlq_published: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels).expect("valid metric"))
+        };
+        Self {
+            egress_requests: counter_vec(NAMES[0], "Egress requests by route, mode and status class.", &["route", "mode", "status_class"]),
+            egress_duration: histogram_vec(NAMES[1], "Egress request latency in seconds, by route.", &["route"]),
+            egress_in_flight: gauge(NAMES[2], "Egress requests being handled."),
+            nats_connected: gauge(NAMES[3], "1 while connected to NATS, else 0."),
+            nats_reconnects: counter(NAMES[4], "NATS reconnections since start."),
+            config_reloads: counter(NAMES[5], "Routing files loaded by hot reload."),
+            config_reload_failures: counter(NAMES[6], "Routing files rejected by hot reload."),
+            jetstream_in_flight: gauge(NAMES[7], "JetStream publishes waiting for their ack."),
+            ingress_deliveries: counter_vec(NAMES[8], "Messages received by inbound routes.", &["route"]),
+            ingress_outcomes: counter_vec(NAMES[9], "Inbound message outcomes: ack, nak, term, dlq, reply.", &["route", "outcome"]),
+            ingress_duration: histogram_vec(NAMES[10], "App handler latency in seconds, by inbound route.", &["route"]),
+            ingress_in_flight: gauge_vec(NAMES[11], "Inbound messages being handled.", &["route"]),
+            ingress_pending: gauge_vec(NAMES[12], "Messages pending on the route's consumer (lag).", &["route"]),
+            ingress_advisories: counter_vec(NAMES[13], "JetStream advisories seen, by kind.", &["route", "kind"]),
+            slow_consumers: counter(NAMES[14], "Slow-consumer events reported by the NATS client."),
+            idempotency: counter_vec(NAMES[15], "Idempotency store results: hit, claim, conflict, release, missing_key, stored.", &["route", "result"]),
+            dlq_published: counter_vec(NAMES[16], "Dead letters published, by route and reason.", &["route", "reason"]),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8 << 10);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+
+    /// The family names registered, whether or not any series exists yet.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for m in [
+            &self.egress_requests as &dyn prometheus::core::Collector,
+            &self.egress_duration,
+            &self.egress_in_flight,
+            &self.nats_connected,
+            &self.nats_reconnects,
+            &self.config_reloads,
+            &self.config_reload_failures,
+            &self.jetstream_in_flight,
+            &self.ingress_deliveries,
+            &self.ingress_outcomes,
+            &self.ingress_duration,
+            &self.ingress_in_flight,
+            &self.ingress_pending,
+            &self.ingress_advisories,
+            &self.slow_consumers,
+            &self.idempotency,
+            &self.dlq_published,
+        ] {
+            names.extend(m.desc().iter().map(|d| d.fq_name.clone()));
+        }
+        names
+    }
+
+    /// Handles for one egress route, resolved once per config load.
+    pub fn egress_route(&self, route: &str, mode: &str) -> EgressRouteMetrics {
+        let class = |c: &str| self.egress_requests.with_label_values(&[route, mode, c]);
+        EgressRouteMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: self.egress_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Handles for one inbound route, resolved once at subscription time.
+    pub fn ingress_route(&self, route: &str) -> IngressRouteMetrics {
+        let outcome = |o: &str| self.ingress_outcomes.with_label_values(&[route, o]);
+        IngressRouteMetrics {
+            deliveries: self.ingress_deliveries.with_label_values(&[route]),
+            ack: outcome("ack"),
+            nak: outcome("nak"),
+            term: outcome("term"),
+            dlq: outcome("dlq"),
+            reply: outcome("reply"),
+            duration: self.ingress_duration.with_label_values(&[route]),
+            in_flight: self.ingress_in_flight.with_label_values(&[route]),
+            pending: self.ingress_pending.with_label_values(&[route]),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EgressRouteMetrics {
+    by_class: [IntCounter; 5],
+    pub duration: Histogram,
+}
+
+impl EgressRouteMetrics {
+    pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        let idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[idx].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+#[derive(Clone)]
+pub struct IngressRouteMetrics {
+    pub deliveries: IntCounter,
+    pub ack: IntCounter,
+    pub nak: IntCounter,
+    pub term: IntCounter,
+    pub dlq: IntCounter,
+    pub reply: IntCounter,
+    pub duration: Histogram,
+    pub in_flight: IntGauge,
+    pub pending: IntGauge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_is_registered_and_prefixed() {
+        let m = Metrics::new();
+        let mut names = m.names();
+        names.sort();
+        let mut want: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(names, want);
+        assert!(NAMES.iter().all(|n| n.starts_with("natsbridge_")));
+    }
+
+    #[test]
+    fn route_handles_show_up_in_the_exposition() {
+        let m = Metrics::new();
+        m.egress_route("exec", "request").observe(http::StatusCode::ACCEPTED, 0.001);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.contains(r#"natsbridge_egress_requests_total{mode="request",route="exec",status_class="2xx"} 1"#), "{text}");
+        assert!(text.contains("natsbridge_egress_request_duration_seconds_bucket"));
+    }
+}

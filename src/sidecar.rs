@@ -1,0 +1,97 @@
+//! One running sidecar: wires the NATS connection, egress, ingress, admin and hot reload
+//! together from things passed in (config, listeners, environment lookup, shutdown).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin, Readiness};
+use crate::config::{Config, Overrides};
+use crate::connection;
+use crate::egress::{self, Egress, Table};
+use crate::ingress;
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::routes::Routing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    #[error("listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a sidecar needs from its host process.
+pub struct Parts {
+    pub config: Config,
+    /// Re-applied on every reload.
+    pub overrides: Overrides,
+    pub egress: TcpListener,
+    pub admin: TcpListener,
+    pub env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    /// Each message forces a reload (SIGHUP).
+    pub reload: mpsc::Receiver<()>,
+    pub shutdown: CancellationToken,
+}
+
+/// Runs until `shutdown` is cancelled; then drains egress (up to `drain_timeout`),
+/// ingress and the NATS connection, and returns.
+pub async fn run(parts: Parts) -> Result<(), SidecarError> {
+    let Parts { mut config, overrides, egress: egress_listener, admin: admin_listener, env, reload, shutdown } = parts;
+    config.apply(&overrides);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, &*env).await?;
+    let config = Arc::new(config);
+    let source: PathBuf = config.source.clone();
+    let table = Arc::new(ArcSwap::from_pointee(Table::new(Routing::new(config.clone()), &metrics)));
+    let (changes, config_rx) = watch::channel(config.clone());
+
+    let egress_addr = egress_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin = Admin { metrics: metrics.clone(), nats: nats.clone(), readiness: readiness.clone() };
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone().cancelled_owned()));
+
+    let reloader = Reloader::new(source, overrides, table.clone(), metrics.clone(), changes);
+    let reload_task = tokio::spawn(reloader.run(reload, shutdown.clone()));
+
+    let ingress_stop = CancellationToken::new();
+    let ingress_task = tokio::spawn(ingress::run(
+        ingress::Context { config: config_rx, nats: nats.clone(), metrics: metrics.clone(), readiness: readiness.clone() },
+        ingress_stop.clone(),
+    ));
+
+    tracing::info!(
+        service = %config.sidecar.service,
+        egress = %egress_addr,
+        admin = %admin_addr,
+        outbound = config.outbound.len(),
+        inbound = config.inbound.len(),
+        "natsbridge running"
+    );
+    let egress = Egress::new(table, nats.clone(), metrics);
+    egress::serve(egress_listener, egress, shutdown.clone().cancelled_owned()).await?;
+
+    // Egress has drained; now stop taking messages and finish the ones in flight.
+    ingress_stop.cancel();
+    let _ = ingress_task.await;
+    let _ = reload_task.await;
+    // Flush what egress published and unsubscribe cleanly.
+    let drain = tokio::time::timeout(config.sidecar.drain_timeout, nats.drain()).await;
+    if !matches!(drain, Ok(Ok(()))) {
+        tracing::warn!("NATS drain did not finish cleanly");
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("natsbridge stopped");
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! The test harness: real nats-server processes on random ports, a real HTTP app on port
+//! 0, sidecars in-process or as child processes, and a small HTTP client. Every wait polls
+//! a readiness condition with a deadline; nothing sleeps blindly.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free loopback port (bound and released; used only where a fixed port must be known
+/// before the process starts, e.g. cluster routes and restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------
+// nats-server
+
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub store: tempfile::TempDir,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    /// A JetStream server on a random port with its own store directory.
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// As `start`, with extra nats.conf text (auth, TLS, `sync_interval`...).
+    pub fn start_with(extra: &str) -> Self {
+        Self::launch(tempfile::tempdir().unwrap(), None, extra)
+    }
+
+    /// `port: None` lets the server pick (`-1`); the ports file tells which it took, and
+    /// restarts reuse it.
+    fn launch(store: tempfile::TempDir, port: Option<u16>, extra: &str) -> Self {
+        let conf = store.path().join("nats.conf");
+        let log = store.path().join("nats.log");
+        let mut s = Self { child: None, port: port.unwrap_or(0), store, conf, log };
+        s.write_conf(port.map(|p| p as i32).unwrap_or(-1), extra);
+        s.spawn();
+        if port.is_none() {
+            s.write_conf(s.port as i32, extra);
+        }
+        s
+    }
+
+    fn write_conf(&self, port: i32, extra: &str) {
+        let sd = self.store.path().join("js");
+        let text = format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {sd:?} }}\nmax_payload: 1MB\n{extra}\n");
+        std::fs::write(&self.conf, text).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let ports_dir = self.store.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server must be installed (scripts/install-nats-server)");
+        let pid = child.id();
+        self.child = Some(child);
+        let ports_file = ports_dir.join(format!("{}_{pid}.ports", Path::new(&nats_server_bin()).file_name().unwrap().to_string_lossy()));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let port = loop {
+            let found = std::fs::read_to_string(&ports_file).ok().and_then(|t| {
+                let v: serde_json::Value = serde_json::from_str(&t).ok()?;
+                let url = v["nats"][0].as_str()?.to_owned();
+                url.rsplit(':').next()?.parse::<u16>().ok()
+            });
+            if let Some(p) = found {
+                break p;
+            }
+            if Instant::now() > deadline {
+                panic!("nats-server did not start:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.port = port;
+        wait_port(self.port, Duration::from_secs(15), &self.log);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+}
+
+fn wait_port(port: u16, timeout: Duration, log: &Path) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            panic!("nats-server did not listen on {port}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Three clustered JetStream servers on loopback.
+pub struct Cluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl Cluster {
+    pub fn start(extra: &str) -> Self {
+        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<String> = route_ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+        let nodes = (0..3)
+            .map(|i| {
+                let cfg = format!(
+                    "server_name: n{i}\ncluster {{ name: c1\n listen: \"127.0.0.1:{}\"\n routes: [{}] }}\n{extra}",
+                    route_ports[i],
+                    routes.join(", ")
+                );
+                NatsServer::launch(tempfile::tempdir().unwrap(), Some(client_ports[i]), &cfg)
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The legacy app: a real HTTP server on port 0.
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub type Handler = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
+
+pub struct App {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<VecDeque<Seen>>>,
+    stop: CancellationToken,
+}
+
+impl App {
+    /// Serves `handler` on 127.0.0.1:0 and records every request.
+    pub async fn start(handler: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, Arc::new(handler))
+    }
+
+    pub fn serve(listener: TcpListener, handler: Handler) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<VecDeque<Seen>>> = Default::default();
+        let stop = CancellationToken::new();
+        let (s2, st) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = st.cancelled() => return,
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                };
+                let (seen, handler, st) = (s2.clone(), handler.clone(), st.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (seen, handler) = (seen.clone(), handler.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let s = Seen { method: parts.method, uri: parts.uri.to_string(), headers: parts.headers, body };
+                            let res = handler(&s);
+                            seen.lock().unwrap().push_back(s);
+                            Ok::<_, Infallible>(res)
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = st.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, seen, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().iter().cloned().collect()
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub fn respond(status: u16, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// Sidecars
+
+/// A sidecar running in this process on random ports.
+pub struct Sidecar {
+    pub egress: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub shutdown: CancellationToken,
+    pub reload: tokio::sync::mpsc::Sender<()>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), natsbridge::sidecar::SidecarError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Writes `toml` to a temp file and runs a sidecar from it, NATS servers and app URL
+    /// overridden as given.
+    pub async fn start(toml: &str, nats_url: &str, app_url: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = natsbridge::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let egress = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (egress_addr, admin_addr) = (egress.local_addr().unwrap(), admin.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        let overrides = natsbridge::config::Overrides {
+            nats_servers: Some(vec![nats_url.to_owned()]),
+            app_url: app_url.map(|u| u.parse().unwrap()),
+            ..Default::default()
+        };
+        let task = tokio::spawn(natsbridge::sidecar::run(natsbridge::sidecar::Parts {
+            config,
+            overrides,
+            egress,
+            admin,
+            env: Arc::new(|_| None),
+            reload: reload_rx,
+            shutdown: shutdown.clone(),
+        }));
+        Self { egress: egress_addr, admin: admin_addr, config_path: path, shutdown, reload: reload_tx, task: Some(task), _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.egress, path)
+    }
+
+    pub async fn ready(&self) -> bool {
+        get(&format!("http://{}/readyz", self.admin)).await.map(|r| r.status == 200).unwrap_or(false)
+    }
+
+    pub async fn wait_ready(&self) {
+        eventually("sidecar ready", Duration::from_secs(15), || async { self.ready().await.then_some(()) }).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(&format!("http://{}/metrics", self.admin)).await.map(|r| String::from_utf8_lossy(&r.body).into_owned()).unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A sidecar as a child process of the real binary.
+pub struct SidecarProcess {
+    pub child: Child,
+    pub egress: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl SidecarProcess {
+    pub fn start(toml: &str, nats_url: &str, app_url: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, toml).unwrap();
+        let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
+        cmd.arg("run").arg("--config").arg(&path).arg("--listen").arg(egress.to_string()).arg("--admin-listen").arg(admin.to_string());
+        cmd.arg("--nats-url").arg(nats_url);
+        if let Some(a) = app_url {
+            cmd.arg("--app-url").arg(a);
+        }
+        let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        Self { child, egress, admin, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.egress, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&self) {
+        let admin = self.admin;
+        eventually("sidecar process ready", Duration::from_secs(20), || async move {
+            get(&format!("http://{admin}/readyz")).await.ok().filter(|r| r.status == 200).map(|_| ())
+        })
+        .await
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP client
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(req: Request<Full<Bytes>>) -> Result<Reply, hyper_util::client::legacy::Error> {
+    let res = client().request(req).await?;
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body })
+}
+
+pub async fn get(url: &str) -> Result<Reply, hyper_util::client::legacy::Error> {
+    send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+}
+
+pub async fn post(url: &str, body: &str) -> Reply {
+    send(Request::post(url).body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap()).await.unwrap()
+}
+
+pub async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(body.into())).unwrap()).await.unwrap()
+}
