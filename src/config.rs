@@ -1137,6 +1137,9 @@ impl<'a> Cx<'a> {
                 if max_deliver < 1 {
                     self.error(loc, Some("max_deliver"), route, "`max_deliver` must be at least 1");
                 }
+                if !backoff.is_empty() && backoff.len() as i64 >= max_deliver {
+                    self.error(loc, Some("backoff"), route, format!("`backoff` has {} steps; `max_deliver` ({max_deliver}) must be larger (a JetStream rule)", backoff.len()));
+                }
                 if ack_wait < Duration::from_secs(1) {
                     self.error(loc, Some("ack_wait"), route, "`ack_wait` must be at least 1s");
                 }

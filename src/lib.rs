@@ -14,6 +14,7 @@
 //! - [`admin`]: health, readiness and metrics endpoints.
 //! - [`metrics`]: the Prometheus families and per-route handles.
 //! - [`reload`]: hot reload of the routing file.
+//! - [`provision`]: streams, consumers and buckets derived from the routing file.
 //! - [`sidecar`]: one running sidecar, wired from the parts above.
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod ingress;
 pub mod inject;
 pub mod metrics;
 pub mod problem;
+pub mod provision;
 pub mod reload;
 pub mod routes;
 pub mod sidecar;
