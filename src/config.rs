@@ -711,6 +711,7 @@ impl<'a> Cx<'a> {
             Some(v) => self.section::<RawIdempotencyStore>(v, "[idempotency]"),
             None => Some((RawIdempotencyStore::default(), top)),
         };
+        self.check_raw_names(doc.outbound.iter().chain(doc.inbound.iter()));
         let outbound: Vec<_> = doc
             .outbound
             .into_iter()
@@ -751,7 +752,7 @@ impl<'a> Cx<'a> {
             .filter_map(|(raw, loc)| self.inbound(raw, loc, &defaults_v, &service).map(|i| (i, loc)))
             .collect();
 
-        self.check_names(&outbound, &inbound, &streams);
+        self.check_names(&inbound, &streams);
         self.check_overlaps(&outbound);
         self.check_inbound_overlaps(&inbound);
         if let Some(dl) = &dead_letter {
@@ -1314,19 +1315,27 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn check_names(&mut self, outbound: &[(Outbound, Loc)], inbound: &[(Inbound, Loc)], streams: &[StreamSpec]) {
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        let names = outbound
-            .iter()
-            .map(|(o, l)| (o.name.as_str(), *l))
-            .chain(inbound.iter().map(|(i, l)| (i.name.as_str(), *l)));
-        for (name, loc) in names {
+    /// Route names are unique across outbound and inbound, checked on the raw tables so a
+    /// duplicate is reported even when the route has errors of its own.
+    fn check_raw_names<'v>(&mut self, routes: impl Iterator<Item = &'v Spanned<toml::Value>>) {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for v in routes {
+            let Some(name) = v.get_ref().get("name").and_then(|n| n.as_str()) else { continue };
+            let loc = Loc { start: v.span().start };
             let line = self.line_of(loc.start);
-            if let Some(first) = seen.insert(name, line) {
-                self.error(loc, Some("name"), Some(name), format!("duplicate route name; first defined at line {first}"));
-                seen.insert(name, first);
+            match seen.get(name) {
+                Some(first) => {
+                    let first = *first;
+                    self.error(loc, Some("name"), Some(name), format!("duplicate route name; first defined at line {first}"));
+                }
+                None => {
+                    seen.insert(name.to_owned(), line);
+                }
             }
         }
+    }
+
+    fn check_names(&mut self, inbound: &[(Inbound, Loc)], streams: &[StreamSpec]) {
         let mut stream_names: HashMap<&str, usize> = HashMap::new();
         for s in streams {
             if let Some(first) = stream_names.insert(&s.name, s.line) {
