@@ -59,6 +59,9 @@ pub const ROUTES_VOLUME: &str = "natsbridge-routes";
 pub const ROUTES_DIR: &str = "/etc/natsbridge";
 /// Name of the admin port on the sidecar; the PodMonitor selects it by this name.
 pub const ADMIN_PORT_NAME: &str = "nb-admin";
+/// Label put on injected pods (`"true"`): annotations cannot be selected on, and the chart's
+/// PodMonitor needs a label selector to find every sidecar.
+pub const LABEL_INJECTED: &str = "natsbridge.io/injected";
 
 /// AdmissionReview bodies are whole pod specs; etcd caps objects at ~1.5 MiB, so 4 MiB is ample.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -579,6 +582,16 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
             &format!("/metadata/annotations/{}", escape_pointer(k)),
             Value::String(v),
         ));
+    }
+    match pod.pointer("/metadata/labels").and_then(Value::as_object) {
+        Some(_) => ops.push(op_add(
+            &format!("/metadata/labels/{}", escape_pointer(LABEL_INJECTED)),
+            Value::String("true".into()),
+        )),
+        None => ops.push(op_add(
+            "/metadata/labels",
+            json!({ LABEL_INJECTED: "true" }),
+        )),
     }
     Decision::Patch(ops)
 }

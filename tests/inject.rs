@@ -166,6 +166,10 @@ fn plain_pod_gets_a_native_sidecar() {
         json!([{ "name": "natsbridge-routes", "configMap": { "name": "orchestration-routes", "items": [{ "key": "routes.toml", "path": "routes.toml" }] } }])
     );
     let ann = &pod["metadata"]["annotations"];
+    assert_eq!(
+        pod["metadata"]["labels"],
+        json!({ "app": "orchestration", "natsbridge.io/injected": "true" })
+    );
     assert_eq!(ann["natsbridge.io/status"], "injected");
     assert_eq!(ann["natsbridge.io/inject"], "true");
     assert_eq!(ann["prometheus.io/scrape"], "true");
@@ -322,6 +326,12 @@ fn http_proxy_with_several_containers() {
     assert_eq!(ann["prometheus.io/port"], "8081");
     assert!(ann.get("prometheus.io/path").is_none());
     assert_eq!(ann["natsbridge.io/status"], "injected");
+    // No labels map before: the whole map is added.
+    assert!(ops.iter().any(|o| o["path"] == "/metadata/labels"));
+    assert_eq!(
+        out["metadata"]["labels"],
+        json!({ "natsbridge.io/injected": "true" })
+    );
 }
 
 #[test]
