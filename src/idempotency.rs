@@ -1,0 +1,276 @@
+//! Consumer-side idempotency: a JetStream KV bucket shared by every replica that keeps a
+//! handler from running twice for the same key.
+//!
+//! Per message: claim the key atomically (create-if-absent); a completed key returns the
+//! stored response instead of calling the app; a key claimed by a live handler is
+//! "in flight"; a failed handler releases its claim so the retry can run; only a success
+//! marks the key done (never mark-before-handle, which loses messages). Every transition
+//! is a compare-and-set on the entry's revision, so two replicas can never both win.
+//! Expiry is kept in the value (claims go stale after `claim_ttl`, results after the
+//! route's `ttl`), so it works on any JetStream server; the bucket's `max_age` collects
+//! old entries.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::IdempotencyKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    #[error("idempotency bucket {bucket:?} is not available: {reason}")]
+    Bucket { bucket: String, reason: String },
+    #[error("idempotency store: {0}")]
+    Store(String),
+}
+
+/// The app's response, as stored for replays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Base64 in the stored JSON; empty when the body was over `max_response_bytes`.
+    #[serde(with = "b64")]
+    pub body: Bytes,
+    /// The body was not stored because it was too large.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map(Into::into).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Record {
+    Claimed { owner: String, at_ms: u64 },
+    Done { at_ms: u64, expires_ms: u64, response: StoredResponse },
+}
+
+/// Proof of a claim: the entry revision we wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub key: String,
+    revision: u64,
+}
+
+/// The answer to "may I run this handler?"
+#[derive(Debug)]
+pub enum Claim {
+    /// Yes: run it, then `complete` or `release`.
+    Acquired(Ticket),
+    /// Already handled: here is what the app answered.
+    Done(StoredResponse),
+    /// Another handler holds a live claim.
+    InFlight,
+}
+
+/// Where a message's key comes from (pure, for tests and fuzzing).
+pub fn extract_key(spec: &IdempotencyKey, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<String> {
+    let value = match spec {
+        IdempotencyKey::Header(name) => headers?.get(name.as_str()).map(|v| v.as_str().to_owned()),
+        IdempotencyKey::MsgId => headers?.get(crate::codec::NATS_MSG_ID).map(|v| v.as_str().to_owned()),
+        IdempotencyKey::Json(pointer) => {
+            let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+            match v.pointer(pointer)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Null => None,
+                other => Some(other.to_string()),
+            }
+        }
+    }?;
+    (!value.trim().is_empty()).then_some(value)
+}
+
+/// The KV key for a route's idempotency key: keys are hashed because KV keys allow only
+/// a few characters, and scoped by route because each route is its own handler.
+pub fn kv_key(route: &str, key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(route.len() + 1 + 64);
+    out.push_str(route);
+    out.push('.');
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The shared store.
+#[derive(Clone)]
+pub struct Store {
+    kv: kv::Store,
+    claim_ttl: Duration,
+    max_response_bytes: usize,
+    owner: String,
+}
+
+impl Store {
+    /// Binds to the bucket `provision` created.
+    pub async fn open(js: &async_nats::jetstream::Context, cfg: &crate::config::IdempotencyStore, owner: String) -> Result<Self, IdempotencyError> {
+        let kv = js
+            .get_key_value(&cfg.bucket)
+            .await
+            .map_err(|e| IdempotencyError::Bucket { bucket: cfg.bucket.clone(), reason: e.to_string() })?;
+        Ok(Self { kv, claim_ttl: cfg.claim_ttl, max_response_bytes: cfg.max_response_bytes, owner })
+    }
+
+    fn claim_record(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(&Record::Claimed { owner: self.owner.clone(), at_ms: now_ms() }).unwrap_or_default())
+    }
+
+    /// Claims `key` for this handler, or says why not.
+    pub async fn claim(&self, key: &str) -> Result<Claim, IdempotencyError> {
+        // A few rounds: each lost compare-and-set means someone else moved first; look again.
+        for _ in 0..5 {
+            match self.kv.create(key, self.claim_record()).await {
+                Ok(revision) => return Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision })),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+            }
+            let Some(entry) = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))? else {
+                continue;
+            };
+            if entry.operation != Operation::Put {
+                continue;
+            }
+            let now = now_ms();
+            let stale = match serde_json::from_slice::<Record>(&entry.value) {
+                Ok(Record::Done { expires_ms, response, .. }) if expires_ms > now => return Ok(Claim::Done(response)),
+                Ok(Record::Done { .. }) => true,
+                Ok(Record::Claimed { at_ms, .. }) => at_ms + self.claim_ttl.as_millis() as u64 <= now,
+                // Garbage in the bucket must not block the handler forever.
+                Err(_) => true,
+            };
+            if !stale {
+                return Ok(Claim::InFlight);
+            }
+            // Take over an expired result or a crashed handler's claim, atomically.
+            match self.kv.update(key, self.claim_record(), entry.revision).await {
+                Ok(revision) => return Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision })),
+                Err(_) => continue,
+            }
+        }
+        Ok(Claim::InFlight)
+    }
+
+    /// Keeps a long-running handler's claim alive.
+    pub async fn refresh(&self, ticket: &mut Ticket) -> Result<(), IdempotencyError> {
+        let revision = self.kv.update(&ticket.key, self.claim_record(), ticket.revision).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
+        ticket.revision = revision;
+        Ok(())
+    }
+
+    /// Records the app's success; later deliveries of the key get `Claim::Done`.
+    pub async fn complete(&self, ticket: Ticket, mut response: StoredResponse, ttl: Duration) -> Result<(), IdempotencyError> {
+        if response.body.len() > self.max_response_bytes {
+            response.body = Bytes::new();
+            response.truncated = true;
+        }
+        let now = now_ms();
+        let record = Record::Done { at_ms: now, expires_ms: now + ttl.as_millis() as u64, response };
+        let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| IdempotencyError::Store(e.to_string()))?);
+        self.kv.update(&ticket.key, value, ticket.revision).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Gives the key back after a failure, so the retry can run.
+    pub async fn release(&self, ticket: Ticket) -> Result<(), IdempotencyError> {
+        self.kv
+            .delete_expect_revision(&ticket.key, Some(ticket.revision))
+            .await
+            .map_err(|e| IdempotencyError::Store(e.to_string()))
+    }
+
+    /// Waits for another handler's result (request mode), until `deadline`.
+    pub async fn wait_done(&self, key: &str, deadline: tokio::time::Instant) -> Result<Option<StoredResponse>, IdempotencyError> {
+        let mut delay = Duration::from_millis(10);
+        loop {
+            if let Some(entry) = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))? {
+                if entry.operation == Operation::Put {
+                    if let Ok(Record::Done { response, .. }) = serde_json::from_slice::<Record>(&entry.value) {
+                        return Ok(Some(response));
+                    }
+                } else {
+                    // Released: the other handler failed; the caller may claim again.
+                    return Ok(None);
+                }
+            } else {
+                return Ok(None);
+            }
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Encodes a stored body for display (the dlq tooling and logs).
+pub fn preview(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(s) => s.chars().take(120).collect(),
+        Err(_) => format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&body[..body.len().min(90)])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_from_headers_msg_id_or_json() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Idempotency-Key", "k1");
+        h.insert("Nats-Msg-Id", "m1");
+        assert_eq!(extract_key(&IdempotencyKey::Header("Idempotency-Key".into()), Some(&h), b""), Some("k1".into()));
+        assert_eq!(extract_key(&IdempotencyKey::MsgId, Some(&h), b""), Some("m1".into()));
+        assert_eq!(extract_key(&IdempotencyKey::MsgId, None, b""), None);
+        let body = br#"{"order":{"id":"o-9","n":7},"blank":" "}"#;
+        assert_eq!(extract_key(&IdempotencyKey::Json("/order/id".into()), None, body), Some("o-9".into()));
+        assert_eq!(extract_key(&IdempotencyKey::Json("/order/n".into()), None, body), Some("7".into()));
+        assert_eq!(extract_key(&IdempotencyKey::Json("/blank".into()), None, body), None);
+        assert_eq!(extract_key(&IdempotencyKey::Json("/missing".into()), None, body), None);
+        assert_eq!(extract_key(&IdempotencyKey::Json("/order/id".into()), None, b"not json"), None);
+    }
+
+    #[test]
+    fn kv_keys_are_valid_and_scoped_by_route() {
+        let a = kv_key("tool-exec", "a key with spaces/and.dots*>");
+        assert!(a.starts_with("tool-exec."));
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{a}");
+        assert_ne!(a, kv_key("other", "a key with spaces/and.dots*>"));
+        assert_eq!(a, kv_key("tool-exec", "a key with spaces/and.dots*>"));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = Record::Done {
+            at_ms: 1,
+            expires_ms: 2,
+            response: StoredResponse { status: 201, headers: vec![("a".into(), "b".into())], body: Bytes::from_static(&[0, 159, 146, 150]), truncated: false },
+        };
+        let v = serde_json::to_vec(&r).unwrap();
+        let back: Record = serde_json::from_slice(&v).unwrap();
+        let Record::Done { response, .. } = back else { panic!() };
+        assert_eq!(&response.body[..], &[0, 159, 146, 150]);
+    }
+}

@@ -1,0 +1,128 @@
+//! The idempotency store against a real JetStream KV bucket: claims are exclusive across
+//! replicas, results replay, failures release, stale claims are taken over.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use natsbridge::config::IdempotencyStore;
+use natsbridge::idempotency::{kv_key, Claim, StoredResponse, Store};
+use support::*;
+
+async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> {
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_key_value(async_nats::jetstream::kv::Config { bucket: "natsbridge_idempotency".into(), history: 1, ..Default::default() })
+        .await
+        .unwrap();
+    let cfg = IdempotencyStore {
+        bucket: "natsbridge_idempotency".into(),
+        replicas: 1,
+        claim_ttl,
+        max_response_bytes: 16,
+        storage: natsbridge::config::Storage::File,
+    };
+    let mut out = Vec::new();
+    for i in 0..n {
+        let js = async_nats::jetstream::new(nats.client().await);
+        out.push(Store::open(&js, &cfg, format!("replica-{i}")).await.unwrap());
+    }
+    out
+}
+
+fn ok(body: &str) -> StoredResponse {
+    StoredResponse { status: 201, headers: vec![("content-type".into(), "text/plain".into())], body: Bytes::copy_from_slice(body.as_bytes()), truncated: false }
+}
+
+#[tokio::test]
+async fn exactly_one_of_many_concurrent_claims_wins() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_secs(60), 4).await;
+    let key = kv_key("route", "order-1");
+    let claims = futures::future::join_all(s.iter().map(|st| st.claim(&key))).await;
+    let won: Vec<_> = claims.into_iter().map(|c| c.unwrap()).filter(|c| matches!(c, Claim::Acquired(_))).collect();
+    assert_eq!(won.len(), 1, "{won:?}");
+}
+
+#[tokio::test]
+async fn done_keys_replay_the_response_and_in_flight_keys_wait() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_secs(60), 2).await;
+    let key = kv_key("route", "k");
+    let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight));
+
+    // The other replica waits for the result...
+    let waiter = {
+        let st = s[1].clone();
+        let key = key.clone();
+        tokio::spawn(async move { st.wait_done(&key, tokio::time::Instant::now() + Duration::from_secs(5)).await.unwrap() })
+    };
+    s[0].complete(t, ok("first"), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(waiter.await.unwrap(), Some(ok("first")));
+    // ... and later deliveries get the stored response.
+    match s[1].claim(&key).await.unwrap() {
+        Claim::Done(r) => assert_eq!(r, ok("first")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_failed_handler_releases_so_the_retry_runs() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_secs(60), 2).await;
+    let key = kv_key("route", "k");
+    let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
+    s[0].release(t).await.unwrap();
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::Acquired(_)));
+}
+
+#[tokio::test]
+async fn stale_claims_and_expired_results_are_taken_over() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_millis(300), 2).await;
+    let key = kv_key("route", "k");
+    let Claim::Acquired(_crashed) = s[0].claim(&key).await.unwrap() else { panic!() };
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight));
+    // The crashed handler's claim goes stale after claim_ttl; then another may run.
+    let t = eventually("stale claim taken over", Duration::from_secs(5), || async {
+        match s[1].claim(&key).await.unwrap() {
+            Claim::Acquired(t) => Some(t),
+            _ => None,
+        }
+    })
+    .await;
+    // The stale owner can no longer complete: its revision is gone.
+    s[1].complete(t, ok("x"), Duration::from_millis(200)).await.unwrap();
+    assert!(matches!(s[0].claim(&key).await.unwrap(), Claim::Done(_)));
+    eventually("result expired", Duration::from_secs(5), || async { matches!(s[0].claim(&key).await.unwrap(), Claim::Acquired(_)).then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn large_bodies_are_stored_without_their_body() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_secs(60), 1).await;
+    let key = kv_key("route", "big");
+    let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
+    s[0].complete(t, ok("this body is longer than sixteen bytes"), Duration::from_secs(60)).await.unwrap();
+    let Claim::Done(r) = s[0].claim(&key).await.unwrap() else { panic!() };
+    assert!(r.truncated);
+    assert!(r.body.is_empty());
+    assert_eq!(r.status, 201);
+}
+
+#[tokio::test]
+async fn a_stale_ticket_cannot_overwrite_a_newer_claim() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_millis(200), 2).await;
+    let key = kv_key("route", "k");
+    let Claim::Acquired(old) = s[0].claim(&key).await.unwrap() else { panic!() };
+    let _new = eventually("takeover", Duration::from_secs(5), || async {
+        match s[1].claim(&key).await.unwrap() {
+            Claim::Acquired(t) => Some(t),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(s[0].complete(old, ok("late"), Duration::from_secs(60)).await.is_err());
+}
