@@ -1,0 +1,327 @@
+"""The chart, rendered by the real Helm engine for default and non-default values: lint, schema
+validation of every object against Kubernetes' own schemas, and what each part must carry."""
+
+import base64
+import datetime
+import os
+import subprocess
+import tempfile
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+
+from conftest import CHART, EXAMPLES, NAMESPACE, REPO, example_values, find, one, render
+
+KUBE_VERSION = "1.33.0"
+# Kinds from CRDs, which kubernetes-validate has no schemas for.
+CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
+
+NON_DEFAULT = {
+    "fullnameOverride": "bridge",
+    "commonLabels": {"team": "platform"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "image": {"repository": "registry.example.com/natsbridge", "tag": "9.9.9", "pullPolicy": "Always"},
+    "nats": {
+        "replicas": 5,
+        "jetstream": {"syncInterval": "10s", "maxMemoryStore": "1Gi", "pvc": {"size": "50Gi", "storageClassName": "fast-ssd"}},
+        "auth": {"enabled": True, "secretName": "nats-auth", "urlSecretName": "nats-url"},
+        "tls": {"enabled": True, "secretName": "nats-tls", "verify": True},
+        "exporter": {"enabled": False},
+        "podDisruptionBudget": {"enabled": False},
+    },
+    "injector": {
+        "failurePolicy": "Ignore",
+        "replicas": 3,
+        # Helm merges maps with the defaults; null removes the default label.
+        "namespaceSelector": {"matchLabels": {"natsbridge.io/inject": None, "mesh": "nats"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["apps"]}]},
+        "sidecar": {"resources": {"cpuLimit": "1", "memoryLimit": ""}, "extraNoProxy": ["10.96.0.1"], "logLevel": "debug"},
+        "certificate": {"certManager": {"enabled": True}},
+    },
+    "routes": [{"name": "solo-routes", "toml": "[sidecar]\nservice = \"solo\"\n"}],
+    "provision": {"extraArgs": ["--force"]},
+    "monitoring": {"dashboard": {"namespace": "grafana"}, "podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+}
+
+CASES = {"default": {}, "non-default": NON_DEFAULT, "example": None, "external-nats": {
+    "nats": {"enabled": False, "externalUrl": "nats://nats.shared:4222"},
+    "injector": {"certificate": {"certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}},
+}}
+
+
+def case_values(name):
+    return example_values() if name == "example" else CASES[name]
+
+
+def test_lint_is_clean():
+    report = helm_python.lint(str(CHART), strict=True, namespace=NAMESPACE)
+    assert not report["errors"], report
+    bad = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not bad, bad
+
+
+def test_lint_with_example_values_is_clean():
+    report = helm_python.lint(str(CHART), example_values(), strict=True, namespace=NAMESPACE)
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2], report
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_rendered_object_is_valid_kubernetes(case):
+    objects, notes = render(case_values(case))
+    assert objects and notes.strip()
+    checked = 0
+    for obj in objects:
+        obj = {k: v for k, v in obj.items() if k != "__template"}
+        ident = f'{obj["kind"]}/{obj["metadata"].get("name")}'
+        assert obj["metadata"].get("name"), ident
+        if obj["apiVersion"].startswith(CRD_GROUPS):
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{case}: {ident}: {e}")
+        checked += 1
+    assert checked >= 5
+
+
+def test_names_are_unique_per_kind_and_namespace():
+    for case in CASES:
+        objects, _ = render(case_values(case))
+        seen = set()
+        for o in objects:
+            key = (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+            assert key not in seen, (case, key)
+            seen.add(key)
+
+
+def test_nats_statefulset(default_render):
+    objects, _ = default_render
+    sts = one(objects, "StatefulSet")
+    spec = sts["spec"]
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == "nb-natsbridge-nats-headless"
+    pod = spec["template"]["spec"]
+    nats = next(c for c in pod["containers"] if c["name"] == "nats")
+    assert nats["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert nats["readinessProbe"]["httpGet"]["path"] == "/healthz?js-server-only=true"
+    assert nats["livenessProbe"]["httpGet"]["path"] == "/healthz?js-enabled-only=true"
+    assert nats["lifecycle"]["preStop"]["exec"]["command"] == ["nats-server", "-sl=ldm=/var/run/nats/nats.pid"]
+    assert nats["resources"]["requests"]["memory"] == "512Mi"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
+    # 30s lame duck + 10s grace must fit in the termination grace period.
+    assert pod["terminationGracePeriodSeconds"] > 40
+    (vct,) = spec["volumeClaimTemplates"]
+    assert vct["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert "storageClassName" not in vct["spec"]
+    assert {"name": "data", "mountPath": "/data"} in nats["volumeMounts"]
+    exporter = next(c for c in pod["containers"] if c["name"] == "exporter")
+    assert "-prefix=nats" in exporter["args"] and "-jsz=all" in exporter["args"]
+
+    headless = one(objects, "Service", "nb-natsbridge-nats-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert {"name": "cluster", "port": 6222, "targetPort": "cluster"} in headless["spec"]["ports"]
+    client = one(objects, "Service", "nb-natsbridge-nats")
+    assert client["spec"]["type"] == "ClusterIP" and client["spec"]["ports"][0]["port"] == 4222
+    assert one(objects, "PodDisruptionBudget", "nb-natsbridge-nats")["spec"]["maxUnavailable"] == 1
+
+    conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    assert "sync_interval: always" in conf
+    assert 'http: "0.0.0.0:8222"' in conf
+    for i in range(3):
+        assert f"nats://nb-natsbridge-nats-{i}.nb-natsbridge-nats-headless.natsbridge.svc.cluster.local:6222" in conf
+    assert sts["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def test_nats_non_default():
+    objects, _ = render(NON_DEFAULT)
+    sts = one(objects, "StatefulSet", "bridge-nats")
+    assert sts["spec"]["replicas"] == 5
+    assert sts["metadata"]["labels"]["team"] == "platform"
+    pod = sts["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["nats"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "password"}
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
+    assert {"name": "tls", "secret": {"secretName": "nats-tls"}} in pod["volumes"]
+    conf = one(objects, "ConfigMap", "bridge-nats-config")["data"]["nats.conf"]
+    assert "sync_interval: 10s" in conf and "max_memory_store: 1Gi" in conf
+    assert "user: $NATS_USER" in conf and "verify: true" in conf
+    assert conf.count("nats://bridge-nats-") == 5
+    assert not [o for o in objects if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "bridge-nats"]
+
+
+def test_injector_self_signed_certificate_matches_the_ca_bundle(default_render):
+    objects, _ = default_render
+    secret = one(objects, "Secret", "nb-natsbridge-injector-tls")
+    hook = one(objects, "MutatingWebhookConfiguration")
+    (wh,) = hook["webhooks"]
+    assert wh["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "nb-natsbridge-injector.natsbridge.svc" in sans
+    assert cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
+    assert wh["clientConfig"]["service"] == {"name": "nb-natsbridge-injector", "namespace": "natsbridge", "path": "/mutate", "port": 8443}
+    assert wh["failurePolicy"] == "Fail" and wh["sideEffects"] == "None"
+    assert wh["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}]
+    assert wh["namespaceSelector"]["matchLabels"] == {"natsbridge.io/inject": "enabled"}
+    assert {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["natsbridge", "kube-system"]} in wh["namespaceSelector"]["matchExpressions"]
+
+    dep = one(objects, "Deployment", "nb-natsbridge-injector")
+    assert dep["spec"]["replicas"] == 2
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][0] == "inject"
+    assert "--nats-url=nats://nb-natsbridge-nats.natsbridge.svc.cluster.local:4222" in c["args"]
+    assert "--sidecar-image=ghcr.io/natsbridge/natsbridge:0.1.0" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert one(objects, "Service", "nb-natsbridge-injector")["spec"]["ports"][0]["port"] == 8443
+    assert one(objects, "ServiceAccount", "nb-natsbridge-injector")["automountServiceAccountToken"] is False
+
+
+def test_injector_with_cert_manager_and_non_default_values():
+    objects, _ = render(NON_DEFAULT)
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    cert = one(objects, "Certificate", "bridge-injector")
+    assert cert["spec"]["secretName"] == "bridge-injector-tls"
+    assert "bridge-injector.natsbridge.svc" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["issuerRef"] == {"name": "bridge-injector-selfsigned", "kind": "Issuer"}
+    one(objects, "Issuer", "bridge-injector-selfsigned")
+    hook = one(objects, "MutatingWebhookConfiguration")
+    assert hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "natsbridge/bridge-injector"
+    (wh,) = hook["webhooks"]
+    assert "caBundle" not in wh["clientConfig"]
+    assert wh["failurePolicy"] == "Ignore"
+    assert wh["namespaceSelector"]["matchLabels"] == {"mesh": "nats"}
+    assert {"key": "tier", "operator": "In", "values": ["apps"]} in wh["namespaceSelector"]["matchExpressions"]
+    args = one(objects, "Deployment", "bridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--nats-url=tls://bridge-nats.natsbridge.svc.cluster.local:4222" in args
+    assert "--nats-url-secret=nats-url/url" in args
+    assert "--cpu-limit=1" in args and "--memory-limit=" in args and "--no-proxy=10.96.0.1" in args
+    assert "--sidecar-log-level=debug" in args and "--sidecar-image-pull-policy=Always" in args
+
+
+def test_injector_with_an_external_issuer_and_external_nats():
+    objects, _ = render(CASES["external-nats"])
+    assert not [o for o in objects if o["kind"] in ("StatefulSet", "Issuer")]
+    assert one(objects, "Certificate")["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+    args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--nats-url=nats://nats.shared:4222" in args
+
+
+def test_external_nats_requires_a_url():
+    with pytest.raises(helm_python.HelmError, match="externalUrl"):
+        render({"nats": {"enabled": False}})
+
+
+def test_schema_rejects_bad_values():
+    for bad in [
+        {"injector": {"failurePolicy": "Sometimes"}},
+        {"nats": {"jetstream": {"syncInterval": "often"}}},
+        {"routes": [{"name": "Bad_Name", "toml": "x"}]},
+        {"routes": [{"name": "ok"}]},
+        {"injector": {"sidecar": {"resources": {"cpuRequest": "lots"}}}},
+        {"surprise": True},
+    ]:
+        with pytest.raises(helm_python.HelmValuesError):
+            render(bad)
+
+
+def test_provisioning_jobs_and_routes_configmaps():
+    objects, _ = render(example_values())
+    jobs = find(objects, "Job")
+    assert len(jobs) == 2
+    for job, routes in zip(sorted(jobs, key=lambda j: j["metadata"]["name"]), ["agent-routes", "orchestration-routes"]):
+        ann = job["metadata"]["annotations"]
+        assert ann["helm.sh/hook"] == "post-install,post-upgrade"
+        assert "before-hook-creation" in ann["helm.sh/hook-delete-policy"]
+        pod = job["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["args"] == ["provision", "--config", "/etc/natsbridge/routes.toml"]
+        assert pod["volumes"][0]["configMap"]["name"] == f"nb-natsbridge-provision-{routes}"
+        assert {"name": "NATSBRIDGE_NATS_URL", "value": "nats://nb-natsbridge-nats.natsbridge.svc.cluster.local:4222"} in c["env"]
+        copy = one(objects, "ConfigMap", f"nb-natsbridge-provision-{routes}")
+        assert copy["metadata"]["namespace"] == "natsbridge"
+        app = one(objects, "ConfigMap", routes)
+        assert app["metadata"]["namespace"] == "shop"
+        assert copy["data"] == app["data"]
+    non_default, _ = render(NON_DEFAULT)
+    job = one(non_default, "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "--force"
+    assert one(non_default, "ConfigMap", "solo-routes")["metadata"]["namespace"] == "natsbridge"
+
+
+def test_no_routes_means_no_jobs(default_render):
+    objects, _ = default_render
+    assert not [o for o in objects if o["kind"] == "Job"]
+
+
+def test_monitors():
+    objects, _ = render(NON_DEFAULT)
+    pm = one(objects, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"] == {"natsbridge.io/injected": "true"}
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "nb-admin"
+    # The exporter is off in NON_DEFAULT, so there is nothing for a ServiceMonitor to scrape.
+    assert not [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert one(objects, "ConfigMap", "bridge-dashboard")["metadata"]["namespace"] == "grafana"
+    objects, _ = render(example_values())
+    sm = one(objects, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_example_routes_configmaps_match_what_the_chart_ships():
+    objects, _ = render(example_values())
+    for name in ["orchestration-routes", "agent-routes"]:
+        with open(EXAMPLES / f"{name}.yaml") as f:
+            standalone = yaml.safe_load(f)
+        rendered = one(objects, "ConfigMap", name)
+        assert standalone["metadata"]["namespace"] == rendered["metadata"]["namespace"] == "shop"
+        assert standalone["data"] == rendered["data"], name
+
+
+def test_example_apps_opt_in_and_validate():
+    with open(EXAMPLES / "apps.yaml") as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    for d in docs:
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    ns = next(d for d in docs if d["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["natsbridge.io/inject"] == "enabled"
+    routes = {r["name"] for r in example_values()["routes"]}
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        ann = dep["spec"]["template"]["metadata"]["annotations"]
+        assert ann["natsbridge.io/inject"] == "true"
+        assert ann["natsbridge.io/routes"] in routes
+
+
+def natsbridge(*args):
+    return subprocess.run(
+        ["cargo", "run", "-q", "--bin", "natsbridge", "--", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+
+
+def test_example_routes_pass_natsbridge_check():
+    for r in example_values()["routes"]:
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(r["toml"])
+        try:
+            out = natsbridge("check", f.name)
+            assert out.returncode == 0, f'{r["name"]}:\n{out.stdout}\n{out.stderr[-3000:]}'
+        finally:
+            os.unlink(f.name)
+
+
+def test_injector_args_are_flags_the_binary_accepts(default_render):
+    """Every flag the chart passes to `natsbridge inject` exists in its --help."""
+    out = natsbridge("inject", "--help")
+    if out.returncode != 0 and "unrecognized subcommand" in out.stderr:
+        pytest.skip("`natsbridge inject` is not wired into the binary yet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    objects, _ = render(NON_DEFAULT)
+    args = one(objects, "Deployment", "bridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
+    for a in args[1:]:
+        flag = a.split("=", 1)[0]
+        assert flag in out.stdout, f"{flag} not in `natsbridge inject --help`"
