@@ -10,6 +10,7 @@
 //! - [`connection`]: the NATS connection, its auth, TLS, reconnects and events.
 //! - [`egress`]: the HTTP listener that carries the app's calls over NATS.
 //! - [`ingress`]: subscriptions and consumers that call the local app.
+//! - [`dlq`]: dead letters: their `Bridge-Dlq-*` headers and acked publishing.
 //! - [`inject`]: the Kubernetes MutatingAdmissionWebhook that injects the sidecar into pods.
 //! - [`admin`]: health, readiness and metrics endpoints.
 //! - [`metrics`]: the Prometheus families and per-route handles.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod dlq;
 pub mod egress;
 pub mod ingress;
 pub mod inject;

@@ -1,0 +1,272 @@
+//! Dead letters: the `Bridge-Dlq-*` headers that say why a message was given up on, and
+//! publishing them with JetStream, acked, to a route's `dead_letter` subject.
+//!
+//! A dead letter keeps the original payload and headers, so it can be inspected and
+//! replayed; the header names below are the contract for that tooling.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use prometheus::IntCounter;
+
+use crate::metrics::Metrics;
+
+/// Why the message was given up on: [`Reason`].
+pub const REASON: &str = "Bridge-Dlq-Reason";
+/// The app's last HTTP status, when it answered.
+pub const STATUS: &str = "Bridge-Dlq-Status";
+/// The first [`ERROR_MAX`] bytes of the app's response body, or the transport error.
+pub const ERROR: &str = "Bridge-Dlq-Error";
+/// How many times JetStream delivered the message.
+pub const DELIVERIES: &str = "Bridge-Dlq-Deliveries";
+/// The subject the message was published to (where a replay sends it back).
+pub const SUBJECT: &str = "Bridge-Dlq-Subject";
+pub const STREAM: &str = "Bridge-Dlq-Stream";
+pub const SEQ: &str = "Bridge-Dlq-Seq";
+/// When the message was dead-lettered, RFC 3339.
+pub const TIME: &str = "Bridge-Dlq-Time";
+/// The inbound route that gave up.
+pub const ROUTE: &str = "Bridge-Dlq-Route";
+/// The durable consumer that delivered it.
+pub const CONSUMER: &str = "Bridge-Dlq-Consumer";
+
+/// Every header a dead letter adds; a replay strips these.
+pub const HEADERS: &[&str] = &[REASON, STATUS, ERROR, DELIVERIES, SUBJECT, STREAM, SEQ, TIME, ROUTE, CONSUMER];
+
+/// How much of the response body `Bridge-Dlq-Error` keeps.
+pub const ERROR_MAX: usize = 1024;
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A retryable status (408, 429, 5xx) on the last delivery.
+    Status,
+    /// A status that retrying cannot fix (other 4xx).
+    Poison,
+    /// JetStream ran out of deliveries without a final outcome from us (advisory).
+    MaxDeliver,
+    /// The app could not be reached, or did not answer in time, on the last delivery.
+    AppUnreachable,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] = [Reason::Status, Reason::Poison, Reason::MaxDeliver, Reason::AppUnreachable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Status => "status",
+            Reason::Poison => "poison",
+            Reason::MaxDeliver => "max_deliver",
+            Reason::AppUnreachable => "app_unreachable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the message came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub route: &'a str,
+    pub consumer: &'a str,
+    pub stream: &'a str,
+    pub subject: &'a str,
+    pub seq: u64,
+    pub deliveries: u64,
+}
+
+/// What went wrong the last time.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    pub reason: Reason,
+    pub status: Option<u16>,
+    /// The response body, or a transport error's text; cut to [`ERROR_MAX`] bytes.
+    pub error: Option<&'a [u8]>,
+}
+
+/// The dead letter's headers: the original ones, plus ours (replacing any left by an
+/// earlier trip through a dead-letter queue, so they always describe this one).
+pub fn headers(original: Option<&async_nats::HeaderMap>, origin: &Origin<'_>, failure: &Failure<'_>, now: SystemTime) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    if let Some(orig) = original {
+        for (name, values) in orig.iter() {
+            let n: &str = name.as_ref();
+            if HEADERS.iter().any(|d| d.eq_ignore_ascii_case(n)) {
+                continue;
+            }
+            for v in values {
+                h.append(name.clone(), v.clone());
+            }
+        }
+    }
+    h.insert(REASON, failure.reason.as_str());
+    if let Some(s) = failure.status {
+        h.insert(STATUS, s.to_string().as_str());
+    }
+    if let Some(e) = failure.error.map(error_excerpt).filter(|e| !e.is_empty()) {
+        h.insert(ERROR, e.as_str());
+    }
+    h.insert(DELIVERIES, origin.deliveries.to_string().as_str());
+    h.insert(SUBJECT, origin.subject);
+    h.insert(STREAM, origin.stream);
+    h.insert(SEQ, origin.seq.to_string().as_str());
+    h.insert(TIME, humantime::format_rfc3339_millis(now).to_string().as_str());
+    h.insert(ROUTE, origin.route);
+    h.insert(CONSUMER, origin.consumer);
+    h
+}
+
+/// The first [`ERROR_MAX`] bytes of `body` as one header-safe line: cut on a character
+/// boundary, invalid UTF-8 replaced, and control characters (CR/LF would break the NATS
+/// header block) turned into spaces.
+pub fn error_excerpt(body: &[u8]) -> String {
+    let cut = &body[..body.len().min(ERROR_MAX)];
+    let text = String::from_utf8_lossy(cut);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if out.len() + c.len_utf8() > ERROR_MAX {
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    // A cut in the middle of a multi-byte sequence shows up as a trailing U+FFFD.
+    if body.len() > ERROR_MAX && out.ends_with('\u{FFFD}') {
+        out.pop();
+    }
+    out.trim().to_owned()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("no stream captures the dead-letter subject {0:?}")]
+    NoStream(String),
+    #[error("dead letter to {subject:?} was not acknowledged within {timeout:?}")]
+    Timeout { subject: String, timeout: Duration },
+    #[error("dead letter to {subject:?} failed: {message}")]
+    JetStream { subject: String, message: String },
+}
+
+/// Publishes dead letters and waits for the stream's ack: nothing may be termed before a
+/// stream holds its dead letter.
+#[derive(Clone)]
+pub struct Publisher {
+    js: async_nats::jetstream::Context,
+    timeout: Duration,
+}
+
+impl Publisher {
+    pub fn new(js: async_nats::jetstream::Context, timeout: Duration) -> Self {
+        Self { js, timeout }
+    }
+
+    pub async fn publish(&self, subject: &str, headers: async_nats::HeaderMap, payload: Bytes) -> Result<async_nats::jetstream::publish::PublishAck, DlqError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let publish = async {
+                let ack = self.js.publish_with_headers(subject.to_owned(), headers.clone(), payload.clone()).await?;
+                ack.await
+            };
+            // The ack future follows the client's timeout, not ours (nats.rs #1558).
+            match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(ack)) => return Ok(ack),
+                Ok(Err(e)) => {
+                    use async_nats::jetstream::context::PublishErrorKind as K;
+                    match e.kind() {
+                        // A stream leader election answers "no responders" for a moment; the
+                        // same headers (and Nats-Msg-Id, if any) keep the retry deduplicated.
+                        K::StreamNotFound if attempt < 3 && tokio::time::Instant::now() + Duration::from_millis(250) < deadline => {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        K::StreamNotFound => return Err(DlqError::NoStream(subject.to_owned())),
+                        _ => return Err(DlqError::JetStream { subject: subject.to_owned(), message: e.to_string() }),
+                    }
+                }
+                Err(_) => return Err(DlqError::Timeout { subject: subject.to_owned(), timeout: self.timeout }),
+            }
+        }
+    }
+}
+
+/// `natsbridge_dlq_published_total{route,reason}`, resolved once per route.
+#[derive(Clone)]
+pub struct Counters([IntCounter; 4]);
+
+impl Counters {
+    pub fn new(metrics: &Metrics, route: &str) -> Self {
+        Self(Reason::ALL.map(|r| metrics.dlq_published.with_label_values(&[route, r.as_str()])))
+    }
+
+    pub fn inc(&self, reason: Reason) {
+        self.0[reason.index()].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin<'static> {
+        Origin { route: "tool-exec", consumer: "tool-service", stream: "TOOL", subject: "tool.execution.requested", seq: 42, deliveries: 5 }
+    }
+
+    #[test]
+    fn headers_keep_the_original_and_describe_the_failure() {
+        let mut orig = async_nats::HeaderMap::new();
+        orig.insert("Nats-Msg-Id", "abc");
+        orig.insert("X-Trace", "t1");
+        orig.insert(REASON, "stale");
+        orig.insert(STATUS, "500");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") }, now);
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "abc");
+        assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
+        assert_eq!(h.get(REASON).unwrap().as_str(), "status");
+        assert_eq!(h.get_all(REASON).count(), 1);
+        assert_eq!(h.get(STATUS).unwrap().as_str(), "503");
+        assert_eq!(h.get(ERROR).unwrap().as_str(), "down  for maintenance");
+        assert_eq!(h.get(DELIVERIES).unwrap().as_str(), "5");
+        assert_eq!(h.get(SUBJECT).unwrap().as_str(), "tool.execution.requested");
+        assert_eq!(h.get(STREAM).unwrap().as_str(), "TOOL");
+        assert_eq!(h.get(SEQ).unwrap().as_str(), "42");
+        assert_eq!(h.get(TIME).unwrap().as_str(), "2023-11-14T22:13:20.000Z");
+        assert_eq!(h.get(ROUTE).unwrap().as_str(), "tool-exec");
+        assert_eq!(h.get(CONSUMER).unwrap().as_str(), "tool-service");
+
+        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::MaxDeliver, status: None, error: None }, now);
+        assert!(h.get(STATUS).is_none());
+        assert!(h.get(ERROR).is_none());
+        assert_eq!(h.get(REASON).unwrap().as_str(), "max_deliver");
+    }
+
+    #[test]
+    fn error_excerpt_is_bounded_and_header_safe() {
+        let long = "é".repeat(2000);
+        let e = error_excerpt(long.as_bytes());
+        assert!(e.len() <= ERROR_MAX);
+        assert!(e.chars().all(|c| c == 'é'));
+        assert_eq!(error_excerpt(b"a\nb\x00c"), "a b c");
+        assert_eq!(error_excerpt(b""), "");
+    }
+
+    #[test]
+    fn reasons_round_trip() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(Reason::parse("nope"), None);
+    }
+}

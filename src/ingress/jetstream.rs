@@ -1,0 +1,469 @@
+//! `mode = "jetstream"`: a durable pull consumer whose messages become HTTP calls, each
+//! ending in an ack, a delayed nak or a dead letter as [`decide`](super::decide) says.
+//!
+//! Three tasks per route:
+//! - the pull loop asks for exactly as many messages as it has free handler permits, so
+//!   nothing sits in a client buffer while its ack_wait runs out;
+//! - the watchdog reads the consumer's info (lag gauge, readiness) and recreates the
+//!   consumer when it vanished (deleted, stream recreated, server restarted without it);
+//! - the advisory listener dead-letters messages that reached `max_deliver` without an
+//!   outcome from us (a sidecar killed or stuck on their last delivery).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::Stream as JsStream;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use http::HeaderValue;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{self, Attempt, Outcome, Policy};
+use super::request::wait_in_flight;
+use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
+use crate::codec;
+use crate::config::Consumer;
+use crate::dlq::{self, Reason};
+use crate::provision;
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How often the watchdog reads the consumer's info.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(2);
+/// Deadline for the server to confirm an ack or term, and for a dead letter's PubAck.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Incoming headers that would spoof what we tell the app about the delivery.
+const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec::BRIDGE_SEQ];
+
+/// The route's state shared by its tasks and handlers.
+struct Js {
+    route: Arc<Route>,
+    consumer: Consumer,
+    /// The bound consumer's `max_deliver` (the server's, which decides the last delivery).
+    max_deliver: AtomicI64,
+    /// In-progress acks go out this often while a handler runs.
+    progress_every: Duration,
+    dlq: dlq::Publisher,
+    dlq_counters: dlq::Counters,
+    advisories: prometheus::IntCounter,
+    /// The pull loop saw an error: the watchdog should look now.
+    check_now: Notify,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consumer, stop: CancellationToken) {
+    let name = route.inbound.name.clone();
+    let stream = match shared.js.get_stream_no_info(&consumer.stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Only an invalid name fails here, which config validation rules out.
+            shared.readiness.fail(route.check.clone(), format!("stream {:?}: {e}", consumer.stream));
+            return;
+        }
+    };
+    let Some(bound) = bind(&shared, &route, &consumer, &stream, &stop).await else { return };
+    let info = bound.cached_info().config.clone();
+    if info.filter_subject != route.inbound.subject.as_str() || info.max_deliver != consumer.max_deliver {
+        tracing::warn!(
+            route = %name,
+            durable = %consumer.durable,
+            filter = %info.filter_subject,
+            max_deliver = info.max_deliver,
+            "the existing consumer differs from the route; run `natsbridge provision` to update it"
+        );
+    }
+    let shortest_wait = [consumer.ack_wait, info.ack_wait].into_iter().chain(consumer.backoff.iter().copied()).chain(info.backoff.iter().copied()).min().unwrap_or(consumer.ack_wait);
+    let js = Arc::new(Js {
+        max_deliver: AtomicI64::new(info.max_deliver),
+        // With a backoff list the server's ack wait per delivery follows it; pace progress
+        // acks by the shortest wait there is, twice per wait.
+        progress_every: (shortest_wait / 2).max(Duration::from_millis(50)),
+        dlq: dlq::Publisher::new(shared.js.clone(), CONFIRM_TIMEOUT),
+        dlq_counters: dlq::Counters::new(&shared.metrics, &name),
+        advisories: shared.metrics.ingress_advisories.with_label_values(&[&name, "max_deliveries"]),
+        check_now: Notify::new(),
+        consumer,
+        route,
+    });
+    let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream.clone(), stop.clone()));
+    let advisories = tokio::spawn(advisories(shared.clone(), js.clone(), stream, stop.clone()));
+    pull(&shared, &js, bound, &stop).await;
+    let _ = watchdog.await;
+    let _ = advisories.await;
+}
+
+/// Binds the durable, creating it from the route when missing; retries (not ready) until
+/// it exists or `stop`.
+async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()>, stop: &CancellationToken) -> Option<PullConsumer> {
+    let mut attempt = 0;
+    let mut last_why = String::new();
+    loop {
+        match ensure_consumer(stream, route, c, None).await {
+            Ok(consumer) => {
+                shared.readiness.pass(&route.check);
+                tracing::info!(route = %route.inbound.name, stream = %c.stream, durable = %c.durable, "inbound consumer bound");
+                return Some(consumer);
+            }
+            Err(why) => {
+                if why != last_why {
+                    tracing::warn!(route = %route.inbound.name, "{why}; retrying");
+                }
+                shared.readiness.fail(route.check.clone(), why.clone());
+                last_why = why;
+            }
+        }
+        if sleep_or_stop(stop, retry_delay(attempt)).await {
+            return None;
+        }
+        attempt += 1;
+    }
+}
+
+/// The consumer, created when missing (from `start`, when given, else from the start of
+/// the stream). The error says exactly what is missing.
+async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, start: Option<u64>) -> Result<PullConsumer, String> {
+    match stream.consumer_info(&c.durable).await {
+        Ok(_) => stream.get_consumer(&c.durable).await.map_err(|e| format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream)),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            let mut config: pull::Config = provision::consumer_config(&route.inbound, c);
+            if let Some(seq) = start {
+                config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: seq };
+            }
+            stream.create_consumer(config).await.map_err(|e| format!("cannot create consumer {:?} on stream {:?}: {e}", c.durable, c.stream))
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => Err(format!("stream {:?} not found", c.stream)),
+        Err(e) => Err(format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream)),
+    }
+}
+
+/// The pull loop: one pull request at a time for as many messages as there are free
+/// permits, each message handed to its own handler task.
+async fn pull(shared: &Arc<Shared>, js: &Arc<Js>, consumer: PullConsumer, stop: &CancellationToken) {
+    let route = &js.route;
+    let n = route.inbound.concurrency;
+    let permits = Arc::new(Semaphore::new(n));
+    let abort = CancellationToken::new();
+    let mut errors = 0u32;
+    'pull: loop {
+        let mut held = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+        };
+        let free = permits.available_permits();
+        if free > 0 {
+            if let Ok(more) = permits.clone().try_acquire_many_owned(free as u32) {
+                held.merge(more);
+            }
+        }
+        let batch = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            b = consumer.batch().max_messages(held.num_permits()).expires(PULL_EXPIRES).messages() => b,
+        };
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                pull_failed(js, &e.to_string(), errors);
+                errors += 1;
+                drop(held);
+                if sleep_or_stop(stop, retry_delay(errors)).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    // Already here but not started: hand them back at once.
+                    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        route.metrics.nak.inc();
+                    }
+                    break 'pull;
+                }
+                m = batch.next() => m,
+            };
+            match next {
+                None => break,
+                Some(Ok(msg)) => {
+                    errors = 0;
+                    let Some(permit) = held.split(1) else {
+                        // More than asked for: cannot happen, but never run past the bound.
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        continue;
+                    };
+                    tokio::spawn(handle(shared.clone(), js.clone(), msg, permit, abort.clone()));
+                }
+                Some(Err(e)) => {
+                    // 409 consumer deleted, 503 no responders (consumer gone), …
+                    pull_failed(js, &e.to_string(), errors);
+                    errors += 1;
+                    if sleep_or_stop(stop, retry_delay(errors)).await {
+                        break 'pull;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + route.drain_timeout;
+    wait_in_flight(&permits, n, deadline, &abort).await;
+}
+
+fn pull_failed(js: &Js, error: &str, errors: u32) {
+    // The first failure of a run is news; the retries of the same outage are not.
+    if errors == 0 {
+        tracing::warn!(route = %js.route.inbound.name, durable = %js.consumer.durable, error, "pull failed; checking the consumer");
+    } else {
+        tracing::debug!(route = %js.route.inbound.name, error, "pull failed again");
+    }
+    js.check_now.notify_one();
+}
+
+/// Reads the consumer's info every [`WATCHDOG_EVERY`] (or when the pull loop asks):
+/// updates the lag gauge and readiness, and recreates a vanished consumer from where
+/// its acks had got to, so the app does not see the whole stream again.
+async fn watchdog(shared: Arc<Shared>, js: Arc<Js>, stream: JsStream<()>, stop: CancellationToken) {
+    let route = &js.route;
+    let c = &js.consumer;
+    // (stream first seq seen, ack floor) of the last healthy look.
+    let mut floor: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(WATCHDOG_EVERY) => {}
+            _ = js.check_now.notified() => {}
+        }
+        match stream.consumer_info(&c.durable).await {
+            Ok(info) => {
+                route.metrics.pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+                js.max_deliver.store(info.config.max_deliver, Ordering::Relaxed);
+                floor = Some(info.ack_floor.stream_sequence);
+                shared.readiness.pass(&route.check);
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                shared.readiness.fail(route.check.clone(), format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
+                let start = resume_point(&stream, floor).await;
+                match ensure_consumer(&stream, route, c, start).await {
+                    Ok(_) => {
+                        tracing::warn!(route = %route.inbound.name, durable = %c.durable, start = ?start, "consumer vanished; recreated it");
+                        shared.readiness.pass(&route.check);
+                    }
+                    Err(why) => {
+                        tracing::warn!(route = %route.inbound.name, "{why}");
+                        shared.readiness.fail(route.check.clone(), why);
+                    }
+                }
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => {
+                // A stream created again numbers its messages anew: forget where we were.
+                floor = None;
+                shared.readiness.fail(route.check.clone(), format!("stream {:?} not found", c.stream));
+            }
+            // NATS down or JetStream busy: the connection check already says so.
+            Err(e) => tracing::debug!(route = %route.inbound.name, error = %e, "consumer info failed"),
+        }
+    }
+}
+
+/// Where a recreated consumer starts: after its old ack floor when the stream still
+/// holds that sequence (same stream), else from the beginning (a new stream).
+async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Option<u64> {
+    let floor = floor.filter(|f| *f > 0)?;
+    let info = stream.get_info().await.ok()?;
+    (info.state.last_sequence >= floor).then_some(floor + 1)
+}
+
+async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Message, _permit: OwnedSemaphorePermit, abort: CancellationToken) {
+    let route = &js.route;
+    let m = &route.metrics;
+    m.deliveries.inc();
+    let _in_flight = InFlight::new(&m.in_flight);
+    let (stream, seq, delivered) = match msg.info() {
+        Ok(i) => (i.stream.to_owned(), i.stream_sequence, i.delivered.max(1) as u64),
+        Err(e) => {
+            tracing::warn!(route = %route.inbound.name, error = %e, "not a JetStream delivery; ignored");
+            return;
+        }
+    };
+    let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, SPOOFABLE)).unwrap_or_default();
+    headers.insert(codec::BRIDGE_DELIVERY, HeaderValue::from(delivered));
+    if let Ok(v) = HeaderValue::from_str(&stream) {
+        headers.insert(codec::BRIDGE_STREAM, v);
+    }
+    headers.insert(codec::BRIDGE_SEQ, HeaderValue::from(seq));
+    let path = route.inbound.path.render(msg.subject.as_str());
+    let mut uri = String::with_capacity(route.base.len() + path.len());
+    uri.push_str(&route.base);
+    uri.push_str(&path);
+
+    let started = Instant::now();
+    let call = shared.app.call(route.inbound.method.clone(), &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+    tokio::pin!(call);
+    // Past half the ack wait, tell the server we are still at it, so it does not
+    // redeliver mid-call.
+    let mut progress = tokio::time::Instant::now() + js.progress_every;
+    let result = loop {
+        tokio::select! {
+            r = &mut call => break Some(r),
+            _ = tokio::time::sleep_until(progress) => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(route = %route.inbound.name, error = %e, "in-progress ack failed");
+                }
+                progress += js.progress_every;
+            }
+            _ = abort.cancelled() => break None,
+        }
+    };
+    m.duration.observe(started.elapsed().as_secs_f64());
+    let Some(result) = result else {
+        // Shutting down past the drain deadline: let another replica have it now.
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        m.nak.inc();
+        return;
+    };
+
+    let error_text;
+    let (attempt, retry_after, status, error): (Attempt, Option<&str>, Option<u16>, &[u8]) = match &result {
+        Ok(r) => (Attempt::Status(r.status), r.headers.get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some(r.status.as_u16()), &r.body),
+        Err(AppError::TooLarge { status, .. }) => (Attempt::Status(*status), None, Some(status.as_u16()), b""),
+        Err(e) => {
+            error_text = e.to_string();
+            let a = if matches!(e, AppError::Timeout(_)) { Attempt::Timeout } else { Attempt::Unreachable };
+            (a, None, None, error_text.as_bytes())
+        }
+    };
+    let policy = Policy { max_deliver: js.max_deliver.load(Ordering::Relaxed), backoff: &js.consumer.backoff };
+    match policy::decide(attempt, retry_after, delivered, &policy, SystemTime::now()) {
+        Outcome::Ack => match confirm(&shared, &msg, b"+ACK").await {
+            Ok(()) => m.ack.inc(),
+            // The app has done its part; the server may redeliver, which idempotent
+            // handlers absorb.
+            Err(e) => tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack not confirmed"),
+        },
+        Outcome::Nak(delay) => {
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::debug!(route = %route.inbound.name, seq, error = %e, "nak failed; ack_wait will redeliver");
+            }
+            m.nak.inc();
+        }
+        Outcome::DeadLetter(reason) => {
+            let origin = dlq::Origin { route: &route.inbound.name, consumer: &js.consumer.durable, stream: &stream, subject: msg.subject.as_str(), seq, deliveries: delivered };
+            let failure = dlq::Failure { reason, status, error: Some(error) };
+            if dead_letter(&js, msg.headers.as_ref(), &origin, &failure, msg.payload.clone()).await {
+                if let Err(e) = confirm(&shared, &msg, b"+TERM").await {
+                    // Dead-lettered already; a redelivery ends in the same place.
+                    tracing::warn!(route = %route.inbound.name, seq, error = %e, "term not confirmed");
+                }
+                m.term.inc();
+            } else {
+                // Never term without a dead letter: try again later. On the last delivery
+                // the max-deliveries advisory brings it back to the dead-letter path.
+                let _ = msg.ack_with(AckKind::Nak(Some(policy::backoff(&js.consumer.backoff, delivered)))).await;
+                m.nak.inc();
+            }
+        }
+    }
+}
+
+/// Publishes a dead letter, waiting for the stream's ack; true once it is stored.
+async fn dead_letter(js: &Js, original: Option<&async_nats::HeaderMap>, origin: &dlq::Origin<'_>, failure: &dlq::Failure<'_>, payload: Bytes) -> bool {
+    let headers = dlq::headers(original, origin, failure, SystemTime::now());
+    match js.dlq.publish(&js.consumer.dead_letter, headers, payload).await {
+        Ok(_) => {
+            js.dlq_counters.inc(failure.reason);
+            js.route.metrics.dlq.inc();
+            tracing::info!(route = origin.route, stream = origin.stream, seq = origin.seq, reason = %failure.reason, status = ?failure.status, deliveries = origin.deliveries, "dead-lettered");
+            true
+        }
+        Err(e) => {
+            tracing::error!(route = origin.route, stream = origin.stream, seq = origin.seq, error = %e, "dead-letter publish failed");
+            false
+        }
+    }
+}
+
+/// Ack or term and wait for the server to confirm it (a double ack), over the client's
+/// shared reply subscription rather than a new subscription per message.
+async fn confirm(shared: &Shared, msg: &async_nats::jetstream::Message, kind: &'static [u8]) -> Result<(), String> {
+    let reply = msg.reply.clone().ok_or("no reply subject")?;
+    let req = async_nats::client::Request::new().payload(Bytes::from_static(kind)).timeout(Some(CONFIRM_TIMEOUT));
+    shared.nats.send_request(reply, req).await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[derive(serde::Deserialize)]
+struct MaxDeliveries {
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// Dead-letters messages that ran out of deliveries without an outcome from us. One
+/// replica per durable takes each advisory (a queue group named after the durable).
+async fn advisories(shared: Arc<Shared>, js: Arc<Js>, stream: JsStream<()>, stop: CancellationToken) {
+    let c = &js.consumer;
+    let name = js.route.inbound.name.as_str();
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}", c.stream, c.durable);
+    let mut attempt = 0;
+    'subscribe: while !stop.is_cancelled() {
+        let mut sub = match shared.nats.queue_subscribe(subject.clone(), c.durable.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(route = name, error = %e, "cannot subscribe to max-deliveries advisories; retrying");
+                if sleep_or_stop(&stop, retry_delay(attempt)).await {
+                    return;
+                }
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                m = sub.next() => m,
+            };
+            let Some(msg) = msg else { continue 'subscribe };
+            js.advisories.inc();
+            let Ok(a) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else {
+                tracing::warn!(route = name, "unreadable max-deliveries advisory");
+                continue;
+            };
+            on_max_deliveries(&js, &stream, a, &stop).await;
+        }
+    }
+}
+
+async fn on_max_deliveries(js: &Js, stream: &JsStream<()>, a: MaxDeliveries, stop: &CancellationToken) {
+    let name = js.route.inbound.name.as_str();
+    let mut attempt = 0;
+    loop {
+        let stored = match stream.get_raw_message(a.stream_seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                // Deleted meanwhile (or never ours to keep, under work-queue retention).
+                tracing::warn!(route = name, seq = a.stream_seq, error = %e, "message that reached max_deliver is gone; nothing to dead-letter");
+                return;
+            }
+        };
+        let origin = dlq::Origin { route: name, consumer: &js.consumer.durable, stream: &js.consumer.stream, subject: stored.subject.as_str(), seq: a.stream_seq, deliveries: a.deliveries };
+        let failure = dlq::Failure { reason: Reason::MaxDeliver, status: None, error: Some(b"deliveries exhausted without an outcome (handler crashed, stuck or stopped)") };
+        if dead_letter(js, Some(&stored.headers), &origin, &failure, stored.payload).await {
+            return;
+        }
+        // Nothing will bring this message back: keep trying while we run.
+        if attempt >= 5 || sleep_or_stop(stop, retry_delay(attempt + 2)).await {
+            tracing::error!(route = name, seq = a.stream_seq, "gave up dead-lettering a message that reached max_deliver");
+            return;
+        }
+        attempt += 1;
+    }
+}

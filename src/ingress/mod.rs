@@ -1,0 +1,191 @@
+//! Ingress (NATS → HTTP): subscriptions and JetStream consumers that call the local app.
+//!
+//! - [`request`]: `mode = "request"` and `mode = "tunnel"`, core-NATS queue subscriptions
+//!   whose replies carry the app's response.
+//! - [`jetstream`]: `mode = "jetstream"`, durable pull consumers whose acks, delayed naks
+//!   and dead letters follow [`decide`]; a watchdog rebinds vanished consumers and an
+//!   advisory listener dead-letters messages that ran out of deliveries without us.
+//! - [`policy`]: the pure outcome policy.
+//! - [`app`]: the pooled HTTP client to the app.
+//!
+//! [`run`] supervises one task per inbound route and restarts, stops or starts them as the
+//! routing file is reloaded.
+
+pub mod app;
+pub mod jetstream;
+pub mod policy;
+pub mod request;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Readiness;
+use crate::config::{Config, Inbound, InboundMode};
+use crate::metrics::{IngressRouteMetrics, Metrics};
+
+pub use app::{AppClient, AppError, AppResponse};
+pub use policy::{decide, Attempt, Outcome, Policy};
+
+/// What ingress needs from the sidecar.
+pub struct Context {
+    /// The config in force; a new value is sent on every accepted reload.
+    pub config: watch::Receiver<Arc<Config>>,
+    pub nats: async_nats::Client,
+    pub metrics: Metrics,
+    pub readiness: Arc<Readiness>,
+}
+
+/// What every route task shares.
+pub(crate) struct Shared {
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub app: AppClient,
+    pub metrics: Metrics,
+    pub readiness: Arc<Readiness>,
+}
+
+/// One inbound route, resolved for its task.
+pub(crate) struct Route {
+    pub inbound: Inbound,
+    /// `app_url` without a trailing slash; request paths are appended.
+    pub base: String,
+    pub metrics: IngressRouteMetrics,
+    /// Its readiness check: `inbound:<name>`.
+    pub check: String,
+    /// How long a stopping route waits for its in-flight handlers before naking them.
+    pub drain_timeout: Duration,
+}
+
+/// The readiness check a route holds until its subscription or consumer is bound.
+pub fn readiness_check(route: &str) -> String {
+    format!("inbound:{route}")
+}
+
+struct Running {
+    fingerprint: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
+pub async fn run(mut cx: Context, shutdown: CancellationToken) {
+    let shared = Arc::new(Shared {
+        js: async_nats::jetstream::new(cx.nats.clone()),
+        nats: cx.nats.clone(),
+        app: AppClient::new(),
+        metrics: cx.metrics.clone(),
+        readiness: cx.readiness.clone(),
+    });
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let config = cx.config.borrow_and_update().clone();
+    apply(&shared, &config, &mut running).await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = cx.config.changed() => {
+                if changed.is_err() {
+                    // The reloader is gone (shutting down): keep serving the last config.
+                    shutdown.cancelled().await;
+                    break;
+                }
+                let config = cx.config.borrow_and_update().clone();
+                apply(&shared, &config, &mut running).await;
+            }
+        }
+    }
+    // Every route drains at once: the slowest bounds the whole shutdown.
+    for r in running.values() {
+        r.stop.cancel();
+    }
+    for (_, r) in running.drain() {
+        let _ = r.task.await;
+    }
+}
+
+/// What makes a route's task different: the route itself (not where it sits in the file)
+/// and the app it calls.
+fn fingerprint(inbound: &Inbound, config: &Config) -> String {
+    let mut i = inbound.clone();
+    i.line = 0;
+    format!("{i:?}|{}|{:?}", config.sidecar.app_url, config.sidecar.drain_timeout)
+}
+
+/// Brings the running tasks in line with `config`: stops removed and changed routes
+/// (waiting for their in-flight messages), then starts changed and new ones.
+async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<String, Running>) {
+    let wanted: HashMap<&str, (&Inbound, String)> = config.inbound.iter().map(|i| (i.name.as_str(), (i, fingerprint(i, config)))).collect();
+    let stale: Vec<String> = running
+        .iter()
+        .filter(|(name, r)| wanted.get(name.as_str()).is_none_or(|(_, fp)| *fp != r.fingerprint))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for r in stale.iter().filter_map(|n| running.get(n)) {
+        r.stop.cancel();
+    }
+    for name in stale {
+        let Some(r) = running.remove(&name) else { continue };
+        let _ = r.task.await;
+        if !wanted.contains_key(name.as_str()) {
+            tracing::info!(route = %name, "inbound route removed");
+            shared.readiness.pass(&readiness_check(&name));
+        } else {
+            tracing::info!(route = %name, "inbound route changed; restarting it");
+        }
+    }
+    for inbound in &config.inbound {
+        if running.contains_key(&inbound.name) {
+            continue;
+        }
+        let (_, fp) = &wanted[inbound.name.as_str()];
+        let route = Arc::new(Route {
+            inbound: inbound.clone(),
+            base: app::base_url(&config.sidecar.app_url),
+            metrics: shared.metrics.ingress_route(&inbound.name),
+            check: readiness_check(&inbound.name),
+            drain_timeout: config.sidecar.drain_timeout,
+        });
+        // Not ready until bound: set before the task runs so /readyz never races it.
+        shared.readiness.fail(route.check.clone(), "not bound yet");
+        let stop = CancellationToken::new();
+        let task = match &inbound.mode {
+            InboundMode::Request { queue } => tokio::spawn(request::run(shared.clone(), route, queue.clone(), false, stop.clone())),
+            InboundMode::Tunnel { queue } => tokio::spawn(request::run(shared.clone(), route, queue.clone(), true, stop.clone())),
+            InboundMode::JetStream(c) => tokio::spawn(jetstream::run(shared.clone(), route, c.clone(), stop.clone())),
+        };
+        running.insert(inbound.name.clone(), Running { fingerprint: fp.clone(), stop, task });
+    }
+}
+
+/// Keeps the in-flight gauge right however a handler ends.
+pub(crate) struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    pub fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Sleeps `d` unless `stop` comes first; true when stopped.
+pub(crate) async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// Retry delays for (re)binding: 100 ms doubling to 5 s.
+pub(crate) fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
+}

@@ -1,0 +1,162 @@
+//! `mode = "request"` and `mode = "tunnel"`: a core-NATS queue subscription whose messages
+//! become HTTP calls to the app and whose replies carry the app's response.
+//!
+//! Request mode calls the route's method and path (`{N}` = the N-th subject token);
+//! tunnel mode replays the tunnelled request word for word. Either way the reply has the
+//! status in `Bridge-Status`, and for errors the NATS micro headers too.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderMap, StatusCode};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
+use crate::codec;
+use crate::problem::BridgeError;
+
+/// Runs one route until `stop`: subscribes (again, if the subscription ever ends), hands
+/// each message to a handler once one of `concurrency` permits is free, and on `stop`
+/// drains the subscription so requests already buffered still get their answers.
+pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, tunnel: bool, stop: CancellationToken) {
+    let name = route.inbound.name.as_str();
+    let subject = route.inbound.subject.as_str().to_owned();
+    let permits = Arc::new(Semaphore::new(route.inbound.concurrency));
+    let abort = CancellationToken::new();
+    let mut attempt = 0;
+    let mut sub = None;
+    while !stop.is_cancelled() {
+        let mut s = match shared.nats.queue_subscribe(subject.clone(), queue.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                shared.readiness.fail(route.check.clone(), format!("cannot subscribe to {subject:?}: {e}"));
+                tracing::warn!(route = name, error = %e, "inbound subscribe failed; retrying");
+                if sleep_or_stop(&stop, retry_delay(attempt)).await {
+                    break;
+                }
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        shared.readiness.pass(&route.check);
+        tracing::info!(route = name, subject = %subject, queue = %queue, tunnel, "inbound subscription bound");
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                m = s.next() => m,
+            };
+            let Some(msg) = msg else {
+                // The client closed it (or the server did): bind a new one.
+                shared.readiness.fail(route.check.clone(), format!("subscription to {subject:?} ended; resubscribing"));
+                tracing::warn!(route = name, "inbound subscription ended; resubscribing");
+                break;
+            };
+            // Past `concurrency`, messages wait here (buffered by the client), none dropped.
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+        }
+        sub = Some(s);
+        if !stop.is_cancelled() && sleep_or_stop(&stop, retry_delay(0)).await {
+            break;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + route.drain_timeout;
+    if let Some(mut s) = sub {
+        if s.drain().await.is_ok() {
+            while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
+                let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
+                tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+            }
+        }
+    }
+    wait_in_flight(&permits, route.inbound.concurrency, deadline, &abort).await;
+}
+
+/// Waits until every permit is back (no handler running); past `deadline`, tells the
+/// handlers to give up and waits for that.
+pub(crate) async fn wait_in_flight(permits: &Semaphore, n: usize, deadline: tokio::time::Instant, abort: &CancellationToken) {
+    let n = n as u32;
+    if tokio::time::timeout_at(deadline, permits.acquire_many(n)).await.is_err() {
+        tracing::warn!("inbound handlers still running at the drain deadline; giving up on them");
+        abort.cancel();
+        let _ = permits.acquire_many(n).await;
+    }
+}
+
+async fn handle(shared: Arc<Shared>, route: Arc<Route>, msg: async_nats::Message, tunnel: bool, _permit: tokio::sync::OwnedSemaphorePermit, abort: CancellationToken) {
+    let m = &route.metrics;
+    m.deliveries.inc();
+    let _in_flight = InFlight::new(&m.in_flight);
+    let started = Instant::now();
+    let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
+    let call = match prepare(&route, &msg, tunnel) {
+        Ok((method, uri, headers)) => {
+            let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+            tokio::select! {
+                r = call => r.map_err(|e| app_error(&e)),
+                _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    m.duration.observe(started.elapsed().as_secs_f64());
+    let Some(reply) = msg.reply else {
+        // Nobody waits for an answer: the call was the point.
+        if let Err(e) = &call {
+            tracing::debug!(route = %route.inbound.name, error = %e, "inbound message without reply subject failed");
+        }
+        return;
+    };
+    let (status, headers, body) = match call {
+        Ok(r) => (r.status, r.headers, r.body),
+        Err(e) => problem(&e, &route.inbound.name, rid.as_deref()),
+    };
+    let reply_headers = codec::response_to_reply_headers(status, &headers);
+    match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
+        Ok(()) => m.reply.inc(),
+        Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
+            let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
+            let (status, headers, body) = problem(&e, &route.inbound.name, rid.as_deref());
+            let _ = shared.nats.publish_with_headers(reply, codec::response_to_reply_headers(status, &headers), body).await;
+            m.reply.inc();
+        }
+        Err(e) => tracing::warn!(route = %route.inbound.name, error = %e, "could not send the reply"),
+    }
+}
+
+/// The HTTP request a message stands for: method, absolute URI and headers.
+fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(http::Method, String, HeaderMap), BridgeError> {
+    if tunnel {
+        let t = codec::decode_tunnel_request(msg.headers.as_ref()).map_err(|e| BridgeError::BadRequest(e.to_string()))?;
+        let mut uri = String::with_capacity(route.base.len() + t.path_and_query.len());
+        uri.push_str(&route.base);
+        uri.push_str(&t.path_and_query);
+        Ok((t.method, uri, t.headers))
+    } else {
+        let path = route.inbound.path.render(msg.subject.as_str());
+        let mut uri = String::with_capacity(route.base.len() + path.len());
+        uri.push_str(&route.base);
+        uri.push_str(&path);
+        let headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, &[])).unwrap_or_default();
+        Ok((route.inbound.method.clone(), uri, headers))
+    }
+}
+
+fn app_error(e: &AppError) -> BridgeError {
+    match e {
+        AppError::Unreachable(_) | AppError::TooLarge { .. } => BridgeError::Upstream(e.to_string()),
+        AppError::Timeout(t) => BridgeError::UpstreamTimeout(*t),
+        AppError::BadUri(_) => BridgeError::BadRequest(e.to_string()),
+    }
+}
+
+/// A failure as the response a reply carries: a problem+json body naming the route.
+fn problem(e: &BridgeError, route: &str, rid: Option<&str>) -> (StatusCode, HeaderMap, Bytes) {
+    let (parts, body) = e.to_response(Some(route), rid).into_parts();
+    (parts.status, parts.headers, body)
+}
