@@ -20,6 +20,8 @@ pub enum ConnectError {
     Credentials(String, std::io::Error),
     #[error("cannot connect to NATS: {0}")]
     Connect(#[from] async_nats::ConnectError),
+    #[error("cannot connect to NATS at {servers} within {}: {why}", humantime::format_duration(*.timeout))]
+    Unreachable { servers: String, timeout: Duration, why: String },
 }
 
 /// Looks up an environment variable. Passed in: the library never reads the environment.
@@ -118,6 +120,38 @@ fn on_event(m: &Metrics, slow_log: &Mutex<Option<Instant>>, seen: &AtomicBool, e
 pub async fn connect(nats: &Nats, service: &str, metrics: &Metrics, env: EnvLookup<'_>) -> Result<async_nats::Client, ConnectError> {
     let opts = options(nats, service, metrics, env).await?;
     Ok(opts.connect(nats.servers.clone()).await?)
+}
+
+/// Connects for a one-shot command (`provision`, `dlq`): waits up to `timeout` for the
+/// first connection and fails with the last error the client reported, instead of
+/// retrying in the background forever like [`connect`]. No metrics are recorded.
+pub async fn connect_now(nats: &Nats, service: &str, env: EnvLookup<'_>, timeout: Duration) -> Result<async_nats::Client, ConnectError> {
+    let last = Arc::new(Mutex::new(None::<String>));
+    let seen = last.clone();
+    // Replaces the sidecar's event callback: remember why connecting fails, log nothing.
+    let opts = options(nats, service, &Metrics::new(), env).await?.event_callback(move |event| {
+        let seen = seen.clone();
+        async move {
+            let why = match event {
+                Event::ServerError(e) => e.to_string(),
+                Event::ClientError(e) => e.to_string(),
+                _ => return,
+            };
+            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+    });
+    let client = opts.connect(nats.servers.clone()).await?;
+    let deadline = Instant::now() + timeout;
+    while !is_connected(&client) {
+        if Instant::now() >= deadline {
+            let why = last.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_else(|| "no server answered".into());
+            // Dropping the last handle stops the background reconnects.
+            drop(client);
+            return Err(ConnectError::Unreachable { servers: nats.servers.join(", "), timeout, why });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(client)
 }
 
 /// Is the client connected right now?

@@ -29,6 +29,26 @@ enum Command {
     },
     /// Print every metric family the binary exports, one per line.
     Metrics,
+    /// Create or update the streams, dead-letter stream, consumers and KV bucket the
+    /// routing file needs; print the plan (exit 1 if a change was refused or failed).
+    Provision(ProvisionArgs),
+}
+
+#[derive(clap::Args)]
+struct ProvisionArgs {
+    /// The routing file.
+    #[arg(long, short, env = "NATSBRIDGE_CONFIG", default_value = "routes.toml")]
+    config: PathBuf,
+    /// Print the plan without changing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Make destructive changes too: delete and recreate what cannot change in place
+    /// (losing its messages), remove subjects, lower limits.
+    #[arg(long)]
+    force: bool,
+    /// NATS server URL(s), comma-separated (overrides [nats] servers).
+    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',')]
+    nats_url: Option<Vec<String>>,
 }
 
 #[derive(clap::Args)]
@@ -91,6 +111,11 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(args))
         }
+        Command::Provision(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let ok = rt.block_on(provision(args))?;
+            std::process::exit(if ok { 0 } else { 1 })
+        }
     }
 }
 
@@ -141,6 +166,51 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// `natsbridge provision`: true when nothing was refused and nothing failed.
+async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
+    use natsbridge::provision;
+    let mut config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return Ok(false);
+        }
+    };
+    config.apply(&Overrides { nats_servers: args.nats_url, ..Default::default() });
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let wait = config.nats.connect_timeout.max(std::time::Duration::from_secs(1));
+    let client = match natsbridge::connection::connect_now(&config.nats, &config.sidecar.service, &env, wait).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(false);
+        }
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let result = if args.dry_run { provision::plan_with(&js, &config, args.force).await } else { provision::apply(&js, &config, args.force).await };
+    let plan = match result {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(false);
+        }
+    };
+    print!("{plan}");
+    let _ = client.drain().await;
+    let refused = plan.refused().count();
+    let failed = plan.failed().count();
+    if refused > 0 {
+        eprintln!("error: {refused} change{} refused; review the reasons above and rerun with --force to make them", if refused == 1 { "" } else { "s" });
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} change{} failed", if failed == 1 { "" } else { "s" });
+    }
+    Ok(plan.is_ok())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

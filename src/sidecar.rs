@@ -15,6 +15,7 @@ use crate::connection;
 use crate::egress::{self, Egress, Table};
 use crate::ingress;
 use crate::metrics::Metrics;
+use crate::provision;
 use crate::reload::Reloader;
 use crate::routes::Routing;
 
@@ -54,6 +55,9 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let source: PathBuf = config.source.clone();
     let table = Arc::new(ArcSwap::from_pointee(Table::new(Routing::new(config.clone()), &metrics)));
     let (changes, config_rx) = watch::channel(config.clone());
+    // Provisions (sidecar.provision) or checks streams and buckets once NATS is up; readiness
+    // names whatever is missing. Never blocks startup.
+    let provision_task = provision::spawn(nats.clone(), config_rx.clone(), readiness.clone(), shutdown.clone());
 
     let egress_addr = egress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
@@ -85,6 +89,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     ingress_stop.cancel();
     let _ = ingress_task.await;
     let _ = reload_task.await;
+    let _ = provision_task.await;
     // Flush what egress published and unsubscribe cleanly.
     let drain = tokio::time::timeout(config.sidecar.drain_timeout, nats.drain()).await;
     if !matches!(drain, Ok(Ok(()))) {
