@@ -29,9 +29,19 @@ enum Command {
     },
     /// Print every metric family the binary exports, one per line.
     Metrics,
-    /// Create or update the streams, dead-letter stream, consumers and KV bucket the
-    /// routing file needs; print the plan (exit 1 if a change was refused or failed).
+    /// Create or update the streams, consumers and KV bucket the routing file needs.
+    ///
+    /// Prints the plan: each stream, dead-letter stream, consumer and KV bucket as created,
+    /// updated (field by field), unchanged, refused or failed. Exits 1 when a change was
+    /// refused (destructive or impossible without --force) or failed.
     Provision(ProvisionArgs),
+    /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
+    Inject {
+        #[command(flatten)]
+        args: natsbridge::inject::InjectArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -110,6 +120,20 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(args))
+        }
+        Command::Inject { args, log } => {
+            init_logging(&log);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(args.listen)
+                    .await
+                    .with_context(|| format!("cannot bind the webhook listener on {}", args.listen))?;
+                let shutdown = CancellationToken::new();
+                let (reload_tx, _reload_rx) = tokio::sync::mpsc::channel(1);
+                spawn_signal_handlers(shutdown.clone(), reload_tx)?;
+                natsbridge::inject::run(args, listener, shutdown.cancelled_owned()).await?;
+                Ok(())
+            })
         }
         Command::Provision(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
