@@ -389,9 +389,10 @@ fn tighter(old: i64, new: i64) -> bool {
 enum Verdict {
     Unchanged,
     Update(Vec<FieldDiff>),
-    /// Loses data or cannot be made in place: refused unless forced. `recreate`: forcing
-    /// deletes and recreates instead of updating in place.
-    Destructive { diff: Vec<FieldDiff>, reason: String, recreate: bool },
+    /// Loses data or cannot be made in place: refused unless forced. `reason` says why,
+    /// `cost` what forcing loses. `recreate`: forcing deletes and recreates instead of
+    /// updating in place.
+    Destructive { diff: Vec<FieldDiff>, reason: String, cost: String, recreate: bool },
 }
 
 fn push_diff(diff: &mut Vec<FieldDiff>, field: &'static str, old: String, new: String) {
@@ -423,10 +424,11 @@ fn compare_stream(want: &stream::Config, have: &stream::Info, manage_duplicates:
         return Verdict::Unchanged;
     }
     let messages = have.state.messages;
-    let lose = format!("deleting the stream and its {messages} message{}", if messages == 1 { "" } else { "s" });
+    let cost = format!("the stream and its {messages} message{} are deleted", if messages == 1 { "" } else { "s" });
     if old.storage != want.storage {
         return Verdict::Destructive {
-            reason: format!("storage cannot change in place ({} -> {}); --force means {lose}", fmt_storage(old.storage), fmt_storage(want.storage)),
+            reason: format!("storage cannot change in place ({} -> {})", fmt_storage(old.storage), fmt_storage(want.storage)),
+            cost,
             diff,
             recreate: true,
         };
@@ -434,10 +436,11 @@ fn compare_stream(want: &stream::Config, have: &stream::Info, manage_duplicates:
     if old.retention != want.retention && (old.retention == RetentionPolicy::WorkQueue || want.retention == RetentionPolicy::WorkQueue) {
         return Verdict::Destructive {
             reason: format!(
-                "retention cannot change to or from workqueue in place ({} -> {}); --force means {lose}",
+                "retention cannot change to or from workqueue in place ({} -> {})",
                 fmt_retention(old.retention),
                 fmt_retention(want.retention)
             ),
+            cost,
             diff,
             recreate: true,
         };
@@ -463,7 +466,7 @@ fn compare_stream(want: &stream::Config, have: &stream::Info, manage_duplicates:
     if losses.is_empty() {
         Verdict::Update(diff)
     } else {
-        Verdict::Destructive { reason: format!("{}; --force applies it in place", losses.join("; ")), diff, recreate: false }
+        Verdict::Destructive { reason: losses.join("; "), cost: "applied in place".into(), diff, recreate: false }
     }
 }
 
@@ -509,10 +512,8 @@ fn compare_consumer(want: &pull::Config, have: &consumer::Info, stream_messages:
             push_diff(&mut diff, "ack_policy", format!("{:?}", old.ack_policy).to_lowercase(), "explicit".into());
         }
         return Verdict::Destructive {
-            reason: format!(
-                "a {} consumer cannot become an explicit-ack pull consumer in place; --force deletes it and creates it again, which redelivers every message still in the stream ({stream_messages})",
-                if push { "push" } else { "non-explicit-ack" }
-            ),
+            reason: format!("a {} consumer cannot become an explicit-ack pull consumer in place", if push { "push" } else { "non-explicit-ack" }),
+            cost: format!("the consumer is deleted and created again, which redelivers every message still in the stream ({stream_messages})"),
             diff,
             recreate: true,
         };
@@ -564,17 +565,19 @@ fn compare_kv(want: &kv::Config, have: &stream::Info) -> Verdict {
     if old.storage != want.storage {
         return Verdict::Destructive {
             reason: format!(
-                "storage cannot change in place ({} -> {}); --force means deleting the bucket and its {keys} keys, so messages already handled may be handled again",
+                "storage cannot change in place ({} -> {})",
                 fmt_storage(old.storage),
                 fmt_storage(want.storage)
             ),
+            cost: format!("the bucket and its {keys} keys are deleted, so messages already handled may be handled again"),
             diff,
             recreate: true,
         };
     }
     if old.allow_message_ttl && !want_ttl {
         return Verdict::Destructive {
-            reason: format!("per-message TTL cannot be turned off in place; --force means deleting the bucket and its {keys} keys"),
+            reason: "per-message TTL cannot be turned off in place".into(),
+            cost: format!("the bucket and its {keys} keys are deleted, so messages already handled may be handled again"),
             diff,
             recreate: true,
         };
@@ -614,11 +617,14 @@ fn decide(kind: Kind, name: &str, verdict: Verdict, force: bool, update: impl Fn
     match verdict {
         Verdict::Unchanged => Planned { item: item(kind, name, Status::Unchanged), op: Op::None },
         Verdict::Update(diff) => Planned { item: item(kind, name, Status::Updated { diff }), op: update() },
-        Verdict::Destructive { diff, reason, .. } if !force => Planned { item: item(kind, name, Status::Refused { reason, diff }), op: Op::None },
-        Verdict::Destructive { diff, reason, recreate: true } => {
-            Planned { item: item(kind, name, Status::Recreated { reason, diff }), op: recreate() }
+        Verdict::Destructive { diff, reason, cost, recreate } if !force => {
+            let what = if recreate { format!("with --force {cost}") } else { "--force applies it in place".into() };
+            Planned { item: item(kind, name, Status::Refused { reason: format!("{reason}; {what}"), diff }), op: Op::None }
         }
-        Verdict::Destructive { diff, reason, recreate: false } => Planned {
+        Verdict::Destructive { diff, reason, cost, recreate: true } => {
+            Planned { item: item(kind, name, Status::Recreated { reason: format!("{reason}; {cost}"), diff }), op: recreate() }
+        }
+        Verdict::Destructive { diff, reason, recreate: false, .. } => Planned {
             item: Item { kind, name: name.to_owned(), status: Status::Updated { diff }, note: Some(format!("forced: {reason}")) },
             op: update(),
         },
