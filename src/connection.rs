@@ -12,12 +12,16 @@ use std::sync::Mutex;
 use crate::config::{Nats, NatsAuth, Secret};
 use crate::metrics::Metrics;
 
+/// Why the connection could not even be attempted. Messages name where a secret lives,
+/// never its value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot read secret {0:?}: {1}")]
     Secret(Secret, String),
     #[error("cannot read NATS credentials file {0}: {1}")]
     Credentials(String, std::io::Error),
+    #[error("NATS TLS {0} {1}: {2}")]
+    Tls(&'static str, String, String),
     #[error("cannot connect to NATS: {0}")]
     Connect(#[from] async_nats::ConnectError),
     #[error("cannot connect to NATS at {servers} within {}: {why}", humantime::format_duration(*.timeout))]
@@ -28,11 +32,51 @@ pub enum ConnectError {
 pub type EnvLookup<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
 fn resolve(secret: &Secret, env: EnvLookup<'_>) -> Result<String, ConnectError> {
-    match secret {
+    let value = match secret {
         Secret::File(p) => std::fs::read_to_string(p)
             .map(|s| s.trim().to_owned())
-            .map_err(|e| ConnectError::Secret(secret.clone(), e.to_string())),
-        Secret::Env(v) => env(v).map(|s| s.trim().to_owned()).ok_or_else(|| ConnectError::Secret(secret.clone(), "variable is not set".into())),
+            .map_err(|e| ConnectError::Secret(secret.clone(), e.to_string()))?,
+        Secret::Env(v) => env(v).map(|s| s.trim().to_owned()).ok_or_else(|| ConnectError::Secret(secret.clone(), "variable is not set".into()))?,
+    };
+    // An empty secret would silently connect without credentials.
+    if value.is_empty() {
+        return Err(ConnectError::Secret(secret.clone(), "it is empty".into()));
+    }
+    Ok(value)
+}
+
+/// A user nkey seed is `SU` + 56 base32 characters. Checked up front: async-nats would
+/// only fail at every connect attempt with "failed signing nonce". The message never
+/// quotes the value.
+fn check_user_seed(secret: &Secret, seed: &str) -> Result<(), ConnectError> {
+    let base32 = seed.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+    if seed.len() != 58 || !base32 {
+        return Err(ConnectError::Secret(secret.clone(), "not an nkey seed (expected 58 base32 characters starting with SU)".into()));
+    }
+    if !seed.starts_with("SU") {
+        return Err(ConnectError::Secret(secret.clone(), "not a user nkey seed (it must start with SU)".into()));
+    }
+    Ok(())
+}
+
+/// TLS files are read at every connect attempt; a missing or unreadable one fails the
+/// start instead of looping on "TLS error".
+fn check_pem(what: &'static str, path: &std::path::Path) -> Result<(), ConnectError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConnectError::Tls(what, path.display().to_string(), e.to_string()))?;
+    if !text.contains("-----BEGIN ") {
+        return Err(ConnectError::Tls(what, path.display().to_string(), "no PEM block in the file".into()));
+    }
+    Ok(())
+}
+
+/// How the sidecar authenticates, for log lines: where the secret lives, never its value.
+fn auth_description(auth: &NatsAuth) -> String {
+    match auth {
+        NatsAuth::None => "no credentials".into(),
+        NatsAuth::Token(s) => format!("token from {s:?}"),
+        NatsAuth::UserPassword { user, password } => format!("user {user:?} with the password from {password:?}"),
+        NatsAuth::NkeySeed(s) => format!("nkey seed from {s:?}"),
+        NatsAuth::Credentials(p) => format!("credentials file {}", p.display()),
     }
 }
 
@@ -48,19 +92,26 @@ pub async fn options(nats: &Nats, service: &str, metrics: &Metrics, env: EnvLook
         NatsAuth::None | NatsAuth::Credentials(_) => opts,
         NatsAuth::Token(t) => opts.token(resolve(t, env)?),
         NatsAuth::UserPassword { user, password } => opts.user_and_password(user.clone(), resolve(password, env)?),
-        NatsAuth::NkeySeed(s) => opts.nkey(resolve(s, env)?),
+        NatsAuth::NkeySeed(s) => {
+            let seed = resolve(s, env)?;
+            check_user_seed(s, &seed)?;
+            opts.nkey(seed)
+        }
     };
     if let Some(tls) = &nats.tls {
         if let Some(ca) = &tls.ca_file {
+            check_pem("ca_file", ca)?;
             opts = opts.add_root_certificates(ca.clone());
         }
         if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            check_pem("cert_file", cert)?;
+            check_pem("key_file", key)?;
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
         opts = opts.require_tls(tls.require);
     }
     let events = metrics.clone();
-    let slow_log = Arc::new(Mutex::new(None::<Instant>));
+    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth), ..Default::default() });
     let seen = Arc::new(AtomicBool::new(false));
     Ok(opts
         .name(format!("natsbridge-{service}"))
@@ -73,9 +124,9 @@ pub async fn options(nats: &Nats, service: &str, metrics: &Metrics, env: EnvLook
         .request_timeout(None)
         .event_callback(move |event| {
             let m = events.clone();
-            let slow_log = slow_log.clone();
+            let logs = logs.clone();
             let seen = seen.clone();
-            async move { on_event(&m, &slow_log, &seen, event) }
+            async move { on_event(&m, &logs, &seen, event) }
         }))
 }
 
@@ -85,9 +136,49 @@ fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(exp.min(2_000))
 }
 
-fn on_event(m: &Metrics, slow_log: &Mutex<Option<Instant>>, seen: &AtomicBool, event: Event) {
+/// Rate limits for event log lines: a NATS outage or a rejected credential repeats the
+/// same event at every reconnect attempt.
+#[derive(Default)]
+struct EventLog {
+    auth: String,
+    slow: Mutex<Option<Instant>>,
+    /// The last connect failure logged, when, and how many identical ones were not.
+    failure: Mutex<Option<(String, Instant, u64)>>,
+}
+
+/// Identical connect failures are logged once per this period (and the first at once).
+const REPEAT_LOG: Duration = Duration::from_secs(30);
+
+impl EventLog {
+    /// Should this connect failure be logged now? Returns how many identical ones were
+    /// suppressed since the last line.
+    fn failure(&self, what: &str) -> Option<u64> {
+        let mut last = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_mut() {
+            Some((w, at, n)) if w == what && at.elapsed() < REPEAT_LOG => {
+                *n += 1;
+                None
+            }
+            _ => {
+                let suppressed = match last.take() {
+                    Some((w, _, n)) if w == what => n,
+                    _ => 0,
+                };
+                *last = Some((what.to_owned(), Instant::now(), 0));
+                Some(suppressed)
+            }
+        }
+    }
+
+    fn connected(&self) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+fn on_event(m: &Metrics, logs: &EventLog, seen: &AtomicBool, event: Event) {
     match event {
         Event::Connected => {
+            logs.connected();
             if !seen.swap(true, Ordering::Relaxed) {
                 tracing::info!("connected to NATS");
             } else {
@@ -103,14 +194,38 @@ fn on_event(m: &Metrics, slow_log: &Mutex<Option<Instant>>, seen: &AtomicBool, e
         Event::SlowConsumer(sid) => {
             m.slow_consumers.inc();
             // Slow-consumer storms would flood the log: one line per 10 s at most.
-            let mut last = slow_log.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = logs.slow.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 *last = Some(Instant::now());
                 tracing::warn!(sid, total = m.slow_consumers.get(), "NATS slow consumer: messages were dropped by the client");
             }
         }
         Event::LameDuckMode => tracing::warn!("NATS server entered lame duck mode"),
+        Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+            if let Some(suppressed) = logs.failure("authorization violation") {
+                tracing::error!(auth = %logs.auth, suppressed, "NATS rejected the credentials (authorization violation); check the [nats] auth settings");
+            }
+        }
         Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
+        // Connect attempts that failed: once per kind and 30 s, not once per attempt.
+        Event::ClientError(async_nats::ClientError::Other(what)) => {
+            if let Some(suppressed) = logs.failure(&what) {
+                match what.as_str() {
+                    "authorization violation" => tracing::error!(
+                        auth = %logs.auth,
+                        suppressed,
+                        "NATS rejected the credentials (authorization violation); check the [nats] auth settings; retrying"
+                    ),
+                    "failed signing nonce" => tracing::error!(
+                        auth = %logs.auth,
+                        suppressed,
+                        "cannot authenticate to NATS: signing the server nonce failed (bad nkey seed or credentials?); retrying"
+                    ),
+                    "TLS error" => tracing::error!(suppressed, "NATS TLS handshake failed (certificate, CA or TLS requirement mismatch); retrying"),
+                    _ => tracing::warn!(error = %what, suppressed, "cannot connect to NATS; retrying"),
+                }
+            }
+        }
         Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
         Event::Draining | Event::Closed => m.nats_connected.set(0),
     }

@@ -71,14 +71,25 @@ impl Egress {
 
 /// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `drain_timeout` (from the config in force).
+///
+/// Edge limits (`[sidecar]`), enforced per connection by a watchdog (see [`Activity`]):
+/// - `header_read_timeout`: a request head must arrive whole within it, counted from the
+///   accept (first request) or from its first byte (later requests): slowloris guard;
+/// - `idle_timeout`: a keep-alive connection waiting for its next request is closed after
+///   it, and so is one with a request in progress but no bytes moving either way;
+/// - `max_headers`, `max_header_bytes`: enforced by hyper (431), whatever the read split;
+/// - `max_connections`: past it, new connections wait in the kernel backlog.
 pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     let limits = egress.table.load().routing.config.sidecar.http.clone();
     let drain_timeout = egress.table.load().routing.config.sidecar.drain_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // 0 = serve, 1 = finish the request in flight then close, 2 = close now.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(0u8);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Ours (the watchdog) instead: hyper's runs while a keep-alive connection idles,
+        // which would cut every idle connection at the header timeout.
+        .header_read_timeout(None)
         .max_headers(limits.max_headers)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
@@ -90,9 +101,15 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         .map_response(unify_body)
         // A panicking handler answers 500 instead of killing the connection.
         .layer(CatchPanicLayer::custom(panic_response))
-        .service_fn(move |req| {
+        .service_fn(move |req: Request<Incoming>| {
             let egress = egress.clone();
-            async move { Ok(egress.handle(req).await) }
+            async move {
+                // Framing hyper tolerates but a front proxy might read differently.
+                if let Some(res) = reject_ambiguous_framing(&req) {
+                    return Ok(res);
+                }
+                Ok(egress.handle(req).await)
+            }
         }));
 
     tokio::pin!(shutdown);
@@ -114,20 +131,63 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(svc.clone()));
-        let conn = graceful.watch(conn);
+        let activity = Activity::new();
+        let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
+        let service = tracked_service(svc.clone(), activity.clone());
+        let conn = http.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
+        let mut stop = stop_rx.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "egress connection ended with an error");
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                let deadline = activity.deadline(&limits);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "egress connection ended with an error");
+                        }
+                        break;
+                    }
+                    changed = stop.changed() => {
+                        if changed.is_err() || *stop.borrow() >= 2 {
+                            break;
+                        }
+                        if !draining {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                    _ = activity.changed() => {}
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        match activity.expired(&limits) {
+                            Some(Expired::Idle) => {
+                                // Nothing in flight: hyper closes at once.
+                                draining = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            Some(why) => {
+                                tracing::debug!(?why, "egress connection timed out; closing");
+                                break;
+                            }
+                            None => {}
+                        }
+                    }
+                }
             }
             drop(permit);
         });
     }
     drop(listener);
+    let _ = stop_tx.send(1);
     let drain = drain_timeout;
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("egress drained"),
-        _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "egress drain timed out; dropping remaining connections"),
+        _ = connections.acquire_many(all) => tracing::info!("egress drained"),
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(?drain, "egress drain timed out; dropping remaining connections");
+            let _ = stop_tx.send(2);
+        }
     }
     Ok(())
 }
@@ -410,4 +470,315 @@ where
 
 fn box_error(e: hyper::Error) -> BoxError {
     Box::new(e)
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-connection edge limits: what the connection is doing, and since when.
+
+/// Why a connection's watchdog closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// Waiting for the next request longer than `idle_timeout`.
+    Idle,
+    /// A request head (started at accept or by its first byte) not complete in time.
+    HeaderTimeout,
+    /// A request in progress, but no bytes read or written for `idle_timeout`.
+    Stalled,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for a request head. `head` is when it started: the accept for a new
+    /// connection, the first byte for a later request; `None` while idle.
+    AwaitingHead { since: Instant, head: Option<Instant> },
+    /// Requests handed to the service whose responses are not yet fully written.
+    InRequest(usize),
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    phase: Phase,
+    last_io: Instant,
+    /// The raw bytes of the request head being read (first read of it onwards), until its
+    /// blank line; then `framing` holds what is wrong with it, if anything.
+    head_bytes: Vec<u8>,
+    head_done: bool,
+    framing: Option<&'static str>,
+}
+
+/// Raw heads larger than this are not sniffed: hyper refuses them anyway (431).
+const MAX_SNIFF: usize = 256 << 10;
+
+/// Shared by a connection's IO wrapper, its service and its watchdog.
+#[derive(Debug)]
+struct Activity {
+    state: std::sync::Mutex<ActivityState>,
+    /// Wakes the watchdog when a deadline may have moved earlier (a head started).
+    notify: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            state: std::sync::Mutex::new(ActivityState {
+                phase: Phase::AwaitingHead { since: now, head: Some(now) },
+                last_io: now,
+                head_bytes: Vec::new(),
+                head_done: false,
+                framing: None,
+            }),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.last_io = now;
+        if let Phase::AwaitingHead { head, .. } = &mut s.phase {
+            let started = head.is_none();
+            if started {
+                *head = Some(now);
+            }
+            if !s.head_done {
+                // hyper hides framing details (identical Content-Length lines merged,
+                // Content-Length dropped next to Transfer-Encoding): look at the wire.
+                let from = s.head_bytes.len().saturating_sub(3);
+                s.head_bytes.extend_from_slice(data);
+                if let Some(end) = find_blank_line(&s.head_bytes[from..]).map(|e| e + from) {
+                    s.framing = framing_problem(&s.head_bytes[..end]);
+                    s.head_done = true;
+                    s.head_bytes = Vec::new();
+                } else if s.head_bytes.len() > MAX_SNIFF {
+                    s.head_done = true;
+                    s.head_bytes = Vec::new();
+                }
+            }
+            drop(s);
+            if started {
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    fn wrote(&self) {
+        self.lock().last_io = Instant::now();
+    }
+
+    /// The service got a request: its head is complete. Returns what is wrong with its
+    /// framing on the wire, if anything.
+    fn begin(&self) -> Option<&'static str> {
+        let mut s = self.lock();
+        s.phase = match s.phase {
+            Phase::InRequest(n) => Phase::InRequest(n + 1),
+            Phase::AwaitingHead { .. } => Phase::InRequest(1),
+        };
+        s.head_done = false;
+        s.head_bytes = Vec::new();
+        s.framing.take()
+    }
+
+    /// A response was written (its body dropped by hyper): the connection may idle.
+    fn end(&self) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.phase = match s.phase {
+            Phase::InRequest(n) if n > 1 => Phase::InRequest(n - 1),
+            _ => Phase::AwaitingHead { since: now, head: None },
+        };
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await
+    }
+
+    fn deadline(&self, limits: &crate::config::HttpLimits) -> Instant {
+        let s = self.lock();
+        match s.phase {
+            Phase::AwaitingHead { head: Some(h), .. } => h + limits.header_read_timeout,
+            Phase::AwaitingHead { since, head: None } => since + limits.idle_timeout,
+            Phase::InRequest(_) => s.last_io + limits.idle_timeout,
+        }
+    }
+
+    fn expired(&self, limits: &crate::config::HttpLimits) -> Option<Expired> {
+        let now = Instant::now();
+        let s = self.lock();
+        match s.phase {
+            Phase::AwaitingHead { head: Some(h), .. } if now >= h + limits.header_read_timeout => Some(Expired::HeaderTimeout),
+            Phase::AwaitingHead { since, head: None } if now >= since + limits.idle_timeout => Some(Expired::Idle),
+            Phase::InRequest(_) if now >= s.last_io + limits.idle_timeout => Some(Expired::Stalled),
+            _ => None,
+        }
+    }
+}
+
+/// Marks the connection's activity on every read and write.
+struct TrackedIo {
+    inner: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for TrackedIo {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = r {
+            this.activity.read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for TrackedIo {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.activity.wrote();
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.activity.wrote();
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Ends the request's activity when hyper drops the response body (fully written, or the
+/// connection failed).
+struct EndOfResponse(Arc<Activity>);
+
+impl Drop for EndOfResponse {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// The egress service for one connection: marks each request's start and end, and
+/// refuses a request whose head was ambiguous on the wire.
+fn tracked_service(svc: EgressService, activity: Arc<Activity>) -> EgressService {
+    use tower::ServiceExt as _;
+    tower::util::BoxCloneService::new(tower::service_fn(move |req: Request<Incoming>| {
+        let framing = activity.begin();
+        let guard = EndOfResponse(activity.clone());
+        let svc = svc.clone();
+        async move {
+            let res = match framing {
+                Some(why) => bad_framing(why),
+                None => svc.oneshot(req).await?,
+            };
+            Ok::<_, Infallible>(res.map(move |body| {
+                body.map_frame(move |frame| {
+                    let _ = &guard;
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        }
+    }))
+}
+
+fn find_blank_line(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| b.windows(2).position(|w| w == b"\n\n"))
+}
+
+/// What makes a raw request head's framing ambiguous, if anything (see
+/// [`reject_ambiguous_framing`]). Header names are matched case-insensitively.
+fn framing_problem(head: &[u8]) -> Option<&'static str> {
+    let (mut cl, mut te) = (0, 0);
+    let mut te_chunked_only = true;
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            cl += 1;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te += 1;
+            te_chunked_only &= value.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    if cl > 1 {
+        Some("more than one Content-Length header")
+    } else if te > 1 {
+        Some("more than one Transfer-Encoding header")
+    } else if te == 1 && !te_chunked_only {
+        Some("unsupported Transfer-Encoding (only chunked)")
+    } else if cl > 0 && te > 0 {
+        Some("both Content-Length and Transfer-Encoding")
+    } else {
+        None
+    }
+}
+
+/// Requests whose framing two HTTP parsers could disagree on: more than one
+/// `Content-Length` line (even identical), more than one `Transfer-Encoding` line, a
+/// transfer coding other than exactly `chunked`, or both headers at once (hyper follows
+/// RFC 9112 and lets chunked win; a proxy in front may not). hyper already refuses
+/// `Content-Length: +3`, lists, and a `Transfer-Encoding` not ending in `chunked`.
+/// Answered 400 with `Connection: close`, so nothing after it on the connection is parsed.
+fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
+    let h = req.headers();
+    let cl = h.get_all(http::header::CONTENT_LENGTH).iter().count();
+    let te: Vec<_> = h.get_all(http::header::TRANSFER_ENCODING).iter().collect();
+    let why = if cl > 1 {
+        "more than one Content-Length header"
+    } else if te.len() > 1 {
+        "more than one Transfer-Encoding header"
+    } else if te.first().is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")) {
+        "unsupported Transfer-Encoding (only chunked)"
+    } else if cl > 0 && !te.is_empty() {
+        "both Content-Length and Transfer-Encoding"
+    } else {
+        return None;
+    };
+    Some(bad_framing(why))
+}
+
+/// 400 with `Connection: close`: nothing after this request on the connection is parsed.
+fn bad_framing(why: &str) -> Response<Body> {
+    let body = crate::problem::problem_body(StatusCode::BAD_REQUEST, "bad-framing", format!("ambiguous request framing: {why}"), None, None);
+    let mut r = Response::new(full(body));
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::problem::PROBLEM_JSON));
+    r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }

@@ -1,0 +1,627 @@
+//! NATS security (issue 4 §3): every auth mode and TLS setup against a real nats-server
+//! configured for it. Credentials, nkeys, JWTs and certificates are generated here.
+//!
+//! Each positive case proves the whole path: the sidecar turns ready, and a request on its
+//! egress listener reaches a subscriber connected with its own credentials. Each negative
+//! case proves readiness stays false (or the start fails with a clear error), and that no
+//! secret reaches the log.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures::StreamExt;
+use support::*;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const ROUTES: &str = r#"
+[sidecar]
+service = "authtest"
+
+[[outbound]]
+name = "events"
+method = "POST"
+path = "/events"
+subject = "auth.events"
+mode = "publish"
+"#;
+
+/// The routing file with a `[nats]` section (auth keys and optional `[nats.tls]`).
+fn routes(nats: &str) -> String {
+    format!("{ROUTES}\n[nats]\nconnect_timeout = \"2s\"\n{nats}\n")
+}
+
+/// A sidecar in this process with its own environment lookup.
+struct InProc {
+    egress: SocketAddr,
+    admin: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), natsbridge::sidecar::SidecarError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProc {
+    async fn start(toml: &str, nats_url: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = natsbridge::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let egress = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (egress_addr, admin_addr) = (egress.local_addr().unwrap(), admin.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let task = tokio::spawn(natsbridge::sidecar::run(natsbridge::sidecar::Parts {
+            config,
+            overrides: natsbridge::config::Overrides { nats_servers: Some(vec![nats_url.to_owned()]), ..Default::default() },
+            egress,
+            admin,
+            env: Arc::new(move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())),
+            reload: reload_rx,
+            shutdown: shutdown.clone(),
+        }));
+        Self { egress: egress_addr, admin: admin_addr, shutdown, task: Some(task), _dir: dir }
+    }
+
+    async fn readyz(&self) -> Option<Reply> {
+        get(&format!("http://{}/readyz", self.admin)).await.ok()
+    }
+
+    async fn wait_ready(&self) {
+        eventually("sidecar ready", Duration::from_secs(15), || async { self.readyz().await.filter(|r| r.status == 200).map(|_| ()) }).await
+    }
+
+    /// The start error, when `run` returns one quickly.
+    async fn start_error(mut self) -> String {
+        let task = self.task.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Ok(Ok(()))) => panic!("sidecar returned Ok; expected a start error"),
+            Ok(Err(e)) => panic!("sidecar task panicked: {e}"),
+            Err(_) => panic!("sidecar kept running; expected a start error"),
+        }
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Readiness stays false for `for_`, and says NATS is not connected.
+async fn assert_never_ready(admin: SocketAddr, for_: Duration) {
+    let deadline = Instant::now() + for_;
+    let mut seen_unready = false;
+    while Instant::now() < deadline {
+        if let Ok(r) = get(&format!("http://{admin}/readyz")).await {
+            assert_eq!(r.status, 503, "sidecar became ready: {}", r.text());
+            assert_eq!(r.json()["failing"]["nats"], "not connected to NATS", "{}", r.text());
+            seen_unready = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen_unready, "the admin listener never answered");
+}
+
+/// The sidecar's egress request reaches a subscriber that authenticated on its own.
+async fn assert_flows(sidecar_egress: SocketAddr, subscriber: async_nats::Client) {
+    let mut sub = subscriber.subscribe("auth.events").await.unwrap();
+    // A flush only writes the SUB; the server may process another connection's publish
+    // first. Our own probe coming back proves the subscription is live.
+    subscriber.publish("auth.events", "probe".into()).await.unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("probe within 5s").unwrap();
+    assert_eq!(&probe.payload[..], b"probe");
+    let r = call("POST", &format!("http://{sidecar_egress}/events"), &[], "hello").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let msg = match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+        Ok(m) => m.unwrap(),
+        Err(_) => panic!("no message within 5s; subscriber state {:?}", subscriber.connection_state()),
+    };
+    assert_eq!(&msg.payload[..], b"hello");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A sidecar child process with extra environment and log level; stderr goes to its log.
+fn spawn_process(toml: &str, nats_url: &str, env: &[(&str, &str)], log_level: &str) -> SidecarProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, toml).unwrap();
+    let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
+    cmd.arg("run").arg("--config").arg(&path).arg("--listen").arg(egress.to_string()).arg("--admin-listen").arg(admin.to_string());
+    cmd.arg("--nats-url").arg(nats_url).arg("--log-level").arg(log_level);
+    cmd.env_remove("NATSBRIDGE_LOG_LEVEL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
+    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    SidecarProcess { child, egress, admin, dir }
+}
+
+fn assert_secret_not_logged(log: &str, secret: &str) {
+    assert!(!log.is_empty(), "empty log");
+    assert!(!log.contains(secret), "the secret appears in the log:\n{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Token
+
+const TOKEN: &str = "tok-8c1f9e2a7d4b4f0e9a3c";
+
+fn token_server() -> NatsServer {
+    NatsServer::start_with(&format!("authorization {{ token: \"{TOKEN}\" }}"))
+}
+
+#[tokio::test]
+async fn token_from_file_authenticates() {
+    let nats = token_server();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "token", &format!("{TOKEN}\n"));
+    let s = InProc::start(&routes(&format!("token_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    s.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_token(TOKEN.into()).connect(nats.url()).await.unwrap();
+    assert_flows(s.egress, sub).await;
+}
+
+#[tokio::test]
+async fn token_from_env_authenticates_and_never_appears_in_a_trace_log() {
+    let nats = token_server();
+    let p = spawn_process(&routes("token_env = \"NB_TEST_TOKEN\""), &nats.url(), &[("NB_TEST_TOKEN", TOKEN)], "trace");
+    p.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_token(TOKEN.into()).connect(nats.url()).await.unwrap();
+    assert_flows(p.egress, sub).await;
+    let log = p.log();
+    assert!(log.contains("TRACE"), "not a trace log:\n{log}");
+    assert_secret_not_logged(&log, TOKEN);
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused_and_readiness_stays_false() {
+    let nats = token_server();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "token", "not-the-token-3b9d");
+    let s = InProc::start(&routes(&format!("token_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+    // And the egress answers 503 instead of queueing into a connection that never comes.
+    let r = call("POST", &format!("http://{}/events", s.egress), &[], "x").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+}
+
+#[tokio::test]
+async fn no_credentials_against_an_auth_server_is_refused() {
+    let nats = token_server();
+    let s = InProc::start(&routes(""), &nats.url(), &[]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// User and password
+
+const PASSWORD: &str = "pw-5e0b7c1d9f2a46e8b3d1";
+
+fn user_server() -> NatsServer {
+    NatsServer::start_with(&format!("authorization {{ users = [ {{ user: \"bridge\", password: \"{PASSWORD}\" }} ] }}"))
+}
+
+#[tokio::test]
+async fn user_and_password_file_authenticate() {
+    let nats = user_server();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "pass", PASSWORD);
+    let s = InProc::start(&routes(&format!("user = \"bridge\"\npassword_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    s.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_user_and_password("bridge".into(), PASSWORD.into()).connect(nats.url()).await.unwrap();
+    assert_flows(s.egress, sub).await;
+}
+
+#[tokio::test]
+async fn user_and_password_env_authenticate_and_never_appear_in_a_trace_log() {
+    let nats = user_server();
+    let p = spawn_process(&routes("user = \"bridge\"\npassword_env = \"NB_TEST_PASSWORD\""), &nats.url(), &[("NB_TEST_PASSWORD", PASSWORD)], "trace");
+    p.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_user_and_password("bridge".into(), PASSWORD.into()).connect(nats.url()).await.unwrap();
+    assert_flows(p.egress, sub).await;
+    assert_secret_not_logged(&p.log(), PASSWORD);
+}
+
+#[tokio::test]
+async fn wrong_password_keeps_readiness_false_and_is_logged_clearly_without_the_secret() {
+    let nats = user_server();
+    let wrong = "wrong-pw-77a1c0e4d2";
+    let p = spawn_process(&routes("user = \"bridge\"\npassword_env = \"NB_TEST_PASSWORD\""), &nats.url(), &[("NB_TEST_PASSWORD", wrong)], "trace");
+    // Wait for the admin listener, then hold: never ready.
+    let admin = p.admin;
+    eventually("admin listener", Duration::from_secs(20), || async move { get(&format!("http://{admin}/readyz")).await.ok().map(|_| ()) }).await;
+    assert_never_ready(p.admin, Duration::from_secs(3)).await;
+    let log = p.log();
+    let clear = log.lines().filter(|l| l.contains("NATS rejected the credentials (authorization violation)")).count();
+    assert!(clear >= 1, "no clear auth failure line:\n{log}");
+    // Reconnect attempts repeat every ≤2 s; the sidecar's own line is rate-limited to one
+    // per 30 s, so it appears once here however many attempts were made.
+    assert_eq!(clear, 1, "the auth failure was logged more than once:\n{log}");
+    let line = log.lines().find(|l| l.contains("NATS rejected the credentials")).unwrap();
+    assert!(line.contains("user \\\"bridge\\\"") || line.contains("user \"bridge\""), "{line}");
+    assert!(line.contains("env:NB_TEST_PASSWORD"), "the line should say where the secret came from: {line}");
+    assert_secret_not_logged(&log, wrong);
+}
+
+// ---------------------------------------------------------------------------------------
+// Nkeys
+
+fn nkey_server(user: &nkeys::KeyPair) -> NatsServer {
+    NatsServer::start_with(&format!("authorization {{ users = [ {{ nkey: \"{}\" }} ] }}", user.public_key()))
+}
+
+#[tokio::test]
+async fn nkey_seed_file_authenticates() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = nkey_server(&user);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = user.seed().unwrap();
+    let f = write(dir.path(), "seed", &format!("{seed}\n"));
+    let s = InProc::start(&routes(&format!("nkey_seed_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    s.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_nkey(seed).connect(nats.url()).await.unwrap();
+    assert_flows(s.egress, sub).await;
+}
+
+#[tokio::test]
+async fn nkey_seed_env_authenticates_and_never_appears_in_a_trace_log() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = nkey_server(&user);
+    let seed = user.seed().unwrap();
+    let p = spawn_process(&routes("nkey_seed_env = \"NB_TEST_SEED\""), &nats.url(), &[("NB_TEST_SEED", &seed)], "trace");
+    p.wait_ready().await;
+    assert_secret_not_logged(&p.log(), &seed);
+}
+
+#[tokio::test]
+async fn an_unknown_nkey_is_refused() {
+    let allowed = nkeys::KeyPair::new_user();
+    let nats = nkey_server(&allowed);
+    let other = nkeys::KeyPair::new_user().seed().unwrap();
+    let s = InProc::start(&routes("nkey_seed_env = \"SEED\""), &nats.url(), &[("SEED", &other)]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_malformed_nkey_seed_fails_the_start_without_quoting_it() {
+    let nats = NatsServer::start();
+    // A user *public* key where the seed belongs: the classic mistake.
+    let public = nkeys::KeyPair::new_user().public_key();
+    let s = InProc::start(&routes("nkey_seed_env = \"SEED\""), &nats.url(), &[("SEED", &public)]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("env:SEED") && e.contains("nkey seed"), "{e}");
+    assert!(!e.contains(&public), "{e}");
+    // An account seed is a seed, but not a user's.
+    let account = nkeys::KeyPair::new_account().seed().unwrap();
+    let s = InProc::start(&routes("nkey_seed_env = \"SEED\""), &nats.url(), &[("SEED", &account)]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("user nkey seed"), "{e}");
+    assert!(!e.contains(&account), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// JWT credentials (operator mode)
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Encodes and signs a NATS JWT (v2): `{"typ":"JWT","alg":"ed25519-nkey"}`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let payload = b64(&serde_json::to_vec(&claims).unwrap());
+    let signing_input = format!("{header}.{payload}");
+    let sig = issuer.sign(signing_input.as_bytes()).unwrap();
+    format!("{signing_input}.{}", b64(&sig))
+}
+
+struct Operator {
+    conf: String,
+    account: nkeys::KeyPair,
+    _dir: tempfile::TempDir,
+}
+
+/// An operator, one account (JetStream enabled) and the server config that trusts them.
+fn operator_mode() -> Operator {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let op_jwt = jwt(&operator, &operator.public_key(), "test-operator", serde_json::json!({ "type": "operator", "version": 2 }));
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+    });
+    let acc_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "bridge-account",
+        serde_json::json!({ "limits": unlimited, "default_permissions": { "pub": {}, "sub": {} }, "type": "account", "version": 2 }),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let sys_jwt = jwt(&operator, &system.public_key(), "SYS", serde_json::json!({ "type": "account", "version": 2 }));
+    let dir = tempfile::tempdir().unwrap();
+    let op_path = write(dir.path(), "operator.jwt", &op_jwt);
+    let conf = format!(
+        "operator: {:?}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
+        op_path.display().to_string(),
+        system.public_key(),
+        account.public_key(),
+        acc_jwt,
+        system.public_key(),
+        sys_jwt
+    );
+    Operator { conf, account, _dir: dir }
+}
+
+fn user_creds(account: &nkeys::KeyPair) -> (String, String) {
+    let user = nkeys::KeyPair::new_user();
+    let user_jwt = jwt(
+        account,
+        &user.public_key(),
+        "bridge-user",
+        serde_json::json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2 }),
+    );
+    let seed = user.seed().unwrap();
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n************************* IMPORTANT *************************\nNKEY Seed printed below can be used to sign and prove identity.\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n*************************************************************\n"
+    );
+    (creds, seed)
+}
+
+#[tokio::test]
+async fn creds_file_authenticates_against_an_operator_mode_server() {
+    let op = operator_mode();
+    let nats = NatsServer::start_with(&op.conf);
+    let dir = tempfile::tempdir().unwrap();
+    let (creds, seed) = user_creds(&op.account);
+    let f = write(dir.path(), "user.creds", &creds);
+    let s = InProc::start(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    s.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_credentials(&creds).unwrap().connect(nats.url()).await.unwrap();
+    assert_flows(s.egress, sub).await;
+    drop(seed);
+}
+
+#[tokio::test]
+async fn creds_signed_by_an_untrusted_account_are_refused() {
+    let op = operator_mode();
+    let nats = NatsServer::start_with(&op.conf);
+    let dir = tempfile::tempdir().unwrap();
+    let (creds, _) = user_creds(&nkeys::KeyPair::new_account());
+    let f = write(dir.path(), "user.creds", &creds);
+    let s = InProc::start(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn creds_file_seed_never_appears_in_a_trace_log() {
+    let op = operator_mode();
+    let nats = NatsServer::start_with(&op.conf);
+    let dir = tempfile::tempdir().unwrap();
+    let (creds, seed) = user_creds(&op.account);
+    let f = write(dir.path(), "user.creds", &creds);
+    let p = spawn_process(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[], "trace");
+    p.wait_ready().await;
+    assert_secret_not_logged(&p.log(), &seed);
+}
+
+#[tokio::test]
+async fn missing_or_malformed_creds_files_fail_the_start_clearly() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.creds");
+    let s = InProc::start(&routes(&format!("creds_file = {:?}", missing.display().to_string())), &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("credentials file") && e.contains("nope.creds"), "{e}");
+
+    let garbage = write(dir.path(), "garbage.creds", "this is not a creds file\n");
+    let s = InProc::start(&routes(&format!("creds_file = {:?}", garbage.display().to_string())), &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("garbage.creds") && e.contains("JWT"), "{e}");
+
+    // A JWT but a broken seed: the seed text must not be echoed.
+    let (creds, seed) = user_creds(&nkeys::KeyPair::new_account());
+    let broken = creds.replace(&seed, &format!("{}X", &seed[..seed.len() - 1]));
+    let f = write(dir.path(), "broken.creds", &broken);
+    let s = InProc::start(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("broken.creds"), "{e}");
+    assert!(!e.contains(&seed[..20]), "{e}");
+}
+
+#[tokio::test]
+async fn missing_secret_files_and_variables_fail_the_start_clearly() {
+    let nats = NatsServer::start();
+    let s = InProc::start(&routes("token_file = \"/nonexistent/natsbridge/token\""), &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("file:/nonexistent/natsbridge/token"), "{e}");
+    let s = InProc::start(&routes("token_env = \"NB_UNSET\""), &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("env:NB_UNSET") && e.contains("not set"), "{e}");
+    let s = InProc::start(&routes("token_env = \"NB_EMPTY\""), &nats.url(), &[("NB_EMPTY", " \n")]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("env:NB_EMPTY") && e.contains("empty"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// A test CA, a server certificate for 127.0.0.1/localhost and a client certificate.
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, "natsbridge test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut sp = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    sp.distinguished_name.push(DnType::CommonName, "nats-server");
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = sp.signed_by(&server_key, &issuer).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut cp = CertificateParams::new(vec!["natsbridge".to_owned()]).unwrap();
+    cp.distinguished_name.push(DnType::CommonName, "natsbridge");
+    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = cp.signed_by(&client_key, &issuer).unwrap();
+
+    let d = dir.path().to_owned();
+    Pki {
+        ca: write(&d, "ca.pem", &ca_cert.pem()),
+        server_cert: write(&d, "server.pem", &server_cert.pem()),
+        server_key: write(&d, "server-key.pem", &server_key.serialize_pem()),
+        client_cert: write(&d, "client.pem", &client_cert.pem()),
+        client_key: write(&d, "client-key.pem", &client_key.serialize_pem()),
+        dir,
+    }
+}
+
+fn tls_server(pki: &Pki, verify: bool) -> NatsServer {
+    NatsServer::start_with(&format!(
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: {verify}\n  timeout: 2\n}}",
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+        pki.ca.display().to_string()
+    ))
+}
+
+fn tls_section(pki: &Pki, client_cert: bool, require: bool) -> String {
+    let mut s = format!("[nats.tls]\nca_file = {:?}\nrequire = {require}\n", pki.ca.display().to_string());
+    if client_cert {
+        s += &format!("cert_file = {:?}\nkey_file = {:?}\n", pki.client_cert.display().to_string(), pki.client_key.display().to_string());
+    }
+    s
+}
+
+async fn tls_subscriber(pki: &Pki, nats: &NatsServer) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .add_root_certificates(pki.ca.clone())
+        .add_client_certificate(pki.client_cert.clone(), pki.client_key.clone())
+        .require_tls(true)
+        .connect(nats.url())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_with_the_test_ca_connects() {
+    let pki = pki();
+    let nats = tls_server(&pki, false);
+    let s = InProc::start(&routes(&tls_section(&pki, false, true)), &nats.url(), &[]).await;
+    s.wait_ready().await;
+    assert_flows(s.egress, tls_subscriber(&pki, &nats).await).await;
+}
+
+#[tokio::test]
+async fn tls_scheme_url_connects_too() {
+    let pki = pki();
+    let nats = tls_server(&pki, false);
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let s = InProc::start(&routes(&tls_section(&pki, false, false)), &url, &[]).await;
+    s.wait_ready().await;
+}
+
+#[tokio::test]
+async fn tls_without_the_ca_is_refused() {
+    let pki = pki();
+    let nats = tls_server(&pki, false);
+    // No ca_file: the system roots do not trust the test CA.
+    let s = InProc::start(&routes("[nats.tls]\nrequire = true\n"), &nats.url(), &[]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_client_certificate_connects() {
+    let pki = pki();
+    let nats = tls_server(&pki, true);
+    let s = InProc::start(&routes(&tls_section(&pki, true, true)), &nats.url(), &[]).await;
+    s.wait_ready().await;
+    assert_flows(s.egress, tls_subscriber(&pki, &nats).await).await;
+}
+
+#[tokio::test]
+async fn mutual_tls_without_a_client_certificate_is_refused() {
+    let pki = pki();
+    let nats = tls_server(&pki, true);
+    let s = InProc::start(&routes(&tls_section(&pki, false, true)), &nats.url(), &[]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn require_tls_refuses_a_plaintext_server() {
+    let pki = pki();
+    let nats = NatsServer::start();
+    let s = InProc::start(&routes(&tls_section(&pki, false, true)), &nats.url(), &[]).await;
+    assert_never_ready(s.admin, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn tls_and_a_token_together() {
+    let pki = pki();
+    let nats = NatsServer::start_with(&format!(
+        "authorization {{ token: \"{TOKEN}\" }}\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}",
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string()
+    ));
+    let toml = routes(&format!("token_env = \"T\"\n{}", tls_section(&pki, false, true)));
+    let s = InProc::start(&toml, &nats.url(), &[("T", TOKEN)]).await;
+    s.wait_ready().await;
+}
+
+#[tokio::test]
+async fn missing_tls_files_fail_the_start_clearly() {
+    let pki = pki();
+    let nats = NatsServer::start();
+    let s = InProc::start(&routes("[nats.tls]\nca_file = \"/nonexistent/ca.pem\"\n"), &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("ca_file") && e.contains("/nonexistent/ca.pem"), "{e}");
+    let not_pem = write(pki.dir.path(), "not.pem", "hello");
+    let toml = routes(&format!(
+        "[nats.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        not_pem.display().to_string(),
+        pki.client_key.display().to_string()
+    ));
+    let s = InProc::start(&toml, &nats.url(), &[]).await;
+    let e = s.start_error().await;
+    assert!(e.contains("cert_file") && e.contains("PEM"), "{e}");
+}
