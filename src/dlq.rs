@@ -11,6 +11,9 @@ use prometheus::IntCounter;
 
 use crate::metrics::Metrics;
 
+/// `natsbridge dlq list|show|replay|purge`: inspecting, replaying and purging dead letters.
+pub mod tool;
+
 /// Why the message was given up on: [`Reason`].
 pub const REASON: &str = "Bridge-Dlq-Reason";
 /// The app's last HTTP status, when it answered.

@@ -42,6 +42,11 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Inspect, replay and purge dead letters, while sidecars run.
+    Dlq {
+        #[command(subcommand)]
+        command: natsbridge::dlq::tool::Command,
+    },
 }
 
 #[derive(clap::Args)]
@@ -134,6 +139,11 @@ fn main() -> anyhow::Result<()> {
                 natsbridge::inject::run(args, listener, shutdown.cancelled_owned()).await?;
                 Ok(())
             })
+        }
+        Command::Dlq { command } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let code = rt.block_on(natsbridge::dlq::tool::main(command, &|k| std::env::var(k).ok()));
+            std::process::exit(code)
         }
         Command::Provision(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
