@@ -82,7 +82,7 @@ pub enum Claim {
 /// Where a message's key comes from (pure, for tests and fuzzing).
 pub fn extract_key(spec: &IdempotencyKey, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<String> {
     let value = match spec {
-        IdempotencyKey::Header(name) => headers?.get(name.as_str()).map(|v| v.as_str().to_owned()),
+        IdempotencyKey::Header(name) => header(headers?, name),
         IdempotencyKey::MsgId => headers?.get(crate::codec::NATS_MSG_ID).map(|v| v.as_str().to_owned()),
         IdempotencyKey::Json(pointer) => {
             let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
@@ -94,6 +94,16 @@ pub fn extract_key(spec: &IdempotencyKey, headers: Option<&async_nats::HeaderMap
         }
     }?;
     (!value.trim().is_empty()).then_some(value)
+}
+
+/// A header's first value, its name matched without regard to case: NATS header names
+/// are case-sensitive, but `header:idempotency-key` must find the `Idempotency-Key` the
+/// egress side sends (it canonicalizes names), and any other spelling a peer uses.
+fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
+    if let Some(v) = headers.get(name) {
+        return Some(v.as_str().to_owned());
+    }
+    headers.iter().find(|(n, _)| AsRef::<str>::as_ref(*n).eq_ignore_ascii_case(name)).and_then(|(_, v)| v.first()).map(|v| v.as_str().to_owned())
 }
 
 /// The KV key for a route's idempotency key: keys are hashed because KV keys allow only
@@ -165,10 +175,18 @@ impl Store {
             // Take over an expired result or a crashed handler's claim, atomically.
             match self.kv.update(key, self.claim_record(), entry.revision).await {
                 Ok(revision) => return Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision })),
-                Err(_) => continue,
+                // Someone else moved first: look again.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                // A store failure is not a lost race: the caller must not run unprotected.
+                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
             }
         }
         Ok(Claim::InFlight)
+    }
+
+    /// How long a claim lasts without a [`refresh`](Self::refresh).
+    pub fn claim_ttl(&self) -> Duration {
+        self.claim_ttl
     }
 
     /// Keeps a long-running handler's claim alive.
@@ -205,8 +223,11 @@ impl Store {
         loop {
             if let Some(entry) = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))? {
                 if entry.operation == Operation::Put {
-                    if let Ok(Record::Done { response, .. }) = serde_json::from_slice::<Record>(&entry.value) {
-                        return Ok(Some(response));
+                    match serde_json::from_slice::<Record>(&entry.value) {
+                        Ok(Record::Done { response, expires_ms, .. }) if expires_ms > now_ms() => return Ok(Some(response)),
+                        // An expired result is no answer: the caller claims (and runs) afresh.
+                        Ok(Record::Done { .. }) => return Ok(None),
+                        _ => {}
                     }
                 } else {
                     // Released: the other handler failed; the caller may claim again.
@@ -244,6 +265,9 @@ mod tests {
         assert_eq!(extract_key(&IdempotencyKey::Header("Idempotency-Key".into()), Some(&h), b""), Some("k1".into()));
         assert_eq!(extract_key(&IdempotencyKey::MsgId, Some(&h), b""), Some("m1".into()));
         assert_eq!(extract_key(&IdempotencyKey::MsgId, None, b""), None);
+        // Header names match without regard to case (egress sends `Idempotency-Key`).
+        assert_eq!(extract_key(&IdempotencyKey::Header("idempotency-key".into()), Some(&h), b""), Some("k1".into()));
+        assert_eq!(extract_key(&IdempotencyKey::Header("X-Other".into()), Some(&h), b""), None);
         let body = br#"{"order":{"id":"o-9","n":7},"blank":" "}"#;
         assert_eq!(extract_key(&IdempotencyKey::Json("/order/id".into()), None, body), Some("o-9".into()));
         assert_eq!(extract_key(&IdempotencyKey::Json("/order/n".into()), None, body), Some("7".into()));

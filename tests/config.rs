@@ -48,3 +48,38 @@ fn syntax_errors_point_at_the_line() {
     assert_eq!(code, 1);
     assert!(err.contains("bad-syntax.toml:6:"), "{err}");
 }
+
+#[test]
+fn check_warns_when_a_duplicate_window_is_shorter_than_an_idempotency_ttl() {
+    let src = |window: &str| {
+        format!(
+            r#"[sidecar]
+service = "svc"
+
+[[inbound]]
+name = "orders"
+subject = "orders.created"
+mode = "jetstream"
+stream = "ORDERS"
+durable = "orders"
+path = "/orders"
+dead_letter = "dlq.orders"
+idempotency = {{ key = "header:Idempotency-Key", ttl = "1h" }}
+
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+duplicate_window = "{window}"
+"#
+        )
+    };
+    let c = natsbridge::config::parse(&src("2m"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(
+        w.iter().any(|w| w.contains(r#"route "orders""#) && w.contains("duplicate_window 2m is shorter than the idempotency ttl 1h")),
+        "{w:?}"
+    );
+    // A window that covers the ttl: no warning.
+    let c = natsbridge::config::parse(&src("2h"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.warnings.iter().any(|w| w.message.contains("duplicate_window")), "{:?}", c.warnings);
+}
