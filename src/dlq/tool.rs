@@ -316,21 +316,15 @@ pub fn preview(payload: &[u8], max: usize) -> String {
     match std::str::from_utf8(payload) {
         Ok(text) if !text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) => {
             let mut out = String::new();
-            let mut chars = 0;
-            let mut cut = false;
-            for c in text.chars() {
-                if chars >= max {
-                    cut = true;
-                    break;
-                }
+            for c in text.chars().take(max) {
                 match c {
                     '\n' => out.push_str("\\n"),
                     '\r' => out.push_str("\\r"),
                     '\t' => out.push_str("\\t"),
                     c => out.push(c),
                 }
-                chars += 1;
             }
+            let cut = text.chars().nth(max).is_some();
             format!("{out}{} ({size})", if cut { "…" } else { "" })
         }
         _ => {
@@ -826,6 +820,9 @@ async fn replay(a: ReplayArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
     }
 
     let (seqs, _) = select(&cx, &filter, a.limit).await?;
+    if seqs.is_empty() {
+        println!("no dead letters match ({})", filter.describe());
+    }
     let progress = Progress::new(seqs.len() as u64);
     let mut tally = Tally::default();
     progress.draw(&tally);
