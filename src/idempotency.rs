@@ -236,10 +236,13 @@ impl Store {
             } else {
                 return Ok(None);
             }
-            if tokio::time::Instant::now() + delay >= deadline {
+            // Look once more at the deadline itself: a result that lands in the last
+            // stretch still counts.
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Ok(None);
             }
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(delay.min(deadline - now)).await;
             delay = (delay * 2).min(Duration::from_millis(200));
         }
     }

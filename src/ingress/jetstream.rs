@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Attempt, Outcome, Policy};
 use super::request::wait_in_flight;
+use super::idempotent::{self, Begin};
 use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
 use crate::config::Consumer;
@@ -39,7 +40,7 @@ const WATCHDOG_EVERY: Duration = Duration::from_secs(2);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Incoming headers that would spoof what we tell the app about the delivery.
-const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec::BRIDGE_SEQ];
+const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec::BRIDGE_SEQ, codec::BRIDGE_IDEMPOTENCY_KEY];
 
 /// The route's state shared by its tasks and handlers.
 struct Js {
@@ -145,6 +146,13 @@ async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, sta
 /// permits, each message handed to its own handler task.
 async fn pull(shared: &Arc<Shared>, js: &Arc<Js>, consumer: PullConsumer, stop: &CancellationToken) {
     let route = &js.route;
+    // Never pull without protection: each delivery naked for an unbound store would spend
+    // one of the message's deliveries. (Readiness names the store meanwhile.)
+    if let Some(g) = &route.idem {
+        if !g.wait_open(stop).await {
+            return;
+        }
+    }
     let n = route.inbound.concurrency;
     let permits = Arc::new(Semaphore::new(n));
     let abort = CancellationToken::new();
@@ -300,6 +308,33 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
         headers.insert(codec::BRIDGE_STREAM, v);
     }
     headers.insert(codec::BRIDGE_SEQ, HeaderValue::from(seq));
+
+    // Idempotency: claim the key before calling the app.
+    let idem = route.idem.as_deref();
+    let mut claimed = None;
+    if let Some(g) = idem {
+        if let Some(key) = g.key(msg.headers.as_ref(), &msg.payload) {
+            match g.claim(&key).await {
+                Begin::Run(c) => claimed = Some(c),
+                Begin::Replay(_) => {
+                    // Handled before: the effect happened; just settle this copy.
+                    match confirm(&shared, &msg, b"+ACK").await {
+                        Ok(()) => m.ack.inc(),
+                        Err(e) => tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed"),
+                    }
+                    return;
+                }
+                Begin::InFlight | Begin::Unavailable(_) => {
+                    // Another handler holds the key (its outcome decides whether this copy
+                    // runs), or the store cannot protect the call: try again later.
+                    let _ = msg.ack_with(AckKind::Nak(Some(policy::backoff(&js.consumer.backoff, delivered)))).await;
+                    m.nak.inc();
+                    return;
+                }
+            }
+            idempotent::set_key_header(&mut headers, &key);
+        }
+    }
     let path = route.inbound.path.render(msg.subject.as_str());
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
@@ -326,6 +361,9 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
     m.duration.observe(started.elapsed().as_secs_f64());
     let Some(result) = result else {
         // Shutting down past the drain deadline: let another replica have it now.
+        if let (Some(g), Some(c)) = (idem, claimed) {
+            let _ = g.finish(c, None).await;
+        }
         let _ = msg.ack_with(AckKind::Nak(None)).await;
         m.nak.inc();
         return;
@@ -342,7 +380,19 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
         }
     };
     let policy = Policy { max_deliver: js.max_deliver.load(Ordering::Relaxed), backoff: &js.consumer.backoff };
-    match policy::decide(attempt, retry_after, delivered, &policy, SystemTime::now()) {
+    let outcome = policy::decide(attempt, retry_after, delivered, &policy, SystemTime::now());
+    if let (Some(g), Some(c)) = (idem, claimed) {
+        // Done only after the app's success, and before the ack, so a copy of the message
+        // never runs the effect again. Any other outcome gives the key back first, so the
+        // retry (or a replay from the dead-letter stream) can claim it. A store error after a
+        // success is logged and the message acked all the same: the effect happened, and a
+        // redelivery would run it again; the claim goes stale after claim_ttl.
+        let success = if outcome == Outcome::Ack { idempotent::success(&result) } else { None };
+        if let Err(e) = g.finish(c, success).await {
+            tracing::warn!(route = %route.inbound.name, seq, error = %e, ?outcome, "idempotency store not updated");
+        }
+    }
+    match outcome {
         Outcome::Ack => match confirm(&shared, &msg, b"+ACK").await {
             Ok(()) => m.ack.inc(),
             // The app has done its part; the server may redeliver, which idempotent

@@ -7,11 +7,13 @@
 //!   advisory listener dead-letters messages that ran out of deliveries without us.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
+//! - [`idempotent`]: the idempotency protocol of routes that set `idempotency`.
 //!
 //! [`run`] supervises one task per inbound route and restarts, stops or starts them as the
 //! routing file is reloaded.
 
 pub mod app;
+pub mod idempotent;
 pub mod jetstream;
 pub mod policy;
 pub mod request;
@@ -59,6 +61,8 @@ pub(crate) struct Route {
     pub check: String,
     /// How long a stopping route waits for its in-flight handlers before naking them.
     pub drain_timeout: Duration,
+    /// The route's idempotency, when it sets `idempotency`.
+    pub idem: Option<Arc<idempotent::Guard>>,
 }
 
 /// The readiness check a route holds until its subscription or consumer is bound.
@@ -112,7 +116,8 @@ pub async fn run(mut cx: Context, shutdown: CancellationToken) {
 fn fingerprint(inbound: &Inbound, config: &Config) -> String {
     let mut i = inbound.clone();
     i.line = 0;
-    format!("{i:?}|{}|{:?}", config.sidecar.app_url, config.sidecar.drain_timeout)
+    let store = if i.idempotency.is_some() { format!("{:?}", config.idempotency) } else { String::new() };
+    format!("{i:?}|{}|{:?}|{store}", config.sidecar.app_url, config.sidecar.drain_timeout)
 }
 
 /// Brings the running tasks in line with `config`: stops removed and changed routes
@@ -148,17 +153,38 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             metrics: shared.metrics.ingress_route(&inbound.name),
             check: readiness_check(&inbound.name),
             drain_timeout: config.sidecar.drain_timeout,
+            idem: inbound.idempotency.clone().map(|spec| idempotent::Guard::new(&inbound.name, spec, &shared.metrics, shared.readiness.clone())),
         });
         // Not ready until bound: set before the task runs so /readyz never races it.
         shared.readiness.fail(route.check.clone(), "not bound yet");
         let stop = CancellationToken::new();
+        // The idempotency store binds alongside the route, retrying until its bucket exists.
+        let store = route.idem.clone().map(|g| {
+            let (js, cfg, stop) = (shared.js.clone(), config.idempotency.clone(), stop.clone());
+            async move { g.keep_open(js, cfg, stop).await }
+        });
         let task = match &inbound.mode {
-            InboundMode::Request { queue } => tokio::spawn(request::run(shared.clone(), route, queue.clone(), false, stop.clone())),
-            InboundMode::Tunnel { queue } => tokio::spawn(request::run(shared.clone(), route, queue.clone(), true, stop.clone())),
-            InboundMode::JetStream(c) => tokio::spawn(jetstream::run(shared.clone(), route, c.clone(), stop.clone())),
+            InboundMode::Request { queue } => spawn_route(request::run(shared.clone(), route, queue.clone(), false, stop.clone()), store),
+            InboundMode::Tunnel { queue } => spawn_route(request::run(shared.clone(), route, queue.clone(), true, stop.clone()), store),
+            InboundMode::JetStream(c) => spawn_route(jetstream::run(shared.clone(), route, c.clone(), stop.clone()), store),
         };
         running.insert(inbound.name.clone(), Running { fingerprint: fp.clone(), stop, task });
     }
+    if !config.inbound.iter().any(|i| i.idempotency.is_some()) {
+        shared.readiness.pass(idempotent::READINESS_CHECK);
+    }
+}
+
+/// Runs a route's task and, when it has one, its idempotency store binder, as one task.
+fn spawn_route(run: impl std::future::Future<Output = ()> + Send + 'static, store: Option<impl std::future::Future<Output = ()> + Send + 'static>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        match store {
+            Some(store) => {
+                tokio::join!(run, store);
+            }
+            None => run.await,
+        }
+    })
 }
 
 /// Keeps the in-flight gauge right however a handler ends.

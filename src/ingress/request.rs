@@ -14,7 +14,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
+use super::{idempotent, retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
 use crate::problem::BridgeError;
 
@@ -94,15 +94,37 @@ async fn handle(shared: Arc<Shared>, route: Arc<Route>, msg: async_nats::Message
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
-    let call = match prepare(&route, &msg, tunnel) {
-        Ok((method, uri, headers)) => {
-            let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
-            tokio::select! {
-                r = call => r.map_err(|e| app_error(&e)),
-                _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
+    // Idempotency: claim the key first; a replay, a conflict or an unusable store is
+    // answered without calling the app.
+    let idem = route.idem.as_deref();
+    let key = idem.and_then(|g| g.key(msg.headers.as_ref(), &msg.payload));
+    let gate = match (idem, key.as_deref()) {
+        (Some(g), Some(k)) => g.gate_request(k, route.inbound.timeout, rid.as_deref()).await.map(Some),
+        _ => Ok(None),
+    };
+    let call = match gate {
+        Err(answer) => Ok(answer),
+        Ok(claimed) => {
+            let call = match prepare(&route, &msg, tunnel) {
+                Ok((method, uri, mut headers)) => {
+                    if let Some(k) = &key {
+                        idempotent::set_key_header(&mut headers, k);
+                    }
+                    let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+                    tokio::select! {
+                        r = call => Ok(r),
+                        _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            if let (Some(g), Some(c)) = (idem, claimed) {
+                // Only a 2xx marks the key done; a store error after it is logged (the
+                // reply still carries the app's answer).
+                let _ = g.finish(c, call.as_ref().ok().and_then(idempotent::success)).await;
             }
+            call.and_then(|r| r.map_err(|e| app_error(&e)))
         }
-        Err(e) => Err(e),
     };
     m.duration.observe(started.elapsed().as_secs_f64());
     let Some(reply) = msg.reply else {
@@ -132,7 +154,9 @@ async fn handle(shared: Arc<Shared>, route: Arc<Route>, msg: async_nats::Message
 /// The HTTP request a message stands for: method, absolute URI and headers.
 fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(http::Method, String, HeaderMap), BridgeError> {
     if tunnel {
-        let t = codec::decode_tunnel_request(msg.headers.as_ref()).map_err(|e| BridgeError::BadRequest(e.to_string()))?;
+        let mut t = codec::decode_tunnel_request(msg.headers.as_ref()).map_err(|e| BridgeError::BadRequest(e.to_string()))?;
+        // Ours to set (the extracted idempotency key), never the caller's.
+        t.headers.remove(codec::BRIDGE_IDEMPOTENCY_KEY);
         let mut uri = String::with_capacity(route.base.len() + t.path_and_query.len());
         uri.push_str(&route.base);
         uri.push_str(&t.path_and_query);
@@ -142,7 +166,7 @@ fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(ht
         let mut uri = String::with_capacity(route.base.len() + path.len());
         uri.push_str(&route.base);
         uri.push_str(&path);
-        let headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, &[])).unwrap_or_default();
+        let headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, &[codec::BRIDGE_IDEMPOTENCY_KEY])).unwrap_or_default();
         Ok((route.inbound.method.clone(), uri, headers))
     }
 }

@@ -1,0 +1,405 @@
+//! Consumer-side idempotency for inbound routes that set `idempotency = { key, ttl }`: the
+//! protocol around one delivery, on top of the shared KV [`Store`].
+//!
+//! Per message:
+//! - the key is extracted ([`extract_key`]); without one the message runs unprotected and
+//!   `missing_key` is counted;
+//! - the key is claimed before the app is called. A completed key replays the stored
+//!   response (request/tunnel) or is acked (jetstream) without calling the app; a key in
+//!   flight elsewhere is waited for (request/tunnel) or naked with a delay (jetstream);
+//! - while the app runs, a task refreshes the claim every `claim_ttl / 3`, so a long
+//!   handler's claim never goes stale mid-call;
+//! - only a 2xx marks the key done (status, headers, body capped at
+//!   `max_response_bytes`, kept for the route's `ttl`); anything else releases the claim
+//!   so the retry can run;
+//! - a store that cannot be reached never lets a message run unprotected: 503 (request)
+//!   or a delayed nak (jetstream), and readiness says so.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::{retry_delay, sleep_or_stop, AppError, AppResponse};
+use crate::admin::Readiness;
+use crate::codec;
+use crate::config::{Idempotency, IdempotencyStore};
+use crate::idempotency::{extract_key, kv_key, Claim, StoredResponse, Store, Ticket};
+use crate::metrics::Metrics;
+use crate::problem::{problem_body, PROBLEM_JSON};
+
+/// The readiness check that fails while the idempotency store cannot be used.
+pub const READINESS_CHECK: &str = "idempotency";
+/// Set on replies that replay a stored response instead of calling the app.
+pub const REPLAY_HEADER: &str = "Bridge-Idempotent-Replay";
+/// Set on replays whose body was over `max_response_bytes` and was not stored.
+pub const TRUNCATED_HEADER: &str = "Bridge-Idempotent-Truncated";
+
+struct Counters {
+    hit: prometheus::IntCounter,
+    claim: prometheus::IntCounter,
+    conflict: prometheus::IntCounter,
+    release: prometheus::IntCounter,
+    missing_key: prometheus::IntCounter,
+    stored: prometheus::IntCounter,
+    /// A store operation failed (claim refused for it, result not stored, release lost).
+    error: prometheus::IntCounter,
+}
+
+/// One route's idempotency: its key spec and the (shared) store once it is open.
+pub(crate) struct Guard {
+    route: String,
+    spec: Idempotency,
+    store: watch::Sender<Option<Arc<Store>>>,
+    readiness: Arc<Readiness>,
+    /// A store error failed readiness; the next success passes it again.
+    degraded: AtomicBool,
+    c: Counters,
+}
+
+/// What to do with a message whose key was claimed.
+pub(crate) enum Begin {
+    /// The key is ours: call the app, then [`Guard::finish`].
+    Run(Claimed),
+    /// Handled before: the app's stored answer.
+    Replay(StoredResponse),
+    /// Another handler holds the key.
+    InFlight,
+    /// The store cannot be used: do not call the app.
+    Unavailable(String),
+}
+
+/// A held claim, refreshed in the background until [`Guard::finish`].
+pub(crate) struct Claimed {
+    store: Arc<Store>,
+    ticket: Arc<Mutex<Ticket>>,
+    stop: CancellationToken,
+    refresher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Guard {
+    /// Not ready until [`keep_open`](Self::keep_open) binds the store.
+    pub fn new(route: &str, spec: Idempotency, metrics: &Metrics, readiness: Arc<Readiness>) -> Arc<Self> {
+        readiness.fail(READINESS_CHECK, "the idempotency store is not bound yet");
+        let c = |r: &str| metrics.idempotency.with_label_values(&[route, r]);
+        Arc::new(Self {
+            route: route.to_owned(),
+            spec,
+            store: watch::Sender::new(None),
+            readiness,
+            degraded: AtomicBool::new(false),
+            c: Counters {
+                hit: c("hit"),
+                claim: c("claim"),
+                conflict: c("conflict"),
+                release: c("release"),
+                missing_key: c("missing_key"),
+                stored: c("stored"),
+                error: c("error"),
+            },
+        })
+    }
+
+    /// Binds the bucket, retrying (readiness failing, naming it) until it exists or `stop`.
+    pub async fn keep_open(&self, js: async_nats::jetstream::Context, cfg: IdempotencyStore, stop: CancellationToken) {
+        let owner = format!("{}:{}:{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "natsbridge".into()), std::process::id(), self.route);
+        let mut attempt = 0;
+        let mut last = String::new();
+        loop {
+            match Store::open(&js, &cfg, owner.clone()).await {
+                Ok(store) => {
+                    self.store.send_replace(Some(Arc::new(store)));
+                    self.readiness.pass(READINESS_CHECK);
+                    tracing::info!(route = %self.route, bucket = %cfg.bucket, "idempotency store bound");
+                    return;
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if why != last {
+                        tracing::warn!(route = %self.route, error = %why, "idempotency store unavailable; retrying");
+                    }
+                    self.readiness.fail(READINESS_CHECK, why.clone());
+                    last = why;
+                }
+            }
+            if sleep_or_stop(&stop, retry_delay(attempt)).await {
+                return;
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Waits until the store is bound; false if `stop` came first.
+    pub async fn wait_open(&self, stop: &CancellationToken) -> bool {
+        let mut rx = self.store.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|s| s.is_some()) => r.is_ok(),
+            _ = stop.cancelled() => false,
+        }
+    }
+
+    /// The message's key; counts `missing_key` when it has none.
+    pub fn key(&self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<String> {
+        let key = extract_key(&self.spec.key, headers, payload);
+        if key.is_none() {
+            self.c.missing_key.inc();
+        }
+        key
+    }
+
+    fn store_failed(&self, what: &str, why: &str) {
+        self.c.error.inc();
+        tracing::warn!(route = %self.route, error = %why, "idempotency store: {what} failed");
+        self.degraded.store(true, Ordering::Relaxed);
+        self.readiness.fail(READINESS_CHECK, format!("idempotency store: {what} failed: {why}"));
+    }
+
+    fn store_ok(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            self.readiness.pass(READINESS_CHECK);
+        }
+    }
+
+    /// Claims `key` for this delivery (counts claim, hit or conflict).
+    pub async fn claim(&self, key: &str) -> Begin {
+        let Some(store) = self.store.borrow().clone() else {
+            self.c.error.inc();
+            return Begin::Unavailable("the idempotency store is not bound yet".into());
+        };
+        match store.claim(&kv_key(&self.route, key)).await {
+            Ok(Claim::Acquired(ticket)) => {
+                self.store_ok();
+                self.c.claim.inc();
+                Begin::Run(Claimed::start(store, ticket))
+            }
+            Ok(Claim::Done(r)) => {
+                self.store_ok();
+                self.c.hit.inc();
+                Begin::Replay(r)
+            }
+            Ok(Claim::InFlight) => {
+                self.store_ok();
+                self.c.conflict.inc();
+                Begin::InFlight
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.store_failed("claim", &why);
+                Begin::Unavailable(why)
+            }
+        }
+    }
+
+    /// Request and tunnel modes: claims `key`; a key in flight elsewhere is waited for
+    /// (up to `wait`), then claimed once more. `Err` is the reply to send instead of
+    /// calling the app: the replayed response, 409 when the other handler is still at it
+    /// after `wait`, 503 when the store cannot be used.
+    pub async fn gate_request(&self, key: &str, wait: Duration, rid: Option<&str>) -> Result<Claimed, AppResponse> {
+        match self.claim(key).await {
+            Begin::Run(c) => return Ok(c),
+            Begin::Replay(r) => return Err(replay(r)),
+            Begin::Unavailable(why) => return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid)),
+            Begin::InFlight => {}
+        }
+        let Some(store) = self.store.borrow().clone() else {
+            return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", "the idempotency store is not bound yet".into(), rid));
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        match store.wait_done(&kv_key(&self.route, key), deadline).await {
+            Ok(Some(r)) => {
+                self.c.hit.inc();
+                return Err(replay(r));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let why = e.to_string();
+                self.store_failed("wait", &why);
+                return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid));
+            }
+        }
+        // Released (the other handler failed), expired, or still running: once more.
+        match self.claim(key).await {
+            Begin::Run(c) => Ok(c),
+            Begin::Replay(r) => Err(replay(r)),
+            Begin::Unavailable(why) => Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid)),
+            Begin::InFlight => Err(self.problem(
+                StatusCode::CONFLICT,
+                "idempotency-in-flight",
+                format!("a request with the same idempotency key is still being processed after {wait:?}; retry later"),
+                rid,
+            )),
+        }
+    }
+
+    /// Ends a claimed delivery: `success` (the app's 2xx, see [`success`]) marks the key
+    /// done; `None` releases it so the retry can run. Store errors are logged and counted,
+    /// never turned into a retry: after a success the effect has happened.
+    pub async fn finish(&self, mut claimed: Claimed, success: Option<StoredResponse>) -> Result<(), String> {
+        let ticket = claimed.stop_refreshing().await;
+        let store = claimed.store.clone();
+        match success {
+            Some(r) => match store.complete(ticket, r, self.spec.ttl).await {
+                Ok(()) => {
+                    self.store_ok();
+                    self.c.stored.inc();
+                    Ok(())
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    self.store_failed("storing a result", &why);
+                    Err(why)
+                }
+            },
+            None => match store.release(ticket).await {
+                Ok(()) => {
+                    self.store_ok();
+                    self.c.release.inc();
+                    Ok(())
+                }
+                Err(e) => {
+                    // The claim goes stale after claim_ttl; the retry runs then.
+                    let why = e.to_string();
+                    self.store_failed("releasing a claim", &why);
+                    Err(why)
+                }
+            },
+        }
+    }
+
+    fn problem(&self, status: StatusCode, kind: &str, detail: String, rid: Option<&str>) -> AppResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(1));
+        if let Some(id) = rid.and_then(|id| HeaderValue::from_str(id).ok()) {
+            headers.insert(codec::REQUEST_ID, id);
+        }
+        AppResponse { status, headers, body: problem_body(status, kind, detail, Some(&self.route), rid) }
+    }
+}
+
+impl Claimed {
+    fn start(store: Arc<Store>, ticket: Ticket) -> Self {
+        let ticket = Arc::new(Mutex::new(ticket));
+        let stop = CancellationToken::new();
+        let every = (store.claim_ttl() / 3).max(Duration::from_millis(50));
+        let refresher = tokio::spawn({
+            let (store, ticket, stop) = (store.clone(), ticket.clone(), stop.clone());
+            async move {
+                loop {
+                    if sleep_or_stop(&stop, every).await {
+                        return;
+                    }
+                    // Held across the update: finishing waits for it, so the ticket it
+                    // finishes with has the latest revision.
+                    let mut t = ticket.lock().await;
+                    if let Err(e) = store.refresh(&mut t).await {
+                        tracing::warn!(key = %t.key, error = %e, "could not refresh an idempotency claim");
+                    }
+                }
+            }
+        });
+        Self { store, ticket, stop, refresher: Some(refresher) }
+    }
+
+    async fn stop_refreshing(&mut self) -> Ticket {
+        self.stop.cancel();
+        if let Some(r) = self.refresher.take() {
+            let _ = r.await;
+        }
+        self.ticket.lock().await.clone()
+    }
+}
+
+/// The header the app receives: the extracted key (dropped if it is not a valid value).
+pub(crate) fn set_key_header(headers: &mut HeaderMap, key: &str) {
+    match HeaderValue::from_str(key) {
+        Ok(v) => {
+            headers.insert(HeaderName::from_static("bridge-idempotency-key"), v);
+        }
+        Err(_) => tracing::debug!("idempotency key is not a valid header value; not passed to the app"),
+    }
+}
+
+/// The result worth remembering: a 2xx answer (a 2xx whose body was over the route's
+/// `max_body` is stored without it). Anything else is a failure that releases the claim.
+pub(crate) fn success(result: &Result<AppResponse, AppError>) -> Option<StoredResponse> {
+    match result {
+        Ok(r) if r.status.is_success() => Some(StoredResponse {
+            status: r.status.as_u16(),
+            headers: r.headers.iter().filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned()))).collect(),
+            body: r.body.clone(),
+            truncated: false,
+        }),
+        Err(AppError::TooLarge { status, .. }) if status.is_success() => {
+            Some(StoredResponse { status: status.as_u16(), headers: Vec::new(), body: Bytes::new(), truncated: true })
+        }
+        _ => None,
+    }
+}
+
+/// A stored response as a reply: status, headers and body as the app gave them, marked
+/// as a replay. A body that was too large to store is left out (and its content headers
+/// with it), and the reply says so.
+pub(crate) fn replay(r: StoredResponse) -> AppResponse {
+    let mut headers = HeaderMap::with_capacity(r.headers.len() + 2);
+    for (n, v) in &r.headers {
+        let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) else { continue };
+        if r.truncated && (n == http::header::CONTENT_TYPE || n == http::header::CONTENT_ENCODING) {
+            continue;
+        }
+        headers.append(n, v);
+    }
+    headers.insert(HeaderName::from_static("bridge-idempotent-replay"), HeaderValue::from_static("true"));
+    if r.truncated {
+        headers.insert(HeaderName::from_static("bridge-idempotent-truncated"), HeaderValue::from_static("true"));
+    }
+    AppResponse { status: StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK), headers, body: r.body }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_2xx_is_stored() {
+        let ok = |s: u16| Ok(AppResponse { status: StatusCode::from_u16(s).unwrap(), headers: HeaderMap::new(), body: Bytes::from_static(b"b") });
+        assert!(success(&ok(201)).is_some_and(|r| r.status == 201 && &r.body[..] == b"b" && !r.truncated));
+        for s in [302, 400, 404, 409, 429, 500, 503] {
+            assert!(success(&ok(s)).is_none(), "{s}");
+        }
+        assert!(success(&Err(AppError::Timeout(Duration::from_secs(1)))).is_none());
+        assert!(success(&Err(AppError::Unreachable("x".into()))).is_none());
+        assert!(success(&Err(AppError::TooLarge { status: StatusCode::OK, limit: 1 })).is_some_and(|r| r.truncated));
+        assert!(success(&Err(AppError::TooLarge { status: StatusCode::BAD_GATEWAY, limit: 1 })).is_none());
+    }
+
+    #[test]
+    fn replays_carry_the_stored_response_and_say_so() {
+        let r = replay(StoredResponse {
+            status: 201,
+            headers: vec![("content-type".into(), "application/json".into()), ("x-app".into(), "1".into())],
+            body: Bytes::from_static(b"{}"),
+            truncated: false,
+        });
+        assert_eq!(r.status, 201);
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["x-app"], "1");
+        assert_eq!(r.headers[REPLAY_HEADER], "true");
+        assert!(r.headers.get(TRUNCATED_HEADER).is_none());
+        assert_eq!(&r.body[..], b"{}");
+
+        let r = replay(StoredResponse { status: 200, headers: vec![("content-type".into(), "text/plain".into())], body: Bytes::new(), truncated: true });
+        assert!(r.headers.get("content-type").is_none());
+        assert_eq!(r.headers[TRUNCATED_HEADER], "true");
+    }
+}

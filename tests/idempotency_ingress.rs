@@ -1,0 +1,802 @@
+//! Consumer-side idempotency end to end: a real nats-server, the shared KV bucket, a real
+//! app that counts its effects (a 2xx answer is an effect), and sidecars in-process.
+//!
+//! - jetstream: duplicates run the app once; a failure releases the key for the retry; a
+//!   key in flight elsewhere is naked with a delay and then acked as a hit; messages without
+//!   a key run unprotected; json-pointer and msg-id keys;
+//! - request: replays, concurrent duplicates, 409 for a key still in flight, 503 while the
+//!   bucket is missing (readiness naming it);
+//! - egress → ingress: `Idempotency-Key` sent twice through sidecar A reaches sidecar B's
+//!   app once, and both callers get the same response.
+
+mod support;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use http::Response;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use natsbridge::config::{IdempotencyStore, Storage};
+use natsbridge::idempotency::{kv_key, Claim, Store, StoredResponse};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use support::*;
+
+const BUCKET: &str = "natsbridge_idempotency";
+/// Every test's own bound, on top of the harness's per-wait deadlines.
+const TEST_BOUND: Duration = Duration::from_secs(60);
+
+async fn bounded<F: Future<Output = ()>>(f: F) {
+    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
+}
+
+// ---------------------------------------------------------------------------------------
+// The app: records every request, answers with the test's async handler, and counts its
+// effects (2xx answers).
+
+struct CountingApp {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    effects: Arc<Mutex<Vec<Seen>>>,
+    stop: CancellationToken,
+}
+
+impl CountingApp {
+    /// `f(request, n)` answers the n-th request (1-based).
+    async fn start<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Seen, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
+        let effects: Arc<Mutex<Vec<Seen>>> = Default::default();
+        let stop = CancellationToken::new();
+        let f = Arc::new(f);
+        let (s2, e2, st) = (seen.clone(), effects.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = st.cancelled() => return,
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                };
+                let (seen, effects, f, st) = (s2.clone(), e2.clone(), f.clone(), st.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (seen, effects, f) = (seen.clone(), effects.clone(), f.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let s = Seen { method: parts.method, uri: parts.uri.to_string(), headers: parts.headers, body };
+                            let n = {
+                                let mut seen = seen.lock().unwrap();
+                                seen.push(s.clone());
+                                seen.len()
+                            };
+                            let res = f(s.clone(), n).await;
+                            if res.status().is_success() {
+                                effects.lock().unwrap().push(s);
+                            }
+                            Ok::<_, Infallible>(res)
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = st.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, seen, effects, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn calls(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn effects(&self) -> usize {
+        self.effects.lock().unwrap().len()
+    }
+}
+
+impl Drop for CountingApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn with_headers(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Bytes>> {
+    let mut r = respond(status, body);
+    for (k, v) in headers {
+        r.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    r
+}
+
+fn header<'a>(s: &'a Seen, name: &str) -> Option<&'a str> {
+    s.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+// ---------------------------------------------------------------------------------------
+// NATS fixtures
+
+fn toml(body: &str) -> String {
+    format!(
+        r#"[sidecar]
+service = "svc"
+app_url = "http://127.0.0.1:1"
+drain_timeout = "3s"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[idempotency]
+bucket = "{BUCKET}"
+claim_ttl = "10s"
+
+{body}
+"#
+    )
+}
+
+/// `tool.exec.<tool>` → POST /tools/<tool> on stream TOOL, with `extra` settings.
+fn js_route(extra: &str) -> String {
+    toml(&format!(
+        r#"[[inbound]]
+name = "tool-exec"
+subject = "tool.exec.*"
+mode = "jetstream"
+stream = "TOOL"
+durable = "tool"
+method = "POST"
+path = "/tools/{{3}}"
+dead_letter = "dlq.tool"
+{extra}
+"#
+    ))
+}
+
+fn request_route(extra: &str) -> String {
+    toml(&format!(
+        r#"[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+{extra}
+"#
+    ))
+}
+
+async fn bucket(js: &jetstream::Context) -> kv::Store {
+    js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap()
+}
+
+/// Stream TOOL (with `duplicate_window`), the dead-letter stream and the bucket.
+async fn setup_js(nats: &NatsServer, duplicate_window: Duration) -> jetstream::Context {
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], duplicate_window, ..Default::default() }).await.unwrap();
+    js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
+    bucket(&js).await;
+    js
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], body: &str) -> jetstream::publish::PublishAck {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    js.publish_with_headers(subject.to_owned(), h, Bytes::copy_from_slice(body.as_bytes())).await.unwrap().await.unwrap()
+}
+
+/// Waits until every delivery through `seq` had its final outcome.
+async fn settled(js: &jetstream::Context, seq: u64) -> jetstream::consumer::Info {
+    eventually("the consumer to settle", Duration::from_secs(20), || async {
+        let i = js.get_stream("TOOL").await.ok()?.consumer_info("tool").await.ok()?;
+        (i.num_ack_pending == 0 && i.num_pending == 0 && i.ack_floor.stream_sequence >= seq).then_some(i)
+    })
+    .await
+}
+
+async fn dlq_count(js: &jetstream::Context) -> u64 {
+    js.get_stream("DLQ").await.unwrap().get_info().await.unwrap().state.messages
+}
+
+/// Another replica, as far as the store is concerned.
+async fn other_replica(nats: &NatsServer) -> Store {
+    let js = jetstream::new(nats.client().await);
+    let cfg = IdempotencyStore { bucket: BUCKET.into(), replicas: 1, claim_ttl: Duration::from_secs(60), max_response_bytes: 1 << 20, storage: Storage::File };
+    Store::open(&js, &cfg, "other-replica".into()).await.unwrap()
+}
+
+fn metric(text: &str, route: &str, result: &str) -> f64 {
+    let prefix = format!(r#"natsbridge_idempotency_total{{result="{result}",route="{route}"}}"#);
+    text.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+fn outcome(text: &str, route: &str, outcome: &str) -> f64 {
+    let prefix = format!(r#"natsbridge_ingress_outcomes_total{{outcome="{outcome}",route="{route}"}}"#);
+    text.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+async fn wait_metric(sidecar: &Sidecar, route: &str, result: &str, at_least: f64) {
+    eventually(&format!("idempotency {result} ≥ {at_least}"), Duration::from_secs(20), || async {
+        (metric(&sidecar.metrics().await, route, result) >= at_least).then_some(())
+    })
+    .await
+}
+
+async fn nats_request(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &str) -> async_nats::Message {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    let req = async_nats::client::Request::new().headers(h).payload(Bytes::copy_from_slice(body.as_bytes())).timeout(Some(Duration::from_secs(15)));
+    client.send_request(subject.to_owned(), req).await.unwrap()
+}
+
+fn reply_header<'a>(m: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+const KEYED: &str = r#"idempotency = { key = "header:Idempotency-Key", ttl = "1h" }"#;
+
+// ---------------------------------------------------------------------------------------
+// mode = "jetstream"
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_duplicates_run_the_app_once_and_both_are_acked() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let app = CountingApp::start(|_, _| async { respond(201, "done") }).await;
+        let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+
+        // Same key, different Nats-Msg-Id: the stream keeps both.
+        let a = publish(&js, "tool.exec.grep", &[("Idempotency-Key", "order-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
+        settled(&js, a.sequence).await;
+        let b = publish(&js, "tool.exec.grep", &[("Idempotency-Key", "order-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
+        assert!(!b.duplicate);
+        let info = settled(&js, b.sequence).await;
+
+        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.effects(), 1);
+        assert_eq!(info.delivered.consumer_sequence, 2, "no redeliveries");
+        assert_eq!(dlq_count(&js).await, 0);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "claim"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "stored"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "release"), 0.0, "{m}");
+        assert_eq!(outcome(&m, "tool-exec", "ack"), 2.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_failure_releases_the_key_so_the_retry_runs_and_the_effect_happens_once() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let app = CountingApp::start(|_, n| async move { if n == 1 { respond(500, "boom") } else { respond(200, "ok") } }).await;
+        let sidecar = Sidecar::start(&js_route(&format!("backoff = [\"100ms\"]\n{KEYED}")), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+
+        let a = publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
+        let info = settled(&js, a.sequence).await;
+        assert_eq!(info.delivered.consumer_sequence, 2, "delivered once more");
+        assert_eq!(app.calls().len(), 2, "the retry ran");
+        // A later copy of the message is absorbed.
+        let b = publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
+        settled(&js, b.sequence).await;
+        assert_eq!(app.calls().len(), 2);
+        assert_eq!(app.effects(), 1);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "claim"), 2.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "release"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "stored"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_poison_is_dead_lettered_with_its_claim_released() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let app = CountingApp::start(|_, _| async { respond(400, "bad") }).await;
+        let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let a = publish(&js, "tool.exec.x", &[("Idempotency-Key", "p-1")], "{}").await;
+        settled(&js, a.sequence).await;
+        eventually("a dead letter", Duration::from_secs(10), || async { (dlq_count(&js).await == 1).then_some(()) }).await;
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "release"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "stored"), 0.0, "{m}");
+        // The key is free: a replay of the dead letter could claim it.
+        let other = other_replica(&nats).await;
+        assert!(matches!(other.claim(&kv_key("tool-exec", "p-1")).await.unwrap(), Claim::Acquired(_)));
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_acked_as_a_hit() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let app = CountingApp::start(|_, _| async { respond(200, "ran") }).await;
+        let sidecar = Sidecar::start(&js_route(&format!("backoff = [\"1s\"]\n{KEYED}")), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+
+        // Another replica is running the handler for this key.
+        let other = other_replica(&nats).await;
+        let Claim::Acquired(ticket) = other.claim(&kv_key("tool-exec", "busy-1")).await.unwrap() else { panic!("claim") };
+
+        let a = publish(&js, "tool.exec.x", &[("Idempotency-Key", "busy-1")], "{}").await;
+        wait_metric(&sidecar, "tool-exec", "conflict", 1.0).await;
+        let first = Instant::now();
+        wait_metric(&sidecar, "tool-exec", "conflict", 2.0).await;
+        // Naked with the route's backoff, not at once.
+        assert!(first.elapsed() >= Duration::from_millis(800), "redelivered after {:?}", first.elapsed());
+        assert!(app.calls().is_empty());
+
+        // The other replica finishes: the next delivery is a hit.
+        other.complete(ticket, StoredResponse { status: 200, headers: vec![], body: Bytes::from_static(b"elsewhere"), truncated: false }, Duration::from_secs(3600)).await.unwrap();
+        let info = settled(&js, a.sequence).await;
+        assert!(info.delivered.consumer_sequence >= 3, "{info:?}");
+        assert!(app.calls().is_empty(), "the app never ran");
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "claim"), 0.0, "{m}");
+        assert_eq!(dlq_count(&js).await, 0);
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_missing_key_is_processed_and_counted_and_the_key_header_is_ours() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+
+        // No key (and a spoofed Bridge-Idempotency-Key): runs, unprotected, every time.
+        publish(&js, "tool.exec.a", &[("Bridge-Idempotency-Key", "spoofed")], "1").await;
+        let b = publish(&js, "tool.exec.a", &[("Bridge-Idempotency-Key", "spoofed")], "1").await;
+        settled(&js, b.sequence).await;
+        // A key: the app gets it, never the spoofed one.
+        let c = publish(&js, "tool.exec.a", &[("Idempotency-Key", "k-9"), ("Bridge-Idempotency-Key", "spoofed")], "2").await;
+        settled(&js, c.sequence).await;
+
+        let calls = app.calls();
+        assert_eq!(calls.len(), 3);
+        assert_eq!(header(&calls[0], "bridge-idempotency-key"), None);
+        assert_eq!(header(&calls[1], "bridge-idempotency-key"), None);
+        assert_eq!(calls[2].headers.get_all("bridge-idempotency-key").iter().collect::<Vec<_>>(), ["k-9"]);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "missing_key"), 2.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "claim"), 1.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_json_pointer_keys() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let sidecar = Sidecar::start(&js_route(r#"idempotency = { key = "json:/order/id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let a = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":1}"#).await;
+        settled(&js, a.sequence).await;
+        let b = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":2}"#).await;
+        settled(&js, b.sequence).await;
+        let c = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-2"}}"#).await;
+        settled(&js, c.sequence).await;
+        let calls = app.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(header(&calls[0], "bridge-idempotency-key"), Some("o-1"));
+        assert_eq!(header(&calls[1], "bridge-idempotency-key"), Some("o-2"));
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "stored"), 2.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_msg_id_keys_catch_what_the_duplicate_window_let_through() {
+    bounded(async {
+        let nats = NatsServer::start();
+        // A tiny dedupe window: a publisher retry after it is stored twice.
+        let js = setup_js(&nats, Duration::from_millis(100)).await;
+        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let sidecar = Sidecar::start(&js_route(r#"idempotency = { key = "msg-id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let a = publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
+        settled(&js, a.sequence).await;
+        let b = eventually("the stream to keep a second copy", Duration::from_secs(10), || async {
+            let ack = publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
+            (!ack.duplicate).then_some(ack)
+        })
+        .await;
+        settled(&js, b.sequence).await;
+        assert_eq!(app.calls().len(), 1);
+        assert_eq!(header(&app.calls()[0], "bridge-idempotency-key"), Some("evt-1"));
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// mode = "request"
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_replays_the_stored_response() {
+    bounded(async {
+        let nats = NatsServer::start();
+        bucket(&jetstream::new(nats.client().await)).await;
+        let app = CountingApp::start(|s, n| async move {
+            with_headers(201, &[("content-type", "application/json"), ("x-app", "1")], &format!(r#"{{"order":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")))
+        })
+        .await;
+        let sidecar = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let client = nats.client().await;
+
+        let first = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1"), ("Bridge-Idempotency-Key", "spoofed")], "{}").await;
+        let second = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1")], "{}").await;
+        assert_eq!(app.calls().len(), 1);
+        assert_eq!(&first.payload[..], br#"{"order":1,"key":"o-1"}"#);
+        assert_eq!(first.payload, second.payload);
+        for name in ["Bridge-Status", "Content-Type", "X-App"] {
+            assert_eq!(reply_header(&first, name), reply_header(&second, name), "{name}");
+        }
+        assert_eq!(reply_header(&first, "Bridge-Status"), Some("201"));
+        assert_eq!(reply_header(&first, "Bridge-Idempotent-Replay"), None);
+        assert_eq!(reply_header(&second, "Bridge-Idempotent-Replay"), Some("true"));
+
+        // Another key runs again.
+        let third = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-2")], "{}").await;
+        assert_eq!(&third.payload[..], br#"{"order":2,"key":"o-2"}"#);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "orders", "hit"), 1.0, "{m}");
+        assert_eq!(metric(&m, "orders", "stored"), 2.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_concurrent_duplicates_run_once_and_get_the_same_reply() {
+    bounded(async {
+        let nats = NatsServer::start();
+        bucket(&jetstream::new(nats.client().await)).await;
+        // The first call blocks until the test lets it go.
+        let gate = Arc::new(Semaphore::new(0));
+        let g = gate.clone();
+        let app = CountingApp::start(move |_, n| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await.unwrap();
+                with_headers(200, &[("content-type", "text/plain")], &format!("effect {n}"))
+            }
+        })
+        .await;
+        let sidecar = Sidecar::start(&request_route(&format!("timeout = \"10s\"\n{KEYED}")), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let client = nats.client().await;
+
+        let first = tokio::spawn({
+            let c = client.clone();
+            async move { nats_request(&c, "orders.create", &[("Idempotency-Key", "dup-1")], "{}").await }
+        });
+        eventually("the first call at the app", Duration::from_secs(10), || async { (!app.calls().is_empty()).then_some(()) }).await;
+        let second = tokio::spawn({
+            let c = client.clone();
+            async move { nats_request(&c, "orders.create", &[("Idempotency-Key", "dup-1")], "{}").await }
+        });
+        // The second is waiting for the first's result.
+        wait_metric(&sidecar, "orders", "conflict", 1.0).await;
+        gate.add_permits(10);
+        let (first, second) = (first.await.unwrap(), second.await.unwrap());
+        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.effects(), 1);
+        assert_eq!(&first.payload[..], b"effect 1");
+        assert_eq!(first.payload, second.payload);
+        assert_eq!(reply_header(&first, "Bridge-Status"), Some("200"));
+        assert_eq!(reply_header(&second, "Bridge-Status"), Some("200"));
+        assert_eq!(reply_header(&second, "Content-Type"), Some("text/plain"));
+        assert_eq!(reply_header(&second, "Bridge-Idempotent-Replay"), Some("true"));
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
+    bounded(async {
+        let nats = NatsServer::start();
+        bucket(&jetstream::new(nats.client().await)).await;
+        let app = CountingApp::start(|_, n| async move { if n == 1 { respond(503, "busy") } else { respond(200, "ok") } }).await;
+        let sidecar = Sidecar::start(&request_route(&format!("timeout = \"500ms\"\n{KEYED}")), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let client = nats.client().await;
+
+        // A failure releases the key: the retry runs the app and is stored.
+        let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "f-1")], "{}").await;
+        assert_eq!(reply_header(&r, "Bridge-Status"), Some("503"));
+        let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "f-1")], "{}").await;
+        assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
+        assert_eq!(reply_header(&r, "Bridge-Idempotent-Replay"), None);
+        assert_eq!(app.calls().len(), 2);
+
+        // Held by another replica past the route timeout: 409 with Retry-After.
+        let other = other_replica(&nats).await;
+        let Claim::Acquired(_held) = other.claim(&kv_key("orders", "held-1")).await.unwrap() else { panic!("claim") };
+        let started = Instant::now();
+        let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "held-1"), ("X-Request-Id", "rid-1")], "{}").await;
+        assert!(started.elapsed() >= Duration::from_millis(450), "{:?}", started.elapsed());
+        assert_eq!(reply_header(&r, "Bridge-Status"), Some("409"));
+        assert_eq!(reply_header(&r, "Retry-After"), Some("1"));
+        assert_eq!(reply_header(&r, "Content-Type"), Some("application/problem+json"));
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["type"], "urn:natsbridge:problem:idempotency-in-flight");
+        assert_eq!(v["route"], "orders");
+        assert_eq!(v["instance"], "rid-1");
+        assert_eq!(app.calls().len(), 2);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "orders", "release"), 1.0, "{m}");
+        assert_eq!(metric(&m, "orders", "conflict"), 2.0, "{m}");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_bucket_fails_readiness_naming_it_and_keyed_requests_get_503() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let sidecar = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
+        let why = eventually("readiness naming the bucket", Duration::from_secs(15), || async {
+            let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
+            (r.status != 200).then_some(())?;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            v["failing"]["idempotency"].as_str().filter(|s| s.contains(BUCKET)).map(str::to_owned)
+        })
+        .await;
+        assert!(why.contains("not available"), "{why}");
+        // The route itself is bound: keyed messages are refused, never run unprotected.
+        eventually("the route bound", Duration::from_secs(15), || async {
+            let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            v["failing"].get("inbound:orders").is_none().then_some(())
+        })
+        .await;
+        let client = nats.client().await;
+        let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "k-1")], "{}").await;
+        assert_eq!(reply_header(&r, "Bridge-Status"), Some("503"));
+        assert_eq!(reply_header(&r, "Retry-After"), Some("1"));
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["type"], "urn:natsbridge:problem:idempotency-unavailable");
+        assert!(app.calls().is_empty());
+
+        // Once it exists, the sidecar binds it and becomes ready.
+        bucket(&jetstream::new(nats.client().await)).await;
+        sidecar.wait_ready().await;
+        let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "k-1")], "{}").await;
+        assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
+        assert_eq!(app.calls().len(), 1);
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_waits_for_the_bucket_before_pulling() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = jetstream::new(nats.client().await);
+        js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() }).await.unwrap();
+        js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
+        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
+        eventually("readiness naming the bucket", Duration::from_secs(15), || async {
+            let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            v["failing"]["idempotency"].as_str().filter(|s| s.contains(BUCKET)).map(|_| ())
+        })
+        .await;
+        let a = publish(&js, "tool.exec.w", &[("Idempotency-Key", "w-1")], "{}").await;
+        // Nothing is delivered (so no delivery is spent) while the store is missing.
+        eventually("the consumer bound", Duration::from_secs(15), || async { js.get_stream("TOOL").await.ok()?.consumer_info("tool").await.ok() }).await;
+        let info = js.get_stream("TOOL").await.unwrap().consumer_info("tool").await.unwrap();
+        assert_eq!(info.delivered.stream_sequence, 0, "{info:?}");
+        bucket(&js).await;
+        sidecar.wait_ready().await;
+        let info = settled(&js, a.sequence).await;
+        assert_eq!(info.delivered.consumer_sequence, 1, "delivered once");
+        assert_eq!(app.calls().len(), 1);
+        sidecar.stop().await;
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Egress → ingress
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_through_egress_reaches_the_app_once() {
+    bounded(async {
+        let nats = NatsServer::start();
+        bucket(&jetstream::new(nats.client().await)).await;
+        let app = CountingApp::start(|s, n| async move {
+            with_headers(201, &[("content-type", "application/json"), ("location", "/orders/1")], &format!(r#"{{"n":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")))
+        })
+        .await;
+        let a_toml = r#"[sidecar]
+service = "client-svc"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[[outbound]]
+name = "create-order"
+method = "POST"
+path = "/orders"
+subject = "orders.create"
+mode = "request"
+timeout = "10s"
+"#;
+        let b = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
+        let a = Sidecar::start(a_toml, &nats.url(), None).await;
+        b.wait_ready().await;
+        a.wait_ready().await;
+
+        let url = a.url("/orders");
+        let send = || call("POST", &url, &[("idempotency-key", "client-key-7"), ("content-type", "application/json")], r#"{"item":1}"#);
+        let first = send().await;
+        let second = send().await;
+        assert_eq!(first.status, 201, "{}", first.text());
+        assert_eq!(second.status, 201, "{}", second.text());
+        assert_eq!(first.body, second.body);
+        assert_eq!(first.text(), r#"{"n":1,"key":"client-key-7"}"#);
+        assert_eq!(first.header("location"), second.header("location"));
+        assert_eq!(first.header("content-type"), second.header("content-type"));
+        assert_eq!(first.header("bridge-idempotent-replay"), None);
+        assert_eq!(second.header("bridge-idempotent-replay"), Some("true"));
+        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.effects(), 1);
+        a.stop().await;
+        b.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
+    bounded(async {
+        let nats = NatsServer::start();
+        bucket(&jetstream::new(nats.client().await)).await;
+        let gate = Arc::new(Semaphore::new(0));
+        let g = gate.clone();
+        let app = CountingApp::start(move |_, _| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await.unwrap();
+                respond(200, "slow but done")
+            }
+        })
+        .await;
+        let toml = request_route(&format!("timeout = \"20s\"\n{KEYED}")).replace(r#"claim_ttl = "10s""#, r#"claim_ttl = "1s""#);
+        let sidecar = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let client = nats.client().await;
+        let first = tokio::spawn({
+            let c = client.clone();
+            async move { nats_request(&c, "orders.create", &[("Idempotency-Key", "slow-1")], "{}").await }
+        });
+        eventually("the call at the app", Duration::from_secs(10), || async { (!app.calls().is_empty()).then_some(()) }).await;
+
+        // Another replica, judging staleness by the same 1 s claim_ttl, never sees the claim
+        // go stale while the handler runs (three claim_ttls here).
+        let js = jetstream::new(nats.client().await);
+        let cfg = IdempotencyStore { bucket: BUCKET.into(), replicas: 1, claim_ttl: Duration::from_secs(1), max_response_bytes: 1 << 20, storage: Storage::File };
+        let other = Store::open(&js, &cfg, "other-replica".into()).await.unwrap();
+        let key = kv_key("orders", "slow-1");
+        let started = Instant::now();
+        let mut looks = 0;
+        while started.elapsed() < Duration::from_secs(3) {
+            match other.claim(&key).await.unwrap() {
+                Claim::InFlight => looks += 1,
+                other => panic!("after {:?} the claim was {other:?}", started.elapsed()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(looks > 10);
+        gate.add_permits(1);
+        let r = first.await.unwrap();
+        assert_eq!(&r.payload[..], b"slow but done");
+        assert!(matches!(other.claim(&key).await.unwrap(), Claim::Done(_)));
+        assert_eq!(app.calls().len(), 1);
+        sidecar.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_routes_deduplicate_too() {
+    bounded(async {
+        let nats = NatsServer::start();
+        bucket(&jetstream::new(nats.client().await)).await;
+        let app = CountingApp::start(|s, n| async move { with_headers(200, &[("content-type", "text/plain")], &format!("{} {} #{n}", s.method, s.uri)) }).await;
+        let a_toml = r#"[sidecar]
+service = "client-svc"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[[outbound]]
+name = "model-tunnel"
+host = "model-service"
+path = "/{*rest}"
+mode = "tunnel"
+service = "model"
+timeout = "10s"
+"#;
+        let b_toml = toml(&format!("[[inbound]]\nname = \"model-in\"\nmode = \"tunnel\"\n{KEYED}\n")).replace(r#"service = "svc""#, r#"service = "model""#);
+        let b = Sidecar::start(&b_toml, &nats.url(), Some(&app.url())).await;
+        let a = Sidecar::start(a_toml, &nats.url(), None).await;
+        b.wait_ready().await;
+        a.wait_ready().await;
+        let url = a.url("/v1/jobs?x=1");
+        let send = |key: &'static str| {
+            let url = url.clone();
+            async move { call("POST", &url, &[("host", "model-service"), ("idempotency-key", key), ("bridge-idempotency-key", "spoofed")], "{}").await }
+        };
+        let first = send("t-1").await;
+        let second = send("t-1").await;
+        let other = send("t-2").await;
+        assert_eq!(first.status, 200, "{}", first.text());
+        assert_eq!(first.text(), "POST /v1/jobs?x=1 #1");
+        assert_eq!(second.text(), first.text());
+        assert_eq!(second.header("bridge-idempotent-replay"), Some("true"));
+        assert_eq!(other.text(), "POST /v1/jobs?x=1 #2");
+        let calls = app.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].headers.get_all("bridge-idempotency-key").iter().collect::<Vec<_>>(), ["t-1"]);
+        a.stop().await;
+        b.stop().await;
+    })
+    .await
+}
