@@ -343,6 +343,21 @@ async fn replay_reaches_the_app_once_and_deletes_only_acked_dead_letters() {
     assert!(out.stdout.trim_end().ends_with("replayed 0, failed 1, skipped 0"), "{}", out.stdout);
     assert_eq!(hdr(&live.dead_letter(1).await.expect("the failed letter stays"), "Bridge-Dlq-Subject"), "legacy.l1");
 
+    // A replay interrupted after its ack but before the dead letter's deletion (simulated
+    // by publishing what it would have published): the rerun is deduplicated by ORDERS,
+    // so the app sees ship-y once, and the dead letter is deleted.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", "s-y-replay-6");
+    live.js.publish_with_headers("orders.ship.y", h, Bytes::from_static(b"ship-y")).await.unwrap().await.unwrap();
+    live.settled("orders-ship").await;
+    assert_eq!(live.hits("ship-y").len(), 3);
+    let out = live.dlq(&["replay", "--seq", "6"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(line(&out.stdout, "seq 6:").contains(", a duplicate of an earlier replay); dead letter deleted"), "{}", out.stdout);
+    assert_eq!(live.present().await, [1]);
+    live.settled("orders-ship").await;
+    assert_eq!(live.hits("ship-y").len(), 3, "the rerun was not delivered again");
+
     // Nothing left to match: a clean no-op.
     let out = live.dlq(&["replay", "--route", "orders-create"]).await;
     assert_eq!(out.code, 0, "{out:?}");
@@ -429,6 +444,9 @@ async fn large_streams_with_gaps_are_read_in_full() {
     for seq in (200..=299).chain(1490..=1501) {
         assert!(dlq.delete_message(seq).await.unwrap());
     }
+    // What `dlq` takes for "deleted meanwhile" (a concurrent purge or replay).
+    let e = dlq.delete_message(250).await.unwrap_err().to_string();
+    assert!(e.contains("sequence 250 not found") && e.contains("error code 10043"), "{e}");
     let mut h = async_nats::HeaderMap::new();
     h.insert("Bridge-Dlq-Route", "orders-create");
     h.insert("Bridge-Dlq-Reason", "poison");
@@ -450,6 +468,7 @@ async fn large_streams_with_gaps_are_read_in_full() {
     // Multiples of 3 in 1..=1489 less those in 200..=299: 496 - 33.
     assert!(line(&out.stdout, "orders-ship:").contains("463 messages"), "{}", out.stdout);
     assert!(line(&out.stdout, "orders-create:").contains("927 messages"), "{}", out.stdout);
+    assert_eq!(dlq.get_info().await.unwrap().state.consumer_count, 0, "the reading consumer is deleted, not left to expire");
 
     let out = run(&base(&["show", "--seq", "1000..", "--limit", "3"]), &[]).await;
     assert_eq!(out.code, 0, "{out:?}");

@@ -577,6 +577,8 @@ const IDLE_GIVE_UP: Duration = Duration::from_secs(30);
 pub struct Scanner {
     stream: Stream,
     messages: Option<jetstream::consumer::pull::Ordered>,
+    /// The ephemeral consumer's name, deleted when done rather than left to expire.
+    consumer: Option<String>,
     /// The last sequence to read: min(range end, the stream's last sequence at open).
     end: u64,
     last_seen: u64,
@@ -589,7 +591,7 @@ impl Scanner {
         let state = &info.state;
         let end = range.last.min(state.last_sequence);
         let start = range.first.max(state.first_sequence);
-        let mut s = Self { stream: stream.clone(), messages: None, end, last_seen: start.saturating_sub(1), done: state.messages == 0 || start > end };
+        let mut s = Self { stream: stream.clone(), messages: None, consumer: None, end, last_seen: start.saturating_sub(1), done: state.messages == 0 || start > end };
         if !s.done {
             let consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -600,6 +602,7 @@ impl Scanner {
                 })
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot read the dead-letter stream: {e}"))?;
+            s.consumer = Some(consumer.cached_info().name.clone());
             s.messages = Some(consumer.messages().await.map_err(|e| anyhow::anyhow!("cannot read the dead-letter stream: {e}"))?);
         }
         Ok(s)
@@ -615,10 +618,21 @@ impl Scanner {
         }
     }
 
+    /// Stops pulling and deletes the ephemeral consumer (best effort: it also expires on
+    /// its own after 30 s of inactivity).
+    async fn finish(&mut self) {
+        self.done = true;
+        self.messages = None;
+        if let Some(name) = self.consumer.take() {
+            let _ = self.stream.delete_consumer(&name).await;
+        }
+    }
+
     pub async fn next(&mut self) -> anyhow::Result<Option<Letter>> {
         let started = tokio::time::Instant::now();
         loop {
             if self.done {
+                self.finish().await;
                 return Ok(None);
             }
             let Some(messages) = self.messages.as_mut() else { return Ok(None) };
@@ -626,12 +640,12 @@ impl Scanner {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(anyhow::anyhow!("reading the dead-letter stream failed: {e}")),
                 Ok(None) => {
-                    self.done = true;
+                    self.finish().await;
                     return Ok(None);
                 }
                 Err(_) => {
                     if !self.any_left().await? {
-                        self.done = true;
+                        self.finish().await;
                         return Ok(None);
                     }
                     if started.elapsed() > IDLE_GIVE_UP {
@@ -644,7 +658,7 @@ impl Scanner {
             let (seq, pending) = (info.stream_sequence, info.pending);
             let stored = SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0));
             if seq > self.end {
-                self.done = true;
+                self.finish().await;
                 return Ok(None);
             }
             self.last_seen = seq;
@@ -874,6 +888,9 @@ async fn replay_one(cx: &Ctx, dlq: &str, seq: u64, timeout: Duration) -> Outcome
     let dup = if ack.duplicate { ", a duplicate of an earlier replay" } else { "" };
     match cx.stream.delete_message(seq).await {
         Ok(_) => Outcome::Replayed(format!("to {subject} (stream {} seq {}{dup}); dead letter deleted", ack.stream, ack.sequence)),
+        // Another replay of the same dead letter got there first (its Nats-Msg-Id is the
+        // same, so the stream kept one copy).
+        Err(e) if is_gone(&e) => Outcome::Replayed(format!("to {subject} (stream {} seq {}{dup}); dead letter already deleted", ack.stream, ack.sequence)),
         Err(e) => Outcome::Failed(format!(
             "replayed to {subject} (stream {} seq {}{dup}) but the dead letter could not be deleted: {e}; a rerun within the stream's duplicate window is deduplicated",
             ack.stream, ack.sequence
@@ -905,10 +922,10 @@ async fn publish(js: &jetstream::Context, subject: &str, headers: HeaderMap, pay
     }
 }
 
-/// A delete of a sequence that is no longer there.
+/// A delete of a sequence that is no longer there ("sequence N not found", 10043).
 fn is_gone(e: &jetstream::stream::DeleteMessageError) -> bool {
-    let text = e.to_string();
-    text.contains("no message found") || text.contains("not found")
+    use jetstream::{stream::DeleteMessageErrorKind as K, ErrorCode};
+    matches!(e.kind(), K::JetStream(j) if j.error_code() == ErrorCode::SEQUENCE_NOT_FOUND || j.error_code() == ErrorCode::NO_MESSAGE_FOUND)
 }
 
 async fn purge(a: PurgeArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
