@@ -99,7 +99,7 @@ impl Metrics {
             ingress_pending: gauge_vec(NAMES[12], "Messages pending on the route's consumer (lag).", &["route"]),
             ingress_advisories: counter_vec(NAMES[13], "JetStream advisories seen, by kind.", &["route", "kind"]),
             slow_consumers: counter(NAMES[14], "Slow-consumer events reported by the NATS client."),
-            idempotency: counter_vec(NAMES[15], "Idempotency store results: hit, claim, conflict, release, missing_key, stored.", &["route", "result"]),
+            idempotency: counter_vec(NAMES[15], "Idempotency store results: hit, claim, conflict, release, missing_key, stored, error.", &["route", "result"]),
             dlq_published: counter_vec(NAMES[16], "Dead letters published, by route and reason.", &["route", "reason"]),
             registry: r,
         }
