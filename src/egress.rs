@@ -706,15 +706,36 @@ fn tracked_service(svc: EgressService, activity: Arc<Activity>) -> EgressService
                 Some(why) => bad_framing(why),
                 None => svc.oneshot(req).await?,
             };
-            Ok::<_, Infallible>(res.map(move |body| {
-                body.map_frame(move |frame| {
-                    let _ = &guard;
-                    frame
-                })
-                .boxed_unsync()
-            }))
+            Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }.boxed_unsync()))
         }
     }))
+}
+
+/// A response body that holds a guard until it is dropped, and keeps the inner body's
+/// size hint so a sized response still gets its `Content-Length`.
+struct Guarded<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn find_blank_line(b: &[u8]) -> Option<usize> {

@@ -76,8 +76,7 @@ async fn responder(
     f: impl Fn(&async_nats::Message) -> (async_nats::HeaderMap, Bytes) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let client = nats.client().await;
-    let mut sub = client.subscribe(subject.to_owned()).await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe_synced(&client, subject).await;
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let (h, body) = f(&msg);
@@ -107,7 +106,7 @@ async fn request_mode_carries_body_headers_and_status() {
     })
     .await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
 
     let r = call(
         "POST",
@@ -138,7 +137,7 @@ async fn absolute_form_proxy_requests_are_routed_by_authority() {
     let nats = NatsServer::start();
     let _r = responder(&nats, "agent.*.execution.requested", |m| (async_nats::HeaderMap::new(), Bytes::from(m.subject.to_string()))).await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
 
     // What an app run with HTTP_PROXY sends: the absolute URI in the request line.
     let mut stream = tokio::net::TcpStream::connect(sc.egress).await.unwrap();
@@ -150,6 +149,8 @@ async fn absolute_form_proxy_requests_are_routed_by_authority() {
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // A buffered reply is sent with its length, not chunked.
+    assert!(out.to_ascii_lowercase().contains("content-length: 28\r\n"), "{out}");
     assert!(out.ends_with("agent.42.execution.requested"), "{out}");
 
     // Without the host the host-specific route does not match.
@@ -170,10 +171,9 @@ async fn micro_service_errors_and_failures_map_to_statuses() {
     .await;
     // Subscribed but never answers: a timeout, not "no responders".
     let c = nats.client().await;
-    let _silent = c.subscribe("slow.op").await.unwrap();
-    c.flush().await.unwrap();
+    let _silent = subscribe_synced(&c, "slow.op").await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
 
     let r = call("POST", &sc.url("/agents/1/execute"), &[("host", "agent-service")], "").await;
     assert_eq!(r.status, 422);
@@ -208,8 +208,21 @@ async fn captured_values_cannot_inject_wildcards() {
     let c = nats.client().await;
     let mut spy = c.subscribe(">").await.unwrap();
     c.flush().await.unwrap();
+    // The spy is live once it sees a message published from another connection.
+    let other = nats.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        other.publish("probe.start", Bytes::new()).await.unwrap();
+        other.flush().await.unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), spy.next()).await {
+            if m.subject.as_str() == "probe.start" {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "spy subscription never became live");
+    }
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     for evil in ["a.b", "*", "%3E", "a%2Eb", "x%20y", "%2A"] {
         let r = call("POST", &sc.url(&format!("/agents/{evil}/execute")), &[("host", "agent-service")], "").await;
         assert_eq!(r.status, 400, "{evil}: {}", r.text());
@@ -231,10 +244,9 @@ async fn captured_values_cannot_inject_wildcards() {
 async fn publish_mode_answers_202_after_flushing() {
     let nats = NatsServer::start();
     let c = nats.client().await;
-    let mut sub = c.subscribe("gateway.auth.login").await.unwrap();
-    c.flush().await.unwrap();
+    let mut sub = subscribe_synced(&c, "gateway.auth.login").await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let r = call("POST", &sc.url("/events/auth"), &[("x-user", "ada")], "login").await;
     assert_eq!(r.status, 202);
     let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
@@ -254,7 +266,7 @@ async fn jetstream_mode_acks_dedupes_and_fails_fast_without_a_stream() {
     .await
     .unwrap();
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
 
     let r = call("POST", &sc.url("/workflows/w1/started"), &[("idempotency-key", "w1-start")], "{}").await;
     assert_eq!(r.status, 202, "{}", r.text());
@@ -288,10 +300,9 @@ async fn jetstream_publish_with_a_core_subscriber_but_no_stream_is_bounded() {
     // nats-server #8038: the publish stalls; the route timeout must still answer.
     let nats = NatsServer::start();
     let c = nats.client().await;
-    let _sub = c.subscribe("nostream.x").await.unwrap();
-    c.flush().await.unwrap();
+    let _sub = subscribe_synced(&c, "nostream.x").await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let started = std::time::Instant::now();
     let r = post(&sc.url("/orphan"), "{}").await;
     assert_eq!(r.status, 503, "{}", r.text());
@@ -303,7 +314,7 @@ async fn bodies_over_the_limit_are_413_even_when_streamed() {
     let nats = NatsServer::start();
     let _r = responder(&nats, "gateway.>", |_| (async_nats::HeaderMap::new(), Bytes::new())).await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let big = vec![b'x'; 65 * 1024];
     let r = call("POST", &sc.url("/events/auth"), &[], big.clone()).await;
     assert_eq!(r.status, 413);
@@ -322,7 +333,7 @@ async fn bodies_over_the_limit_are_413_even_when_streamed() {
 async fn payload_over_max_payload_is_413() {
     let nats = NatsServer::start_with("max_payload: 1KB");
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let r = call("POST", &sc.url("/events/auth"), &[], vec![b'x'; 4096]).await;
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(r.json()["type"], "urn:natsbridge:problem:payload-too-large");
@@ -343,7 +354,7 @@ async fn tunnel_mode_sends_the_whole_request() {
     })
     .await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let r = call("PUT", &sc.url("/v1/keys/9?force=1&x=y"), &[("host", "model-service"), ("authorization", "Bearer t")], "payload").await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.header("x-seen-method"), Some("PUT"));
@@ -364,7 +375,7 @@ async fn http_mode_proxies_to_the_upstream() {
     .await;
     let extra = format!("[[outbound]]\nname = \"vector\"\nhost = \"vector-service\"\npath = \"/{{*rest}}\"\nmode = \"http\"\nupstream = \"{}\"\n", app.url());
     let sc = Sidecar::start(&routes(&extra), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let r = call("PATCH", &sc.url("/search?q=1"), &[("host", "vector-service")], "v").await;
     assert_eq!(r.status, 207);
     assert_eq!(r.text(), "PATCH /search?q=1 v");
@@ -375,7 +386,7 @@ async fn http_mode_proxies_to_the_upstream() {
     drop(app);
     let extra = "[[outbound]]\nname = \"dead\"\npath = \"/dead\"\nmode = \"http\"\nupstream = \"http://127.0.0.1:9\"\n";
     let sc2 = Sidecar::start(&routes(extra), &nats.url(), None).await;
-    sc2.wait_ready().await;
+    sc2.wait_nats().await;
     let r = call("GET", &sc2.url("/dead"), &[], "").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["route"], "dead");
@@ -397,6 +408,7 @@ async fn nats_down_at_start_then_up() {
     assert!(r.text().contains("not connected to NATS"), "{}", r.text());
 
     // Now start NATS on that port: the sidecar recovers without a restart.
+    // (Readiness itself also waits for the WORKFLOW stream this file's routes need.)
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(nats_server_bin())
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
@@ -404,10 +416,9 @@ async fn nats_down_at_start_then_up() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let c = async_nats::connect(&url).await.unwrap();
-    let mut sub = c.subscribe("gateway.auth.login").await.unwrap();
-    c.flush().await.unwrap();
+    let mut sub = subscribe_synced(&c, "gateway.auth.login").await;
     let r = post(&sc.url("/events/auth"), "x").await;
     assert_eq!(r.status, 202);
     assert!(tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().is_some());
@@ -423,7 +434,7 @@ async fn hot_reload_swaps_valid_files_and_keeps_the_old_table_on_errors() {
     let base = "[sidecar]\nservice = \"s\"\n";
     let v1 = format!("{base}[[outbound]]\nname = \"a\"\npath = \"/a\"\nsubject = \"v.one\"\nmode = \"request\"\n");
     let sc = Sidecar::start(&v1, &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     assert_eq!(post(&sc.url("/a"), "").await.text(), "v.one");
 
     // A valid edit takes effect (file watch, no signal).
@@ -463,10 +474,9 @@ async fn hot_reload_swaps_valid_files_and_keeps_the_old_table_on_errors() {
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let nats = NatsServer::start();
     let client = nats.client().await;
-    let mut sub = client.subscribe("agent.*.execution.requested").await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe_synced(&client, "agent.*.execution.requested").await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     let url = sc.url("/agents/1/execute");
     let in_flight = tokio::spawn(async move { call("POST", &url, &[("host", "agent-service")], "x").await });
     // The request has reached NATS: it is in flight.
@@ -487,7 +497,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
 async fn sigterm_drains_and_exits_zero() {
     let nats = NatsServer::start();
     let p = SidecarProcess::start(&routes(""), &nats.url(), None);
-    p.wait_ready().await;
+    p.wait_nats().await;
     let mut p = p;
     p.signal("TERM");
     let status = tokio::task::spawn_blocking(move || {
@@ -503,7 +513,7 @@ async fn sigterm_drains_and_exits_zero() {
 async fn metrics_count_requests_by_route_mode_and_status_class() {
     let nats = NatsServer::start();
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
-    sc.wait_ready().await;
+    sc.wait_nats().await;
     assert_eq!(post(&sc.url("/events/auth"), "").await.status, 202);
     let _ = call("GET", &sc.url("/v1"), &[("host", "model-service")], "").await;
     let m = sc.metrics().await;

@@ -52,6 +52,8 @@ pub struct NatsServer {
     pub store: tempfile::TempDir,
     conf: PathBuf,
     log: PathBuf,
+    /// Extra settings inside the `jetstream { }` block (e.g. `sync_interval: always`).
+    js_extra: String,
 }
 
 impl NatsServer {
@@ -62,15 +64,21 @@ impl NatsServer {
 
     /// As `start`, with extra nats.conf text (auth, TLS, `sync_interval`...).
     pub fn start_with(extra: &str) -> Self {
-        Self::launch(tempfile::tempdir().unwrap(), None, extra)
+        Self::launch(tempfile::tempdir().unwrap(), None, "", extra)
+    }
+
+    /// As `start_with`, with `js` inside the `jetstream { }` block (a second block would
+    /// replace the first, store_dir included), e.g. `sync_interval: always`.
+    pub fn start_with_js(js: &str, extra: &str) -> Self {
+        Self::launch(tempfile::tempdir().unwrap(), None, js, extra)
     }
 
     /// `port: None` lets the server pick (`-1`); the ports file tells which it took, and
     /// restarts reuse it.
-    fn launch(store: tempfile::TempDir, port: Option<u16>, extra: &str) -> Self {
+    fn launch(store: tempfile::TempDir, port: Option<u16>, js: &str, extra: &str) -> Self {
         let conf = store.path().join("nats.conf");
         let log = store.path().join("nats.log");
-        let mut s = Self { child: None, port: port.unwrap_or(0), store, conf, log };
+        let mut s = Self { child: None, port: port.unwrap_or(0), store, conf, log, js_extra: js.to_owned() };
         s.write_conf(port.map(|p| p as i32).unwrap_or(-1), extra);
         s.spawn();
         if port.is_none() {
@@ -81,7 +89,8 @@ impl NatsServer {
 
     fn write_conf(&self, port: i32, extra: &str) {
         let sd = self.store.path().join("js");
-        let text = format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {sd:?} }}\nmax_payload: 1MB\n{extra}\n");
+        let js = &self.js_extra;
+        let text = format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {sd:?}\n{js}\n}}\nmax_payload: 1MB\n{extra}\n");
         std::fs::write(&self.conf, text).unwrap();
     }
 
@@ -133,6 +142,25 @@ impl NatsServer {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGSTOP: the process keeps its sockets open but answers nothing, as a partitioned
+    /// server looks to its clients. `resume` (SIGCONT) or `kill` ends it.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            Command::new("kill").arg("-STOP").arg(pid.to_string()).status().unwrap();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            Command::new("kill").arg("-CONT").arg(pid.to_string()).status().unwrap();
+        }
+    }
+
     /// Starts again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
@@ -152,6 +180,15 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Subscribes and waits until the server has processed the subscription: a flush only
+/// writes it to the socket, so a publish from another connection could still miss it.
+pub async fn subscribe_synced(c: &async_nats::Client, subject: &str) -> async_nats::Subscriber {
+    let sub = c.subscribe(subject.to_owned()).await.unwrap();
+    // A request the server answers "no responders" to is a round trip behind the SUB.
+    let _ = c.request(format!("_natsbridge_test.sync.{}", c.new_inbox().replace('.', "_")), bytes::Bytes::new()).await;
+    sub
 }
 
 pub fn nats_server_bin() -> String {
@@ -175,6 +212,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(extra: &str) -> Self {
+        Self::start_with_js("", extra)
+    }
+
+    /// As `start`, with `js` inside each node's `jetstream { }` block.
+    pub fn start_with_js(js: &str, extra: &str) -> Self {
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<String> = route_ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
@@ -185,7 +227,7 @@ impl Cluster {
                     route_ports[i],
                     routes.join(", ")
                 );
-                NatsServer::launch(tempfile::tempdir().unwrap(), Some(client_ports[i]), &cfg)
+                NatsServer::launch(tempfile::tempdir().unwrap(), Some(client_ports[i]), js, &cfg)
             })
             .collect();
         Self { nodes }
@@ -338,6 +380,13 @@ impl Sidecar {
         eventually("sidecar ready", Duration::from_secs(15), || async { self.ready().await.then_some(()) }).await
     }
 
+    /// Waits until the sidecar's NATS connection is up (whatever else readiness reports,
+    /// e.g. a stream a route needs that a test leaves out on purpose).
+    pub async fn wait_nats(&self) {
+        let admin = self.admin;
+        eventually("sidecar connected to NATS", Duration::from_secs(15), || async move { nats_ready(admin).await.then_some(()) }).await
+    }
+
     pub async fn metrics(&self) -> String {
         get(&format!("http://{}/metrics", self.admin)).await.map(|r| String::from_utf8_lossy(&r.body).into_owned()).unwrap_or_default()
     }
@@ -353,6 +402,18 @@ impl Sidecar {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Is the sidecar at `admin` connected to NATS, as its readiness report says? Other
+/// failing checks (a stream a test leaves out on purpose) do not matter here.
+pub async fn nats_ready(admin: SocketAddr) -> bool {
+    match get(&format!("http://{admin}/readyz")).await {
+        Ok(r) if r.status == 200 => true,
+        Ok(r) if r.status == 503 => serde_json::from_slice::<serde_json::Value>(&r.body)
+            .map(|v| v["failing"].get("nats").is_none())
+            .unwrap_or(false),
+        _ => false,
     }
 }
 
@@ -396,6 +457,11 @@ impl SidecarProcess {
             get(&format!("http://{admin}/readyz")).await.ok().filter(|r| r.status == 200).map(|_| ())
         })
         .await
+    }
+
+    pub async fn wait_nats(&self) {
+        let admin = self.admin;
+        eventually("sidecar process connected to NATS", Duration::from_secs(20), || async move { nats_ready(admin).await.then_some(()) }).await
     }
 
     pub fn signal(&self, sig: &str) {
