@@ -1,0 +1,1018 @@
+//! The fault suite (issue 4 §5): what natsbridge guarantees when things break, measured
+//! against real nats-server processes (every one with `sync_interval: always`: the Jepsen
+//! analysis of NATS 2.12.1 lost acked writes without it), real apps and real sidecars.
+//!
+//! Each case is bounded in time and ends by printing one line:
+//! `fault <case>: sent=N acked=N delivered=N duplicate_effects=N lost=N`
+//! (run with `--no-capture`, or nextest's `--success-output immediate`, to see them).
+//!
+//! - `sent`: messages (or HTTP requests) put in; `acked`: the ones the system said it took
+//!   (a 202, a stream ack); `delivered`: distinct ones that reached their destination (the
+//!   app's effect, or the stream); `duplicate_effects`: effects beyond the first for the same
+//!   message or key; `lost`: acked but never delivered.
+//! - The apps here commit an effect when they answer 2xx. An app handler whose caller
+//!   vanishes mid-call (hyper notices the closed connection) is dropped without committing,
+//!   as a transaction would roll back; the ledger counts those as `aborted`.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use support::*;
+
+/// Inside every fault server's `jetstream { }` block.
+const SYNC_ALWAYS: &str = "sync_interval: always";
+const BUCKET: &str = "natsbridge_idempotency";
+const KEYED: &str = r#"idempotency = { key = "header:Idempotency-Key", ttl = "1h" }"#;
+
+// ---------------------------------------------------------------------------------------
+// Reporting and bounds
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    sent: usize,
+    acked: usize,
+    delivered: usize,
+    duplicate_effects: usize,
+    lost: usize,
+}
+
+impl Tally {
+    fn print(&self, case: &str) {
+        println!(
+            "fault {case}: sent={} acked={} delivered={} duplicate_effects={} lost={}",
+            self.sent, self.acked, self.delivered, self.duplicate_effects, self.lost
+        );
+    }
+}
+
+/// Every case's own bound, on top of the per-wait deadlines.
+async fn bounded<F: Future<Output = ()>>(limit: Duration, f: F) {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("fault case exceeded its bound of {limit:?}"));
+}
+
+/// Polls `f` every 50 ms until it holds or `timeout` passes; says which.
+async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// An app that keeps a ledger of its effects, and can crash and come back on the same port.
+
+#[derive(Clone, Debug)]
+struct Call {
+    /// The message's identity: its body.
+    key: String,
+    /// `Bridge-Idempotency-Key`, as the sidecar sent it.
+    idem: Option<String>,
+    /// `Bridge-Delivery`.
+    delivery: u64,
+    /// How many calls for this key the app had seen before this one.
+    earlier: usize,
+}
+
+#[derive(Default, Debug)]
+struct Ledger {
+    calls: Vec<Call>,
+    /// Committed effects per key.
+    effects: HashMap<String, usize>,
+    /// Calls whose handler was dropped before it answered (the caller went away).
+    aborted: Vec<String>,
+}
+
+type Ledgered = Arc<Mutex<Ledger>>;
+/// `(status, commit)`: a 2xx with `commit` commits one effect when the answer is made.
+type AppFuture = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
+type AppFn = Arc<dyn Fn(Call, Ledgered) -> AppFuture + Send + Sync>;
+
+struct EffectApp {
+    addr: SocketAddr,
+    ledger: Ledgered,
+    handler: AppFn,
+    /// Cancels the current incarnation: its listener and every connection.
+    life: Mutex<CancellationToken>,
+}
+
+/// Counts the call as aborted unless it got to answer.
+struct AbortGuard {
+    ledger: Ledgered,
+    key: String,
+    answered: bool,
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.ledger.lock().unwrap().aborted.push(self.key.clone());
+        }
+    }
+}
+
+impl EffectApp {
+    async fn start<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Call, Ledgered) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = (u16, bool)> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = Self {
+            addr: listener.local_addr().unwrap(),
+            ledger: Default::default(),
+            handler: Arc::new(move |c, l| Box::pin(f(c, l))),
+            life: Mutex::new(CancellationToken::new()),
+        };
+        app.serve(listener);
+        app
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let life = CancellationToken::new();
+        *self.life.lock().unwrap() = life.clone();
+        let (ledger, handler) = (self.ledger.clone(), self.handler.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = life.cancelled() => return,
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                };
+                let (ledger, handler, life) = (ledger.clone(), handler.clone(), life.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (ledger, handler) = (ledger.clone(), handler.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                            let key = String::from_utf8_lossy(&body).into_owned();
+                            let call = {
+                                let mut l = ledger.lock().unwrap();
+                                let earlier = l.calls.iter().filter(|c| c.key == key).count();
+                                let call = Call { key: key.clone(), idem: h("bridge-idempotency-key"), delivery: h("bridge-delivery").and_then(|d| d.parse().ok()).unwrap_or(0), earlier };
+                                l.calls.push(call.clone());
+                                call
+                            };
+                            let mut guard = AbortGuard { ledger: ledger.clone(), key: key.clone(), answered: false };
+                            let (status, commit) = handler(call, ledger.clone()).await;
+                            guard.answered = true;
+                            if commit && (200..300).contains(&status) {
+                                *ledger.lock().unwrap().effects.entry(key).or_default() += 1;
+                            }
+                            Ok::<_, Infallible>(respond(status, ""))
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = life.cancelled() => {}
+                    }
+                });
+            }
+        });
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process dies: the port refuses, every open connection is cut, handlers in
+    /// flight never answer.
+    fn crash(&self) {
+        self.life.lock().unwrap().cancel();
+    }
+
+    /// Back on the same port.
+    async fn come_back(&self) {
+        let listener = eventually("the app's port to be free again", Duration::from_secs(10), || async { TcpListener::bind(self.addr).await.ok() }).await;
+        self.serve(listener);
+    }
+
+    fn effects(&self, key: &str) -> usize {
+        self.ledger.lock().unwrap().effects.get(key).copied().unwrap_or(0)
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.ledger.lock().unwrap().calls.clone()
+    }
+
+    fn aborted(&self) -> Vec<String> {
+        self.ledger.lock().unwrap().aborted.clone()
+    }
+
+    /// (delivered, duplicate effects, lost) over `keys`.
+    fn tally(&self, keys: &[String]) -> (usize, usize, usize) {
+        let l = self.ledger.lock().unwrap();
+        let mut t = (0, 0, 0);
+        for k in keys {
+            match l.effects.get(k).copied().unwrap_or(0) {
+                0 => t.2 += 1,
+                n => {
+                    t.0 += 1;
+                    t.1 += n - 1;
+                }
+            }
+        }
+        t
+    }
+}
+
+impl Drop for EffectApp {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+fn commit(status: u16) -> (u16, bool) {
+    (status, true)
+}
+
+// ---------------------------------------------------------------------------------------
+// Egress traffic: workers with pooled keep-alive clients (as a legacy app has), each
+// request carrying a unique id as its body and Idempotency-Key.
+
+#[derive(Clone, Debug)]
+struct Sent {
+    id: String,
+    /// None: no HTTP answer at all within the client's own 15 s guard.
+    status: Option<u16>,
+    seq: Option<u64>,
+    started: Instant,
+    latency: Duration,
+}
+
+type Log = Arc<Mutex<Vec<Sent>>>;
+
+/// Runs `workers` request loops against `url` until `stop`, pausing `pace` between requests.
+fn drive(workers: usize, url: String, pace: Duration, stop: CancellationToken) -> (Log, tokio::task::JoinHandle<()>) {
+    let log: Log = Default::default();
+    let counter = Arc::new(AtomicU64::new(0));
+    let task = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for _ in 0..workers {
+                let (log, counter, url, stop) = (log.clone(), counter.clone(), url.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let client = client();
+                    while !stop.is_cancelled() {
+                        let id = format!("m-{:06}", counter.fetch_add(1, Ordering::Relaxed));
+                        let req = Request::post(&url).header("Idempotency-Key", &id).body(Full::new(Bytes::from(id.clone()))).unwrap();
+                        let started = Instant::now();
+                        let res = tokio::time::timeout(Duration::from_secs(15), async {
+                            let res = client.request(req).await.ok()?;
+                            let status = res.status().as_u16();
+                            let seq = res.headers().get("bridge-seq").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+                            let _ = res.into_body().collect().await;
+                            Some((status, seq))
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                        let latency = started.elapsed();
+                        log.lock().unwrap().push(Sent { id, status: res.map(|r| r.0), seq: res.and_then(|r| r.1), started, latency });
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(pace) => {}
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    };
+    (log, task)
+}
+
+fn snapshot(log: &Log) -> Vec<Sent> {
+    log.lock().unwrap().clone()
+}
+
+/// Waits until a request started after `since` was answered `status`; how long that took.
+async fn recovered(log: &Log, since: Instant, status: u16, timeout: Duration) -> Option<Duration> {
+    let ok = wait_until(timeout, || async { log.lock().unwrap().iter().any(|s| s.started >= since && s.status == Some(status)) }).await;
+    ok.then(|| {
+        let l = log.lock().unwrap();
+        let first = l.iter().filter(|s| s.started >= since && s.status == Some(status)).map(|s| s.started + s.latency).min().unwrap();
+        first - since
+    })
+}
+
+fn statuses(sent: &[Sent]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in sent {
+        *m.entry(s.status.map(|s| s.to_string()).unwrap_or_else(|| "none".into())).or_insert(0) += 1;
+    }
+    m
+}
+
+fn max_latency<'a>(sent: impl IntoIterator<Item = &'a Sent>) -> Duration {
+    sent.into_iter().map(|s| s.latency).max().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// NATS fixtures
+
+fn sidecar_toml(service: &str, body: &str) -> String {
+    format!(
+        r#"[sidecar]
+service = "{service}"
+app_url = "http://127.0.0.1:1"
+drain_timeout = "2s"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[idempotency]
+bucket = "{BUCKET}"
+claim_ttl = "3s"
+
+{body}
+"#
+    )
+}
+
+fn outbound_js(timeout: &str) -> String {
+    format!(
+        r#"[[outbound]]
+name = "event"
+method = "POST"
+path = "/events"
+subject = "events.created"
+mode = "jetstream"
+timeout = "{timeout}"
+"#
+    )
+}
+
+/// Stream `name` on `subjects`, file storage, `replicas`.
+async fn stream(js: &jetstream::Context, name: &str, subject: &str, replicas: usize) {
+    js.create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stream {name}: {e}"));
+}
+
+/// TOOL (`tool.>`), DLQ (`dlq.>`) and the idempotency bucket.
+async fn ingress_fixtures(nats: &NatsServer) -> jetstream::Context {
+    let js = jetstream::new(nats.client().await);
+    stream(&js, "TOOL", "tool.>", 1).await;
+    stream(&js, "DLQ", "dlq.>", 1).await;
+    js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
+    js
+}
+
+/// The idempotent jetstream route `tool.exec.*` → POST /tools/{3}, durable `tool`.
+fn tool_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "tool-exec"
+subject = "tool.exec.*"
+mode = "jetstream"
+stream = "TOOL"
+durable = "tool"
+method = "POST"
+path = "/tools/{{3}}"
+dead_letter = "dlq.tool"
+{KEYED}
+{extra}
+"#
+    )
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, key: &str, msg_id: &str) -> jetstream::publish::PublishAck {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Idempotency-Key", key);
+    h.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject.to_owned(), h, Bytes::copy_from_slice(key.as_bytes())).await.unwrap().await.unwrap()
+}
+
+async fn consumer_settled(js: &jetstream::Context, stream: &str, durable: &str, through: u64) -> bool {
+    let Ok(s) = js.get_stream(stream).await else { return false };
+    let Ok(i) = s.consumer_info(durable).await else { return false };
+    i.num_ack_pending == 0 && i.num_pending == 0 && i.ack_floor.stream_sequence >= through
+}
+
+async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().get_info().await.unwrap().state.messages
+}
+
+fn metric_sum(text: &str, family: &str, label: &str) -> f64 {
+    text.lines().filter(|l| l.starts_with(family) && l.contains(label)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. nats-server SIGKILLed and restarted under jetstream-mode egress traffic.
+
+/// Every 202 reaches the app (end to end through a second sidecar's inbound jetstream
+/// route); every request, failed or not, is answered within the route timeout (503 while
+/// NATS is gone); the egress sidecar recovers without a restart. Delivery is at least once
+/// (the consumer's acks in flight at the crash can be lost), so duplicates are counted,
+/// not forbidden: this case is about loss and bounded answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_killed_and_restarted_under_jetstream_egress() {
+    bounded(Duration::from_secs(55), async {
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let js = jetstream::new(nats.client().await);
+        stream(&js, "EVENTS", "events.>", 1).await;
+        stream(&js, "DLQ", "dlq.>", 1).await;
+        let app = EffectApp::start(|_, _| async { commit(200) }).await;
+        let consumer_cfg = sidecar_toml(
+            "consumer",
+            r#"[[inbound]]
+name = "events"
+subject = "events.created"
+mode = "jetstream"
+stream = "EVENTS"
+durable = "events"
+method = "POST"
+path = "/effects"
+ack_wait = "2s"
+max_deliver = 100
+backoff = ["200ms"]
+dead_letter = "dlq.events"
+concurrency = 16
+"#,
+        );
+        let consumer = Sidecar::start(&consumer_cfg, &nats.url(), Some(&app.url())).await;
+        let producer = Sidecar::start(&sidecar_toml("producer", &outbound_js("2s")), &nats.url(), None).await;
+        consumer.wait_ready().await;
+        producer.wait_ready().await;
+
+        let stop = CancellationToken::new();
+        let (log, traffic) = drive(8, producer.url("/events"), Duration::from_millis(20), stop.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let killed = Instant::now();
+        nats.kill();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let restarted = Instant::now();
+        tokio::task::block_in_place(|| nats.restart());
+        let recovery = recovered(&log, restarted, 202, Duration::from_secs(15)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        traffic.await.unwrap();
+
+        let sent = snapshot(&log);
+        let acked: Vec<String> = sent.iter().filter(|s| s.status == Some(202)).map(|s| s.id.clone()).collect();
+        let all: Vec<String> = sent.iter().map(|s| s.id.clone()).collect();
+        // Everything acked must arrive; give the consumer time to catch up after the restart.
+        wait_until(Duration::from_secs(20), || async { app.tally(&acked).2 == 0 }).await;
+        let (_, duplicate_effects, lost) = app.tally(&acked);
+        let (delivered, _, _) = app.tally(&all);
+        let t = Tally { sent: sent.len(), acked: acked.len(), delivered, duplicate_effects, lost };
+        t.print("nats-killed-jetstream-egress");
+        let failed: Vec<&Sent> = sent.iter().filter(|s| s.status != Some(202)).collect();
+        let during = sent.iter().filter(|s| s.started >= killed && s.started < restarted).count();
+        println!(
+            "  statuses {:?}; {during} sent during the outage; max latency failed {:?}, all {:?}; first 202 {:?} after the restart",
+            statuses(&sent),
+            max_latency(failed.iter().copied()),
+            max_latency(&sent),
+            recovery
+        );
+
+        assert_eq!(lost, 0, "acked requests that never reached the app");
+        assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
+        assert!(!failed.is_empty(), "the outage was not observed");
+        let margin = Duration::from_millis(500);
+        assert!(max_latency(failed.iter().copied()) <= TIMEOUT + margin, "a failed request took {:?}", max_latency(failed.iter().copied()));
+        assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
+        assert!(recovery.is_some(), "no 202 after the server came back: the sidecar did not recover");
+        assert!(sent.iter().any(|s| s.started < killed && s.status == Some(202)));
+        assert_eq!(stream_messages(&js, "DLQ").await, 0);
+        producer.stop().await;
+        consumer.stop().await;
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. A 3-node cluster, R3 stream, the stream leader SIGKILLed under load.
+
+/// Zero acked messages lost: every 202's sequence holds its message in the stream after
+/// the leader is killed. The sidecar (the real binary) knows all three servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_killed_under_load_loses_no_acked_message() {
+    bounded(Duration::from_secs(55), async {
+        const TIMEOUT: Duration = Duration::from_secs(3);
+        let mut cluster = Cluster::start_with_js(SYNC_ALWAYS, "");
+        let urls = cluster.urls();
+        let client = async_nats::connect(urls.clone()).await.unwrap();
+        let js = jetstream::new(client);
+        // The meta leader is elected a moment after the nodes start.
+        eventually("an R3 stream on the new cluster", Duration::from_secs(20), || async {
+            js.create_stream(jetstream::stream::Config {
+                name: "EVENTS".into(),
+                subjects: vec!["events.>".into()],
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await
+            .ok()
+            .map(|_| ())
+        })
+        .await;
+        let sidecar = SidecarProcess::start(&sidecar_toml("producer", &outbound_js("3s")), &urls.join(","), None);
+        sidecar.wait_ready().await;
+
+        let stop = CancellationToken::new();
+        let (log, traffic) = drive(6, sidecar.url("/events"), Duration::from_millis(20), stop.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let info = js.get_stream("EVENTS").await.unwrap().get_info().await.unwrap();
+        let leader = info.cluster.and_then(|c| c.leader).expect("the stream has a leader");
+        let idx: usize = leader.trim_start_matches('n').parse().unwrap();
+        let killed = Instant::now();
+        cluster.nodes[idx].kill();
+        let recovery = recovered(&log, killed + Duration::from_millis(100), 202, Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        traffic.await.unwrap();
+
+        // Read the stream back from the survivors.
+        let stream = eventually("the stream from the survivors", Duration::from_secs(15), || async { js.get_stream("EVENTS").await.ok() }).await;
+        let last = stream.get_info().await.unwrap().state.last_sequence;
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        let mut at: HashMap<u64, String> = HashMap::new();
+        for seq in 1..=last {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                let id = String::from_utf8_lossy(&m.payload).into_owned();
+                *ids.entry(id.clone()).or_default() += 1;
+                at.insert(seq, id);
+            }
+        }
+        let sent = snapshot(&log);
+        let acked: Vec<&Sent> = sent.iter().filter(|s| s.status == Some(202)).collect();
+        let lost: Vec<&&Sent> = acked.iter().filter(|s| s.seq.and_then(|q| at.get(&q)) != Some(&s.id)).collect();
+        let delivered = sent.iter().filter(|s| ids.contains_key(&s.id)).count();
+        let duplicate_effects = ids.values().map(|n| n - 1).sum();
+        let t = Tally { sent: sent.len(), acked: acked.len(), delivered, duplicate_effects, lost: lost.len() };
+        t.print("cluster-node-killed");
+        let failed: Vec<&Sent> = sent.iter().filter(|s| s.status != Some(202)).collect();
+        println!(
+            "  killed {leader} (the stream leader); statuses {:?}; max latency failed {:?}, all {:?}; first 202 {:?} after the kill; stream last seq {last}",
+            statuses(&sent),
+            max_latency(failed.iter().copied()),
+            max_latency(&sent),
+            recovery
+        );
+
+        assert!(lost.is_empty(), "acked but not in the stream: {:?}", lost.iter().take(5).collect::<Vec<_>>());
+        assert_eq!(duplicate_effects, 0, "one request stored twice");
+        assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
+        let margin = Duration::from_millis(500);
+        assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
+        assert!(recovery.is_some(), "no 202 after the node was killed");
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. The app answers 500, then crashes, then comes back, during jetstream ingress.
+
+/// Zero lost and zero duplicate effects with an idempotency key: every key's effect
+/// happens exactly once, though every message is retried through both failure modes and a
+/// third of the keys are published twice (same key, different Nats-Msg-Id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
+    bounded(Duration::from_secs(55), async {
+        const KEYS: usize = 150;
+        let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let js = ingress_fixtures(&nats).await;
+        // 0: answers 500; 1: healthy.
+        let mode = Arc::new(AtomicU8::new(0));
+        let app = {
+            let mode = mode.clone();
+            EffectApp::start(move |_, _| {
+                let healthy = mode.load(Ordering::SeqCst) == 1;
+                async move {
+                    if !healthy {
+                        return (500, false);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    commit(200)
+                }
+            })
+            .await
+        };
+        let cfg = sidecar_toml("svc", &tool_route("ack_wait = \"2s\"\nmax_deliver = 100\nbackoff = [\"200ms\"]\nconcurrency = 16"));
+        let sidecar = Sidecar::start(&cfg, &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("k-{i:04}")).collect();
+        let publisher = {
+            let (js, keys) = (js.clone(), keys.clone());
+            tokio::spawn(async move {
+                let (mut sent, mut last) = (0, 0);
+                for (i, k) in keys.iter().enumerate() {
+                    last = publish(&js, "tool.exec.grep", k, &format!("{k}-a")).await.sequence;
+                    sent += 1;
+                    if i % 3 == 0 {
+                        // A forced duplicate: same key, a new Nats-Msg-Id, so the stream keeps both.
+                        last = publish(&js, "tool.exec.grep", k, &format!("{k}-b")).await.sequence;
+                        sent += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                (sent, last)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let calls_500 = app.calls().len();
+        app.crash();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        mode.store(1, Ordering::SeqCst);
+        app.come_back().await;
+        let (published, last_seq) = publisher.await.unwrap();
+
+        wait_until(Duration::from_secs(30), || async { app.tally(&keys).2 == 0 && consumer_settled(&js, "TOOL", "tool", last_seq).await }).await;
+        let (delivered, duplicate_effects, lost) = app.tally(&keys);
+        let t = Tally { sent: published, acked: published, delivered, duplicate_effects, lost };
+        t.print("app-500-crash-back");
+        let calls = app.calls();
+        let m = sidecar.metrics().await;
+        let dlq = stream_messages(&js, "DLQ").await;
+        println!(
+            "  app calls {} ({calls_500} answered 500 before the crash, {} cut by the crash), redelivered calls {}, naks {}, claims released {}, hits {}, dead letters {dlq}",
+            calls.len(),
+            app.aborted().len(),
+            calls.iter().filter(|c| c.delivery > 1).count(),
+            metric_sum(&m, "natsbridge_ingress_outcomes_total", "outcome=\"nak\""),
+            metric_sum(&m, "natsbridge_idempotency_total", "result=\"release\""),
+            metric_sum(&m, "natsbridge_idempotency_total", "result=\"hit\""),
+        );
+
+        assert_eq!(lost, 0, "keys whose effect never happened");
+        assert_eq!(duplicate_effects, 0, "keys whose effect happened more than once");
+        assert_eq!(dlq, 0, "nothing may be dead-lettered: every failure here is retryable");
+        assert!(consumer_settled(&js, "TOOL", "tool", last_seq).await, "the consumer did not settle");
+        assert!(calls_500 > 0, "the app never answered 500");
+        assert!(calls.iter().all(|c| c.idem.as_deref() == Some(c.key.as_str())), "Bridge-Idempotency-Key is the message's key");
+        sidecar.stop().await;
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. The sidecar SIGKILLed mid-handler, then restarted.
+//
+// What can be guaranteed, precisely: the bridge never marks a key done before the app's
+// 2xx reached it, and never calls the app for a key another live handler holds. A
+// sidecar killed mid-call leaves only a claim; after `claim_ttl` (no refreshes from the
+// dead process) the redelivery takes it over and calls the app again, with the same
+// Bridge-Idempotency-Key. So:
+// - 4a: the app had not committed when its caller died (its handler is dropped with the
+//   connection, as a transaction rolls back): the effect happens exactly once.
+// - 4b: the app had already committed (it commits, then is slow to answer): the bridge
+//   cannot know, and calls the app again. Exactly once then needs the app to check
+//   Bridge-Idempotency-Key; this case shows it does get the same key, and that a naive app
+//   would have applied the effect twice.
+
+fn killable_route() -> String {
+    sidecar_toml("svc", &tool_route("ack_wait = \"2s\"\nmax_deliver = 20\nbackoff = [\"300ms\"]"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_mid_handler_before_the_app_commits() {
+    bounded(Duration::from_secs(50), async {
+        let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let js = ingress_fixtures(&nats).await;
+        // The first call holds (never answers) until its caller goes away.
+        let app = EffectApp::start(|c, _| async move {
+            if c.earlier == 0 {
+                std::future::pending::<()>().await;
+            }
+            commit(200)
+        })
+        .await;
+        let route = killable_route();
+        let mut first = SidecarProcess::start(&route, &nats.url(), Some(&app.url()));
+        first.wait_ready().await;
+        let a = publish(&js, "tool.exec.grep", "order-1", "m-1").await;
+        eventually("the first call at the app", Duration::from_secs(10), || async { (!app.calls().is_empty()).then_some(()) }).await;
+
+        first.child.kill().unwrap();
+        first.child.wait().unwrap();
+        let killed = Instant::now();
+        // The app's handler is dropped with its connection: no effect.
+        eventually("the held call to be abandoned", Duration::from_secs(5), || async { (app.aborted().len() == 1).then_some(()) }).await;
+        let second = SidecarProcess::start(&route, &nats.url(), Some(&app.url()));
+        second.wait_ready().await;
+        let effected = wait_until(Duration::from_secs(20), || async { app.effects("order-1") >= 1 }).await;
+        let took = killed.elapsed();
+        // A late duplicate of the same key is acked as handled.
+        let b = publish(&js, "tool.exec.grep", "order-1", "m-2").await;
+        wait_until(Duration::from_secs(15), || async { consumer_settled(&js, "TOOL", "tool", b.sequence).await }).await;
+        let keys = vec!["order-1".to_string()];
+        let (delivered, duplicate_effects, lost) = app.tally(&keys);
+        let t = Tally { sent: 2, acked: 2, delivered, duplicate_effects, lost };
+        t.print("sidecar-killed-mid-handler");
+        let calls = app.calls();
+        println!("  app calls {} (deliveries {:?}), abandoned {}, effect {took:?} after the kill", calls.len(), calls.iter().map(|c| c.delivery).collect::<Vec<_>>(), app.aborted().len());
+
+        assert!(effected, "the message was not redelivered to the restarted sidecar:\n{}", second.log());
+        assert_eq!(lost, 0);
+        assert_eq!(duplicate_effects, 0);
+        assert_eq!(calls.len(), 2, "the killed call and its redelivery; the duplicate never reaches the app");
+        assert!(calls[1].delivery >= 2, "the second call is a redelivery of seq {}", a.sequence);
+        assert!(calls.iter().all(|c| c.idem.as_deref() == Some("order-1")));
+        assert!(consumer_settled(&js, "TOOL", "tool", b.sequence).await);
+        assert_eq!(stream_messages(&js, "DLQ").await, 0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_after_the_app_committed_needs_the_app_to_check_the_key() {
+    bounded(Duration::from_secs(50), async {
+        let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let js = ingress_fixtures(&nats).await;
+        // The app applies the effect at once — keyed by Bridge-Idempotency-Key, which it
+        // checks first — then is slow to answer the first call (it never does).
+        let app = EffectApp::start(|c, ledger| async move {
+            let key = c.idem.clone().unwrap_or_default();
+            {
+                let mut l = ledger.lock().unwrap();
+                let e = l.effects.entry(key).or_default();
+                if *e == 0 {
+                    *e = 1;
+                }
+            }
+            if c.earlier == 0 {
+                std::future::pending::<()>().await;
+            }
+            (200, false)
+        })
+        .await;
+        let route = killable_route();
+        let mut first = SidecarProcess::start(&route, &nats.url(), Some(&app.url()));
+        first.wait_ready().await;
+        publish(&js, "tool.exec.grep", "order-2", "m-1").await;
+        eventually("the first call at the app", Duration::from_secs(10), || async { (!app.calls().is_empty()).then_some(()) }).await;
+        first.child.kill().unwrap();
+        first.child.wait().unwrap();
+        let second = SidecarProcess::start(&route, &nats.url(), Some(&app.url()));
+        second.wait_ready().await;
+        let b = publish(&js, "tool.exec.grep", "order-2", "m-2").await;
+        let settled = wait_until(Duration::from_secs(20), || async { consumer_settled(&js, "TOOL", "tool", b.sequence).await }).await;
+        let calls = app.calls();
+        let keys = vec!["order-2".to_string()];
+        let (delivered, duplicate_effects, lost) = app.tally(&keys);
+        let t = Tally { sent: 2, acked: 2, delivered, duplicate_effects, lost };
+        t.print("sidecar-killed-after-app-commit");
+        println!(
+            "  the bridge called the app {} times for the key (deliveries {:?}); a naive app would have applied {} effects, this one checked Bridge-Idempotency-Key",
+            calls.len(),
+            calls.iter().map(|c| c.delivery).collect::<Vec<_>>(),
+            calls.len()
+        );
+
+        assert!(settled, "the consumer did not settle:\n{}", second.log());
+        assert_eq!(lost, 0);
+        assert_eq!(duplicate_effects, 0);
+        // The documented gap: the redelivery re-runs the handler once — never more, and
+        // the late duplicate (published after the key was done) never reaches the app.
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls.iter().all(|c| c.idem.as_deref() == Some("order-2")), "both calls carry the same key: {calls:?}");
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Two replicas on the same durable, redeliveries forced.
+
+/// Each effect exactly once: a quarter of the keys fail (500) on their first call, a tenth
+/// are slower than the route's app timeout on their first call (the sidecar gives up and
+/// the message is naked), and half of the keys are published twice, so both replicas hold
+/// copies of the same key at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
+    bounded(Duration::from_secs(55), async {
+        const KEYS: usize = 200;
+        let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let js = ingress_fixtures(&nats).await;
+        let app = EffectApp::start(|c, _| async move {
+            let i: usize = c.key.trim_start_matches("k-").parse().unwrap_or(0);
+            if c.earlier == 0 && i % 4 == 1 {
+                return (500, false);
+            }
+            if c.earlier == 0 && i % 10 == 3 {
+                // Past the app timeout (ack_wait - 200ms): the sidecar drops the call.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                return commit(200);
+            }
+            tokio::time::sleep(Duration::from_millis(5 + (i as u64 * 7) % 30)).await;
+            commit(200)
+        })
+        .await;
+        let cfg = sidecar_toml("svc", &tool_route("ack_wait = \"1s\"\nmax_deliver = 50\nbackoff = [\"100ms\"]\nconcurrency = 8"));
+        let r1 = Sidecar::start(&cfg, &nats.url(), Some(&app.url())).await;
+        let r2 = Sidecar::start(&cfg, &nats.url(), Some(&app.url())).await;
+        r1.wait_ready().await;
+        r2.wait_ready().await;
+
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("k-{i:04}")).collect();
+        let (mut published, mut last) = (0, 0);
+        for (i, k) in keys.iter().enumerate() {
+            last = publish(&js, "tool.exec.grep", k, &format!("{k}-a")).await.sequence;
+            published += 1;
+            if i % 2 == 0 {
+                last = publish(&js, "tool.exec.grep", k, &format!("{k}-b")).await.sequence;
+                published += 1;
+            }
+        }
+        wait_until(Duration::from_secs(40), || async { app.tally(&keys).2 == 0 && consumer_settled(&js, "TOOL", "tool", last).await }).await;
+        let (delivered, duplicate_effects, lost) = app.tally(&keys);
+        let t = Tally { sent: published, acked: published, delivered, duplicate_effects, lost };
+        t.print("two-replicas-redeliveries");
+        let calls = app.calls();
+        let (m1, m2) = (r1.metrics().await, r2.metrics().await);
+        let deliveries = |m: &str| metric_sum(m, "natsbridge_ingress_deliveries_total", "tool-exec");
+        let conflicts = metric_sum(&m1, "natsbridge_idempotency_total", "result=\"conflict\"") + metric_sum(&m2, "natsbridge_idempotency_total", "result=\"conflict\"");
+        let dlq = stream_messages(&js, "DLQ").await;
+        println!(
+            "  app calls {}, redelivered calls {}, abandoned by the sidecar {}, deliveries per replica {} / {}, in-flight conflicts {conflicts}, dead letters {dlq}",
+            calls.len(),
+            calls.iter().filter(|c| c.delivery > 1).count(),
+            app.aborted().len(),
+            deliveries(&m1),
+            deliveries(&m2)
+        );
+
+        assert_eq!(lost, 0, "keys whose effect never happened");
+        assert_eq!(duplicate_effects, 0, "keys whose effect happened more than once");
+        assert_eq!(dlq, 0);
+        assert!(consumer_settled(&js, "TOOL", "tool", last).await, "the consumer did not settle");
+        assert!(calls.iter().any(|c| c.delivery > 1), "no redelivery was forced");
+        assert!(deliveries(&m1) > 0.0 && deliveries(&m2) > 0.0, "both replicas must take part");
+        r1.stop().await;
+        r2.stop().await;
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. NATS unreachable for 30 s under request-mode egress traffic.
+
+#[derive(Debug, Clone, Copy)]
+struct ProcStats {
+    rss_kib: u64,
+    fds: usize,
+    threads: usize,
+}
+
+fn proc_stats(pid: u32) -> ProcStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    ProcStats { rss_kib: field("VmRSS:"), fds, threads: field("Threads:") as usize }
+}
+
+/// Every request is answered (503/504) within its timeout for the whole outage — 15 s of
+/// a frozen server (SIGSTOP: connected but silent, as in a partition; requests time out,
+/// 504) then 15 s of a dead one (SIGKILL: refused; 503) — and the sidecar process is left
+/// with no more memory, file descriptors or threads than before, within tolerances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_for_30s_under_request_traffic_leaves_nothing_behind() {
+    bounded(Duration::from_secs(58), async {
+        const TIMEOUT: Duration = Duration::from_secs(1);
+        let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        // The service behind the subject: another client, which reconnects as well.
+        let responder = nats.client().await;
+        let mut sub = responder.queue_subscribe("svc.echo", "svc".into()).await.unwrap();
+        let echo = {
+            let c = responder.clone();
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                while let Some(m) = sub.next().await {
+                    if let Some(reply) = m.reply {
+                        let _ = c.publish(reply, m.payload).await;
+                    }
+                }
+            })
+        };
+        responder.flush().await.unwrap();
+        let route = sidecar_toml(
+            "caller",
+            r#"[[outbound]]
+name = "echo"
+method = "POST"
+path = "/echo"
+subject = "svc.echo"
+mode = "request"
+timeout = "1s"
+"#,
+        );
+        let sidecar = SidecarProcess::start(&route, &nats.url(), None);
+        sidecar.wait_ready().await;
+        let pid = sidecar.child.id();
+        let (workers, pace) = (8, Duration::from_millis(50));
+
+        // Warm up with the same traffic, then take the baseline at rest.
+        let stop = CancellationToken::new();
+        let (warm, t) = drive(workers, sidecar.url("/echo"), pace, stop.clone());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.cancel();
+        t.await.unwrap();
+        assert!(snapshot(&warm).iter().all(|s| s.status == Some(200)), "warm-up: {:?}", statuses(&snapshot(&warm)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = proc_stats(pid);
+
+        let stop = CancellationToken::new();
+        let (log, traffic) = drive(workers, sidecar.url("/echo"), pace, stop.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let down = Instant::now();
+        nats.pause();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let killed = Instant::now();
+        nats.kill();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let up = Instant::now();
+        tokio::task::block_in_place(|| nats.restart());
+        let recovery = recovered(&log, up, 200, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        traffic.await.unwrap();
+
+        let sent = snapshot(&log);
+        let outage: Vec<&Sent> = sent.iter().filter(|s| s.started >= down && s.started + s.latency <= up).collect();
+        let frozen = outage.iter().filter(|s| s.started < killed).count();
+        let ok = sent.iter().filter(|s| s.status == Some(200)).count();
+        // Connections closed by the clients are gone once the sidecar has read their EOF.
+        let mut after = proc_stats(pid);
+        wait_until(Duration::from_secs(5), || {
+            after = proc_stats(pid);
+            let settled = after.fds <= before.fds;
+            async move { settled }
+        })
+        .await;
+        let metrics = get(&format!("http://{}/metrics", sidecar.admin)).await.map(|r| String::from_utf8_lossy(&r.body).into_owned()).unwrap_or_default();
+        let in_flight = metric_sum(&metrics, "natsbridge_egress_requests_in_flight", "");
+        let unanswered = sent.iter().filter(|s| s.status.is_none()).count();
+        let t = Tally { sent: sent.len(), acked: ok, delivered: ok, duplicate_effects: 0, lost: unanswered };
+        t.print("nats-unreachable-30s");
+        println!(
+            "  statuses {:?}; outage {} requests ({frozen} while frozen), max latency {:?} (timeout {TIMEOUT:?}); first 200 {:?} after the restart",
+            statuses(&sent),
+            outage.len(),
+            max_latency(&sent),
+            recovery
+        );
+        println!(
+            "  sidecar process before/after: VmRSS {} / {} KiB, fds {} / {}, threads {} / {}; requests in flight after {in_flight}",
+            before.rss_kib, after.rss_kib, before.fds, after.fds, before.threads, after.threads
+        );
+
+        assert_eq!(unanswered, 0, "requests without an answer");
+        assert!(outage.iter().all(|s| matches!(s.status, Some(503 | 504))), "outage answers: {:?}", statuses(&sent));
+        assert!(outage.iter().filter(|s| s.started < killed).any(|s| s.status == Some(504)), "a frozen server times requests out (504)");
+        assert!(outage.iter().filter(|s| s.started >= killed).any(|s| s.status == Some(503)), "a dead server fails requests fast (503)");
+        assert!(sent.iter().all(|s| matches!(s.status, Some(200 | 503 | 504))), "{:?}", statuses(&sent));
+        let margin = Duration::from_millis(500);
+        assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
+        assert!(recovery.is_some(), "no 200 after NATS came back");
+        assert_eq!(in_flight, 0.0, "requests still in flight:\n{metrics}");
+        assert!(after.fds <= before.fds + 2, "file descriptors grew: {before:?} → {after:?}");
+        assert!(after.threads <= before.threads + 2, "threads grew: {before:?} → {after:?}");
+        assert!(after.rss_kib <= before.rss_kib + 8 * 1024, "memory grew: {before:?} → {after:?}");
+        echo.abort();
+    })
+    .await
+}
