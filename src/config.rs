@@ -1139,7 +1139,8 @@ impl<'a> Cx<'a> {
                     self.error(loc, Some("max_deliver"), route, "`max_deliver` must be at least 1");
                 }
                 if !backoff.is_empty() && backoff.len() as i64 >= max_deliver {
-                    self.error(loc, Some("backoff"), route, format!("`backoff` has {} steps; `max_deliver` ({max_deliver}) must be larger (a JetStream rule)", backoff.len()));
+                    // Delay n is used before delivery n+1, so steps past max_deliver-1 never apply.
+                    self.warn(loc, Some("backoff"), route, format!("`backoff` has {} steps but only {} redeliveries happen (max_deliver {max_deliver}); the extra steps are unused", backoff.len(), max_deliver - 1));
                 }
                 if ack_wait < Duration::from_secs(1) {
                     self.error(loc, Some("ack_wait"), route, "`ack_wait` must be at least 1s");
@@ -1489,7 +1490,9 @@ fn parse_http_url(s: &str) -> Result<http::Uri, String> {
 /// `host:port` → `host`; keeps bracketed IPv6 literals whole.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split(']').next().map(|h| &host[..h.len() + 1]).unwrap_or(host);
+        // An IPv6 literal; without its ']' (a malformed Host header) keep it whole. The
+        // old slice panicked there (found by fuzzing).
+        return host.find(']').map(|end| &host[..=end]).unwrap_or(host);
     }
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
