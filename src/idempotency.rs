@@ -75,8 +75,9 @@ pub enum Claim {
     Acquired(Ticket),
     /// Already handled: here is what the app answered.
     Done(StoredResponse),
-    /// Another handler holds a live claim.
-    InFlight,
+    /// Another handler holds a live claim, which goes stale in `stale_in` unless that
+    /// handler refreshes it (zero: unknown, look again soon).
+    InFlight { stale_in: Duration },
 }
 
 /// Where a message's key comes from (pure, for tests and fuzzing).
@@ -162,15 +163,16 @@ impl Store {
                 continue;
             }
             let now = now_ms();
-            let stale = match serde_json::from_slice::<Record>(&entry.value) {
+            // When the holder's claim goes stale (ms since the epoch); None: take it over now.
+            let live_until = match serde_json::from_slice::<Record>(&entry.value) {
                 Ok(Record::Done { expires_ms, response, .. }) if expires_ms > now => return Ok(Claim::Done(response)),
-                Ok(Record::Done { .. }) => true,
-                Ok(Record::Claimed { at_ms, .. }) => at_ms + self.claim_ttl.as_millis() as u64 <= now,
+                Ok(Record::Done { .. }) => None,
+                Ok(Record::Claimed { at_ms, .. }) => Some(at_ms + self.claim_ttl.as_millis() as u64).filter(|until| *until > now),
                 // Garbage in the bucket must not block the handler forever.
-                Err(_) => true,
+                Err(_) => None,
             };
-            if !stale {
-                return Ok(Claim::InFlight);
+            if let Some(until) = live_until {
+                return Ok(Claim::InFlight { stale_in: Duration::from_millis(until - now) });
             }
             // Take over an expired result or a crashed handler's claim, atomically.
             match self.kv.update(key, self.claim_record(), entry.revision).await {
@@ -181,7 +183,7 @@ impl Store {
                 Err(e) => return Err(IdempotencyError::Store(e.to_string())),
             }
         }
-        Ok(Claim::InFlight)
+        Ok(Claim::InFlight { stale_in: Duration::ZERO })
     }
 
     /// How long a claim lasts without a [`refresh`](Self::refresh).

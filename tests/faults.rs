@@ -342,6 +342,10 @@ fn max_latency<'a>(sent: impl IntoIterator<Item = &'a Sent>) -> Duration {
 // NATS fixtures
 
 fn sidecar_toml(service: &str, body: &str) -> String {
+    sidecar_toml_claim(service, "3s", body)
+}
+
+fn sidecar_toml_claim(service: &str, claim_ttl: &str, body: &str) -> String {
     format!(
         r#"[sidecar]
 service = "{service}"
@@ -353,7 +357,7 @@ servers = ["nats://127.0.0.1:1"]
 
 [idempotency]
 bucket = "{BUCKET}"
-claim_ttl = "3s"
+claim_ttl = "{claim_ttl}"
 
 {body}
 "#
@@ -703,8 +707,10 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
 //   Bridge-Idempotency-Key; this case shows it does get the same key, and that a naive app
 //   would have applied the effect twice.
 
+/// The production defaults scaled by 1/10: ack_wait 30s → 3s, claim_ttl 60s → 6s, the
+/// default backoff 1s, 2s, 4s, 8s → 100ms … 800ms, max_deliver 5 (unscaled).
 fn killable_route() -> String {
-    sidecar_toml("svc", &tool_route("ack_wait = \"2s\"\nmax_deliver = 20\nbackoff = [\"300ms\"]"))
+    sidecar_toml_claim("svc", "6s", &tool_route("ack_wait = \"3s\"\nmax_deliver = 5\nbackoff = [\"100ms\", \"200ms\", \"400ms\", \"800ms\"]"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,7 @@ async fn done_keys_replay_the_response_and_in_flight_keys_wait() {
     let s = stores(&nats, Duration::from_secs(60), 2).await;
     let key = kv_key("route", "k");
     let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
-    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight));
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight { .. }));
 
     // The other replica waits for the result...
     let waiter = {
@@ -83,7 +83,7 @@ async fn stale_claims_and_expired_results_are_taken_over() {
     let s = stores(&nats, Duration::from_millis(300), 2).await;
     let key = kv_key("route", "k");
     let Claim::Acquired(_crashed) = s[0].claim(&key).await.unwrap() else { panic!() };
-    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight));
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight { .. }));
     // The crashed handler's claim goes stale after claim_ttl; then another may run.
     let t = eventually("stale claim taken over", Duration::from_secs(5), || async {
         match s[1].claim(&key).await.unwrap() {

@@ -346,22 +346,39 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
         let app = CountingApp::start(|_, _| async { respond(200, "ran") }).await;
-        let sidecar = Sidecar::start(&js_route(&format!("backoff = [\"1s\"]\n{KEYED}")), &nats.url(), Some(&app.url())).await;
+        // claim_ttl 2s here, so that waiting out a claim is quick.
+        let route = js_route(&format!("backoff = [\"500ms\"]\n{KEYED}")).replace("claim_ttl = \"10s\"", "claim_ttl = \"2s\"");
+        let sidecar = Sidecar::start(&route, &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
 
-        // Another replica is running the handler for this key.
+        // Another replica is running the handler for this key, refreshing its claim as a
+        // live handler does.
         let other = other_replica(&nats).await;
         let Claim::Acquired(ticket) = other.claim(&kv_key("tool-exec", "busy-1")).await.unwrap() else { panic!("claim") };
+        let ticket = Arc::new(tokio::sync::Mutex::new(ticket));
+        let refresher = {
+            let (other, ticket) = (other.clone(), ticket.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    other.refresh(&mut *ticket.lock().await).await.unwrap();
+                }
+            })
+        };
 
         let a = publish(&js, "tool.exec.x", &[("Idempotency-Key", "busy-1")], "{}").await;
         wait_metric(&sidecar, "tool-exec", "conflict", 1.0).await;
         let first = Instant::now();
         wait_metric(&sidecar, "tool-exec", "conflict", 2.0).await;
-        // Naked with the route's backoff, not at once.
-        assert!(first.elapsed() >= Duration::from_millis(800), "redelivered after {:?}", first.elapsed());
+        // Naked until the claim would go stale (about claim_ttl), not at once nor after the
+        // route's shorter backoff: a live holder refreshed it meanwhile.
+        assert!(first.elapsed() >= Duration::from_millis(1500), "redelivered after {:?}", first.elapsed());
         assert!(app.calls().is_empty());
 
         // The other replica finishes: the next delivery is a hit.
+        refresher.abort();
+        let _ = refresher.await;
+        let ticket = ticket.lock().await.clone();
         other.complete(ticket, StoredResponse { status: 200, headers: vec![], body: Bytes::from_static(b"elsewhere"), truncated: false }, Duration::from_secs(3600)).await.unwrap();
         let info = settled(&js, a.sequence).await;
         assert!(info.delivered.consumer_sequence >= 3, "{info:?}");
@@ -738,7 +755,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         let mut looks = 0;
         while started.elapsed() < Duration::from_secs(3) {
             match other.claim(&key).await.unwrap() {
-                Claim::InFlight => looks += 1,
+                Claim::InFlight { .. } => looks += 1,
                 other => panic!("after {:?} the claim was {other:?}", started.elapsed()),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

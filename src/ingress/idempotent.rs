@@ -67,8 +67,8 @@ pub(crate) enum Begin {
     Run(Claimed),
     /// Handled before: the app's stored answer.
     Replay(StoredResponse),
-    /// Another handler holds the key.
-    InFlight,
+    /// Another handler holds the key; its claim goes stale in `stale_in` unless refreshed.
+    InFlight { stale_in: Duration },
     /// The store cannot be used: do not call the app.
     Unavailable(String),
 }
@@ -187,10 +187,10 @@ impl Guard {
                 self.c.hit.inc();
                 Begin::Replay(r)
             }
-            Ok(Claim::InFlight) => {
+            Ok(Claim::InFlight { stale_in }) => {
                 self.store_ok();
                 self.c.conflict.inc();
-                Begin::InFlight
+                Begin::InFlight { stale_in }
             }
             Err(e) => {
                 let why = e.to_string();
@@ -209,7 +209,7 @@ impl Guard {
             Begin::Run(c) => return Ok(c),
             Begin::Replay(r) => return Err(replay(r)),
             Begin::Unavailable(why) => return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid)),
-            Begin::InFlight => {}
+            Begin::InFlight { .. } => {}
         }
         let Some(store) = self.store.borrow().clone() else {
             return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", "the idempotency store is not bound yet".into(), rid));
@@ -232,7 +232,7 @@ impl Guard {
             Begin::Run(c) => Ok(c),
             Begin::Replay(r) => Err(replay(r)),
             Begin::Unavailable(why) => Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid)),
-            Begin::InFlight => Err(self.problem(
+            Begin::InFlight { .. } => Err(self.problem(
                 StatusCode::CONFLICT,
                 "idempotency-in-flight",
                 format!("a request with the same idempotency key is still being processed after {wait:?}; retry later"),

@@ -38,6 +38,9 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const WATCHDOG_EVERY: Duration = Duration::from_secs(2);
 /// Deadline for the server to confirm an ack or term, and for a dead letter's PubAck.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A copy whose key another handler holds is redelivered this long after that claim
+/// would go stale, so the redelivery finds it stale if its holder died.
+const CLAIM_STALE_MARGIN: Duration = Duration::from_millis(250);
 
 /// Incoming headers that would spoof what we tell the app about the delivery.
 const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec::BRIDGE_SEQ, codec::BRIDGE_IDEMPOTENCY_KEY];
@@ -324,9 +327,19 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
                     }
                     return;
                 }
-                Begin::InFlight | Begin::Unavailable(_) => {
-                    // Another handler holds the key (its outcome decides whether this copy
-                    // runs), or the store cannot protect the call: try again later.
+                Begin::InFlight { stale_in } => {
+                    // Another handler holds the key: its outcome decides whether this copy
+                    // runs. Come back no sooner than its claim would go stale: if that
+                    // handler is dead (a sidecar killed mid-call), the next delivery takes
+                    // the key over, instead of spending every remaining delivery on a claim
+                    // nobody will release and being dead-lettered without ever running.
+                    let delay = policy::backoff(&js.consumer.backoff, delivered).max(stale_in + CLAIM_STALE_MARGIN);
+                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                    m.nak.inc();
+                    return;
+                }
+                Begin::Unavailable(_) => {
+                    // The store cannot protect the call: try again later.
                     let _ = msg.ack_with(AckKind::Nak(Some(policy::backoff(&js.consumer.backoff, delivered)))).await;
                     m.nak.inc();
                     return;
