@@ -174,7 +174,19 @@ pub fn response_to_reply_headers(status: StatusCode, headers: &HeaderMap) -> asy
 
 /// Request line parts → tunnel headers, added to the request's own end-to-end headers.
 pub fn tunnel_request_headers(method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> async_nats::HeaderMap {
-    let mut out = http_to_nats_headers(headers);
+    // The request's own `Bridge-*` tunnel headers must not pass: a `Bridge-Query` sent by
+    // the app would otherwise be replayed as the query of a request that had none (found
+    // by fuzzing).
+    let control = [BRIDGE_METHOD, BRIDGE_PATH, BRIDGE_QUERY];
+    let mut out = if control.iter().any(|h| headers.contains_key(*h)) {
+        let mut own = headers.clone();
+        for h in control {
+            own.remove(h);
+        }
+        http_to_nats_headers(&own)
+    } else {
+        http_to_nats_headers(headers)
+    };
     out.insert(BRIDGE_METHOD, method.as_str());
     out.insert(BRIDGE_PATH, path);
     if let Some(q) = query {

@@ -9,9 +9,11 @@ use std::fmt;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 
-/// Is `t` one literal subject token (no separators, wildcards or whitespace)?
+/// Is `t` one literal subject token (no separators, wildcards, whitespace or control
+/// characters)? Control characters too: a percent-decoded capture like `%7F` or `%01`
+/// must not reach a subject (found by fuzzing; config subjects already refused them).
 pub fn is_valid_token(t: &str) -> bool {
-    !t.is_empty() && !t.bytes().any(|b| matches!(b, b'.' | b'*' | b'>') || b.is_ascii_whitespace() || b == 0)
+    !t.is_empty() && !t.bytes().any(|b| matches!(b, b'.' | b'*' | b'>') || b.is_ascii_whitespace() || b.is_ascii_control())
 }
 
 /// Why a subject or a captured value was refused.
