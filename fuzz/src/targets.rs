@@ -1,0 +1,292 @@
+//! The fuzz targets' bodies, shared by the cargo-fuzz binaries (`fuzz_targets/*.rs`, via
+//! the `natsbridge-fuzz` crate) and the stable randomized driver in the main crate
+//! (`tests/fuzz_regressions.rs`, via `#[path]`). Each takes raw bytes, never panics on
+//! its own, and asserts the invariants of the code under test.
+//!
+//! Depends only on `natsbridge`, `http` and `async-nats`, which both users have.
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use natsbridge::codec;
+use natsbridge::config::{self, OutboundTarget};
+use natsbridge::routes::RouteTable;
+use natsbridge::subject::SubjectTemplate;
+
+/// Hop-by-hop headers plus those a NATS hop recomputes (mirrors `codec`).
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn fields(data: &[u8]) -> Vec<&[u8]> {
+    data.split(|&b| b == 0).collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// routes.toml parsing and validation
+
+/// `natsbridge::config::parse` on arbitrary text: never panics; a config it accepts builds
+/// a route table, and every template in it renders its own probe.
+pub fn config(data: &[u8]) {
+    let src = text(data);
+    match config::parse(&src, "fuzz.toml") {
+        Ok(c) => {
+            let table = RouteTable::new(&c);
+            assert_eq!(table.len(), c.outbound.len());
+            for r in &c.outbound {
+                assert!(r.path.starts_with('/'), "accepted a path not starting with '/': {:?}", r.path);
+                if let OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) = &r.target {
+                    let probe = t.probe();
+                    assert!(natsbridge::subject::SubjectPattern::parse(&probe).is_ok(), "template {:?} probes to invalid {probe:?}", t.as_str());
+                }
+            }
+        }
+        Err(e) => assert!(!e.diagnostics.is_empty(), "an error without diagnostics"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// path matching + subject rendering
+
+const ROUTES: &str = r#"
+[sidecar]
+service = "fuzz"
+
+[[outbound]]
+name = "exec"
+method = "POST"
+host = "agent-service"
+path = "/agents/{agent_id}/execute"
+subject = "agent.{agent_id}.execution.requested"
+mode = "request"
+
+[[outbound]]
+name = "mixed"
+path = "/jobs/{id}/{step}"
+subject = "job-{id}.step_{step}.done"
+mode = "publish"
+
+[[outbound]]
+name = "two"
+method = "PUT"
+path = "/kv/{bucket}/keys/{key}"
+subject = "kv.{bucket}.{key}"
+mode = "jetstream"
+
+[[outbound]]
+name = "static"
+method = "GET"
+path = "/health/deep"
+subject = "health.deep"
+mode = "request"
+
+[[outbound]]
+name = "rest"
+host = "model-service"
+path = "/{*rest}"
+mode = "tunnel"
+service = "model"
+"#;
+
+fn table() -> &'static RouteTable {
+    static T: OnceLock<RouteTable> = OnceLock::new();
+    T.get_or_init(|| RouteTable::new(&config::parse(ROUTES, "fuzz-routes.toml").expect("fuzz routes are valid")))
+}
+
+const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+
+/// A rendered subject has no wildcard, empty, whitespace or control-character token,
+/// and exactly as many tokens as its template.
+pub fn check_subject(template: &SubjectTemplate, subject: &str) {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for t in &tokens {
+        assert!(!t.is_empty(), "empty token in {subject:?} from {:?}", template.as_str());
+        assert!(!t.contains('*') && !t.contains('>'), "wildcard in {subject:?} from {:?}", template.as_str());
+        assert!(
+            !t.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()),
+            "whitespace or control character in {subject:?} from {:?}",
+            template.as_str()
+        );
+    }
+    assert_eq!(tokens.len(), template.as_str().split('.').count(), "token count of {subject:?} vs template {:?}", template.as_str());
+}
+
+/// Input: `method byte, path, host, template, value` separated by NUL bytes.
+/// - the fixed route table looks up (method, host, path) and renders the matched route's
+///   subject from the path captures;
+/// - a fuzzed subject template renders from fuzzed capture values.
+pub fn routes(data: &[u8]) {
+    let f = fields(data);
+    let method_i = f.first().and_then(|m| m.first()).copied().unwrap_or(0) as usize;
+    let method = http::Method::from_str(METHODS[method_i % METHODS.len()]).unwrap();
+    let path = text(f.get(1).copied().unwrap_or(b"/"));
+    let host = f.get(2).map(|h| text(h));
+    if let Ok(m) = table().lookup(&method, host.as_deref(), &path) {
+        assert!(std::ptr::eq(m.route, &table().routes()[m.index]));
+        if let OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) = &m.route.target {
+            if let Ok(subject) = t.render(|name| m.params.get(name)) {
+                check_subject(t, &subject);
+            }
+        }
+    }
+    if let Some(tpl) = f.get(3) {
+        if let Ok(t) = SubjectTemplate::parse(&text(tpl)) {
+            let value = text(f.get(4).copied().unwrap_or(b"x"));
+            let values: Vec<&str> = value.split('/').collect();
+            let pick = |name: &str| -> Option<&str> {
+                let h = name.bytes().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
+                values.get(h % values.len()).copied()
+            };
+            if let Ok(subject) = t.render(pick) {
+                check_subject(&t, &subject);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// header mapping, both directions
+
+/// `name: value` lines → an HTTP header map (invalid names or values skipped).
+fn http_headers(b: &[u8]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for line in b.split(|&c| c == b'\n') {
+        let Some(colon) = line.iter().position(|&c| c == b':') else { continue };
+        let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(&line[..colon]), http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii())) else {
+            continue;
+        };
+        h.append(n, v);
+    }
+    h
+}
+
+/// `name: value` lines → a NATS header map, through the fallible parsers (as the wire
+/// decoder would refuse what they refuse).
+fn nats_headers(b: &[u8]) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    for line in b.split(|&c| c == b'\n') {
+        let line = text(line);
+        let Some((n, v)) = line.split_once(':') else { continue };
+        let (Ok(n), Ok(v)) = (async_nats::HeaderName::from_str(n), async_nats::HeaderValue::from_str(v.trim())) else { continue };
+        h.append(n, v);
+    }
+    h
+}
+
+fn connection_tokens(h: &http::HeaderMap) -> Vec<String> {
+    h.get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Input: `http header lines, nats header lines, status byte pair, payload` separated by
+/// NUL bytes. No hop-by-hop header (nor one named in `Connection:`) survives either
+/// direction; nothing panics; reply statuses stay in 200..=999.
+pub fn headers(data: &[u8]) {
+    let f = fields(data);
+    let h = http_headers(f.first().copied().unwrap_or_default());
+    let out = codec::http_to_nats_headers(&h);
+    let conn = connection_tokens(&h);
+    for (name, _) in out.iter() {
+        let n = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+        assert!(!HOP_BY_HOP.contains(&n.as_str()), "hop-by-hop {n:?} survived http→nats");
+        assert!(!conn.contains(&n), "{n:?} named in Connection survived http→nats");
+    }
+    // And back again: still none, and every value survives unchanged.
+    let back = codec::nats_to_http_headers(&out, &[]);
+    for (name, value) in &back {
+        assert!(!HOP_BY_HOP.contains(&name.as_str()), "hop-by-hop {name} survived the round trip");
+        assert!(h.get_all(name).iter().any(|v| v == value), "{name}: {value:?} was not in the input");
+    }
+
+    let n = nats_headers(f.get(1).copied().unwrap_or_default());
+    let out = codec::nats_to_http_headers(&n, &[codec::BRIDGE_STATUS]);
+    for (name, _) in &out {
+        assert!(!HOP_BY_HOP.contains(&name.as_str()), "hop-by-hop {name} survived nats→http");
+        assert!(!name.as_str().eq_ignore_ascii_case(codec::BRIDGE_STATUS), "a skipped header survived");
+    }
+
+    let code = f.get(2).map(|s| s.iter().fold(0u16, |a, &b| a.wrapping_mul(10).wrapping_add(b as u16) % 1000)).unwrap_or(200);
+    if let Ok(status) = http::StatusCode::from_u16(code) {
+        let reply = codec::response_to_reply_headers(status, &h);
+        if status.as_u16() >= 200 {
+            let r = codec::reply_to_response(Some(&reply), bytes::Bytes::new()).expect("our own reply headers decode");
+            assert_eq!(r.status, status);
+        }
+    }
+    let payload = bytes::Bytes::copy_from_slice(f.get(3).copied().unwrap_or_default());
+    if let Ok(r) = codec::reply_to_response(Some(&n), payload) {
+        assert!(r.status.as_u16() >= 200, "informational status from a reply: {}", r.status);
+        for (name, _) in &r.headers {
+            assert!(!HOP_BY_HOP.contains(&name.as_str()), "hop-by-hop {name} in a reply response");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tunnel request decoding
+
+/// Input: `nats header lines, method, path-and-query, http header lines` separated by NUL
+/// bytes.
+/// - decoding arbitrary tunnel headers yields an origin-form path (starts with '/', not
+///   '//') that parses as a URI path, and none of the control or hop-by-hop headers;
+/// - encoding a request and decoding it gives the same method and path back.
+pub fn tunnel(data: &[u8]) {
+    let f = fields(data);
+    let n = nats_headers(f.first().copied().unwrap_or_default());
+    check_decoded(codec::decode_tunnel_request(Some(&n)));
+
+    let method = f.get(1).and_then(|m| http::Method::from_bytes(m).ok());
+    let pq = f.get(2).and_then(|p| http::uri::PathAndQuery::try_from(*p).ok());
+    if let (Some(method), Some(pq)) = (method, pq) {
+        let h = http_headers(f.get(3).copied().unwrap_or_default());
+        let encoded = codec::tunnel_request_headers(&method, pq.path(), pq.query(), &h);
+        let decoded = codec::decode_tunnel_request(Some(&encoded));
+        if pq.path().starts_with('/') && !pq.path().starts_with("//") {
+            let t = decoded.clone().unwrap_or_else(|e| panic!("{method} {pq} did not survive the tunnel: {e}"));
+            assert_eq!(t.method, method);
+            // `PathAndQuery` keeps "?q" as written but reports its path as "/".
+            let want = match pq.query() {
+                Some(q) => format!("{}?{q}", pq.path()),
+                None => pq.path().to_owned(),
+            };
+            assert_eq!(t.path_and_query, want);
+        }
+        check_decoded(decoded);
+    }
+}
+
+fn check_decoded(r: Result<codec::TunnelRequest, codec::TunnelError>) {
+    let Ok(t) = r else { return };
+    assert!(t.path_and_query.starts_with('/') && !t.path_and_query.starts_with("//"), "decoded path {:?}", t.path_and_query);
+    assert!(http::uri::PathAndQuery::try_from(t.path_and_query.as_str()).is_ok(), "decoded path {:?} does not parse", t.path_and_query);
+    for (name, _) in &t.headers {
+        let n = name.as_str();
+        assert!(!HOP_BY_HOP.contains(&n), "hop-by-hop {n} in a decoded tunnel request");
+        for control in [codec::BRIDGE_METHOD, codec::BRIDGE_PATH, codec::BRIDGE_QUERY] {
+            assert!(!n.eq_ignore_ascii_case(control), "{control} leaked into the replayed request");
+        }
+    }
+}
+
+/// Every target by name, for drivers.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel)];
