@@ -286,6 +286,44 @@ mod tests {
     }
 
     #[test]
+    fn seeds_are_checked_without_being_quoted() {
+        let s = Secret::Env("SEED".into());
+        let user = format!("SU{}", "A".repeat(56));
+        assert!(check_user_seed(&s, &user).is_ok());
+        let account = format!("SA{}", "A".repeat(56));
+        let e = check_user_seed(&s, &account).unwrap_err().to_string();
+        assert!(e.contains("user nkey seed") && !e.contains(&account), "{e}");
+        let public = format!("U{}", "A".repeat(55));
+        let e = check_user_seed(&s, &public).unwrap_err().to_string();
+        assert!(e.contains("not an nkey seed") && !e.contains(&public), "{e}");
+        let e = resolve(&s, &|_| Some("  \n".into())).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn repeated_connect_failures_are_logged_once_per_period_with_a_count() {
+        let log = EventLog::default();
+        assert_eq!(log.failure("authorization violation"), Some(0));
+        assert_eq!(log.failure("authorization violation"), None);
+        assert_eq!(log.failure("authorization violation"), None);
+        // A different failure is news: logged at once.
+        assert_eq!(log.failure("IO error"), Some(0));
+        // After a successful connection, the next failure is logged again.
+        log.connected();
+        assert_eq!(log.failure("IO error"), Some(0));
+        // Once the period has passed, the line says how many were not logged.
+        *log.failure.lock().unwrap() = Some(("IO error".into(), Instant::now() - REPEAT_LOG, 7));
+        assert_eq!(log.failure("IO error"), Some(7));
+    }
+
+    #[test]
+    fn auth_is_described_by_where_the_secret_lives() {
+        let d = auth_description(&NatsAuth::UserPassword { user: "bridge".into(), password: Secret::File("/run/pw".into()) });
+        assert_eq!(d, "user \"bridge\" with the password from file:/run/pw");
+        assert_eq!(auth_description(&NatsAuth::Token(Secret::Env("T".into()))), "token from env:T");
+    }
+
+    #[test]
     fn secrets_resolve_from_env_and_files_and_are_never_printed() {
         let env = |k: &str| (k == "TOKEN").then(|| "s3cret\n".to_owned());
         assert_eq!(resolve(&Secret::Env("TOKEN".into()), &env).unwrap(), "s3cret");

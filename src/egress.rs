@@ -803,3 +803,22 @@ fn bad_framing(why: &str) -> Response<Body> {
     r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
+
+#[cfg(test)]
+mod edge_tests {
+    use super::framing_problem;
+
+    #[test]
+    fn framing_is_judged_on_the_raw_head() {
+        let head = |h: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{h}");
+        assert_eq!(framing_problem(head("Content-Length: 3\r\n").as_bytes()), None);
+        assert_eq!(framing_problem(head("Transfer-Encoding: chunked\r\n").as_bytes()), None);
+        assert_eq!(framing_problem(head("TRANSFER-ENCODING:  Chunked \r\n").as_bytes()), None);
+        assert!(framing_problem(head("Content-Length: 3\r\ncontent-length: 3\r\n").as_bytes()).is_some());
+        assert!(framing_problem(head("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n").as_bytes()).is_some());
+        assert!(framing_problem(head("Transfer-Encoding: gzip, chunked\r\n").as_bytes()).is_some());
+        assert!(framing_problem(head("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n").as_bytes()).is_some());
+        // The request line is not a header, whatever it contains.
+        assert_eq!(framing_problem(b"GET /content-length:1 HTTP/1.1\r\nContent-Length: 0\r\n"), None);
+    }
+}
