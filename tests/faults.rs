@@ -500,6 +500,15 @@ concurrency = 16
         let (delivered, _, _) = app.tally(&all);
         let t = Tally { sent: sent.len(), acked: acked.len(), delivered, duplicate_effects, lost };
         t.print("nats-killed-jetstream-egress");
+        // How the duplicates came about: a redelivery (Bridge-Delivery > 1: an ack lost in
+        // the crash), or a first delivery again (the consumer's ack state rolled back).
+        let calls = app.calls();
+        let twice: Vec<&Call> = calls.iter().filter(|c| app.effects(&c.key) > 1).collect();
+        println!(
+            "  duplicate calls: {} redeliveries, {} first deliveries again",
+            twice.iter().filter(|c| c.earlier > 0 && c.delivery > 1).count(),
+            twice.iter().filter(|c| c.earlier > 0 && c.delivery <= 1).count()
+        );
         let failed: Vec<&Sent> = sent.iter().filter(|s| s.status != Some(202)).collect();
         let during = sent.iter().filter(|s| s.started >= killed && s.started < restarted).count();
         println!(
@@ -626,6 +635,8 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
                 let healthy = mode.load(Ordering::SeqCst) == 1;
                 async move {
                     if !healthy {
+                        // Slow failures, so the crash cuts some calls mid-flight.
+                        tokio::time::sleep(Duration::from_millis(40)).await;
                         return (500, false);
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
