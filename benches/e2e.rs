@@ -47,6 +47,9 @@ use tokio::net::TcpListener;
 const BODY_LEN: usize = 1024;
 /// Fixed-rate load stops issuing (and counts as dropped) past this many requests in flight.
 const MAX_OUTSTANDING: usize = 4096;
+/// The HTTP client's connection pool per path: requests past it wait for a connection
+/// (and that wait counts in their latency), as with any real client's bounded pool.
+const MAX_CONNECTIONS: usize = 256;
 
 type HttpClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 type OpFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -56,6 +59,8 @@ type Op = Arc<dyn Fn() -> OpFuture + Send + Sync>;
 /// How long each part of the run takes.
 struct Plan {
     quick: bool,
+    /// `BENCH_ONLY=c,e`: run only these paths (for profiling one of them).
+    only: Option<Vec<String>>,
     warmup: Duration,
     rate: Duration,
     sweep_step: Duration,
@@ -68,10 +73,15 @@ struct Plan {
 }
 
 impl Plan {
+    fn runs(&self, path: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|p| p == path))
+    }
+
     fn new(quick: bool) -> Self {
         if quick {
             Plan {
                 quick,
+                only: None,
                 warmup: Duration::from_millis(300),
                 rate: Duration::from_millis(1500),
                 sweep_step: Duration::from_millis(700),
@@ -85,10 +95,11 @@ impl Plan {
         } else {
             Plan {
                 quick,
+                only: None,
                 warmup: Duration::from_secs(1),
                 rate: Duration::from_secs(5),
                 sweep_step: Duration::from_secs(2),
-                sweep_rates: &[2000.0, 4000.0, 8000.0, 16000.0, 32000.0],
+                sweep_rates: &[2000.0, 4000.0, 8000.0, 16000.0],
                 saturation: Duration::from_secs(3),
                 concurrency: 32,
                 js_concurrency: 32,
@@ -111,8 +122,20 @@ fn main() {
         eprintln!("e2e: run it with `scripts/bench [--quick]` (or `cargo bench --bench e2e [-- --quick]`)");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let code = rt.block_on(run(Plan::new(quick)));
+    // Explicit, so TOKIO_WORKER_THREADS given to try out the sidecars does not change the load generator.
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build().unwrap();
+    let mut plan = Plan::new(quick);
+    // Profiling aids: BENCH_ONLY=c (comma-separated paths), BENCH_RATE_SECS=30 and
+    // BENCH_SATURATION_SECS=30 (phase lengths, long enough to attach `perf record -p <pid>`).
+    plan.only = std::env::var("BENCH_ONLY").ok().map(|v| v.split(',').map(|p| p.trim().to_owned()).collect());
+    if let Some(secs) = std::env::var("BENCH_RATE_SECS").ok().and_then(|v| v.parse::<f64>().ok()) {
+        plan.rate = Duration::from_secs_f64(secs);
+    }
+    if let Some(secs) = std::env::var("BENCH_SATURATION_SECS").ok().and_then(|v| v.parse::<f64>().ok()) {
+        plan.saturation = Duration::from_secs_f64(secs);
+    }
+    let code = rt.block_on(run(plan));
     rt.shutdown_timeout(Duration::from_secs(2));
     std::process::exit(code);
 }
@@ -198,7 +221,17 @@ impl SidecarProc {
         let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_natsbridge"))
+        // BENCH_WRAP_SIDECAR="valgrind --tool=callgrind" (say) runs each sidecar under it.
+        let wrap: Vec<String> = std::env::var("BENCH_WRAP_SIDECAR").map(|w| w.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(env!("CARGO_BIN_EXE_natsbridge"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_natsbridge")),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -249,7 +282,18 @@ impl SidecarProc {
 }
 
 impl Drop for SidecarProc {
+    /// SIGTERM (a clean drain, and a profiler wrapper gets to write its output), then
+    /// SIGKILL if it lingers.
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let patience = if std::env::var("BENCH_WRAP_SIDECAR").is_ok() { 120 } else { 5 };
+        let deadline = Instant::now() + Duration::from_secs(patience);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -402,12 +446,18 @@ impl App {
 fn http_client() -> HttpClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector)
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(MAX_CONNECTIONS)
+        .build(connector)
 }
 
-fn http_op(client: &HttpClient, uri: &str, host: Option<&'static str>, body: Bytes, want: StatusCode, want_len: Option<usize>) -> Op {
-    let (client, uri): (HttpClient, Uri) = (client.clone(), uri.parse().unwrap());
+/// POSTs `body` to `uri` on a fresh keep-alive client of at most [`MAX_CONNECTIONS`].
+fn http_op(uri: &str, host: Option<&'static str>, body: Bytes, want: StatusCode, want_len: Option<usize>) -> Op {
+    let (client, uri): (HttpClient, Uri) = (http_client(), uri.parse().unwrap());
+    let pool = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Arc::new(move || {
+        let pool = pool.clone();
         let mut b = Request::post(uri.clone()).header(http::header::CONTENT_TYPE, "application/octet-stream");
         if let Some(h) = host {
             b = b.header(http::header::HOST, h);
@@ -415,6 +465,7 @@ fn http_op(client: &HttpClient, uri: &str, host: Option<&'static str>, body: Byt
         let req = b.body(Full::new(body.clone())).unwrap();
         let client = client.clone();
         Box::pin(async move {
+            let _conn = pool.acquire_owned().await.expect("never closed");
             let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
             let status = res.status();
             let body = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
@@ -661,6 +712,9 @@ impl Bench {
 
     /// Warm-up, 1k rps, a rate sweep up to saturation, and fixed concurrency.
     async fn path(&mut self, path: &str, label: &str, op: &Op, procs: &[Watched], sweep: bool) {
+        if !self.plan.runs(path.trim_end_matches("-raw")) {
+            return;
+        }
         let _ = run_rate(op, 1000.0, self.plan.warmup).await;
         let m = Meter::start(procs);
         let (rec, secs, dropped) = run_rate(op, 1000.0, self.plan.rate).await;
@@ -690,6 +744,9 @@ impl Bench {
     }
 
     async fn saturation(&mut self, path: &str, label: &str, op: &Op, procs: &[Watched], conc: usize) {
+        if !self.plan.runs(path.trim_end_matches("-raw")) {
+            return;
+        }
         let m = Meter::start(procs);
         let (rec, secs) = run_concurrency(op, conc, self.plan.saturation).await;
         let mut p = Phase::from(path, label, "concurrency", &rec, secs, 0);
@@ -974,9 +1031,9 @@ fn markdown(machine: &serde_json::Value, date: &str, plan: &Plan, phases: &[Phas
     );
     s += "1 KiB request bodies (and 1 KiB echoed replies on a–d), keep-alive connections, warm-up before each path. \
           Latency in ms; fixed-rate rows are measured from each request's intended send time (coordinated-omission corrected), \
-          concurrency rows from the actual send. CPU is utime+stime from /proc per sidecar process, RSS is the maximum VmRSS sampled every 100 ms.\n\n";
-    s += "| path | load | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | sidecar CPU s / 10k req | sidecar vCPU | sidecar RSS MB |\n";
-    s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n";
+          concurrency rows from the actual send. CPU is utime+stime from /proc per process (the bench process holds the load generator, the app and the raw baselines' clients), RSS is the maximum VmRSS sampled every 100 ms.\n\n";
+    s += "| path | load | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | sidecar CPU s / 10k req | sidecar vCPU | sidecar RSS MB | CPU s / 10k: nats-server · bench |\n";
+    s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n";
     for p in phases {
         let load = match (p.load.as_str(), p.target_rps, p.concurrency) {
             ("rate", Some(r), _) => format!("{r:.0} rps{}", if p.saturated { " (saturated)" } else { "" }),
@@ -986,8 +1043,9 @@ fn markdown(machine: &serde_json::Value, date: &str, plan: &Plan, phases: &[Phas
         };
         let sidecars: Vec<&ProcUsage> = p.procs.iter().filter(|u| u.name.starts_with("sidecar")).collect();
         let join = |f: &dyn Fn(&ProcUsage) -> String| if sidecars.is_empty() { "–".to_owned() } else { sidecars.iter().map(|u| f(u)).collect::<Vec<_>>().join(" / ") };
+        let other = |n: &str| p.procs.iter().find(|u| u.name.starts_with(n)).map(|u| format!("{:.2}", u.cpu_seconds_per_10k)).unwrap_or("–".into());
         s += &format!(
-            "| {} {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} · {} |\n",
             p.path,
             p.label,
             load,
@@ -1001,6 +1059,8 @@ fn markdown(machine: &serde_json::Value, date: &str, plan: &Plan, phases: &[Phas
             join(&|u| format!("{}: {:.2}", short(&u.name), u.cpu_seconds_per_10k)),
             join(&|u| format!("{}: {:.3}", short(&u.name), u.vcpu)),
             join(&|u| format!("{}: {:.1}", short(&u.name), u.rss_mb_max)),
+            other("nats-server"),
+            other("bench"),
         );
     }
     if !idle.is_empty() {
@@ -1123,6 +1183,8 @@ async fn run(plan: Plan) -> i32 {
     let nats = NatsServer::start();
     let nats_url = nats.url();
     let nats_proc = Watched { name: "nats-server".into(), pid: nats.child.id() };
+    // This process: the load generator, the app and the raw baselines' clients.
+    let me = Watched { name: "bench (client+app)".into(), pid: std::process::id() };
     let app = start_app().await;
     let app_url = format!("http://{}", app.addr);
     let client = http_client();
@@ -1152,11 +1214,12 @@ async fn run(plan: Plan) -> i32 {
     if let Some(b) = &b {
         idle.insert(b.name.into(), rss_kb(b.child.id()) as f64 / 1024.0);
     }
-    let sidecars: Vec<Watched> = [Some(a.watched()), b.as_ref().map(|b| b.watched())].into_iter().flatten().chain([nats_proc.clone()]).collect();
+    println!("pids: nats-server {}, sidecar-a {}, sidecar-b {:?}", nats.child.id(), a.child.id(), b.as_ref().map(|b| b.child.id()));
+    let sidecars: Vec<Watched> = [Some(a.watched()), b.as_ref().map(|b| b.watched())].into_iter().flatten().chain([nats_proc.clone(), me.clone()]).collect();
 
     // a. direct HTTP.
-    let op = http_op(&client, &format!("{app_url}/echo"), None, body.clone(), StatusCode::OK, Some(BODY_LEN));
-    bench.path("a", "direct HTTP", &op, &[nats_proc.clone()], true).await;
+    let op = http_op(&format!("{app_url}/echo"), None, body.clone(), StatusCode::OK, Some(BODY_LEN));
+    bench.path("a", "direct HTTP", &op, &[nats_proc.clone(), me.clone()], true).await;
 
     // b. raw NATS request/reply: a responder on its own connection, echoing the payload.
     let responder_nc = async_nats::connect(&nats_url).await.unwrap();
@@ -1169,71 +1232,73 @@ async fn run(plan: Plan) -> i32 {
         }
     });
     let op = nats_op(&nc, "bench.raw", body.clone());
-    bench.path("b", "raw NATS request/reply", &op, &[nats_proc.clone()], true).await;
+    bench.path("b", "raw NATS request/reply", &op, &[nats_proc.clone(), me.clone()], true).await;
     responder.abort();
 
     if with_ingress {
         // c. request path through two sidecars.
-        let op = http_op(&client, &format!("http://{}/echo", a.egress), None, body.clone(), StatusCode::OK, Some(BODY_LEN));
+        let op = http_op(&format!("http://{}/echo", a.egress), None, body.clone(), StatusCode::OK, Some(BODY_LEN));
         bench.path("c", "sidecar request (A→NATS→B→app)", &op, &sidecars, true).await;
         // d. tunnel path.
-        let op = http_op(&client, &format!("http://{}/echo", a.egress), Some("app-b"), body.clone(), StatusCode::OK, Some(BODY_LEN));
+        let op = http_op(&format!("http://{}/echo", a.egress), Some("app-b"), body.clone(), StatusCode::OK, Some(BODY_LEN));
         bench.path("d", "sidecar tunnel (A→NATS→B→app)", &op, &sidecars, true).await;
     }
 
     // e. JetStream publish: through sidecar A vs raw, at equal concurrency.
-    let only_a = [a.watched(), nats_proc.clone()];
-    let op = http_op(&client, &format!("http://{}/events/1", a.egress), None, body.clone(), StatusCode::ACCEPTED, None);
+    let only_a = [a.watched(), nats_proc.clone(), me.clone()];
+    let op = http_op(&format!("http://{}/events/1", a.egress), None, body.clone(), StatusCode::ACCEPTED, None);
     bench.path("e", "sidecar JetStream publish → 202", &op, &only_a, false).await;
     let op = js_op(&js, "benche.raw", body.clone());
-    bench.path("e-raw", "raw JetStream publish + ack", &op, &[nats_proc.clone()], false).await;
+    bench.path("e-raw", "raw JetStream publish + ack", &op, &[nats_proc.clone(), me.clone()], false).await;
     // Equal concurrency, again, back to back, for the ratio (the 1k-rps rows above only
     // show latency). Run order: sidecar, raw, sidecar, raw; keep the better of each.
     for _ in 0..(if bench.plan.quick { 0 } else { 1 }) {
-        let op = http_op(&client, &format!("http://{}/events/1", a.egress), None, body.clone(), StatusCode::ACCEPTED, None);
+        let op = http_op(&format!("http://{}/events/1", a.egress), None, body.clone(), StatusCode::ACCEPTED, None);
         bench.saturation("e", "sidecar JetStream publish → 202", &op, &only_a, bench.plan.js_concurrency).await;
         let op = js_op(&js, "benche.raw", body.clone());
-        bench.saturation("e-raw", "raw JetStream publish + ack", &op, &[nats_proc.clone()], bench.plan.js_concurrency).await;
+        bench.saturation("e-raw", "raw JetStream publish + ack", &op, &[nats_proc.clone(), me.clone()], bench.plan.js_concurrency).await;
     }
     keep_best(&mut bench.phases, "e", "concurrency");
     keep_best(&mut bench.phases, "e-raw", "concurrency");
 
     // f. JetStream ingress: drain a preloaded stream through the sidecar, and with a raw
     // pull consumer at the same concurrency.
-    let n = bench.plan.f_messages;
-    let conc = bench.plan.f_concurrency;
-    let t0 = Instant::now();
-    preload(&js, n, &body).await;
-    println!("  (preloaded {n} messages into BENCH_F in {:.1} s)", t0.elapsed().as_secs_f64());
+    if bench.plan.runs("f") {
+        let n = bench.plan.f_messages;
+        let conc = bench.plan.f_concurrency;
+        let t0 = Instant::now();
+        preload(&js, n, &body).await;
+        println!("  (preloaded {n} messages into BENCH_F in {:.1} s)", t0.elapsed().as_secs_f64());
 
-    // Raw first: it creates its own consumer and starts at once.
-    app.reset_ingest();
-    let m = Meter::start(&[nats_proc.clone()]);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let raw = {
-        let (js, client, stop) = (js.clone(), client.clone(), stop.clone());
-        let app_ref = App { addr: app.addr, ingested: app.ingested.clone(), first_ingest: app.first_ingest.clone() };
-        tokio::spawn(async move { raw_consumer(&js, &client, &app_ref, conc, stop).await })
-    };
-    let drained = wait_drained(&js, "raw-f", n, Duration::from_secs(120)).await;
-    stop.cancel();
-    let _ = raw.await;
-    bench.push(drain_phase("f-raw", "raw pull consumer → app", &app, n, conc, drained, m.finish(n as u64, tck)));
-
-    if with_ingress {
+        // Raw first: it creates its own consumer and starts at once.
         app.reset_ingest();
-        let mut f = SidecarProc::start("sidecar-f", &sidecar_f(conc), &nats_url, &app_url);
-        let m = Meter::start(&[f.watched(), nats_proc.clone()]);
-        match f.wait_ready(&client).await {
-            Ok(()) => {
-                let drained = wait_drained(&js, "sidecar-f", n, Duration::from_secs(120)).await;
-                let phase = drain_phase("f", "sidecar JetStream ingress → app", &app, n, conc, drained, m.finish(n as u64, tck));
-                bench.push(phase);
-                idle.insert("sidecar-f (after drain)".into(), rss_kb(f.child.id()) as f64 / 1024.0);
+        let m = Meter::start(&[nats_proc.clone(), me.clone()]);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let raw = {
+            let (js, client, stop) = (js.clone(), client.clone(), stop.clone());
+            let app_ref = App { addr: app.addr, ingested: app.ingested.clone(), first_ingest: app.first_ingest.clone() };
+            tokio::spawn(async move { raw_consumer(&js, &client, &app_ref, conc, stop).await })
+        };
+        let drained = wait_drained(&js, "raw-f", n, Duration::from_secs(120)).await;
+        stop.cancel();
+        let _ = raw.await;
+        bench.push(drain_phase("f-raw", "raw pull consumer → app", &app, n, conc, drained, m.finish(n as u64, tck)));
+
+        if with_ingress {
+            app.reset_ingest();
+            let mut f = SidecarProc::start("sidecar-f", &sidecar_f(conc), &nats_url, &app_url);
+            let m = Meter::start(&[f.watched(), nats_proc.clone(), me.clone()]);
+            match f.wait_ready(&client).await {
+                Ok(()) => {
+                    let drained = wait_drained(&js, "sidecar-f", n, Duration::from_secs(120)).await;
+                    let phase = drain_phase("f", "sidecar JetStream ingress → app", &app, n, conc, drained, m.finish(n as u64, tck));
+                    bench.push(phase);
+                    idle.insert("sidecar-f (after drain)".into(), rss_kb(f.child.id()) as f64 / 1024.0);
+                }
+                Err(e) => bench.failures.push(e),
             }
-            Err(e) => bench.failures.push(e),
+            drop(f);
         }
-        drop(f);
     }
 
     drop(a);
@@ -1243,12 +1308,12 @@ async fn run(plan: Plan) -> i32 {
     let micro = if bench.plan.quick { BTreeMap::new() } else { micro_results() };
     let goals = goals(&bench.phases, &micro, &idle);
     let md = markdown(&machine, &date, &bench.plan, &bench.phases, &goals, &micro, &idle);
-    let out_dir = if bench.plan.quick {
+    let out_dir = if bench.plan.quick || bench.plan.only.is_some() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results")
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results")
     };
-    let stem = if bench.plan.quick { "quick" } else { "latest" };
+    let stem = if bench.plan.quick { "quick" } else if bench.plan.only.is_some() { "partial" } else { "latest" };
     std::fs::create_dir_all(&out_dir).unwrap();
     let js_out = json!({
         "date": date,
