@@ -9,6 +9,7 @@
 //! - [`problem`]: failures as HTTP statuses and `application/problem+json` bodies.
 //! - [`connection`]: the NATS connection, its auth, TLS, reconnects and events.
 //! - [`egress`]: the HTTP listener that carries the app's calls over NATS.
+//! - [`idempotency`]: the shared KV store that keeps a handler from running twice.
 //! - [`ingress`]: subscriptions and consumers that call the local app.
 //! - [`dlq`]: dead letters: their `Bridge-Dlq-*` headers and acked publishing.
 //! - [`inject`]: the Kubernetes MutatingAdmissionWebhook that injects the sidecar into pods.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod connection;
 pub mod dlq;
 pub mod egress;
+pub mod idempotency;
 pub mod ingress;
 pub mod inject;
 pub mod metrics;
