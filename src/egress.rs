@@ -548,6 +548,14 @@ impl Activity {
             if started {
                 *head = Some(now);
             }
+            if !s.head_done && s.head_bytes.is_empty() {
+                // The usual case: the whole head (and often the body) in one read. Look at
+                // it in place instead of copying the read into `head_bytes`.
+                if let Some(end) = find_blank_line(data) {
+                    s.framing = framing_problem(&data[..end]);
+                    s.head_done = true;
+                }
+            }
             if !s.head_done {
                 // hyper hides framing details (identical Content-Length lines merged,
                 // Content-Length dropped next to Transfer-Encoding): look at the wire.
