@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
+use async_nats::header::IntoHeaderName as _;
 use http::{HeaderMap, Method, StatusCode};
 
 /// Status of a reply or tunnelled response (ours).
@@ -71,6 +72,27 @@ pub fn canonical_name(name: &str) -> String {
     out
 }
 
+/// The canonical NATS name of `name`: a static name (no allocation) for the headers that
+/// nearly every request carries, else [`canonical_name`].
+fn nats_header_name(name: &HeaderName) -> async_nats::HeaderName {
+    use async_nats::HeaderName as N;
+    match name.as_str() {
+        "content-type" => N::from_static("Content-Type"),
+        "accept" => N::from_static("Accept"),
+        "user-agent" => N::from_static("User-Agent"),
+        "authorization" => N::from_static("Authorization"),
+        "x-request-id" => N::from_static("X-Request-Id"),
+        "traceparent" => N::from_static("Traceparent"),
+        "tracestate" => N::from_static("Tracestate"),
+        "accept-encoding" => N::from_static("Accept-Encoding"),
+        "content-encoding" => N::from_static("Content-Encoding"),
+        "idempotency-key" => N::from_static("Idempotency-Key"),
+        "date" => N::from_static("Date"),
+        "cache-control" => N::from_static("Cache-Control"),
+        other => canonical_name(other).into_header_name(),
+    }
+}
+
 /// End-to-end HTTP headers → NATS headers. Hop-by-hop headers are dropped; values that are
 /// not visible ASCII/UTF-8 cannot travel in a NATS header and are dropped too.
 pub fn http_to_nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
@@ -81,7 +103,7 @@ pub fn http_to_nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
             continue;
         }
         if let Ok(v) = value.to_str() {
-            out.append(canonical_name(name.as_str()), v);
+            out.append(nats_header_name(name), v);
         }
     }
     out
@@ -265,6 +287,11 @@ mod tests {
         assert_eq!(canonical_name("x-request-id"), "X-Request-Id");
         assert_eq!(canonical_name("nats-msg-id"), "Nats-Msg-Id");
         assert_eq!(canonical_name("traceparent"), "Traceparent");
+        // The static names agree with the general rule.
+        for n in ["content-type", "accept", "user-agent", "authorization", "x-request-id", "traceparent", "tracestate", "accept-encoding", "content-encoding", "idempotency-key", "date", "cache-control", "x-custom-thing"] {
+            let got = nats_header_name(&HeaderName::from_static(n));
+            assert_eq!(got.as_ref() as &str, canonical_name(n), "{n}");
+        }
     }
 
     #[test]
