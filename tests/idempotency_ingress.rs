@@ -11,22 +11,15 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use http::Response;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use natsbridge::config::{IdempotencyStore, Storage};
 use natsbridge::idempotency::{kv_key, Claim, Store, StoredResponse};
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use support::*;
 
@@ -36,95 +29,6 @@ const TEST_BOUND: Duration = Duration::from_secs(60);
 
 async fn bounded<F: Future<Output = ()>>(f: F) {
     tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
-}
-
-// ---------------------------------------------------------------------------------------
-// The app: records every request, answers with the test's async handler, and counts its
-// effects (2xx answers).
-
-struct CountingApp {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    effects: Arc<Mutex<Vec<Seen>>>,
-    stop: CancellationToken,
-}
-
-impl CountingApp {
-    /// `f(request, n)` answers the n-th request (1-based).
-    async fn start<F, Fut>(f: F) -> Self
-    where
-        F: Fn(Seen, usize) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
-        let effects: Arc<Mutex<Vec<Seen>>> = Default::default();
-        let stop = CancellationToken::new();
-        let f = Arc::new(f);
-        let (s2, e2, st) = (seen.clone(), effects.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = st.cancelled() => return,
-                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-                };
-                let (seen, effects, f, st) = (s2.clone(), e2.clone(), f.clone(), st.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (seen, effects, f) = (seen.clone(), effects.clone(), f.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let s = Seen { method: parts.method, uri: parts.uri.to_string(), headers: parts.headers, body };
-                            let n = {
-                                let mut seen = seen.lock().unwrap();
-                                seen.push(s.clone());
-                                seen.len()
-                            };
-                            let res = f(s.clone(), n).await;
-                            if res.status().is_success() {
-                                effects.lock().unwrap().push(s);
-                            }
-                            Ok::<_, Infallible>(res)
-                        }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = st.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Self { addr, seen, effects, stop }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn calls(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn effects(&self) -> usize {
-        self.effects.lock().unwrap().len()
-    }
-}
-
-impl Drop for CountingApp {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn with_headers(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Bytes>> {
-    let mut r = respond(status, body);
-    for (k, v) in headers {
-        r.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-    }
-    r
 }
 
 fn header<'a>(s: &'a Seen, name: &str) -> Option<&'a str> {
@@ -264,7 +168,7 @@ async fn jetstream_duplicates_run_the_app_once_and_both_are_acked() {
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = CountingApp::start(|_, _| async { respond(201, "done") }).await;
+        let app = App::script(|_, _| async { respond(201, "done") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
 
@@ -275,7 +179,7 @@ async fn jetstream_duplicates_run_the_app_once_and_both_are_acked() {
         assert!(!b.duplicate);
         let info = settled(&js, b.sequence).await;
 
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         assert_eq!(app.effects(), 1);
         assert_eq!(info.delivered.consumer_sequence, 2, "no redeliveries");
         assert_eq!(dlq_count(&js).await, 0);
@@ -295,18 +199,18 @@ async fn jetstream_failure_releases_the_key_so_the_retry_runs_and_the_effect_hap
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = CountingApp::start(|_, n| async move { if n == 1 { respond(500, "boom") } else { respond(200, "ok") } }).await;
+        let app = App::script(|_, n| async move { if n == 1 { respond(500, "boom") } else { respond(200, "ok") } }).await;
         let sidecar = Sidecar::start(&js_route(&format!("backoff = [\"100ms\"]\n{KEYED}")), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
 
         let a = publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
         let info = settled(&js, a.sequence).await;
         assert_eq!(info.delivered.consumer_sequence, 2, "delivered once more");
-        assert_eq!(app.calls().len(), 2, "the retry ran");
+        assert_eq!(app.requests().len(), 2, "the retry ran");
         // A later copy of the message is absorbed.
         let b = publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
         settled(&js, b.sequence).await;
-        assert_eq!(app.calls().len(), 2);
+        assert_eq!(app.requests().len(), 2);
         assert_eq!(app.effects(), 1);
         let m = sidecar.metrics().await;
         assert_eq!(metric(&m, "tool-exec", "claim"), 2.0, "{m}");
@@ -323,7 +227,7 @@ async fn jetstream_poison_is_dead_lettered_with_its_claim_released() {
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = CountingApp::start(|_, _| async { respond(400, "bad") }).await;
+        let app = App::script(|_, _| async { respond(400, "bad") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let a = publish(&js, "tool.exec.x", &[("Idempotency-Key", "p-1")], "{}").await;
@@ -345,7 +249,7 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = CountingApp::start(|_, _| async { respond(200, "ran") }).await;
+        let app = App::script(|_, _| async { respond(200, "ran") }).await;
         // claim_ttl 2s here, so that waiting out a claim is quick.
         let route = js_route(&format!("backoff = [\"500ms\"]\n{KEYED}")).replace("claim_ttl = \"10s\"", "claim_ttl = \"2s\"");
         let sidecar = Sidecar::start(&route, &nats.url(), Some(&app.url())).await;
@@ -373,7 +277,7 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         // Naked until the claim would go stale (about claim_ttl), not at once nor after the
         // route's shorter backoff: a live holder refreshed it meanwhile.
         assert!(first.elapsed() >= Duration::from_millis(1500), "redelivered after {:?}", first.elapsed());
-        assert!(app.calls().is_empty());
+        assert!(app.requests().is_empty());
 
         // The other replica finishes: the next delivery is a hit.
         refresher.abort();
@@ -382,7 +286,7 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         other.complete(ticket, StoredResponse { status: 200, headers: vec![], body: Bytes::from_static(b"elsewhere"), truncated: false }, Duration::from_secs(3600)).await.unwrap();
         let info = settled(&js, a.sequence).await;
         assert!(info.delivered.consumer_sequence >= 3, "{info:?}");
-        assert!(app.calls().is_empty(), "the app never ran");
+        assert!(app.requests().is_empty(), "the app never ran");
         let m = sidecar.metrics().await;
         assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
         assert_eq!(metric(&m, "tool-exec", "claim"), 0.0, "{m}");
@@ -397,7 +301,7 @@ async fn jetstream_missing_key_is_processed_and_counted_and_the_key_header_is_ou
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
 
@@ -409,7 +313,7 @@ async fn jetstream_missing_key_is_processed_and_counted_and_the_key_header_is_ou
         let c = publish(&js, "tool.exec.a", &[("Idempotency-Key", "k-9"), ("Bridge-Idempotency-Key", "spoofed")], "2").await;
         settled(&js, c.sequence).await;
 
-        let calls = app.calls();
+        let calls = app.requests();
         assert_eq!(calls.len(), 3);
         assert_eq!(header(&calls[0], "bridge-idempotency-key"), None);
         assert_eq!(header(&calls[1], "bridge-idempotency-key"), None);
@@ -427,7 +331,7 @@ async fn jetstream_json_pointer_keys() {
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(r#"idempotency = { key = "json:/order/id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let a = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":1}"#).await;
@@ -436,7 +340,7 @@ async fn jetstream_json_pointer_keys() {
         settled(&js, b.sequence).await;
         let c = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-2"}}"#).await;
         settled(&js, c.sequence).await;
-        let calls = app.calls();
+        let calls = app.requests();
         assert_eq!(calls.len(), 2);
         assert_eq!(header(&calls[0], "bridge-idempotency-key"), Some("o-1"));
         assert_eq!(header(&calls[1], "bridge-idempotency-key"), Some("o-2"));
@@ -454,7 +358,7 @@ async fn jetstream_msg_id_keys_catch_what_the_duplicate_window_let_through() {
         let nats = NatsServer::start();
         // A tiny dedupe window: a publisher retry after it is stored twice.
         let js = setup_js(&nats, Duration::from_millis(100)).await;
-        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(r#"idempotency = { key = "msg-id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let a = publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
@@ -465,8 +369,8 @@ async fn jetstream_msg_id_keys_catch_what_the_duplicate_window_let_through() {
         })
         .await;
         settled(&js, b.sequence).await;
-        assert_eq!(app.calls().len(), 1);
-        assert_eq!(header(&app.calls()[0], "bridge-idempotency-key"), Some("evt-1"));
+        assert_eq!(app.requests().len(), 1);
+        assert_eq!(header(&app.requests()[0], "bridge-idempotency-key"), Some("evt-1"));
         let m = sidecar.metrics().await;
         assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
         sidecar.stop().await;
@@ -482,7 +386,7 @@ async fn request_replays_the_stored_response() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = CountingApp::start(|s, n| async move {
+        let app = App::script(|s, n| async move {
             with_headers(201, &[("content-type", "application/json"), ("x-app", "1")], &format!(r#"{{"order":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")))
         })
         .await;
@@ -492,7 +396,7 @@ async fn request_replays_the_stored_response() {
 
         let first = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1"), ("Bridge-Idempotency-Key", "spoofed")], "{}").await;
         let second = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1")], "{}").await;
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         assert_eq!(&first.payload[..], br#"{"order":1,"key":"o-1"}"#);
         assert_eq!(first.payload, second.payload);
         for name in ["Bridge-Status", "Content-Type", "X-App"] {
@@ -521,7 +425,7 @@ async fn request_concurrent_duplicates_run_once_and_get_the_same_reply() {
         // The first call blocks until the test lets it go.
         let gate = Arc::new(Semaphore::new(0));
         let g = gate.clone();
-        let app = CountingApp::start(move |_, n| {
+        let app = App::script(move |_, n| {
             let g = g.clone();
             async move {
                 let _ = g.acquire().await.unwrap();
@@ -537,7 +441,7 @@ async fn request_concurrent_duplicates_run_once_and_get_the_same_reply() {
             let c = client.clone();
             async move { nats_request(&c, "orders.create", &[("Idempotency-Key", "dup-1")], "{}").await }
         });
-        eventually("the first call at the app", Duration::from_secs(10), || async { (!app.calls().is_empty()).then_some(()) }).await;
+        eventually("the first call at the app", Duration::from_secs(10), || async { (!app.requests().is_empty()).then_some(()) }).await;
         let second = tokio::spawn({
             let c = client.clone();
             async move { nats_request(&c, "orders.create", &[("Idempotency-Key", "dup-1")], "{}").await }
@@ -546,7 +450,7 @@ async fn request_concurrent_duplicates_run_once_and_get_the_same_reply() {
         wait_metric(&sidecar, "orders", "conflict", 1.0).await;
         gate.add_permits(10);
         let (first, second) = (first.await.unwrap(), second.await.unwrap());
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         assert_eq!(app.effects(), 1);
         assert_eq!(&first.payload[..], b"effect 1");
         assert_eq!(first.payload, second.payload);
@@ -564,7 +468,7 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = CountingApp::start(|_, n| async move { if n == 1 { respond(503, "busy") } else { respond(200, "ok") } }).await;
+        let app = App::script(|_, n| async move { if n == 1 { respond(503, "busy") } else { respond(200, "ok") } }).await;
         let sidecar = Sidecar::start(&request_route(&format!("timeout = \"500ms\"\n{KEYED}")), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let client = nats.client().await;
@@ -575,7 +479,7 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
         let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "f-1")], "{}").await;
         assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
         assert_eq!(reply_header(&r, "Bridge-Idempotent-Replay"), None);
-        assert_eq!(app.calls().len(), 2);
+        assert_eq!(app.requests().len(), 2);
 
         // Held by another replica past the route timeout: 409 with Retry-After.
         let other = other_replica(&nats).await;
@@ -590,7 +494,7 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
         assert_eq!(v["type"], "urn:natsbridge:problem:idempotency-in-flight");
         assert_eq!(v["route"], "orders");
         assert_eq!(v["instance"], "rid-1");
-        assert_eq!(app.calls().len(), 2);
+        assert_eq!(app.requests().len(), 2);
         let m = sidecar.metrics().await;
         assert_eq!(metric(&m, "orders", "release"), 1.0, "{m}");
         assert_eq!(metric(&m, "orders", "conflict"), 2.0, "{m}");
@@ -603,7 +507,7 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
 async fn missing_bucket_fails_readiness_naming_it_and_keyed_requests_get_503() {
     bounded(async {
         let nats = NatsServer::start();
-        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
         let why = eventually("readiness naming the bucket", Duration::from_secs(15), || async {
             let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
@@ -626,14 +530,14 @@ async fn missing_bucket_fails_readiness_naming_it_and_keyed_requests_get_503() {
         assert_eq!(reply_header(&r, "Retry-After"), Some("1"));
         let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
         assert_eq!(v["type"], "urn:natsbridge:problem:idempotency-unavailable");
-        assert!(app.calls().is_empty());
+        assert!(app.requests().is_empty());
 
         // Once it exists, the sidecar binds it and becomes ready.
         bucket(&jetstream::new(nats.client().await)).await;
         sidecar.wait_ready().await;
         let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "k-1")], "{}").await;
         assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         sidecar.stop().await;
     })
     .await
@@ -646,7 +550,7 @@ async fn jetstream_waits_for_the_bucket_before_pulling() {
         let js = jetstream::new(nats.client().await);
         js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() }).await.unwrap();
         js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
-        let app = CountingApp::start(|_, _| async { respond(200, "ok") }).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         eventually("readiness naming the bucket", Duration::from_secs(15), || async {
             let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
@@ -663,7 +567,7 @@ async fn jetstream_waits_for_the_bucket_before_pulling() {
         sidecar.wait_ready().await;
         let info = settled(&js, a.sequence).await;
         assert_eq!(info.delivered.consumer_sequence, 1, "delivered once");
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         sidecar.stop().await;
     })
     .await
@@ -677,7 +581,7 @@ async fn idempotency_key_through_egress_reaches_the_app_once() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = CountingApp::start(|s, n| async move {
+        let app = App::script(|s, n| async move {
             with_headers(201, &[("content-type", "application/json"), ("location", "/orders/1")], &format!(r#"{{"n":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")))
         })
         .await;
@@ -712,7 +616,7 @@ timeout = "10s"
         assert_eq!(first.header("content-type"), second.header("content-type"));
         assert_eq!(first.header("bridge-idempotent-replay"), None);
         assert_eq!(second.header("bridge-idempotent-replay"), Some("true"));
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         assert_eq!(app.effects(), 1);
         a.stop().await;
         b.stop().await;
@@ -727,7 +631,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         bucket(&jetstream::new(nats.client().await)).await;
         let gate = Arc::new(Semaphore::new(0));
         let g = gate.clone();
-        let app = CountingApp::start(move |_, _| {
+        let app = App::script(move |_, _| {
             let g = g.clone();
             async move {
                 let _ = g.acquire().await.unwrap();
@@ -743,7 +647,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
             let c = client.clone();
             async move { nats_request(&c, "orders.create", &[("Idempotency-Key", "slow-1")], "{}").await }
         });
-        eventually("the call at the app", Duration::from_secs(10), || async { (!app.calls().is_empty()).then_some(()) }).await;
+        eventually("the call at the app", Duration::from_secs(10), || async { (!app.requests().is_empty()).then_some(()) }).await;
 
         // Another replica, judging staleness by the same 1 s claim_ttl, never sees the claim
         // go stale while the handler runs (three claim_ttls here).
@@ -765,7 +669,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         let r = first.await.unwrap();
         assert_eq!(&r.payload[..], b"slow but done");
         assert!(matches!(other.claim(&key).await.unwrap(), Claim::Done(_)));
-        assert_eq!(app.calls().len(), 1);
+        assert_eq!(app.requests().len(), 1);
         sidecar.stop().await;
     })
     .await
@@ -776,7 +680,7 @@ async fn tunnel_routes_deduplicate_too() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = CountingApp::start(|s, n| async move { with_headers(200, &[("content-type", "text/plain")], &format!("{} {} #{n}", s.method, s.uri)) }).await;
+        let app = App::script(|s, n| async move { with_headers(200, &[("content-type", "text/plain")], &format!("{} {} #{n}", s.method, s.uri)) }).await;
         let a_toml = r#"[sidecar]
 service = "client-svc"
 
@@ -809,7 +713,7 @@ timeout = "10s"
         assert_eq!(second.text(), first.text());
         assert_eq!(second.header("bridge-idempotent-replay"), Some("true"));
         assert_eq!(other.text(), "POST /v1/jobs?x=1 #2");
-        let calls = app.calls();
+        let calls = app.requests();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].headers.get_all("bridge-idempotency-key").iter().collect::<Vec<_>>(), ["t-1"]);
         a.stop().await;

@@ -3,131 +3,12 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, message::StreamMessage};
 use bytes::Bytes;
-use http::Response;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use support::*;
-
-// ---------------------------------------------------------------------------------------
-// A scripted app: records each request when it arrives (with the time), and answers with
-// whatever the test's async handler returns, so handlers can be slow.
-
-#[derive(Clone, Debug)]
-struct Hit {
-    at: Instant,
-    seen: Seen,
-}
-
-impl Hit {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.seen.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-    fn delivery(&self) -> u64 {
-        self.header("bridge-delivery").and_then(|v| v.parse().ok()).unwrap_or(0)
-    }
-}
-
-struct ScriptApp {
-    addr: SocketAddr,
-    hits: Arc<Mutex<Vec<Hit>>>,
-    max_in_flight: Arc<AtomicUsize>,
-    stop: CancellationToken,
-}
-
-impl ScriptApp {
-    /// `f(request, n)` answers the n-th request (1-based).
-    async fn start<F, Fut>(f: F) -> Self
-    where
-        F: Fn(Seen, usize) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits: Arc<Mutex<Vec<Hit>>> = Default::default();
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let max_in_flight = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let f = Arc::new(f);
-        let (h, st, inf, max) = (hits.clone(), stop.clone(), in_flight.clone(), max_in_flight.clone());
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = st.cancelled() => return,
-                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-                };
-                let (h, f, st, inf, max) = (h.clone(), f.clone(), st.clone(), inf.clone(), max.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (h, f, inf, max) = (h.clone(), f.clone(), inf.clone(), max.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let seen = Seen { method: parts.method, uri: parts.uri.to_string(), headers: parts.headers, body };
-                            let n = {
-                                let mut hits = h.lock().unwrap();
-                                hits.push(Hit { at: Instant::now(), seen: seen.clone() });
-                                hits.len()
-                            };
-                            let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
-                            max.fetch_max(now, Ordering::SeqCst);
-                            let res = f(seen, n).await;
-                            inf.fetch_sub(1, Ordering::SeqCst);
-                            Ok::<_, Infallible>(res)
-                        }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = st.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Self { addr, hits, max_in_flight, stop }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn hits(&self) -> Vec<Hit> {
-        self.hits.lock().unwrap().clone()
-    }
-
-    async fn wait_hits(&self, n: usize) -> Vec<Hit> {
-        eventually(&format!("{n} requests at the app"), Duration::from_secs(20), || async {
-            let h = self.hits();
-            (h.len() >= n).then_some(h)
-        })
-        .await
-    }
-}
-
-impl Drop for ScriptApp {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn with_headers(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Bytes>> {
-    let mut r = respond(status, body);
-    for (k, v) in headers {
-        r.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-    }
-    r
-}
 
 /// An address nothing listens on.
 fn closed_port_url() -> String {
@@ -254,7 +135,7 @@ path = "/agents/{2}/execute"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_reply_maps_status_headers_body_and_subject_tokens() {
     let nats = NatsServer::start();
-    let app = ScriptApp::start(|seen, _| async move {
+    let app = App::script(|seen, _| async move {
         match seen.uri.as_str() {
             "/agents/404/execute" => with_headers(404, &[("content-type", "text/plain")], "no such agent"),
             _ => with_headers(201, &[("x-app", "yes"), ("content-type", "application/json")], r#"{"ok":true}"#),
@@ -291,7 +172,7 @@ async fn request_reply_maps_status_headers_body_and_subject_tokens() {
     assert_eq!(hits[2].seen.uri, "/agents/7/execute");
 
     // The app gone: 502 with a problem+json body naming the route.
-    app.stop.cancel();
+    app.stop();
     let r = eventually("a 502 reply", Duration::from_secs(10), || async {
         let r = try_request(&client, "agent.9.execution.requested", &[("X-Request-Id", "rid-9")], "").await?;
         (reply_header(&r, "Bridge-Status") == Some("502")).then_some(r)
@@ -312,7 +193,7 @@ async fn request_reply_maps_status_headers_body_and_subject_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_concurrency_bounds_calls_in_flight_and_drops_none() {
     let nats = NatsServer::start();
-    let app = ScriptApp::start(|_, _| async {
+    let app = App::script(|_, _| async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         respond(200, "ok")
     })
@@ -328,15 +209,15 @@ async fn request_concurrency_bounds_calls_in_flight_and_drops_none() {
     .await;
     assert!(replies.iter().all(|r| reply_header(r, "Bridge-Status") == Some("200")));
     assert_eq!(app.hits().len(), 8);
-    assert_eq!(app.max_in_flight.load(Ordering::SeqCst), 2);
+    assert_eq!(app.max_in_flight(), 2);
     sidecar.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_group_balances_across_two_sidecars() {
     let nats = NatsServer::start();
-    let app_a = ScriptApp::start(|_, _| async { respond(200, "a") }).await;
-    let app_b = ScriptApp::start(|_, _| async { respond(200, "b") }).await;
+    let app_a = App::script(|_, _| async { respond(200, "a") }).await;
+    let app_b = App::script(|_, _| async { respond(200, "b") }).await;
     let a = Sidecar::start(&toml(REQUEST_ROUTE), &nats.url(), Some(&app_a.url())).await;
     let b = Sidecar::start(&toml(REQUEST_ROUTE), &nats.url(), Some(&app_b.url())).await;
     a.wait_ready().await;
@@ -362,7 +243,7 @@ async fn queue_group_balances_across_two_sidecars() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_restarts_changed_routes_and_drops_removed_ones() {
     let nats = NatsServer::start();
-    let app = ScriptApp::start(|_, _| async { respond(200, "ok") }).await;
+    let app = App::script(|_, _| async { respond(200, "ok") }).await;
     let sidecar = Sidecar::start(&toml(REQUEST_ROUTE), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
     let client = nats.client().await;
@@ -396,7 +277,7 @@ async fn hot_reload_restarts_changed_routes_and_drops_removed_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_end_to_end_through_two_sidecar_processes() {
     let nats = NatsServer::start();
-    let app_b = ScriptApp::start(|seen, _| async move {
+    let app_b = App::script(|seen, _| async move {
         let body = format!("{} {} {}", seen.method, seen.uri, String::from_utf8_lossy(&seen.body));
         with_headers(207, &[("x-from-b", "1"), ("content-type", "text/plain")], &body)
     })
@@ -455,7 +336,7 @@ mode = "tunnel"
 async fn jetstream_2xx_is_acked_once_with_delivery_headers() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|_, _| async { respond(200, "done") }).await;
+    let app = App::script(|_, _| async { respond(200, "done") }).await;
     let sidecar = Sidecar::start(&js_route(""), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
     let seq = publish(&js, "tool.exec.grep", &[("Nats-Msg-Id", "m-1"), ("X-Trace", "t")], "{}").await;
@@ -482,7 +363,7 @@ async fn jetstream_2xx_is_acked_once_with_delivery_headers() {
 async fn jetstream_retryable_status_naks_with_backoff_then_dead_letters() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|_, _| async { with_headers(503, &[("content-type", "text/plain")], "down for maintenance\r\nline two") }).await;
+    let app = App::script(|_, _| async { with_headers(503, &[("content-type", "text/plain")], "down for maintenance\r\nline two") }).await;
     let sidecar = Sidecar::start(&js_route("max_deliver = 3\nbackoff = [\"300ms\", \"700ms\"]\nack_wait = \"5s\""), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
     let seq = publish(&js, "tool.exec.sed", &[("Nats-Msg-Id", "m-2"), ("X-Trace", "t2")], "payload-2").await;
@@ -522,7 +403,7 @@ async fn jetstream_retryable_status_naks_with_backoff_then_dead_letters() {
 async fn jetstream_408_and_429_retry_honouring_retry_after_then_succeed() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|seen, n| async move {
+    let app = App::script(|seen, n| async move {
         if seen.uri == "/tools/slowdown" {
             match n {
                 1 => with_headers(429, &[("retry-after", "1")], "slow down"),
@@ -559,7 +440,7 @@ async fn jetstream_408_and_429_retry_honouring_retry_after_then_succeed() {
 async fn jetstream_poison_4xx_is_dead_lettered_on_first_delivery() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|_, _| async { with_headers(422, &[("content-type", "application/json")], r#"{"error":"bad tool"}"#) }).await;
+    let app = App::script(|_, _| async { with_headers(422, &[("content-type", "application/json")], r#"{"error":"bad tool"}"#) }).await;
     let sidecar = Sidecar::start(&js_route("max_deliver = 5"), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
     let seq = publish(&js, "tool.exec.rm", &[], "poison").await;
@@ -592,7 +473,7 @@ async fn jetstream_unreachable_app_and_timeouts_retry_then_dead_letter() {
     sidecar.stop().await;
 
     // An app slower than the route's timeout: a timeout, retried like a refusal.
-    let app = ScriptApp::start(|_, _| async {
+    let app = App::script(|_, _| async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         respond(200, "too late")
     })
@@ -612,7 +493,7 @@ async fn jetstream_unreachable_app_and_timeouts_retry_then_dead_letter() {
 async fn jetstream_handler_slower_than_ack_wait_is_not_redelivered() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|_, _| async {
+    let app = App::script(|_, _| async {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         respond(200, "finally")
     })
@@ -634,7 +515,7 @@ async fn jetstream_dead_letter_publish_failure_naks_instead_of_terming() {
     let js = jetstream::new(nats.client().await);
     js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() }).await.unwrap();
     // No dead-letter stream yet: the dead letter cannot be stored.
-    let app = ScriptApp::start(|_, _| async { respond(400, "bad") }).await;
+    let app = App::script(|_, _| async { respond(400, "bad") }).await;
     let sidecar = Sidecar::start(&js_route("max_deliver = 10\nbackoff = [\"200ms\"]"), &nats.url(), Some(&app.url())).await;
     let seq = publish(&js, "tool.exec.x", &[], "keep me").await;
     app.wait_hits(2).await;
@@ -654,7 +535,7 @@ async fn jetstream_max_deliver_reached_while_sidecar_was_down_is_caught_by_the_a
     let nats = NatsServer::start();
     let js = streams(&nats).await;
     // The app hangs: the first sidecar never gets an answer before it dies.
-    let app = ScriptApp::start(|_, _| async {
+    let app = App::script(|_, _| async {
         tokio::time::sleep(Duration::from_secs(60)).await;
         respond(200, "never")
     })
@@ -688,7 +569,7 @@ async fn jetstream_max_deliver_reached_while_sidecar_was_down_is_caught_by_the_a
 async fn jetstream_consumer_deleted_under_a_running_sidecar_is_recreated() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|_, _| async { respond(200, "ok") }).await;
+    let app = App::script(|_, _| async { respond(200, "ok") }).await;
     let sidecar = Sidecar::start(&js_route(""), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
     let seq = publish(&js, "tool.exec.one", &[], "1").await;
@@ -713,7 +594,7 @@ async fn jetstream_consumer_deleted_under_a_running_sidecar_is_recreated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_readiness_names_a_missing_stream_until_it_exists() {
     let nats = NatsServer::start();
-    let app = ScriptApp::start(|_, _| async { respond(200, "ok") }).await;
+    let app = App::script(|_, _| async { respond(200, "ok") }).await;
     let sidecar = Sidecar::start(&js_route(""), &nats.url(), Some(&app.url())).await;
     let why = eventually("readiness naming the stream", Duration::from_secs(10), || async {
         let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
@@ -734,7 +615,7 @@ async fn jetstream_readiness_names_a_missing_stream_until_it_exists() {
 async fn jetstream_graceful_shutdown_finishes_in_flight_messages() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
-    let app = ScriptApp::start(|_, _| async {
+    let app = App::script(|_, _| async {
         tokio::time::sleep(Duration::from_millis(800)).await;
         respond(200, "ok")
     })

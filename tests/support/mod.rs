@@ -3,7 +3,6 @@
 //! a readiness condition with a deadline; nothing sleeps blindly.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -249,62 +248,126 @@ pub struct Seen {
     pub body: Bytes,
 }
 
-pub type Handler = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
+/// One request as the app saw it, and when it arrived.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub at: Instant,
+    pub seen: Seen,
+}
 
+impl Hit {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.seen.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The sidecar's `Bridge-Delivery` count, 0 when absent.
+    pub fn delivery(&self) -> u64 {
+        self.header("bridge-delivery").and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+type Script = Arc<dyn Fn(Seen, usize) -> futures::future::BoxFuture<'static, Response<Full<Bytes>>> + Send + Sync>;
+
+/// The legacy app: records each request when it arrives (with the time), answers with the
+/// test's handler (which may be slow), and counts calls in flight and effects (2xx answers).
 pub struct App {
     pub addr: SocketAddr,
-    pub seen: Arc<Mutex<VecDeque<Seen>>>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    effects: Arc<Mutex<Vec<Seen>>>,
+    max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     stop: CancellationToken,
 }
 
 impl App {
-    /// Serves `handler` on 127.0.0.1:0 and records every request.
+    /// Serves a plain handler on 127.0.0.1:0.
     pub async fn start(handler: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Self::serve(listener, Arc::new(handler))
+        Self::script(move |seen, _| std::future::ready(handler(&seen))).await
     }
 
-    pub fn serve(listener: TcpListener, handler: Handler) -> Self {
+    /// Serves `f(request, n)`, which answers the n-th request (1-based), on 127.0.0.1:0.
+    pub async fn script<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Seen, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, Arc::new(move |seen, n| Box::pin(f(seen, n))))
+    }
+
+    pub fn serve(listener: TcpListener, script: Script) -> Self {
+        use std::sync::atomic::Ordering;
         let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<VecDeque<Seen>>> = Default::default();
-        let stop = CancellationToken::new();
-        let (s2, st) = (seen.clone(), stop.clone());
+        let app = Self { addr, hits: Default::default(), effects: Default::default(), max_in_flight: Default::default(), stop: CancellationToken::new() };
+        let (hits, effects, max, stop) = (app.hits.clone(), app.effects.clone(), app.max_in_flight.clone(), app.stop.clone());
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
-                    _ = st.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
-                let (seen, handler, st) = (s2.clone(), handler.clone(), st.clone());
+                let (hits, effects, max, stop, inf, script) = (hits.clone(), effects.clone(), max.clone(), stop.clone(), in_flight.clone(), script.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (seen, handler) = (seen.clone(), handler.clone());
+                        let (hits, effects, max, inf, script) = (hits.clone(), effects.clone(), max.clone(), inf.clone(), script.clone());
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let s = Seen { method: parts.method, uri: parts.uri.to_string(), headers: parts.headers, body };
-                            let res = handler(&s);
-                            seen.lock().unwrap().push_back(s);
+                            let seen = Seen { method: parts.method, uri: parts.uri.to_string(), headers: parts.headers, body };
+                            let n = {
+                                let mut hits = hits.lock().unwrap();
+                                hits.push(Hit { at: Instant::now(), seen: seen.clone() });
+                                hits.len()
+                            };
+                            let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                            max.fetch_max(now, Ordering::SeqCst);
+                            let res = script(seen.clone(), n).await;
+                            inf.fetch_sub(1, Ordering::SeqCst);
+                            if res.status().is_success() {
+                                effects.lock().unwrap().push(seen);
+                            }
                             Ok::<_, Infallible>(res)
                         }
                     });
                     let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                     tokio::select! {
                         _ = conn => {}
-                        _ = st.cancelled() => {}
+                        _ = stop.cancelled() => {}
                     }
                 });
             }
         });
-        Self { addr, seen, stop }
+        app
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().iter().cloned().collect()
+        self.hits.lock().unwrap().iter().map(|h| h.seen.clone()).collect()
+    }
+
+    /// How many requests were answered with a 2xx (the app's effects).
+    pub fn effects(&self) -> usize {
+        self.effects.lock().unwrap().len()
+    }
+
+    /// The most requests the app was handling at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub async fn wait_hits(&self, n: usize) -> Vec<Hit> {
+        eventually(&format!("{n} requests at the app"), Duration::from_secs(20), || async {
+            let h = self.hits();
+            (h.len() >= n).then_some(h)
+        })
+        .await
     }
 
     pub fn stop(&self) {
@@ -316,6 +379,15 @@ impl Drop for App {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// A response with extra headers.
+pub fn with_headers(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Bytes>> {
+    let mut r = respond(status, body);
+    for (k, v) in headers {
+        r.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    r
 }
 
 pub fn respond(status: u16, body: &str) -> Response<Full<Bytes>> {
