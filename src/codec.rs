@@ -56,6 +56,19 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
+/// The end-to-end headers of an HTTP message, for the next HTTP hop (the `http` mode's
+/// reverse proxy): hop-by-hop ones, including those `Connection:` lists, are dropped.
+pub fn end_to_end_headers(headers: &HeaderMap) -> HeaderMap {
+    let connection = connection_tokens(headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !is_hop_by_hop(name, &connection) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// `x-request-id` → `X-Request-Id`: NATS peers (Go, NestJS, the server's own `Nats-Msg-Id`
 /// dedupe) read header names case-sensitively in canonical form.
 pub fn canonical_name(name: &str) -> String {
@@ -311,6 +324,14 @@ mod tests {
         assert!(n.get("Host").is_none());
         assert_eq!(n.get("Traceparent").unwrap().as_str(), "00-abc-def-01");
         assert_eq!(n.get_all("Accept").map(|v| v.as_str().to_owned()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn end_to_end_headers_for_a_proxy_hop() {
+        let h = hm(&[("connection", "close, x-hop"), ("x-hop", "1"), ("keep-alive", "5"), ("host", "a"), ("accept", "b")]);
+        let out = end_to_end_headers(&h);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out["accept"], "b");
     }
 
     #[test]

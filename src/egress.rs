@@ -21,7 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::codec;
 use crate::config::{Outbound, OutboundTarget};
 use crate::connection::is_connected;
-use crate::metrics::{EgressRouteMetrics, Metrics};
+use crate::metrics::{EgressRouteMetrics, InFlight, Metrics};
 use crate::problem::BridgeError;
 use crate::routes::{Miss, Routing};
 
@@ -192,19 +192,6 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
     Ok(())
 }
 
-/// Decrements the in-flight gauge however the request ends.
-struct InFlight<'a>(&'a prometheus::IntGauge);
-impl<'a> InFlight<'a> {
-    fn new(g: &'a prometheus::IntGauge) -> Self {
-        g.inc();
-        Self(g)
-    }
-}
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
 
 fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response<Body> {
     let body = crate::problem::problem_body(StatusCode::INTERNAL_SERVER_ERROR, "panic", "handler panicked".into(), None, None);
@@ -441,33 +428,14 @@ impl Egress {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri.parse().map_err(|e: http::uri::InvalidUri| BridgeError::BadRequest(e.to_string()))?;
-        let headers = req.headers_mut();
-        for (name, value) in &parts.headers {
-            if !is_hop(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        *req.headers_mut() = codec::end_to_end_headers(&parts.headers);
         let res = tokio::time::timeout(route.timeout, self.upstream.request(req))
             .await
             .map_err(|_| BridgeError::UpstreamTimeout(route.timeout))?
             .map_err(|e| BridgeError::Upstream(e.to_string()))?;
         let (mut parts, body) = res.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        parts.headers = codec::end_to_end_headers(&parts.headers);
         Ok(Response::from_parts(parts, body.map_err(box_error).boxed_unsync()))
-    }
-}
-
-fn is_hop(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-authenticate" | "proxy-authorization" | "proxy-connection" | "te" | "trailer" | "transfer-encoding" | "upgrade" | "host"
-    )
-}
-
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let hop: Vec<_> = headers.keys().filter(|k| is_hop(k)).cloned().collect();
-    for k in hop {
-        headers.remove(k);
     }
 }
 

@@ -165,6 +165,22 @@ impl Metrics {
     }
 }
 
+/// Counts one unit in flight on a gauge for as long as it lives, however the work ends.
+pub struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    pub fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[derive(Clone)]
 pub struct EgressRouteMetrics {
     by_class: [IntCounter; 5],

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Readiness;
 use crate::config::{Config, Inbound, InboundMode};
 use crate::metrics::{IngressRouteMetrics, Metrics};
+pub(crate) use crate::metrics::InFlight;
 
 pub use app::{AppClient, AppError, AppResponse};
 pub use policy::{decide, Attempt, Outcome, Policy};
@@ -187,21 +188,6 @@ fn spawn_route(run: impl std::future::Future<Output = ()> + Send + 'static, stor
     })
 }
 
-/// Keeps the in-flight gauge right however a handler ends.
-pub(crate) struct InFlight<'a>(&'a prometheus::IntGauge);
-
-impl<'a> InFlight<'a> {
-    pub fn new(g: &'a prometheus::IntGauge) -> Self {
-        g.inc();
-        Self(g)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
 
 /// Sleeps `d` unless `stop` comes first; true when stopped.
 pub(crate) async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
