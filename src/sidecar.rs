@@ -82,6 +82,14 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         inbound = config.inbound.len(),
         "natsbridge running"
     );
+    // Draining: tell the orchestrator to stop sending work before anything stops.
+    {
+        let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            readiness.fail("shutdown", "draining");
+        });
+    }
     let egress = Egress::new(table, nats.clone(), metrics);
     egress::serve(egress_listener, egress, shutdown.clone().cancelled_owned()).await?;
 

@@ -481,8 +481,14 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let in_flight = tokio::spawn(async move { call("POST", &url, &[("host", "agent-service")], "x").await });
     // The request has reached NATS: it is in flight.
     let msg = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
-    let egress = sc.egress;
+    let (egress, admin) = (sc.egress, sc.admin);
     let stop = tokio::spawn(sc.stop());
+    // Readiness drops while draining, so no new work is routed here.
+    eventually("not ready while draining", Duration::from_secs(5), || async move {
+        let r = get(&format!("http://{admin}/readyz")).await.ok()?;
+        (r.status == 503 && r.text().contains("draining")).then_some(())
+    })
+    .await;
     // New connections are refused once shutdown started.
     eventually("listener closed", Duration::from_secs(5), || async move { tokio::net::TcpStream::connect(egress).await.is_err().then_some(()) }).await;
     client.publish(msg.reply.unwrap(), Bytes::from_static(b"done")).await.unwrap();
