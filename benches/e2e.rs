@@ -571,7 +571,7 @@ struct Phase {
 impl Phase {
     fn from(path: &str, label: &str, load: &str, rec: &Recorder, seconds: f64, dropped: u64) -> Self {
         let h = rec.hist.lock().unwrap();
-        let q = |p: f64| (h.len() > 0).then(|| h.value_at_quantile(p) as f64 / 1000.0);
+        let q = |p: f64| (!h.is_empty()).then(|| h.value_at_quantile(p) as f64 / 1000.0);
         let ok = rec.ok.load(Ordering::Relaxed);
         Phase {
             path: path.into(),
@@ -588,7 +588,7 @@ impl Phase {
             p90_ms: q(0.9),
             p99_ms: q(0.99),
             p999_ms: q(0.999),
-            max_ms: (h.len() > 0).then(|| h.max() as f64 / 1000.0),
+            max_ms: (!h.is_empty()).then(|| h.max() as f64 / 1000.0),
             procs: Vec::new(),
             first_error: rec.first_error.lock().unwrap().clone(),
             saturated: false,

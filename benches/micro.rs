@@ -29,7 +29,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             _ => (
                 Some(Method::POST),
                 Some(format!("svc{g}.internal")),
-                format!("/v1/orders/{{order_id}}/execute"),
+                "/v1/orders/{order_id}/execute".to_string(),
                 format!("svc{g}.orders.{{order_id}}.execute"),
             ),
         };

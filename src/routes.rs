@@ -92,11 +92,8 @@ impl RouteTable {
             } else {
                 self.by_host.get(host)
             };
-            if let Some(router) = router {
-                match self.pick(router, method, path, &mut allowed) {
-                    Some(m) => return Ok(m),
-                    None => {}
-                }
+            if let Some(m) = router.and_then(|r| self.pick(r, method, path, &mut allowed)) {
+                return Ok(m);
             }
         }
         if let Some(m) = self.pick(&self.any_host, method, path, &mut allowed) {

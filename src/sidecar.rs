@@ -27,6 +27,9 @@ pub enum SidecarError {
     Io(#[from] std::io::Error),
 }
 
+/// Looks up an environment variable (for secrets named in the routing file).
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Everything a sidecar needs from its host process.
 pub struct Parts {
     pub config: Config,
@@ -34,7 +37,7 @@ pub struct Parts {
     pub overrides: Overrides,
     pub egress: TcpListener,
     pub admin: TcpListener,
-    pub env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub env: Env,
     /// Each message forces a reload (SIGHUP).
     pub reload: mpsc::Receiver<()>,
     pub shutdown: CancellationToken,

@@ -227,7 +227,7 @@ async fn first_status(e: &Edge, raw: &str, split: Option<usize>) -> String {
 async fn too_many_headers_get_431() {
     let e = edge(LIMITS).await;
     // Host + 18 = 19 headers pass; Host + 25 do not.
-    assert!(first_status(&e, &request_with_headers(18, 4).replace("GET /h HTTP/1.1", "GET /h HTTP/1.1"), None).await.starts_with("HTTP/1.1 200"));
+    assert!(first_status(&e, &request_with_headers(18, 4), None).await.starts_with("HTTP/1.1 200"));
     let st = first_status(&e, &request_with_headers(25, 4), None).await;
     assert!(st.starts_with("HTTP/1.1 431"), "{st}");
 }

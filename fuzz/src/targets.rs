@@ -288,5 +288,8 @@ fn check_decoded(r: Result<codec::TunnelRequest, codec::TunnelError>) {
     }
 }
 
+/// A fuzz target: panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for drivers.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel)];
+pub const TARGETS: &[(&str, Target)] = &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel)];
