@@ -528,3 +528,32 @@ async fn metrics_count_requests_by_route_mode_and_status_class() {
     assert!(m.contains(r#"natsbridge_egress_request_duration_seconds_count{route="auth-event"} 1"#), "{m}");
     assert!(m.contains("natsbridge_egress_requests_in_flight 0"), "{m}");
 }
+
+#[tokio::test]
+async fn jetstream_publishes_in_flight_are_bounded() {
+    let nats = NatsServer::start();
+    // A core subscriber and no stream: a JetStream publish stalls until its timeout
+    // (nats-server #8038), holding its in-flight slot.
+    let c = nats.client().await;
+    let _stall = subscribe_synced(&c, "stall.x").await;
+    let toml = routes("[[outbound]]\nname = \"stall\"\nmethod = \"POST\"\npath = \"/stall\"\nsubject = \"stall.x\"\nmode = \"jetstream\"\ntimeout = \"3s\"\n")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"10s\"\nmax_inflight_publishes = 1");
+    let sc = Sidecar::start(&toml, &nats.url(), None).await;
+    sc.wait_nats().await;
+    let url = sc.url("/stall");
+    let first = tokio::spawn(async move { post(&url, "{}").await });
+    eventually("first publish in flight", Duration::from_secs(5), || async {
+        sc.metrics().await.contains("natsbridge_jetstream_publishes_in_flight 1").then_some(())
+    })
+    .await;
+    // The bound is reached: the next publish is refused at once, not queued.
+    let started = std::time::Instant::now();
+    let r = post(&sc.url("/stall"), "{}").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    // The stalled one still ends within its timeout, and frees its slot.
+    assert_eq!(first.await.unwrap().status, 503);
+    assert!(sc.metrics().await.contains("natsbridge_jetstream_publishes_in_flight 0"));
+}
