@@ -55,7 +55,11 @@ impl Admin {
     pub fn ready(&self) -> Result<(), BTreeMap<String, String>> {
         let mut failing = self.readiness.failing();
         if !is_connected(&self.nats) {
-            failing.insert("nats".into(), "not connected to NATS".into());
+            // Keep the connection's own, more specific reason when it gave one.
+            failing.entry(crate::connection::READINESS_CHECK.into()).or_insert_with(|| "not connected to NATS".into());
+        } else {
+            // A stale failure reason must not outlive the connection coming back.
+            failing.remove(crate::connection::READINESS_CHECK);
         }
         if failing.is_empty() {
             Ok(())

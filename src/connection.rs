@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::config::{Nats, NatsAuth, Secret};
+use crate::admin::Readiness;
 use crate::metrics::Metrics;
 
 /// Why the connection could not even be attempted. Messages name where a secret lives,
@@ -81,7 +82,15 @@ fn auth_description(auth: &NatsAuth) -> String {
 }
 
 /// Builds the connect options for `nats`, named `natsbridge-<service>`.
-pub async fn options(nats: &Nats, service: &str, metrics: &Metrics, env: EnvLookup<'_>) -> Result<ConnectOptions, ConnectError> {
+/// `readiness`, when given, carries why connecting fails (`nats`: rejected credentials,
+/// TLS failure, …) so `/readyz` says more than "not connected".
+pub async fn options(
+    nats: &Nats,
+    service: &str,
+    metrics: &Metrics,
+    readiness: Option<Arc<Readiness>>,
+    env: EnvLookup<'_>,
+) -> Result<ConnectOptions, ConnectError> {
     let mut opts = match &nats.auth {
         NatsAuth::Credentials(path) => ConnectOptions::with_credentials_file(path)
             .await
@@ -111,7 +120,7 @@ pub async fn options(nats: &Nats, service: &str, metrics: &Metrics, env: EnvLook
         opts = opts.require_tls(tls.require);
     }
     let events = metrics.clone();
-    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth), ..Default::default() });
+    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth), readiness, ..Default::default() });
     let seen = Arc::new(AtomicBool::new(false));
     Ok(opts
         .name(format!("natsbridge-{service}"))
@@ -141,6 +150,7 @@ fn reconnect_delay(attempts: usize) -> Duration {
 #[derive(Default)]
 struct EventLog {
     auth: String,
+    readiness: Option<Arc<Readiness>>,
     slow: Mutex<Option<Instant>>,
     /// The last connect failure logged, when, and how many identical ones were not.
     failure: Mutex<Option<(String, Instant, u64)>>,
@@ -153,6 +163,9 @@ impl EventLog {
     /// Should this connect failure be logged now? Returns how many identical ones were
     /// suppressed since the last line.
     fn failure(&self, what: &str) -> Option<u64> {
+        if let Some(r) = &self.readiness {
+            r.fail(READINESS_CHECK, format!("not connected to NATS: {}", failure_reason(what)));
+        }
         let mut last = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         match last.as_mut() {
             Some((w, at, n)) if w == what && at.elapsed() < REPEAT_LOG => {
@@ -171,7 +184,24 @@ impl EventLog {
     }
 
     fn connected(&self) {
+        if let Some(r) = &self.readiness {
+            r.pass(READINESS_CHECK);
+        }
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The readiness check the connection reports under (the same one `/readyz` uses for a
+/// disconnected client).
+pub const READINESS_CHECK: &str = "nats";
+
+/// Why a connect attempt failed, for people reading `/readyz`.
+fn failure_reason(what: &str) -> String {
+    match what {
+        "authorization violation" => "the server rejected the credentials (authorization violation)".into(),
+        "failed signing nonce" => "signing the server nonce failed (bad nkey seed or credentials?)".into(),
+        "TLS error" => "the TLS handshake failed (certificate, CA or TLS requirement mismatch)".into(),
+        other => other.to_owned(),
     }
 }
 
@@ -232,8 +262,14 @@ fn on_event(m: &Metrics, logs: &EventLog, seen: &AtomicBool, event: Event) {
 }
 
 /// Connects (in the background if the server is not up yet).
-pub async fn connect(nats: &Nats, service: &str, metrics: &Metrics, env: EnvLookup<'_>) -> Result<async_nats::Client, ConnectError> {
-    let opts = options(nats, service, metrics, env).await?;
+pub async fn connect(
+    nats: &Nats,
+    service: &str,
+    metrics: &Metrics,
+    readiness: Arc<Readiness>,
+    env: EnvLookup<'_>,
+) -> Result<async_nats::Client, ConnectError> {
+    let opts = options(nats, service, metrics, Some(readiness), env).await?;
     Ok(opts.connect(nats.servers.clone()).await?)
 }
 
@@ -244,7 +280,7 @@ pub async fn connect_now(nats: &Nats, service: &str, env: EnvLookup<'_>, timeout
     let last = Arc::new(Mutex::new(None::<String>));
     let seen = last.clone();
     // Replaces the sidecar's event callback: remember why connecting fails, log nothing.
-    let opts = options(nats, service, &Metrics::new(), env).await?.event_callback(move |event| {
+    let opts = options(nats, service, &Metrics::new(), None, env).await?.event_callback(move |event| {
         let seen = seen.clone();
         async move {
             let why = match event {

@@ -53,7 +53,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     }
     let metrics = Metrics::new();
     let readiness = Readiness::new();
-    let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, &*env).await?;
+    let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, readiness.clone(), &*env).await?;
     let config = Arc::new(config);
     let source: PathBuf = config.source.clone();
     let table = Arc::new(ArcSwap::from_pointee(Table::new(Routing::new(config.clone()), &metrics)));

@@ -103,7 +103,8 @@ async fn assert_never_ready(admin: SocketAddr, for_: Duration) {
     while Instant::now() < deadline {
         if let Ok(r) = get(&format!("http://{admin}/readyz")).await {
             assert_eq!(r.status, 503, "sidecar became ready: {}", r.text());
-            assert_eq!(r.json()["failing"]["nats"], "not connected to NATS", "{}", r.text());
+            let why = r.json()["failing"]["nats"].as_str().unwrap_or_default().to_owned();
+            assert!(why.starts_with("not connected to NATS"), "{}", r.text());
             seen_unready = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -248,6 +249,10 @@ async fn wrong_password_keeps_readiness_false_and_is_logged_clearly_without_the_
     let admin = p.admin;
     eventually("admin listener", Duration::from_secs(20), || async move { get(&format!("http://{admin}/readyz")).await.ok().map(|_| ()) }).await;
     assert_never_ready(p.admin, Duration::from_secs(3)).await;
+    // Readiness says why, not only that NATS is not connected.
+    let r = get(&format!("http://{admin}/readyz")).await.unwrap();
+    assert_eq!(r.json()["failing"]["nats"], "not connected to NATS: the server rejected the credentials (authorization violation)", "{}", r.text());
+    assert!(!r.text().contains(wrong));
     let log = p.log();
     let clear = log.lines().filter(|l| l.contains("NATS rejected the credentials (authorization violation)")).count();
     assert!(clear >= 1, "no clear auth failure line:\n{log}");
