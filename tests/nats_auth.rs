@@ -11,14 +11,11 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures::StreamExt;
 use support::*;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const ROUTES: &str = r#"
 [sidecar]
@@ -35,65 +32,6 @@ mode = "publish"
 /// The routing file with a `[nats]` section (auth keys and optional `[nats.tls]`).
 fn routes(nats: &str) -> String {
     format!("{ROUTES}\n[nats]\nconnect_timeout = \"2s\"\n{nats}\n")
-}
-
-/// A sidecar in this process with its own environment lookup.
-struct InProc {
-    egress: SocketAddr,
-    admin: SocketAddr,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<Result<(), natsbridge::sidecar::SidecarError>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl InProc {
-    async fn start(toml: &str, nats_url: &str, env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("routes.toml");
-        std::fs::write(&path, toml).unwrap();
-        let config = natsbridge::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let egress = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (egress_addr, admin_addr) = (egress.local_addr().unwrap(), admin.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-        let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let task = tokio::spawn(natsbridge::sidecar::run(natsbridge::sidecar::Parts {
-            config,
-            overrides: natsbridge::config::Overrides { nats_servers: Some(vec![nats_url.to_owned()]), ..Default::default() },
-            egress,
-            admin,
-            env: Arc::new(move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())),
-            reload: reload_rx,
-            shutdown: shutdown.clone(),
-        }));
-        Self { egress: egress_addr, admin: admin_addr, shutdown, task: Some(task), _dir: dir }
-    }
-
-    async fn readyz(&self) -> Option<Reply> {
-        get(&format!("http://{}/readyz", self.admin)).await.ok()
-    }
-
-    async fn wait_ready(&self) {
-        eventually("sidecar ready", Duration::from_secs(15), || async { self.readyz().await.filter(|r| r.status == 200).map(|_| ()) }).await
-    }
-
-    /// The start error, when `run` returns one quickly.
-    async fn start_error(mut self) -> String {
-        let task = self.task.take().unwrap();
-        match tokio::time::timeout(Duration::from_secs(10), task).await {
-            Ok(Ok(Err(e))) => e.to_string(),
-            Ok(Ok(Ok(()))) => panic!("sidecar returned Ok; expected a start error"),
-            Ok(Err(e)) => panic!("sidecar task panicked: {e}"),
-            Err(_) => panic!("sidecar kept running; expected a start error"),
-        }
-    }
-}
-
-impl Drop for InProc {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
 }
 
 /// Readiness stays false for `for_`, and says NATS is not connected.
@@ -173,7 +111,7 @@ async fn token_from_file_authenticates() {
     let nats = token_server();
     let dir = tempfile::tempdir().unwrap();
     let f = write(dir.path(), "token", &format!("{TOKEN}\n"));
-    let s = InProc::start(&routes(&format!("token_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("token_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     s.wait_ready().await;
     let sub = async_nats::ConnectOptions::with_token(TOKEN.into()).connect(nats.url()).await.unwrap();
     assert_flows(s.egress, sub).await;
@@ -196,7 +134,7 @@ async fn wrong_token_is_refused_and_readiness_stays_false() {
     let nats = token_server();
     let dir = tempfile::tempdir().unwrap();
     let f = write(dir.path(), "token", "not-the-token-3b9d");
-    let s = InProc::start(&routes(&format!("token_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("token_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
     // And the egress answers 503 instead of queueing into a connection that never comes.
     let r = call("POST", &format!("http://{}/events", s.egress), &[], "x").await;
@@ -206,7 +144,7 @@ async fn wrong_token_is_refused_and_readiness_stays_false() {
 #[tokio::test]
 async fn no_credentials_against_an_auth_server_is_refused() {
     let nats = token_server();
-    let s = InProc::start(&routes(""), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(""), &nats.url(), None, &[]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
 }
 
@@ -224,7 +162,7 @@ async fn user_and_password_file_authenticate() {
     let nats = user_server();
     let dir = tempfile::tempdir().unwrap();
     let f = write(dir.path(), "pass", PASSWORD);
-    let s = InProc::start(&routes(&format!("user = \"bridge\"\npassword_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("user = \"bridge\"\npassword_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     s.wait_ready().await;
     let sub = async_nats::ConnectOptions::with_user_and_password("bridge".into(), PASSWORD.into()).connect(nats.url()).await.unwrap();
     assert_flows(s.egress, sub).await;
@@ -279,7 +217,7 @@ async fn nkey_seed_file_authenticates() {
     let dir = tempfile::tempdir().unwrap();
     let seed = user.seed().unwrap();
     let f = write(dir.path(), "seed", &format!("{seed}\n"));
-    let s = InProc::start(&routes(&format!("nkey_seed_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("nkey_seed_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     s.wait_ready().await;
     let sub = async_nats::ConnectOptions::with_nkey(seed).connect(nats.url()).await.unwrap();
     assert_flows(s.egress, sub).await;
@@ -300,7 +238,7 @@ async fn an_unknown_nkey_is_refused() {
     let allowed = nkeys::KeyPair::new_user();
     let nats = nkey_server(&allowed);
     let other = nkeys::KeyPair::new_user().seed().unwrap();
-    let s = InProc::start(&routes("nkey_seed_env = \"SEED\""), &nats.url(), &[("SEED", &other)]).await;
+    let s = Sidecar::start_with_env(&routes("nkey_seed_env = \"SEED\""), &nats.url(), None, &[("SEED", &other)]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
 }
 
@@ -309,13 +247,13 @@ async fn a_malformed_nkey_seed_fails_the_start_without_quoting_it() {
     let nats = NatsServer::start();
     // A user *public* key where the seed belongs: the classic mistake.
     let public = nkeys::KeyPair::new_user().public_key();
-    let s = InProc::start(&routes("nkey_seed_env = \"SEED\""), &nats.url(), &[("SEED", &public)]).await;
+    let s = Sidecar::start_with_env(&routes("nkey_seed_env = \"SEED\""), &nats.url(), None, &[("SEED", &public)]).await;
     let e = s.start_error().await;
     assert!(e.contains("env:SEED") && e.contains("nkey seed"), "{e}");
     assert!(!e.contains(&public), "{e}");
     // An account seed is a seed, but not a user's.
     let account = nkeys::KeyPair::new_account().seed().unwrap();
-    let s = InProc::start(&routes("nkey_seed_env = \"SEED\""), &nats.url(), &[("SEED", &account)]).await;
+    let s = Sidecar::start_with_env(&routes("nkey_seed_env = \"SEED\""), &nats.url(), None, &[("SEED", &account)]).await;
     let e = s.start_error().await;
     assert!(e.contains("user nkey seed"), "{e}");
     assert!(!e.contains(&account), "{e}");
@@ -406,7 +344,7 @@ async fn creds_file_authenticates_against_an_operator_mode_server() {
     let dir = tempfile::tempdir().unwrap();
     let (creds, seed) = user_creds(&op.account);
     let f = write(dir.path(), "user.creds", &creds);
-    let s = InProc::start(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     s.wait_ready().await;
     let sub = async_nats::ConnectOptions::with_credentials(&creds).unwrap().connect(nats.url()).await.unwrap();
     assert_flows(s.egress, sub).await;
@@ -420,7 +358,7 @@ async fn creds_signed_by_an_untrusted_account_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (creds, _) = user_creds(&nkeys::KeyPair::new_account());
     let f = write(dir.path(), "user.creds", &creds);
-    let s = InProc::start(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
 }
 
@@ -441,12 +379,12 @@ async fn missing_or_malformed_creds_files_fail_the_start_clearly() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.creds");
-    let s = InProc::start(&routes(&format!("creds_file = {:?}", missing.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("creds_file = {:?}", missing.display().to_string())), &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("credentials file") && e.contains("nope.creds"), "{e}");
 
     let garbage = write(dir.path(), "garbage.creds", "this is not a creds file\n");
-    let s = InProc::start(&routes(&format!("creds_file = {:?}", garbage.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("creds_file = {:?}", garbage.display().to_string())), &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("garbage.creds") && e.contains("JWT"), "{e}");
 
@@ -454,7 +392,7 @@ async fn missing_or_malformed_creds_files_fail_the_start_clearly() {
     let (creds, seed) = user_creds(&nkeys::KeyPair::new_account());
     let broken = creds.replace(&seed, &format!("{}X", &seed[..seed.len() - 1]));
     let f = write(dir.path(), "broken.creds", &broken);
-    let s = InProc::start(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&format!("creds_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("broken.creds"), "{e}");
     assert!(!e.contains(&seed[..20]), "{e}");
@@ -463,13 +401,13 @@ async fn missing_or_malformed_creds_files_fail_the_start_clearly() {
 #[tokio::test]
 async fn missing_secret_files_and_variables_fail_the_start_clearly() {
     let nats = NatsServer::start();
-    let s = InProc::start(&routes("token_file = \"/nonexistent/natsbridge/token\""), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes("token_file = \"/nonexistent/natsbridge/token\""), &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("file:/nonexistent/natsbridge/token"), "{e}");
-    let s = InProc::start(&routes("token_env = \"NB_UNSET\""), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes("token_env = \"NB_UNSET\""), &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("env:NB_UNSET") && e.contains("not set"), "{e}");
-    let s = InProc::start(&routes("token_env = \"NB_EMPTY\""), &nats.url(), &[("NB_EMPTY", " \n")]).await;
+    let s = Sidecar::start_with_env(&routes("token_env = \"NB_EMPTY\""), &nats.url(), None, &[("NB_EMPTY", " \n")]).await;
     let e = s.start_error().await;
     assert!(e.contains("env:NB_EMPTY") && e.contains("empty"), "{e}");
 }
@@ -552,7 +490,7 @@ async fn tls_subscriber(pki: &Pki, nats: &NatsServer) -> async_nats::Client {
 async fn tls_with_the_test_ca_connects() {
     let pki = pki();
     let nats = tls_server(&pki, false);
-    let s = InProc::start(&routes(&tls_section(&pki, false, true)), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&tls_section(&pki, false, true)), &nats.url(), None, &[]).await;
     s.wait_ready().await;
     assert_flows(s.egress, tls_subscriber(&pki, &nats).await).await;
 }
@@ -562,7 +500,7 @@ async fn tls_scheme_url_connects_too() {
     let pki = pki();
     let nats = tls_server(&pki, false);
     let url = format!("tls://127.0.0.1:{}", nats.port);
-    let s = InProc::start(&routes(&tls_section(&pki, false, false)), &url, &[]).await;
+    let s = Sidecar::start_with_env(&routes(&tls_section(&pki, false, false)), &url, None, &[]).await;
     s.wait_ready().await;
 }
 
@@ -571,7 +509,7 @@ async fn tls_without_the_ca_is_refused() {
     let pki = pki();
     let nats = tls_server(&pki, false);
     // No ca_file: the system roots do not trust the test CA.
-    let s = InProc::start(&routes("[nats.tls]\nrequire = true\n"), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes("[nats.tls]\nrequire = true\n"), &nats.url(), None, &[]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
 }
 
@@ -579,7 +517,7 @@ async fn tls_without_the_ca_is_refused() {
 async fn mutual_tls_with_a_client_certificate_connects() {
     let pki = pki();
     let nats = tls_server(&pki, true);
-    let s = InProc::start(&routes(&tls_section(&pki, true, true)), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&tls_section(&pki, true, true)), &nats.url(), None, &[]).await;
     s.wait_ready().await;
     assert_flows(s.egress, tls_subscriber(&pki, &nats).await).await;
 }
@@ -588,7 +526,7 @@ async fn mutual_tls_with_a_client_certificate_connects() {
 async fn mutual_tls_without_a_client_certificate_is_refused() {
     let pki = pki();
     let nats = tls_server(&pki, true);
-    let s = InProc::start(&routes(&tls_section(&pki, false, true)), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&tls_section(&pki, false, true)), &nats.url(), None, &[]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
 }
 
@@ -596,7 +534,7 @@ async fn mutual_tls_without_a_client_certificate_is_refused() {
 async fn require_tls_refuses_a_plaintext_server() {
     let pki = pki();
     let nats = NatsServer::start();
-    let s = InProc::start(&routes(&tls_section(&pki, false, true)), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes(&tls_section(&pki, false, true)), &nats.url(), None, &[]).await;
     assert_never_ready(s.admin, Duration::from_secs(2)).await;
 }
 
@@ -609,7 +547,7 @@ async fn tls_and_a_token_together() {
         pki.server_key.display().to_string()
     ));
     let toml = routes(&format!("token_env = \"T\"\n{}", tls_section(&pki, false, true)));
-    let s = InProc::start(&toml, &nats.url(), &[("T", TOKEN)]).await;
+    let s = Sidecar::start_with_env(&toml, &nats.url(), None, &[("T", TOKEN)]).await;
     s.wait_ready().await;
 }
 
@@ -617,7 +555,7 @@ async fn tls_and_a_token_together() {
 async fn missing_tls_files_fail_the_start_clearly() {
     let pki = pki();
     let nats = NatsServer::start();
-    let s = InProc::start(&routes("[nats.tls]\nca_file = \"/nonexistent/ca.pem\"\n"), &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&routes("[nats.tls]\nca_file = \"/nonexistent/ca.pem\"\n"), &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("ca_file") && e.contains("/nonexistent/ca.pem"), "{e}");
     let not_pem = write(pki.dir.path(), "not.pem", "hello");
@@ -626,7 +564,7 @@ async fn missing_tls_files_fail_the_start_clearly() {
         not_pem.display().to_string(),
         pki.client_key.display().to_string()
     ));
-    let s = InProc::start(&toml, &nats.url(), &[]).await;
+    let s = Sidecar::start_with_env(&toml, &nats.url(), None, &[]).await;
     let e = s.start_error().await;
     assert!(e.contains("cert_file") && e.contains("PEM"), "{e}");
 }

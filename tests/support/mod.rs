@@ -414,6 +414,12 @@ impl Sidecar {
     /// Writes `toml` to a temp file and runs a sidecar from it, NATS servers and app URL
     /// overridden as given.
     pub async fn start(toml: &str, nats_url: &str, app_url: Option<&str>) -> Self {
+        Self::start_with_env(toml, nats_url, app_url, &[]).await
+    }
+
+    /// As `start`, with `env` as the sidecar's whole environment (for secrets named in
+    /// the routing file).
+    pub async fn start_with_env(toml: &str, nats_url: &str, app_url: Option<&str>, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, toml).unwrap();
@@ -423,6 +429,7 @@ impl Sidecar {
         let (egress_addr, admin_addr) = (egress.local_addr().unwrap(), admin.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let overrides = natsbridge::config::Overrides {
             nats_servers: Some(vec![nats_url.to_owned()]),
             app_url: app_url.map(|u| u.parse().unwrap()),
@@ -433,7 +440,7 @@ impl Sidecar {
             overrides,
             egress,
             admin,
-            env: Arc::new(|_| None),
+            env: Arc::new(move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())),
             reload: reload_rx,
             shutdown: shutdown.clone(),
         }));
@@ -461,6 +468,17 @@ impl Sidecar {
 
     pub async fn metrics(&self) -> String {
         get(&format!("http://{}/metrics", self.admin)).await.map(|r| String::from_utf8_lossy(&r.body).into_owned()).unwrap_or_default()
+    }
+
+    /// The start error, when `run` returns one quickly.
+    pub async fn start_error(mut self) -> String {
+        let task = self.task.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Ok(Ok(()))) => panic!("sidecar returned Ok; expected a start error"),
+            Ok(Err(e)) => panic!("sidecar task panicked: {e}"),
+            Err(_) => panic!("sidecar kept running; expected a start error"),
+        }
     }
 
     pub async fn stop(mut self) {
