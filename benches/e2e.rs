@@ -148,7 +148,16 @@ fn free_port() -> u16 {
 }
 
 fn nats_server_bin() -> String {
-    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+    // scripts/test exports NATS_SERVER_BIN; a bare `cargo test` finds the pinned server
+    // that scripts/install-nats-server put in the project's virtualenv.
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/nats-server");
+        if std::path::Path::new(venv).exists() {
+            venv.into()
+        } else {
+            "nats-server".into()
+        }
+    })
 }
 
 struct NatsServer {
@@ -187,7 +196,11 @@ impl NatsServer {
                     break p;
                 }
             }
-            assert!(Instant::now() < deadline, "nats-server did not start: {}", std::fs::read_to_string(store.path().join("nats.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start: {}",
+                std::fs::read_to_string(store.path().join("nats.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
         Self { child, port, _store: store }
@@ -222,7 +235,8 @@ impl SidecarProc {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
         // BENCH_WRAP_SIDECAR="valgrind --tool=callgrind" (say) runs each sidecar under it.
-        let wrap: Vec<String> = std::env::var("BENCH_WRAP_SIDECAR").map(|w| w.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
+        let wrap: Vec<String> =
+            std::env::var("BENCH_WRAP_SIDECAR").map(|w| w.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
         let mut cmd = match wrap.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
@@ -818,7 +832,13 @@ async fn wait_drained(js: &async_nats::jetstream::Context, durable: &str, n: usi
 
 /// The raw baseline: an async-nats pull consumer calling the same app, `conc` in flight,
 /// double-acking each message as the sidecar does.
-async fn raw_consumer(js: &async_nats::jetstream::Context, client: &HttpClient, app: &App, conc: usize, stop: tokio_util::sync::CancellationToken) {
+async fn raw_consumer(
+    js: &async_nats::jetstream::Context,
+    client: &HttpClient,
+    app: &App,
+    conc: usize,
+    stop: tokio_util::sync::CancellationToken,
+) {
     use async_nats::jetstream::consumer::{pull, AckPolicy};
     let stream = js.get_stream("BENCH_F").await.unwrap();
     let consumer = stream
@@ -876,8 +896,13 @@ fn machine() -> serde_json::Value {
         .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let nats = Command::new(nats_server_bin()).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    let rustc = Command::new("rustc").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let nats = Command::new(nats_server_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let rustc =
+        Command::new("rustc").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
     json!({
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu": model,
@@ -890,7 +915,11 @@ fn machine() -> serde_json::Value {
 }
 
 fn now_utc() -> String {
-    Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Criterion's latest estimates (mean, ns) for the micro-benchmarks, when they were run.
@@ -944,23 +973,42 @@ fn goals(phases: &[Phase], micro: &BTreeMap<String, f64>, idle: &BTreeMap<String
         let d99 = c.p99_ms.unwrap_or(0.0) - a.p99_ms.unwrap_or(0.0) - b.p99_ms.unwrap_or(0.0);
         g.push(Goal {
             goal: "sidecars' own cost c − a − b at 1k rps: ≤ 0.2 ms p50".into(),
-            measured: format!("{d50:.3} ms (c {:.3} − a {:.3} − b {:.3})", c.p50_ms.unwrap_or(0.0), a.p50_ms.unwrap_or(0.0), b.p50_ms.unwrap_or(0.0)),
+            measured: format!(
+                "{d50:.3} ms (c {:.3} − a {:.3} − b {:.3})",
+                c.p50_ms.unwrap_or(0.0),
+                a.p50_ms.unwrap_or(0.0),
+                b.p50_ms.unwrap_or(0.0)
+            ),
             met: Some(d50 <= 0.2),
         });
         g.push(Goal {
             goal: "sidecars' own cost c − a − b at 1k rps: ≤ 0.5 ms p99".into(),
-            measured: format!("{d99:.3} ms (c {:.3} − a {:.3} − b {:.3})", c.p99_ms.unwrap_or(0.0), a.p99_ms.unwrap_or(0.0), b.p99_ms.unwrap_or(0.0)),
+            measured: format!(
+                "{d99:.3} ms (c {:.3} − a {:.3} − b {:.3})",
+                c.p99_ms.unwrap_or(0.0),
+                a.p99_ms.unwrap_or(0.0),
+                b.p99_ms.unwrap_or(0.0)
+            ),
             met: Some(d99 <= 0.5),
         });
         let add = c.p50_ms.unwrap_or(0.0) - a.p50_ms.unwrap_or(0.0);
-        g.push(Goal { goal: "added latency c − a at 1k rps ≤ 0.53 ms p50 (half of Dapr's +1.06 ms)".into(), measured: format!("{add:.3} ms"), met: Some(add <= 0.53) });
+        g.push(Goal {
+            goal: "added latency c − a at 1k rps ≤ 0.53 ms p50 (half of Dapr's +1.06 ms)".into(),
+            measured: format!("{add:.3} ms"),
+            met: Some(add <= 0.53),
+        });
     }
     if let (Some(c), Some(d)) = (at1k("c"), at1k("d")) {
         let r50 = d.p50_ms.unwrap_or(0.0) / c.p50_ms.unwrap_or(1.0);
         let r99 = d.p99_ms.unwrap_or(0.0) / c.p99_ms.unwrap_or(1.0);
         let (cs, ds) = (find(phases, "c", "concurrency", None), find(phases, "d", "concurrency", None));
         let rt = match (cs, ds) {
-            (Some(cs), Some(ds)) => format!(", saturation {:.0}/s vs {:.0}/s ({:+.1}%)", ds.throughput, cs.throughput, (ds.throughput / cs.throughput - 1.0) * 100.0),
+            (Some(cs), Some(ds)) => format!(
+                ", saturation {:.0}/s vs {:.0}/s ({:+.1}%)",
+                ds.throughput,
+                cs.throughput,
+                (ds.throughput / cs.throughput - 1.0) * 100.0
+            ),
             _ => String::new(),
         };
         g.push(Goal {
@@ -1015,10 +1063,21 @@ fn goals(phases: &[Phase], micro: &BTreeMap<String, f64>, idle: &BTreeMap<String
     g
 }
 
-fn markdown(machine: &serde_json::Value, date: &str, plan: &Plan, phases: &[Phase], goals: &[Goal], micro: &BTreeMap<String, f64>, idle: &BTreeMap<String, f64>) -> String {
+fn markdown(
+    machine: &serde_json::Value,
+    date: &str,
+    plan: &Plan,
+    phases: &[Phase],
+    goals: &[Goal],
+    micro: &BTreeMap<String, f64>,
+    idle: &BTreeMap<String, f64>,
+) -> String {
     let mut s = String::new();
     let m = |k: &str| machine[k].as_str().map(str::to_owned).unwrap_or_else(|| machine[k].to_string());
-    s += &format!("## natsbridge end-to-end benchmark ({})\n\n", if plan.quick { "quick smoke run: numbers are not meaningful" } else { "full run" });
+    s += &format!(
+        "## natsbridge end-to-end benchmark ({})\n\n",
+        if plan.quick { "quick smoke run: numbers are not meaningful" } else { "full run" }
+    );
     s += &format!(
         "{date} · {} × {} · {} GiB RAM · Linux {} · {} · {} · load average at start {}\n\n",
         m("nproc"),
@@ -1042,8 +1101,15 @@ fn markdown(machine: &serde_json::Value, date: &str, plan: &Plan, phases: &[Phas
             (l, _, _) => l.to_owned(),
         };
         let sidecars: Vec<&ProcUsage> = p.procs.iter().filter(|u| u.name.starts_with("sidecar")).collect();
-        let join = |f: &dyn Fn(&ProcUsage) -> String| if sidecars.is_empty() { "–".to_owned() } else { sidecars.iter().map(|u| f(u)).collect::<Vec<_>>().join(" / ") };
-        let other = |n: &str| p.procs.iter().find(|u| u.name.starts_with(n)).map(|u| format!("{:.2}", u.cpu_seconds_per_10k)).unwrap_or("–".into());
+        let join = |f: &dyn Fn(&ProcUsage) -> String| {
+            if sidecars.is_empty() {
+                "–".to_owned()
+            } else {
+                sidecars.iter().map(|u| f(u)).collect::<Vec<_>>().join(" / ")
+            }
+        };
+        let other =
+            |n: &str| p.procs.iter().find(|u| u.name.starts_with(n)).map(|u| format!("{:.2}", u.cpu_seconds_per_10k)).unwrap_or("–".into());
         s += &format!(
             "| {} {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} · {} |\n",
             p.path,
@@ -1070,7 +1136,16 @@ fn markdown(machine: &serde_json::Value, date: &str, plan: &Plan, phases: &[Phas
     }
     s += "\n### Goals\n\n| goal | measured | met |\n|---|---|---|\n";
     for g in goals {
-        s += &format!("| {} | {} | {} |\n", g.goal, g.measured, match g.met { Some(true) => "✅ met", Some(false) => "❌ not met", None => "–" });
+        s += &format!(
+            "| {} | {} | {} |\n",
+            g.goal,
+            g.measured,
+            match g.met {
+                Some(true) => "✅ met",
+                Some(false) => "❌ not met",
+                None => "–",
+            }
+        );
     }
     if !micro.is_empty() {
         s += "\n### Micro-benchmarks (criterion, mean)\n\n| benchmark | time |\n|---|---:|\n";
@@ -1215,7 +1290,8 @@ async fn run(plan: Plan) -> i32 {
         idle.insert(b.name.into(), rss_kb(b.child.id()) as f64 / 1024.0);
     }
     println!("pids: nats-server {}, sidecar-a {}, sidecar-b {:?}", nats.child.id(), a.child.id(), b.as_ref().map(|b| b.child.id()));
-    let sidecars: Vec<Watched> = [Some(a.watched()), b.as_ref().map(|b| b.watched())].into_iter().flatten().chain([nats_proc.clone(), me.clone()]).collect();
+    let sidecars: Vec<Watched> =
+        [Some(a.watched()), b.as_ref().map(|b| b.watched())].into_iter().flatten().chain([nats_proc.clone(), me.clone()]).collect();
 
     // a. direct HTTP.
     let op = http_op(&format!("{app_url}/echo"), None, body.clone(), StatusCode::OK, Some(BODY_LEN));
@@ -1313,7 +1389,13 @@ async fn run(plan: Plan) -> i32 {
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results")
     };
-    let stem = if bench.plan.quick { "quick" } else if bench.plan.only.is_some() { "partial" } else { "latest" };
+    let stem = if bench.plan.quick {
+        "quick"
+    } else if bench.plan.only.is_some() {
+        "partial"
+    } else {
+        "latest"
+    };
     std::fs::create_dir_all(&out_dir).unwrap();
     let js_out = json!({
         "date": date,
@@ -1343,7 +1425,15 @@ async fn run(plan: Plan) -> i32 {
     }
 }
 
-fn drain_phase(path: &str, label: &str, app: &App, n: usize, conc: usize, drained: Result<Instant, String>, procs: Vec<ProcUsage>) -> Phase {
+fn drain_phase(
+    path: &str,
+    label: &str,
+    app: &App,
+    n: usize,
+    conc: usize,
+    drained: Result<Instant, String>,
+    procs: Vec<ProcUsage>,
+) -> Phase {
     let rec = Recorder::new();
     let first = *app.first_ingest.lock().unwrap();
     let mut p = Phase::from(path, label, "drain", &rec, 0.0, 0);

@@ -160,12 +160,16 @@ fn ack_decision(c: &mut Criterion) {
     let backoff = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
     let policy = Policy { max_deliver: 5, backoff: &backoff };
     let now = std::time::SystemTime::now();
-    g.bench_function("ack_2xx", |b| b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::OK)), None, black_box(1), &policy, now))));
+    g.bench_function("ack_2xx", |b| {
+        b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::OK)), None, black_box(1), &policy, now)))
+    });
     g.bench_function("nak_backoff_5xx", |b| {
         b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::SERVICE_UNAVAILABLE)), None, black_box(2), &policy, now)))
     });
     g.bench_function("nak_retry_after", |b| {
-        b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::TOO_MANY_REQUESTS)), black_box(Some("7")), black_box(2), &policy, now)))
+        b.iter(|| {
+            black_box(decide(black_box(Attempt::Status(StatusCode::TOO_MANY_REQUESTS)), black_box(Some("7")), black_box(2), &policy, now))
+        })
     });
     g.bench_function("dead_letter_poison", |b| {
         b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::UNPROCESSABLE_ENTITY)), None, black_box(1), &policy, now)))

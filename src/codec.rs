@@ -3,9 +3,9 @@
 //!
 //! No I/O here, so every rule is unit-tested and fuzzed directly.
 
+use async_nats::header::IntoHeaderName as _;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use async_nats::header::IntoHeaderName as _;
 use http::{HeaderMap, Method, StatusCode};
 
 /// Status of a reply or tunnelled response (ours).
@@ -301,7 +301,21 @@ mod tests {
         assert_eq!(canonical_name("nats-msg-id"), "Nats-Msg-Id");
         assert_eq!(canonical_name("traceparent"), "Traceparent");
         // The static names agree with the general rule.
-        for n in ["content-type", "accept", "user-agent", "authorization", "x-request-id", "traceparent", "tracestate", "accept-encoding", "content-encoding", "idempotency-key", "date", "cache-control", "x-custom-thing"] {
+        for n in [
+            "content-type",
+            "accept",
+            "user-agent",
+            "authorization",
+            "x-request-id",
+            "traceparent",
+            "tracestate",
+            "accept-encoding",
+            "content-encoding",
+            "idempotency-key",
+            "date",
+            "cache-control",
+            "x-custom-thing",
+        ] {
             let got = nats_header_name(&HeaderName::from_static(n));
             assert_eq!(got.as_ref() as &str, canonical_name(n), "{n}");
         }

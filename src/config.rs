@@ -134,8 +134,13 @@ pub enum OutboundTarget {
     Publish(SubjectTemplate),
     JetStream(SubjectTemplate),
     /// The subject is `natsbridge.tunnel.<service>`.
-    Tunnel { service: String, subject: String },
-    Http { upstream: http::Uri },
+    Tunnel {
+        service: String,
+        subject: String,
+    },
+    Http {
+        upstream: http::Uri,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -362,12 +367,7 @@ impl Config {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        diagnostics: vec![Diagnostic {
-            file: file.clone(),
-            line: 0,
-            route: None,
-            message: format!("cannot read: {e}"),
-        }],
+        diagnostics: vec![Diagnostic { file: file.clone(), line: 0, route: None, message: format!("cannot read: {e}") }],
     })?;
     let mut config = parse(&src, &file)?;
     config.source = path.to_path_buf();
@@ -382,12 +382,7 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         Err(e) => {
             let line = e.span().map(|s| cx.line_of(s.start)).unwrap_or(0);
             return Err(ConfigError {
-                diagnostics: vec![Diagnostic {
-                    file: file.to_owned(),
-                    line,
-                    route: None,
-                    message: e.message().trim().to_owned(),
-                }],
+                diagnostics: vec![Diagnostic { file: file.to_owned(), line, route: None, message: e.message().trim().to_owned() }],
             });
         }
     };
@@ -605,12 +600,7 @@ impl<'a> Cx<'a> {
             Some(k) => self.key_line(loc, k),
             None => self.line_of(loc.start),
         };
-        self.errors.push(Diagnostic {
-            file: self.file.to_owned(),
-            line,
-            route: route.map(str::to_owned),
-            message: message.into(),
-        });
+        self.errors.push(Diagnostic { file: self.file.to_owned(), line, route: route.map(str::to_owned), message: message.into() });
     }
 
     fn warn(&mut self, loc: Loc, key: Option<&str>, route: Option<&str>, message: impl Into<String>) {
@@ -618,20 +608,11 @@ impl<'a> Cx<'a> {
             Some(k) => self.key_line(loc, k),
             None => self.line_of(loc.start),
         };
-        self.warnings.push(Diagnostic {
-            file: self.file.to_owned(),
-            line,
-            route: route.map(str::to_owned),
-            message: message.into(),
-        });
+        self.warnings.push(Diagnostic { file: self.file.to_owned(), line, route: route.map(str::to_owned), message: message.into() });
     }
 
     /// Deserializes one section; on failure records the error at the offending key.
-    fn section<T: for<'de> Deserialize<'de>>(
-        &mut self,
-        value: Spanned<toml::Value>,
-        what: &str,
-    ) -> Option<(T, Loc)> {
+    fn section<T: for<'de> Deserialize<'de>>(&mut self, value: Spanned<toml::Value>, what: &str) -> Option<(T, Loc)> {
         let span = value.span();
         let loc = Loc { start: span.start };
         let value = value.into_inner();
@@ -712,21 +693,9 @@ impl<'a> Cx<'a> {
             None => Some((RawIdempotencyStore::default(), top)),
         };
         self.check_raw_names(doc.outbound.iter().chain(doc.inbound.iter()));
-        let outbound: Vec<_> = doc
-            .outbound
-            .into_iter()
-            .map(|v| self.section::<RawOutbound>(v, "[[outbound]]"))
-            .collect();
-        let inbound: Vec<_> = doc
-            .inbound
-            .into_iter()
-            .map(|v| self.section::<RawInbound>(v, "[[inbound]]"))
-            .collect();
-        let streams: Vec<_> = doc
-            .streams
-            .into_iter()
-            .map(|v| self.section::<RawStream>(v, "[[streams]]"))
-            .collect();
+        let outbound: Vec<_> = doc.outbound.into_iter().map(|v| self.section::<RawOutbound>(v, "[[outbound]]")).collect();
+        let inbound: Vec<_> = doc.inbound.into_iter().map(|v| self.section::<RawInbound>(v, "[[inbound]]")).collect();
+        let streams: Vec<_> = doc.streams.into_iter().map(|v| self.section::<RawStream>(v, "[[streams]]")).collect();
 
         let sidecar = sidecar.map(|(raw, loc)| self.sidecar(raw, loc));
         let nats = nats.map(|(raw, loc)| self.nats(raw, loc));
@@ -734,18 +703,14 @@ impl<'a> Cx<'a> {
             timeout: self.duration(loc, "timeout", None, &raw.timeout, Duration::from_secs(5)),
             max_body: self.size(loc, "max_body", None, &raw.max_body, 1 << 20),
         });
-        let streams: Vec<StreamSpec> =
-            streams.into_iter().flatten().filter_map(|(raw, loc)| self.stream(raw, loc)).collect();
+        let streams: Vec<StreamSpec> = streams.into_iter().flatten().filter_map(|(raw, loc)| self.stream(raw, loc)).collect();
         let service = sidecar.as_ref().map(|s| s.service.clone()).unwrap_or_default();
         let dead_letter = dead_letter.map(|(raw, loc)| self.dead_letter(raw, loc));
         let idempotency = idem_store.map(|(raw, loc)| self.idempotency_store(raw, loc));
 
         let defaults_v = defaults.clone().unwrap_or(Defaults { timeout: Duration::from_secs(5), max_body: 1 << 20 });
-        let outbound: Vec<(Outbound, Loc)> = outbound
-            .into_iter()
-            .flatten()
-            .filter_map(|(raw, loc)| self.outbound(raw, loc, &defaults_v).map(|o| (o, loc)))
-            .collect();
+        let outbound: Vec<(Outbound, Loc)> =
+            outbound.into_iter().flatten().filter_map(|(raw, loc)| self.outbound(raw, loc, &defaults_v).map(|o| (o, loc))).collect();
         let inbound: Vec<(Inbound, Loc)> = inbound
             .into_iter()
             .flatten()
@@ -783,7 +748,12 @@ impl<'a> Cx<'a> {
 
     fn sidecar(&mut self, raw: RawSidecar, loc: Loc) -> Sidecar {
         if !subject::is_valid_token(&raw.service) {
-            self.error(loc, Some("service"), None, format!("`service` {:?} must be one subject token: no '.', '*', '>' or spaces", raw.service));
+            self.error(
+                loc,
+                Some("service"),
+                None,
+                format!("`service` {:?} must be one subject token: no '.', '*', '>' or spaces", raw.service),
+            );
         }
         let addr = |cx: &mut Self, key: &str, v: &Option<String>, default: &str| -> SocketAddr {
             let s = v.as_deref().unwrap_or(default);
@@ -832,7 +802,12 @@ impl<'a> Cx<'a> {
             self.error(loc, Some("servers"), None, "`servers` must name at least one server");
         }
         for s in &servers {
-            if !(s.starts_with("nats://") || s.starts_with("tls://") || s.starts_with("ws://") || s.starts_with("wss://") || !s.contains("://")) {
+            if !(s.starts_with("nats://")
+                || s.starts_with("tls://")
+                || s.starts_with("ws://")
+                || s.starts_with("wss://")
+                || !s.contains("://"))
+            {
                 self.error(loc, Some("servers"), None, format!("server {s:?} must be nats://, tls://, ws:// or wss://"));
             }
         }
@@ -1001,23 +976,19 @@ impl<'a> Cx<'a> {
                 }
             }
             other => {
-                self.error(loc, Some("mode"), route, format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel or http"));
+                self.error(
+                    loc,
+                    Some("mode"),
+                    route,
+                    format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel or http"),
+                );
                 None
             }
         };
         if self.errors.len() > errors_before {
             return None;
         }
-        Some(Outbound {
-            name,
-            line: self.line_of(loc.start),
-            method,
-            host,
-            path: raw.path,
-            target: target?,
-            timeout,
-            max_body,
-        })
+        Some(Outbound { name, line: self.line_of(loc.start), method, host, path: raw.path, target: target?, timeout, max_body })
     }
 
     fn inbound(&mut self, raw: RawInbound, loc: Loc, defaults: &Defaults, service: &str) -> Option<Inbound> {
@@ -1082,7 +1053,12 @@ impl<'a> Cx<'a> {
                     if let Some(s) = &subject {
                         if let Some(max) = t.max_token() {
                             if !s.has_token(max) {
-                                self.error(loc, Some("path"), route, format!("`path` uses {{{max}}} but `subject` {subject_str:?} has only {} tokens", s.len()));
+                                self.error(
+                                    loc,
+                                    Some("path"),
+                                    route,
+                                    format!("`path` uses {{{max}}} but `subject` {subject_str:?} has only {} tokens", s.len()),
+                                );
                             }
                         }
                     }
@@ -1118,11 +1094,7 @@ impl<'a> Cx<'a> {
                     unexpected(self, k, present);
                 }
                 let timeout = self.duration(loc, "timeout", route, &raw.timeout, defaults.timeout);
-                let m = if mode_name == InboundModeName::Request {
-                    InboundMode::Request { queue }
-                } else {
-                    InboundMode::Tunnel { queue }
-                };
+                let m = if mode_name == InboundModeName::Request { InboundMode::Request { queue } } else { InboundMode::Tunnel { queue } };
                 (Some(m), timeout)
             }
             InboundModeName::JetStream => {
@@ -1165,7 +1137,12 @@ impl<'a> Cx<'a> {
                 let dead_letter = raw.dead_letter.clone().unwrap_or_else(|| format!("dlq.{service}.{name}"));
                 match SubjectPattern::parse(&dead_letter) {
                     Ok(p) if !p.has_wildcards() => {}
-                    _ => self.error(loc, Some("dead_letter"), route, format!("`dead_letter` {dead_letter:?} must be a subject without wildcards")),
+                    _ => self.error(
+                        loc,
+                        Some("dead_letter"),
+                        route,
+                        format!("`dead_letter` {dead_letter:?} must be a subject without wildcards"),
+                    ),
                 }
                 let max_ack_pending = raw.max_ack_pending.unwrap_or(concurrency as i64 * 2);
                 (
@@ -1193,7 +1170,12 @@ impl<'a> Cx<'a> {
                 None
             };
             let Some(key) = key else {
-                self.error(loc, Some("idempotency"), route, format!("idempotency `key` {:?} must be header:<Name>, msg-id or json:<pointer>", i.key));
+                self.error(
+                    loc,
+                    Some("idempotency"),
+                    route,
+                    format!("idempotency `key` {:?} must be header:<Name>, msg-id or json:<pointer>", i.key),
+                );
                 return None;
             };
             if mode_name == InboundModeName::Tunnel && key != IdempotencyKey::MsgId {
@@ -1352,7 +1334,12 @@ impl<'a> Cx<'a> {
         for (i, loc) in inbound {
             if let InboundMode::JetStream(c) = &i.mode {
                 if let Some(other) = durables.insert((&c.stream, &c.durable), &i.name) {
-                    self.error(*loc, Some("durable"), Some(&i.name), format!("durable {:?} on stream {:?} is already used by route \"{other}\"", c.durable, c.stream));
+                    self.error(
+                        *loc,
+                        Some("durable"),
+                        Some(&i.name),
+                        format!("durable {:?} on stream {:?} is already used by route \"{other}\"", c.durable, c.stream),
+                    );
                 }
             }
         }
@@ -1377,9 +1364,19 @@ impl<'a> Cx<'a> {
                     };
                     let overlap = shadowed || rb.method.is_none();
                     if shadowed {
-                        self.error(*lb, Some("path"), Some(&rb.name), format!("can never match: route \"{}\" (line {}) takes every request it would", ra.name, ra.line));
+                        self.error(
+                            *lb,
+                            Some("path"),
+                            Some(&rb.name),
+                            format!("can never match: route \"{}\" (line {}) takes every request it would", ra.name, ra.line),
+                        );
                     } else if overlap {
-                        self.error(*lb, Some("path"), Some(&rb.name), format!("overlaps route \"{}\" (line {}): same host and path, methods intersect", ra.name, ra.line));
+                        self.error(
+                            *lb,
+                            Some("path"),
+                            Some(&rb.name),
+                            format!("overlaps route \"{}\" (line {}): same host and path, methods intersect", ra.name, ra.line),
+                        );
                     }
                 }
             }
@@ -1408,7 +1405,12 @@ impl<'a> Cx<'a> {
                 InboundMode::JetStream(_) => continue,
             };
             if let Some(other) = seen.insert((i.subject.as_str().to_owned(), group), &i.name) {
-                self.error(*loc, Some("subject"), Some(&i.name), format!("subscribes to the same subject and queue as route \"{other}\"; each message would reach only one of them"));
+                self.error(
+                    *loc,
+                    Some("subject"),
+                    Some(&i.name),
+                    format!("subscribes to the same subject and queue as route \"{other}\"; each message would reach only one of them"),
+                );
             }
         }
     }
@@ -1419,24 +1421,57 @@ impl<'a> Cx<'a> {
             if let OutboundTarget::JetStream(t) = &o.target {
                 let probe = t.probe();
                 if !streams.iter().any(|s| s.subjects.iter().any(|p| p.matches(&probe))) {
-                    self.warn(*loc, Some("subject"), Some(&o.name), format!("no [[streams]] entry captures {:?}; publishes will answer 503 unless the stream exists", t.as_str()));
+                    self.warn(
+                        *loc,
+                        Some("subject"),
+                        Some(&o.name),
+                        format!("no [[streams]] entry captures {:?}; publishes will answer 503 unless the stream exists", t.as_str()),
+                    );
                 }
             }
         }
         for (i, loc) in inbound {
             if let InboundMode::JetStream(c) = &i.mode {
                 if !stream_names.contains(c.stream.as_str()) {
-                    self.warn(*loc, Some("stream"), Some(&i.name), format!("stream {:?} is not declared in [[streams]]; it must exist already", c.stream));
+                    self.warn(
+                        *loc,
+                        Some("stream"),
+                        Some(&i.name),
+                        format!("stream {:?} is not declared in [[streams]]; it must exist already", c.stream),
+                    );
                 } else if let Some(s) = streams.iter().find(|s| s.name == c.stream) {
                     if !s.subjects.iter().any(|p| p.covers(&i.subject)) {
-                        self.warn(*loc, Some("subject"), Some(&i.name), format!("stream {:?} does not capture {:?}", c.stream, i.subject.as_str()));
+                        self.warn(
+                            *loc,
+                            Some("subject"),
+                            Some(&i.name),
+                            format!("stream {:?} does not capture {:?}", c.stream, i.subject.as_str()),
+                        );
                     }
                 }
                 if !dl.subjects.iter().any(|p| SubjectPattern::parse(&c.dead_letter).is_ok_and(|d| p.covers(&d))) {
-                    self.error(*loc, Some("dead_letter"), Some(&i.name), format!("dead letters to {:?} would not be captured by the dead-letter stream {:?} (subjects {})", c.dead_letter, dl.stream, dl.subjects.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+                    self.error(
+                        *loc,
+                        Some("dead_letter"),
+                        Some(&i.name),
+                        format!(
+                            "dead letters to {:?} would not be captured by the dead-letter stream {:?} (subjects {})",
+                            c.dead_letter,
+                            dl.stream,
+                            dl.subjects.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    );
                 }
                 if streams.iter().any(|s| s.subjects.iter().any(|p| SubjectPattern::parse(&c.dead_letter).is_ok_and(|d| p.covers(&d)))) {
-                    self.error(*loc, Some("dead_letter"), Some(&i.name), format!("dead-letter subject {:?} is also captured by a [[streams]] entry; two streams cannot share a subject", c.dead_letter));
+                    self.error(
+                        *loc,
+                        Some("dead_letter"),
+                        Some(&i.name),
+                        format!(
+                            "dead-letter subject {:?} is also captured by a [[streams]] entry; two streams cannot share a subject",
+                            c.dead_letter
+                        ),
+                    );
                 }
                 if let Some(idem) = &i.idempotency {
                     if let Some(s) = streams.iter().find(|s| s.name == c.stream) {

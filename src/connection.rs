@@ -9,8 +9,8 @@ use async_nats::{ConnectOptions, Event};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::config::{Nats, NatsAuth, Secret};
 use crate::admin::Readiness;
+use crate::config::{Nats, NatsAuth, Secret};
 use crate::metrics::Metrics;
 
 /// Why the connection could not even be attempted. Messages name where a secret lives,
@@ -34,10 +34,12 @@ pub type EnvLookup<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
 fn resolve(secret: &Secret, env: EnvLookup<'_>) -> Result<String, ConnectError> {
     let value = match secret {
-        Secret::File(p) => std::fs::read_to_string(p)
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| ConnectError::Secret(secret.clone(), e.to_string()))?,
-        Secret::Env(v) => env(v).map(|s| s.trim().to_owned()).ok_or_else(|| ConnectError::Secret(secret.clone(), "variable is not set".into()))?,
+        Secret::File(p) => {
+            std::fs::read_to_string(p).map(|s| s.trim().to_owned()).map_err(|e| ConnectError::Secret(secret.clone(), e.to_string()))?
+        }
+        Secret::Env(v) => {
+            env(v).map(|s| s.trim().to_owned()).ok_or_else(|| ConnectError::Secret(secret.clone(), "variable is not set".into()))?
+        }
     };
     // An empty secret would silently connect without credentials.
     if value.is_empty() {
@@ -92,9 +94,9 @@ pub async fn options(
     env: EnvLookup<'_>,
 ) -> Result<ConnectOptions, ConnectError> {
     let mut opts = match &nats.auth {
-        NatsAuth::Credentials(path) => ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|e| ConnectError::Credentials(path.display().to_string(), e))?,
+        NatsAuth::Credentials(path) => {
+            ConnectOptions::with_credentials_file(path).await.map_err(|e| ConnectError::Credentials(path.display().to_string(), e))?
+        }
         _ => ConnectOptions::new(),
     };
     opts = match &nats.auth {
@@ -251,7 +253,9 @@ fn on_event(m: &Metrics, logs: &EventLog, seen: &AtomicBool, event: Event) {
                         suppressed,
                         "cannot authenticate to NATS: signing the server nonce failed (bad nkey seed or credentials?); retrying"
                     ),
-                    "TLS error" => tracing::error!(suppressed, "NATS TLS handshake failed (certificate, CA or TLS requirement mismatch); retrying"),
+                    "TLS error" => {
+                        tracing::error!(suppressed, "NATS TLS handshake failed (certificate, CA or TLS requirement mismatch); retrying")
+                    }
                     _ => tracing::warn!(error = %what, suppressed, "cannot connect to NATS; retrying"),
                 }
             }

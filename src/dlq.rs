@@ -101,7 +101,12 @@ pub struct Failure<'a> {
 
 /// The dead letter's headers: the original ones, plus ours (replacing any left by an
 /// earlier trip through a dead-letter queue, so they always describe this one).
-pub fn headers(original: Option<&async_nats::HeaderMap>, origin: &Origin<'_>, failure: &Failure<'_>, now: SystemTime) -> async_nats::HeaderMap {
+pub fn headers(
+    original: Option<&async_nats::HeaderMap>,
+    origin: &Origin<'_>,
+    failure: &Failure<'_>,
+    now: SystemTime,
+) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
     if let Some(orig) = original {
         for (name, values) in orig.iter() {
@@ -174,7 +179,12 @@ impl Publisher {
         Self { js, timeout }
     }
 
-    pub async fn publish(&self, subject: &str, headers: async_nats::HeaderMap, payload: Bytes) -> Result<async_nats::jetstream::publish::PublishAck, DlqError> {
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, DlqError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut attempt = 0;
         loop {
@@ -234,7 +244,12 @@ mod tests {
         orig.insert(REASON, "stale");
         orig.insert(STATUS, "500");
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") }, now);
+        let h = headers(
+            Some(&orig),
+            &origin(),
+            &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") },
+            now,
+        );
         assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "abc");
         assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
         assert_eq!(h.get(REASON).unwrap().as_str(), "status");

@@ -62,9 +62,8 @@ impl Egress {
         let js = async_nats::jetstream::new(nats.clone());
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
-        let upstream = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let upstream =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
         Arc::new(Self { table, nats, js, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)) })
     }
 }
@@ -96,21 +95,23 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
 
     // The tower stack, in one place; cloned per connection.
     // Boxed: erasing the stack's type sidesteps rustc's higher-ranked Send bug (#102211).
-    let svc: tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible> = tower::util::BoxCloneService::new(ServiceBuilder::new()
-        // hyper needs one concrete body type; CatchPanic wraps ours in its own.
-        .map_response(unify_body)
-        // A panicking handler answers 500 instead of killing the connection.
-        .layer(CatchPanicLayer::custom(panic_response))
-        .service_fn(move |req: Request<Incoming>| {
-            let egress = egress.clone();
-            async move {
-                // Framing hyper tolerates but a front proxy might read differently.
-                if let Some(res) = reject_ambiguous_framing(&req) {
-                    return Ok(res);
+    let svc: tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible> = tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            // hyper needs one concrete body type; CatchPanic wraps ours in its own.
+            .map_response(unify_body)
+            // A panicking handler answers 500 instead of killing the connection.
+            .layer(CatchPanicLayer::custom(panic_response))
+            .service_fn(move |req: Request<Incoming>| {
+                let egress = egress.clone();
+                async move {
+                    // Framing hyper tolerates but a front proxy might read differently.
+                    if let Some(res) = reject_ambiguous_framing(&req) {
+                        return Ok(res);
+                    }
+                    Ok(egress.handle(req).await)
                 }
-                Ok(egress.handle(req).await)
-            }
-        }));
+            }),
+    );
 
     tokio::pin!(shutdown);
     loop {
@@ -191,7 +192,6 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
     }
     Ok(())
 }
-
 
 fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response<Body> {
     let body = crate::problem::problem_body(StatusCode::INTERNAL_SERVER_ERROR, "panic", "handler panicked".into(), None, None);
@@ -298,7 +298,8 @@ impl Egress {
 
     async fn dispatch(&self, route: &Outbound, subject: Option<String>, req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
         let (parts, body) = req.into_parts();
-        if let Some(len) = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if let Some(len) = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+        {
             if len > route.max_body as u64 {
                 return Err(BridgeError::BodyTooLarge { limit: route.max_body });
             }
@@ -337,7 +338,13 @@ impl Egress {
         }
     }
 
-    async fn request(&self, route: &Outbound, subject: String, headers: async_nats::HeaderMap, body: Bytes) -> Result<Response<Body>, BridgeError> {
+    async fn request(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
         let request = async_nats::client::Request::new().headers(headers).payload(body).timeout(Some(route.timeout));
         let reply = self.nats.send_request(subject.clone(), request).await.map_err(|e| {
@@ -357,7 +364,13 @@ impl Egress {
         Ok(res)
     }
 
-    async fn publish(&self, route: &Outbound, subject: String, headers: &http::HeaderMap, body: Bytes) -> Result<Response<Body>, BridgeError> {
+    async fn publish(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
         let nats_headers = codec::http_to_nats_headers(headers);
         self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
@@ -375,7 +388,13 @@ impl Egress {
         Ok(accepted(serde_json::json!({ "subject": subject })))
     }
 
-    async fn jetstream(&self, route: &Outbound, subject: String, headers: &http::HeaderMap, body: Bytes) -> Result<Response<Body>, BridgeError> {
+    async fn jetstream(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
         let _permit = self.publish_permits.try_acquire().map_err(|_| BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
@@ -421,10 +440,22 @@ impl Egress {
         Ok(res)
     }
 
-    async fn proxy(&self, route: &Outbound, upstream: &http::Uri, parts: http::request::Parts, body: Bytes) -> Result<Response<Body>, BridgeError> {
+    async fn proxy(
+        &self,
+        route: &Outbound,
+        upstream: &http::Uri,
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let base = upstream.path().trim_end_matches('/');
-        let uri = format!("{}://{}{}{}", upstream.scheme_str().unwrap_or("http"), upstream.authority().map(|a| a.as_str()).unwrap_or(""), base, pq);
+        let uri = format!(
+            "{}://{}{}{}",
+            upstream.scheme_str().unwrap_or("http"),
+            upstream.authority().map(|a| a.as_str()).unwrap_or(""),
+            base,
+            pq
+        );
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri.parse().map_err(|e: http::uri::InvalidUri| BridgeError::BadRequest(e.to_string()))?;
@@ -628,7 +659,11 @@ struct TrackedIo {
 }
 
 impl tokio::io::AsyncRead for TrackedIo {
-    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -794,7 +829,8 @@ fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 
 /// 400 with `Connection: close`: nothing after this request on the connection is parsed.
 fn bad_framing(why: &str) -> Response<Body> {
-    let body = crate::problem::problem_body(StatusCode::BAD_REQUEST, "bad-framing", format!("ambiguous request framing: {why}"), None, None);
+    let body =
+        crate::problem::problem_body(StatusCode::BAD_REQUEST, "bad-framing", format!("ambiguous request framing: {why}"), None, None);
     let mut r = Response::new(full(body));
     *r.status_mut() = StatusCode::BAD_REQUEST;
     r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::problem::PROBLEM_JSON));

@@ -104,7 +104,11 @@ fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
     if let Some(v) = headers.get(name) {
         return Some(v.as_str().to_owned());
     }
-    headers.iter().find(|(n, _)| AsRef::<str>::as_ref(*n).eq_ignore_ascii_case(name)).and_then(|(_, v)| v.first()).map(|v| v.as_str().to_owned())
+    headers
+        .iter()
+        .find(|(n, _)| AsRef::<str>::as_ref(*n).eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.first())
+        .map(|v| v.as_str().to_owned())
 }
 
 /// The KV key for a route's idempotency key: keys are hashed because KV keys allow only
@@ -135,7 +139,11 @@ pub struct Store {
 
 impl Store {
     /// Binds to the bucket `provision` created.
-    pub async fn open(js: &async_nats::jetstream::Context, cfg: &crate::config::IdempotencyStore, owner: String) -> Result<Self, IdempotencyError> {
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        cfg: &crate::config::IdempotencyStore,
+        owner: String,
+    ) -> Result<Self, IdempotencyError> {
         let kv = js
             .get_key_value(&cfg.bucket)
             .await
@@ -193,7 +201,8 @@ impl Store {
 
     /// Keeps a long-running handler's claim alive.
     pub async fn refresh(&self, ticket: &mut Ticket) -> Result<(), IdempotencyError> {
-        let revision = self.kv.update(&ticket.key, self.claim_record(), ticket.revision).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
+        let revision =
+            self.kv.update(&ticket.key, self.claim_record(), ticket.revision).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
         ticket.revision = revision;
         Ok(())
     }
@@ -213,10 +222,7 @@ impl Store {
 
     /// Gives the key back after a failure, so the retry can run.
     pub async fn release(&self, ticket: Ticket) -> Result<(), IdempotencyError> {
-        self.kv
-            .delete_expect_revision(&ticket.key, Some(ticket.revision))
-            .await
-            .map_err(|e| IdempotencyError::Store(e.to_string()))
+        self.kv.delete_expect_revision(&ticket.key, Some(ticket.revision)).await.map_err(|e| IdempotencyError::Store(e.to_string()))
     }
 
     /// Waits for another handler's result (request mode), until `deadline`.
@@ -295,7 +301,12 @@ mod tests {
         let r = Record::Done {
             at_ms: 1,
             expires_ms: 2,
-            response: StoredResponse { status: 201, headers: vec![("a".into(), "b".into())], body: Bytes::from_static(&[0, 159, 146, 150]), truncated: false },
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("a".into(), "b".into())],
+                body: Bytes::from_static(&[0, 159, 146, 150]),
+                truncated: false,
+            },
         };
         let v = serde_json::to_vec(&r).unwrap();
         let back: Record = serde_json::from_slice(&v).unwrap();

@@ -121,10 +121,7 @@ impl SecretKeyRef {
             Some((n, k)) => (n.trim(), k.trim()),
             None => (s.trim(), "url"),
         };
-        (!name.is_empty() && !key.is_empty()).then(|| Self {
-            name: name.into(),
-            key: key.into(),
-        })
+        (!name.is_empty() && !key.is_empty()).then(|| Self { name: name.into(), key: key.into() })
     }
 }
 
@@ -175,35 +172,19 @@ impl Default for InjectSettings {
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectArgs {
     /// Address the webhook listens on (HTTPS).
-    #[arg(
-        long = "listen",
-        env = "NATSBRIDGE_INJECT_LISTEN",
-        default_value = "0.0.0.0:8443"
-    )]
+    #[arg(long = "listen", env = "NATSBRIDGE_INJECT_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
     /// PEM certificate chain served to the API server; re-read when the file changes.
-    #[arg(
-        long,
-        env = "NATSBRIDGE_INJECT_TLS_CERT",
-        default_value = "/etc/natsbridge-inject/tls/tls.crt"
-    )]
+    #[arg(long, env = "NATSBRIDGE_INJECT_TLS_CERT", default_value = "/etc/natsbridge-inject/tls/tls.crt")]
     pub tls_cert: PathBuf,
     /// PEM private key for --tls-cert.
-    #[arg(
-        long,
-        env = "NATSBRIDGE_INJECT_TLS_KEY",
-        default_value = "/etc/natsbridge-inject/tls/tls.key"
-    )]
+    #[arg(long, env = "NATSBRIDGE_INJECT_TLS_KEY", default_value = "/etc/natsbridge-inject/tls/tls.key")]
     pub tls_key: PathBuf,
     /// Image of the injected sidecar.
     #[arg(long, env = "NATSBRIDGE_INJECT_SIDECAR_IMAGE")]
     pub sidecar_image: String,
     /// imagePullPolicy of the injected sidecar.
-    #[arg(
-        long,
-        env = "NATSBRIDGE_INJECT_SIDECAR_PULL_POLICY",
-        default_value = "IfNotPresent"
-    )]
+    #[arg(long, env = "NATSBRIDGE_INJECT_SIDECAR_PULL_POLICY", default_value = "IfNotPresent")]
     pub sidecar_image_pull_policy: String,
     /// NATS URL given to sidecars (comma-separated for several servers).
     #[arg(long, env = "NATSBRIDGE_INJECT_NATS_URL")]
@@ -231,18 +212,10 @@ pub struct InjectArgs {
     #[arg(long, env = "NATSBRIDGE_INJECT_ADMIN_PORT", default_value_t = 9464)]
     pub admin_port: u16,
     /// Sidecar log format.
-    #[arg(
-        long,
-        env = "NATSBRIDGE_INJECT_SIDECAR_LOG_FORMAT",
-        default_value = "json"
-    )]
+    #[arg(long, env = "NATSBRIDGE_INJECT_SIDECAR_LOG_FORMAT", default_value = "json")]
     pub sidecar_log_format: String,
     /// Default sidecar log level (per pod: annotation natsbridge.io/log-level).
-    #[arg(
-        long,
-        env = "NATSBRIDGE_INJECT_SIDECAR_LOG_LEVEL",
-        default_value = "info"
-    )]
+    #[arg(long, env = "NATSBRIDGE_INJECT_SIDECAR_LOG_LEVEL", default_value = "info")]
     pub sidecar_log_level: String,
     /// UID the sidecar runs as.
     #[arg(long, env = "NATSBRIDGE_INJECT_RUN_AS_USER", default_value_t = 65532)]
@@ -261,37 +234,25 @@ impl InjectArgs {
                 return Ok(None);
             }
             if !is_quantity(v) {
-                return Err(InjectError::Setting {
-                    name,
-                    reason: format!("{v:?} is not a Kubernetes quantity"),
-                });
+                return Err(InjectError::Setting { name, reason: format!("{v:?} is not a Kubernetes quantity") });
             }
             Ok(Some(v.to_string()))
         };
         if self.sidecar_image.trim().is_empty() {
-            return Err(InjectError::Setting {
-                name: "--sidecar-image",
-                reason: "must not be empty".into(),
-            });
+            return Err(InjectError::Setting { name: "--sidecar-image", reason: "must not be empty".into() });
         }
         if self.nats_url.trim().is_empty() {
-            return Err(InjectError::Setting {
-                name: "--nats-url",
-                reason: "must not be empty".into(),
-            });
+            return Err(InjectError::Setting { name: "--nats-url", reason: "must not be empty".into() });
         }
         let nats_url_secret = match self.nats_url_secret.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(s) => Some(SecretKeyRef::parse(s).ok_or_else(|| InjectError::Setting {
-                name: "--nats-url-secret",
-                reason: format!("{s:?} is not name or name/key"),
-            })?),
+            Some(s) => Some(
+                SecretKeyRef::parse(s)
+                    .ok_or_else(|| InjectError::Setting { name: "--nats-url-secret", reason: format!("{s:?} is not name or name/key") })?,
+            ),
         };
         if self.egress_port == self.admin_port {
-            return Err(InjectError::Setting {
-                name: "--admin-port",
-                reason: "must differ from --egress-port".into(),
-            });
+            return Err(InjectError::Setting { name: "--admin-port", reason: "must differ from --egress-port".into() });
         }
         Ok(InjectSettings {
             image: self.sidecar_image.trim().into(),
@@ -309,12 +270,7 @@ impl InjectArgs {
             log_format: self.sidecar_log_format.clone(),
             log_level: self.sidecar_log_level.clone(),
             run_as_user: self.sidecar_run_as_user,
-            extra_no_proxy: self
-                .no_proxy
-                .iter()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
+            extra_no_proxy: self.no_proxy.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         })
     }
 }
@@ -339,33 +295,13 @@ pub enum Decision {
 /// Only a body without `request.uid` is an error; everything about the pod is answered inside
 /// the response (allowed, allowed with a patch, or denied).
 pub fn mutate(review: &Value, settings: &InjectSettings) -> Result<Value, InjectError> {
-    let request = review
-        .get("request")
-        .and_then(Value::as_object)
-        .ok_or_else(|| InjectError::BadReview("no request".into()))?;
-    let uid = request
-        .get("uid")
-        .and_then(Value::as_str)
-        .ok_or_else(|| InjectError::BadReview("request.uid missing".into()))?;
-    let api_version = review
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("admission.k8s.io/v1");
+    let request = review.get("request").and_then(Value::as_object).ok_or_else(|| InjectError::BadReview("no request".into()))?;
+    let uid = request.get("uid").and_then(Value::as_str).ok_or_else(|| InjectError::BadReview("request.uid missing".into()))?;
+    let api_version = review.get("apiVersion").and_then(Value::as_str).unwrap_or("admission.k8s.io/v1");
 
-    let is_pod = request
-        .get("kind")
-        .and_then(|k| k.get("kind"))
-        .and_then(Value::as_str)
-        == Some("Pod")
-        || request
-            .get("resource")
-            .and_then(|r| r.get("resource"))
-            .and_then(Value::as_str)
-            == Some("pods");
-    let is_create = request
-        .get("operation")
-        .and_then(Value::as_str)
-        .is_none_or(|op| op == "CREATE");
+    let is_pod = request.get("kind").and_then(|k| k.get("kind")).and_then(Value::as_str) == Some("Pod")
+        || request.get("resource").and_then(|r| r.get("resource")).and_then(Value::as_str) == Some("pods");
+    let is_create = request.get("operation").and_then(Value::as_str).is_none_or(|op| op == "CREATE");
     let decision = match request.get("object") {
         _ if !is_pod => Decision::Skip("not a pod"),
         _ if !is_create => Decision::Skip("not a CREATE"),
@@ -383,17 +319,11 @@ pub fn mutate(review: &Value, settings: &InjectSettings) -> Result<Value, Inject
             let patch = serde_json::to_vec(&ops).expect("JSON values serialize");
             response.insert("allowed".into(), Value::Bool(true));
             response.insert("patchType".into(), Value::String("JSONPatch".into()));
-            response.insert(
-                "patch".into(),
-                Value::String(base64::engine::general_purpose::STANDARD.encode(patch)),
-            );
+            response.insert("patch".into(), Value::String(base64::engine::general_purpose::STANDARD.encode(patch)));
         }
         Decision::Deny(message) => {
             response.insert("allowed".into(), Value::Bool(false));
-            response.insert(
-                "status".into(),
-                json!({ "code": 400, "reason": "BadRequest", "message": message }),
-            );
+            response.insert("status".into(), json!({ "code": 400, "reason": "BadRequest", "message": message }));
         }
     }
     Ok(json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response }))
@@ -401,15 +331,8 @@ pub fn mutate(review: &Value, settings: &InjectSettings) -> Result<Value, Inject
 
 /// Decides what to do with one pod object and builds the patch.
 pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
-    let annotations = pod
-        .pointer("/metadata/annotations")
-        .and_then(Value::as_object);
-    let ann = |k: &str| {
-        annotations
-            .and_then(|a| a.get(k))
-            .and_then(Value::as_str)
-            .map(str::trim)
-    };
+    let annotations = pod.pointer("/metadata/annotations").and_then(Value::as_object);
+    let ann = |k: &str| annotations.and_then(|a| a.get(k)).and_then(Value::as_str).map(str::trim);
 
     if ann(ANNOTATION_INJECT) != Some("true") {
         return Decision::Skip("not opted in");
@@ -418,35 +341,24 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
         return Decision::Skip("already injected");
     }
     let spec = pod.get("spec").and_then(Value::as_object);
-    let containers: &[Value] = spec
-        .and_then(|s| s.get("containers"))
-        .and_then(Value::as_array)
-        .map_or(&[], |v| v);
-    let init_containers: Option<&Vec<Value>> = spec
-        .and_then(|s| s.get("initContainers"))
-        .and_then(Value::as_array);
+    let containers: &[Value] = spec.and_then(|s| s.get("containers")).and_then(Value::as_array).map_or(&[], |v| v);
+    let init_containers: Option<&Vec<Value>> = spec.and_then(|s| s.get("initContainers")).and_then(Value::as_array);
     let named = |c: &Value| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME);
     if containers.iter().any(named) || init_containers.is_some_and(|ic| ic.iter().any(named)) {
         return Decision::Skip("sidecar container already present");
     }
 
     let Some(routes) = ann(ANNOTATION_ROUTES).filter(|r| !r.is_empty()) else {
-        return Decision::Deny(format!(
-            "{ANNOTATION_INJECT}=true needs {ANNOTATION_ROUTES}: the name of a ConfigMap with key routes.toml"
-        ));
+        return Decision::Deny(format!("{ANNOTATION_INJECT}=true needs {ANNOTATION_ROUTES}: the name of a ConfigMap with key routes.toml"));
     };
     if !is_dns_subdomain(routes) {
-        return Decision::Deny(format!(
-            "{ANNOTATION_ROUTES}={routes:?} is not a valid ConfigMap name"
-        ));
+        return Decision::Deny(format!("{ANNOTATION_ROUTES}={routes:?} is not a valid ConfigMap name"));
     }
 
     let app_port = match ann(ANNOTATION_APP_PORT) {
         Some(p) => match p.parse::<u16>() {
             Ok(port) if port != 0 => Some(port),
-            _ => {
-                return Decision::Deny(format!("{ANNOTATION_APP_PORT}={p:?} is not a port number"))
-            }
+            _ => return Decision::Deny(format!("{ANNOTATION_APP_PORT}={p:?} is not a port number")),
         },
         // An egress-only app declares no port; then the sidecar simply has no app to deliver to.
         None => containers
@@ -487,23 +399,13 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
     let nats_secret = match ann(ANNOTATION_NATS_URL_SECRET) {
         Some(s) => match SecretKeyRef::parse(s) {
             Some(r) => Some(r),
-            None => {
-                return Decision::Deny(format!(
-                    "{ANNOTATION_NATS_URL_SECRET}={s:?} is not name or name/key"
-                ))
-            }
+            None => return Decision::Deny(format!("{ANNOTATION_NATS_URL_SECRET}={s:?} is not name or name/key")),
         },
         None => settings.nats_url_secret.clone(),
     };
     let log_level = ann(ANNOTATION_LOG_LEVEL).unwrap_or(&settings.log_level);
 
-    let sidecar = sidecar_container(
-        settings,
-        app_port,
-        &resources,
-        nats_secret.as_ref(),
-        log_level,
-    );
+    let sidecar = sidecar_container(settings, app_port, &resources, nats_secret.as_ref(), log_level);
 
     let mut ops = Vec::new();
     // First in initContainers: native sidecars start in order, so placing it first lets the
@@ -518,10 +420,7 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
         "name": ROUTES_VOLUME,
         "configMap": { "name": routes, "items": [{ "key": "routes.toml", "path": "routes.toml" }] }
     });
-    match spec
-        .and_then(|s| s.get("volumes"))
-        .and_then(Value::as_array)
-    {
+    match spec.and_then(|s| s.get("volumes")).and_then(Value::as_array) {
         Some(_) => ops.push(op_add("/spec/volumes/-", volume)),
         None => ops.push(op_add("/spec/volumes", Value::Array(vec![volume]))),
     }
@@ -530,28 +429,16 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
         let proxy = format!("http://127.0.0.1:{}", settings.egress_port);
         let no_proxy = no_proxy_list(settings).join(",");
         // Lower-case too: curl and many libraries read only http_proxy (httpoxy hardening).
-        let vars = [
-            ("HTTP_PROXY", &proxy),
-            ("http_proxy", &proxy),
-            ("NO_PROXY", &no_proxy),
-            ("no_proxy", &no_proxy),
-        ];
+        let vars = [("HTTP_PROXY", &proxy), ("http_proxy", &proxy), ("NO_PROXY", &no_proxy), ("no_proxy", &no_proxy)];
         for (i, c) in containers.iter().enumerate() {
             let existing: Vec<&str> = c
                 .get("env")
                 .and_then(Value::as_array)
-                .map(|env| {
-                    env.iter()
-                        .filter_map(|e| e.get("name").and_then(Value::as_str))
-                        .collect()
-                })
+                .map(|env| env.iter().filter_map(|e| e.get("name").and_then(Value::as_str)).collect())
                 .unwrap_or_default();
             // A value the workload sets itself wins: it knows its exceptions better than we do.
-            let add: Vec<Value> = vars
-                .iter()
-                .filter(|(n, _)| !existing.contains(n))
-                .map(|(n, v)| json!({ "name": n, "value": v }))
-                .collect();
+            let add: Vec<Value> =
+                vars.iter().filter(|(n, _)| !existing.contains(n)).map(|(n, v)| json!({ "name": n, "value": v })).collect();
             if add.is_empty() {
                 continue;
             }
@@ -560,10 +447,7 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
                     ops.push(op_add(&format!("/spec/containers/{i}/env/-"), e));
                 }
             } else {
-                ops.push(op_add(
-                    &format!("/spec/containers/{i}/env"),
-                    Value::Array(add),
-                ));
+                ops.push(op_add(&format!("/spec/containers/{i}/env"), Value::Array(add)));
             }
         }
     }
@@ -578,20 +462,11 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Decision {
     }
     // The opt-in annotation itself guarantees the map exists, so each key is added on its own.
     for (k, v) in new_annotations {
-        ops.push(op_add(
-            &format!("/metadata/annotations/{}", escape_pointer(k)),
-            Value::String(v),
-        ));
+        ops.push(op_add(&format!("/metadata/annotations/{}", escape_pointer(k)), Value::String(v)));
     }
     match pod.pointer("/metadata/labels").and_then(Value::as_object) {
-        Some(_) => ops.push(op_add(
-            &format!("/metadata/labels/{}", escape_pointer(LABEL_INJECTED)),
-            Value::String("true".into()),
-        )),
-        None => ops.push(op_add(
-            "/metadata/labels",
-            json!({ LABEL_INJECTED: "true" }),
-        )),
+        Some(_) => ops.push(op_add(&format!("/metadata/labels/{}", escape_pointer(LABEL_INJECTED)), Value::String("true".into()))),
+        None => ops.push(op_add("/metadata/labels", json!({ LABEL_INJECTED: "true" }))),
     }
     Decision::Patch(ops)
 }
@@ -612,18 +487,13 @@ fn sidecar_container(
         None => json!({ "name": "NATSBRIDGE_NATS_URL", "value": settings.nats_url }),
     });
     if let Some(port) = app_port {
-        env.push(
-            json!({ "name": "NATSBRIDGE_APP_URL", "value": format!("http://127.0.0.1:{port}") }),
-        );
+        env.push(json!({ "name": "NATSBRIDGE_APP_URL", "value": format!("http://127.0.0.1:{port}") }));
     }
 
     let quantities = |cpu: &Option<String>, memory: &Option<String>| -> Map<String, Value> {
         [("cpu", cpu), ("memory", memory)]
             .into_iter()
-            .filter_map(|(k, v)| {
-                v.as_ref()
-                    .map(|v| (k.to_string(), Value::String(v.clone())))
-            })
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), Value::String(v.clone()))))
             .collect()
     };
     let requests = quantities(&resources.cpu_request, &resources.memory_request);
@@ -686,20 +556,13 @@ fn sidecar_container(
 /// service names (`.svc`, `.cluster.local`) are deliberately *not* listed: calls to other
 /// services are exactly the traffic the egress route table is there to move onto NATS.
 pub fn no_proxy_list(settings: &InjectSettings) -> Vec<String> {
-    let mut out: Vec<String> = ["localhost", "127.0.0.1", "::1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut out: Vec<String> = ["localhost", "127.0.0.1", "::1"].iter().map(|s| s.to_string()).collect();
     for host in nats_hosts(&settings.nats_url) {
         if !out.contains(&host) {
             out.push(host);
         }
     }
-    for s in [
-        "kubernetes.default",
-        "kubernetes.default.svc",
-        "kubernetes.default.svc.cluster.local",
-    ] {
+    for s in ["kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"] {
         out.push(s.into());
     }
     for s in &settings.extra_no_proxy {
@@ -741,18 +604,14 @@ pub fn escape_pointer(token: &str) -> String {
 /// suffix (`100m`, `1.5`, `64Mi`, `1e3`).
 pub fn is_quantity(s: &str) -> bool {
     let s = s.strip_prefix(['+', '-']).unwrap_or(s);
-    let num_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, suffix) = s.split_at(num_end);
     let digits = num.chars().filter(char::is_ascii_digit).count();
     if digits == 0 || num.matches('.').count() > 1 {
         return false;
     }
     match suffix {
-        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => {
-            true
-        }
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => true,
         e => {
             let Some(exp) = e.strip_prefix(['e', 'E']) else {
                 return false;
@@ -767,9 +626,7 @@ fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|label| {
             !label.is_empty()
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -846,10 +703,7 @@ pub async fn serve(
 
     drop(listener);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("inject: connections still open after the drain timeout; dropping them");
         conns.abort_all();
@@ -860,33 +714,21 @@ pub async fn serve(
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     // Per-connection failures and fd exhaustion pass; the listener itself is still fine.
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
-    ) || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut)
+        || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
 }
 
-async fn handle(
-    req: Request<hyper::body::Incoming>,
-    settings: &InjectSettings,
-) -> Response<Full<Bytes>> {
+async fn handle(req: Request<hyper::body::Incoming>, settings: &InjectSettings) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::POST, "/mutate") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return text(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &format!("reading body: {e}\n"),
-                    )
-                }
+                Err(e) => return text(StatusCode::PAYLOAD_TOO_LARGE, &format!("reading body: {e}\n")),
             };
             let review: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
-                Err(e) => {
-                    return text(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}\n"))
-                }
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}\n")),
             };
             match mutate(&review, settings) {
                 Ok(resp) => {
@@ -910,18 +752,10 @@ fn log_outcome(review: &Value, resp: &Value) {
     let req = &review["request"];
     let ns = req["namespace"].as_str().unwrap_or("");
     let obj = &req["object"]["metadata"];
-    let name = obj["name"]
-        .as_str()
-        .or_else(|| obj["generateName"].as_str())
-        .unwrap_or("");
+    let name = obj["name"].as_str().or_else(|| obj["generateName"].as_str()).unwrap_or("");
     let r = &resp["response"];
     if r["allowed"] == Value::Bool(false) {
-        tracing::info!(
-            namespace = ns,
-            pod = name,
-            reason = r["status"]["message"].as_str().unwrap_or(""),
-            "inject: denied"
-        );
+        tracing::info!(namespace = ns, pod = name, reason = r["status"]["message"].as_str().unwrap_or(""), "inject: denied");
     } else if r.get("patch").is_some() {
         tracing::info!(namespace = ns, pod = name, "inject: sidecar injected");
     } else {
@@ -943,36 +777,17 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 /// Loads a PEM chain and key into a [`CertifiedKey`] signed with ring (the provider async-nats
 /// already links, so the binary carries one TLS crypto library).
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, InjectError> {
-    let cert_pem = std::fs::read(cert).map_err(|source| InjectError::ReadTls {
-        path: cert.into(),
-        source,
-    })?;
-    let key_pem = std::fs::read(key).map_err(|source| InjectError::ReadTls {
-        path: key.into(),
-        source,
-    })?;
+    let cert_pem = std::fs::read(cert).map_err(|source| InjectError::ReadTls { path: cert.into(), source })?;
+    let key_pem = std::fs::read(key).map_err(|source| InjectError::ReadTls { path: key.into(), source })?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| InjectError::BadTls {
-            path: cert.into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| InjectError::BadTls { path: cert.into(), reason: e.to_string() })?;
     if chain.is_empty() {
-        return Err(InjectError::BadTls {
-            path: cert.into(),
-            reason: "no CERTIFICATE block".into(),
-        });
+        return Err(InjectError::BadTls { path: cert.into(), reason: "no CERTIFICATE block".into() });
     }
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| InjectError::BadTls {
-        path: key.into(),
-        reason: e.to_string(),
-    })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| {
-        InjectError::BadTls {
-            path: key.into(),
-            reason: e.to_string(),
-        }
-    })?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| InjectError::BadTls { path: key.into(), reason: e.to_string() })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| InjectError::BadTls { path: key.into(), reason: e.to_string() })?;
     Ok(CertifiedKey::new(chain, signer))
 }
 
@@ -991,11 +806,7 @@ impl ReloadingCert {
     pub fn new(cert: PathBuf, key: PathBuf) -> Result<Self, InjectError> {
         let loaded = Arc::new(load_certified_key(&cert, &key)?);
         let stamp = Self::stamp(&cert, &key);
-        Ok(Self {
-            cert,
-            key,
-            state: Mutex::new((stamp, loaded)),
-        })
+        Ok(Self { cert, key, state: Mutex::new((stamp, loaded)) })
     }
 
     fn stamp(cert: &Path, key: &Path) -> Option<SystemTime> {
@@ -1032,12 +843,10 @@ impl ResolvesServerCert for ReloadingCert {
 /// Builds the server TLS configuration (ring, HTTP/1.1 ALPN) over a reloading certificate.
 pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, InjectError> {
     let resolver = ReloadingCert::new(cert.into(), key.into())?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(resolver));
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
     // Only HTTP/1.1 is served; advertising it keeps the API server's Go client from trying h2.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -1045,11 +854,7 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
 
 /// `natsbridge inject`: validates the flags, loads the certificate and serves on `listener`
 /// (which the binary binds from `args.listen`) until `shutdown` resolves.
-pub async fn run(
-    args: InjectArgs,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), InjectError> {
+pub async fn run(args: InjectArgs, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), InjectError> {
     let settings = args.settings()?;
     let tls = tls_config(&args.tls_cert, &args.tls_key)?;
     tracing::info!(

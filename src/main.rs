@@ -181,7 +181,14 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             if !c.inbound.is_empty() {
                 println!("\ninbound routes:");
                 for r in &c.inbound {
-                    println!("  {:<24} {:<9} {:<36} -> {} {}", r.name, r.mode_name().as_str(), r.subject.as_str(), r.method, r.path.as_str());
+                    println!(
+                        "  {:<24} {:<9} {:<36} -> {} {}",
+                        r.name,
+                        r.mode_name().as_str(),
+                        r.subject.as_str(),
+                        r.method,
+                        r.path.as_str()
+                    );
                 }
             }
             if !c.streams.is_empty() {
@@ -226,7 +233,8 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
         }
     };
     let js = async_nats::jetstream::new(client.clone());
-    let result = if args.dry_run { provision::plan_with(&js, &config, args.force).await } else { provision::apply(&js, &config, args.force).await };
+    let result =
+        if args.dry_run { provision::plan_with(&js, &config, args.force).await } else { provision::apply(&js, &config, args.force).await };
     let plan = match result {
         Ok(p) => p,
         Err(e) => {
@@ -239,7 +247,10 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     let refused = plan.refused().count();
     let failed = plan.failed().count();
     if refused > 0 {
-        eprintln!("error: {refused} change{} refused; review the reasons above and rerun with --force to make them", if refused == 1 { "" } else { "s" });
+        eprintln!(
+            "error: {refused} change{} refused; review the reasons above and rerun with --force to make them",
+            if refused == 1 { "" } else { "s" }
+        );
     }
     if failed > 0 {
         eprintln!("error: {failed} change{} failed", if failed == 1 { "" } else { "s" });

@@ -2,8 +2,7 @@
 //! units in the name), and pre-resolved per-route handles so the hot path takes no locks.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric family name the binary exports (histograms without their suffixes).
@@ -28,9 +27,8 @@ pub const NAMES: &[&str] = &[
 ];
 
 /// Latency buckets from 100µs to 60s: sidecar overhead is sub-millisecond, app calls are not.
-const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
+const BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -99,7 +97,11 @@ impl Metrics {
             ingress_pending: gauge_vec(NAMES[12], "Messages pending on the route's consumer (lag).", &["route"]),
             ingress_advisories: counter_vec(NAMES[13], "JetStream advisories seen, by kind.", &["route", "kind"]),
             slow_consumers: counter(NAMES[14], "Slow-consumer events reported by the NATS client."),
-            idempotency: counter_vec(NAMES[15], "Idempotency store results: hit, claim, conflict, release, missing_key, stored, error.", &["route", "result"]),
+            idempotency: counter_vec(
+                NAMES[15],
+                "Idempotency store results: hit, claim, conflict, release, missing_key, stored, error.",
+                &["route", "result"],
+            ),
             dlq_published: counter_vec(NAMES[16], "Dead letters published, by route and reason.", &["route", "reason"]),
             registry: r,
         }

@@ -27,7 +27,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
-use crate::config::{Config, Consumer, DeadLetterStream, IdempotencyStore, Inbound, InboundMode, OutboundTarget, Retention, Storage, StreamSpec};
+use crate::config::{
+    Config, Consumer, DeadLetterStream, IdempotencyStore, Inbound, InboundMode, OutboundTarget, Retention, Storage, StreamSpec,
+};
 
 /// The bucket's max_age when no route sets an idempotency ttl (the documented default ttl).
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -206,14 +208,24 @@ pub struct FieldDiff {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
     Created,
-    Updated { diff: Vec<FieldDiff> },
+    Updated {
+        diff: Vec<FieldDiff>,
+    },
     Unchanged,
     /// Deleted and created again (`--force`): the change could not be made in place.
-    Recreated { reason: String, diff: Vec<FieldDiff> },
+    Recreated {
+        reason: String,
+        diff: Vec<FieldDiff>,
+    },
     /// Destructive or impossible; nothing was changed.
-    Refused { reason: String, diff: Vec<FieldDiff> },
+    Refused {
+        reason: String,
+        diff: Vec<FieldDiff>,
+    },
     /// The server rejected the change, or the resource could not be read.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,7 +332,10 @@ impl fmt::Display for Plan {
         let unchanged = self.count(|s| matches!(s, Status::Unchanged));
         let refused = self.count(|s| matches!(s, Status::Refused { .. }));
         let failed = self.count(|s| matches!(s, Status::Failed { .. }));
-        write!(f, "{created} created, {updated} updated, {recreated} recreated, {unchanged} unchanged, {refused} refused, {failed} failed")?;
+        write!(
+            f,
+            "{created} created, {updated} updated, {recreated} recreated, {unchanged} unchanged, {refused} refused, {failed} failed"
+        )?;
         if refused > 0 {
             write!(f, "\nrefused changes were not made; `--force` makes the destructive ones (see each reason)")?;
         }
@@ -392,7 +407,12 @@ enum Verdict {
     /// Loses data or cannot be made in place: refused unless forced. `reason` says why,
     /// `cost` what forcing loses. `recreate`: forcing deletes and recreates instead of
     /// updating in place.
-    Destructive { diff: Vec<FieldDiff>, reason: String, cost: String, recreate: bool },
+    Destructive {
+        diff: Vec<FieldDiff>,
+        reason: String,
+        cost: String,
+        recreate: bool,
+    },
 }
 
 fn push_diff(diff: &mut Vec<FieldDiff>, field: &'static str, old: String, new: String) {
@@ -448,7 +468,10 @@ fn compare_stream(want: &stream::Config, have: &stream::Info, manage_duplicates:
     let mut losses = Vec::new();
     let removed: Vec<String> = have_subjects.iter().filter(|s| !want_subjects.contains(s)).cloned().collect();
     if !removed.is_empty() {
-        losses.push(format!("removes subjects {} (publishes to them would fail and their stored messages stop being captured)", fmt_list(&removed)));
+        losses.push(format!(
+            "removes subjects {} (publishes to them would fail and their stored messages stop being captured)",
+            fmt_list(&removed)
+        ));
     }
     if old.retention == RetentionPolicy::Limits && want.retention == RetentionPolicy::Interest {
         losses.push("limits -> interest retention deletes messages no consumer is interested in".into());
@@ -512,8 +535,13 @@ fn compare_consumer(want: &pull::Config, have: &consumer::Info, stream_messages:
             push_diff(&mut diff, "ack_policy", format!("{:?}", old.ack_policy).to_lowercase(), "explicit".into());
         }
         return Verdict::Destructive {
-            reason: format!("a {} consumer cannot become an explicit-ack pull consumer in place", if push { "push" } else { "non-explicit-ack" }),
-            cost: format!("the consumer is deleted and created again, which redelivers every message still in the stream ({stream_messages})"),
+            reason: format!(
+                "a {} consumer cannot become an explicit-ack pull consumer in place",
+                if push { "push" } else { "non-explicit-ack" }
+            ),
+            cost: format!(
+                "the consumer is deleted and created again, which redelivers every message still in the stream ({stream_messages})"
+            ),
             diff,
             recreate: true,
         };
@@ -564,11 +592,7 @@ fn compare_kv(want: &kv::Config, have: &stream::Info) -> Verdict {
     let keys = have.state.messages;
     if old.storage != want.storage {
         return Verdict::Destructive {
-            reason: format!(
-                "storage cannot change in place ({} -> {})",
-                fmt_storage(old.storage),
-                fmt_storage(want.storage)
-            ),
+            reason: format!("storage cannot change in place ({} -> {})", fmt_storage(old.storage), fmt_storage(want.storage)),
             cost: format!("the bucket and its {keys} keys are deleted, so messages already handled may be handled again"),
             diff,
             recreate: true,
@@ -649,7 +673,11 @@ async fn read_stream(js: &jetstream::Context, kind: Kind, name: &str) -> Result<
 
 async fn read_consumer(js: &jetstream::Context, stream: &str, durable: &str) -> Result<Option<consumer::Info>, ProvisionError> {
     use jetstream::context::ConsumerInfoErrorKind as K;
-    let s = js.get_stream_no_info(stream).await.map_err(|e| ProvisionError::Read { kind: Kind::Stream, name: stream.into(), error: e.to_string() })?;
+    let s = js.get_stream_no_info(stream).await.map_err(|e| ProvisionError::Read {
+        kind: Kind::Stream,
+        name: stream.into(),
+        error: e.to_string(),
+    })?;
     match s.consumer_info(durable).await {
         Ok(info) => Ok(Some(info)),
         Err(e) if matches!(e.kind(), K::NotFound) => Ok(None),
@@ -692,7 +720,10 @@ async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Resul
         let mut note = None;
         if account.requests.level < 1 {
             want.limit_markers = None;
-            note = Some("this server has no per-message TTL (nats-server 2.11+); idempotency claims expire only with the bucket's max_age".to_owned());
+            note = Some(
+                "this server has no per-message TTL (nats-server 2.11+); idempotency claims expire only with the bucket's max_age"
+                    .to_owned(),
+            );
         }
         let name = want.bucket.clone();
         let mut p = match read_stream(js, Kind::KvBucket, &kv_stream_name(&name)).await? {
@@ -712,8 +743,7 @@ async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Resul
     // Streams; remember which ones this plan (re)creates, for their consumers.
     let mut fresh: BTreeSet<String> = BTreeSet::new();
     let mut existing: BTreeMap<String, u64> = BTreeMap::new();
-    let mut streams: Vec<(Kind, stream::Config, bool)> =
-        config.streams.iter().map(|s| (Kind::Stream, stream_config(s), true)).collect();
+    let mut streams: Vec<(Kind, stream::Config, bool)> = config.streams.iter().map(|s| (Kind::Stream, stream_config(s), true)).collect();
     if has_jetstream_routes {
         streams.push((Kind::DeadLetterStream, dead_letter_stream_config(&config.dead_letter), false));
     }
@@ -742,7 +772,10 @@ async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Resul
     for (route, c) in jetstream_routes(config) {
         let want = consumer_config(route, c);
         let name = format!("{}/{}", c.stream, c.durable);
-        let create = || Planned { item: item(Kind::Consumer, &name, Status::Created), op: Op::CreateConsumer { stream: c.stream.clone(), config: want.clone() } };
+        let create = || Planned {
+            item: item(Kind::Consumer, &name, Status::Created),
+            op: Op::CreateConsumer { stream: c.stream.clone(), config: want.clone() },
+        };
         if fresh.contains(&c.stream) {
             out.push(create());
             continue;
@@ -760,7 +793,10 @@ async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Resul
                             Kind::Consumer,
                             &name,
                             Status::Refused {
-                                reason: format!("stream {:?} (route {:?}) does not exist and no [[streams]] entry declares it", c.stream, route.name),
+                                reason: format!(
+                                    "stream {:?} (route {:?}) does not exist and no [[streams]] entry declares it",
+                                    c.stream, route.name
+                                ),
                                 diff: Vec::new(),
                             },
                         ),
@@ -926,7 +962,12 @@ pub fn spawn(
     tokio::spawn(supervise(nats, config, readiness, shutdown))
 }
 
-async fn supervise(nats: async_nats::Client, mut config_rx: watch::Receiver<Arc<Config>>, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+async fn supervise(
+    nats: async_nats::Client,
+    mut config_rx: watch::Receiver<Arc<Config>>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
     let js = jetstream::new(nats.clone());
     let mut failing: BTreeSet<String> = BTreeSet::new();
     let mut provisioned: Option<Arc<Config>> = None;
@@ -1033,7 +1074,11 @@ mod tests {
             items: vec![
                 item(Kind::Stream, "A", Status::Created),
                 item(Kind::Stream, "B", Status::Updated { diff: vec![diff("max_age", "1h", "2h")] }),
-                item(Kind::Stream, "C", Status::Refused { reason: "storage cannot change".into(), diff: vec![diff("storage", "file", "memory")] }),
+                item(
+                    Kind::Stream,
+                    "C",
+                    Status::Refused { reason: "storage cannot change".into(), diff: vec![diff("storage", "file", "memory")] },
+                ),
             ],
         };
         let text = plan.to_string();

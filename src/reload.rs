@@ -27,7 +27,13 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(path: PathBuf, overrides: Overrides, table: Arc<ArcSwap<Table>>, metrics: Metrics, changes: watch::Sender<Arc<Config>>) -> Self {
+    pub fn new(
+        path: PathBuf,
+        overrides: Overrides,
+        table: Arc<ArcSwap<Table>>,
+        metrics: Metrics,
+        changes: watch::Sender<Arc<Config>>,
+    ) -> Self {
         let last = std::fs::read_to_string(&path).ok();
         Self { path, overrides, table, metrics, changes, last: std::sync::Mutex::new(last) }
     }
@@ -77,7 +83,11 @@ impl Reloader {
     /// Reloads on file changes and on `signals` (SIGHUP) until `shutdown`.
     pub async fn run(self, mut signals: mpsc::Receiver<()>, shutdown: CancellationToken) {
         let (tx, mut rx) = mpsc::channel::<()>(16);
-        let dir = self.path.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| PathBuf::from("."));
+        let dir = self
+            .path
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+            .unwrap_or_else(|| PathBuf::from("."));
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if ev.is_ok() {
                 let _ = tx.try_send(());

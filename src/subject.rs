@@ -284,7 +284,8 @@ pub fn path_shape(path: &str) -> String {
 }
 
 /// Characters escaped when a subject token goes into a URL path segment.
-const SEGMENT: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>').add(b'?').add(b'`').add(b'{').add(b'}').add(b'/').add(b'%');
+const SEGMENT: &AsciiSet =
+    &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>').add(b'?').add(b'`').add(b'{').add(b'}').add(b'/').add(b'%');
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PathPiece {

@@ -74,7 +74,9 @@ impl Live {
         let nats = NatsServer::start();
         let js = jetstream::new(nats.client().await);
         for (name, subject) in [("ORDERS", "orders.>"), ("LEGACY", "legacy.>"), ("DLQ", "dlq.>")] {
-            js.create_stream(jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() }).await.unwrap();
+            js.create_stream(jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() })
+                .await
+                .unwrap();
         }
         let healthy = Arc::new(AtomicBool::new(false));
         let h = healthy.clone();
@@ -110,7 +112,14 @@ impl Live {
             n += 1;
             live.wait_dead_letters(n).await;
         }
-        let expected = [(1, "legacy", "poison"), (2, "orders-create", "poison"), (3, "orders-create", "poison"), (4, "orders-create", "poison"), (5, "orders-ship", "status"), (6, "orders-ship", "status")];
+        let expected = [
+            (1, "legacy", "poison"),
+            (2, "orders-create", "poison"),
+            (3, "orders-create", "poison"),
+            (4, "orders-create", "poison"),
+            (5, "orders-ship", "status"),
+            (6, "orders-ship", "status"),
+        ];
         for (seq, route, reason) in expected {
             let m = live.dead_letter(seq).await.unwrap_or_else(|| panic!("no dead letter {seq}"));
             assert_eq!(hdr(&m, "Bridge-Dlq-Route"), route);
@@ -196,7 +205,11 @@ async fn run(args: &[String], env: &[(&str, &str)]) -> Out {
         cmd.env(k, v);
     }
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("natsbridge dlq hung").unwrap();
-    let out = Out { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() };
+    let out = Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
     eprintln!("$ natsbridge dlq {}\n-> exit {}\n{}{}", args.join(" "), out.code, out.stdout, out.stderr);
     out
 }
@@ -228,13 +241,21 @@ async fn list_and_show_report_what_a_running_sidecar_dead_lettered() {
     // Per reason, under each route, with the sequence span.
     let lines: Vec<&str> = out.stdout.lines().collect();
     let i = lines.iter().position(|l| l.starts_with("orders-create:")).unwrap();
-    assert!(lines[i + 1].trim_start().starts_with("poison:") && lines[i + 1].contains("3 messages") && lines[i + 1].ends_with("(seq 2..4)"), "{}", out.stdout);
+    assert!(
+        lines[i + 1].trim_start().starts_with("poison:") && lines[i + 1].contains("3 messages") && lines[i + 1].ends_with("(seq 2..4)"),
+        "{}",
+        out.stdout
+    );
     let i = lines.iter().position(|l| l.starts_with("orders-ship:")).unwrap();
     assert!(lines[i + 1].trim_start().starts_with("status:") && lines[i + 1].ends_with("(seq 5..6)"), "{}", out.stdout);
 
     // NATSBRIDGE_NATS_URL works in place of --nats-url; filters narrow the count.
     let cfg = live.config().display().to_string();
-    let out = run(&["list".into(), "--config".into(), cfg.clone(), "--reason".into(), "status".into()], &[("NATSBRIDGE_NATS_URL", &live.nats.url())]).await;
+    let out = run(
+        &["list".into(), "--config".into(), cfg.clone(), "--reason".into(), "status".into()],
+        &[("NATSBRIDGE_NATS_URL", &live.nats.url())],
+    )
+    .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.starts_with("DLQ: 2 dead letters matching reason status"), "{}", out.stdout);
     assert!(!out.stdout.contains("orders-create"), "{}", out.stdout);
@@ -265,7 +286,13 @@ async fn list_and_show_report_what_a_running_sidecar_dead_lettered() {
     // A route the routing file does not name: warned about, still matched (here: nothing).
     let out = live.dlq(&["show", "--route", "nope"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stderr.contains(r#"warning: route "nope" is not an inbound route in the routing file (inbound routes: legacy, orders-create, orders-ship)"#), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            r#"warning: route "nope" is not an inbound route in the routing file (inbound routes: legacy, orders-create, orders-ship)"#
+        ),
+        "{}",
+        out.stderr
+    );
     assert!(out.stdout.contains("no dead letters match (route nope)"), "{}", out.stdout);
 
     // Bad filters are refused by the command line.
@@ -301,7 +328,11 @@ async fn replay_reaches_the_app_once_and_deletes_only_acked_dead_letters() {
     live.js.delete_stream("LEGACY").await.unwrap();
     let out = live.dlq(&["replay", "--reason", "poison"]).await;
     assert_eq!(out.code, 1, "a failed replay exits 1: {out:?}");
-    assert!(line(&out.stdout, "seq 1:").contains("FAILED replay to legacy.l1: no stream captures this subject; the dead letter stays"), "{}", out.stdout);
+    assert!(
+        line(&out.stdout, "seq 1:").contains("FAILED replay to legacy.l1: no stream captures this subject; the dead letter stays"),
+        "{}",
+        out.stdout
+    );
     for (seq, subject) in [(2, "orders.create.a"), (3, "orders.create.b"), (4, "orders.create.c")] {
         let l = line(&out.stdout, &format!("seq {seq}:"));
         assert!(l.contains(&format!("replayed to {subject} (stream ORDERS seq ")) && l.ends_with("dead letter deleted"), "{l}");
@@ -409,7 +440,11 @@ async fn a_missing_dead_letter_stream_or_server_is_a_clear_error() {
     let cfg = cfg.display().to_string();
     let out = run(&["list".into(), "--config".into(), cfg.clone(), "--nats-url".into(), nats.url()], &[]).await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains(r#"error: the dead-letter stream "DLQ" does not exist (natsbridge provision creates it)"#), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(r#"error: the dead-letter stream "DLQ" does not exist (natsbridge provision creates it)"#),
+        "{}",
+        out.stderr
+    );
     drop(nats);
     let url = format!("nats://127.0.0.1:{}", free_port());
     let out = run(&["show".into(), "--config".into(), cfg, "--nats-url".into(), url], &[]).await;

@@ -111,7 +111,11 @@ async fn request_mode_carries_body_headers_and_status() {
     let r = call(
         "POST",
         &sc.url("/agents/7/execute"),
-        &[("host", "agent-service:8080"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), ("connection", "keep-alive")],
+        &[
+            ("host", "agent-service:8080"),
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ("connection", "keep-alive"),
+        ],
         "hello",
     )
     .await;
@@ -322,7 +326,9 @@ async fn bodies_over_the_limit_are_413_even_when_streamed() {
 
     // Chunked, no Content-Length: the limit still applies.
     let body = http_body_util::StreamBody::new(futures::stream::iter(
-        big.chunks(4096).map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(c)))).collect::<Vec<_>>(),
+        big.chunks(4096)
+            .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(c))))
+            .collect::<Vec<_>>(),
     ));
     let req = http::Request::post(sc.url("/events/auth")).body(body).unwrap();
     let res = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http().request(req).await.unwrap();
@@ -373,7 +379,10 @@ async fn http_mode_proxies_to_the_upstream() {
         r
     })
     .await;
-    let extra = format!("[[outbound]]\nname = \"vector\"\nhost = \"vector-service\"\npath = \"/{{*rest}}\"\nmode = \"http\"\nupstream = \"{}\"\n", app.url());
+    let extra = format!(
+        "[[outbound]]\nname = \"vector\"\nhost = \"vector-service\"\npath = \"/{{*rest}}\"\nmode = \"http\"\nupstream = \"{}\"\n",
+        app.url()
+    );
     let sc = Sidecar::start(&routes(&extra), &nats.url(), None).await;
     sc.wait_nats().await;
     let r = call("PATCH", &sc.url("/search?q=1"), &[("host", "vector-service")], "v").await;
@@ -440,10 +449,12 @@ async fn hot_reload_swaps_valid_files_and_keeps_the_old_table_on_errors() {
     // A valid edit takes effect (file watch, no signal).
     let v2 = format!("{base}[[outbound]]\nname = \"a\"\npath = \"/a\"\nsubject = \"v.two\"\nmode = \"request\"\n");
     std::fs::write(&sc.config_path, &v2).unwrap();
-    eventually("reloaded table", Duration::from_secs(10), || async { (post(&sc.url("/a"), "").await.text() == "v.two").then_some(()) }).await;
+    eventually("reloaded table", Duration::from_secs(10), || async { (post(&sc.url("/a"), "").await.text() == "v.two").then_some(()) })
+        .await;
 
     // An invalid edit is rejected; the old table keeps serving.
-    std::fs::write(&sc.config_path, format!("{base}[[outbound]]\nname = \"a\"\npath = \"/a\"\nsubject = \"v..bad\"\nmode = \"request\"\n")).unwrap();
+    std::fs::write(&sc.config_path, format!("{base}[[outbound]]\nname = \"a\"\npath = \"/a\"\nsubject = \"v..bad\"\nmode = \"request\"\n"))
+        .unwrap();
     eventually("reload failure counted", Duration::from_secs(10), || async {
         sc.metrics().await.contains("natsbridge_config_reload_failures_total 1").then_some(())
     })
@@ -459,7 +470,10 @@ async fn hot_reload_swaps_valid_files_and_keeps_the_old_table_on_errors() {
     let tmp = dir.join("routes.toml.tmp");
     std::os::unix::fs::symlink(data.join("routes.toml"), &tmp).unwrap();
     std::fs::rename(&tmp, &sc.config_path).unwrap();
-    eventually("symlink swap reloaded", Duration::from_secs(10), || async { (post(&sc.url("/a"), "").await.text() == "v.three").then_some(()) }).await;
+    eventually("symlink swap reloaded", Duration::from_secs(10), || async {
+        (post(&sc.url("/a"), "").await.text() == "v.three").then_some(())
+    })
+    .await;
 
     // SIGHUP (the reload channel) reloads even without a file event.
     sc.reload.send(()).await.unwrap();
@@ -490,7 +504,12 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     })
     .await;
     // New connections are refused once shutdown started.
-    eventually("listener closed", Duration::from_secs(5), || async move { tokio::net::TcpStream::connect(egress).await.is_err().then_some(()) }).await;
+    eventually(
+        "listener closed",
+        Duration::from_secs(5),
+        || async move { tokio::net::TcpStream::connect(egress).await.is_err().then_some(()) },
+    )
+    .await;
     client.publish(msg.reply.unwrap(), Bytes::from_static(b"done")).await.unwrap();
     client.flush().await.unwrap();
     let r = in_flight.await.unwrap();

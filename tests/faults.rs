@@ -175,7 +175,12 @@ impl EffectApp {
                             let call = {
                                 let mut l = ledger.lock().unwrap();
                                 let earlier = l.calls.iter().filter(|c| c.key == key).count();
-                                let call = Call { key: key.clone(), idem: h("bridge-idempotency-key"), delivery: h("bridge-delivery").and_then(|d| d.parse().ok()).unwrap_or(0), earlier };
+                                let call = Call {
+                                    key: key.clone(),
+                                    idem: h("bridge-idempotency-key"),
+                                    delivery: h("bridge-delivery").and_then(|d| d.parse().ok()).unwrap_or(0),
+                                    earlier,
+                                };
                                 l.calls.push(call.clone());
                                 call
                             };
@@ -210,7 +215,9 @@ impl EffectApp {
 
     /// Back on the same port.
     async fn come_back(&self) {
-        let listener = eventually("the app's port to be free again", Duration::from_secs(10), || async { TcpListener::bind(self.addr).await.ok() }).await;
+        let listener =
+            eventually("the app's port to be free again", Duration::from_secs(10), || async { TcpListener::bind(self.addr).await.ok() })
+                .await;
         self.serve(listener);
     }
 
@@ -721,7 +728,11 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
 /// The production defaults scaled by 1/10: ack_wait 30s → 3s, claim_ttl 60s → 6s, the
 /// default backoff 1s, 2s, 4s, 8s → 100ms … 800ms, max_deliver 5 (unscaled).
 fn killable_route() -> String {
-    sidecar_toml_claim("svc", "6s", &tool_route("ack_wait = \"3s\"\nmax_deliver = 5\nbackoff = [\"100ms\", \"200ms\", \"400ms\", \"800ms\"]"))
+    sidecar_toml_claim(
+        "svc",
+        "6s",
+        &tool_route("ack_wait = \"3s\"\nmax_deliver = 5\nbackoff = [\"100ms\", \"200ms\", \"400ms\", \"800ms\"]"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -760,7 +771,12 @@ async fn sidecar_killed_mid_handler_before_the_app_commits() {
         let t = Tally { sent: 2, acked: 2, delivered, duplicate_effects, lost };
         t.print("sidecar-killed-mid-handler");
         let calls = app.calls();
-        println!("  app calls {} (deliveries {:?}), abandoned {}, effect {took:?} after the kill", calls.len(), calls.iter().map(|c| c.delivery).collect::<Vec<_>>(), app.aborted().len());
+        println!(
+            "  app calls {} (deliveries {:?}), abandoned {}, effect {took:?} after the kill",
+            calls.len(),
+            calls.iter().map(|c| c.delivery).collect::<Vec<_>>(),
+            app.aborted().len()
+        );
 
         assert!(effected, "the message was not redelivered to the restarted sidecar:\n{}", second.log());
         assert_eq!(lost, 0);

@@ -86,7 +86,11 @@ fn regression_host_with_an_unclosed_ipv6_bracket_does_not_panic() {
     assert_eq!(natsbridge::config::strip_port("[MODE#-SERVICE:80"), "[MODE#-SERVICE:80");
     assert_eq!(natsbridge::config::strip_port("[::1]:8080"), "[::1]");
     assert_eq!(natsbridge::config::strip_port("["), "[");
-    let c = natsbridge::config::parse("[sidecar]\nservice = \"s\"\n[[outbound]]\nname = \"r\"\npath = \"/a\"\nsubject = \"a\"\nmode = \"publish\"\n", "t").unwrap();
+    let c = natsbridge::config::parse(
+        "[sidecar]\nservice = \"s\"\n[[outbound]]\nname = \"r\"\npath = \"/a\"\nsubject = \"a\"\nmode = \"publish\"\n",
+        "t",
+    )
+    .unwrap();
     let t = natsbridge::routes::RouteTable::new(&c);
     assert!(t.lookup(&http::Method::GET, Some("[oops:80"), "/a").is_ok());
 }
@@ -110,13 +114,73 @@ fn regression_app_sent_tunnel_control_headers_do_not_pass() {
 // The stable mutation fuzzer.
 
 const DICTIONARY: &[&[u8]] = &[
-    b"{", b"}", b"{*rest}", b"{id}", b".", b"*", b">", b"..", b"%2E", b"%2e", b"%2A", b"%3E", b"%20", b"%00", b"%01", b"%7F", b"%", b"/",
-    b"//", b"?", b"#", b"\r\n", b"\n", b"\0", b":", b",", b" ", b"\t", b"connection", b"Connection: ", b"keep-alive", b"transfer-encoding",
-    b"chunked", b"te", b"upgrade", b"host", b"content-length", b"Bridge-Method: ", b"Bridge-Path: ", b"Bridge-Query: ",
-    b"Bridge-Status: ", b"Nats-Service-Error-Code: ", b"[[outbound]]\n", b"[[inbound]]\n", b"[sidecar]\nservice = \"s\"\n", b"[nats]\n",
-    b"mode = \"request\"\n", b"mode = \"tunnel\"\n", b"mode = \"jetstream\"\n", b"mode = \"http\"\n", b"path = \"/a/{x}\"\n",
-    b"subject = \"a.{x}\"\n", b"name = \"r\"\n", b"method = \"GET\"\n", b"host = \"h\"\n", b"timeout = \"0s\"\n", b"max_body = \"0\"\n",
-    b"stream = \"S\"\n", b"[[streams]]\n", b"\"", b"'''", b"=", b"[", b"]", b"\xff", b"\xc3\xa9", b"999999999999999999999",
+    b"{",
+    b"}",
+    b"{*rest}",
+    b"{id}",
+    b".",
+    b"*",
+    b">",
+    b"..",
+    b"%2E",
+    b"%2e",
+    b"%2A",
+    b"%3E",
+    b"%20",
+    b"%00",
+    b"%01",
+    b"%7F",
+    b"%",
+    b"/",
+    b"//",
+    b"?",
+    b"#",
+    b"\r\n",
+    b"\n",
+    b"\0",
+    b":",
+    b",",
+    b" ",
+    b"\t",
+    b"connection",
+    b"Connection: ",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"chunked",
+    b"te",
+    b"upgrade",
+    b"host",
+    b"content-length",
+    b"Bridge-Method: ",
+    b"Bridge-Path: ",
+    b"Bridge-Query: ",
+    b"Bridge-Status: ",
+    b"Nats-Service-Error-Code: ",
+    b"[[outbound]]\n",
+    b"[[inbound]]\n",
+    b"[sidecar]\nservice = \"s\"\n",
+    b"[nats]\n",
+    b"mode = \"request\"\n",
+    b"mode = \"tunnel\"\n",
+    b"mode = \"jetstream\"\n",
+    b"mode = \"http\"\n",
+    b"path = \"/a/{x}\"\n",
+    b"subject = \"a.{x}\"\n",
+    b"name = \"r\"\n",
+    b"method = \"GET\"\n",
+    b"host = \"h\"\n",
+    b"timeout = \"0s\"\n",
+    b"max_body = \"0\"\n",
+    b"stream = \"S\"\n",
+    b"[[streams]]\n",
+    b"\"",
+    b"'''",
+    b"=",
+    b"[",
+    b"]",
+    b"\xff",
+    b"\xc3\xa9",
+    b"999999999999999999999",
 ];
 
 fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
@@ -168,9 +232,10 @@ fn panic_text(e: &Box<dyn std::any::Any + Send>) -> String {
 
 fn fuzz(name: &str) {
     let secs: u64 = std::env::var("NATSBRIDGE_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
-    let seed: u64 = std::env::var("NATSBRIDGE_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed: u64 = std::env::var("NATSBRIDGE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
     let f = target(name);
     let mut corpus: Vec<Vec<u8>> =
         ["corpus", "regressions"].iter().flat_map(|sub| files(&fuzz_dir().join(sub).join(name))).map(|(_, d)| d).collect();
@@ -236,4 +301,3 @@ fn fuzz_headers() {
 fn fuzz_tunnel() {
     fuzz("tunnel");
 }
-

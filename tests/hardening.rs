@@ -143,36 +143,54 @@ async fn repeated_transfer_encoding_is_rejected() {
 
 #[tokio::test]
 async fn chunked_listed_twice_is_rejected() {
-    assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false).await;
+    assert_rejected(
+        &format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"),
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_coding_before_chunked_is_rejected() {
-    assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false).await;
+    assert_rejected(
+        &format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"),
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn chunked_then_identity_is_rejected() {
-    assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false).await;
+    assert_rejected(
+        &format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"),
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn odd_transfer_encoding_is_rejected() {
     for te in ["xchunked", "chunked-x", "identity", "gzip", "chunked;q=1"] {
-        assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false).await;
+        assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false)
+            .await;
     }
 }
 
 #[tokio::test]
 async fn transfer_encoding_with_a_space_before_the_colon_is_rejected() {
-    assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false).await;
+    assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{SMUGGLED}"), false)
+        .await;
 }
 
 #[tokio::test]
 async fn transfer_encoding_with_content_length_is_rejected() {
     // The classic CL.TE desync: a front end trusting Content-Length would see the
     // smuggled request as body; one trusting chunked would see it as a second request.
-    assert_rejected(&format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"), false).await;
+    assert_rejected(
+        &format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -185,7 +203,9 @@ async fn a_legitimate_pipelined_pair_is_two_requests() {
     // The control case: framing the parser does accept gives exactly the requests sent.
     let e = edge(LIMITS).await;
     let mut s = connect(e.sidecar.egress).await;
-    s.write_all(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let (text, _) = read_until_close(&mut s, Duration::from_secs(5)).await;
     assert_eq!(status_lines(&text).len(), 2, "{text}");
     let uris: Vec<String> = e.app.requests().iter().map(|r| r.uri.clone()).collect();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natsbridge::config::IdempotencyStore;
-use natsbridge::idempotency::{kv_key, Claim, StoredResponse, Store};
+use natsbridge::idempotency::{kv_key, Claim, Store, StoredResponse};
 use support::*;
 
 async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> {
@@ -31,7 +31,12 @@ async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> 
 }
 
 fn ok(body: &str) -> StoredResponse {
-    StoredResponse { status: 201, headers: vec![("content-type".into(), "text/plain".into())], body: Bytes::copy_from_slice(body.as_bytes()), truncated: false }
+    StoredResponse {
+        status: 201,
+        headers: vec![("content-type".into(), "text/plain".into())],
+        body: Bytes::copy_from_slice(body.as_bytes()),
+        truncated: false,
+    }
 }
 
 #[tokio::test]
@@ -95,7 +100,10 @@ async fn stale_claims_and_expired_results_are_taken_over() {
     // The stale owner can no longer complete: its revision is gone.
     s[1].complete(t, ok("x"), Duration::from_millis(200)).await.unwrap();
     assert!(matches!(s[0].claim(&key).await.unwrap(), Claim::Done(_)));
-    eventually("result expired", Duration::from_secs(5), || async { matches!(s[0].claim(&key).await.unwrap(), Claim::Acquired(_)).then_some(()) }).await;
+    eventually("result expired", Duration::from_secs(5), || async {
+        matches!(s[0].claim(&key).await.unwrap(), Claim::Acquired(_)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -94,7 +94,14 @@ async fn bucket(js: &jetstream::Context) -> kv::Store {
 /// Stream TOOL (with `duplicate_window`), the dead-letter stream and the bucket.
 async fn setup_js(nats: &NatsServer, duplicate_window: Duration) -> jetstream::Context {
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], duplicate_window, ..Default::default() }).await.unwrap();
+    js.create_stream(jetstream::stream::Config {
+        name: "TOOL".into(),
+        subjects: vec!["tool.>".into()],
+        duplicate_window,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
     bucket(&js).await;
     js
@@ -124,7 +131,13 @@ async fn dlq_count(js: &jetstream::Context) -> u64 {
 /// Another replica, as far as the store is concerned.
 async fn other_replica(nats: &NatsServer) -> Store {
     let js = jetstream::new(nats.client().await);
-    let cfg = IdempotencyStore { bucket: BUCKET.into(), replicas: 1, claim_ttl: Duration::from_secs(60), max_response_bytes: 1 << 20, storage: Storage::File };
+    let cfg = IdempotencyStore {
+        bucket: BUCKET.into(),
+        replicas: 1,
+        claim_ttl: Duration::from_secs(60),
+        max_response_bytes: 1 << 20,
+        storage: Storage::File,
+    };
     Store::open(&js, &cfg, "other-replica".into()).await.unwrap()
 }
 
@@ -150,7 +163,10 @@ async fn nats_request(client: &async_nats::Client, subject: &str, headers: &[(&s
     for (k, v) in headers {
         h.insert(*k, *v);
     }
-    let req = async_nats::client::Request::new().headers(h).payload(Bytes::copy_from_slice(body.as_bytes())).timeout(Some(Duration::from_secs(15)));
+    let req = async_nats::client::Request::new()
+        .headers(h)
+        .payload(Bytes::copy_from_slice(body.as_bytes()))
+        .timeout(Some(Duration::from_secs(15)));
     client.send_request(subject.to_owned(), req).await.unwrap()
 }
 
@@ -199,7 +215,14 @@ async fn jetstream_failure_releases_the_key_so_the_retry_runs_and_the_effect_hap
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let app = App::script(|_, n| async move { if n == 1 { respond(500, "boom") } else { respond(200, "ok") } }).await;
+        let app = App::script(|_, n| async move {
+            if n == 1 {
+                respond(500, "boom")
+            } else {
+                respond(200, "ok")
+            }
+        })
+        .await;
         let sidecar = Sidecar::start(&js_route(&format!("backoff = [\"100ms\"]\n{KEYED}")), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
 
@@ -283,7 +306,14 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         refresher.abort();
         let _ = refresher.await;
         let ticket = ticket.lock().await.clone();
-        other.complete(ticket, StoredResponse { status: 200, headers: vec![], body: Bytes::from_static(b"elsewhere"), truncated: false }, Duration::from_secs(3600)).await.unwrap();
+        other
+            .complete(
+                ticket,
+                StoredResponse { status: 200, headers: vec![], body: Bytes::from_static(b"elsewhere"), truncated: false },
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap();
         let info = settled(&js, a.sequence).await;
         assert!(info.delivered.consumer_sequence >= 3, "{info:?}");
         assert!(app.requests().is_empty(), "the app never ran");
@@ -332,7 +362,8 @@ async fn jetstream_json_pointer_keys() {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
         let app = App::script(|_, _| async { respond(200, "ok") }).await;
-        let sidecar = Sidecar::start(&js_route(r#"idempotency = { key = "json:/order/id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
+        let sidecar =
+            Sidecar::start(&js_route(r#"idempotency = { key = "json:/order/id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let a = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":1}"#).await;
         settled(&js, a.sequence).await;
@@ -387,14 +418,19 @@ async fn request_replays_the_stored_response() {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
         let app = App::script(|s, n| async move {
-            with_headers(201, &[("content-type", "application/json"), ("x-app", "1")], &format!(r#"{{"order":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")))
+            with_headers(
+                201,
+                &[("content-type", "application/json"), ("x-app", "1")],
+                &format!(r#"{{"order":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")),
+            )
         })
         .await;
         let sidecar = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let client = nats.client().await;
 
-        let first = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1"), ("Bridge-Idempotency-Key", "spoofed")], "{}").await;
+        let first =
+            nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1"), ("Bridge-Idempotency-Key", "spoofed")], "{}").await;
         let second = nats_request(&client, "orders.create", &[("Idempotency-Key", "o-1")], "{}").await;
         assert_eq!(app.requests().len(), 1);
         assert_eq!(&first.payload[..], br#"{"order":1,"key":"o-1"}"#);
@@ -468,7 +504,14 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = App::script(|_, n| async move { if n == 1 { respond(503, "busy") } else { respond(200, "ok") } }).await;
+        let app = App::script(|_, n| async move {
+            if n == 1 {
+                respond(503, "busy")
+            } else {
+                respond(200, "ok")
+            }
+        })
+        .await;
         let sidecar = Sidecar::start(&request_route(&format!("timeout = \"500ms\"\n{KEYED}")), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let client = nats.client().await;
@@ -548,8 +591,12 @@ async fn jetstream_waits_for_the_bucket_before_pulling() {
     bounded(async {
         let nats = NatsServer::start();
         let js = jetstream::new(nats.client().await);
-        js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() }).await.unwrap();
-        js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
+        js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() })
+            .await
+            .unwrap();
+        js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() })
+            .await
+            .unwrap();
         let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         eventually("readiness naming the bucket", Duration::from_secs(15), || async {
@@ -560,7 +607,10 @@ async fn jetstream_waits_for_the_bucket_before_pulling() {
         .await;
         let a = publish(&js, "tool.exec.w", &[("Idempotency-Key", "w-1")], "{}").await;
         // Nothing is delivered (so no delivery is spent) while the store is missing.
-        eventually("the consumer bound", Duration::from_secs(15), || async { js.get_stream("TOOL").await.ok()?.consumer_info("tool").await.ok() }).await;
+        eventually("the consumer bound", Duration::from_secs(15), || async {
+            js.get_stream("TOOL").await.ok()?.consumer_info("tool").await.ok()
+        })
+        .await;
         let info = js.get_stream("TOOL").await.unwrap().consumer_info("tool").await.unwrap();
         assert_eq!(info.delivered.stream_sequence, 0, "{info:?}");
         bucket(&js).await;
@@ -582,7 +632,11 @@ async fn idempotency_key_through_egress_reaches_the_app_once() {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
         let app = App::script(|s, n| async move {
-            with_headers(201, &[("content-type", "application/json"), ("location", "/orders/1")], &format!(r#"{{"n":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")))
+            with_headers(
+                201,
+                &[("content-type", "application/json"), ("location", "/orders/1")],
+                &format!(r#"{{"n":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")),
+            )
         })
         .await;
         let a_toml = r#"[sidecar]
@@ -652,7 +706,13 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         // Another replica, judging staleness by the same 1 s claim_ttl, never sees the claim
         // go stale while the handler runs (three claim_ttls here).
         let js = jetstream::new(nats.client().await);
-        let cfg = IdempotencyStore { bucket: BUCKET.into(), replicas: 1, claim_ttl: Duration::from_secs(1), max_response_bytes: 1 << 20, storage: Storage::File };
+        let cfg = IdempotencyStore {
+            bucket: BUCKET.into(),
+            replicas: 1,
+            claim_ttl: Duration::from_secs(1),
+            max_response_bytes: 1 << 20,
+            storage: Storage::File,
+        };
         let other = Store::open(&js, &cfg, "other-replica".into()).await.unwrap();
         let key = kv_key("orders", "slow-1");
         let started = Instant::now();
@@ -680,7 +740,11 @@ async fn tunnel_routes_deduplicate_too() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = App::script(|s, n| async move { with_headers(200, &[("content-type", "text/plain")], &format!("{} {} #{n}", s.method, s.uri)) }).await;
+        let app =
+            App::script(
+                |s, n| async move { with_headers(200, &[("content-type", "text/plain")], &format!("{} {} #{n}", s.method, s.uri)) },
+            )
+            .await;
         let a_toml = r#"[sidecar]
 service = "client-svc"
 
@@ -695,7 +759,8 @@ mode = "tunnel"
 service = "model"
 timeout = "10s"
 "#;
-        let b_toml = toml(&format!("[[inbound]]\nname = \"model-in\"\nmode = \"tunnel\"\n{KEYED}\n")).replace(r#"service = "svc""#, r#"service = "model""#);
+        let b_toml = toml(&format!("[[inbound]]\nname = \"model-in\"\nmode = \"tunnel\"\n{KEYED}\n"))
+            .replace(r#"service = "svc""#, r#"service = "model""#);
         let b = Sidecar::start(&b_toml, &nats.url(), Some(&app.url())).await;
         let a = Sidecar::start(a_toml, &nats.url(), None).await;
         b.wait_ready().await;
@@ -703,7 +768,10 @@ timeout = "10s"
         let url = a.url("/v1/jobs?x=1");
         let send = |key: &'static str| {
             let url = url.clone();
-            async move { call("POST", &url, &[("host", "model-service"), ("idempotency-key", key), ("bridge-idempotency-key", "spoofed")], "{}").await }
+            async move {
+                call("POST", &url, &[("host", "model-service"), ("idempotency-key", key), ("bridge-idempotency-key", "spoofed")], "{}")
+                    .await
+            }
         };
         let first = send("t-1").await;
         let second = send("t-1").await;

@@ -51,7 +51,9 @@ dead_letter = "dlq.tool"
 /// under test here).
 async fn streams(nats: &NatsServer) -> jetstream::Context {
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() }).await.unwrap();
+    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() })
+        .await
+        .unwrap();
     dlq_stream(&js).await;
     js
 }
@@ -108,12 +110,18 @@ async fn nats_request(client: &async_nats::Client, subject: &str, headers: &[(&s
 }
 
 /// As `nats_request`, but `None` while nobody answers (a route being restarted).
-async fn try_request(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &'static str) -> Option<async_nats::Message> {
+async fn try_request(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Option<async_nats::Message> {
     let mut h = async_nats::HeaderMap::new();
     for (k, v) in headers {
         h.insert(*k, *v);
     }
-    let req = async_nats::client::Request::new().headers(h).payload(Bytes::from_static(body.as_bytes())).timeout(Some(Duration::from_secs(10)));
+    let req =
+        async_nats::client::Request::new().headers(h).payload(Bytes::from_static(body.as_bytes())).timeout(Some(Duration::from_secs(10)));
     client.send_request(subject.to_owned(), req).await.ok()
 }
 
@@ -186,7 +194,10 @@ async fn request_reply_maps_status_headers_body_and_subject_tokens() {
     assert_eq!(p["instance"], "rid-9");
 
     let metrics = sidecar.metrics().await;
-    assert!(metric_line(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="reply",route="agent-requests"}"#).unwrap() >= 3.0, "{metrics}");
+    assert!(
+        metric_line(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="reply",route="agent-requests"}"#).unwrap() >= 3.0,
+        "{metrics}"
+    );
     sidecar.stop().await;
 }
 
@@ -311,7 +322,13 @@ mode = "tunnel"
     b.wait_ready().await;
     a.wait_ready().await;
 
-    let r = call("PATCH", &a.url("/v1/models/m-1?dry=1&x=a%20b"), &[("host", "model-service"), ("x-custom", "c-1"), ("content-type", "application/json")], r#"{"n":1}"#).await;
+    let r = call(
+        "PATCH",
+        &a.url("/v1/models/m-1?dry=1&x=a%20b"),
+        &[("host", "model-service"), ("x-custom", "c-1"), ("content-type", "application/json")],
+        r#"{"n":1}"#,
+    )
+    .await;
     assert_eq!(r.status, 207, "{}\n{}\n{}", r.text(), a.log(), b.log());
     assert_eq!(r.header("x-from-b"), Some("1"));
     assert_eq!(r.text(), r#"PATCH /v1/models/m-1?dry=1&x=a%20b {"n":1}"#);
@@ -364,7 +381,9 @@ async fn jetstream_retryable_status_naks_with_backoff_then_dead_letters() {
     let nats = NatsServer::start();
     let js = streams(&nats).await;
     let app = App::script(|_, _| async { with_headers(503, &[("content-type", "text/plain")], "down for maintenance\r\nline two") }).await;
-    let sidecar = Sidecar::start(&js_route("max_deliver = 3\nbackoff = [\"300ms\", \"700ms\"]\nack_wait = \"5s\""), &nats.url(), Some(&app.url())).await;
+    let sidecar =
+        Sidecar::start(&js_route("max_deliver = 3\nbackoff = [\"300ms\", \"700ms\"]\nack_wait = \"5s\""), &nats.url(), Some(&app.url()))
+            .await;
     sidecar.wait_ready().await;
     let seq = publish(&js, "tool.exec.sed", &[("Nats-Msg-Id", "m-2"), ("X-Trace", "t2")], "payload-2").await;
 
@@ -478,7 +497,8 @@ async fn jetstream_unreachable_app_and_timeouts_retry_then_dead_letter() {
         respond(200, "too late")
     })
     .await;
-    let sidecar = Sidecar::start(&js_route("max_deliver = 2\nbackoff = [\"200ms\"]\ntimeout = \"300ms\""), &nats.url(), Some(&app.url())).await;
+    let sidecar =
+        Sidecar::start(&js_route("max_deliver = 2\nbackoff = [\"200ms\"]\ntimeout = \"300ms\""), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
     let seq = publish(&js, "tool.exec.sleep", &[], "y").await;
     let dl = dead_letter(&js, 2).await;
@@ -513,7 +533,9 @@ async fn jetstream_handler_slower_than_ack_wait_is_not_redelivered() {
 async fn jetstream_dead_letter_publish_failure_naks_instead_of_terming() {
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() }).await.unwrap();
+    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() })
+        .await
+        .unwrap();
     // No dead-letter stream yet: the dead letter cannot be stored.
     let app = App::script(|_, _| async { respond(400, "bad") }).await;
     let sidecar = Sidecar::start(&js_route("max_deliver = 10\nbackoff = [\"200ms\"]"), &nats.url(), Some(&app.url())).await;
@@ -560,7 +582,11 @@ async fn jetstream_max_deliver_reached_while_sidecar_was_down_is_caught_by_the_a
     assert_eq!(hdr(&dl, "Bridge-Dlq-Seq"), seq.to_string());
     assert_eq!(hdr(&dl, "Bridge-Dlq-Subject"), "tool.exec.crash");
     let metrics = second.metrics().await;
-    assert_eq!(metric_line(&metrics, r#"natsbridge_ingress_advisories_total{kind="max_deliveries",route="tool-exec"}"#), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric_line(&metrics, r#"natsbridge_ingress_advisories_total{kind="max_deliveries",route="tool-exec"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
     assert_eq!(metric_line(&metrics, r#"natsbridge_dlq_published_total{reason="max_deliver",route="tool-exec"}"#), Some(1.0));
     second.stop().await;
 }

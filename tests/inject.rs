@@ -39,18 +39,13 @@ fn admit(pod: &Value, settings: &InjectSettings) -> (Value, Option<Vec<Value>>, 
     let resp = inject::mutate(&review(pod), settings).expect("a well-formed review is answered");
     assert_eq!(resp["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(resp["kind"], "AdmissionReview");
-    assert_eq!(
-        resp["response"]["uid"],
-        "705ab4f5-6393-11e8-b7cc-42010a800002"
-    );
+    assert_eq!(resp["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
     let Some(patch_b64) = resp["response"]["patch"].as_str() else {
         assert!(resp["response"].get("patchType").is_none());
         return (resp.clone(), None, pod.clone());
     };
     assert_eq!(resp["response"]["patchType"], "JSONPatch");
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(patch_b64)
-        .unwrap();
+    let raw = base64::engine::general_purpose::STANDARD.decode(patch_b64).unwrap();
     let ops: Vec<Value> = serde_json::from_slice(&raw).unwrap();
     let patch: json_patch::Patch = serde_json::from_slice(&raw).unwrap();
     let mut patched = pod.clone();
@@ -82,20 +77,12 @@ fn plain_pod() -> Value {
 }
 
 fn env_of<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
-    container["env"]
-        .as_array()?
-        .iter()
-        .find(|e| e["name"] == name)?["value"]
-        .as_str()
+    container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
 }
 
 fn sidecar(pod: &Value) -> &Value {
-    let ic = pod["spec"]["initContainers"]
-        .as_array()
-        .expect("initContainers");
-    ic.iter()
-        .find(|c| c["name"] == "natsbridge")
-        .expect("sidecar injected")
+    let ic = pod["spec"]["initContainers"].as_array().expect("initContainers");
+    ic.iter().find(|c| c["name"] == "natsbridge").expect("sidecar injected")
 }
 
 #[test]
@@ -107,69 +94,32 @@ fn plain_pod_gets_a_native_sidecar() {
     assert!(ops.iter().any(|o| o["path"] == "/spec/initContainers"));
     assert!(ops.iter().any(|o| o["path"] == "/spec/volumes"));
     // Annotation keys contain '/', which JSON Pointer spells ~1.
-    assert!(ops
-        .iter()
-        .any(|o| o["path"] == "/metadata/annotations/natsbridge.io~1status"));
+    assert!(ops.iter().any(|o| o["path"] == "/metadata/annotations/natsbridge.io~1status"));
 
     let sc = sidecar(&pod);
     assert_eq!(pod["spec"]["initContainers"][0]["name"], "natsbridge");
     assert_eq!(sc["restartPolicy"], "Always");
     assert_eq!(sc["image"], "registry.example/natsbridge:1.2.3");
-    assert_eq!(
-        sc["args"],
-        json!([
-            "run",
-            "--config",
-            "/etc/natsbridge/routes.toml",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info"
-        ])
-    );
-    assert_eq!(
-        env_of(sc, "NATSBRIDGE_APP_URL"),
-        Some("http://127.0.0.1:3000")
-    );
-    assert_eq!(
-        env_of(sc, "NATSBRIDGE_NATS_URL"),
-        Some("nats://nats.nats-system.svc.cluster.local:4222")
-    );
+    assert_eq!(sc["args"], json!(["run", "--config", "/etc/natsbridge/routes.toml", "--log-format", "json", "--log-level", "info"]));
+    assert_eq!(env_of(sc, "NATSBRIDGE_APP_URL"), Some("http://127.0.0.1:3000"));
+    assert_eq!(env_of(sc, "NATSBRIDGE_NATS_URL"), Some("nats://nats.nats-system.svc.cluster.local:4222"));
     assert_eq!(env_of(sc, "NATSBRIDGE_LISTEN"), Some("127.0.0.1:4280"));
     assert_eq!(env_of(sc, "NATSBRIDGE_ADMIN_LISTEN"), Some("0.0.0.0:9464"));
-    assert_eq!(
-        sc["readinessProbe"]["httpGet"],
-        json!({ "path": "/readyz", "port": "nb-admin" })
-    );
-    assert_eq!(
-        sc["livenessProbe"]["httpGet"],
-        json!({ "path": "/healthz", "port": "nb-admin" })
-    );
+    assert_eq!(sc["readinessProbe"]["httpGet"], json!({ "path": "/readyz", "port": "nb-admin" }));
+    assert_eq!(sc["livenessProbe"]["httpGet"], json!({ "path": "/healthz", "port": "nb-admin" }));
     assert_eq!(sc["startupProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(
-        sc["ports"][0],
-        json!({ "name": "nb-admin", "containerPort": 9464, "protocol": "TCP" })
-    );
-    assert_eq!(
-        sc["resources"],
-        json!({ "requests": { "cpu": "50m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } })
-    );
+    assert_eq!(sc["ports"][0], json!({ "name": "nb-admin", "containerPort": 9464, "protocol": "TCP" }));
+    assert_eq!(sc["resources"], json!({ "requests": { "cpu": "50m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } }));
     assert_eq!(sc["securityContext"]["runAsNonRoot"], true);
     assert_eq!(sc["securityContext"]["runAsUser"], 65532);
-    assert_eq!(
-        sc["volumeMounts"][0],
-        json!({ "name": "natsbridge-routes", "mountPath": "/etc/natsbridge", "readOnly": true })
-    );
+    assert_eq!(sc["volumeMounts"][0], json!({ "name": "natsbridge-routes", "mountPath": "/etc/natsbridge", "readOnly": true }));
 
     assert_eq!(
         pod["spec"]["volumes"],
         json!([{ "name": "natsbridge-routes", "configMap": { "name": "orchestration-routes", "items": [{ "key": "routes.toml", "path": "routes.toml" }] } }])
     );
     let ann = &pod["metadata"]["annotations"];
-    assert_eq!(
-        pod["metadata"]["labels"],
-        json!({ "app": "orchestration", "natsbridge.io/injected": "true" })
-    );
+    assert_eq!(pod["metadata"]["labels"], json!({ "app": "orchestration", "natsbridge.io/injected": "true" }));
     assert_eq!(ann["natsbridge.io/status"], "injected");
     assert_eq!(ann["natsbridge.io/inject"], "true");
     assert_eq!(ann["prometheus.io/scrape"], "true");
@@ -210,15 +160,11 @@ fn already_injected_pods_are_untouched() {
     assert!(admit(&by_status, &settings()).1.is_none());
 
     let mut by_init_container = plain_pod();
-    by_init_container["spec"]["initContainers"] =
-        json!([{ "name": "natsbridge", "image": "old", "restartPolicy": "Always" }]);
+    by_init_container["spec"]["initContainers"] = json!([{ "name": "natsbridge", "image": "old", "restartPolicy": "Always" }]);
     assert!(admit(&by_init_container, &settings()).1.is_none());
 
     let mut by_container = plain_pod();
-    by_container["spec"]["containers"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({ "name": "natsbridge", "image": "old" }));
+    by_container["spec"]["containers"].as_array_mut().unwrap().push(json!({ "name": "natsbridge", "image": "old" }));
     assert!(admit(&by_container, &settings()).1.is_none());
 }
 
@@ -252,20 +198,11 @@ fn http_proxy_with_several_containers() {
 
     let ic = out["spec"]["initContainers"].as_array().unwrap();
     assert_eq!(ic.len(), 2);
-    assert_eq!(
-        ic[0]["name"], "natsbridge",
-        "the sidecar starts before the pod's own init containers"
-    );
+    assert_eq!(ic[0]["name"], "natsbridge", "the sidecar starts before the pod's own init containers");
     assert_eq!(ic[1]["name"], "migrate");
-    assert!(
-        ic[1].get("env").is_none(),
-        "init containers are not proxied"
-    );
+    assert!(ic[1].get("env").is_none(), "init containers are not proxied");
     // App port falls back to the first container's first declared port.
-    assert_eq!(
-        env_of(&ic[0], "NATSBRIDGE_APP_URL"),
-        Some("http://127.0.0.1:8080")
-    );
+    assert_eq!(env_of(&ic[0], "NATSBRIDGE_APP_URL"), Some("http://127.0.0.1:8080"));
 
     let vols = out["spec"]["volumes"].as_array().unwrap();
     assert_eq!(vols.len(), 2);
@@ -274,51 +211,22 @@ fn http_proxy_with_several_containers() {
 
     let containers = out["spec"]["containers"].as_array().unwrap();
     for c in containers {
-        assert_eq!(
-            env_of(c, "HTTP_PROXY"),
-            Some("http://127.0.0.1:4280"),
-            "{}",
-            c["name"]
-        );
+        assert_eq!(env_of(c, "HTTP_PROXY"), Some("http://127.0.0.1:4280"), "{}", c["name"]);
         assert_eq!(env_of(c, "http_proxy"), Some("http://127.0.0.1:4280"));
-        assert!(
-            env_of(c, "HTTPS_PROXY").is_none(),
-            "the egress listener speaks plain HTTP only"
-        );
+        assert!(env_of(c, "HTTPS_PROXY").is_none(), "the egress listener speaks plain HTTP only");
     }
-    assert_eq!(
-        env_of(&containers[0], "MODE"),
-        Some("prod"),
-        "existing env is kept"
-    );
+    assert_eq!(env_of(&containers[0], "MODE"), Some("prod"), "existing env is kept");
     let no_proxy = env_of(&containers[0], "NO_PROXY").unwrap();
     let entries: Vec<&str> = no_proxy.split(',').collect();
-    for must in [
-        "localhost",
-        "127.0.0.1",
-        "::1",
-        "nats.nats-system.svc.cluster.local",
-        "kubernetes.default.svc",
-    ] {
-        assert!(
-            entries.contains(&must),
-            "NO_PROXY {no_proxy:?} lacks {must}"
-        );
+    for must in ["localhost", "127.0.0.1", "::1", "nats.nats-system.svc.cluster.local", "kubernetes.default.svc"] {
+        assert!(entries.contains(&must), "NO_PROXY {no_proxy:?} lacks {must}");
     }
     // Service-to-service calls must reach the proxy: that is the traffic being migrated.
-    assert!(!entries
-        .iter()
-        .any(|e| *e == ".svc" || *e == ".cluster.local" || *e == ".svc.cluster.local"));
+    assert!(!entries.iter().any(|e| *e == ".svc" || *e == ".cluster.local" || *e == ".svc.cluster.local"));
     assert_eq!(env_of(&containers[1], "no_proxy"), Some(no_proxy));
     // A workload's own NO_PROXY wins and is not duplicated.
     let custom_env = containers[2]["env"].as_array().unwrap();
-    assert_eq!(
-        custom_env
-            .iter()
-            .filter(|e| e["name"] == "NO_PROXY")
-            .count(),
-        1
-    );
+    assert_eq!(custom_env.iter().filter(|e| e["name"] == "NO_PROXY").count(), 1);
     assert_eq!(env_of(&containers[2], "NO_PROXY"), Some("mine"));
 
     // The app's own scrape annotations are kept, not taken over.
@@ -328,10 +236,7 @@ fn http_proxy_with_several_containers() {
     assert_eq!(ann["natsbridge.io/status"], "injected");
     // No labels map before: the whole map is added.
     assert!(ops.iter().any(|o| o["path"] == "/metadata/labels"));
-    assert_eq!(
-        out["metadata"]["labels"],
-        json!({ "natsbridge.io/injected": "true" })
-    );
+    assert_eq!(out["metadata"]["labels"], json!({ "natsbridge.io/injected": "true" }));
 }
 
 #[test]
@@ -345,21 +250,10 @@ fn resources_and_log_level_from_annotations() {
     ann.insert("natsbridge.io/nats-url-secret".into(), json!("nats-creds"));
     let (_, _, out) = admit(&pod, &settings());
     let sc = sidecar(&out);
-    assert_eq!(
-        sc["resources"],
-        json!({ "requests": { "cpu": "200m", "memory": "64Mi" }, "limits": { "cpu": "1", "memory": "1Gi" } })
-    );
+    assert_eq!(sc["resources"], json!({ "requests": { "cpu": "200m", "memory": "64Mi" }, "limits": { "cpu": "1", "memory": "1Gi" } }));
     assert_eq!(sc["args"][6], "debug");
-    let url = sc["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "NATSBRIDGE_NATS_URL")
-        .unwrap();
-    assert_eq!(
-        url["valueFrom"]["secretKeyRef"],
-        json!({ "name": "nats-creds", "key": "url" })
-    );
+    let url = sc["env"].as_array().unwrap().iter().find(|e| e["name"] == "NATSBRIDGE_NATS_URL").unwrap();
+    assert_eq!(url["valueFrom"]["secretKeyRef"], json!({ "name": "nats-creds", "key": "url" }));
     assert!(url.get("value").is_none());
 }
 
@@ -367,30 +261,14 @@ fn resources_and_log_level_from_annotations() {
 fn unusable_annotations_are_denied_with_a_reason() {
     let cases: &[(&str, Option<&str>, &str)] = &[
         ("natsbridge.io/routes", None, "natsbridge.io/routes"),
-        (
-            "natsbridge.io/routes",
-            Some("Bad_Name"),
-            "not a valid ConfigMap name",
-        ),
+        ("natsbridge.io/routes", Some("Bad_Name"), "not a valid ConfigMap name"),
         ("natsbridge.io/app-port", Some("http"), "not a port number"),
         ("natsbridge.io/app-port", Some("70000"), "not a port number"),
         ("natsbridge.io/app-port", Some("4280"), "collides"),
         ("natsbridge.io/app-port", Some("9464"), "collides"),
-        (
-            "natsbridge.io/memory-limit",
-            Some("lots"),
-            "not a Kubernetes quantity",
-        ),
-        (
-            "natsbridge.io/cpu-request",
-            Some("1.2.3"),
-            "not a Kubernetes quantity",
-        ),
-        (
-            "natsbridge.io/nats-url-secret",
-            Some("name/"),
-            "not name or name/key",
-        ),
+        ("natsbridge.io/memory-limit", Some("lots"), "not a Kubernetes quantity"),
+        ("natsbridge.io/cpu-request", Some("1.2.3"), "not a Kubernetes quantity"),
+        ("natsbridge.io/nats-url-secret", Some("name/"), "not name or name/key"),
     ];
     for (key, value, expect) in cases {
         let mut pod = plain_pod();
@@ -425,15 +303,9 @@ fn non_pod_and_non_create_requests_pass_through() {
 
 #[test]
 fn malformed_reviews_are_errors() {
+    assert!(matches!(inject::mutate(&json!({}), &settings()), Err(inject::InjectError::BadReview(_))));
     assert!(matches!(
-        inject::mutate(&json!({}), &settings()),
-        Err(inject::InjectError::BadReview(_))
-    ));
-    assert!(matches!(
-        inject::mutate(
-            &json!({ "request": { "kind": { "kind": "Pod" } } }),
-            &settings()
-        ),
+        inject::mutate(&json!({ "request": { "kind": { "kind": "Pod" } } }), &settings()),
         Err(inject::InjectError::BadReview(_))
     ));
 }
@@ -442,9 +314,7 @@ fn malformed_reviews_are_errors() {
 fn helpers() {
     assert_eq!(inject::escape_pointer("a/b~c"), "a~1b~0c");
     assert_eq!(
-        inject::nats_hosts(
-            "nats://u:p@nats-0.nats:4222, tls://[fd00::1]:4222,nats-2:4222,nats://plain"
-        ),
+        inject::nats_hosts("nats://u:p@nats-0.nats:4222, tls://[fd00::1]:4222,nats-2:4222,nats://plain"),
         vec!["nats-0.nats", "fd00::1", "nats-2", "plain"]
     );
     for ok in ["100m", "1", "0.5", "64Mi", "1e3", "2E-1", "+1G", ".5"] {
@@ -483,26 +353,10 @@ fn args_parse_into_settings() {
     assert_eq!(s.resources.memory_limit, None);
     assert_eq!(s.extra_no_proxy, vec!["10.96.0.1", "metadata.internal"]);
     let np = inject::no_proxy_list(&s);
-    assert!(
-        np.contains(&"a".to_string())
-            && np.contains(&"b".to_string())
-            && np.contains(&"10.96.0.1".to_string())
-    );
+    assert!(np.contains(&"a".to_string()) && np.contains(&"b".to_string()) && np.contains(&"10.96.0.1".to_string()));
 
-    let bad = Cli::try_parse_from([
-        "inject",
-        "--sidecar-image",
-        "i",
-        "--nats-url",
-        "n",
-        "--cpu-request",
-        "x",
-    ])
-    .unwrap();
-    assert!(matches!(
-        bad.inject.settings(),
-        Err(inject::InjectError::Setting { .. })
-    ));
+    let bad = Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "n", "--cpu-request", "x"]).unwrap();
+    assert!(matches!(bad.inject.settings(), Err(inject::InjectError::Setting { .. })));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -514,9 +368,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Self { dir: tempfile::tempdir().unwrap() }
     }
 
     fn cert_path(&self) -> std::path::PathBuf {
@@ -531,20 +383,12 @@ impl Pki {
     /// (for the client's trust store). `mtime` makes the rotation visible regardless of the file
     /// system's timestamp granularity.
     fn issue(&self, mtime: SystemTime) -> rustls::pki_types::CertificateDer<'static> {
-        let names = vec![
-            "natsbridge-inject.natsbridge.svc".to_string(),
-            "localhost".to_string(),
-        ];
+        let names = vec!["natsbridge-inject.natsbridge.svc".to_string(), "localhost".to_string()];
         let ck = rcgen::generate_simple_self_signed(names).unwrap();
         std::fs::write(self.key_path(), ck.signing_key.serialize_pem()).unwrap();
         std::fs::write(self.cert_path(), ck.cert.pem()).unwrap();
         for p in [self.cert_path(), self.key_path()] {
-            std::fs::File::options()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_modified(mtime)
-                .unwrap();
+            std::fs::File::options().write(true).open(p).unwrap().set_modified(mtime).unwrap();
         }
         ck.cert.der().clone()
     }
@@ -553,13 +397,11 @@ impl Pki {
 fn client_config(trust: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trust.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Arc::new(config)
 }
 
@@ -572,19 +414,11 @@ async fn https(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Bytes), String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(client_config(trust));
     let name = rustls::pki_types::ServerName::try_from("natsbridge-inject.natsbridge.svc").unwrap();
-    let tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
+    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = http::Request::builder()
         .method(method)
@@ -595,12 +429,7 @@ async fn https(
         .unwrap();
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, body))
 }
 
@@ -619,38 +448,22 @@ async fn serves_the_webhook_over_tls_and_follows_certificate_rotation() {
     }));
 
     // The listener is bound before serve() starts, so the first request needs no readiness wait.
-    let (status, body) = https(addr, &first, "GET", "/healthz", vec![])
-        .await
-        .unwrap();
+    let (status, body) = https(addr, &first, "GET", "/healthz", vec![]).await.unwrap();
     assert_eq!((status, &body[..]), (200, &b"ok\n"[..]));
 
-    let (status, body) = https(
-        addr,
-        &first,
-        "POST",
-        "/mutate",
-        serde_json::to_vec(&review(&plain_pod())).unwrap(),
-    )
-    .await
-    .unwrap();
+    let (status, body) = https(addr, &first, "POST", "/mutate", serde_json::to_vec(&review(&plain_pod())).unwrap()).await.unwrap();
     assert_eq!(status, 200);
     let resp: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(resp["response"]["allowed"], true);
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(resp["response"]["patch"].as_str().unwrap())
-        .unwrap();
+    let raw = base64::engine::general_purpose::STANDARD.decode(resp["response"]["patch"].as_str().unwrap()).unwrap();
     let patch: json_patch::Patch = serde_json::from_slice(&raw).unwrap();
     let mut pod = plain_pod();
     json_patch::patch(&mut pod, &patch).unwrap();
     assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
 
-    let (status, _) = https(addr, &first, "POST", "/mutate", b"not json".to_vec())
-        .await
-        .unwrap();
+    let (status, _) = https(addr, &first, "POST", "/mutate", b"not json".to_vec()).await.unwrap();
     assert_eq!(status, 400);
-    let (status, _) = https(addr, &first, "POST", "/mutate", b"{}".to_vec())
-        .await
-        .unwrap();
+    let (status, _) = https(addr, &first, "POST", "/mutate", b"{}".to_vec()).await.unwrap();
     assert_eq!(status, 400);
     let (status, _) = https(addr, &first, "GET", "/mutate", vec![]).await.unwrap();
     assert_eq!(status, 405);
@@ -661,21 +474,13 @@ async fn serves_the_webhook_over_tls_and_follows_certificate_rotation() {
     // handshake must present the new one: a client trusting only the new cert now succeeds and
     // one trusting only the old cert fails.
     let second = pki.issue(t0 + Duration::from_secs(60));
-    let (status, _) = https(addr, &second, "GET", "/healthz", vec![])
-        .await
-        .unwrap();
+    let (status, _) = https(addr, &second, "GET", "/healthz", vec![]).await.unwrap();
     assert_eq!(status, 200);
-    let err = https(addr, &first, "GET", "/healthz", vec![])
-        .await
-        .unwrap_err();
+    let err = https(addr, &first, "GET", "/healthz", vec![]).await.unwrap_err();
     assert!(err.starts_with("TLS"), "{err}");
 
     stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("serve stops on shutdown")
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve stops on shutdown").unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -696,15 +501,9 @@ async fn run_refuses_unusable_tls_material() {
     ])
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = inject::run(cli.inject, listener, std::future::pending())
-        .await
-        .unwrap_err();
+    let err = inject::run(cli.inject, listener, std::future::pending()).await.unwrap_err();
     assert!(matches!(err, inject::InjectError::BadTls { .. }), "{err}");
 
-    let missing = inject::tls_config(&dir.path().join("absent.crt"), &dir.path().join("tls.key"))
-        .unwrap_err();
-    assert!(
-        matches!(missing, inject::InjectError::ReadTls { .. }),
-        "{missing}"
-    );
+    let missing = inject::tls_config(&dir.path().join("absent.crt"), &dir.path().join("tls.key")).unwrap_err();
+    assert!(matches!(missing, inject::InjectError::ReadTls { .. }), "{missing}");
 }

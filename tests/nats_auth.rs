@@ -162,7 +162,13 @@ async fn user_and_password_file_authenticate() {
     let nats = user_server();
     let dir = tempfile::tempdir().unwrap();
     let f = write(dir.path(), "pass", PASSWORD);
-    let s = Sidecar::start_with_env(&routes(&format!("user = \"bridge\"\npassword_file = {:?}", f.display().to_string())), &nats.url(), None, &[]).await;
+    let s = Sidecar::start_with_env(
+        &routes(&format!("user = \"bridge\"\npassword_file = {:?}", f.display().to_string())),
+        &nats.url(),
+        None,
+        &[],
+    )
+    .await;
     s.wait_ready().await;
     let sub = async_nats::ConnectOptions::with_user_and_password("bridge".into(), PASSWORD.into()).connect(nats.url()).await.unwrap();
     assert_flows(s.egress, sub).await;
@@ -171,7 +177,12 @@ async fn user_and_password_file_authenticate() {
 #[tokio::test]
 async fn user_and_password_env_authenticate_and_never_appear_in_a_trace_log() {
     let nats = user_server();
-    let p = spawn_process(&routes("user = \"bridge\"\npassword_env = \"NB_TEST_PASSWORD\""), &nats.url(), &[("NB_TEST_PASSWORD", PASSWORD)], "trace");
+    let p = spawn_process(
+        &routes("user = \"bridge\"\npassword_env = \"NB_TEST_PASSWORD\""),
+        &nats.url(),
+        &[("NB_TEST_PASSWORD", PASSWORD)],
+        "trace",
+    );
     p.wait_ready().await;
     let sub = async_nats::ConnectOptions::with_user_and_password("bridge".into(), PASSWORD.into()).connect(nats.url()).await.unwrap();
     assert_flows(p.egress, sub).await;
@@ -182,14 +193,25 @@ async fn user_and_password_env_authenticate_and_never_appear_in_a_trace_log() {
 async fn wrong_password_keeps_readiness_false_and_is_logged_clearly_without_the_secret() {
     let nats = user_server();
     let wrong = "wrong-pw-77a1c0e4d2";
-    let p = spawn_process(&routes("user = \"bridge\"\npassword_env = \"NB_TEST_PASSWORD\""), &nats.url(), &[("NB_TEST_PASSWORD", wrong)], "trace");
+    let p = spawn_process(
+        &routes("user = \"bridge\"\npassword_env = \"NB_TEST_PASSWORD\""),
+        &nats.url(),
+        &[("NB_TEST_PASSWORD", wrong)],
+        "trace",
+    );
     // Wait for the admin listener, then hold: never ready.
     let admin = p.admin;
-    eventually("admin listener", Duration::from_secs(20), || async move { get(&format!("http://{admin}/readyz")).await.ok().map(|_| ()) }).await;
+    eventually("admin listener", Duration::from_secs(20), || async move { get(&format!("http://{admin}/readyz")).await.ok().map(|_| ()) })
+        .await;
     assert_never_ready(p.admin, Duration::from_secs(3)).await;
     // Readiness says why, not only that NATS is not connected.
     let r = get(&format!("http://{admin}/readyz")).await.unwrap();
-    assert_eq!(r.json()["failing"]["nats"], "not connected to NATS: the server rejected the credentials (authorization violation)", "{}", r.text());
+    assert_eq!(
+        r.json()["failing"]["nats"],
+        "not connected to NATS: the server rejected the credentials (authorization violation)",
+        "{}",
+        r.text()
+    );
     assert!(!r.text().contains(wrong));
     let log = p.log();
     let clear = log.lines().filter(|l| l.contains("NATS rejected the credentials (authorization violation)")).count();

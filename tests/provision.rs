@@ -140,7 +140,9 @@ async fn a_changed_field_shows_its_diff_and_is_applied() {
     let js = js(&server).await;
     provision::apply(&js, &parse(&routes("max_age = \"1h\"", "")), false).await.unwrap();
 
-    let changed = parse(&routes("max_age = \"2h\"", "max_ack_pending = 9").replace("subjects = [\"tool.>\"]", "subjects = [\"tool.>\", \"tools.>\"]"));
+    let changed = parse(
+        &routes("max_age = \"2h\"", "max_ack_pending = 9").replace("subjects = [\"tool.>\"]", "subjects = [\"tool.>\", \"tools.>\"]"),
+    );
     let plan = provision::apply(&js, &changed, false).await.unwrap();
     assert!(plan.is_ok(), "{plan}");
     let Status::Updated { diff } = status(&plan, Kind::Stream, "TOOL") else { panic!("{plan}") };
@@ -353,7 +355,10 @@ async fn run_without_provision_names_each_missing_stream_and_bucket() {
     for key in ["provision:stream:TOOL", "provision:dead-letter-stream:DLQ", "provision:kv:natsbridge_idempotency"] {
         assert!(failing.contains_key(key), "{key} missing from {body}");
     }
-    assert!(failing["provision:stream:TOOL"].as_str().unwrap().contains("stream \"TOOL\" does not exist (needed by route \"tool-exec\")"), "{body}");
+    assert!(
+        failing["provision:stream:TOOL"].as_str().unwrap().contains("stream \"TOOL\" does not exist (needed by route \"tool-exec\")"),
+        "{body}"
+    );
     sidecar.stop().await;
 }
 

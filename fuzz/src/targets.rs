@@ -52,7 +52,11 @@ pub fn config(data: &[u8]) {
                 assert!(r.path.starts_with('/'), "accepted a path not starting with '/': {:?}", r.path);
                 if let OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) = &r.target {
                     let probe = t.probe();
-                    assert!(natsbridge::subject::SubjectPattern::parse(&probe).is_ok(), "template {:?} probes to invalid {probe:?}", t.as_str());
+                    assert!(
+                        natsbridge::subject::SubjectPattern::parse(&probe).is_ok(),
+                        "template {:?} probes to invalid {probe:?}",
+                        t.as_str()
+                    );
                 }
             }
         }
@@ -167,7 +171,8 @@ fn http_headers(b: &[u8]) -> http::HeaderMap {
     let mut h = http::HeaderMap::new();
     for line in b.split(|&c| c == b'\n') {
         let Some(colon) = line.iter().position(|&c| c == b':') else { continue };
-        let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(&line[..colon]), http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii())) else {
+        let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(&line[..colon]), http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()))
+        else {
             continue;
         };
         h.append(n, v);

@@ -379,7 +379,12 @@ impl Stat {
     }
     /// "3 messages, oldest 2h, newest 5m"
     pub fn describe(&self, now: SystemTime) -> String {
-        format!("{}, oldest {}, newest {}", plural(self.count, "message", "messages"), format_age(age(now, self.oldest)), format_age(age(now, self.newest)))
+        format!(
+            "{}, oldest {}, newest {}",
+            plural(self.count, "message", "messages"),
+            format_age(age(now, self.oldest)),
+            format_age(age(now, self.newest))
+        )
     }
 }
 
@@ -424,7 +429,8 @@ impl Summary {
             let mark = if known_routes.contains(&route.as_str()) { "" } else { "  (not in the routing file)" };
             let _ = writeln!(out, "{:<width$}{}{mark}", format!("{route}:"), total.describe(now));
             for (reason, s) in reasons {
-                let span = if s.first_seq == s.last_seq { format!("seq {}", s.first_seq) } else { format!("seq {}..{}", s.first_seq, s.last_seq) };
+                let span =
+                    if s.first_seq == s.last_seq { format!("seq {}", s.first_seq) } else { format!("seq {}..{}", s.first_seq, s.last_seq) };
                 let _ = writeln!(out, "  {:<w$}{}  ({span})", format!("{reason}:"), s.describe(now), w = width - 2);
             }
         }
@@ -438,7 +444,9 @@ pub fn render_letter(l: &Letter, now: SystemTime, preview_len: usize) -> String 
     let h = |n| l.header(n).unwrap_or("-");
     let _ = writeln!(out, "seq {}  route {}  reason {}  status {}  deliveries {}", l.seq, l.route(), l.reason(), h(STATUS), h(DELIVERIES));
     let origin = match (l.header(STREAM), l.header(SEQ)) {
-        (Some(st), Some(sq)) => format!("  (stream {st} seq {sq}{})", l.header(CONSUMER).map(|c| format!(", consumer {c}")).unwrap_or_default()),
+        (Some(st), Some(sq)) => {
+            format!("  (stream {st} seq {sq}{})", l.header(CONSUMER).map(|c| format!(", consumer {c}")).unwrap_or_default())
+        }
         _ => String::new(),
     };
     let _ = writeln!(out, "  subject:  {}{origin}", l.subject().unwrap_or("-"));
@@ -587,11 +595,21 @@ pub struct Scanner {
 
 impl Scanner {
     pub async fn open(stream: &Stream, range: SeqRange, headers_only: bool) -> anyhow::Result<Self> {
-        let info = stream.get_info().await.map_err(|e| anyhow::anyhow!("cannot read the dead-letter stream {:?}: {e}", stream.cached_info().config.name))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the dead-letter stream {:?}: {e}", stream.cached_info().config.name))?;
         let state = &info.state;
         let end = range.last.min(state.last_sequence);
         let start = range.first.max(state.first_sequence);
-        let mut s = Self { stream: stream.clone(), messages: None, consumer: None, end, last_seen: start.saturating_sub(1), done: state.messages == 0 || start > end };
+        let mut s = Self {
+            stream: stream.clone(),
+            messages: None,
+            consumer: None,
+            end,
+            last_seen: start.saturating_sub(1),
+            done: state.messages == 0 || start > end,
+        };
         if !s.done {
             let consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -706,7 +724,8 @@ async fn connect(conn: &Connection, filter: &FilterArgs, env: EnvLookup<'_>) -> 
     let name = config.dead_letter.stream.clone();
     let stream = match js.get_stream(&name).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
+        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
             anyhow::bail!("the dead-letter stream {name:?} does not exist (natsbridge provision creates it)")
         }
         Err(e) => anyhow::bail!("cannot open the dead-letter stream {name:?}: {e}"),
@@ -748,7 +767,12 @@ async fn list(a: ListArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
     if total == 0 {
         println!("{}: no dead letters{scope}", cx.config.dead_letter.stream);
     } else {
-        println!("{}: {}{scope}, {} of payload", cx.config.dead_letter.stream, plural(total, "dead letter", "dead letters"), format_size(bytes));
+        println!(
+            "{}: {}{scope}, {} of payload",
+            cx.config.dead_letter.stream,
+            plural(total, "dead letter", "dead letters"),
+            format_size(bytes)
+        );
         print!("{}", summary.render(SystemTime::now(), &cx.known_routes()));
     }
     let _ = cx.client.drain().await;
@@ -900,7 +924,13 @@ async fn replay_one(cx: &Ctx, dlq: &str, seq: u64, timeout: Duration) -> Outcome
 
 /// A JetStream publish that waits for the ack within `timeout` (nats.rs #1558), retrying
 /// "no responders" twice at 250 ms (a stream leader election) with the same headers.
-async fn publish(js: &jetstream::Context, subject: &str, headers: HeaderMap, payload: Bytes, timeout: Duration) -> Result<jetstream::publish::PublishAck, String> {
+async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    headers: HeaderMap,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<jetstream::publish::PublishAck, String> {
     use jetstream::context::PublishErrorKind as K;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut attempt = 0;
@@ -1078,10 +1108,16 @@ mod tests {
         let out = s.render(now, &["tool-exec"]);
         let lines: Vec<&str> = out.lines().map(str::trim_end).collect();
         assert_eq!(lines.len(), 5, "{out}");
-        assert!(lines[0].starts_with("gone:") && lines[0].ends_with("1 message, oldest 40s, newest 40s  (not in the routing file)"), "{out}");
+        assert!(
+            lines[0].starts_with("gone:") && lines[0].ends_with("1 message, oldest 40s, newest 40s  (not in the routing file)"),
+            "{out}"
+        );
         assert!(lines[1].trim_start().starts_with("max_deliver:") && lines[1].ends_with("(seq 3)"), "{out}");
         assert!(lines[2].starts_with("tool-exec:") && lines[2].ends_with("3 messages, oldest 2h, newest 5m"), "{out}");
-        assert!(lines[3].contains("poison:") && lines[3].contains("2 messages, oldest 2h, newest 1h") && lines[3].ends_with("(seq 1..2)"), "{out}");
+        assert!(
+            lines[3].contains("poison:") && lines[3].contains("2 messages, oldest 2h, newest 1h") && lines[3].ends_with("(seq 1..2)"),
+            "{out}"
+        );
         assert!(lines[4].contains("status:") && lines[4].contains("1 message, oldest 5m, newest 5m"), "{out}");
     }
 
@@ -1098,7 +1134,15 @@ mod tests {
     #[test]
     fn show_block_names_every_field() {
         let mut l = letter(9, "tool-exec", "status");
-        for (k, v) in [(STATUS, "503"), (DELIVERIES, "2"), (SUBJECT, "tool.exec.sed"), (STREAM, "TOOL"), (SEQ, "4"), (CONSUMER, "tool"), (ERROR, "down")] {
+        for (k, v) in [
+            (STATUS, "503"),
+            (DELIVERIES, "2"),
+            (SUBJECT, "tool.exec.sed"),
+            (STREAM, "TOOL"),
+            (SEQ, "4"),
+            (CONSUMER, "tool"),
+            (ERROR, "down"),
+        ] {
             l.headers.insert(k, v);
         }
         l.payload = Bytes::from_static(b"hello");

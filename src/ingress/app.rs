@@ -49,15 +49,21 @@ impl AppClient {
         // Small request/response exchanges: Nagle would add up to 40 ms to each.
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(1024).build(connector);
         Self { client }
     }
 
     /// One call, bounded by `timeout` from sending to the end of the response body.
-    pub async fn call(&self, method: Method, uri: &str, headers: HeaderMap, body: Bytes, timeout: Duration, max_body: usize) -> Result<AppResponse, AppError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<AppResponse, AppError> {
         let uri: Uri = uri.parse().map_err(|_| AppError::BadUri(uri.to_owned()))?;
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;

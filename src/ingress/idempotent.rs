@@ -28,7 +28,7 @@ use super::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::admin::Readiness;
 use crate::codec;
 use crate::config::{Idempotency, IdempotencyStore};
-use crate::idempotency::{extract_key, kv_key, Claim, StoredResponse, Store, Ticket};
+use crate::idempotency::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
 use crate::metrics::Metrics;
 use crate::problem::{problem_body, PROBLEM_JSON};
 
@@ -208,11 +208,23 @@ impl Guard {
         match self.claim(key).await {
             Begin::Run(c) => return Ok(c),
             Begin::Replay(r) => return Err(replay(r)),
-            Begin::Unavailable(why) => return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid)),
+            Begin::Unavailable(why) => {
+                return Err(self.problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "idempotency-unavailable",
+                    format!("the idempotency store cannot be used: {why}"),
+                    rid,
+                ))
+            }
             Begin::InFlight { .. } => {}
         }
         let Some(store) = self.store.borrow().clone() else {
-            return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", "the idempotency store is not bound yet".into(), rid));
+            return Err(self.problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "idempotency-unavailable",
+                "the idempotency store is not bound yet".into(),
+                rid,
+            ));
         };
         let deadline = tokio::time::Instant::now() + wait;
         match store.wait_done(&kv_key(&self.route, key), deadline).await {
@@ -224,14 +236,24 @@ impl Guard {
             Err(e) => {
                 let why = e.to_string();
                 self.store_failed("wait", &why);
-                return Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid));
+                return Err(self.problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "idempotency-unavailable",
+                    format!("the idempotency store cannot be used: {why}"),
+                    rid,
+                ));
             }
         }
         // Released (the other handler failed), expired, or still running: once more.
         match self.claim(key).await {
             Begin::Run(c) => Ok(c),
             Begin::Replay(r) => Err(replay(r)),
-            Begin::Unavailable(why) => Err(self.problem(StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable", format!("the idempotency store cannot be used: {why}"), rid)),
+            Begin::Unavailable(why) => Err(self.problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "idempotency-unavailable",
+                format!("the idempotency store cannot be used: {why}"),
+                rid,
+            )),
             Begin::InFlight { .. } => Err(self.problem(
                 StatusCode::CONFLICT,
                 "idempotency-in-flight",
@@ -372,7 +394,9 @@ mod tests {
 
     #[test]
     fn only_2xx_is_stored() {
-        let ok = |s: u16| Ok(AppResponse { status: StatusCode::from_u16(s).unwrap(), headers: HeaderMap::new(), body: Bytes::from_static(b"b") });
+        let ok = |s: u16| {
+            Ok(AppResponse { status: StatusCode::from_u16(s).unwrap(), headers: HeaderMap::new(), body: Bytes::from_static(b"b") })
+        };
         assert!(success(&ok(201)).is_some_and(|r| r.status == 201 && &r.body[..] == b"b" && !r.truncated));
         for s in [302, 400, 404, 409, 429, 500, 503] {
             assert!(success(&ok(s)).is_none(), "{s}");
@@ -398,7 +422,12 @@ mod tests {
         assert!(r.headers.get(TRUNCATED_HEADER).is_none());
         assert_eq!(&r.body[..], b"{}");
 
-        let r = replay(StoredResponse { status: 200, headers: vec![("content-type".into(), "text/plain".into())], body: Bytes::new(), truncated: true });
+        let r = replay(StoredResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: Bytes::new(),
+            truncated: true,
+        });
         assert!(r.headers.get("content-type").is_none());
         assert_eq!(r.headers[TRUNCATED_HEADER], "true");
     }

@@ -23,9 +23,9 @@ use http::HeaderValue;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::idempotent::{self, Begin};
 use super::policy::{self, Attempt, Outcome, Policy};
 use super::request::wait_in_flight;
-use super::idempotent::{self, Begin};
 use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
 use crate::config::Consumer;
@@ -81,7 +81,12 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
             "the existing consumer differs from the route; run `natsbridge provision` to update it"
         );
     }
-    let shortest_wait = [consumer.ack_wait, info.ack_wait].into_iter().chain(consumer.backoff.iter().copied()).chain(info.backoff.iter().copied()).min().unwrap_or(consumer.ack_wait);
+    let shortest_wait = [consumer.ack_wait, info.ack_wait]
+        .into_iter()
+        .chain(consumer.backoff.iter().copied())
+        .chain(info.backoff.iter().copied())
+        .min()
+        .unwrap_or(consumer.ack_wait);
     let js = Arc::new(Js {
         max_deliver: AtomicI64::new(info.max_deliver),
         // With a backoff list the server's ack wait per delivery follows it; pace progress
@@ -138,7 +143,10 @@ async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, sta
             if let Some(seq) = start {
                 config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: seq };
             }
-            stream.create_consumer(config).await.map_err(|e| format!("cannot create consumer {:?} on stream {:?}: {e}", c.durable, c.stream))
+            stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| format!("cannot create consumer {:?} on stream {:?}: {e}", c.durable, c.stream))
         }
         Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => Err(format!("stream {:?} not found", c.stream)),
         Err(e) => Err(format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream)),
@@ -261,7 +269,9 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<Js>, stream: JsStream<()>, stop: 
                 shared.readiness.pass(&route.check);
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                shared.readiness.fail(route.check.clone(), format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
+                shared
+                    .readiness
+                    .fail(route.check.clone(), format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
                 let start = resume_point(&stream, floor).await;
                 match ensure_consumer(&stream, route, c, start).await {
                     Ok(_) => {
@@ -293,7 +303,13 @@ async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Option<u64> 
     (info.state.last_sequence >= floor).then_some(floor + 1)
 }
 
-async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Message, _permit: OwnedSemaphorePermit, abort: CancellationToken) {
+async fn handle(
+    shared: Arc<Shared>,
+    js: Arc<Js>,
+    msg: async_nats::jetstream::Message,
+    _permit: OwnedSemaphorePermit,
+    abort: CancellationToken,
+) {
     let route = &js.route;
     let m = &route.metrics;
     m.deliveries.inc();
@@ -323,7 +339,9 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
                     // Handled before: the effect happened; just settle this copy.
                     match confirm(&shared, &msg, b"+ACK").await {
                         Ok(()) => m.ack.inc(),
-                        Err(e) => tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed"),
+                        Err(e) => {
+                            tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed")
+                        }
                     }
                     return;
                 }
@@ -354,7 +372,8 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
     uri.push_str(&path);
 
     let started = Instant::now();
-    let call = shared.app.call(route.inbound.method.clone(), &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+    let call =
+        shared.app.call(route.inbound.method.clone(), &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
     tokio::pin!(call);
     // Past half the ack wait, tell the server we are still at it, so it does not
     // redeliver mid-call.
@@ -384,7 +403,12 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
 
     let error_text;
     let (attempt, retry_after, status, error): (Attempt, Option<&str>, Option<u16>, &[u8]) = match &result {
-        Ok(r) => (Attempt::Status(r.status), r.headers.get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some(r.status.as_u16()), &r.body),
+        Ok(r) => (
+            Attempt::Status(r.status),
+            r.headers.get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()),
+            Some(r.status.as_u16()),
+            &r.body,
+        ),
         Err(AppError::TooLarge { status, .. }) => (Attempt::Status(*status), None, Some(status.as_u16()), b""),
         Err(e) => {
             error_text = e.to_string();
@@ -419,7 +443,14 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
             m.nak.inc();
         }
         Outcome::DeadLetter(reason) => {
-            let origin = dlq::Origin { route: &route.inbound.name, consumer: &js.consumer.durable, stream: &stream, subject: msg.subject.as_str(), seq, deliveries: delivered };
+            let origin = dlq::Origin {
+                route: &route.inbound.name,
+                consumer: &js.consumer.durable,
+                stream: &stream,
+                subject: msg.subject.as_str(),
+                seq,
+                deliveries: delivered,
+            };
             let failure = dlq::Failure { reason, status, error: Some(error) };
             if dead_letter(&js, msg.headers.as_ref(), &origin, &failure, msg.payload.clone()).await {
                 if let Err(e) = confirm(&shared, &msg, b"+TERM").await {
@@ -438,7 +469,13 @@ async fn handle(shared: Arc<Shared>, js: Arc<Js>, msg: async_nats::jetstream::Me
 }
 
 /// Publishes a dead letter, waiting for the stream's ack; true once it is stored.
-async fn dead_letter(js: &Js, original: Option<&async_nats::HeaderMap>, origin: &dlq::Origin<'_>, failure: &dlq::Failure<'_>, payload: Bytes) -> bool {
+async fn dead_letter(
+    js: &Js,
+    original: Option<&async_nats::HeaderMap>,
+    origin: &dlq::Origin<'_>,
+    failure: &dlq::Failure<'_>,
+    payload: Bytes,
+) -> bool {
     let headers = dlq::headers(original, origin, failure, SystemTime::now());
     match js.dlq.publish(&js.consumer.dead_letter, headers, payload).await {
         Ok(_) => {
@@ -517,8 +554,19 @@ async fn on_max_deliveries(js: &Js, stream: &JsStream<()>, a: MaxDeliveries, sto
                 return;
             }
         };
-        let origin = dlq::Origin { route: name, consumer: &js.consumer.durable, stream: &js.consumer.stream, subject: stored.subject.as_str(), seq: a.stream_seq, deliveries: a.deliveries };
-        let failure = dlq::Failure { reason: Reason::MaxDeliver, status: None, error: Some(b"deliveries exhausted without an outcome (handler crashed, stuck or stopped)") };
+        let origin = dlq::Origin {
+            route: name,
+            consumer: &js.consumer.durable,
+            stream: &js.consumer.stream,
+            subject: stored.subject.as_str(),
+            seq: a.stream_seq,
+            deliveries: a.deliveries,
+        };
+        let failure = dlq::Failure {
+            reason: Reason::MaxDeliver,
+            status: None,
+            error: Some(b"deliveries exhausted without an outcome (handler crashed, stuck or stopped)"),
+        };
         if dead_letter(js, Some(&stored.headers), &origin, &failure, stored.payload).await {
             return;
         }

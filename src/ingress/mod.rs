@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
 use crate::config::{Config, Inbound, InboundMode};
-use crate::metrics::{IngressRouteMetrics, Metrics};
 pub(crate) use crate::metrics::InFlight;
+use crate::metrics::{IngressRouteMetrics, Metrics};
 
 pub use app::{AppClient, AppError, AppResponse};
 pub use policy::{decide, Attempt, Outcome, Policy};
@@ -154,7 +154,10 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             metrics: shared.metrics.ingress_route(&inbound.name),
             check: readiness_check(&inbound.name),
             drain_timeout: config.sidecar.drain_timeout,
-            idem: inbound.idempotency.clone().map(|spec| idempotent::Guard::new(&inbound.name, spec, &shared.metrics, shared.readiness.clone())),
+            idem: inbound
+                .idempotency
+                .clone()
+                .map(|spec| idempotent::Guard::new(&inbound.name, spec, &shared.metrics, shared.readiness.clone())),
         });
         // Not ready until bound: set before the task runs so /readyz never races it.
         shared.readiness.fail(route.check.clone(), "not bound yet");
@@ -177,7 +180,10 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
 }
 
 /// Runs a route's task and, when it has one, its idempotency store binder, as one task.
-fn spawn_route(run: impl std::future::Future<Output = ()> + Send + 'static, store: Option<impl std::future::Future<Output = ()> + Send + 'static>) -> JoinHandle<()> {
+fn spawn_route(
+    run: impl std::future::Future<Output = ()> + Send + 'static,
+    store: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         match store {
             Some(store) => {
@@ -187,7 +193,6 @@ fn spawn_route(run: impl std::future::Future<Output = ()> + Send + 'static, stor
         }
     })
 }
-
 
 /// Sleeps `d` unless `stop` comes first; true when stopped.
 pub(crate) async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {

@@ -105,7 +105,15 @@ pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
 /// 9110 §5.6.7). The obsolete forms are not worth a dependency.
 pub fn parse_http_date(s: &str) -> Option<SystemTime> {
     let b = s.as_bytes();
-    if b.len() != 29 || &b[3..5] != b", " || &b[25..] != b" GMT" || b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
+    if b.len() != 29
+        || &b[3..5] != b", "
+        || &b[25..] != b" GMT"
+        || b[7] != b' '
+        || b[11] != b' '
+        || b[16] != b' '
+        || b[19] != b':'
+        || b[22] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<u64> {
@@ -204,11 +212,14 @@ mod tests {
     fn http_dates() {
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(now()));
         assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(UNIX_EPOCH));
-        assert_eq!(
-            parse_http_date("Tue, 29 Feb 2028 23:59:59 GMT"),
-            Some(UNIX_EPOCH + Duration::from_secs(1_835_481_599))
-        );
-        for bad in ["", "Sun, 06 Nov 1994 08:49:37 UTC", "Sunday, 06-Nov-94 08:49:37 GMT", "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 6 Nov 1994 08:49:37 GMT "] {
+        assert_eq!(parse_http_date("Tue, 29 Feb 2028 23:59:59 GMT"), Some(UNIX_EPOCH + Duration::from_secs(1_835_481_599)));
+        for bad in [
+            "",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 6 Nov 1994 08:49:37 GMT ",
+        ] {
             assert_eq!(parse_http_date(bad), None, "{bad:?}");
         }
         assert_eq!(parse_retry_after(" 7 ", now()), Some(Duration::from_secs(7)));

@@ -88,7 +88,14 @@ pub(crate) async fn wait_in_flight(permits: &Semaphore, n: usize, deadline: toki
     }
 }
 
-async fn handle(shared: Arc<Shared>, route: Arc<Route>, msg: async_nats::Message, tunnel: bool, _permit: tokio::sync::OwnedSemaphorePermit, abort: CancellationToken) {
+async fn handle(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    msg: async_nats::Message,
+    tunnel: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    abort: CancellationToken,
+) {
     let m = &route.metrics;
     m.deliveries.inc();
     let _in_flight = InFlight::new(&m.in_flight);

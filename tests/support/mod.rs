@@ -191,7 +191,16 @@ pub async fn subscribe_synced(c: &async_nats::Client, subject: &str) -> async_na
 }
 
 pub fn nats_server_bin() -> String {
-    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+    // scripts/test exports NATS_SERVER_BIN; a bare `cargo test` finds the pinned server
+    // that scripts/install-nats-server put in the project's virtualenv.
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/nats-server");
+        if std::path::Path::new(venv).exists() {
+            venv.into()
+        } else {
+            "nats-server".into()
+        }
+    })
 }
 
 fn wait_port(port: u16, timeout: Duration, log: &Path) {
@@ -296,7 +305,13 @@ impl App {
     pub fn serve(listener: TcpListener, script: Script) -> Self {
         use std::sync::atomic::Ordering;
         let addr = listener.local_addr().unwrap();
-        let app = Self { addr, hits: Default::default(), effects: Default::default(), max_in_flight: Default::default(), stop: CancellationToken::new() };
+        let app = Self {
+            addr,
+            hits: Default::default(),
+            effects: Default::default(),
+            max_in_flight: Default::default(),
+            stop: CancellationToken::new(),
+        };
         let (hits, effects, max, stop) = (app.hits.clone(), app.effects.clone(), app.max_in_flight.clone(), app.stop.clone());
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
@@ -305,7 +320,8 @@ impl App {
                     _ = stop.cancelled() => return,
                     r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
-                let (hits, effects, max, stop, inf, script) = (hits.clone(), effects.clone(), max.clone(), stop.clone(), in_flight.clone(), script.clone());
+                let (hits, effects, max, stop, inf, script) =
+                    (hits.clone(), effects.clone(), max.clone(), stop.clone(), in_flight.clone(), script.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (hits, effects, max, inf, script) = (hits.clone(), effects.clone(), max.clone(), inf.clone(), script.clone());
@@ -500,9 +516,9 @@ impl Drop for Sidecar {
 pub async fn nats_ready(admin: SocketAddr) -> bool {
     match get(&format!("http://{admin}/readyz")).await {
         Ok(r) if r.status == 200 => true,
-        Ok(r) if r.status == 503 => serde_json::from_slice::<serde_json::Value>(&r.body)
-            .map(|v| v["failing"].get("nats").is_none())
-            .unwrap_or(false),
+        Ok(r) if r.status == 503 => {
+            serde_json::from_slice::<serde_json::Value>(&r.body).map(|v| v["failing"].get("nats").is_none()).unwrap_or(false)
+        }
         _ => false,
     }
 }
@@ -551,7 +567,8 @@ impl SidecarProcess {
 
     pub async fn wait_nats(&self) {
         let admin = self.admin;
-        eventually("sidecar process connected to NATS", Duration::from_secs(20), || async move { nats_ready(admin).await.then_some(()) }).await
+        eventually("sidecar process connected to NATS", Duration::from_secs(20), || async move { nats_ready(admin).await.then_some(()) })
+            .await
     }
 
     pub fn signal(&self, sig: &str) {
