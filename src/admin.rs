@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -13,34 +13,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::connection::is_connected;
+use crate::health::Readiness;
 use crate::metrics::Metrics;
-
-/// Named readiness conditions that other components set; ready when none is failing.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    failing: Mutex<BTreeMap<String, String>>,
-}
-
-impl Readiness {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Marks `check` as not ready, saying why (shown by `/readyz`).
-    pub fn fail(&self, check: impl Into<String>, why: impl Into<String>) {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).insert(check.into(), why.into());
-    }
-
-    pub fn pass(&self, check: &str) {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).remove(check);
-    }
-
-    /// The failing checks and their reasons.
-    pub fn failing(&self) -> BTreeMap<String, String> {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
+use crate::nats::connection::is_connected;
 
 /// What the admin endpoints look at.
 #[derive(Clone)]
@@ -56,10 +31,10 @@ impl Admin {
         let mut failing = self.readiness.failing();
         if !is_connected(&self.nats) {
             // Keep the connection's own, more specific reason when it gave one.
-            failing.entry(crate::connection::READINESS_CHECK.into()).or_insert_with(|| "not connected to NATS".into());
+            failing.entry(crate::nats::connection::READINESS_CHECK.into()).or_insert_with(|| "not connected to NATS".into());
         } else {
             // A stale failure reason must not outlive the connection coming back.
-            failing.remove(crate::connection::READINESS_CHECK);
+            failing.remove(crate::nats::connection::READINESS_CHECK);
         }
         if failing.is_empty() {
             Ok(())

@@ -1,5 +1,6 @@
 //! The `natsbridge` binary: parses the command line, sets up logging, binds listeners,
 //! installs signal handlers, and hands everything to the library.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,7 +46,7 @@ enum Command {
     /// Inspect, replay and purge dead letters, while sidecars run.
     Dlq {
         #[command(subcommand)]
-        command: natsbridge::dlq::tool::Command,
+        command: natsbridge::dlq::cli::Command,
     },
 }
 
@@ -142,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dlq { command } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let code = rt.block_on(natsbridge::dlq::tool::main(command, &|k| std::env::var(k).ok()));
+            let code = rt.block_on(natsbridge::dlq::cli::main(command, &|k| std::env::var(k).ok()));
             std::process::exit(code)
         }
         Command::Provision(args) => {
@@ -225,7 +226,7 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     }
     let env = |k: &str| std::env::var(k).ok();
     let wait = config.nats.connect_timeout.max(std::time::Duration::from_secs(1));
-    let client = match natsbridge::connection::connect_now(&config.nats, &config.sidecar.service, &env, wait).await {
+    let client = match natsbridge::nats::connection::connect_now(&config.nats, &config.sidecar.service, &env, wait).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError, Overrides};
+use crate::egress::routes::Routing;
 use crate::egress::Table;
 use crate::metrics::Metrics;
-use crate::routes::Routing;
 
 pub struct Reloader {
     pub path: PathBuf,

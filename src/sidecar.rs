@@ -9,15 +9,16 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Admin, Readiness};
+use crate::admin::{self, Admin};
 use crate::config::{Config, Overrides};
-use crate::connection;
+use crate::egress::routes::Routing;
 use crate::egress::{self, Egress, Table};
+use crate::health::Readiness;
 use crate::ingress;
 use crate::metrics::Metrics;
+use crate::nats::connection;
 use crate::provision;
 use crate::reload::Reloader;
-use crate::routes::Routing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {

@@ -23,7 +23,7 @@ use http::HeaderValue;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::idempotent::{self, Begin};
+use super::idempotency::guard::{self, Begin};
 use super::policy::{self, Attempt, Outcome, Policy};
 use super::request::wait_in_flight;
 use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
@@ -363,7 +363,7 @@ async fn handle(
                     return;
                 }
             }
-            idempotent::set_key_header(&mut headers, &key);
+            guard::set_key_header(&mut headers, &key);
         }
     }
     let path = route.inbound.path.render(msg.subject.as_str());
@@ -424,7 +424,7 @@ async fn handle(
         // retry (or a replay from the dead-letter stream) can claim it. A store error after a
         // success is logged and the message acked all the same: the effect happened, and a
         // redelivery would run it again; the claim goes stale after claim_ttl.
-        let success = if outcome == Outcome::Ack { idempotent::success(&result) } else { None };
+        let success = if outcome == Outcome::Ack { guard::success(&result) } else { None };
         if let Err(e) = g.finish(c, success).await {
             tracing::warn!(route = %route.inbound.name, seq, error = %e, ?outcome, "idempotency store not updated");
         }

@@ -13,7 +13,7 @@
 //! routing file is reloaded.
 
 pub mod app;
-pub mod idempotent;
+pub mod idempotency;
 pub mod jetstream;
 pub mod policy;
 pub mod request;
@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Readiness;
 use crate::config::{Config, Inbound, InboundMode};
+use crate::health::Readiness;
 pub(crate) use crate::metrics::InFlight;
 use crate::metrics::{IngressRouteMetrics, Metrics};
 
@@ -63,7 +63,7 @@ pub(crate) struct Route {
     /// How long a stopping route waits for its in-flight handlers before naking them.
     pub drain_timeout: Duration,
     /// The route's idempotency, when it sets `idempotency`.
-    pub idem: Option<Arc<idempotent::Guard>>,
+    pub idem: Option<Arc<idempotency::guard::Guard>>,
 }
 
 /// The readiness check a route holds until its subscription or consumer is bound.
@@ -157,7 +157,7 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             idem: inbound
                 .idempotency
                 .clone()
-                .map(|spec| idempotent::Guard::new(&inbound.name, spec, &shared.metrics, shared.readiness.clone())),
+                .map(|spec| idempotency::guard::Guard::new(&inbound.name, spec, &shared.metrics, shared.readiness.clone())),
         });
         // Not ready until bound: set before the task runs so /readyz never races it.
         shared.readiness.fail(route.check.clone(), "not bound yet");
@@ -175,7 +175,7 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
         running.insert(inbound.name.clone(), Running { fingerprint: fp.clone(), stop, task });
     }
     if !config.inbound.iter().any(|i| i.idempotency.is_some()) {
-        shared.readiness.pass(idempotent::READINESS_CHECK);
+        shared.readiness.pass(idempotency::guard::READINESS_CHECK);
     }
 }
 

@@ -14,7 +14,8 @@ use http::{HeaderMap, StatusCode};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{idempotent, retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
+use super::idempotency::guard;
+use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
 use crate::problem::BridgeError;
 
@@ -115,7 +116,7 @@ async fn handle(
             let call = match prepare(&route, &msg, tunnel) {
                 Ok((method, uri, mut headers)) => {
                     if let Some(k) = &key {
-                        idempotent::set_key_header(&mut headers, k);
+                        guard::set_key_header(&mut headers, k);
                     }
                     let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
                     tokio::select! {
@@ -128,7 +129,7 @@ async fn handle(
             if let (Some(g), Some(c)) = (idem, claimed) {
                 // Only a 2xx marks the key done; a store error after it is logged (the
                 // reply still carries the app's answer).
-                let _ = g.finish(c, call.as_ref().ok().and_then(idempotent::success)).await;
+                let _ = g.finish(c, call.as_ref().ok().and_then(guard::success)).await;
             }
             call.and_then(|r| r.map_err(|e| app_error(&e)))
         }

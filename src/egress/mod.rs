@@ -2,6 +2,8 @@
 //! or absolute (proxy) form, finds the route and carries the call over NATS by the route's
 //! mode — request, publish, jetstream, tunnel — or proxies it as plain HTTP.
 
+pub mod routes;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -20,10 +22,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::codec;
 use crate::config::{Outbound, OutboundTarget};
-use crate::connection::is_connected;
+use crate::egress::routes::{Miss, Routing};
 use crate::metrics::{EgressRouteMetrics, InFlight, Metrics};
+use crate::nats::connection::is_connected;
 use crate::problem::BridgeError;
-use crate::routes::{Miss, Routing};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body the sidecar produces: buffered, or streamed from an upstream.

@@ -29,7 +29,7 @@ use futures::StreamExt;
 
 use super::{Reason, CONSUMER, DELIVERIES, ERROR, HEADERS, REASON, ROUTE, SEQ, STATUS, STREAM, SUBJECT, TIME};
 use crate::config::{self, Config, Overrides};
-use crate::connection::EnvLookup;
+use crate::nats::connection::EnvLookup;
 
 /// Added to a replayed message: the dead letter it came from, `<DLQ stream>/<seq>`.
 pub const REPLAY_OF: &str = "Bridge-Replay-Of";
@@ -718,7 +718,7 @@ async fn connect(conn: &Connection, filter: &FilterArgs, env: EnvLookup<'_>) -> 
         }
     }
     let wait = config.nats.connect_timeout.max(Duration::from_secs(1));
-    let client = crate::connection::connect_now(&config.nats, &config.sidecar.service, env, wait).await?;
+    let client = crate::nats::connection::connect_now(&config.nats, &config.sidecar.service, env, wait).await?;
     // The connection has no request timeout of its own: bound every JetStream call.
     let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
     let name = config.dead_letter.stream.clone();

@@ -26,10 +26,10 @@ use async_nats::jetstream::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Readiness;
 use crate::config::{
     Config, Consumer, DeadLetterStream, IdempotencyStore, Inbound, InboundMode, OutboundTarget, Retention, Storage, StreamSpec,
 };
+use crate::health::Readiness;
 
 /// The bucket's max_age when no route sets an idempotency ttl (the documented default ttl).
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -973,7 +973,7 @@ async fn supervise(
     let mut provisioned: Option<Arc<Config>> = None;
     let mut last_error: Option<String> = None;
     loop {
-        while !crate::connection::is_connected(&nats) {
+        while !crate::nats::connection::is_connected(&nats) {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}

@@ -24,11 +24,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::{retry_delay, sleep_or_stop, AppError, AppResponse};
-use crate::admin::Readiness;
 use crate::codec;
 use crate::config::{Idempotency, IdempotencyStore};
-use crate::idempotency::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
+use crate::health::Readiness;
+use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
+use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
 use crate::problem::{problem_body, PROBLEM_JSON};
 

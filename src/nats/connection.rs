@@ -9,8 +9,8 @@ use async_nats::{ConnectOptions, Event};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::admin::Readiness;
 use crate::config::{Nats, NatsAuth, Secret};
+use crate::health::Readiness;
 use crate::metrics::Metrics;
 
 /// Why the connection could not even be attempted. Messages name where a secret lives,

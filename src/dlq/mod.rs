@@ -12,7 +12,7 @@ use prometheus::IntCounter;
 use crate::metrics::Metrics;
 
 /// `natsbridge dlq list|show|replay|purge`: inspecting, replaying and purging dead letters.
-pub mod tool;
+pub mod cli;
 
 /// Why the message was given up on: [`Reason`].
 pub const REASON: &str = "Bridge-Dlq-Reason";
