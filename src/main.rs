@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Metrics => {
-            for name in natsbridge::metrics::NAMES {
+            for name in natsbridge::metrics::Metrics::new().names() {
                 println!("{name}");
             }
             Ok(())

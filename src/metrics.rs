@@ -1,30 +1,11 @@
 //! Prometheus metrics: every family the sidecar exports (all prefixed `natsbridge_`, with
 //! units in the name), and pre-resolved per-route handles so the hot path takes no locks.
 
+use std::cell::RefCell;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-/// Every metric family name the binary exports (histograms without their suffixes).
-pub const NAMES: &[&str] = &[
-    "natsbridge_egress_requests_total",
-    "natsbridge_egress_request_duration_seconds",
-    "natsbridge_egress_requests_in_flight",
-    "natsbridge_nats_connected",
-    "natsbridge_nats_reconnects_total",
-    "natsbridge_config_reloads_total",
-    "natsbridge_config_reload_failures_total",
-    "natsbridge_jetstream_publishes_in_flight",
-    "natsbridge_ingress_deliveries_total",
-    "natsbridge_ingress_outcomes_total",
-    "natsbridge_ingress_handler_duration_seconds",
-    "natsbridge_ingress_in_flight",
-    "natsbridge_ingress_consumer_pending",
-    "natsbridge_ingress_advisories_total",
-    "natsbridge_nats_slow_consumers_total",
-    "natsbridge_idempotency_total",
-    "natsbridge_dlq_published_total",
-];
 
 /// Latency buckets from 100µs to 60s: sidecar overhead is sub-millisecond, app calls are not.
 const BUCKETS: &[f64] =
@@ -33,6 +14,9 @@ const BUCKETS: &[f64] =
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Every family name registered, in registration order (for `natsbridge metrics` and the
+    /// dashboard check): the registry itself only lists families that have a series.
+    names: Vec<String>,
     pub egress_requests: IntCounterVec,
     pub egress_duration: HistogramVec,
     pub egress_in_flight: IntGauge,
@@ -64,7 +48,9 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+/// Registers `c` and records its family names.
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, names: &RefCell<Vec<String>>, c: C) -> C {
+    names.borrow_mut().extend(c.desc().iter().map(|d| d.fq_name.clone()));
     r.register(Box::new(c.clone())).expect("metric names are unique");
     c
 }
@@ -72,38 +58,70 @@ fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
-        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
-        let counter_vec =
-            |name: &str, help: &str, labels: &[&str]| reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
-        let gauge_vec =
-            |name: &str, help: &str, labels: &[&str]| reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let names = RefCell::new(Vec::new());
+        let counter = |name: &str, help: &str| reg(&r, &names, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| reg(&r, &names, IntGauge::new(name, help).expect("valid metric"));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, &names, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, &names, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels).expect("valid metric"))
+            reg(&r, &names, HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels).expect("valid metric"))
         };
         Self {
-            egress_requests: counter_vec(NAMES[0], "Egress requests by route, mode and status class.", &["route", "mode", "status_class"]),
-            egress_duration: histogram_vec(NAMES[1], "Egress request latency in seconds, by route.", &["route"]),
-            egress_in_flight: gauge(NAMES[2], "Egress requests being handled."),
-            nats_connected: gauge(NAMES[3], "1 while connected to NATS, else 0."),
-            nats_reconnects: counter(NAMES[4], "NATS reconnections since start."),
-            config_reloads: counter(NAMES[5], "Routing files loaded by hot reload."),
-            config_reload_failures: counter(NAMES[6], "Routing files rejected by hot reload."),
-            jetstream_in_flight: gauge(NAMES[7], "JetStream publishes waiting for their ack."),
-            ingress_deliveries: counter_vec(NAMES[8], "Messages received by inbound routes.", &["route"]),
-            ingress_outcomes: counter_vec(NAMES[9], "Inbound message outcomes: ack, nak, term, dlq, reply.", &["route", "outcome"]),
-            ingress_duration: histogram_vec(NAMES[10], "App handler latency in seconds, by inbound route.", &["route"]),
-            ingress_in_flight: gauge_vec(NAMES[11], "Inbound messages being handled.", &["route"]),
-            ingress_pending: gauge_vec(NAMES[12], "Messages pending on the route's consumer (lag).", &["route"]),
-            ingress_advisories: counter_vec(NAMES[13], "JetStream advisories seen, by kind.", &["route", "kind"]),
-            slow_consumers: counter(NAMES[14], "Slow-consumer events reported by the NATS client."),
+            egress_requests: counter_vec(
+                "natsbridge_egress_requests_total",
+                "Egress requests by route, mode and status class.",
+                &["route", "mode", "status_class"],
+            ),
+            egress_duration: histogram_vec(
+                "natsbridge_egress_request_duration_seconds",
+                "Egress request latency in seconds, by route.",
+                &["route"],
+            ),
+            egress_in_flight: gauge("natsbridge_egress_requests_in_flight", "Egress requests being handled."),
+            nats_connected: gauge("natsbridge_nats_connected", "1 while connected to NATS, else 0."),
+            nats_reconnects: counter("natsbridge_nats_reconnects_total", "NATS reconnections since start."),
+            config_reloads: counter("natsbridge_config_reloads_total", "Routing files loaded by hot reload."),
+            config_reload_failures: counter("natsbridge_config_reload_failures_total", "Routing files rejected by hot reload."),
+            jetstream_in_flight: gauge("natsbridge_jetstream_publishes_in_flight", "JetStream publishes waiting for their ack."),
+            ingress_deliveries: counter_vec("natsbridge_ingress_deliveries_total", "Messages received by inbound routes.", &["route"]),
+            ingress_outcomes: counter_vec(
+                "natsbridge_ingress_outcomes_total",
+                "Inbound message outcomes: ack, nak, term, dlq, reply.",
+                &["route", "outcome"],
+            ),
+            ingress_duration: histogram_vec(
+                "natsbridge_ingress_handler_duration_seconds",
+                "App handler latency in seconds, by inbound route.",
+                &["route"],
+            ),
+            ingress_in_flight: gauge_vec("natsbridge_ingress_in_flight", "Inbound messages being handled.", &["route"]),
+            ingress_pending: gauge_vec(
+                "natsbridge_ingress_consumer_pending",
+                "Messages pending on the route's consumer (lag).",
+                &["route"],
+            ),
+            ingress_advisories: counter_vec(
+                "natsbridge_ingress_advisories_total",
+                "JetStream advisories seen, by kind.",
+                &["route", "kind"],
+            ),
+            slow_consumers: counter("natsbridge_nats_slow_consumers_total", "Slow-consumer events reported by the NATS client."),
             idempotency: counter_vec(
-                NAMES[15],
+                "natsbridge_idempotency_total",
                 "Idempotency store results: hit, claim, conflict, release, missing_key, stored, error.",
                 &["route", "result"],
             ),
-            dlq_published: counter_vec(NAMES[16], "Dead letters published, by route and reason.", &["route", "reason"]),
+            dlq_published: counter_vec(
+                "natsbridge_dlq_published_total",
+                "Dead letters published, by route and reason.",
+                &["route", "reason"],
+            ),
             registry: r,
+            names: names.into_inner(),
         }
     }
 
@@ -115,30 +133,8 @@ impl Metrics {
     }
 
     /// The family names registered, whether or not any series exists yet.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for m in [
-            &self.egress_requests as &dyn prometheus::core::Collector,
-            &self.egress_duration,
-            &self.egress_in_flight,
-            &self.nats_connected,
-            &self.nats_reconnects,
-            &self.config_reloads,
-            &self.config_reload_failures,
-            &self.jetstream_in_flight,
-            &self.ingress_deliveries,
-            &self.ingress_outcomes,
-            &self.ingress_duration,
-            &self.ingress_in_flight,
-            &self.ingress_pending,
-            &self.ingress_advisories,
-            &self.slow_consumers,
-            &self.idempotency,
-            &self.dlq_published,
-        ] {
-            names.extend(m.desc().iter().map(|d| d.fq_name.clone()));
-        }
-        names
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Handles for one egress route, resolved once per config load.
@@ -217,12 +213,14 @@ mod tests {
     #[test]
     fn every_name_is_registered_and_prefixed() {
         let m = Metrics::new();
-        let mut names = m.names();
-        names.sort();
-        let mut want: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
-        want.sort();
-        assert_eq!(names, want);
-        assert!(NAMES.iter().all(|n| n.starts_with("natsbridge_")));
+        let names = m.names();
+        assert!(names.len() >= 17, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("natsbridge_")), "{names:?}");
+        let text = String::from_utf8(m.encode()).unwrap();
+        // Families without labels are exported from the start, under the names listed.
+        for n in ["natsbridge_nats_connected", "natsbridge_egress_requests_in_flight", "natsbridge_nats_reconnects_total"] {
+            assert!(names.iter().any(|x| x == n) && text.contains(&format!("# TYPE {n} ")), "{n}");
+        }
     }
 
     #[test]
