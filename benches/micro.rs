@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the pure hot-path pieces: route lookup (10, 1,000 and 10,000 routes),
 //! subject rendering, header mapping in both directions, reply → response, and the
-//! JetStream ack/nak decision (`ingress::policy::decide`).
+//! JetStream ack/nak decision (`ingress::policy::outcome_for`).
 //!
 //! `cargo bench --bench micro` (about a minute), or `cargo bench --bench micro -- --quick`.
 
@@ -155,24 +155,30 @@ fn reply_to_response(c: &mut Criterion) {
 }
 
 fn ack_decision(c: &mut Criterion) {
-    use natsbridge::ingress::policy::{decide, Attempt, Policy};
+    use natsbridge::ingress::policy::{outcome_for, Attempt, Policy};
     let mut g = c.benchmark_group("ack_decision");
     let backoff = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
     let policy = Policy { max_deliver: 5, backoff: &backoff };
     let now = std::time::SystemTime::now();
     g.bench_function("ack_2xx", |b| {
-        b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::OK)), None, black_box(1), &policy, now)))
+        b.iter(|| black_box(outcome_for(black_box(Attempt::Status(StatusCode::OK)), None, black_box(1), &policy, now)))
     });
     g.bench_function("nak_backoff_5xx", |b| {
-        b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::SERVICE_UNAVAILABLE)), None, black_box(2), &policy, now)))
+        b.iter(|| black_box(outcome_for(black_box(Attempt::Status(StatusCode::SERVICE_UNAVAILABLE)), None, black_box(2), &policy, now)))
     });
     g.bench_function("nak_retry_after", |b| {
         b.iter(|| {
-            black_box(decide(black_box(Attempt::Status(StatusCode::TOO_MANY_REQUESTS)), black_box(Some("7")), black_box(2), &policy, now))
+            black_box(outcome_for(
+                black_box(Attempt::Status(StatusCode::TOO_MANY_REQUESTS)),
+                black_box(Some("7")),
+                black_box(2),
+                &policy,
+                now,
+            ))
         })
     });
     g.bench_function("dead_letter_poison", |b| {
-        b.iter(|| black_box(decide(black_box(Attempt::Status(StatusCode::UNPROCESSABLE_ENTITY)), None, black_box(1), &policy, now)))
+        b.iter(|| black_box(outcome_for(black_box(Attempt::Status(StatusCode::UNPROCESSABLE_ENTITY)), None, black_box(1), &policy, now)))
     });
     g.finish();
 }

@@ -74,7 +74,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
 
     let ingress_stop = CancellationToken::new();
     let ingress_task = tokio::spawn(ingress::run(
-        ingress::Context { config: config_rx, nats: nats.clone(), metrics: metrics.clone(), readiness: readiness.clone() },
+        ingress::Parts { config: config_rx, nats: nats.clone(), metrics: metrics.clone(), readiness: readiness.clone() },
         ingress_stop.clone(),
     ));
 

@@ -1,5 +1,5 @@
 //! `mode = "jetstream"`: a durable pull consumer whose messages become HTTP calls, each
-//! ending in an ack, a delayed nak or a dead letter as [`decide`](super::decide) says.
+//! ending in an ack, a delayed nak or a dead letter as [`outcome_for`](super::outcome_for) says.
 //!
 //! Three tasks per route:
 //! - the pull loop asks for exactly as many messages as it has free handler permits, so
@@ -46,7 +46,7 @@ const CLAIM_STALE_MARGIN: Duration = Duration::from_millis(250);
 const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec::BRIDGE_SEQ, codec::BRIDGE_IDEMPOTENCY_KEY];
 
 /// The route's state shared by its tasks and handlers.
-struct Js {
+struct ConsumerRoute {
     route: Arc<Route>,
     consumer: Consumer,
     /// The bound consumer's `max_deliver` (the server's, which decides the last delivery).
@@ -87,7 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         .chain(info.backoff.iter().copied())
         .min()
         .unwrap_or(consumer.ack_wait);
-    let js = Arc::new(Js {
+    let js = Arc::new(ConsumerRoute {
         max_deliver: AtomicI64::new(info.max_deliver),
         // With a backoff list the server's ack wait per delivery follows it; pace progress
         // acks by the shortest wait there is, twice per wait.
@@ -155,7 +155,7 @@ async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, sta
 
 /// The pull loop: one pull request at a time for as many messages as there are free
 /// permits, each message handed to its own handler task.
-async fn pull(shared: &Arc<Shared>, js: &Arc<Js>, consumer: PullConsumer, stop: &CancellationToken) {
+async fn pull(shared: &Arc<Shared>, js: &Arc<ConsumerRoute>, consumer: PullConsumer, stop: &CancellationToken) {
     let route = &js.route;
     // Never pull without protection: each delivery naked for an unbound store would spend
     // one of the message's deliveries. (Readiness names the store meanwhile.)
@@ -237,7 +237,7 @@ async fn pull(shared: &Arc<Shared>, js: &Arc<Js>, consumer: PullConsumer, stop: 
     wait_in_flight(&permits, n, deadline, &abort).await;
 }
 
-fn pull_failed(js: &Js, error: &str, errors: u32) {
+fn pull_failed(js: &ConsumerRoute, error: &str, errors: u32) {
     // The first failure of a run is news; the retries of the same outage are not.
     if errors == 0 {
         tracing::warn!(route = %js.route.inbound.name, durable = %js.consumer.durable, error, "pull failed; checking the consumer");
@@ -250,7 +250,7 @@ fn pull_failed(js: &Js, error: &str, errors: u32) {
 /// Reads the consumer's info every [`WATCHDOG_EVERY`] (or when the pull loop asks):
 /// updates the lag gauge and readiness, and recreates a vanished consumer from where
 /// its acks had got to, so the app does not see the whole stream again.
-async fn watchdog(shared: Arc<Shared>, js: Arc<Js>, stream: JsStream<()>, stop: CancellationToken) {
+async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, stop: CancellationToken) {
     let route = &js.route;
     let c = &js.consumer;
     // (stream first seq seen, ack floor) of the last healthy look.
@@ -305,7 +305,7 @@ async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Option<u64> 
 
 async fn handle(
     shared: Arc<Shared>,
-    js: Arc<Js>,
+    js: Arc<ConsumerRoute>,
     msg: async_nats::jetstream::Message,
     _permit: OwnedSemaphorePermit,
     abort: CancellationToken,
@@ -417,7 +417,7 @@ async fn handle(
         }
     };
     let policy = Policy { max_deliver: js.max_deliver.load(Ordering::Relaxed), backoff: &js.consumer.backoff };
-    let outcome = policy::decide(attempt, retry_after, delivered, &policy, SystemTime::now());
+    let outcome = policy::outcome_for(attempt, retry_after, delivered, &policy, SystemTime::now());
     if let (Some(g), Some(c)) = (idem, claimed) {
         // Done only after the app's success, and before the ack, so a copy of the message
         // never runs the effect again. Any other outcome gives the key back first, so the
@@ -470,7 +470,7 @@ async fn handle(
 
 /// Publishes a dead letter, waiting for the stream's ack; true once it is stored.
 async fn dead_letter(
-    js: &Js,
+    js: &ConsumerRoute,
     original: Option<&async_nats::HeaderMap>,
     origin: &dlq::Origin<'_>,
     failure: &dlq::Failure<'_>,
@@ -507,7 +507,7 @@ struct MaxDeliveries {
 
 /// Dead-letters messages that ran out of deliveries without an outcome from us. One
 /// replica per durable takes each advisory (a queue group named after the durable).
-async fn advisories(shared: Arc<Shared>, js: Arc<Js>, stream: JsStream<()>, stop: CancellationToken) {
+async fn advisories(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, stop: CancellationToken) {
     let c = &js.consumer;
     let name = js.route.inbound.name.as_str();
     let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}", c.stream, c.durable);
@@ -542,7 +542,7 @@ async fn advisories(shared: Arc<Shared>, js: Arc<Js>, stream: JsStream<()>, stop
     }
 }
 
-async fn on_max_deliveries(js: &Js, stream: &JsStream<()>, a: MaxDeliveries, stop: &CancellationToken) {
+async fn on_max_deliveries(js: &ConsumerRoute, stream: &JsStream<()>, a: MaxDeliveries, stop: &CancellationToken) {
     let name = js.route.inbound.name.as_str();
     let mut attempt = 0;
     loop {

@@ -3,11 +3,11 @@
 //! - [`request`]: `mode = "request"` and `mode = "tunnel"`, core-NATS queue subscriptions
 //!   whose replies carry the app's response.
 //! - [`jetstream`]: `mode = "jetstream"`, durable pull consumers whose acks, delayed naks
-//!   and dead letters follow [`decide`]; a watchdog rebinds vanished consumers and an
+//!   and dead letters follow [`outcome_for`]; a watchdog rebinds vanished consumers and an
 //!   advisory listener dead-letters messages that ran out of deliveries without us.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
-//! - [`idempotent`]: the idempotency protocol of routes that set `idempotency`.
+//! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
 //!
 //! [`run`] supervises one task per inbound route and restarts, stops or starts them as the
 //! routing file is reloaded.
@@ -32,10 +32,10 @@ pub(crate) use crate::metrics::InFlight;
 use crate::metrics::{IngressRouteMetrics, Metrics};
 
 pub use app::{AppClient, AppError, AppResponse};
-pub use policy::{decide, Attempt, Outcome, Policy};
+pub use policy::{outcome_for, Attempt, Outcome, Policy};
 
 /// What ingress needs from the sidecar.
-pub struct Context {
+pub struct Parts {
     /// The config in force; a new value is sent on every accepted reload.
     pub config: watch::Receiver<Arc<Config>>,
     pub nats: async_nats::Client,
@@ -78,7 +78,7 @@ struct Running {
 }
 
 /// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
-pub async fn run(mut cx: Context, shutdown: CancellationToken) {
+pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     let shared = Arc::new(Shared {
         js: async_nats::jetstream::new(cx.nats.clone()),
         nats: cx.nats.clone(),

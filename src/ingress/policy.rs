@@ -56,7 +56,7 @@ pub const MAX_DEFAULT_BACKOFF: Duration = Duration::from_secs(60);
 ///
 /// `delivered` is the message's delivery count (1 on the first delivery); `retry_after`
 /// the raw header value; `now` dates HTTP-date Retry-After values.
-pub fn decide(attempt: Attempt, retry_after: Option<&str>, delivered: u64, policy: &Policy<'_>, now: SystemTime) -> Outcome {
+pub fn outcome_for(attempt: Attempt, retry_after: Option<&str>, delivered: u64, policy: &Policy<'_>, now: SystemTime) -> Outcome {
     let last = policy.max_deliver > 0 && delivered >= policy.max_deliver as u64;
     let reason = match attempt {
         Attempt::Status(s) if s.is_success() => return Outcome::Ack,
@@ -160,40 +160,40 @@ mod tests {
     fn every_row_of_the_policy() {
         let list = [ms(300), ms(600)];
         let p = Policy { max_deliver: 3, backoff: &list };
-        assert_eq!(decide(S(200), None, 1, &p, now()), Outcome::Ack);
-        assert_eq!(decide(S(204), None, 3, &p, now()), Outcome::Ack);
+        assert_eq!(outcome_for(S(200), None, 1, &p, now()), Outcome::Ack);
+        assert_eq!(outcome_for(S(204), None, 3, &p, now()), Outcome::Ack);
         for c in [408, 429, 500, 502, 503, 504] {
-            assert_eq!(decide(S(c), None, 1, &p, now()), Outcome::Nak(ms(300)), "{c}");
-            assert_eq!(decide(S(c), None, 2, &p, now()), Outcome::Nak(ms(600)), "{c}");
-            assert_eq!(decide(S(c), None, 3, &p, now()), Outcome::DeadLetter(Reason::Status), "{c}");
+            assert_eq!(outcome_for(S(c), None, 1, &p, now()), Outcome::Nak(ms(300)), "{c}");
+            assert_eq!(outcome_for(S(c), None, 2, &p, now()), Outcome::Nak(ms(600)), "{c}");
+            assert_eq!(outcome_for(S(c), None, 3, &p, now()), Outcome::DeadLetter(Reason::Status), "{c}");
         }
         for a in [Attempt::Unreachable, Attempt::Timeout] {
-            assert_eq!(decide(a, None, 1, &p, now()), Outcome::Nak(ms(300)));
-            assert_eq!(decide(a, Some("5"), 2, &p, now()), Outcome::Nak(ms(600)), "Retry-After needs a response");
-            assert_eq!(decide(a, None, 3, &p, now()), Outcome::DeadLetter(Reason::AppUnreachable));
+            assert_eq!(outcome_for(a, None, 1, &p, now()), Outcome::Nak(ms(300)));
+            assert_eq!(outcome_for(a, Some("5"), 2, &p, now()), Outcome::Nak(ms(600)), "Retry-After needs a response");
+            assert_eq!(outcome_for(a, None, 3, &p, now()), Outcome::DeadLetter(Reason::AppUnreachable));
         }
         for c in [400, 401, 403, 404, 409, 410, 413, 422, 302, 101] {
-            assert_eq!(decide(S(c), None, 1, &p, now()), Outcome::DeadLetter(Reason::Poison), "{c}");
+            assert_eq!(outcome_for(S(c), None, 1, &p, now()), Outcome::DeadLetter(Reason::Poison), "{c}");
         }
     }
 
     #[test]
     fn retry_after_wins_over_backoff() {
         let p = Policy { max_deliver: 5, backoff: &[ms(300)] };
-        assert_eq!(decide(S(429), Some("2"), 1, &p, now()), Outcome::Nak(Duration::from_secs(2)));
-        assert_eq!(decide(S(503), Some("Sun, 06 Nov 1994 08:49:40 GMT"), 1, &p, now()), Outcome::Nak(Duration::from_secs(3)));
-        assert_eq!(decide(S(503), Some("Sun, 06 Nov 1994 08:49:00 GMT"), 1, &p, now()), Outcome::Nak(Duration::ZERO));
-        assert_eq!(decide(S(503), Some("soon"), 1, &p, now()), Outcome::Nak(ms(300)));
-        assert_eq!(decide(S(503), Some("999999999"), 1, &p, now()), Outcome::Nak(MAX_RETRY_AFTER));
+        assert_eq!(outcome_for(S(429), Some("2"), 1, &p, now()), Outcome::Nak(Duration::from_secs(2)));
+        assert_eq!(outcome_for(S(503), Some("Sun, 06 Nov 1994 08:49:40 GMT"), 1, &p, now()), Outcome::Nak(Duration::from_secs(3)));
+        assert_eq!(outcome_for(S(503), Some("Sun, 06 Nov 1994 08:49:00 GMT"), 1, &p, now()), Outcome::Nak(Duration::ZERO));
+        assert_eq!(outcome_for(S(503), Some("soon"), 1, &p, now()), Outcome::Nak(ms(300)));
+        assert_eq!(outcome_for(S(503), Some("999999999"), 1, &p, now()), Outcome::Nak(MAX_RETRY_AFTER));
         // …but not over the last delivery.
-        assert_eq!(decide(S(503), Some("1"), 5, &p, now()), Outcome::DeadLetter(Reason::Status));
+        assert_eq!(outcome_for(S(503), Some("1"), 5, &p, now()), Outcome::DeadLetter(Reason::Status));
     }
 
     #[test]
     fn unlimited_deliveries_never_dead_letter_retryable_failures() {
         let p = Policy { max_deliver: -1, backoff: &[] };
-        assert_eq!(decide(S(500), None, 1000, &p, now()), Outcome::Nak(MAX_DEFAULT_BACKOFF));
-        assert_eq!(decide(S(400), None, 1, &p, now()), Outcome::DeadLetter(Reason::Poison));
+        assert_eq!(outcome_for(S(500), None, 1000, &p, now()), Outcome::Nak(MAX_DEFAULT_BACKOFF));
+        assert_eq!(outcome_for(S(400), None, 1, &p, now()), Outcome::DeadLetter(Reason::Poison));
     }
 
     #[test]
