@@ -23,6 +23,7 @@ pub mod settings;
 pub mod tls;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,42 +79,7 @@ pub async fn serve(
                 Err(e) => return Err(InjectError::Accept(e)),
             },
         };
-        let acceptor = acceptor.clone();
-        let settings = settings.clone();
-        let mut stop_rx = stop_rx.clone();
-        conns.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "inject: TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "inject: TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |req| {
-                let settings = settings.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &settings).await) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(%peer, error = %e, "inject: connection ended with an error");
-                    }
-                }
-                // The watch guard is not Send, so drop it inside the branch future.
-                () = async { let _ = stop_rx.wait_for(|stop| *stop).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
+        conns.spawn(serve_connection(acceptor.clone(), tcp, peer, settings.clone(), stop_rx.clone()));
     }
 
     drop(listener);
@@ -124,6 +90,48 @@ pub async fn serve(
         conns.abort_all();
     }
     Ok(())
+}
+
+/// One API server connection: the TLS handshake, then HTTP/1 until the peer closes or
+/// `stop_rx` turns true, when in-flight reviews are finished first.
+async fn serve_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    settings: Arc<InjectSettings>,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "inject: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "inject: TLS handshake timed out");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |req| {
+        let settings = settings.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, &settings).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "inject: connection ended with an error");
+            }
+        }
+        // The watch guard is not Send, so drop it inside the branch future.
+        () = async { let _ = stop_rx.wait_for(|stop| *stop).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
