@@ -33,6 +33,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use support::fixtures::*;
 use support::*;
 
 /// Inside every fault server's `jetstream { }` block.
@@ -353,22 +354,7 @@ fn sidecar_toml(service: &str, body: &str) -> String {
 }
 
 fn sidecar_toml_claim(service: &str, claim_ttl: &str, body: &str) -> String {
-    format!(
-        r#"[sidecar]
-service = "{service}"
-app_url = "http://127.0.0.1:1"
-drain_timeout = "2s"
-
-[nats]
-servers = ["nats://127.0.0.1:1"]
-
-[idempotency]
-bucket = "{BUCKET}"
-claim_ttl = "{claim_ttl}"
-
-{body}
-"#
-    )
+    routes_toml(service, "2s", &format!("{}\n{body}", idempotency_section(BUCKET, claim_ttl)))
 }
 
 fn outbound_js(timeout: &str) -> String {
@@ -409,37 +395,12 @@ async fn ingress_fixtures(nats: &NatsServer) -> jetstream::Context {
 
 /// The idempotent jetstream route `tool.exec.*` → POST /tools/{3}, durable `tool`.
 fn tool_route(extra: &str) -> String {
-    format!(
-        r#"[[inbound]]
-name = "tool-exec"
-subject = "tool.exec.*"
-mode = "jetstream"
-stream = "TOOL"
-durable = "tool"
-method = "POST"
-path = "/tools/{{3}}"
-dead_letter = "dlq.tool"
-{KEYED}
-{extra}
-"#
-    )
+    tool_exec_route(&format!("{KEYED}\n{extra}"))
 }
 
+/// Publishes `key` as the body, keyed by `key` and deduplicated by `msg_id`.
 async fn publish(js: &jetstream::Context, subject: &str, key: &str, msg_id: &str) -> jetstream::publish::PublishAck {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Idempotency-Key", key);
-    h.insert("Nats-Msg-Id", msg_id);
-    js.publish_with_headers(subject.to_owned(), h, Bytes::copy_from_slice(key.as_bytes())).await.unwrap().await.unwrap()
-}
-
-async fn consumer_settled(js: &jetstream::Context, stream: &str, durable: &str, through: u64) -> bool {
-    let Ok(s) = js.get_stream(stream).await else { return false };
-    let Ok(i) = s.consumer_info(durable).await else { return false };
-    i.num_ack_pending == 0 && i.num_pending == 0 && i.ack_floor.stream_sequence >= through
-}
-
-async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
-    js.get_stream(name).await.unwrap().get_info().await.unwrap().state.messages
+    js_publish(js, subject, &[("Idempotency-Key", key), ("Nats-Msg-Id", msg_id)], key).await
 }
 
 fn metric_sum(text: &str, family: &str, label: &str) -> f64 {

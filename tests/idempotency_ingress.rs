@@ -21,6 +21,7 @@ use natsbridge::config::{IdempotencyStore, Storage};
 use natsbridge::ingress::idempotency::store::{kv_key, Claim, Store, StoredResponse};
 use tokio::sync::Semaphore;
 
+use support::fixtures::*;
 use support::*;
 
 const BUCKET: &str = "natsbridge_idempotency";
@@ -39,39 +40,12 @@ fn header<'a>(s: &'a Seen, name: &str) -> Option<&'a str> {
 // NATS fixtures
 
 fn toml(body: &str) -> String {
-    format!(
-        r#"[sidecar]
-service = "svc"
-app_url = "http://127.0.0.1:1"
-drain_timeout = "3s"
-
-[nats]
-servers = ["nats://127.0.0.1:1"]
-
-[idempotency]
-bucket = "{BUCKET}"
-claim_ttl = "10s"
-
-{body}
-"#
-    )
+    routes_toml("svc", "3s", &format!("{}\n{body}", idempotency_section(BUCKET, "10s")))
 }
 
 /// `tool.exec.<tool>` → POST /tools/<tool> on stream TOOL, with `extra` settings.
 fn js_route(extra: &str) -> String {
-    toml(&format!(
-        r#"[[inbound]]
-name = "tool-exec"
-subject = "tool.exec.*"
-mode = "jetstream"
-stream = "TOOL"
-durable = "tool"
-method = "POST"
-path = "/tools/{{3}}"
-dead_letter = "dlq.tool"
-{extra}
-"#
-    ))
+    toml(&tool_exec_route(extra))
 }
 
 fn request_route(extra: &str) -> String {
@@ -102,30 +76,9 @@ async fn setup_js(nats: &NatsServer, duplicate_window: Duration) -> jetstream::C
     })
     .await
     .unwrap();
-    js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
+    dlq_stream(&js).await;
     bucket(&js).await;
     js
-}
-
-async fn publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], body: &str) -> jetstream::publish::PublishAck {
-    let mut h = async_nats::HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(*k, *v);
-    }
-    js.publish_with_headers(subject.to_owned(), h, Bytes::copy_from_slice(body.as_bytes())).await.unwrap().await.unwrap()
-}
-
-/// Waits until every delivery through `seq` had its final outcome.
-async fn settled(js: &jetstream::Context, seq: u64) -> jetstream::consumer::Info {
-    eventually("the consumer to settle", Duration::from_secs(20), || async {
-        let i = js.get_stream("TOOL").await.ok()?.consumer_info("tool").await.ok()?;
-        (i.num_ack_pending == 0 && i.num_pending == 0 && i.ack_floor.stream_sequence >= seq).then_some(i)
-    })
-    .await
-}
-
-async fn dlq_count(js: &jetstream::Context) -> u64 {
-    js.get_stream("DLQ").await.unwrap().get_info().await.unwrap().state.messages
 }
 
 /// Another replica, as far as the store is concerned.
@@ -159,19 +112,7 @@ async fn wait_metric(sidecar: &Sidecar, route: &str, result: &str, at_least: f64
 }
 
 async fn nats_request(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &str) -> async_nats::Message {
-    let mut h = async_nats::HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(*k, *v);
-    }
-    let req = async_nats::client::Request::new()
-        .headers(h)
-        .payload(Bytes::copy_from_slice(body.as_bytes()))
-        .timeout(Some(Duration::from_secs(15)));
-    client.send_request(subject.to_owned(), req).await.unwrap()
-}
-
-fn reply_header<'a>(m: &'a async_nats::Message, name: &str) -> Option<&'a str> {
-    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
+    nats_request_within(client, subject, headers, body, Duration::from_secs(15)).await.unwrap()
 }
 
 const KEYED: &str = r#"idempotency = { key = "header:Idempotency-Key", ttl = "1h" }"#;
@@ -189,9 +130,9 @@ async fn jetstream_duplicates_run_the_app_once_and_both_are_acked() {
         sidecar.wait_ready().await;
 
         // Same key, different Nats-Msg-Id: the stream keeps both.
-        let a = publish(&js, "tool.exec.grep", &[("Idempotency-Key", "order-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
+        let a = js_publish(&js, "tool.exec.grep", &[("Idempotency-Key", "order-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
         settled(&js, a.sequence).await;
-        let b = publish(&js, "tool.exec.grep", &[("Idempotency-Key", "order-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
+        let b = js_publish(&js, "tool.exec.grep", &[("Idempotency-Key", "order-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
         assert!(!b.duplicate);
         let info = settled(&js, b.sequence).await;
 
@@ -226,12 +167,12 @@ async fn jetstream_failure_releases_the_key_so_the_retry_runs_and_the_effect_hap
         let sidecar = Sidecar::start(&js_route(&format!("backoff = [\"100ms\"]\n{KEYED}")), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
 
-        let a = publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
+        let a = js_publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-1")], "{}").await;
         let info = settled(&js, a.sequence).await;
         assert_eq!(info.delivered.consumer_sequence, 2, "delivered once more");
         assert_eq!(app.requests().len(), 2, "the retry ran");
         // A later copy of the message is absorbed.
-        let b = publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
+        let b = js_publish(&js, "tool.exec.pay", &[("Idempotency-Key", "pay-1"), ("Nats-Msg-Id", "m-2")], "{}").await;
         settled(&js, b.sequence).await;
         assert_eq!(app.requests().len(), 2);
         assert_eq!(app.effects(), 1);
@@ -253,7 +194,7 @@ async fn jetstream_poison_is_dead_lettered_with_its_claim_released() {
         let app = App::script(|_, _| async { respond(400, "bad") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
-        let a = publish(&js, "tool.exec.x", &[("Idempotency-Key", "p-1")], "{}").await;
+        let a = js_publish(&js, "tool.exec.x", &[("Idempotency-Key", "p-1")], "{}").await;
         settled(&js, a.sequence).await;
         eventually("a dead letter", Duration::from_secs(10), || async { (dlq_count(&js).await == 1).then_some(()) }).await;
         let m = sidecar.metrics().await;
@@ -293,7 +234,7 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
             })
         };
 
-        let a = publish(&js, "tool.exec.x", &[("Idempotency-Key", "busy-1")], "{}").await;
+        let a = js_publish(&js, "tool.exec.x", &[("Idempotency-Key", "busy-1")], "{}").await;
         wait_metric(&sidecar, "tool-exec", "conflict", 1.0).await;
         let first = Instant::now();
         wait_metric(&sidecar, "tool-exec", "conflict", 2.0).await;
@@ -336,11 +277,11 @@ async fn jetstream_missing_key_is_processed_and_counted_and_the_key_header_is_ou
         sidecar.wait_ready().await;
 
         // No key (and a spoofed Bridge-Idempotency-Key): runs, unprotected, every time.
-        publish(&js, "tool.exec.a", &[("Bridge-Idempotency-Key", "spoofed")], "1").await;
-        let b = publish(&js, "tool.exec.a", &[("Bridge-Idempotency-Key", "spoofed")], "1").await;
+        js_publish(&js, "tool.exec.a", &[("Bridge-Idempotency-Key", "spoofed")], "1").await;
+        let b = js_publish(&js, "tool.exec.a", &[("Bridge-Idempotency-Key", "spoofed")], "1").await;
         settled(&js, b.sequence).await;
         // A key: the app gets it, never the spoofed one.
-        let c = publish(&js, "tool.exec.a", &[("Idempotency-Key", "k-9"), ("Bridge-Idempotency-Key", "spoofed")], "2").await;
+        let c = js_publish(&js, "tool.exec.a", &[("Idempotency-Key", "k-9"), ("Bridge-Idempotency-Key", "spoofed")], "2").await;
         settled(&js, c.sequence).await;
 
         let calls = app.requests();
@@ -365,11 +306,11 @@ async fn jetstream_json_pointer_keys() {
         let sidecar =
             Sidecar::start(&js_route(r#"idempotency = { key = "json:/order/id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
-        let a = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":1}"#).await;
+        let a = js_publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":1}"#).await;
         settled(&js, a.sequence).await;
-        let b = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":2}"#).await;
+        let b = js_publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-1"},"attempt":2}"#).await;
         settled(&js, b.sequence).await;
-        let c = publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-2"}}"#).await;
+        let c = js_publish(&js, "tool.exec.o", &[], r#"{"order":{"id":"o-2"}}"#).await;
         settled(&js, c.sequence).await;
         let calls = app.requests();
         assert_eq!(calls.len(), 2);
@@ -392,10 +333,10 @@ async fn jetstream_msg_id_keys_catch_what_the_duplicate_window_let_through() {
         let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(r#"idempotency = { key = "msg-id", ttl = "1h" }"#), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
-        let a = publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
+        let a = js_publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
         settled(&js, a.sequence).await;
         let b = eventually("the stream to keep a second copy", Duration::from_secs(10), || async {
-            let ack = publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
+            let ack = js_publish(&js, "tool.exec.m", &[("Nats-Msg-Id", "evt-1")], "x").await;
             (!ack.duplicate).then_some(ack)
         })
         .await;
@@ -605,7 +546,7 @@ async fn jetstream_waits_for_the_bucket_before_pulling() {
             v["failing"]["idempotency"].as_str().filter(|s| s.contains(BUCKET)).map(|_| ())
         })
         .await;
-        let a = publish(&js, "tool.exec.w", &[("Idempotency-Key", "w-1")], "{}").await;
+        let a = js_publish(&js, "tool.exec.w", &[("Idempotency-Key", "w-1")], "{}").await;
         // Nothing is delivered (so no delivery is spent) while the store is missing.
         eventually("the consumer bound", Duration::from_secs(15), || async {
             js.get_stream("TOOL").await.ok()?.consumer_info("tool").await.ok()

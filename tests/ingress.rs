@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, message::StreamMessage};
 use bytes::Bytes;
 
+use support::fixtures::*;
 use support::*;
 
 /// An address nothing listens on.
@@ -16,35 +17,12 @@ fn closed_port_url() -> String {
 }
 
 fn toml(inbound: &str) -> String {
-    format!(
-        r#"[sidecar]
-service = "svc"
-app_url = "http://127.0.0.1:1"
-drain_timeout = "3s"
-
-[nats]
-servers = ["nats://127.0.0.1:1"]
-
-{inbound}
-"#
-    )
+    routes_toml("svc", "3s", inbound)
 }
 
 /// A JetStream route on stream TOOL: `tool.exec.<tool>` → POST /tools/<tool>.
 fn js_route(extra: &str) -> String {
-    toml(&format!(
-        r#"[[inbound]]
-name = "tool-exec"
-subject = "tool.exec.*"
-mode = "jetstream"
-stream = "TOOL"
-durable = "tool"
-method = "POST"
-path = "/tools/{{3}}"
-dead_letter = "dlq.tool"
-{extra}
-"#
-    ))
+    toml(&tool_exec_route(extra))
 }
 
 /// The work stream and the dead-letter stream, created directly (provisioning is not
@@ -58,16 +36,8 @@ async fn streams(nats: &NatsServer) -> jetstream::Context {
     js
 }
 
-async fn dlq_stream(js: &jetstream::Context) {
-    js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
-}
-
 async fn publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], body: &'static str) -> u64 {
-    let mut h = async_nats::HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(*k, *v);
-    }
-    js.publish_with_headers(subject.to_owned(), h, Bytes::from_static(body.as_bytes())).await.unwrap().await.unwrap().sequence
+    js_publish(js, subject, headers, body).await.sequence
 }
 
 async fn dead_letter(js: &jetstream::Context, seq: u64) -> StreamMessage {
@@ -79,22 +49,8 @@ async fn dead_letter(js: &jetstream::Context, seq: u64) -> StreamMessage {
     .await
 }
 
-async fn dlq_count(js: &jetstream::Context) -> u64 {
-    js.get_stream("DLQ").await.unwrap().get_info().await.unwrap().state.messages
-}
-
 async fn consumer_info(js: &jetstream::Context) -> jetstream::consumer::Info {
     js.get_stream("TOOL").await.unwrap().consumer_info("tool").await.unwrap()
-}
-
-/// Waits until the consumer has nothing pending or unacked: every delivery has had its
-/// final outcome, so the app has seen all it ever will.
-async fn settled(js: &jetstream::Context, acked_through: u64) -> jetstream::consumer::Info {
-    eventually("the consumer to settle", Duration::from_secs(20), || async {
-        let i = consumer_info(js).await;
-        (i.num_ack_pending == 0 && i.num_pending == 0 && i.ack_floor.stream_sequence >= acked_through).then_some(i)
-    })
-    .await
 }
 
 fn hdr<'a>(m: &'a StreamMessage, name: &str) -> &'a str {
@@ -116,17 +72,7 @@ async fn try_request(
     headers: &[(&str, &str)],
     body: &'static str,
 ) -> Option<async_nats::Message> {
-    let mut h = async_nats::HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(*k, *v);
-    }
-    let req =
-        async_nats::client::Request::new().headers(h).payload(Bytes::from_static(body.as_bytes())).timeout(Some(Duration::from_secs(10)));
-    client.send_request(subject.to_owned(), req).await.ok()
-}
-
-fn reply_header<'a>(m: &'a async_nats::Message, name: &str) -> Option<&'a str> {
-    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
+    nats_request_within(client, subject, headers, body, Duration::from_secs(10)).await.ok()
 }
 
 // ---------------------------------------------------------------------------------------

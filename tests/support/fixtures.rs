@@ -1,0 +1,122 @@
+//! Shared test inputs and probes for the NATS tests: routing-file text for the sidecars under
+//! test, publishing to JetStream, and asking NATS what a stream or consumer holds.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+
+use super::eventually;
+
+/// A routing file: the `[sidecar]` and `[nats]` sections, then `sections`. The app and NATS
+/// addresses are dummies: the harness passes the real ones to the sidecar it starts.
+pub fn routes_toml(service: &str, drain_timeout: &str, sections: &str) -> String {
+    format!(
+        r#"[sidecar]
+service = "{service}"
+app_url = "http://127.0.0.1:1"
+drain_timeout = "{drain_timeout}"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+{sections}
+"#
+    )
+}
+
+/// The `[idempotency]` section, ending in a newline.
+pub fn idempotency_section(bucket: &str, claim_ttl: &str) -> String {
+    format!(
+        r#"[idempotency]
+bucket = "{bucket}"
+claim_ttl = "{claim_ttl}"
+"#
+    )
+}
+
+/// The jetstream route `tool.exec.<tool>` → POST /tools/<tool> on stream TOOL, durable `tool`,
+/// dead letters to `dlq.tool`, with the `extra` lines after.
+pub fn tool_exec_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "tool-exec"
+subject = "tool.exec.*"
+mode = "jetstream"
+stream = "TOOL"
+durable = "tool"
+method = "POST"
+path = "/tools/{{3}}"
+dead_letter = "dlq.tool"
+{extra}
+"#
+    )
+}
+
+/// The dead-letter stream DLQ on `dlq.>`.
+pub async fn dlq_stream(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
+}
+
+pub fn nats_headers(pairs: &[(&str, &str)]) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    for (k, v) in pairs {
+        headers.insert(*k, *v);
+    }
+    headers
+}
+
+/// Publishes to JetStream and waits for the stream's ack.
+pub async fn js_publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], body: &str) -> jetstream::publish::PublishAck {
+    js.publish_with_headers(subject.to_owned(), nats_headers(headers), Bytes::copy_from_slice(body.as_bytes()))
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// A core-NATS request with headers; the error when nobody answers within `timeout`.
+pub async fn nats_request_within(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    timeout: Duration,
+) -> Result<async_nats::Message, async_nats::RequestError> {
+    let req = async_nats::client::Request::new()
+        .headers(nats_headers(headers))
+        .payload(Bytes::copy_from_slice(body.as_bytes()))
+        .timeout(Some(timeout));
+    client.send_request(subject.to_owned(), req).await
+}
+
+pub fn reply_header<'a>(m: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// How many messages stream `name` holds.
+pub async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().get_info().await.unwrap().state.messages
+}
+
+pub async fn dlq_count(js: &jetstream::Context) -> u64 {
+    stream_messages(js, "DLQ").await
+}
+
+/// The consumer's info once nothing is pending or unacked and the ack floor has reached
+/// `through`: every delivery has had its final outcome. `None` before that, or while the
+/// stream or the consumer does not exist.
+pub async fn settled_consumer(js: &jetstream::Context, stream: &str, durable: &str, through: u64) -> Option<jetstream::consumer::Info> {
+    let info = js.get_stream(stream).await.ok()?.consumer_info(durable).await.ok()?;
+    (info.num_ack_pending == 0 && info.num_pending == 0 && info.ack_floor.stream_sequence >= through).then_some(info)
+}
+
+pub async fn consumer_settled(js: &jetstream::Context, stream: &str, durable: &str, through: u64) -> bool {
+    settled_consumer(js, stream, durable, through).await.is_some()
+}
+
+/// Waits until the consumer `tool` on TOOL has settled through `through`, so the app has seen
+/// all it ever will.
+pub async fn settled(js: &jetstream::Context, through: u64) -> jetstream::consumer::Info {
+    eventually("the consumer to settle", Duration::from_secs(20), || settled_consumer(js, "TOOL", "tool", through)).await
+}
