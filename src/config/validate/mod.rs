@@ -168,7 +168,8 @@ fn storage(at: Table<'_>, value: &Option<String>, diags: &mut Diagnostics<'_>) -
     }
 }
 
-/// Route names (and bucket names) appear in metric labels and consumer names.
+/// Route and bucket names end up in metric labels, durable consumer names and KV bucket
+/// names, so they keep to an alphabet all of those accept.
 fn is_valid_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
