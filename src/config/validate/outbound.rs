@@ -1,0 +1,155 @@
+//! `[[outbound]]` routes: HTTP requests from the app that go out over NATS (or HTTP).
+
+use super::{check_route_name, duration, refuse_key, size};
+use crate::config::diagnostics::{Diagnostics, Table, TableStart};
+use crate::config::raw::RawOutbound;
+use crate::config::values::{parse_http_url, strip_port};
+use crate::config::{Defaults, Outbound, OutboundTarget, TUNNEL_PREFIX};
+use crate::subject::{self, SubjectTemplate};
+
+/// One validated route, or `None` when it had errors (all of them reported).
+pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults, diags: &mut Diagnostics<'_>) -> Option<Outbound> {
+    let name = raw.name.clone();
+    let at = start.named(Some(&name));
+    let errors_before = diags.error_count();
+    check_route_name(at, &name, diags);
+    let method = raw.method.as_deref().and_then(|m| {
+        http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map_err(|_| diags.error(at, Some("method"), format!("`method` {m:?} is not an HTTP method")))
+            .ok()
+    });
+    let host = raw.host.as_deref().map(|h| host_without_port(h, at, diags));
+    let captures = subject::path_captures(&raw.path).unwrap_or_else(|e| {
+        diags.error(at, Some("path"), format!("`path` {:?} can never match: {e}", raw.path));
+        Vec::new()
+    });
+    let timeout = duration(at, "timeout", &raw.timeout, defaults.timeout, diags);
+    let max_body = size(at, "max_body", &raw.max_body, defaults.max_body, diags);
+    if timeout.is_zero() {
+        diags.error(at, Some("timeout"), "`timeout` must be more than zero");
+    }
+    let target = target(&raw, at, &captures, diags);
+    if diags.error_count() > errors_before {
+        return None;
+    }
+    Some(Outbound { name, line: diags.line_of(start), method, host, path: raw.path, target: target?, timeout, max_body })
+}
+
+/// Routes match the Host header without its port, case-insensitively.
+fn host_without_port(host: &str, at: Table<'_>, diags: &mut Diagnostics<'_>) -> String {
+    let h = host.trim().to_ascii_lowercase();
+    let h = strip_port(&h).to_owned();
+    if h.is_empty() || h.contains('/') || h.contains(' ') {
+        diags.error(at, Some("host"), format!("`host` {h:?} is not a host name"));
+    }
+    h
+}
+
+/// What the mode does with a matched request; each mode takes its own keys and refuses
+/// the others'.
+fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Diagnostics<'_>) -> Option<OutboundTarget> {
+    let mode = raw.mode.as_str();
+    let refuse = |key: &str, present: bool, diags: &mut Diagnostics<'_>| refuse_key(at, mode, key, present, diags);
+    match mode {
+        "request" | "publish" | "jetstream" => {
+            refuse("service", raw.service.is_some(), diags);
+            refuse("upstream", raw.upstream.is_some(), diags);
+            subject_template(raw, at, captures, diags).map(|t| match mode {
+                "request" => OutboundTarget::Request(t),
+                "publish" => OutboundTarget::Publish(t),
+                _ => OutboundTarget::JetStream(t),
+            })
+        }
+        "tunnel" => {
+            refuse("subject", raw.subject.is_some(), diags);
+            refuse("upstream", raw.upstream.is_some(), diags);
+            tunnel_target(raw, at, diags)
+        }
+        "http" => {
+            refuse("subject", raw.subject.is_some(), diags);
+            refuse("service", raw.service.is_some(), diags);
+            http_target(raw, at, diags)
+        }
+        other => {
+            diags.error(at, Some("mode"), format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel or http"));
+            None
+        }
+    }
+}
+
+/// The subject of the NATS modes; its captures must all come from `path`.
+fn subject_template(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Diagnostics<'_>) -> Option<SubjectTemplate> {
+    let Some(s) = raw.subject.as_deref() else {
+        diags.error(at, None, format!("mode \"{}\" needs `subject`", raw.mode));
+        return None;
+    };
+    match SubjectTemplate::parse(s) {
+        Ok(t) => {
+            for cap in t.captures() {
+                if !captures.iter().any(|c| c == cap) {
+                    diags.error(at, Some("subject"), format!("`subject` uses {{{cap}}}, which `path` does not define"));
+                }
+            }
+            Some(t)
+        }
+        Err(e) => {
+            diags.error(at, Some("subject"), format!("`subject` {s:?} is not a valid NATS subject: {e}"));
+            None
+        }
+    }
+}
+
+fn tunnel_target(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Option<OutboundTarget> {
+    match &raw.service {
+        Some(s) if subject::is_valid_token(s) => {
+            Some(OutboundTarget::Tunnel { subject: format!("{TUNNEL_PREFIX}.{s}"), service: s.clone() })
+        }
+        Some(s) => {
+            diags.error(at, Some("service"), format!("`service` {s:?} must be one subject token"));
+            None
+        }
+        None => {
+            diags.error(at, None, "mode \"tunnel\" needs `service` (the target's sidecar service)");
+            None
+        }
+    }
+}
+
+fn http_target(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Option<OutboundTarget> {
+    match raw.upstream.as_deref().map(parse_http_url) {
+        Some(Ok(upstream)) => Some(OutboundTarget::Http { upstream }),
+        Some(Err(e)) => {
+            diags.error(at, Some("upstream"), format!("`upstream`: {e}"));
+            None
+        }
+        None => {
+            diags.error(at, None, "mode \"http\" needs `upstream`");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::test_support::{errors, MINIMAL};
+
+    #[test]
+    fn capture_missing_from_path_is_rejected() {
+        let src = format!("{MINIMAL}[[outbound]]\nname = \"x\"\npath = \"/a/{{id}}\"\nsubject = \"a.{{other}}\"\nmode = \"request\"\n");
+        let e = errors(&src);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].contains("uses {other}, which `path` does not define"), "{}", e[0]);
+        assert!(e[0].starts_with("t.toml:6:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn mode_specific_keys() {
+        let src = format!(
+            "{MINIMAL}[[outbound]]\nname = \"t\"\npath = \"/t\"\nmode = \"tunnel\"\n\
+             [[outbound]]\nname = \"h\"\npath = \"/h\"\nmode = \"http\"\nsubject = \"x\"\nupstream = \"http://127.0.0.1:1\"\n"
+        );
+        let e = errors(&src);
+        assert!(e.iter().any(|m| m.contains("\"t\": mode \"tunnel\" needs `service`")), "{e:#?}");
+        assert!(e.iter().any(|m| m.contains("\"h\": `subject` does not apply")), "{e:#?}");
+    }
+}

@@ -1,0 +1,163 @@
+//! The `[sidecar]` and `[nats]` sections.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{duration, size};
+use crate::config::diagnostics::{Diagnostics, Table, TableStart};
+use crate::config::raw::{RawNats, RawSidecar, RawTls};
+use crate::config::values::parse_http_url;
+use crate::config::{
+    HttpLimits, Nats, NatsAuth, NatsTls, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN, DEFAULT_NATS_URL,
+};
+use crate::subject;
+
+pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostics<'_>) -> Sidecar {
+    let at = start.unnamed();
+    if !subject::is_valid_token(&raw.service) {
+        diags.error(at, Some("service"), format!("`service` {:?} must be one subject token: no '.', '*', '>' or spaces", raw.service));
+    }
+    let listen = socket_addr(at, "listen", &raw.listen, DEFAULT_LISTEN, diags);
+    let admin_listen = socket_addr(at, "admin_listen", &raw.admin_listen, DEFAULT_ADMIN_LISTEN, diags);
+    let app_url = parse_http_url(raw.app_url.as_deref().unwrap_or(DEFAULT_APP_URL)).unwrap_or_else(|e| {
+        diags.error(at, Some("app_url"), format!("`app_url`: {e}"));
+        http::Uri::from_static(DEFAULT_APP_URL)
+    });
+    let http = http_limits(&raw, at, diags);
+    Sidecar {
+        service: raw.service,
+        listen,
+        admin_listen,
+        app_url,
+        drain_timeout: duration(at, "drain_timeout", &raw.drain_timeout, Duration::from_secs(30), diags),
+        provision: raw.provision,
+        max_inflight_publishes: raw.max_inflight_publishes.unwrap_or(4096).max(1),
+        http,
+    }
+}
+
+fn socket_addr(at: Table<'_>, key: &str, value: &Option<String>, default: &str, diags: &mut Diagnostics<'_>) -> SocketAddr {
+    let s = value.as_deref().unwrap_or(default);
+    s.parse().unwrap_or_else(|_| {
+        diags.error(at, Some(key), format!("`{key}` {s:?} is not an address like 127.0.0.1:4280"));
+        default.parse().expect("default address")
+    })
+}
+
+fn http_limits(raw: &RawSidecar, at: Table<'_>, diags: &mut Diagnostics<'_>) -> HttpLimits {
+    let http = HttpLimits {
+        header_read_timeout: duration(at, "header_read_timeout", &raw.header_read_timeout, Duration::from_secs(10), diags),
+        max_headers: raw.max_headers.unwrap_or(100),
+        max_header_bytes: size(at, "max_header_bytes", &raw.max_header_bytes, 64 << 10, diags),
+        idle_timeout: duration(at, "idle_timeout", &raw.idle_timeout, Duration::from_secs(90), diags),
+        max_connections: raw.max_connections.unwrap_or(1024),
+    };
+    if http.max_headers == 0 || http.max_connections == 0 {
+        diags.error(at, None, "`max_headers` and `max_connections` must be at least 1");
+    }
+    if http.max_header_bytes < 8192 {
+        diags.error(at, Some("max_header_bytes"), "`max_header_bytes` must be at least 8KiB");
+    }
+    http
+}
+
+pub(super) fn nats(raw: RawNats, start: TableStart, diags: &mut Diagnostics<'_>) -> Nats {
+    let at = start.unnamed();
+    let servers = raw.servers.clone().unwrap_or_else(|| vec![DEFAULT_NATS_URL.to_owned()]);
+    check_servers(&servers, at, diags);
+    let auth = nats_auth(&raw, at, diags);
+    let tls = raw.tls.as_ref().map(|t| nats_tls(t, at, diags));
+    Nats { servers, connect_timeout: duration(at, "connect_timeout", &raw.connect_timeout, Duration::from_secs(5), diags), auth, tls }
+}
+
+fn check_servers(servers: &[String], at: Table<'_>, diags: &mut Diagnostics<'_>) {
+    if servers.is_empty() {
+        diags.error(at, Some("servers"), "`servers` must name at least one server");
+    }
+    for s in servers {
+        // Without a scheme the client assumes nats://.
+        let known_scheme = ["nats://", "tls://", "ws://", "wss://"].iter().any(|scheme| s.starts_with(scheme));
+        if !known_scheme && s.contains("://") {
+            diags.error(at, Some("servers"), format!("server {s:?} must be nats://, tls://, ws:// or wss://"));
+        }
+    }
+}
+
+/// A secret given both as a file and as an environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("set the file or the environment variable, not both")]
+struct SecretGivenTwice;
+
+fn secret(file: &Option<String>, env: &Option<String>) -> Result<Option<Secret>, SecretGivenTwice> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err(SecretGivenTwice),
+        (Some(f), None) => Ok(Some(Secret::File(f.into()))),
+        (None, Some(e)) => Ok(Some(Secret::Env(e.clone()))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The one authentication the section sets; more than one is an error.
+fn nats_auth(raw: &RawNats, at: Table<'_>, diags: &mut Diagnostics<'_>) -> NatsAuth {
+    let token = secret(&raw.token_file, &raw.token_env);
+    let password = secret(&raw.password_file, &raw.password_env);
+    let nkey = secret(&raw.nkey_seed_file, &raw.nkey_seed_env);
+    for (key, r) in [("token", &token), ("password", &password), ("nkey_seed", &nkey)] {
+        if let Err(e) = r {
+            diags.error(at, Some(&format!("{key}_file")), format!("`{key}`: {e}"));
+        }
+    }
+    let mut kinds = Vec::new();
+    let mut auth = NatsAuth::None;
+    if let Ok(Some(t)) = token {
+        kinds.push("token");
+        auth = NatsAuth::Token(t);
+    }
+    match (raw.user.clone(), password) {
+        (Some(user), Ok(Some(password))) => {
+            kinds.push("user/password");
+            auth = NatsAuth::UserPassword { user, password };
+        }
+        (Some(_), Ok(None)) => diags.error(at, Some("user"), "`user` needs `password_file` or `password_env`"),
+        (None, Ok(Some(_))) => diags.error(at, Some("user"), "a password needs `user`"),
+        _ => {}
+    }
+    if let Ok(Some(n)) = nkey {
+        kinds.push("nkey");
+        auth = NatsAuth::NkeySeed(n);
+    }
+    if let Some(c) = &raw.creds_file {
+        kinds.push("creds");
+        auth = NatsAuth::Credentials(c.into());
+    }
+    if kinds.len() > 1 {
+        diags.error(at, None, format!("choose one NATS authentication, not {}", kinds.join(" and ")));
+    }
+    auth
+}
+
+fn nats_tls(raw: &RawTls, at: Table<'_>, diags: &mut Diagnostics<'_>) -> NatsTls {
+    if raw.cert_file.is_some() != raw.key_file.is_some() {
+        diags.error(at, Some("cert_file"), "TLS `cert_file` and `key_file` go together");
+    }
+    NatsTls {
+        ca_file: raw.ca_file.as_ref().map(Into::into),
+        cert_file: raw.cert_file.as_ref().map(Into::into),
+        key_file: raw.key_file.as_ref().map(Into::into),
+        require: raw.require,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::test_support::{errors, MINIMAL};
+    use crate::config::{parse, NatsAuth, Secret};
+
+    #[test]
+    fn secrets_are_never_inline() {
+        let e = errors(&format!("{MINIMAL}[nats]\ntoken = \"hunter2\"\n"));
+        assert!(e[0].contains("unknown field `token`"), "{e:#?}");
+        let c = parse(&format!("{MINIMAL}[nats]\ntoken_env = \"NATS_TOKEN\"\n"), "t").unwrap();
+        assert_eq!(c.nats.auth, NatsAuth::Token(Secret::Env("NATS_TOKEN".into())));
+    }
+}
