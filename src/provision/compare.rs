@@ -10,7 +10,13 @@ use async_nats::jetstream::{
     stream::{self, RetentionPolicy, StorageType},
 };
 
-use super::plan::FieldDiff;
+/// One managed field that differs: what the server has, and what the file wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDiff {
+    pub field: &'static str,
+    pub old: String,
+    pub new: String,
+}
 
 fn fmt_age(d: Duration) -> String {
     if d.is_zero() {

@@ -29,7 +29,8 @@ mod watch;
 
 pub use apply::{apply, ApplyError};
 pub use check::{check, Missing};
-pub use plan::{plan, plan_with, FieldDiff, Item, Plan, Status};
+pub use compare::FieldDiff;
+pub use plan::{plan, plan_with, Item, Plan, Status};
 pub use spec::{consumer_config, dead_letter_stream_config, idempotency_ttl, kv_config, kv_stream_name, stream_config, uses_idempotency};
 pub use watch::spawn;
 

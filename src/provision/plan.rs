@@ -11,21 +11,13 @@ use async_nats::jetstream::{
     kv, stream,
 };
 
-use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_stream, Verdict};
+use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_stream, FieldDiff, Verdict};
 use super::spec::{
     consumer_config, dead_letter_stream_config, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
     uses_idempotency,
 };
 use super::{Kind, ProvisionError};
 use crate::config::{Config, Consumer, Inbound};
-
-/// One managed field that differs: what the server has, and what the file wants.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldDiff {
-    pub field: &'static str,
-    pub old: String,
-    pub new: String,
-}
 
 /// What happened (or, in a dry run, would happen) to one resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
