@@ -1,0 +1,419 @@
+//! The plan: every resource the routing file implies, what exists, and what was (or
+//! would be) done to each one, with its Display for `natsbridge provision`. Reading the
+//! server happens here; changing it happens in `apply`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{self, pull},
+    kv, stream,
+};
+
+use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_stream, FieldDiff, Verdict};
+use super::spec::{
+    consumer_config, dead_letter_stream_config, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
+    uses_idempotency,
+};
+use super::{Kind, ProvisionError};
+use crate::config::{Config, Consumer, Inbound};
+
+/// What happened (or, in a dry run, would happen) to one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Updated {
+        diff: Vec<FieldDiff>,
+    },
+    Unchanged,
+    /// Deleted and created again (`--force`): the change could not be made in place.
+    Recreated {
+        reason: String,
+        diff: Vec<FieldDiff>,
+    },
+    /// Destructive or impossible; nothing was changed.
+    Refused {
+        reason: String,
+        diff: Vec<FieldDiff>,
+    },
+    /// The server rejected the change, or the resource could not be read.
+    Failed {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub kind: Kind,
+    /// The stream or bucket name; `STREAM/durable` for consumers.
+    pub name: String,
+    pub status: Status,
+    /// A warning that goes with the status (a forced destructive update, a server
+    /// feature that is missing).
+    pub note: Option<String>,
+}
+
+/// Every resource the routing file implies, and what was (or would be) done to it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub items: Vec<Item>,
+    /// False for a dry run: nothing was changed.
+    pub applied: bool,
+}
+
+impl Plan {
+    pub fn item(&self, kind: Kind, name: &str) -> Option<&Item> {
+        self.items.iter().find(|i| i.kind == kind && i.name == name)
+    }
+
+    pub fn refused(&self) -> impl Iterator<Item = &Item> {
+        self.items.iter().filter(|i| matches!(i.status, Status::Refused { .. }))
+    }
+
+    pub fn failed(&self) -> impl Iterator<Item = &Item> {
+        self.items.iter().filter(|i| matches!(i.status, Status::Failed { .. }))
+    }
+
+    /// Nothing refused and nothing failed.
+    pub fn is_ok(&self) -> bool {
+        self.refused().next().is_none() && self.failed().next().is_none()
+    }
+
+    /// Everything already matched the file.
+    pub fn is_unchanged(&self) -> bool {
+        self.items.iter().all(|i| i.status == Status::Unchanged)
+    }
+
+    fn count(&self, f: impl Fn(&Status) -> bool) -> usize {
+        self.items.iter().filter(|i| f(&i.status)).count()
+    }
+}
+
+fn fmt_diff(f: &mut fmt::Formatter<'_>, diff: &[FieldDiff]) -> fmt::Result {
+    let width = diff.iter().map(|d| d.field.len()).max().unwrap_or(0);
+    for d in diff {
+        writeln!(f, "      {:<width$}  {} -> {}", d.field, d.old, d.new)?;
+    }
+    Ok(())
+}
+
+impl Item {
+    fn fmt_with(&self, f: &mut fmt::Formatter<'_>, applied: bool) -> fmt::Result {
+        let (mark, verb) = match (&self.status, applied) {
+            (Status::Created, true) => ('+', "created".to_owned()),
+            (Status::Created, false) => ('+', "create".to_owned()),
+            (Status::Updated { .. }, true) => ('~', "updated".to_owned()),
+            (Status::Updated { .. }, false) => ('~', "update".to_owned()),
+            (Status::Unchanged, _) => ('=', "unchanged".to_owned()),
+            (Status::Recreated { reason, .. }, true) => ('!', format!("deleted and recreated: {reason}")),
+            (Status::Recreated { reason, .. }, false) => ('!', format!("delete and recreate: {reason}")),
+            (Status::Refused { reason, .. }, _) => ('x', format!("REFUSED: {reason}")),
+            (Status::Failed { error }, _) => ('x', format!("FAILED: {error}")),
+        };
+        writeln!(f, "  {mark} {:<18} {:<32} {verb}", self.kind.as_str(), self.name)?;
+        if let Some(note) = &self.note {
+            writeln!(f, "      note: {note}")?;
+        }
+        match &self.status {
+            Status::Updated { diff } | Status::Recreated { diff, .. } | Status::Refused { diff, .. } => fmt_diff(f, diff),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_with(f, true)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.applied {
+            writeln!(f, "provisioning:")?;
+        } else {
+            writeln!(f, "provisioning plan (dry run, nothing changed):")?;
+        }
+        if self.items.is_empty() {
+            writeln!(f, "  nothing to provision: no [[streams]], jetstream routes or idempotency")?;
+        }
+        for item in &self.items {
+            item.fmt_with(f, self.applied)?;
+        }
+        let created = self.count(|s| matches!(s, Status::Created));
+        let updated = self.count(|s| matches!(s, Status::Updated { .. }));
+        let recreated = self.count(|s| matches!(s, Status::Recreated { .. }));
+        let unchanged = self.count(|s| matches!(s, Status::Unchanged));
+        let refused = self.count(|s| matches!(s, Status::Refused { .. }));
+        let failed = self.count(|s| matches!(s, Status::Failed { .. }));
+        write!(
+            f,
+            "{created} created, {updated} updated, {recreated} recreated, {unchanged} unchanged, {refused} refused, {failed} failed"
+        )?;
+        if refused > 0 {
+            write!(f, "\nrefused changes were not made; `--force` makes the destructive ones (see each reason)")?;
+        }
+        writeln!(f)
+    }
+}
+
+/// What `apply` does for one item.
+#[derive(Debug, Clone)]
+pub(super) enum Op {
+    None,
+    CreateStream(stream::Config),
+    UpdateStream(stream::Config),
+    RecreateStream(stream::Config),
+    CreateConsumer { stream: String, config: pull::Config },
+    UpdateConsumer { stream: String, config: pull::Config },
+    RecreateConsumer { stream: String, config: pull::Config },
+    CreateKv(kv::Config),
+    UpdateKv(kv::Config),
+    RecreateKv(kv::Config),
+}
+
+pub(super) struct Planned {
+    pub(super) item: Item,
+    pub(super) op: Op,
+}
+
+pub(super) fn item(kind: Kind, name: impl Into<String>, status: Status) -> Item {
+    Item { kind, name: name.into(), status, note: None }
+}
+
+/// What a verdict comes to, given `force`: the item's status (refused, updated, recreated)
+/// and the operation `apply` carries out for it.
+fn action_for_verdict(
+    kind: Kind,
+    name: &str,
+    verdict: Verdict,
+    force: bool,
+    update: impl FnOnce() -> Op,
+    recreate: impl FnOnce() -> Op,
+) -> Planned {
+    match verdict {
+        Verdict::Unchanged => Planned { item: item(kind, name, Status::Unchanged), op: Op::None },
+        Verdict::Update(diff) => Planned { item: item(kind, name, Status::Updated { diff }), op: update() },
+        Verdict::Destructive { diff, reason, cost, recreate } if !force => {
+            let what = if recreate { format!("with --force {cost}") } else { "--force applies it in place".into() };
+            Planned { item: item(kind, name, Status::Refused { reason: format!("{reason}; {what}"), diff }), op: Op::None }
+        }
+        Verdict::Destructive { diff, reason, cost, recreate: true } => {
+            Planned { item: item(kind, name, Status::Recreated { reason: format!("{reason}; {cost}"), diff }), op: recreate() }
+        }
+        Verdict::Destructive { diff, reason, recreate: false, .. } => Planned {
+            item: Item { kind, name: name.to_owned(), status: Status::Updated { diff }, note: Some(format!("forced: {reason}")) },
+            op: update(),
+        },
+    }
+}
+
+fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(err) if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// A stream's info, or `None` when it does not exist.
+pub(super) async fn read_stream(js: &jetstream::Context, kind: Kind, name: &str) -> Result<Option<stream::Info>, ProvisionError> {
+    match js.get_stream(name).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| ProvisionError::Read { kind, name: name.into(), source: Box::new(e) })?;
+            Ok(Some(info.clone()))
+        }
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(ProvisionError::Read { kind, name: name.into(), source: Box::new(e) }),
+    }
+}
+
+async fn read_consumer(js: &jetstream::Context, stream: &str, durable: &str) -> Result<Option<consumer::Info>, ProvisionError> {
+    use jetstream::context::ConsumerInfoErrorKind as K;
+    let s = js.get_stream_no_info(stream).await.map_err(|e| ProvisionError::Read {
+        kind: Kind::Stream,
+        name: stream.into(),
+        source: Box::new(e),
+    })?;
+    match s.consumer_info(durable).await {
+        Ok(info) => Ok(Some(info)),
+        Err(e) if matches!(e.kind(), K::NotFound) => Ok(None),
+        Err(e) if matches!(&e.kind(), K::JetStream(err) if err.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) => Ok(None),
+        Err(e) => Err(ProvisionError::Read { kind: Kind::Consumer, name: format!("{stream}/{durable}"), source: Box::new(e) }),
+    }
+}
+
+/// Reads what exists and compares it with the file, without changing anything, as if
+/// `--force` were not given.
+pub async fn plan(js: &jetstream::Context, config: &Config) -> Result<Plan, ProvisionError> {
+    plan_with(js, config, false).await
+}
+
+/// As [`plan`]; with `force`, destructive changes show as what `apply(.., true)` does.
+pub async fn plan_with(js: &jetstream::Context, config: &Config, force: bool) -> Result<Plan, ProvisionError> {
+    let planned = compute(js, config, force).await?;
+    Ok(Plan { items: planned.into_iter().map(|p| p.item).collect(), applied: false })
+}
+
+/// What the plan has learnt about streams so far: which ones it (re)creates, so their
+/// consumers are simply created, and how many messages each existing one holds, which
+/// a consumer's recreation would redeliver.
+#[derive(Default)]
+struct KnownStreams {
+    fresh: BTreeSet<String>,
+    messages: BTreeMap<String, u64>,
+}
+
+/// Every planned action, in order: the idempotency bucket, the streams, the consumers.
+pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Result<Vec<Planned>, ProvisionError> {
+    let mut out = Vec::new();
+    let has_jetstream_routes = jetstream_routes(config).next().is_some();
+    if config.streams.is_empty() && !has_jetstream_routes && !uses_idempotency(config) {
+        return Ok(out);
+    }
+    if uses_idempotency(config) {
+        out.push(plan_idempotency_bucket(js, config, force).await?);
+    }
+    let mut known = KnownStreams::default();
+    let mut streams: Vec<(Kind, stream::Config, bool)> = config.streams.iter().map(|s| (Kind::Stream, stream_config(s), true)).collect();
+    if has_jetstream_routes {
+        streams.push((Kind::DeadLetterStream, dead_letter_stream_config(&config.dead_letter), false));
+    }
+    for (kind, want, manage_duplicates) in streams {
+        out.push(plan_stream(js, kind, want, manage_duplicates, force, &mut known).await?);
+    }
+    for (route, c) in jetstream_routes(config) {
+        out.push(plan_consumer(js, route, c, force, &mut known).await?);
+    }
+    Ok(out)
+}
+
+async fn plan_idempotency_bucket(js: &jetstream::Context, config: &Config, force: bool) -> Result<Planned, ProvisionError> {
+    let mut want = kv_config(&config.idempotency, idempotency_ttl(config));
+    let account = js.query_account().await.map_err(ProvisionError::Account)?;
+    let mut note = None;
+    if account.requests.level < 1 {
+        want.limit_markers = None;
+        note = Some(
+            "this server has no per-message TTL (nats-server 2.11+); idempotency claims expire only with the bucket's max_age".to_owned(),
+        );
+    }
+    let name = want.bucket.clone();
+    let mut p = match read_stream(js, Kind::KvBucket, &kv_stream_name(&name)).await? {
+        None => Planned { item: item(Kind::KvBucket, &name, Status::Created), op: Op::CreateKv(want) },
+        Some(have) => {
+            let verdict = compare_kv(&want, &have);
+            let (w1, w2) = (want.clone(), want);
+            action_for_verdict(Kind::KvBucket, &name, verdict, force, move || Op::UpdateKv(w1), move || Op::RecreateKv(w2))
+        }
+    };
+    if p.item.note.is_none() {
+        p.item.note = note;
+    }
+    Ok(p)
+}
+
+async fn plan_stream(
+    js: &jetstream::Context,
+    kind: Kind,
+    want: stream::Config,
+    manage_duplicates: bool,
+    force: bool,
+    known: &mut KnownStreams,
+) -> Result<Planned, ProvisionError> {
+    let name = want.name.clone();
+    let p = match read_stream(js, kind, &name).await? {
+        None => {
+            known.fresh.insert(name.clone());
+            Planned { item: item(kind, &name, Status::Created), op: Op::CreateStream(want) }
+        }
+        Some(have) => {
+            known.messages.insert(name.clone(), have.state.messages);
+            let verdict = compare_stream(&want, &have, manage_duplicates);
+            let merged = merge_stream(&have.config, &want, manage_duplicates);
+            let p = action_for_verdict(kind, &name, verdict, force, move || Op::UpdateStream(merged), move || Op::RecreateStream(want));
+            if matches!(p.op, Op::RecreateStream(_)) {
+                known.fresh.insert(name.clone());
+            }
+            p
+        }
+    };
+    Ok(p)
+}
+
+async fn plan_consumer(
+    js: &jetstream::Context,
+    route: &Inbound,
+    c: &Consumer,
+    force: bool,
+    known: &mut KnownStreams,
+) -> Result<Planned, ProvisionError> {
+    let want = consumer_config(route, c);
+    let name = format!("{}/{}", c.stream, c.durable);
+    let create = || Planned {
+        item: item(Kind::Consumer, &name, Status::Created),
+        op: Op::CreateConsumer { stream: c.stream.clone(), config: want.clone() },
+    };
+    if known.fresh.contains(&c.stream) {
+        return Ok(create());
+    }
+    let messages = match known.messages.get(&c.stream) {
+        Some(n) => *n,
+        None => match read_stream(js, Kind::Stream, &c.stream).await? {
+            Some(info) => {
+                known.messages.insert(c.stream.clone(), info.state.messages);
+                info.state.messages
+            }
+            None => {
+                let reason = format!("stream {:?} (route {:?}) does not exist and no [[streams]] entry declares it", c.stream, route.name);
+                return Ok(Planned { item: item(Kind::Consumer, &name, Status::Refused { reason, diff: Vec::new() }), op: Op::None });
+            }
+        },
+    };
+    let p = match read_consumer(js, &c.stream, &c.durable).await? {
+        None => create(),
+        Some(have) => {
+            let verdict = compare_consumer(&want, &have, messages);
+            let merged = merge_consumer(&have.config, &want).unwrap_or_else(|| want.clone());
+            let (s1, s2) = (c.stream.clone(), c.stream.clone());
+            action_for_verdict(
+                Kind::Consumer,
+                &name,
+                verdict,
+                force,
+                move || Op::UpdateConsumer { stream: s1, config: merged },
+                move || Op::RecreateConsumer { stream: s2, config: want },
+            )
+        }
+    };
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diff(field: &'static str, old: &str, new: &str) -> FieldDiff {
+        FieldDiff { field, old: old.into(), new: new.into() }
+    }
+
+    #[test]
+    fn plan_display_shows_field_diffs() {
+        let plan = Plan {
+            applied: false,
+            items: vec![
+                item(Kind::Stream, "A", Status::Created),
+                item(Kind::Stream, "B", Status::Updated { diff: vec![diff("max_age", "1h", "2h")] }),
+                item(
+                    Kind::Stream,
+                    "C",
+                    Status::Refused { reason: "storage cannot change".into(), diff: vec![diff("storage", "file", "memory")] },
+                ),
+            ],
+        };
+        let text = plan.to_string();
+        assert!(text.contains("dry run"), "{text}");
+        assert!(text.contains("+ stream             A"), "{text}");
+        assert!(text.contains("max_age  1h -> 2h"), "{text}");
+        assert!(text.contains("REFUSED: storage cannot change"), "{text}");
+        assert!(text.contains("1 created, 1 updated, 0 recreated, 0 unchanged, 1 refused, 0 failed"), "{text}");
+        assert!(!plan.is_ok());
+    }
+}

@@ -1,0 +1,131 @@
+//! The desired state: the JetStream stream, dead-letter stream, KV bucket and consumer
+//! configurations the routing file implies. Pure; nothing here talks to the server.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    consumer::{pull, AckPolicy, DeliverPolicy},
+    kv,
+    stream::{self, RetentionPolicy, StorageType},
+};
+
+use super::DEFAULT_IDEMPOTENCY_TTL;
+use crate::config::{Config, Consumer, DeadLetterStream, IdempotencyStore, Inbound, InboundMode, Retention, Storage, StreamSpec};
+
+/// The durable pull consumer an inbound JetStream route binds to.
+///
+/// The route's `backoff` is deliberately *not* given to the server: nats-server replaces
+/// `ack_wait` with `backoff[0]` whenever a backoff list is set (so a 30 s `ack_wait` with
+/// `backoff = ["1s", ...]` would redeliver after 1 s), and it adds `backoff[n] - backoff[0]`
+/// to every delayed nak. Ingress applies the backoff list itself through nak delays.
+pub fn consumer_config(route: &Inbound, c: &Consumer) -> pull::Config {
+    pull::Config {
+        durable_name: Some(c.durable.clone()),
+        description: Some(format!("natsbridge inbound route {}", route.name)),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: c.ack_wait,
+        max_deliver: c.max_deliver,
+        backoff: Vec::new(),
+        filter_subject: route.subject.as_str().to_owned(),
+        max_ack_pending: c.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+fn storage_type(s: Storage) -> StorageType {
+    match s {
+        Storage::File => StorageType::File,
+        Storage::Memory => StorageType::Memory,
+    }
+}
+
+fn retention_policy(r: Retention) -> RetentionPolicy {
+    match r {
+        Retention::Limits => RetentionPolicy::Limits,
+        Retention::Interest => RetentionPolicy::Interest,
+        Retention::WorkQueue => RetentionPolicy::WorkQueue,
+    }
+}
+
+/// A `[[streams]]` entry as a JetStream stream configuration. The duplicate window is
+/// capped at `max_age`, as the server requires.
+pub fn stream_config(s: &StreamSpec) -> stream::Config {
+    let max_age = s.max_age.unwrap_or_default();
+    let duplicate_window = if !max_age.is_zero() && s.duplicate_window > max_age { max_age } else { s.duplicate_window };
+    stream::Config {
+        name: s.name.clone(),
+        description: Some("provisioned by natsbridge".into()),
+        subjects: s.subjects.iter().map(|p| p.as_str().to_owned()).collect(),
+        storage: storage_type(s.storage),
+        num_replicas: s.replicas,
+        retention: retention_policy(s.retention),
+        max_age,
+        max_bytes: s.max_bytes.unwrap_or(-1),
+        max_messages: s.max_msgs.unwrap_or(-1),
+        duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// The stream that captures every route's dead letters. Limits retention: dead letters
+/// stay until an operator replays or purges them, or a limit ages them out.
+pub fn dead_letter_stream_config(d: &DeadLetterStream) -> stream::Config {
+    stream::Config {
+        name: d.stream.clone(),
+        description: Some("natsbridge dead letters".into()),
+        subjects: d.subjects.iter().map(|p| p.as_str().to_owned()).collect(),
+        storage: storage_type(d.storage),
+        num_replicas: d.replicas,
+        retention: RetentionPolicy::Limits,
+        max_age: d.max_age.unwrap_or_default(),
+        max_bytes: d.max_bytes.unwrap_or(-1),
+        max_messages: -1,
+        ..Default::default()
+    }
+}
+
+/// The longest idempotency ttl among the inbound routes, or [`DEFAULT_IDEMPOTENCY_TTL`].
+pub fn idempotency_ttl(config: &Config) -> Duration {
+    config.inbound.iter().filter_map(|i| i.idempotency.as_ref().map(|x| x.ttl)).max().unwrap_or(DEFAULT_IDEMPOTENCY_TTL)
+}
+
+/// Does any inbound route use the idempotency store?
+pub fn uses_idempotency(config: &Config) -> bool {
+    config.inbound.iter().any(|i| i.idempotency.is_some())
+}
+
+/// The idempotency bucket.
+///
+/// - One value per key (`history = 1`).
+/// - `max_age` is `ttl`, the longest idempotency ttl of the routes: a completed key
+///   written without a per-message TTL lives that long.
+/// - `limit_markers` turns on per-message TTL (nats-server 2.11+, `allow_msg_ttl`), so a
+///   claim can expire on its own after `claim_ttl` (`create_with_ttl`). The markers the
+///   server leaves when a key expires live for `claim_ttl` (at least 1 s, the server's
+///   minimum). [`plan()`](super::plan()) drops it, and says so, on servers that do not support it.
+pub fn kv_config(store: &IdempotencyStore, ttl: Duration) -> kv::Config {
+    kv::Config {
+        bucket: store.bucket.clone(),
+        description: "natsbridge idempotency keys".into(),
+        history: 1,
+        max_age: ttl,
+        storage: storage_type(store.storage),
+        num_replicas: store.replicas,
+        limit_markers: Some(store.claim_ttl.max(Duration::from_secs(1))),
+        ..Default::default()
+    }
+}
+
+/// The stream behind a KV bucket.
+pub fn kv_stream_name(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The jetstream inbound routes, with their consumers.
+pub(super) fn jetstream_routes(config: &Config) -> impl Iterator<Item = (&Inbound, &Consumer)> {
+    config.inbound.iter().filter_map(|i| match &i.mode {
+        InboundMode::JetStream(c) => Some((i, c)),
+        _ => None,
+    })
+}

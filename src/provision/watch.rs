@@ -1,0 +1,151 @@
+//! The sidecar's provisioning task: provision (with `sidecar.provision`, again after each
+//! reload), then check what the routes need and keep readiness failing per missing thing
+//! until it exists. Calls `apply` and `check`; owns nothing but the loop's state.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::apply::apply;
+use super::check::{check, Missing};
+use super::plan::Status;
+use super::READINESS_CHECK;
+use crate::config::Config;
+use crate::health::Readiness;
+
+/// How often `run` re-checks while something is missing, and once all exists.
+const RECHECK_MISSING: Duration = Duration::from_secs(5);
+const RECHECK_OK: Duration = Duration::from_secs(30);
+
+/// Starts the task `run` uses: with `sidecar.provision` it applies the plan (again after
+/// each reload); in any case it checks what the routes need, fails readiness with
+/// `provision:<kind>:<name>` for each missing thing, and re-checks until it exists. It
+/// waits for NATS, so a NATS outage never blocks startup. Readiness holds
+/// [`READINESS_CHECK`] from now until the first check has finished.
+pub fn spawn(
+    nats: async_nats::Client,
+    config: watch::Receiver<Arc<Config>>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    readiness.fail(READINESS_CHECK, "checking JetStream streams and buckets");
+    tokio::spawn(supervise(nats, config, readiness, shutdown))
+}
+
+async fn supervise(
+    nats: async_nats::Client,
+    mut config_rx: watch::Receiver<Arc<Config>>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    let mut watcher = Watcher::new(jetstream::new(nats.clone()), readiness);
+    loop {
+        while !crate::nats::connection::is_connected(&nats) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        let config = config_rx.borrow_and_update().clone();
+        let wait = if watcher.provision(&config).await { watcher.check(&config).await } else { RECHECK_MISSING };
+        if wait_or_stop(&shutdown, &mut config_rx, wait).await {
+            return;
+        }
+    }
+}
+
+/// What the loop remembers from one round to the next.
+struct Watcher {
+    js: jetstream::Context,
+    readiness: Arc<Readiness>,
+    /// The readiness checks failing for a missing resource, to pass them once it exists.
+    failing: BTreeSet<String>,
+    /// The config last provisioned: a round without a reload does not provision again.
+    provisioned: Option<Arc<Config>>,
+    /// The last check error: a persisting error is logged once, not every round.
+    last_error: Option<String>,
+}
+
+impl Watcher {
+    fn new(js: jetstream::Context, readiness: Arc<Readiness>) -> Self {
+        Self { js, readiness, failing: BTreeSet::new(), provisioned: None, last_error: None }
+    }
+
+    /// Applies the plan if `sidecar.provision` asks for it and this config has not been
+    /// applied yet; false when that failed (readiness then says why).
+    async fn provision(&mut self, config: &Arc<Config>) -> bool {
+        if !config.sidecar.provision || self.provisioned.as_ref().is_some_and(|p| Arc::ptr_eq(p, config)) {
+            return true;
+        }
+        match apply(&self.js, config, false).await {
+            Ok(plan) => {
+                for item in &plan.items {
+                    let text = item.to_string();
+                    match item.status {
+                        Status::Refused { .. } | Status::Failed { .. } => tracing::warn!("provision: {}", text.trim_end()),
+                        _ => tracing::info!("provision: {}", text.trim_end()),
+                    }
+                }
+                self.provisioned = Some(config.clone());
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "provisioning failed; retrying");
+                self.readiness.fail(READINESS_CHECK, format!("provisioning failed: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Checks what the routes need and updates readiness; how long to wait before the
+    /// next round.
+    async fn check(&mut self, config: &Config) -> Duration {
+        match check(&self.js, config).await {
+            Ok(missing) => {
+                self.last_error = None;
+                let now: BTreeSet<String> = missing.iter().map(Missing::check_name).collect();
+                for m in &missing {
+                    if !self.failing.contains(&m.check_name()) {
+                        tracing::warn!("{m}");
+                    }
+                    self.readiness.fail(m.check_name(), m.to_string());
+                }
+                for gone in self.failing.difference(&now) {
+                    tracing::info!(check = %gone, "now exists");
+                    self.readiness.pass(gone);
+                }
+                self.failing = now;
+                self.readiness.pass(READINESS_CHECK);
+                if self.failing.is_empty() {
+                    RECHECK_OK
+                } else {
+                    RECHECK_MISSING
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(error = %text, "cannot check JetStream resources; retrying");
+                }
+                self.last_error = Some(text);
+                if self.failing.is_empty() {
+                    self.readiness.fail(READINESS_CHECK, format!("cannot check JetStream resources: {e}"));
+                }
+                RECHECK_MISSING
+            }
+        }
+    }
+}
+
+/// Waits `wait`, or less when the config changes; true when it is time to stop.
+async fn wait_or_stop(shutdown: &CancellationToken, config: &mut watch::Receiver<Arc<Config>>, wait: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(wait) => false,
+        r = config.changed() => r.is_err(),
+    }
+}
