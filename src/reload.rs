@@ -26,6 +26,28 @@ pub struct Reloader {
     last: std::sync::Mutex<Option<String>>,
 }
 
+/// The settings a running sidecar cannot change, as they are named in the file, when they
+/// differ between `old` and `new`. Every other `[sidecar]` setting applies on reload: routes,
+/// `app_url`, `drain_timeout`, `provision`, `max_inflight_publishes` and `[sidecar.http]`.
+pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.sidecar, &new.sidecar);
+    [
+        // The listeners are bound once, by the process that owns them.
+        ("sidecar.listen", o.listen != n.listen),
+        ("sidecar.admin_listen", o.admin_listen != n.admin_listen),
+        // The service names the NATS connection, durable consumers and idempotency scope.
+        ("sidecar.service", o.service != n.service),
+        // One NATS connection for the process's lifetime.
+        ("nats.servers", old.nats.servers != new.nats.servers),
+        ("nats.auth", old.nats.auth != new.nats.auth),
+        ("nats.tls", old.nats.tls != new.nats.tls),
+        ("nats.connect_timeout", old.nats.connect_timeout != new.nats.connect_timeout),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
 impl Reloader {
     pub fn new(
         path: PathBuf,
@@ -34,50 +56,47 @@ impl Reloader {
         metrics: Metrics,
         changes: watch::Sender<Arc<Config>>,
     ) -> Self {
-        let last = std::fs::read_to_string(&path).ok();
+        let last = config::read(&path).ok();
         Self { path, overrides, table, metrics, changes, last: std::sync::Mutex::new(last) }
     }
 
     /// Loads the file again; `Ok(false)` when its content did not change.
     pub fn reload(&self) -> Result<bool, ConfigError> {
-        let text = std::fs::read_to_string(&self.path).ok();
-        {
-            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            if text.is_some() && *last == text {
-                return Ok(false);
-            }
+        // Read once: the text compared with the last load is the text validated.
+        let text = match config::read(&self.path) {
+            Ok(t) => t,
+            Err(e) => return Err(self.reject(None, e)),
+        };
+        if self.last.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(text.as_str()) {
+            return Ok(false);
         }
-        let result = config::load(&self.path);
-        match result {
-            Ok(mut c) => {
-                c.apply(&self.overrides);
-                let old = self.table.load();
-                let old_side = &old.routing.config.sidecar;
-                if old_side.listen != c.sidecar.listen || old_side.admin_listen != c.sidecar.admin_listen {
-                    tracing::warn!("listen addresses changed; they take effect at the next restart");
-                }
-                if old.routing.config.nats.servers != c.nats.servers || old.routing.config.nats.auth != c.nats.auth {
-                    tracing::warn!("[nats] settings changed; they take effect at the next restart");
-                }
-                for w in &c.warnings {
-                    tracing::warn!("{w}");
-                }
-                let c = Arc::new(c);
-                self.table.store(Arc::new(Table::new(Routing::new(c.clone()), &self.metrics)));
-                self.changes.send_replace(c.clone());
-                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = text;
-                self.metrics.config_reloads.inc();
-                tracing::info!(outbound = c.outbound.len(), inbound = c.inbound.len(), "routing file reloaded");
-                Ok(true)
-            }
-            Err(e) => {
-                self.metrics.config_reload_failures.inc();
-                // Remember the bad text so a burst of events does not log it again.
-                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = text;
-                tracing::error!("routing file rejected; keeping the previous table:\n{e}");
-                Err(e)
-            }
+        let mut c = match config::from_text(&self.path, &text) {
+            Ok(c) => c,
+            Err(e) => return Err(self.reject(Some(text), e)),
+        };
+        c.apply(&self.overrides);
+        let restart = needs_restart(&self.table.load().routing.config, &c);
+        if !restart.is_empty() {
+            tracing::warn!(settings = %restart.join(", "), "these settings changed; they take effect at the next restart");
         }
+        for w in &c.warnings {
+            tracing::warn!("{w}");
+        }
+        let c = Arc::new(c);
+        self.table.store(Arc::new(Table::new(Routing::new(c.clone()), &self.metrics)));
+        self.changes.send_replace(c.clone());
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+        self.metrics.config_reloads.inc();
+        tracing::info!(outbound = c.outbound.len(), inbound = c.inbound.len(), "routing file reloaded");
+        Ok(true)
+    }
+
+    fn reject(&self, text: Option<String>, e: ConfigError) -> ConfigError {
+        self.metrics.config_reload_failures.inc();
+        // Remember the bad text so a burst of events does not log it again.
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = text;
+        tracing::error!("routing file rejected; keeping the previous table:\n{e}");
+        e
     }
 
     /// Reloads on file changes and on `signals` (SIGHUP) until `shutdown`.
@@ -122,5 +141,45 @@ impl Reloader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(sidecar: &str, nats: &str) -> Config {
+        config::parse(&format!("[sidecar]\nservice = \"svc\"\n{sidecar}\n[nats]\n{nats}\n"), "t.toml").unwrap()
+    }
+
+    #[test]
+    fn settings_a_reload_cannot_change_are_named() {
+        let base = parse("", "");
+        assert!(needs_restart(&base, &parse("", "")).is_empty());
+        let cases = [
+            ("listen = \"127.0.0.1:5999\"", "", "sidecar.listen"),
+            ("admin_listen = \"127.0.0.1:5998\"", "", "sidecar.admin_listen"),
+            ("", "servers = [\"nats://127.0.0.1:5222\"]", "nats.servers"),
+            ("", "connect_timeout = \"9s\"", "nats.connect_timeout"),
+            ("", "token_env = \"NATS_TOKEN\"", "nats.auth"),
+        ];
+        for (sidecar, nats, name) in cases {
+            assert_eq!(needs_restart(&base, &parse(sidecar, nats)), vec![name], "{sidecar}{nats}");
+        }
+        let renamed = config::parse("[sidecar]\nservice = \"other\"\n", "t.toml").unwrap();
+        assert_eq!(needs_restart(&base, &renamed), vec!["sidecar.service"]);
+    }
+
+    #[test]
+    fn settings_that_apply_on_reload_are_not_named() {
+        let base = parse("", "");
+        let changed = parse(
+            "app_url = \"http://127.0.0.1:3999\"\ndrain_timeout = \"3s\"\nprovision = true\nmax_inflight_publishes = 7\n\
+             idle_timeout = \"5s\"\nmax_connections = 9",
+            "",
+        );
+        assert_ne!(base.sidecar.app_url, changed.sidecar.app_url);
+        assert_eq!(changed.sidecar.max_inflight_publishes, 7);
+        assert!(needs_restart(&base, &changed).is_empty());
     }
 }

@@ -343,11 +343,19 @@ impl Config {
 
 /// Reads and validates a routing file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        diagnostics: vec![Diagnostic { file: file.clone(), line: 0, route: None, message: format!("cannot read: {e}") }],
-    })?;
-    let mut config = parse(&src, &file)?;
+    from_text(path, &read(path)?)
+}
+
+/// Reads the routing file; a failure is a diagnostic on the file itself.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        diagnostics: vec![Diagnostic { file: path.display().to_string(), line: 0, route: None, message: format!("cannot read: {e}") }],
+    })
+}
+
+/// Validates text already read from `path` (hot reload reads the file once per change).
+pub fn from_text(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let mut config = parse(src, &path.display().to_string())?;
     config.source = path.to_path_buf();
     Ok(config)
 }
