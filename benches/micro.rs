@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use natsbridge::codec;
 use natsbridge::config::{Outbound, OutboundTarget};
-use natsbridge::routes::RouteTable;
+use natsbridge::egress::routes::RouteTable;
 use natsbridge::subject::SubjectTemplate;
 
 /// `n` realistic routes, in groups of four per service: a static path, a one-capture

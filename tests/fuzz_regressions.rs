@@ -91,7 +91,7 @@ fn regression_host_with_an_unclosed_ipv6_bracket_does_not_panic() {
         "t",
     )
     .unwrap();
-    let t = natsbridge::routes::RouteTable::new(&c);
+    let t = natsbridge::egress::routes::RouteTable::new(&c);
     assert!(t.lookup(&http::Method::GET, Some("[oops:80"), "/a").is_ok());
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natsbridge::config::IdempotencyStore;
-use natsbridge::idempotency::{kv_key, Claim, Store, StoredResponse};
+use natsbridge::ingress::idempotency::store::{kv_key, Claim, Store, StoredResponse};
 use support::*;
 
 async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> {

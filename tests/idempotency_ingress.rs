@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use natsbridge::config::{IdempotencyStore, Storage};
-use natsbridge::idempotency::{kv_key, Claim, Store, StoredResponse};
+use natsbridge::ingress::idempotency::store::{kv_key, Claim, Store, StoredResponse};
 use tokio::sync::Semaphore;
 
 use support::*;

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use natsbridge::codec;
 use natsbridge::config::{self, OutboundTarget};
-use natsbridge::routes::RouteTable;
+use natsbridge::egress::routes::RouteTable;
 use natsbridge::subject::SubjectTemplate;
 
 /// Hop-by-hop headers plus those a NATS hop recomputes (mirrors `codec`).
