@@ -33,7 +33,7 @@ pub enum BridgeError {
     #[error("no JetStream stream captures {subject}")]
     NoStream { subject: String },
     #[error("JetStream did not acknowledge the publish: {0}")]
-    JetStream(String),
+    JetStream(#[source] crate::nats::publish::PublishError),
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
     #[error("the reply could not be turned into a response: {0}")]

@@ -25,6 +25,7 @@ use crate::config::{Outbound, OutboundTarget};
 use crate::egress::routes::{Miss, Routing};
 use crate::metrics::{EgressRouteMetrics, InFlight, Metrics};
 use crate::nats::connection::is_connected;
+use crate::nats::publish::{publish_acked, PublishErrorKind};
 use crate::problem::BridgeError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -404,35 +405,11 @@ impl Egress {
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
             nats_headers.insert(codec::NATS_MSG_ID, key);
         }
-        let deadline = tokio::time::Instant::now() + route.timeout;
-        // During a stream leader election the server answers "no responders"; like the Go
-        // and .NET clients, retry twice 250 ms apart with the same Nats-Msg-Id.
-        let mut attempt = 0;
-        let ack = loop {
-            attempt += 1;
-            let publish = async {
-                let fut = self.js.publish_with_headers(subject.clone(), nats_headers.clone(), body.clone()).await?;
-                fut.await
-            };
-            // The ack future uses the client's timeout, not ours (nats.rs #1558).
-            match tokio::time::timeout_at(deadline, publish).await {
-                Ok(Ok(ack)) => break ack,
-                Ok(Err(e)) => {
-                    use async_nats::jetstream::context::PublishErrorKind as K;
-                    match e.kind() {
-                        K::StreamNotFound if attempt < 3 && tokio::time::Instant::now() + Duration::from_millis(250) < deadline => {
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        K::StreamNotFound => return Err(BridgeError::NoStream { subject }),
-                        K::MaxPayloadExceeded => {
-                            return Err(BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload })
-                        }
-                        _ => return Err(BridgeError::JetStream(e.to_string())),
-                    }
-                }
-                Err(_) => return Err(BridgeError::JetStream(format!("no ack within {:?}", route.timeout))),
-            }
-        };
+        let ack = publish_acked(&self.js, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
+            PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
+            PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
+            PublishErrorKind::TimedOut | PublishErrorKind::Failed => BridgeError::JetStream(e),
+        })?;
         let mut res = accepted(serde_json::json!({ "stream": ack.stream, "seq": ack.sequence, "duplicate": ack.duplicate }));
         let h = res.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&ack.stream) {
