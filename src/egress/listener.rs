@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -31,6 +31,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::HttpLimits;
 use crate::egress::{full, Body, BoxError, Egress};
+use crate::problem::BridgeError;
 
 type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
 type Connection = hyper::server::conn::http1::Connection<TokioIo<TrackedIo>, TowerToHyperService<EgressService>>;
@@ -185,11 +186,7 @@ async fn watch_connection(
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response<Body> {
-    let body = crate::problem::problem_body(StatusCode::INTERNAL_SERVER_ERROR, "panic", "handler panicked".into(), None, None);
-    let mut r = Response::new(full(body));
-    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::problem::PROBLEM_JSON));
-    r
+    BridgeError::Panicked.to_response(None, None).map(full)
 }
 
 fn unify_body<B>(r: Response<B>) -> Response<Body>
@@ -533,14 +530,8 @@ fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 }
 
 /// 400 with `Connection: close`: nothing after this request on the connection is parsed.
-fn bad_framing(why: &str) -> Response<Body> {
-    let body =
-        crate::problem::problem_body(StatusCode::BAD_REQUEST, "bad-framing", format!("ambiguous request framing: {why}"), None, None);
-    let mut r = Response::new(full(body));
-    *r.status_mut() = StatusCode::BAD_REQUEST;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::problem::PROBLEM_JSON));
-    r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    r
+fn bad_framing(why: &'static str) -> Response<Body> {
+    BridgeError::BadFraming(why).to_response(None, None).map(full)
 }
 
 #[cfg(test)]
