@@ -23,7 +23,7 @@ pub enum BridgeError {
     #[error("{0}")]
     BadRequest(String),
     #[error("could not read the request body: {0}")]
-    BodyRead(String),
+    BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("no service is listening on {subject}")]
     NoResponders { subject: String },
     #[error("no reply on {subject} within {timeout:?}")]
@@ -31,7 +31,7 @@ pub enum BridgeError {
     #[error("NATS is not connected")]
     NatsDisconnected,
     #[error("NATS error: {0}")]
-    Nats(String),
+    Nats(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("no JetStream stream captures {subject}")]
     NoStream { subject: String },
     #[error("JetStream did not acknowledge the publish: {0}")]
@@ -39,7 +39,7 @@ pub enum BridgeError {
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
     #[error("the reply could not be turned into a response: {0}")]
-    BadReply(String),
+    BadReply(#[source] crate::codec::ReplyError),
     #[error("upstream failed: {0}")]
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]

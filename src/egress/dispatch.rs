@@ -129,10 +129,10 @@ impl Egress {
                 K::TimedOut => BridgeError::Timeout { subject: subject.clone(), timeout: route.timeout },
                 K::MaxPayloadExceeded => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
                 K::InvalidSubject => BridgeError::BadRequest(format!("invalid subject {subject:?}")),
-                K::Other => BridgeError::Nats(e.to_string()),
+                K::Other => BridgeError::Nats(e.into()),
             }
         })?;
-        let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(|e| BridgeError::BadReply(e.to_string()))?;
+        let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(BridgeError::BadReply)?;
         let mut res = Response::new(full(r.body));
         *res.status_mut() = r.status;
         *res.headers_mut() = r.headers;
@@ -153,12 +153,12 @@ impl Egress {
             async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
                 BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
             }
-            _ => BridgeError::Nats(e.to_string()),
+            _ => BridgeError::Nats(e.into()),
         })?;
         // A buffered publish is no proof of delivery (nats.rs #1177): flush, bounded.
         match tokio::time::timeout(route.timeout, self.nats.flush()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BridgeError::Nats(e.to_string())),
+            Ok(Err(e)) => return Err(BridgeError::Nats(e.into())),
             Err(_) => return Err(BridgeError::NatsDisconnected),
         }
         Ok(accepted(serde_json::json!({ "subject": subject })))
@@ -248,7 +248,7 @@ async fn read_body(route: &Outbound, headers: &http::HeaderMap, body: Incoming) 
         if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
             BridgeError::BodyTooLarge { limit: route.max_body }
         } else {
-            BridgeError::BodyRead(e.to_string())
+            BridgeError::BodyRead(e)
         }
     })?;
     Ok(body.to_bytes())
