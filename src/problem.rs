@@ -1,5 +1,7 @@
 //! The sidecar's failures as HTTP: [`BridgeError`], the one mapping from an error to a
-//! status, and RFC 9457 `application/problem+json` bodies.
+//! status ([`BridgeError::status`]) and to a response ([`BridgeError::to_response`]), and
+//! RFC 9457 `application/problem+json` bodies. Egress, ingress replies and the idempotency
+//! guard all answer failures through it. Calls only `codec` (for header names).
 
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ pub enum BridgeError {
     #[error("{0}")]
     BadRequest(String),
     #[error("could not read the request body: {0}")]
-    BodyRead(String),
+    BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("no service is listening on {subject}")]
     NoResponders { subject: String },
     #[error("no reply on {subject} within {timeout:?}")]
@@ -29,21 +31,32 @@ pub enum BridgeError {
     #[error("NATS is not connected")]
     NatsDisconnected,
     #[error("NATS error: {0}")]
-    Nats(String),
+    Nats(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("no JetStream stream captures {subject}")]
     NoStream { subject: String },
     #[error("JetStream did not acknowledge the publish: {0}")]
-    JetStream(String),
+    JetStream(#[source] crate::nats::publish::PublishError),
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
     #[error("the reply could not be turned into a response: {0}")]
-    BadReply(String),
+    BadReply(#[source] crate::codec::ReplyError),
     #[error("upstream failed: {0}")]
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
     #[error("the sidecar is shutting down")]
     ShuttingDown,
+    /// Framing two HTTP parsers could read differently; the connection is closed after.
+    #[error("ambiguous request framing: {0}")]
+    BadFraming(&'static str),
+    #[error("handler panicked")]
+    Panicked,
+    #[error("a request with the same idempotency key is still being processed after {wait:?}; retry later")]
+    IdempotencyInFlight { wait: Duration },
+    #[error("the idempotency store is not bound yet")]
+    IdempotencyStoreUnbound,
+    #[error("the idempotency store cannot be used: {0}")]
+    IdempotencyUnavailable(String),
 }
 
 impl BridgeError {
@@ -54,12 +67,20 @@ impl BridgeError {
             NoRoute { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BadRequest(_) | BodyRead(_) => StatusCode::BAD_REQUEST,
-            NoResponders { .. } | NatsDisconnected | Nats(_) | NoStream { .. } | JetStream(_) | Overloaded | ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BadRequest(_) | BodyRead(_) | BadFraming(_) => StatusCode::BAD_REQUEST,
+            IdempotencyInFlight { .. } => StatusCode::CONFLICT,
+            NoResponders { .. }
+            | NatsDisconnected
+            | Nats(_)
+            | NoStream { .. }
+            | JetStream(_)
+            | Overloaded
+            | ShuttingDown
+            | IdempotencyStoreUnbound
+            | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            Panicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -84,13 +105,19 @@ impl BridgeError {
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",
             ShuttingDown => "shutting-down",
+            BadFraming(_) => "bad-framing",
+            Panicked => "panic",
+            IdempotencyInFlight { .. } => "idempotency-in-flight",
+            IdempotencyStoreUnbound | IdempotencyUnavailable(_) => "idempotency-unavailable",
         }
     }
 
     /// Seconds a client should wait before retrying, for the transient failures.
     fn retry_after(&self) -> Option<u32> {
-        match self.status() {
-            StatusCode::SERVICE_UNAVAILABLE => Some(1),
+        match self {
+            // The other handler of the key is likely done by then.
+            BridgeError::IdempotencyInFlight { .. } => Some(1),
+            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,
         }
     }
@@ -142,6 +169,10 @@ impl BridgeError {
                 h.insert(http::header::ALLOW, v);
             }
         }
+        if let BridgeError::BadFraming(_) = self {
+            // Nothing after this request on the connection is parsed.
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
             h.insert(crate::codec::REQUEST_ID, id);
         }
@@ -159,6 +190,25 @@ mod tests {
         assert_eq!(BridgeError::Timeout { subject: "a".into(), timeout: Duration::from_secs(1) }.status(), 504);
         assert_eq!(BridgeError::BadRequest("x".into()).status(), 400);
         assert_eq!(BridgeError::PayloadTooLarge { max_payload: 1 }.status(), 413);
+        assert_eq!(BridgeError::BadFraming("x").status(), 400);
+        assert_eq!(BridgeError::Panicked.status(), 500);
+        assert_eq!(BridgeError::IdempotencyInFlight { wait: Duration::from_secs(1) }.status(), 409);
+        assert_eq!(BridgeError::IdempotencyStoreUnbound.status(), 503);
+    }
+
+    #[test]
+    fn edge_refusals_keep_their_headers() {
+        let r = BridgeError::BadFraming("both Content-Length and Transfer-Encoding").to_response(None, None);
+        assert_eq!(r.headers()["connection"], "close");
+        assert!(r.headers().get("retry-after").is_none());
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["type"], "urn:natsbridge:problem:bad-framing");
+        assert_eq!(v["detail"], "ambiguous request framing: both Content-Length and Transfer-Encoding");
+
+        let r = BridgeError::IdempotencyInFlight { wait: Duration::from_secs(2) }.to_response(Some("orders"), Some("rid"));
+        assert_eq!(r.status(), 409);
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(r.headers()["x-request-id"], "rid");
     }
 
     #[test]

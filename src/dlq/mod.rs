@@ -10,6 +10,7 @@ use bytes::Bytes;
 use prometheus::IntCounter;
 
 use crate::metrics::Metrics;
+use crate::nats::publish::{publish_acked, PublishError};
 
 /// `natsbridge dlq list|show|replay|purge`: inspecting, replaying and purging dead letters.
 pub mod cli;
@@ -156,16 +157,6 @@ pub fn error_excerpt(body: &[u8]) -> String {
     out.trim().to_owned()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DlqError {
-    #[error("no stream captures the dead-letter subject {0:?}")]
-    NoStream(String),
-    #[error("dead letter to {subject:?} was not acknowledged within {timeout:?}")]
-    Timeout { subject: String, timeout: Duration },
-    #[error("dead letter to {subject:?} failed: {message}")]
-    JetStream { subject: String, message: String },
-}
-
 /// Publishes dead letters and waits for the stream's ack: nothing may be termed before a
 /// stream holds its dead letter.
 #[derive(Clone)]
@@ -184,33 +175,8 @@ impl Publisher {
         subject: &str,
         headers: async_nats::HeaderMap,
         payload: Bytes,
-    ) -> Result<async_nats::jetstream::publish::PublishAck, DlqError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let publish = async {
-                let ack = self.js.publish_with_headers(subject.to_owned(), headers.clone(), payload.clone()).await?;
-                ack.await
-            };
-            // The ack future follows the client's timeout, not ours (nats.rs #1558).
-            match tokio::time::timeout_at(deadline, publish).await {
-                Ok(Ok(ack)) => return Ok(ack),
-                Ok(Err(e)) => {
-                    use async_nats::jetstream::context::PublishErrorKind as K;
-                    match e.kind() {
-                        // A stream leader election answers "no responders" for a moment; the
-                        // same headers (and Nats-Msg-Id, if any) keep the retry deduplicated.
-                        K::StreamNotFound if attempt < 3 && tokio::time::Instant::now() + Duration::from_millis(250) < deadline => {
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        K::StreamNotFound => return Err(DlqError::NoStream(subject.to_owned())),
-                        _ => return Err(DlqError::JetStream { subject: subject.to_owned(), message: e.to_string() }),
-                    }
-                }
-                Err(_) => return Err(DlqError::Timeout { subject: subject.to_owned(), timeout: self.timeout }),
-            }
-        }
+    ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
+        publish_acked(&self.js, subject, headers, payload, self.timeout).await
     }
 }
 

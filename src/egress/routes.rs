@@ -1,10 +1,15 @@
-//! The egress route table: a radix tree per host (matchit) that finds the outbound route
-//! for a method, host and path in time independent of the number of routes.
+//! The egress routes, in three layers, innermost first:
+//! - [`RouteTable`]: a radix tree per host (matchit) that finds the outbound route for a
+//!   method, host and path in time independent of the number of routes;
+//! - [`Routing`]: a config together with its route table, what a reload builds;
+//! - [`Table`]: the routing in force with each route's metric handles, what the listener
+//!   loads once per request and a reload swaps whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{strip_port, Config, Outbound};
+use crate::metrics::{EgressRouteMetrics, Metrics};
 
 /// One path pattern's routes, distinguished by method (`None` = any method).
 #[derive(Debug, Default)]
@@ -138,6 +143,33 @@ impl Routing {
     pub fn new(config: Arc<Config>) -> Self {
         let table = RouteTable::new(&config);
         Self { config, table }
+    }
+}
+
+/// The routing in force, with each route's metric handles (same order as its routes).
+pub struct Table {
+    pub routing: Routing,
+    metrics: Vec<EgressRouteMetrics>,
+}
+
+impl Table {
+    pub fn new(routing: Routing, metrics: &Metrics) -> Self {
+        let per_route = routing.table.routes().iter().map(|r| metrics.egress_route(&r.name, r.mode().as_str())).collect();
+        Self { routing, metrics: per_route }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.routing.config
+    }
+
+    /// Finds the route for a request; see [`RouteTable::lookup`].
+    pub fn lookup<'t, 'p>(&'t self, method: &http::Method, host: Option<&str>, path: &'p str) -> Result<Match<'t, 'p>, Miss> {
+        self.routing.table.lookup(method, host, path)
+    }
+
+    /// Records one answered request of the route at `index` (from its [`Match`]).
+    pub fn observe(&self, index: usize, status: http::StatusCode, elapsed: std::time::Duration) {
+        self.metrics[index].observe(status, elapsed.as_secs_f64());
     }
 }
 

@@ -18,11 +18,15 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot read secret {0:?}: {1}")]
-    Secret(Secret, String),
+    Secret(Secret, &'static str),
+    #[error("cannot read secret {0:?}: {1}")]
+    SecretFile(Secret, #[source] std::io::Error),
     #[error("cannot read NATS credentials file {0}: {1}")]
     Credentials(String, std::io::Error),
     #[error("NATS TLS {0} {1}: {2}")]
-    Tls(&'static str, String, String),
+    Tls(&'static str, String, &'static str),
+    #[error("NATS TLS {0} {1}: {2}")]
+    TlsFile(&'static str, String, #[source] std::io::Error),
     #[error("cannot connect to NATS: {0}")]
     Connect(#[from] async_nats::ConnectError),
     #[error("cannot connect to NATS at {servers} within {}: {why}", humantime::format_duration(*.timeout))]
@@ -35,15 +39,13 @@ pub type EnvLookup<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 fn resolve(secret: &Secret, env: EnvLookup<'_>) -> Result<String, ConnectError> {
     let value = match secret {
         Secret::File(p) => {
-            std::fs::read_to_string(p).map(|s| s.trim().to_owned()).map_err(|e| ConnectError::Secret(secret.clone(), e.to_string()))?
+            std::fs::read_to_string(p).map(|s| s.trim().to_owned()).map_err(|e| ConnectError::SecretFile(secret.clone(), e))?
         }
-        Secret::Env(v) => {
-            env(v).map(|s| s.trim().to_owned()).ok_or_else(|| ConnectError::Secret(secret.clone(), "variable is not set".into()))?
-        }
+        Secret::Env(v) => env(v).map(|s| s.trim().to_owned()).ok_or_else(|| ConnectError::Secret(secret.clone(), "variable is not set"))?,
     };
     // An empty secret would silently connect without credentials.
     if value.is_empty() {
-        return Err(ConnectError::Secret(secret.clone(), "it is empty".into()));
+        return Err(ConnectError::Secret(secret.clone(), "it is empty"));
     }
     Ok(value)
 }
@@ -54,10 +56,10 @@ fn resolve(secret: &Secret, env: EnvLookup<'_>) -> Result<String, ConnectError> 
 fn check_user_seed(secret: &Secret, seed: &str) -> Result<(), ConnectError> {
     let base32 = seed.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
     if seed.len() != 58 || !base32 {
-        return Err(ConnectError::Secret(secret.clone(), "not an nkey seed (expected 58 base32 characters starting with SU)".into()));
+        return Err(ConnectError::Secret(secret.clone(), "not an nkey seed (expected 58 base32 characters starting with SU)"));
     }
     if !seed.starts_with("SU") {
-        return Err(ConnectError::Secret(secret.clone(), "not a user nkey seed (it must start with SU)".into()));
+        return Err(ConnectError::Secret(secret.clone(), "not a user nkey seed (it must start with SU)"));
     }
     Ok(())
 }
@@ -65,9 +67,9 @@ fn check_user_seed(secret: &Secret, seed: &str) -> Result<(), ConnectError> {
 /// TLS files are read at every connect attempt; a missing or unreadable one fails the
 /// start instead of looping on "TLS error".
 fn check_pem(what: &'static str, path: &std::path::Path) -> Result<(), ConnectError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConnectError::Tls(what, path.display().to_string(), e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConnectError::TlsFile(what, path.display().to_string(), e))?;
     if !text.contains("-----BEGIN ") {
-        return Err(ConnectError::Tls(what, path.display().to_string(), "no PEM block in the file".into()));
+        return Err(ConnectError::Tls(what, path.display().to_string(), "no PEM block in the file"));
     }
     Ok(())
 }

@@ -24,13 +24,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec;
 use crate::config::{Idempotency, IdempotencyStore};
 use crate::health::Readiness;
 use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
-use crate::problem::{problem_body, PROBLEM_JSON};
+use crate::problem::BridgeError;
 
 /// The readiness check that fails while the idempotency store cannot be used.
 pub const READINESS_CHECK: &str = "idempotency";
@@ -208,23 +207,11 @@ impl Guard {
         match self.claim(key).await {
             Begin::Run(c) => return Ok(c),
             Begin::Replay(r) => return Err(replay(r)),
-            Begin::Unavailable(why) => {
-                return Err(self.problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "idempotency-unavailable",
-                    format!("the idempotency store cannot be used: {why}"),
-                    rid,
-                ))
-            }
+            Begin::Unavailable(why) => return Err(self.refusal(BridgeError::IdempotencyUnavailable(why), rid)),
             Begin::InFlight { .. } => {}
         }
         let Some(store) = self.store.borrow().clone() else {
-            return Err(self.problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "idempotency-unavailable",
-                "the idempotency store is not bound yet".into(),
-                rid,
-            ));
+            return Err(self.refusal(BridgeError::IdempotencyStoreUnbound, rid));
         };
         let deadline = tokio::time::Instant::now() + wait;
         match store.wait_done(&kv_key(&self.route, key), deadline).await {
@@ -236,30 +223,15 @@ impl Guard {
             Err(e) => {
                 let why = e.to_string();
                 self.store_failed("wait", &why);
-                return Err(self.problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "idempotency-unavailable",
-                    format!("the idempotency store cannot be used: {why}"),
-                    rid,
-                ));
+                return Err(self.refusal(BridgeError::IdempotencyUnavailable(why), rid));
             }
         }
         // Released (the other handler failed), expired, or still running: once more.
         match self.claim(key).await {
             Begin::Run(c) => Ok(c),
             Begin::Replay(r) => Err(replay(r)),
-            Begin::Unavailable(why) => Err(self.problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "idempotency-unavailable",
-                format!("the idempotency store cannot be used: {why}"),
-                rid,
-            )),
-            Begin::InFlight { .. } => Err(self.problem(
-                StatusCode::CONFLICT,
-                "idempotency-in-flight",
-                format!("a request with the same idempotency key is still being processed after {wait:?}; retry later"),
-                rid,
-            )),
+            Begin::Unavailable(why) => Err(self.refusal(BridgeError::IdempotencyUnavailable(why), rid)),
+            Begin::InFlight { .. } => Err(self.refusal(BridgeError::IdempotencyInFlight { wait }, rid)),
         }
     }
 
@@ -298,14 +270,10 @@ impl Guard {
         }
     }
 
-    fn problem(&self, status: StatusCode, kind: &str, detail: String, rid: Option<&str>) -> AppResponse {
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(1));
-        if let Some(id) = rid.and_then(|id| HeaderValue::from_str(id).ok()) {
-            headers.insert(codec::REQUEST_ID, id);
-        }
-        AppResponse { status, headers, body: problem_body(status, kind, detail, Some(&self.route), rid) }
+    /// The reply instead of calling the app; its status and body come from `problem`.
+    fn refusal(&self, e: BridgeError, rid: Option<&str>) -> AppResponse {
+        let (parts, body) = e.to_response(Some(&self.route), rid).into_parts();
+        AppResponse { status: parts.status, headers: parts.headers, body }
     }
 }
 

@@ -1,0 +1,302 @@
+//! One egress request, from route lookup to response: the request id, the route and its
+//! subject, the body under the route's limit, then one function per mode. Failures are
+//! [`BridgeError`]s; `problem` turns them into responses.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::codec;
+use crate::config::{Outbound, OutboundTarget};
+use crate::egress::routes::{Match, Miss};
+use crate::egress::{full, Body, BoxError, Egress};
+use crate::metrics::InFlight;
+use crate::nats::connection::is_connected;
+use crate::nats::publish::{publish_acked, PublishErrorKind};
+use crate::problem::BridgeError;
+
+impl Egress {
+    /// Answers one request; every request gets an `X-Request-Id` (kept when the app sent
+    /// one), echoed back.
+    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let _in_flight = InFlight::new(&self.metrics.egress_in_flight);
+        let started = Instant::now();
+        let table = self.table.load_full();
+        let req = ensure_request_id(req);
+        let rid = request_id(&req);
+        // Absolute form (HTTP_PROXY) carries the host in the URI; origin form in Host.
+        let host = match req.uri().authority() {
+            Some(a) => Some(a.host().to_owned()),
+            None => req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned),
+        };
+        let path = req.uri().path().to_owned();
+        let (route, index, subject) = match table.lookup(req.method(), host.as_deref(), &path) {
+            Ok(m) => match subject_of(&m) {
+                Ok(subject) => (m.route, m.index, subject),
+                Err(e) => {
+                    let res = e.to_response(Some(&m.route.name), rid.as_deref());
+                    table.observe(m.index, res.status(), started.elapsed());
+                    return res.map(full);
+                }
+            },
+            Err(Miss::NotFound) => {
+                let e = BridgeError::NoRoute { method: req.method().to_string(), path };
+                return e.to_response(None, rid.as_deref()).map(full);
+            }
+            Err(Miss::MethodNotAllowed(allowed)) => {
+                let e = BridgeError::MethodNotAllowed { allowed: allowed.iter().map(|m| m.to_string()).collect() };
+                return e.to_response(None, rid.as_deref()).map(full);
+            }
+        };
+        let mut res = match self.dispatch(route, subject, req).await {
+            Ok(res) => res,
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::debug!(route = %route.name, error = %e, "egress request failed");
+                }
+                e.to_response(Some(&route.name), rid.as_deref()).map(full)
+            }
+        };
+        table.observe(index, res.status(), started.elapsed());
+        if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
+            res.headers_mut().insert(codec::REQUEST_ID, id);
+        }
+        res
+    }
+
+    /// Reads the body under the route's limit, then carries the request by its mode.
+    async fn dispatch(&self, route: &Outbound, subject: Option<String>, req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
+        let (parts, body) = req.into_parts();
+        let body = read_body(route, &parts.headers, body).await?;
+        let subject = subject.unwrap_or_default();
+        match &route.target {
+            OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body).await,
+            OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
+            OutboundTarget::Publish(_) => self.publish(route, subject, &parts.headers, body).await,
+            OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
+            OutboundTarget::Http { upstream } => self.proxy(route, upstream, parts, body).await,
+        }
+    }
+
+    fn ensure_connected(&self) -> Result<(), BridgeError> {
+        // Without this, requests would sit in the client's buffer until their timeout.
+        if is_connected(&self.nats) {
+            Ok(())
+        } else {
+            Err(BridgeError::NatsDisconnected)
+        }
+    }
+
+    /// `request` mode: a NATS request with the HTTP headers; the reply is the response.
+    async fn request(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        self.nats_request(route, subject, codec::http_to_nats_headers(headers), body).await
+    }
+
+    /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
+    async fn tunnel(
+        &self,
+        route: &Outbound,
+        subject: String,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
+        self.nats_request(route, subject, headers, body).await
+    }
+
+    async fn nats_request(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        self.ensure_connected()?;
+        let request = async_nats::client::Request::new().headers(headers).payload(body).timeout(Some(route.timeout));
+        let reply = self.nats.send_request(subject.clone(), request).await.map_err(|e| {
+            use async_nats::client::RequestErrorKind as K;
+            match e.kind() {
+                K::NoResponders => BridgeError::NoResponders { subject: subject.clone() },
+                K::TimedOut => BridgeError::Timeout { subject: subject.clone(), timeout: route.timeout },
+                K::MaxPayloadExceeded => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
+                K::InvalidSubject => BridgeError::BadRequest(format!("invalid subject {subject:?}")),
+                K::Other => BridgeError::Nats(e.into()),
+            }
+        })?;
+        let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(BridgeError::BadReply)?;
+        let mut res = Response::new(full(r.body));
+        *res.status_mut() = r.status;
+        *res.headers_mut() = r.headers;
+        Ok(res)
+    }
+
+    /// `publish` mode: fire and forget, answered 202 once the server has the message.
+    async fn publish(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        self.ensure_connected()?;
+        let nats_headers = codec::http_to_nats_headers(headers);
+        self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
+            async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
+            }
+            _ => BridgeError::Nats(e.into()),
+        })?;
+        // A buffered publish is no proof of delivery (nats.rs #1177): flush, bounded.
+        match tokio::time::timeout(route.timeout, self.nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BridgeError::Nats(e.into())),
+            Err(_) => return Err(BridgeError::NatsDisconnected),
+        }
+        Ok(accepted(serde_json::json!({ "subject": subject })))
+    }
+
+    /// `jetstream` mode: answered 202 once a stream acknowledged the message; an
+    /// `Idempotency-Key` becomes its `Nats-Msg-Id`, so the stream deduplicates retries.
+    async fn jetstream(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        self.ensure_connected()?;
+        let _permit = self.publish_permits.try_acquire().map_err(|_| BridgeError::Overloaded)?;
+        let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
+        let mut nats_headers = codec::http_to_nats_headers(headers);
+        if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
+            nats_headers.insert(codec::NATS_MSG_ID, key);
+        }
+        let ack = publish_acked(&self.js, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
+            PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
+            PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
+            PublishErrorKind::TimedOut | PublishErrorKind::Failed => BridgeError::JetStream(e),
+        })?;
+        let mut res = accepted(serde_json::json!({ "stream": ack.stream, "seq": ack.sequence, "duplicate": ack.duplicate }));
+        let h = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&ack.stream) {
+            h.insert(codec::BRIDGE_STREAM, v);
+        }
+        h.insert(codec::BRIDGE_SEQ, HeaderValue::from(ack.sequence));
+        Ok(res)
+    }
+
+    /// `http` routes: proxied to the upstream as plain HTTP, the response streamed back.
+    async fn proxy(
+        &self,
+        route: &Outbound,
+        upstream: &http::Uri,
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let base = upstream.path().trim_end_matches('/');
+        let uri = format!(
+            "{}://{}{}{}",
+            upstream.scheme_str().unwrap_or("http"),
+            upstream.authority().map(|a| a.as_str()).unwrap_or(""),
+            base,
+            pq
+        );
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = uri.parse().map_err(|e: http::uri::InvalidUri| BridgeError::BadRequest(e.to_string()))?;
+        *req.headers_mut() = codec::end_to_end_headers(&parts.headers);
+        let res = tokio::time::timeout(route.timeout, self.upstream.request(req))
+            .await
+            .map_err(|_| BridgeError::UpstreamTimeout(route.timeout))?
+            .map_err(|e| BridgeError::Upstream(e.to_string()))?;
+        let (mut parts, body) = res.into_parts();
+        parts.headers = codec::end_to_end_headers(&parts.headers);
+        Ok(Response::from_parts(parts, body.map_err(box_error).boxed_unsync()))
+    }
+}
+
+/// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
+/// template filled from the path captures.
+fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
+    match &m.route.target {
+        OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) => {
+            t.render(|name| m.params.get(name)).map(Some).map_err(|e| BridgeError::BadRequest(e.to_string()))
+        }
+        OutboundTarget::Tunnel { subject, .. } => Ok(Some(subject.clone())),
+        OutboundTarget::Http { .. } => Ok(None),
+    }
+}
+
+/// The whole request body, refused (413) past the route's `max_body` whether declared
+/// by `Content-Length` or streamed.
+async fn read_body(route: &Outbound, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, BridgeError> {
+    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > route.max_body as u64) {
+        return Err(BridgeError::BodyTooLarge { limit: route.max_body });
+    }
+    let body = Limited::new(body, route.max_body).collect().await.map_err(|e: BoxError| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            BridgeError::BodyTooLarge { limit: route.max_body }
+        } else {
+            BridgeError::BodyRead(e)
+        }
+    })?;
+    Ok(body.to_bytes())
+}
+
+fn accepted(v: serde_json::Value) -> Response<Body> {
+    let mut res = Response::new(full(serde_json::to_vec(&v).unwrap_or_default()));
+    *res.status_mut() = StatusCode::ACCEPTED;
+    res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn box_error(e: hyper::Error) -> BoxError {
+    Box::new(e)
+}
+
+fn ensure_request_id(mut req: Request<Incoming>) -> Request<Incoming> {
+    if !req.headers().contains_key(codec::REQUEST_ID) {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = new_request_id().hyphenated().encode_lower(&mut buf);
+        if let Ok(v) = HeaderValue::from_str(id) {
+            req.headers_mut().insert(codec::REQUEST_ID, v);
+        }
+    }
+    req
+}
+
+/// A random (v4) UUID for `X-Request-Id`, from a per-thread generator seeded once from the
+/// OS: request ids need to be unique, not unpredictable, and a `getrandom` system call
+/// per request showed up in the profile.
+fn new_request_id() -> uuid::Uuid {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(uuid::Uuid::new_v4().as_u64_pair().0 | 1);
+    }
+    // SplitMix64: a full-period 64-bit sequence with well-mixed output.
+    fn next(state: &Cell<u64>) -> u64 {
+        let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let bits = STATE.with(|s| ((next(s) as u128) << 64) | next(s) as u128);
+    uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid()
+}
+
+fn request_id(req: &Request<Incoming>) -> Option<String> {
+    req.headers().get(codec::REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}

@@ -1,0 +1,554 @@
+//! The egress listener: accepts connections under `max_connections`, serves HTTP/1.1 on
+//! them through one tower stack, and guards the edge. Knows nothing of routes: each
+//! request goes to [`Egress::handle`].
+//!
+//! Edge limits (`[sidecar]`), enforced per connection by a watchdog (see [`Activity`]):
+//! - `header_read_timeout`: a request head must arrive whole within it, counted from the
+//!   accept (first request) or from its first byte (later requests): slowloris guard;
+//! - `idle_timeout`: a keep-alive connection waiting for its next request is closed after
+//!   it, and so is one with a request in progress but no bytes moving either way;
+//! - `max_headers`, `max_header_bytes`: enforced by hyper (431), whatever the read split;
+//! - `max_connections`: past it, new connections wait in the kernel backlog.
+//!
+//! Requests whose framing two HTTP parsers could read differently are refused before
+//! they reach the handler (see [`reject_ambiguous_framing`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::config::HttpLimits;
+use crate::egress::{full, Body, BoxError, Egress};
+use crate::problem::BridgeError;
+
+type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+type Connection = hyper::server::conn::http1::Connection<TokioIo<TrackedIo>, TowerToHyperService<EgressService>>;
+
+/// What the accept loop tells its connections, by rising severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stop {
+    Serve,
+    /// Finish the request in flight, then close.
+    Drain,
+    /// Close now: the drain timed out.
+    Abort,
+}
+
+/// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
+/// in-flight requests finish for up to `drain_timeout` (from the config in force).
+pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let (limits, drain_timeout) = {
+        let table = egress.table.load();
+        (table.config().sidecar.http.clone(), table.config().sidecar.drain_timeout)
+    };
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(Stop::Serve);
+    let http = http1_builder(&limits);
+    let svc = egress_service(egress);
+
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = connections.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            s = accept(&listener) => s,
+        };
+        let Some(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
+        let service = tracked_service(svc.clone(), activity.clone());
+        let conn = http.serve_connection(io, TowerToHyperService::new(service));
+        tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), permit));
+    }
+    drop(listener);
+    let _ = stop_tx.send(Stop::Drain);
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    tokio::select! {
+        _ = connections.acquire_many(all) => tracing::info!("egress drained"),
+        _ = tokio::time::sleep(drain_timeout) => {
+            tracing::warn!(drain = ?drain_timeout, "egress drain timed out; dropping remaining connections");
+            let _ = stop_tx.send(Stop::Abort);
+        }
+    }
+    Ok(())
+}
+
+/// The next connection; `None` after a failed accept, once a short back-off has passed.
+async fn accept(listener: &TcpListener) -> Option<TcpStream> {
+    match listener.accept().await {
+        Ok((stream, _peer)) => Some(stream),
+        Err(e) => {
+            // EMFILE and friends: back off instead of spinning.
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
+fn http1_builder(limits: &HttpLimits) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        // Ours (the watchdog) instead: hyper's runs while a keep-alive connection idles,
+        // which would cut every idle connection at the header timeout.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    http
+}
+
+/// The tower stack, in one place; cloned per connection.
+fn egress_service(egress: Arc<Egress>) -> EgressService {
+    // Boxed: erasing the stack's type sidesteps rustc's higher-ranked Send bug (#102211).
+    tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            // hyper needs one concrete body type; CatchPanic wraps ours in its own.
+            .map_response(unify_body)
+            // A panicking handler answers 500 instead of killing the connection.
+            .layer(CatchPanicLayer::custom(panic_response))
+            .service_fn(move |req: Request<Incoming>| {
+                let egress = egress.clone();
+                async move {
+                    // Framing hyper tolerates but a front proxy might read differently.
+                    if let Some(res) = reject_ambiguous_framing(&req) {
+                        return Ok(res);
+                    }
+                    Ok(egress.handle(req).await)
+                }
+            }),
+    )
+}
+
+/// Drives one connection until it ends, the listener stops, or its watchdog expires;
+/// holds the connection's `max_connections` permit until then.
+async fn watch_connection(
+    conn: Connection,
+    activity: Arc<Activity>,
+    mut stop: watch::Receiver<Stop>,
+    limits: HttpLimits,
+    permit: OwnedSemaphorePermit,
+) {
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        let deadline = activity.deadline(&limits);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "egress connection ended with an error");
+                }
+                break;
+            }
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() >= Stop::Abort {
+                    break;
+                }
+                if !draining {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = activity.changed() => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                match activity.expired(&limits) {
+                    Some(Expired::Idle) => {
+                        // Nothing in flight: hyper closes at once.
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    Some(why) => {
+                        tracing::debug!(?why, "egress connection timed out; closing");
+                        break;
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    drop(permit);
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response<Body> {
+    BridgeError::Panicked.to_response(None, None).map(full)
+}
+
+fn unify_body<B>(r: Response<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    r.map(|b| b.map_err(Into::into).boxed_unsync())
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-connection edge limits: what the connection is doing, and since when.
+
+/// Why a connection's watchdog closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// Waiting for the next request longer than `idle_timeout`.
+    Idle,
+    /// A request head (started at accept or by its first byte) not complete in time.
+    HeaderTimeout,
+    /// A request in progress, but no bytes read or written for `idle_timeout`.
+    Stalled,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for a request head. `head` is when it started: the accept for a new
+    /// connection, the first byte for a later request; `None` while idle.
+    AwaitingHead { since: Instant, head: Option<Instant> },
+    /// Requests handed to the service whose responses are not yet fully written.
+    InRequest(usize),
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    phase: Phase,
+    last_io: Instant,
+    /// The raw bytes of the request head being read (first read of it onwards), until its
+    /// blank line; then `framing` holds what is wrong with it, if anything.
+    head_bytes: Vec<u8>,
+    head_done: bool,
+    framing: Option<&'static str>,
+}
+
+/// Raw heads larger than this are not sniffed: hyper refuses them anyway (431).
+const MAX_SNIFF: usize = 256 << 10;
+
+/// Shared by a connection's IO wrapper, its service and its watchdog.
+#[derive(Debug)]
+struct Activity {
+    state: std::sync::Mutex<ActivityState>,
+    /// Wakes the watchdog when a deadline may have moved earlier (a head started).
+    notify: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            state: std::sync::Mutex::new(ActivityState {
+                phase: Phase::AwaitingHead { since: now, head: Some(now) },
+                last_io: now,
+                head_bytes: Vec::new(),
+                head_done: false,
+                framing: None,
+            }),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.last_io = now;
+        if let Phase::AwaitingHead { head, .. } = &mut s.phase {
+            let started = head.is_none();
+            if started {
+                *head = Some(now);
+            }
+            if !s.head_done && s.head_bytes.is_empty() {
+                // The usual case: the whole head (and often the body) in one read. Look at
+                // it in place instead of copying the read into `head_bytes`.
+                if let Some(end) = find_blank_line(data) {
+                    s.framing = framing_problem(&data[..end]);
+                    s.head_done = true;
+                }
+            }
+            if !s.head_done {
+                // hyper hides framing details (identical Content-Length lines merged,
+                // Content-Length dropped next to Transfer-Encoding): look at the wire.
+                let from = s.head_bytes.len().saturating_sub(3);
+                s.head_bytes.extend_from_slice(data);
+                if let Some(end) = find_blank_line(&s.head_bytes[from..]).map(|e| e + from) {
+                    s.framing = framing_problem(&s.head_bytes[..end]);
+                    s.head_done = true;
+                    s.head_bytes = Vec::new();
+                } else if s.head_bytes.len() > MAX_SNIFF {
+                    s.head_done = true;
+                    s.head_bytes = Vec::new();
+                }
+            }
+            drop(s);
+            if started {
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    fn wrote(&self) {
+        self.lock().last_io = Instant::now();
+    }
+
+    /// The service got a request: its head is complete. Returns what is wrong with its
+    /// framing on the wire, if anything.
+    fn begin(&self) -> Option<&'static str> {
+        let mut s = self.lock();
+        s.phase = match s.phase {
+            Phase::InRequest(n) => Phase::InRequest(n + 1),
+            Phase::AwaitingHead { .. } => Phase::InRequest(1),
+        };
+        s.head_done = false;
+        s.head_bytes = Vec::new();
+        s.framing.take()
+    }
+
+    /// A response was written (its body dropped by hyper): the connection may idle.
+    fn end(&self) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.phase = match s.phase {
+            Phase::InRequest(n) if n > 1 => Phase::InRequest(n - 1),
+            _ => Phase::AwaitingHead { since: now, head: None },
+        };
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await
+    }
+
+    fn deadline(&self, limits: &HttpLimits) -> Instant {
+        let s = self.lock();
+        match s.phase {
+            Phase::AwaitingHead { head: Some(h), .. } => h + limits.header_read_timeout,
+            Phase::AwaitingHead { since, head: None } => since + limits.idle_timeout,
+            Phase::InRequest(_) => s.last_io + limits.idle_timeout,
+        }
+    }
+
+    fn expired(&self, limits: &HttpLimits) -> Option<Expired> {
+        let now = Instant::now();
+        let s = self.lock();
+        match s.phase {
+            Phase::AwaitingHead { head: Some(h), .. } if now >= h + limits.header_read_timeout => Some(Expired::HeaderTimeout),
+            Phase::AwaitingHead { since, head: None } if now >= since + limits.idle_timeout => Some(Expired::Idle),
+            Phase::InRequest(_) if now >= s.last_io + limits.idle_timeout => Some(Expired::Stalled),
+            _ => None,
+        }
+    }
+}
+
+/// Marks the connection's activity on every read and write.
+struct TrackedIo {
+    inner: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for TrackedIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = r {
+            this.activity.read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for TrackedIo {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.activity.wrote();
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.activity.wrote();
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Ends the request's activity when hyper drops the response body (fully written, or the
+/// connection failed).
+struct EndOfResponse(Arc<Activity>);
+
+impl Drop for EndOfResponse {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// The egress service for one connection: marks each request's start and end, and
+/// refuses a request whose head was ambiguous on the wire.
+fn tracked_service(svc: EgressService, activity: Arc<Activity>) -> EgressService {
+    use tower::ServiceExt as _;
+    tower::util::BoxCloneService::new(tower::service_fn(move |req: Request<Incoming>| {
+        let framing = activity.begin();
+        let guard = EndOfResponse(activity.clone());
+        let svc = svc.clone();
+        async move {
+            let res = match framing {
+                Some(why) => bad_framing(why),
+                None => svc.oneshot(req).await?,
+            };
+            Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }.boxed_unsync()))
+        }
+    }))
+}
+
+/// A response body that holds a guard until it is dropped, and keeps the inner body's
+/// size hint so a sized response still gets its `Content-Length`.
+struct Guarded<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+fn find_blank_line(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| b.windows(2).position(|w| w == b"\n\n"))
+}
+
+/// What makes a raw request head's framing ambiguous, if anything (see
+/// [`reject_ambiguous_framing`]). Header names are matched case-insensitively.
+fn framing_problem(head: &[u8]) -> Option<&'static str> {
+    let (mut cl, mut te) = (0, 0);
+    let mut te_chunked_only = true;
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            cl += 1;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te += 1;
+            te_chunked_only &= value.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    if cl > 1 {
+        Some("more than one Content-Length header")
+    } else if te > 1 {
+        Some("more than one Transfer-Encoding header")
+    } else if te == 1 && !te_chunked_only {
+        Some("unsupported Transfer-Encoding (only chunked)")
+    } else if cl > 0 && te > 0 {
+        Some("both Content-Length and Transfer-Encoding")
+    } else {
+        None
+    }
+}
+
+/// Requests whose framing two HTTP parsers could disagree on: more than one
+/// `Content-Length` line (even identical), more than one `Transfer-Encoding` line, a
+/// transfer coding other than exactly `chunked`, or both headers at once (hyper follows
+/// RFC 9112 and lets chunked win; a proxy in front may not). hyper already refuses
+/// `Content-Length: +3`, lists, and a `Transfer-Encoding` not ending in `chunked`.
+/// Answered 400 with `Connection: close`, so nothing after it on the connection is parsed.
+fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
+    let h = req.headers();
+    let cl = h.get_all(http::header::CONTENT_LENGTH).iter().count();
+    let te: Vec<_> = h.get_all(http::header::TRANSFER_ENCODING).iter().collect();
+    let why = if cl > 1 {
+        "more than one Content-Length header"
+    } else if te.len() > 1 {
+        "more than one Transfer-Encoding header"
+    } else if te.first().is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")) {
+        "unsupported Transfer-Encoding (only chunked)"
+    } else if cl > 0 && !te.is_empty() {
+        "both Content-Length and Transfer-Encoding"
+    } else {
+        return None;
+    };
+    Some(bad_framing(why))
+}
+
+/// 400 with `Connection: close`: nothing after this request on the connection is parsed.
+fn bad_framing(why: &'static str) -> Response<Body> {
+    BridgeError::BadFraming(why).to_response(None, None).map(full)
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::framing_problem;
+
+    #[test]
+    fn framing_is_judged_on_the_raw_head() {
+        let head = |h: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{h}");
+        assert_eq!(framing_problem(head("Content-Length: 3\r\n").as_bytes()), None);
+        assert_eq!(framing_problem(head("Transfer-Encoding: chunked\r\n").as_bytes()), None);
+        assert_eq!(framing_problem(head("TRANSFER-ENCODING:  Chunked \r\n").as_bytes()), None);
+        assert!(framing_problem(head("Content-Length: 3\r\ncontent-length: 3\r\n").as_bytes()).is_some());
+        assert!(framing_problem(head("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n").as_bytes()).is_some());
+        assert!(framing_problem(head("Transfer-Encoding: gzip, chunked\r\n").as_bytes()).is_some());
+        assert!(framing_problem(head("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n").as_bytes()).is_some());
+        // The request line is not a header, whatever it contains.
+        assert_eq!(framing_problem(b"GET /content-length:1 HTTP/1.1\r\nContent-Length: 0\r\n"), None);
+    }
+}
