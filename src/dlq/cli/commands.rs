@@ -10,7 +10,7 @@ use super::args::{FilterArgs, ListArgs, NatsArgs, PurgeArgs, ReplayArgs, ShowArg
 use super::render::{format_size, plural, render_letter, Progress, Summary, Tally};
 use super::scan::{unknown_route_warning, Filter, Scanner, NATS_MSG_SIZE};
 use crate::config::{self, Config, Overrides};
-use crate::dlq::{DlqError, Publisher, HEADERS, SUBJECT};
+use crate::dlq::{Publisher, HEADERS, SUBJECT};
 use crate::nats::connection::EnvLookup;
 
 /// Added to a replayed message: the dead letter it came from, `<DLQ stream>/<seq>`.
@@ -264,7 +264,7 @@ async fn replay_one(cx: &DlqSession, publisher: &Publisher, dlq: &str, seq: u64)
     let headers = replay_headers(&m.headers, dlq, seq);
     let ack = match publisher.publish(&subject, headers, m.payload.clone()).await {
         Ok(a) => a,
-        Err(e) => return Outcome::Failed(format!("replay to {subject}: {}; the dead letter stays", replay_failure(&e))),
+        Err(e) => return Outcome::Failed(format!("replay to {subject}: {e}; the dead letter stays")),
     };
     if ack.stream == dlq {
         // The original subject is the dead-letter stream's own: the "replay" is a copy.
@@ -286,14 +286,6 @@ async fn replay_one(cx: &DlqSession, publisher: &Publisher, dlq: &str, seq: u64)
 
 /// Why a replay's publish failed, in the replay's words: the subject is already on the
 /// line, and "dead letter" would name the wrong message.
-fn replay_failure(e: &DlqError) -> String {
-    match e {
-        DlqError::NoStream(_) => "no stream captures this subject".into(),
-        DlqError::Timeout { timeout, .. } => format!("no ack within {}", humantime::format_duration(*timeout)),
-        DlqError::JetStream { message, .. } => message.clone(),
-    }
-}
-
 /// A delete of a sequence that is no longer there ("sequence N not found", 10043).
 fn is_gone(e: &jetstream::stream::DeleteMessageError) -> bool {
     use jetstream::{stream::DeleteMessageErrorKind as K, ErrorCode};
