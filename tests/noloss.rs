@@ -91,8 +91,10 @@ async fn two_services_on_one_route_each_see_every_event_once() {
             last = js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", &id)], &id).await.sequence;
         }
         for s in ["orchestration", "execution"] {
-            eventually(&format!("{s} settled"), Duration::from_secs(30), || async { consumer_settled(&js, "AGENT", &durable(s), last).await.then_some(()) })
-                .await;
+            eventually(&format!("{s} settled"), Duration::from_secs(30), || async {
+                consumer_settled(&js, "AGENT", &durable(s), last).await.then_some(())
+            })
+            .await;
         }
         let want: BTreeMap<String, usize> = (0..20).map(|i| (format!("evt-{i:02}"), 1)).collect();
         assert_eq!(seen(&orchestration), want, "orchestration's app");
@@ -124,8 +126,10 @@ async fn a_poison_event_with_expectations_is_dead_lettered_once_per_consumer() {
         )
         .await;
         for s in ["orchestration", "execution"] {
-            eventually(&format!("{s} settled"), Duration::from_secs(30), || async { consumer_settled(&js, "AGENT", &durable(s), ack.sequence).await.then_some(()) })
-                .await;
+            eventually(&format!("{s} settled"), Duration::from_secs(30), || async {
+                consumer_settled(&js, "AGENT", &durable(s), ack.sequence).await.then_some(())
+            })
+            .await;
         }
         assert_eq!(dlq_count(&js).await, 2, "one dead letter per consumer");
         let dlq = js.get_stream("DLQ").await.unwrap();
@@ -177,7 +181,10 @@ async fn a_message_naked_at_shutdown_on_its_last_delivery_is_dead_lettered_witho
         let app = App::start(|_| respond(200, "ok")).await;
         let second = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
         second.wait_ready().await;
-        eventually("settled", Duration::from_secs(30), || async { consumer_settled(&js, "AGENT", &durable("svc"), ack.sequence).await.then_some(()) }).await;
+        eventually("settled", Duration::from_secs(30), || async {
+            consumer_settled(&js, "AGENT", &durable("svc"), ack.sequence).await.then_some(())
+        })
+        .await;
         assert_eq!(dlq_count(&js).await, 1, "the message must be dead-lettered, not stranded");
         let m = js.get_stream("DLQ").await.unwrap().get_raw_message(1).await.unwrap();
         assert_eq!(m.headers.get("Bridge-Dlq-Reason").map(|v| v.as_str()), Some("max_deliver"));

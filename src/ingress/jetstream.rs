@@ -408,7 +408,9 @@ async fn handle(
                 progress.stop().await;
                 match confirm(&shared, &msg, b"+ACK").await {
                     Ok(()) => m.ack.inc(),
-                    Err(e) => tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed"),
+                    Err(e) => {
+                        tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed")
+                    }
                 }
                 return;
             }

@@ -155,10 +155,9 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             metrics: shared.metrics.ingress_route(&inbound.name),
             check: readiness_check(&inbound.name),
             drain_timeout: config.sidecar.drain_timeout,
-            idem: inbound
-                .idempotency
-                .clone()
-                .map(|spec| idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())),
+            idem: inbound.idempotency.clone().map(|spec| {
+                idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())
+            }),
         });
         // Not ready until bound: set before the task runs so /readyz never races it.
         shared.readiness.fail(route.check.clone(), "not bound yet");

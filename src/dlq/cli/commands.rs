@@ -47,9 +47,7 @@ pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> Heade
         (Some(stream), Some(consumer), Some(seq)) => Some(format!("{stream}.{consumer}.{seq}")),
         _ => None,
     };
-    let original_id = get(crate::dlq::MSG_ID)
-        .or_else(|| get(NATS_MSG_ID).filter(|id| own_id.as_deref() != Some(*id)))
-        .map(str::to_owned);
+    let original_id = get(crate::dlq::MSG_ID).or_else(|| get(NATS_MSG_ID).filter(|id| own_id.as_deref() != Some(*id))).map(str::to_owned);
     for (name, values) in dead.iter() {
         let n: &str = name.as_ref();
         if n.eq_ignore_ascii_case(NATS_MSG_ID) {
