@@ -68,7 +68,8 @@ pub enum Reason {
     Status,
     /// A status that retrying cannot fix (other 4xx).
     Poison,
-    /// JetStream ran out of deliveries without a final outcome from us (advisory).
+    /// Delivered past the route's `max_deliver` without a final outcome from us (its last
+    /// delivery crashed, was stopped, or its dead letter failed); the app is not called again.
     MaxDeliver,
     /// The app could not be reached, or did not answer in time, on the last delivery.
     AppUnreachable,

@@ -3,8 +3,8 @@
 //! - [`request`]: `mode = "request"` and `mode = "tunnel"`, core-NATS queue subscriptions
 //!   whose replies carry the app's response.
 //! - [`jetstream`]: `mode = "jetstream"`, durable pull consumers whose acks, delayed naks
-//!   and dead letters follow [`outcome_for`]; a watchdog rebinds vanished consumers and an
-//!   advisory listener dead-letters messages that ran out of deliveries without us.
+//!   and dead letters follow [`outcome_for`]; the route's `max_deliver` is enforced there
+//!   (the server's is unlimited), and a watchdog rebinds vanished consumers.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
