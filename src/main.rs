@@ -233,7 +233,7 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
             return Ok(false);
         }
     };
-    let js = async_nats::jetstream::new(client.clone());
+    let js = natsbridge::nats::connection::jetstream(client.clone());
     let result =
         if args.dry_run { provision::plan_with(&js, &config, args.force).await } else { provision::apply(&js, &config, args.force).await };
     let plan = match result {

@@ -30,7 +30,6 @@ pub struct Metrics {
     pub ingress_duration: HistogramVec,
     pub ingress_in_flight: IntGaugeVec,
     pub ingress_pending: IntGaugeVec,
-    pub ingress_advisories: IntCounterVec,
     pub slow_consumers: IntCounter,
     pub idempotency: IntCounterVec,
     pub dlq_published: IntCounterVec,
@@ -103,11 +102,6 @@ impl Metrics {
                 "natsbridge_ingress_consumer_pending",
                 "Messages pending on the route's consumer (lag).",
                 &["route"],
-            ),
-            ingress_advisories: counter_vec(
-                "natsbridge_ingress_advisories_total",
-                "JetStream advisories seen, by kind.",
-                &["route", "kind"],
             ),
             slow_consumers: counter("natsbridge_nats_slow_consumers_total", "Slow-consumer events reported by the NATS client."),
             idempotency: counter_vec(
@@ -214,7 +208,7 @@ mod tests {
     fn every_name_is_registered_and_prefixed() {
         let m = Metrics::new();
         let names = m.names();
-        assert!(names.len() >= 17, "{names:?}");
+        assert!(names.len() >= 16, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("natsbridge_")), "{names:?}");
         let text = String::from_utf8(m.encode()).unwrap();
         // Families without labels are exported from the start, under the names listed.

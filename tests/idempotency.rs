@@ -43,7 +43,7 @@ fn ok(body: &str) -> StoredResponse {
 async fn exactly_one_of_many_concurrent_claims_wins() {
     let nats = NatsServer::start();
     let s = stores(&nats, Duration::from_secs(60), 4).await;
-    let key = kv_key("route", "order-1");
+    let key = kv_key("svc", "route", "order-1");
     let claims = futures::future::join_all(s.iter().map(|st| st.claim(&key))).await;
     let won: Vec<_> = claims.into_iter().map(|c| c.unwrap()).filter(|c| matches!(c, Claim::Acquired(_))).collect();
     assert_eq!(won.len(), 1, "{won:?}");
@@ -53,7 +53,7 @@ async fn exactly_one_of_many_concurrent_claims_wins() {
 async fn done_keys_replay_the_response_and_in_flight_keys_wait() {
     let nats = NatsServer::start();
     let s = stores(&nats, Duration::from_secs(60), 2).await;
-    let key = kv_key("route", "k");
+    let key = kv_key("svc", "route", "k");
     let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
     assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight { .. }));
 
@@ -76,7 +76,7 @@ async fn done_keys_replay_the_response_and_in_flight_keys_wait() {
 async fn a_failed_handler_releases_so_the_retry_runs() {
     let nats = NatsServer::start();
     let s = stores(&nats, Duration::from_secs(60), 2).await;
-    let key = kv_key("route", "k");
+    let key = kv_key("svc", "route", "k");
     let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
     s[0].release(t).await.unwrap();
     assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::Acquired(_)));
@@ -86,7 +86,7 @@ async fn a_failed_handler_releases_so_the_retry_runs() {
 async fn stale_claims_and_expired_results_are_taken_over() {
     let nats = NatsServer::start();
     let s = stores(&nats, Duration::from_millis(300), 2).await;
-    let key = kv_key("route", "k");
+    let key = kv_key("svc", "route", "k");
     let Claim::Acquired(_crashed) = s[0].claim(&key).await.unwrap() else { panic!() };
     assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::InFlight { .. }));
     // The crashed handler's claim goes stale after claim_ttl; then another may run.
@@ -110,7 +110,7 @@ async fn stale_claims_and_expired_results_are_taken_over() {
 async fn large_bodies_are_stored_without_their_body() {
     let nats = NatsServer::start();
     let s = stores(&nats, Duration::from_secs(60), 1).await;
-    let key = kv_key("route", "big");
+    let key = kv_key("svc", "route", "big");
     let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
     s[0].complete(t, ok("this body is longer than sixteen bytes"), Duration::from_secs(60)).await.unwrap();
     let Claim::Done(r) = s[0].claim(&key).await.unwrap() else { panic!() };
@@ -123,7 +123,7 @@ async fn large_bodies_are_stored_without_their_body() {
 async fn a_stale_ticket_cannot_overwrite_a_newer_claim() {
     let nats = NatsServer::start();
     let s = stores(&nats, Duration::from_millis(200), 2).await;
-    let key = kv_key("route", "k");
+    let key = kv_key("svc", "route", "k");
     let Claim::Acquired(old) = s[0].claim(&key).await.unwrap() else { panic!() };
     let _new = eventually("takeover", Duration::from_secs(5), || async {
         match s[1].claim(&key).await.unwrap() {

@@ -202,7 +202,7 @@ async fn jetstream_poison_is_dead_lettered_with_its_claim_released() {
         assert_eq!(metric(&m, "tool-exec", "stored"), 0.0, "{m}");
         // The key is free: a replay of the dead letter could claim it.
         let other = other_replica(&nats).await;
-        assert!(matches!(other.claim(&kv_key("tool-exec", "p-1")).await.unwrap(), Claim::Acquired(_)));
+        assert!(matches!(other.claim(&kv_key("svc", "tool-exec", "p-1")).await.unwrap(), Claim::Acquired(_)));
         sidecar.stop().await;
     })
     .await
@@ -222,7 +222,7 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         // Another replica is running the handler for this key, refreshing its claim as a
         // live handler does.
         let other = other_replica(&nats).await;
-        let Claim::Acquired(ticket) = other.claim(&kv_key("tool-exec", "busy-1")).await.unwrap() else { panic!("claim") };
+        let Claim::Acquired(ticket) = other.claim(&kv_key("svc", "tool-exec", "busy-1")).await.unwrap() else { panic!("claim") };
         let ticket = Arc::new(tokio::sync::Mutex::new(ticket));
         let refresher = {
             let (other, ticket) = (other.clone(), ticket.clone());
@@ -467,7 +467,7 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
 
         // Held by another replica past the route timeout: 409 with Retry-After.
         let other = other_replica(&nats).await;
-        let Claim::Acquired(_held) = other.claim(&kv_key("orders", "held-1")).await.unwrap() else { panic!("claim") };
+        let Claim::Acquired(_held) = other.claim(&kv_key("svc", "orders", "held-1")).await.unwrap() else { panic!("claim") };
         let started = Instant::now();
         let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "held-1"), ("X-Request-Id", "rid-1")], "{}").await;
         assert!(started.elapsed() >= Duration::from_millis(450), "{:?}", started.elapsed());
@@ -655,7 +655,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
             storage: Storage::File,
         };
         let other = Store::open(&js, &cfg, "other-replica".into()).await.unwrap();
-        let key = kv_key("orders", "slow-1");
+        let key = kv_key("svc", "orders", "slow-1");
         let started = Instant::now();
         let mut looks = 0;
         while started.elapsed() < Duration::from_secs(3) {

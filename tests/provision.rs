@@ -97,7 +97,7 @@ async fn provision_creates_everything_and_a_second_run_changes_nothing() {
     assert!(kv.config.allow_message_ttl, "per-message TTL for claims");
     let consumer = js.get_stream("TOOL").await.unwrap().consumer_info("tool-service").await.unwrap();
     assert_eq!(consumer.config.ack_wait, Duration::from_secs(30), "backoff must not override ack_wait");
-    assert_eq!(consumer.config.max_deliver, 5);
+    assert_eq!(consumer.config.max_deliver, -1, "the sidecar enforces the route's max_deliver, the server none");
     assert!(consumer.config.backoff.is_empty());
     assert_eq!(consumer.config.filter_subject, "tool.execution.requested");
 

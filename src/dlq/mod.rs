@@ -34,8 +34,30 @@ pub const ROUTE: &str = "Bridge-Dlq-Route";
 /// The durable consumer that delivered it.
 pub const CONSUMER: &str = "Bridge-Dlq-Consumer";
 
+/// The original message's `Nats-Msg-Id`, when it had one (the dead letter has its own).
+pub const MSG_ID: &str = "Bridge-Dlq-Msg-Id";
+
 /// Every header a dead letter adds; a replay strips these.
-pub const HEADERS: &[&str] = &[REASON, STATUS, ERROR, DELIVERIES, SUBJECT, STREAM, SEQ, TIME, ROUTE, CONSUMER];
+pub const HEADERS: &[&str] = &[REASON, STATUS, ERROR, DELIVERIES, SUBJECT, STREAM, SEQ, TIME, ROUTE, CONSUMER, MSG_ID];
+
+/// The original's headers that are publish controls, not content: copied into the dead
+/// letter they would make the dead-letter stream reject it (`Nats-Expected-*`), roll it up
+/// (`Nats-Rollup`), expire it (`Nats-TTL`) or deduplicate it against another consumer's
+/// dead letter of the same message (`Nats-Msg-Id`).
+fn is_publish_control(name: &str) -> bool {
+    let starts = |p: &str| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p);
+    starts("Nats-Expected-")
+        || name.eq_ignore_ascii_case("Nats-Rollup")
+        || name.eq_ignore_ascii_case("Nats-TTL")
+        || name.eq_ignore_ascii_case(crate::codec::NATS_MSG_ID)
+}
+
+/// The dead letter's own `Nats-Msg-Id`, `<stream>.<durable>.<seq>`: unique per consumer
+/// and message (two services' dead letters of one message are two dead letters), and
+/// stable across a retried publish (the DLQ stream keeps one).
+pub fn msg_id(origin: &Origin<'_>) -> String {
+    format!("{}.{}.{}", origin.stream, origin.consumer, origin.seq)
+}
 
 /// How much of the response body `Bridge-Dlq-Error` keeps.
 pub const ERROR_MAX: usize = 1024;
@@ -47,7 +69,8 @@ pub enum Reason {
     Status,
     /// A status that retrying cannot fix (other 4xx).
     Poison,
-    /// JetStream ran out of deliveries without a final outcome from us (advisory).
+    /// Delivered past the route's `max_deliver` without a final outcome from us (its last
+    /// delivery crashed, was stopped, or its dead letter failed); the app is not called again.
     MaxDeliver,
     /// The app could not be reached, or did not answer in time, on the last delivery.
     AppUnreachable,
@@ -100,8 +123,10 @@ pub struct Failure<'a> {
     pub error: Option<&'a [u8]>,
 }
 
-/// The dead letter's headers: the original ones, plus ours (replacing any left by an
-/// earlier trip through a dead-letter queue, so they always describe this one).
+/// The dead letter's headers: the original ones minus publish controls (see
+/// [`is_publish_control`]; the original id is kept as [`MSG_ID`]), plus ours (replacing
+/// any left by an earlier trip through a dead-letter queue, so they always describe this
+/// one), and its own `Nats-Msg-Id` ([`msg_id`]).
 pub fn headers(
     original: Option<&async_nats::HeaderMap>,
     origin: &Origin<'_>,
@@ -112,7 +137,7 @@ pub fn headers(
     if let Some(orig) = original {
         for (name, values) in orig.iter() {
             let n: &str = name.as_ref();
-            if HEADERS.iter().any(|d| d.eq_ignore_ascii_case(n)) {
+            if HEADERS.iter().any(|d| d.eq_ignore_ascii_case(n)) || is_publish_control(n) {
                 continue;
             }
             for v in values {
@@ -134,6 +159,10 @@ pub fn headers(
     h.insert(TIME, humantime::format_rfc3339_millis(now).to_string().as_str());
     h.insert(ROUTE, origin.route);
     h.insert(CONSUMER, origin.consumer);
+    if let Some(id) = original.and_then(|o| o.get(crate::codec::NATS_MSG_ID)) {
+        h.insert(MSG_ID, id.as_str());
+    }
+    h.insert(crate::codec::NATS_MSG_ID, msg_id(origin).as_str());
     h
 }
 
@@ -216,7 +245,9 @@ mod tests {
             &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") },
             now,
         );
-        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "abc");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42");
+        assert_eq!(h.get_all("Nats-Msg-Id").count(), 1);
+        assert_eq!(h.get(MSG_ID).unwrap().as_str(), "abc");
         assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
         assert_eq!(h.get(REASON).unwrap().as_str(), "status");
         assert_eq!(h.get_all(REASON).count(), 1);
@@ -234,6 +265,21 @@ mod tests {
         assert!(h.get(STATUS).is_none());
         assert!(h.get(ERROR).is_none());
         assert_eq!(h.get(REASON).unwrap().as_str(), "max_deliver");
+    }
+
+    #[test]
+    fn publish_controls_are_not_copied() {
+        let mut orig = async_nats::HeaderMap::new();
+        for n in ["Nats-Expected-Stream", "nats-expected-last-sequence", "Nats-Rollup", "Nats-TTL", "X-Keep"] {
+            orig.insert(n, "v");
+        }
+        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::Poison, status: Some(400), error: None }, SystemTime::now());
+        let names: Vec<String> = h.iter().map(|(n, _)| AsRef::<str>::as_ref(n).to_ascii_lowercase()).collect();
+        assert!(!names.iter().any(|n| n.starts_with("nats-expected") || n == "nats-rollup" || n == "nats-ttl"), "{names:?}");
+        assert_eq!(h.get("X-Keep").unwrap().as_str(), "v");
+        // Without an original id there is none to keep, but the dead letter has its own.
+        assert!(h.get(MSG_ID).is_none());
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42");
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! `mode = "jetstream"`: a durable pull consumer whose messages become HTTP calls, each
 //! ending in an ack, a delayed nak or a dead letter as [`outcome_for`](super::outcome_for) says.
 //!
-//! Three tasks per route:
+//! Two tasks per route:
 //! - the pull loop asks for exactly as many messages as it has free handler permits, so
-//!   nothing sits in a client buffer while its ack_wait runs out;
+//!   nothing sits in a client buffer while its ack_wait runs out; it pauses while the
+//!   route's idempotency store cannot be used;
 //! - the watchdog reads the consumer's info (lag gauge, readiness) and recreates the
-//!   consumer when it vanished (deleted, stream recreated, server restarted without it);
-//! - the advisory listener dead-letters messages that reached `max_deliver` without an
-//!   outcome from us (a sidecar killed or stuck on their last delivery).
+//!   consumer when it vanished (deleted, stream recreated, server restarted without it).
+//!
+//! The last delivery is the sidecar's to enforce, not the server's: the consumer's
+//! `max_deliver` is unlimited, and a message delivered more often than the route's
+//! `max_deliver` (its last delivery crashed, was stopped, or its dead letter failed) is
+//! dead-lettered before the app is called. The server's MAX_DELIVERIES advisory path this
+//! replaces is retired: with no server-side limit it never fires, and an advisory is a
+//! plain NATS message anyone allowed to publish on `$JS.EVENT.>` could forge.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,6 +35,7 @@ use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
 use crate::config::Consumer;
 use crate::dlq::{self, Reason};
+use crate::ingress::idempotency::guard::Claimed;
 use crate::provision;
 
 /// How long one pull request waits on the server for messages.
@@ -48,14 +54,12 @@ const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec
 /// The route's state shared by its tasks and handlers.
 struct ConsumerRoute {
     route: Arc<Route>,
+    /// Its `max_deliver` is the route's, enforced here (the server's is unlimited).
     consumer: Consumer,
-    /// The bound consumer's `max_deliver` (the server's, which decides the last delivery).
-    max_deliver: AtomicI64,
-    /// In-progress acks go out this often while a handler runs.
+    /// In-progress acks go out this often until a message is settled.
     progress_every: Duration,
     dlq: dlq::Publisher,
     dlq_counters: dlq::Counters,
-    advisories: prometheus::IntCounter,
     /// The pull loop saw an error: the watchdog should look now.
     check_now: Notify,
 }
@@ -72,12 +76,11 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
     };
     let Some(bound) = bind(&shared, &route, &consumer, &stream, &stop).await else { return };
     let info = bound.cached_info().config.clone();
-    if info.filter_subject != route.inbound.subject.as_str() || info.max_deliver != consumer.max_deliver {
+    if info.filter_subject != route.inbound.subject.as_str() {
         tracing::warn!(
             route = %name,
             durable = %consumer.durable,
             filter = %info.filter_subject,
-            max_deliver = info.max_deliver,
             "the existing consumer differs from the route; run `natsbridge provision` to update it"
         );
     }
@@ -88,22 +91,18 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         .min()
         .unwrap_or(consumer.ack_wait);
     let js = Arc::new(ConsumerRoute {
-        max_deliver: AtomicI64::new(info.max_deliver),
         // With a backoff list the server's ack wait per delivery follows it; pace progress
         // acks by the shortest wait there is, twice per wait.
         progress_every: (shortest_wait / 2).max(Duration::from_millis(50)),
         dlq: dlq::Publisher::new(shared.js.clone(), CONFIRM_TIMEOUT),
         dlq_counters: dlq::Counters::new(&shared.metrics, &name),
-        advisories: shared.metrics.ingress_advisories.with_label_values(&[&name, "max_deliveries"]),
         check_now: Notify::new(),
         consumer,
         route,
     });
-    let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream.clone(), stop.clone()));
-    let advisories = tokio::spawn(advisories(shared.clone(), js.clone(), stream, stop.clone()));
+    let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream, stop.clone()));
     pull(&shared, &js, bound, &stop).await;
     let _ = watchdog.await;
-    let _ = advisories.await;
 }
 
 /// Binds the durable, creating it from the route when missing; retries (not ready) until
@@ -137,7 +136,12 @@ async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()
 /// the stream). The error says exactly what is missing.
 async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, start: Option<u64>) -> Result<PullConsumer, String> {
     match stream.consumer_info(&c.durable).await {
-        Ok(_) => stream.get_consumer(&c.durable).await.map_err(|e| format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream)),
+        Ok(info) => {
+            if info.config.max_deliver > 0 {
+                unlimit_deliveries(stream, c, info.config.clone()).await;
+            }
+            stream.get_consumer(&c.durable).await.map_err(|e| format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream))
+        }
         Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
             let mut config: pull::Config = provision::consumer_config(&route.inbound, c);
             if let Some(seq) = start {
@@ -150,6 +154,21 @@ async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, sta
         }
         Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => Err(format!("stream {:?} not found", c.stream)),
         Err(e) => Err(format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream)),
+    }
+}
+
+/// Lifts a server-side `max_deliver` left by an older provisioning: with it, a message
+/// whose last delivery was lost (a crash, a nak at shutdown) would stop being delivered
+/// with nobody left to dead-letter it.
+async fn unlimit_deliveries(stream: &JsStream<()>, c: &Consumer, mut config: async_nats::jetstream::consumer::Config) {
+    config.max_deliver = -1;
+    match stream.update_consumer(config).await {
+        Ok(_) => tracing::info!(durable = %c.durable, "consumer max_deliver set to unlimited; the sidecar enforces the route's"),
+        Err(e) => tracing::warn!(
+            durable = %c.durable,
+            error = %e,
+            "cannot make the consumer's max_deliver unlimited; run `natsbridge provision`: until then a message whose last delivery is lost stays undelivered"
+        ),
     }
 }
 
@@ -169,6 +188,12 @@ async fn pull(shared: &Arc<Shared>, js: &Arc<ConsumerRoute>, consumer: PullConsu
     let abort = CancellationToken::new();
     let mut errors = 0u32;
     'pull: loop {
+        // A store that cannot be used would fail every claim: pull nothing until it can.
+        if let Some(g) = &route.idem {
+            if !g.wait_usable(stop).await {
+                break;
+            }
+        }
         let mut held = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -264,7 +289,6 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
         match stream.consumer_info(&c.durable).await {
             Ok(info) => {
                 route.metrics.pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
-                js.max_deliver.store(info.config.max_deliver, Ordering::Relaxed);
                 floor = Some(info.ack_floor.stream_sequence);
                 shared.readiness.pass(&route.check);
             }
@@ -303,6 +327,54 @@ async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Option<u64> 
     (info.state.last_sequence >= floor).then_some(floor + 1)
 }
 
+/// In-progress acks for one delivery, sent until it is settled: the claim, the app call,
+/// the store write, the dead letter and the confirm all run under them, so none of those
+/// can outlast `ack_wait` and have the server redeliver a message we are about to settle.
+struct Progress {
+    done: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(shared: &Shared, every: Duration, msg: &async_nats::jetstream::Message) -> Self {
+        let done = CancellationToken::new();
+        let task = msg.reply.clone().map(|reply| {
+            let (nats, done) = (shared.nats.clone(), done.clone());
+            tokio::spawn(async move {
+                while !sleep_or_stop(&done, every).await {
+                    if let Err(e) = nats.publish(reply.clone(), Bytes::from_static(b"+WPI")).await {
+                        tracing::debug!(error = %e, "in-progress ack failed");
+                    }
+                }
+            })
+        });
+        Self { done, task }
+    }
+
+    /// Stops before the final ack, nak or term, so no progress ack follows it (one after a
+    /// delayed nak would push the redelivery out to a whole ack_wait).
+    async fn stop(&mut self) {
+        self.done.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+/// Where a delivery stands: its stream, sequence and delivery count.
+#[derive(Clone, Copy)]
+struct Delivery<'a> {
+    stream: &'a str,
+    seq: u64,
+    delivered: u64,
+}
+
 async fn handle(
     shared: Arc<Shared>,
     js: Arc<ConsumerRoute>,
@@ -321,86 +393,145 @@ async fn handle(
             return;
         }
     };
-    let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, SPOOFABLE)).unwrap_or_default();
-    headers.insert(codec::BRIDGE_DELIVERY, HeaderValue::from(delivered));
-    if let Ok(v) = HeaderValue::from_str(&stream) {
-        headers.insert(codec::BRIDGE_STREAM, v);
-    }
-    headers.insert(codec::BRIDGE_SEQ, HeaderValue::from(seq));
+    let at = Delivery { stream: &stream, seq, delivered };
+    let mut progress = Progress::start(&shared, js.progress_every, &msg);
 
     // Idempotency: claim the key before calling the app.
     let idem = route.idem.as_deref();
+    let key = idem.and_then(|g| g.key(msg.headers.as_ref(), &msg.payload));
     let mut claimed = None;
-    if let Some(g) = idem {
-        if let Some(key) = g.key(msg.headers.as_ref(), &msg.payload) {
-            match g.claim(&key).await {
-                Begin::Run(c) => claimed = Some(c),
-                Begin::Replay(_) => {
-                    // Handled before: the effect happened; just settle this copy.
-                    match confirm(&shared, &msg, b"+ACK").await {
-                        Ok(()) => m.ack.inc(),
-                        Err(e) => {
-                            tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed")
-                        }
+    if let (Some(g), Some(k)) = (idem, key.as_deref()) {
+        match claim(&js, g, k, &abort).await {
+            Begin::Run(c) => claimed = Some(c),
+            Begin::Replay(_) => {
+                // Handled before: the effect happened; just settle this copy.
+                progress.stop().await;
+                match confirm(&shared, &msg, b"+ACK").await {
+                    Ok(()) => m.ack.inc(),
+                    Err(e) => {
+                        tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack of an already handled message not confirmed")
                     }
-                    return;
                 }
-                Begin::InFlight { stale_in } => {
-                    // Another handler holds the key: its outcome decides whether this copy
-                    // runs. Come back no sooner than its claim would go stale: if that
-                    // handler is dead (a sidecar killed mid-call), the next delivery takes
-                    // the key over, instead of spending every remaining delivery on a claim
-                    // nobody will release and being dead-lettered without ever running.
-                    let delay = policy::backoff(&js.consumer.backoff, delivered).max(stale_in + CLAIM_STALE_MARGIN);
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-                    m.nak.inc();
-                    return;
-                }
-                Begin::Unavailable(_) => {
-                    // The store cannot protect the call: try again later.
-                    let _ = msg.ack_with(AckKind::Nak(Some(policy::backoff(&js.consumer.backoff, delivered)))).await;
-                    m.nak.inc();
-                    return;
-                }
+                return;
             }
-            guard::set_key_header(&mut headers, &key);
+            Begin::InFlight { stale_in } => {
+                // Another handler holds the key: its outcome decides whether this copy
+                // runs. Come back no sooner than its claim would go stale: if that
+                // handler is dead (a sidecar killed mid-call), the next delivery takes
+                // the key over, instead of spending every remaining delivery on a claim
+                // nobody will release and being dead-lettered without ever running.
+                let delay = policy::backoff(&js.consumer.backoff, delivered).max(stale_in + CLAIM_STALE_MARGIN);
+                progress.stop().await;
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                m.nak.inc();
+                return;
+            }
+            Begin::Unavailable(_) => {
+                // Only when shutting down past the drain deadline while the store was out.
+                progress.stop().await;
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                m.nak.inc();
+                return;
+            }
         }
+    }
+
+    // The last delivery already came and went without an outcome (crashed, stopped, or
+    // its dead letter failed): dead-letter it without calling the app again.
+    if js.consumer.max_deliver > 0 && delivered > js.consumer.max_deliver as u64 {
+        if let (Some(g), Some(c)) = (idem, claimed) {
+            // This delivery never called the app: the key is free for a replay.
+            let _ = g.finish(c, None).await;
+        }
+        let failure = dlq::Failure {
+            reason: Reason::MaxDeliver,
+            status: None,
+            error: Some(b"deliveries exhausted without an outcome (handler crashed, stopped, or its dead letter failed)"),
+        };
+        dead_letter_then_term(&shared, &js, &msg, at, &failure, &mut progress).await;
+        return;
+    }
+
+    let started = Instant::now();
+    let result = call_app(&shared, route, &msg, at, key.as_deref(), &abort).await;
+    m.duration.observe(started.elapsed().as_secs_f64());
+    let Some(result) = result else {
+        // Shutting down past the drain deadline: let another replica have it now. The
+        // claim is not released but left to go stale: the app may still be running the
+        // dropped request, and the immediate redelivery must not run the key beside it.
+        drop(claimed);
+        progress.stop().await;
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        m.nak.inc();
+        return;
+    };
+    settle(&shared, &js, &msg, at, claimed, result, &mut progress).await;
+}
+
+/// Claims `key`; while the store cannot be used, keeps trying (the message stays ours
+/// under in-progress acks) instead of naking, which would spend one of its deliveries per
+/// try and dead-letter it unrun after a long store outage. `Unavailable` only on `abort`.
+async fn claim(js: &ConsumerRoute, g: &guard::Guard, key: &str, abort: &CancellationToken) -> Begin {
+    let mut attempt = 0;
+    loop {
+        match g.claim(key).await {
+            Begin::Unavailable(why) => {
+                if attempt == 0 {
+                    tracing::warn!(route = %js.route.inbound.name, error = %why, "idempotency store unavailable; holding the message until it is back");
+                }
+                if sleep_or_stop(abort, retry_delay(attempt)).await {
+                    return Begin::Unavailable(why);
+                }
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Calls the app with the delivery's headers; `None` when aborted.
+async fn call_app(
+    shared: &Shared,
+    route: &Route,
+    msg: &async_nats::jetstream::Message,
+    at: Delivery<'_>,
+    key: Option<&str>,
+    abort: &CancellationToken,
+) -> Option<Result<super::AppResponse, AppError>> {
+    let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, SPOOFABLE)).unwrap_or_default();
+    headers.insert(codec::BRIDGE_DELIVERY, HeaderValue::from(at.delivered));
+    if let Ok(v) = HeaderValue::from_str(at.stream) {
+        headers.insert(codec::BRIDGE_STREAM, v);
+    }
+    headers.insert(codec::BRIDGE_SEQ, HeaderValue::from(at.seq));
+    if let Some(k) = key {
+        guard::set_key_header(&mut headers, k);
     }
     let path = route.inbound.path.render(msg.subject.as_str());
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
     uri.push_str(&path);
-
-    let started = Instant::now();
     let call =
         shared.app.call(route.inbound.method.clone(), &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
-    tokio::pin!(call);
-    // Past half the ack wait, tell the server we are still at it, so it does not
-    // redeliver mid-call.
-    let mut progress = tokio::time::Instant::now() + js.progress_every;
-    let result = loop {
-        tokio::select! {
-            r = &mut call => break Some(r),
-            _ = tokio::time::sleep_until(progress) => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    tracing::debug!(route = %route.inbound.name, error = %e, "in-progress ack failed");
-                }
-                progress += js.progress_every;
-            }
-            _ = abort.cancelled() => break None,
-        }
-    };
-    m.duration.observe(started.elapsed().as_secs_f64());
-    let Some(result) = result else {
-        // Shutting down past the drain deadline: let another replica have it now.
-        if let (Some(g), Some(c)) = (idem, claimed) {
-            let _ = g.finish(c, None).await;
-        }
-        let _ = msg.ack_with(AckKind::Nak(None)).await;
-        m.nak.inc();
-        return;
-    };
+    tokio::select! {
+        r = call => Some(r),
+        _ = abort.cancelled() => None,
+    }
+}
 
+/// Ends a delivery whose app call returned, as [`outcome_for`](policy::outcome_for) says.
+async fn settle(
+    shared: &Shared,
+    js: &ConsumerRoute,
+    msg: &async_nats::jetstream::Message,
+    at: Delivery<'_>,
+    claimed: Option<Claimed>,
+    result: Result<super::AppResponse, AppError>,
+    progress: &mut Progress,
+) {
+    let route = &js.route;
+    let m = &route.metrics;
+    let seq = at.seq;
     let error_text;
     let (attempt, retry_after, status, error): (Attempt, Option<&str>, Option<u16>, &[u8]) = match &result {
         Ok(r) => (
@@ -416,9 +547,9 @@ async fn handle(
             (a, None, None, error_text.as_bytes())
         }
     };
-    let policy = Policy { max_deliver: js.max_deliver.load(Ordering::Relaxed), backoff: &js.consumer.backoff };
-    let outcome = policy::outcome_for(attempt, retry_after, delivered, &policy, SystemTime::now());
-    if let (Some(g), Some(c)) = (idem, claimed) {
+    let policy = Policy { max_deliver: js.consumer.max_deliver, backoff: &js.consumer.backoff };
+    let outcome = policy::outcome_for(attempt, retry_after, at.delivered, &policy, SystemTime::now());
+    if let (Some(g), Some(c)) = (route.idem.as_deref(), claimed) {
         // Done only after the app's success, and before the ack, so a copy of the message
         // never runs the effect again. Any other outcome gives the key back first, so the
         // retry (or a replay from the dead-letter stream) can claim it. A store error after a
@@ -430,41 +561,61 @@ async fn handle(
         }
     }
     match outcome {
-        Outcome::Ack => match confirm(&shared, &msg, b"+ACK").await {
-            Ok(()) => m.ack.inc(),
-            // The app has done its part; the server may redeliver, which idempotent
-            // handlers absorb.
-            Err(e) => tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack not confirmed"),
-        },
+        Outcome::Ack => {
+            progress.stop().await;
+            match confirm(shared, msg, b"+ACK").await {
+                Ok(()) => m.ack.inc(),
+                // The app has done its part; the server may redeliver, which idempotent
+                // handlers absorb.
+                Err(e) => tracing::warn!(route = %route.inbound.name, seq, error = %e, "ack not confirmed"),
+            }
+        }
         Outcome::Nak(delay) => {
+            progress.stop().await;
             if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::debug!(route = %route.inbound.name, seq, error = %e, "nak failed; ack_wait will redeliver");
             }
             m.nak.inc();
         }
         Outcome::DeadLetter(reason) => {
-            let origin = dlq::Origin {
-                route: &route.inbound.name,
-                consumer: &js.consumer.durable,
-                stream: &stream,
-                subject: msg.subject.as_str(),
-                seq,
-                deliveries: delivered,
-            };
             let failure = dlq::Failure { reason, status, error: Some(error) };
-            if dead_letter(&js, msg.headers.as_ref(), &origin, &failure, msg.payload.clone()).await {
-                if let Err(e) = confirm(&shared, &msg, b"+TERM").await {
-                    // Dead-lettered already; a redelivery ends in the same place.
-                    tracing::warn!(route = %route.inbound.name, seq, error = %e, "term not confirmed");
-                }
-                m.term.inc();
-            } else {
-                // Never term without a dead letter: try again later. On the last delivery
-                // the max-deliveries advisory brings it back to the dead-letter path.
-                let _ = msg.ack_with(AckKind::Nak(Some(policy::backoff(&js.consumer.backoff, delivered)))).await;
-                m.nak.inc();
-            }
+            dead_letter_then_term(shared, js, msg, at, &failure, progress).await;
         }
+    }
+}
+
+/// Dead-letters the message, then terms it; never terms without a dead letter: when the
+/// publish fails it is naked, and its next delivery (over the route's `max_deliver`)
+/// comes back here before the app is called.
+async fn dead_letter_then_term(
+    shared: &Shared,
+    js: &ConsumerRoute,
+    msg: &async_nats::jetstream::Message,
+    at: Delivery<'_>,
+    failure: &dlq::Failure<'_>,
+    progress: &mut Progress,
+) {
+    let route = &js.route;
+    let origin = dlq::Origin {
+        route: &route.inbound.name,
+        consumer: &js.consumer.durable,
+        stream: at.stream,
+        subject: msg.subject.as_str(),
+        seq: at.seq,
+        deliveries: at.delivered,
+    };
+    let stored = dead_letter(js, msg.headers.as_ref(), &origin, failure, msg.payload.clone()).await;
+    progress.stop().await;
+    if stored {
+        if let Err(e) = confirm(shared, msg, b"+TERM").await {
+            // Dead-lettered already; a redelivery ends in the same place, deduplicated by
+            // the dead letter's own Nats-Msg-Id.
+            tracing::warn!(route = %route.inbound.name, seq = at.seq, error = %e, "term not confirmed");
+        }
+        route.metrics.term.inc();
+    } else {
+        let _ = msg.ack_with(AckKind::Nak(Some(policy::backoff(&js.consumer.backoff, at.delivered)))).await;
+        route.metrics.nak.inc();
     }
 }
 
@@ -478,6 +629,12 @@ async fn dead_letter(
 ) -> bool {
     let headers = dlq::headers(original, origin, failure, SystemTime::now());
     match js.dlq.publish(&js.consumer.dead_letter, headers, payload).await {
+        Ok(ack) if ack.duplicate => {
+            // Its Nats-Msg-Id is ours alone (`<stream>.<durable>.<seq>`): a duplicate means
+            // an earlier attempt of ours stored it (its term was lost). Not counted twice.
+            tracing::info!(route = origin.route, stream = origin.stream, seq = origin.seq, "already dead-lettered");
+            true
+        }
         Ok(_) => {
             js.dlq_counters.inc(failure.reason);
             js.route.metrics.dlq.inc();
@@ -497,84 +654,4 @@ async fn confirm(shared: &Shared, msg: &async_nats::jetstream::Message, kind: &'
     let reply = msg.reply.clone().ok_or("no reply subject")?;
     let req = async_nats::client::Request::new().payload(Bytes::from_static(kind)).timeout(Some(CONFIRM_TIMEOUT));
     shared.nats.send_request(reply, req).await.map(|_| ()).map_err(|e| e.to_string())
-}
-
-#[derive(serde::Deserialize)]
-struct MaxDeliveries {
-    stream_seq: u64,
-    deliveries: u64,
-}
-
-/// Dead-letters messages that ran out of deliveries without an outcome from us. One
-/// replica per durable takes each advisory (a queue group named after the durable).
-async fn advisories(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, stop: CancellationToken) {
-    let c = &js.consumer;
-    let name = js.route.inbound.name.as_str();
-    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}", c.stream, c.durable);
-    let mut attempt = 0;
-    'subscribe: while !stop.is_cancelled() {
-        let mut sub = match shared.nats.queue_subscribe(subject.clone(), c.durable.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(route = name, error = %e, "cannot subscribe to max-deliveries advisories; retrying");
-                if sleep_or_stop(&stop, retry_delay(attempt)).await {
-                    return;
-                }
-                attempt += 1;
-                continue;
-            }
-        };
-        attempt = 0;
-        loop {
-            let msg = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                m = sub.next() => m,
-            };
-            let Some(msg) = msg else { continue 'subscribe };
-            js.advisories.inc();
-            let Ok(a) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else {
-                tracing::warn!(route = name, "unreadable max-deliveries advisory");
-                continue;
-            };
-            on_max_deliveries(&js, &stream, a, &stop).await;
-        }
-    }
-}
-
-async fn on_max_deliveries(js: &ConsumerRoute, stream: &JsStream<()>, a: MaxDeliveries, stop: &CancellationToken) {
-    let name = js.route.inbound.name.as_str();
-    let mut attempt = 0;
-    loop {
-        let stored = match stream.get_raw_message(a.stream_seq).await {
-            Ok(m) => m,
-            Err(e) => {
-                // Deleted meanwhile (or never ours to keep, under work-queue retention).
-                tracing::warn!(route = name, seq = a.stream_seq, error = %e, "message that reached max_deliver is gone; nothing to dead-letter");
-                return;
-            }
-        };
-        let origin = dlq::Origin {
-            route: name,
-            consumer: &js.consumer.durable,
-            stream: &js.consumer.stream,
-            subject: stored.subject.as_str(),
-            seq: a.stream_seq,
-            deliveries: a.deliveries,
-        };
-        let failure = dlq::Failure {
-            reason: Reason::MaxDeliver,
-            status: None,
-            error: Some(b"deliveries exhausted without an outcome (handler crashed, stuck or stopped)"),
-        };
-        if dead_letter(js, Some(&stored.headers), &origin, &failure, stored.payload).await {
-            return;
-        }
-        // Nothing will bring this message back: keep trying while we run.
-        if attempt >= 5 || sleep_or_stop(stop, retry_delay(attempt + 2)).await {
-            tracing::error!(route = name, seq = a.stream_seq, "gave up dead-lettering a message that reached max_deliver");
-            return;
-        }
-        attempt += 1;
-    }
 }

@@ -3,8 +3,8 @@
 //! - [`request`]: `mode = "request"` and `mode = "tunnel"`, core-NATS queue subscriptions
 //!   whose replies carry the app's response.
 //! - [`jetstream`]: `mode = "jetstream"`, durable pull consumers whose acks, delayed naks
-//!   and dead letters follow [`outcome_for`]; a watchdog rebinds vanished consumers and an
-//!   advisory listener dead-letters messages that ran out of deliveries without us.
+//!   and dead letters follow [`outcome_for`]; the route's `max_deliver` is enforced there
+//!   (the server's is unlimited), and a watchdog rebinds vanished consumers.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
@@ -80,7 +80,7 @@ struct Running {
 /// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
 pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     let shared = Arc::new(Shared {
-        js: async_nats::jetstream::new(cx.nats.clone()),
+        js: crate::nats::connection::jetstream(cx.nats.clone()),
         nats: cx.nats.clone(),
         app: AppClient::new(),
         metrics: cx.metrics.clone(),
@@ -118,7 +118,8 @@ fn fingerprint(inbound: &Inbound, config: &Config) -> String {
     let mut i = inbound.clone();
     i.line = 0;
     let store = if i.idempotency.is_some() { format!("{:?}", config.idempotency) } else { String::new() };
-    format!("{i:?}|{}|{:?}|{store}", config.sidecar.app_url, config.sidecar.drain_timeout)
+    // The service scopes the route's idempotency keys.
+    format!("{i:?}|{}|{:?}|{}|{store}", config.sidecar.app_url, config.sidecar.drain_timeout, config.sidecar.service)
 }
 
 /// Brings the running tasks in line with `config`: stops removed and changed routes
@@ -154,10 +155,9 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             metrics: shared.metrics.ingress_route(&inbound.name),
             check: readiness_check(&inbound.name),
             drain_timeout: config.sidecar.drain_timeout,
-            idem: inbound
-                .idempotency
-                .clone()
-                .map(|spec| idempotency::guard::Guard::new(&inbound.name, spec, &shared.metrics, shared.readiness.clone())),
+            idem: inbound.idempotency.clone().map(|spec| {
+                idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())
+            }),
         });
         // Not ready until bound: set before the task runs so /readyz never races it.
         shared.readiness.fail(route.check.clone(), "not bound yet");

@@ -126,10 +126,16 @@ async fn handle(
                 }
                 Err(e) => Err(e),
             };
-            if let (Some(g), Some(c)) = (idem, claimed) {
+            match (idem, claimed) {
+                // Aborted at shutdown: the app may still be running the dropped request, so
+                // the claim is left to go stale rather than released for a concurrent retry.
+                (Some(_), Some(c)) if matches!(call, Err(BridgeError::ShuttingDown)) => drop(c),
                 // Only a 2xx marks the key done; a store error after it is logged (the
                 // reply still carries the app's answer).
-                let _ = g.finish(c, call.as_ref().ok().and_then(guard::success)).await;
+                (Some(g), Some(c)) => {
+                    let _ = g.finish(c, call.as_ref().ok().and_then(guard::success)).await;
+                }
+                _ => {}
             }
             call.and_then(|r| r.map_err(|e| app_error(&e)))
         }

@@ -311,6 +311,19 @@ pub async fn connect_now(nats: &Nats, service: &str, env: EnvLookup<'_>, timeout
     Ok(client)
 }
 
+/// How long a JetStream API call (stream and consumer info, KV reads and writes, creating
+/// or updating streams, consumers and buckets, a publish's ack) may wait for its answer.
+pub const JETSTREAM_API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A JetStream context whose every API call has a deadline. The connection is built with
+/// `request_timeout(None)` (each core request carries its own route timeout), and
+/// async-nats 0.51 bounds API requests by the connection's request timeout unless the
+/// context sets one: `async_nats::jetstream::new` would let `kv.entry`, `consumer_info`
+/// or `get_key_value` wait forever for a reply lost in a node restart.
+pub fn jetstream(client: async_nats::Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new().timeout(JETSTREAM_API_TIMEOUT).build(client)
+}
+
 /// Is the client connected right now?
 pub fn is_connected(client: &async_nats::Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected

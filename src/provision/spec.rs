@@ -18,6 +18,12 @@ use crate::config::{Config, Consumer, DeadLetterStream, IdempotencyStore, Inboun
 /// `ack_wait` with `backoff[0]` whenever a backoff list is set (so a 30 s `ack_wait` with
 /// `backoff = ["1s", ...]` would redeliver after 1 s), and it adds `backoff[n] - backoff[0]`
 /// to every delayed nak. Ingress applies the backoff list itself through nak delays.
+///
+/// Nor is the route's `max_deliver`: the server's is unlimited and the sidecar enforces
+/// the route's from the delivery count, dead-lettering a message delivered past it before
+/// calling the app. A server-side limit would strand a message whose last delivery was
+/// lost (a crash, a nak at shutdown): the server stops delivering it and only an advisory,
+/// which nobody may be listening to, says so.
 pub fn consumer_config(route: &Inbound, c: &Consumer) -> pull::Config {
     pull::Config {
         durable_name: Some(c.durable.clone()),
@@ -25,7 +31,7 @@ pub fn consumer_config(route: &Inbound, c: &Consumer) -> pull::Config {
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait: c.ack_wait,
-        max_deliver: c.max_deliver,
+        max_deliver: -1,
         backoff: Vec::new(),
         filter_subject: route.subject.as_str().to_owned(),
         max_ack_pending: c.max_ack_pending,

@@ -42,7 +42,7 @@ async fn supervise(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
-    let mut watcher = Watcher::new(jetstream::new(nats.clone()), readiness);
+    let mut watcher = Watcher::new(crate::nats::connection::jetstream(nats.clone()), readiness);
     loop {
         while !crate::nats::connection::is_connected(&nats) {
             tokio::select! {

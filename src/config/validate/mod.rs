@@ -206,4 +206,11 @@ mod tests {
         assert!(e[1].starts_with("t.toml:13: route \"b\": unknown mode"), "{}", e[1]);
         assert!(e[2].starts_with("t.toml:20: route \"c\": [[outbound]]: unknown field `bogus`"), "{}", e[2]);
     }
+
+    #[test]
+    fn a_zero_claim_ttl_is_refused() {
+        let e = errors(&format!("{MINIMAL}\n[idempotency]\nclaim_ttl = \"0s\"\n"));
+        assert!(e.iter().any(|m| m.contains("`claim_ttl` must be more than 0")), "{e:#?}");
+        assert!(e.iter().any(|m| m.starts_with("t.toml:")), "{e:#?}");
+    }
 }

@@ -93,10 +93,16 @@ pub(super) fn idempotency_store(raw: RawIdempotencyStore, start: TableStart, dia
     if !is_valid_name(&bucket) {
         diags.error(at, Some("bucket"), format!("[idempotency] `bucket` {bucket:?} must be letters, digits, '-' or '_'"));
     }
+    let claim_ttl = duration(at, "claim_ttl", &raw.claim_ttl, Duration::from_secs(60), diags);
+    if claim_ttl.is_zero() {
+        // A claim that is stale the moment it is written protects nothing: every
+        // redelivery would take it over and run the handler beside the first.
+        diags.error(at, Some("claim_ttl"), "[idempotency] `claim_ttl` must be more than 0");
+    }
     IdempotencyStore {
         bucket,
         replicas: raw.replicas.unwrap_or(1),
-        claim_ttl: duration(at, "claim_ttl", &raw.claim_ttl, Duration::from_secs(60), diags),
+        claim_ttl,
         max_response_bytes: size(at, "max_response_bytes", &raw.max_response_bytes, 64 << 10, diags),
         storage: storage(at, &raw.storage, diags),
     }

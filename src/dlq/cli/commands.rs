@@ -40,11 +40,17 @@ pub fn replay_msg_id(original: Option<&str>, dlq_stream: &str, dlq_seq: u64) -> 
 /// `Nats-Msg-Id` from [`replay_msg_id`] and [`REPLAY_OF`] set.
 pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let mut original_id = None;
+    // The original's id is kept in Bridge-Dlq-Msg-Id; the dead letter's own Nats-Msg-Id
+    // (`<stream>.<durable>.<seq>`) is only the original's in dead letters from before it.
+    let get = |n: &str| dead.get(n).map(|v| v.as_str());
+    let own_id = match (get(crate::dlq::STREAM), get(crate::dlq::CONSUMER), get(crate::dlq::SEQ)) {
+        (Some(stream), Some(consumer), Some(seq)) => Some(format!("{stream}.{consumer}.{seq}")),
+        _ => None,
+    };
+    let original_id = get(crate::dlq::MSG_ID).or_else(|| get(NATS_MSG_ID).filter(|id| own_id.as_deref() != Some(*id))).map(str::to_owned);
     for (name, values) in dead.iter() {
         let n: &str = name.as_ref();
         if n.eq_ignore_ascii_case(NATS_MSG_ID) {
-            original_id = values.first().map(|v| v.as_str().to_owned());
             continue;
         }
         let drop = HEADERS.iter().any(|d| d.eq_ignore_ascii_case(n))
@@ -352,7 +358,8 @@ mod tests {
         h.insert("Idempotency-Key", "k1");
         h.insert("Nats-Expected-Last-Sequence", "41");
         h.insert(REPLAY_OF, "DLQ/1");
-        for name in HEADERS {
+        // A dead letter from before Bridge-Dlq-Msg-Id: its Nats-Msg-Id is the original's.
+        for name in HEADERS.iter().filter(|n| **n != crate::dlq::MSG_ID) {
             h.insert(*name, "x");
         }
         h.insert("bridge-dlq-future", "x");
@@ -370,5 +377,18 @@ mod tests {
         }
         assert_eq!(r.iter().count(), 5, "{r:?}");
         assert_eq!(replay_headers(&HeaderMap::new(), "DLQ", 2).get("Nats-Msg-Id").unwrap().as_str(), "natsbridge-replay-DLQ-2");
+    }
+
+    #[test]
+    fn replays_use_the_original_id_not_the_dead_letters_own() {
+        let origin = crate::dlq::Origin { route: "r", consumer: "svc-r", stream: "AGENT", subject: "a.b", seq: 5, deliveries: 1 };
+        let failure = crate::dlq::Failure { reason: crate::dlq::Reason::Poison, status: Some(400), error: None };
+        let mut orig = HeaderMap::new();
+        orig.insert("Nats-Msg-Id", "evt-1");
+        let dead = crate::dlq::headers(Some(&orig), &origin, &failure, std::time::SystemTime::now());
+        assert_eq!(replay_headers(&dead, "DLQ", 9).get("Nats-Msg-Id").unwrap().as_str(), "evt-1-replay-9");
+        // No original id: the dead letter's own is not mistaken for one.
+        let dead = crate::dlq::headers(None, &origin, &failure, std::time::SystemTime::now());
+        assert_eq!(replay_headers(&dead, "DLQ", 9).get("Nats-Msg-Id").unwrap().as_str(), "natsbridge-replay-DLQ-9");
     }
 }

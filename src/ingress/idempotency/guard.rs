@@ -51,6 +51,8 @@ struct Counters {
 
 /// One route's idempotency: its key spec and the (shared) store once it is open.
 pub(crate) struct Guard {
+    /// The sidecar's service: keys are scoped by it (see [`kv_key`]).
+    service: String,
     route: String,
     spec: Idempotency,
     store: watch::Sender<Option<Arc<Store>>>,
@@ -88,10 +90,11 @@ impl Drop for Claimed {
 
 impl Guard {
     /// Not ready until [`keep_open`](Self::keep_open) binds the store.
-    pub fn new(route: &str, spec: Idempotency, metrics: &Metrics, readiness: Arc<Readiness>) -> Arc<Self> {
+    pub fn new(service: &str, route: &str, spec: Idempotency, metrics: &Metrics, readiness: Arc<Readiness>) -> Arc<Self> {
         readiness.fail(READINESS_CHECK, "the idempotency store is not bound yet");
         let c = |r: &str| metrics.idempotency.with_label_values(&[route, r]);
         Arc::new(Self {
+            service: service.to_owned(),
             route: route.to_owned(),
             spec,
             store: watch::Sender::new(None),
@@ -147,6 +150,25 @@ impl Guard {
         }
     }
 
+    /// Waits while the store is degraded (a store operation failed), probing it every so
+    /// often: the pull loop pulls nothing meanwhile, since every claim would fail. False
+    /// if `stop` came first.
+    pub async fn wait_usable(&self, stop: &CancellationToken) -> bool {
+        let mut attempt = 0;
+        while self.degraded.load(Ordering::Relaxed) {
+            if sleep_or_stop(stop, retry_delay(attempt)).await {
+                return false;
+            }
+            attempt += 1;
+            let Some(store) = self.store.borrow().clone() else { continue };
+            if store.probe().await.is_ok() {
+                tracing::info!(route = %self.route, "idempotency store usable again");
+                self.store_ok();
+            }
+        }
+        !stop.is_cancelled()
+    }
+
     /// The message's key; counts `missing_key` when it has none.
     pub fn key(&self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<String> {
         let key = extract_key(&self.spec.key, headers, payload);
@@ -175,7 +197,7 @@ impl Guard {
             self.c.error.inc();
             return Begin::Unavailable("the idempotency store is not bound yet".into());
         };
-        match store.claim(&kv_key(&self.route, key)).await {
+        match store.claim(&kv_key(&self.service, &self.route, key)).await {
             Ok(Claim::Acquired(ticket)) => {
                 self.store_ok();
                 self.c.claim.inc();
@@ -214,7 +236,7 @@ impl Guard {
             return Err(self.refusal(BridgeError::IdempotencyStoreUnbound, rid));
         };
         let deadline = tokio::time::Instant::now() + wait;
-        match store.wait_done(&kv_key(&self.route, key), deadline).await {
+        match store.wait_done(&kv_key(&self.service, &self.route, key), deadline).await {
             Ok(Some(r)) => {
                 self.c.hit.inc();
                 return Err(replay(r));

@@ -111,17 +111,39 @@ fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
         .map(|v| v.as_str().to_owned())
 }
 
-/// The KV key for a route's idempotency key: keys are hashed because KV keys allow only
-/// a few characters, and scoped by route because each route is its own handler.
-pub fn kv_key(route: &str, key: &str) -> String {
+/// The KV key for an idempotency key of `service`'s route `route`:
+/// `<service>.<route>.<sha256 of key>`. Keys are hashed because KV keys allow only a few
+/// characters. They are scoped by service because every service that consumes an event
+/// runs its own handler for it: a key shared across services would let one service ack,
+/// without running, what another had processed (replicas of one service share the
+/// service name, and so their claims). They are scoped by route because each route is
+/// its own handler.
+pub fn kv_key(service: &str, route: &str, key: &str) -> String {
     let digest = Sha256::digest(key.as_bytes());
-    let mut out = String::with_capacity(route.len() + 1 + 64);
-    out.push_str(route);
+    let mut out = String::with_capacity(service.len() + route.len() + 2 + 64);
+    push_scope(&mut out, service);
+    out.push('.');
+    push_scope(&mut out, route);
     out.push('.');
     for b in digest {
         out.push_str(&format!("{b:02x}"));
     }
     out
+}
+
+/// A scope segment: the name itself when it is only letters, digits, '-' and '_' (route
+/// names always are), else `=` and its hex bytes. The two forms never meet (a plain name
+/// has no `=`) and neither has a `.`, so two different (service, route) pairs never share
+/// a prefix.
+fn push_scope(out: &mut String, name: &str) {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        out.push_str(name);
+    } else {
+        out.push('=');
+        for b in name.bytes() {
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -192,6 +214,11 @@ impl Store {
             }
         }
         Ok(Claim::InFlight { stale_in: Duration::ZERO })
+    }
+
+    /// Can the bucket be read right now? (Its stream's info: one API round trip.)
+    pub async fn probe(&self) -> Result<(), IdempotencyError> {
+        self.kv.status().await.map(|_| ()).map_err(|e| IdempotencyError::Store(e.to_string()))
     }
 
     /// How long a claim lasts without a [`refresh`](Self::refresh).
@@ -288,12 +315,18 @@ mod tests {
     }
 
     #[test]
-    fn kv_keys_are_valid_and_scoped_by_route() {
-        let a = kv_key("tool-exec", "a key with spaces/and.dots*>");
-        assert!(a.starts_with("tool-exec."));
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{a}");
-        assert_ne!(a, kv_key("other", "a key with spaces/and.dots*>"));
-        assert_eq!(a, kv_key("tool-exec", "a key with spaces/and.dots*>"));
+    fn kv_keys_are_valid_and_scoped_by_service_and_route() {
+        let a = kv_key("tools", "tool-exec", "a key with spaces/and.dots*>");
+        assert!(a.starts_with("tools.tool-exec."));
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c)), "{a}");
+        assert_ne!(a, kv_key("tools", "other", "a key with spaces/and.dots*>"));
+        assert_ne!(a, kv_key("orchestration", "tool-exec", "a key with spaces/and.dots*>"));
+        assert_eq!(a, kv_key("tools", "tool-exec", "a key with spaces/and.dots*>"));
+        // A service name KV keys cannot hold is encoded, and never meets a plain one.
+        let odd = kv_key("svc:1", "r", "k");
+        assert!(odd.starts_with("=7376633a31.r."), "{odd}");
+        assert!(odd.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c)), "{odd}");
+        assert_ne!(kv_key("=7376633a31", "r", "k"), odd);
     }
 
     #[test]
