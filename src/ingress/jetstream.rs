@@ -269,9 +269,7 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                 shared.readiness.pass(&route.check);
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                shared
-                    .readiness
-                    .fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
+                shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
                 let start = resume_point(&stream, floor).await;
                 match ensure_consumer(&stream, route, c, start).await {
                     Ok(_) => {

@@ -8,7 +8,8 @@ use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawNats, RawSidecar, RawTls};
 use crate::config::values::parse_http_url;
 use crate::config::{
-    HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN, DEFAULT_NATS_URL,
+    HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN,
+    DEFAULT_NATS_URL,
 };
 use crate::subject;
 
