@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz` (alive), `/readyz` (NATS connected, config loaded, every
-//! inbound subscription and consumer bound) and `/metrics` (Prometheus text).
+//! The admin listener: `/healthz` (alive), `/readyz` (can serve; see [`crate::health`] for
+//! its two meanings), `/statusz` (every component, its state, why and since when, as JSON)
+//! and `/metrics` (Prometheus text).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -13,7 +14,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::health::Readiness;
+use crate::config::ReadinessMode;
+use crate::health::{Component, Readiness, State, Status};
 use crate::metrics::Metrics;
 use crate::nats::connection::is_connected;
 
@@ -23,24 +25,60 @@ pub struct Admin {
     pub metrics: Metrics,
     pub nats: async_nats::Client,
     pub readiness: Arc<Readiness>,
+    /// What `/readyz` means (`[sidecar] readiness`).
+    pub mode: ReadinessMode,
 }
 
 impl Admin {
-    /// Ready only while NATS is connected and nothing registered a failing check.
-    pub fn ready(&self) -> Result<(), BTreeMap<String, String>> {
-        let mut failing = self.readiness.failing();
+    /// Every component, with the client's own view of the connection laid over the last
+    /// event: the client knows it lost the server before its event arrives.
+    pub fn components(&self) -> BTreeMap<Component, Status> {
+        let mut all = self.readiness.snapshot();
         if !is_connected(&self.nats) {
-            // Keep the connection's own, more specific reason when it gave one.
-            failing.entry(crate::nats::connection::READINESS_CHECK.into()).or_insert_with(|| "not connected to NATS".into());
-        } else {
-            // A stale failure reason must not outlive the connection coming back.
-            failing.remove(crate::nats::connection::READINESS_CHECK);
+            if let Some(s) = all.get_mut(&Component::NATS).filter(|s| s.state == State::Up) {
+                s.state = State::Down;
+                s.reason = "not connected to NATS".into();
+            }
+        }
+        all
+    }
+
+    /// Ready under the configured mode, or what keeps it from being so.
+    pub fn ready(&self) -> Result<(), BTreeMap<String, String>> {
+        let mut failing = self.readiness.ready(self.mode).err().unwrap_or_default();
+        if self.mode == ReadinessMode::Strict && !self.readiness.draining() && !is_connected(&self.nats) {
+            failing.entry(Component::NATS.to_string()).or_insert_with(|| "not connected to NATS".into());
         }
         if failing.is_empty() {
             Ok(())
         } else {
             Err(failing)
         }
+    }
+
+    /// The `/statusz` document.
+    fn status(&self) -> serde_json::Value {
+        let components = self.components();
+        let failing: BTreeMap<&str, &str> =
+            components.iter().filter(|(_, s)| s.state != State::Up).map(|(c, s)| (c.as_str(), s.reason.as_str())).collect();
+        let by_name: BTreeMap<&str, &Status> = components.iter().map(|(c, s)| (c.as_str(), s)).collect();
+        serde_json::json!({
+            "ready": self.ready().is_ok(),
+            "readiness": match self.mode { ReadinessMode::Serving => "serving", ReadinessMode::Strict => "strict" },
+            "draining": self.readiness.draining(),
+            "components": by_name,
+            "failing": failing,
+        })
+    }
+
+    /// The Prometheus text, with `natsbridge_component_up` taken from the registry now.
+    fn metrics_text(&self) -> Vec<u8> {
+        // Reset first: a component that went away (a removed route) must not linger.
+        self.metrics.component_up.reset();
+        for (c, s) in self.components() {
+            self.metrics.component_up.with_label_values(&[c.as_str()]).set(i64::from(s.state == State::Up));
+        }
+        self.metrics.encode()
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -54,7 +92,8 @@ impl Admin {
                     Bytes::from(serde_json::to_vec(&serde_json::json!({ "ready": false, "failing": failing })).unwrap_or_default()),
                 ),
             },
-            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(self.metrics.encode())),
+            "/statusz" => (StatusCode::OK, "application/json", Bytes::from(serde_json::to_vec_pretty(&self.status()).unwrap_or_default())),
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(self.metrics_text())),
             _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", Bytes::from_static(b"not found\n")),
         };
         let mut res = Response::new(Full::new(body));

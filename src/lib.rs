@@ -11,8 +11,8 @@
 //! - [`ingress`]: subscriptions and consumers that call the local app, with idempotency.
 //! - [`dlq`]: dead letters: their `Bridge-Dlq-*` headers and acked publishing.
 //! - [`inject`]: the Kubernetes MutatingAdmissionWebhook that injects the sidecar into pods.
-//! - [`health`]: readiness conditions that components report.
-//! - [`admin`]: the health, readiness and metrics endpoints.
+//! - [`health`]: the component registry (state, reason, since) and what readiness means.
+//! - [`admin`]: the health, readiness, status and metrics endpoints.
 //! - [`metrics`]: the Prometheus families and per-route handles.
 //! - [`reload`]: hot reload of the routing file.
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     pub idempotency: IntCounterVec,
     pub dlq_published: IntCounterVec,
+    pub component_up: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -113,6 +114,11 @@ impl Metrics {
                 "natsbridge_dlq_published_total",
                 "Dead letters published, by route and reason.",
                 &["route", "reason"],
+            ),
+            component_up: gauge_vec(
+                "natsbridge_component_up",
+                "1 while the component (nats, egress, provision, inbound:<route>, idempotency, …) is up, else 0 (see /statusz).",
+                &["component"],
             ),
             registry: r,
             names: names.into_inner(),

@@ -13,7 +13,7 @@ use crate::admin::{self, Admin};
 use crate::config::{Config, Overrides};
 use crate::egress::routes::Routing;
 use crate::egress::{self, Egress, Table};
-use crate::health::Readiness;
+use crate::health::{Component, Readiness};
 use crate::ingress;
 use crate::metrics::Metrics;
 use crate::nats::connection;
@@ -54,6 +54,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     }
     let metrics = Metrics::new();
     let readiness = Readiness::new();
+    readiness.starting(&Component::EGRESS, "not serving yet");
     let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, readiness.clone(), &*env).await?;
     let config = Arc::new(config);
     let source: PathBuf = config.source.clone();
@@ -61,11 +62,20 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let (changes, config_rx) = watch::channel(config.clone());
     // Provisions (sidecar.provision) or checks streams and buckets once NATS is up; readiness
     // names whatever is missing. Never blocks startup.
+    // The first attempt ends with an event; should that event be lost, readiness must not
+    // wait for it forever.
+    {
+        let (readiness, wait) = (readiness.clone(), config.nats.connect_timeout + std::time::Duration::from_secs(1));
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            readiness.fail_if_starting(&Component::NATS, "the first connection attempt did not finish within connect_timeout");
+        });
+    }
     let provision_task = provision::spawn(nats.clone(), config_rx.clone(), readiness.clone(), shutdown.clone());
 
     let egress_addr = egress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let admin = Admin { metrics: metrics.clone(), nats: nats.clone(), readiness: readiness.clone() };
+    let admin = Admin { metrics: metrics.clone(), nats: nats.clone(), readiness: readiness.clone(), mode: config.sidecar.readiness };
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone().cancelled_owned()));
 
@@ -91,10 +101,12 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
         tokio::spawn(async move {
             shutdown.cancelled().await;
-            readiness.fail("shutdown", "draining");
+            readiness.drain();
         });
     }
     let egress = Egress::new(table, nats.clone(), metrics);
+    // The listener is bound and the loop below accepts from it at once.
+    readiness.pass(&Component::EGRESS);
     egress::serve(egress_listener, egress, shutdown.clone().cancelled_owned()).await?;
 
     // Egress has drained; now stop taking messages and finish the ones in flight.

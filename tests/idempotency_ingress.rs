@@ -494,17 +494,14 @@ async fn missing_bucket_fails_readiness_naming_it_and_keyed_requests_get_503() {
         let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
         let why = eventually("readiness naming the bucket", Duration::from_secs(15), || async {
-            let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
-            (r.status != 200).then_some(())?;
-            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            let v = sidecar.statusz().await;
             v["failing"]["idempotency"].as_str().filter(|s| s.contains(BUCKET)).map(str::to_owned)
         })
         .await;
         assert!(why.contains("not available"), "{why}");
         // The route itself is bound: keyed messages are refused, never run unprotected.
         eventually("the route bound", Duration::from_secs(15), || async {
-            let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            let v = sidecar.statusz().await;
             v["failing"].get("inbound:orders").is_none().then_some(())
         })
         .await;
@@ -541,8 +538,7 @@ async fn jetstream_waits_for_the_bucket_before_pulling() {
         let app = App::script(|_, _| async { respond(200, "ok") }).await;
         let sidecar = Sidecar::start(&js_route(KEYED), &nats.url(), Some(&app.url())).await;
         eventually("readiness naming the bucket", Duration::from_secs(15), || async {
-            let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            let v = sidecar.statusz().await;
             v["failing"]["idempotency"].as_str().filter(|s| s.contains(BUCKET)).map(|_| ())
         })
         .await;

@@ -566,9 +566,8 @@ async fn jetstream_readiness_names_a_missing_stream_until_it_exists() {
     let nats = NatsServer::start();
     let app = App::script(|_, _| async { respond(200, "ok") }).await;
     let sidecar = Sidecar::start(&js_route(""), &nats.url(), Some(&app.url())).await;
-    let why = eventually("readiness naming the stream", Duration::from_secs(10), || async {
-        let r = get(&format!("http://{}/readyz", sidecar.admin)).await.ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+    let why = eventually("statusz naming the stream", Duration::from_secs(10), || async {
+        let v = sidecar.statusz().await;
         v["failing"]["inbound:tool-exec"].as_str().filter(|s| s.contains("not found")).map(str::to_owned)
     })
     .await;

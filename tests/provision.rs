@@ -282,8 +282,9 @@ async fn the_provision_command_end_to_end() {
     assert!(text(&out.stderr).contains("routes.toml"), "{}", text(&out.stderr));
 }
 
-async fn readyz(s: &Sidecar) -> Reply {
-    get(&format!("http://{}/readyz", s.admin)).await.unwrap()
+/// What is down, and why, as `/statusz` says.
+async fn failing(s: &Sidecar) -> serde_json::Value {
+    s.statusz().await["failing"].clone()
 }
 
 #[tokio::test]
@@ -301,15 +302,15 @@ async fn run_with_provision_creates_the_streams() {
     })
     .await;
     eventually("no provision check failing", WAIT, || async {
-        let r = readyz(&sidecar).await;
-        (!r.text().contains("provision")).then_some(())
+        let f = failing(&sidecar).await;
+        (f.is_object() && !f.to_string().contains("provision")).then_some(())
     })
     .await;
     sidecar.stop().await;
 }
 
 #[tokio::test]
-async fn run_without_provision_is_not_ready_until_the_stream_exists() {
+async fn run_without_provision_names_the_missing_stream_until_it_exists() {
     let server = NatsServer::start();
     let js = js(&server).await;
     let src = r#"
@@ -328,12 +329,12 @@ name = "WORKFLOW"
 subjects = ["workflow.>"]
 "#;
     let sidecar = Sidecar::start(src, &server.url(), None).await;
-    let body = eventually("readyz names the missing stream", WAIT, || async {
-        let r = readyz(&sidecar).await;
-        (r.status == 503 && r.text().contains("provision:subject:workflow.execution.started")).then(|| r.json())
+    let body = eventually("statusz names the missing stream", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:subject:workflow.execution.started").is_some().then_some(f)
     })
     .await;
-    let why = body["failing"]["provision:subject:workflow.execution.started"].as_str().unwrap();
+    let why = body["provision:subject:workflow.execution.started"].as_str().unwrap();
     assert!(why.contains("no stream captures subject") && why.contains("\"started\"") && why.contains("natsbridge provision"), "{why}");
 
     let plan = provision::apply(&js, &parse(src), false).await.unwrap();
@@ -346,12 +347,12 @@ subjects = ["workflow.>"]
 async fn run_without_provision_names_each_missing_stream_and_bucket() {
     let server = NatsServer::start();
     let sidecar = Sidecar::start(&routes("", ""), &server.url(), None).await;
-    let body = eventually("readyz names what is missing", WAIT, || async {
-        let r = readyz(&sidecar).await;
-        (r.status == 503 && r.text().contains("provision:stream:TOOL")).then(|| r.json())
+    let body = eventually("statusz names what is missing", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:stream:TOOL").is_some().then_some(f)
     })
     .await;
-    let failing = body["failing"].as_object().unwrap();
+    let failing = body.as_object().unwrap();
     for key in ["provision:stream:TOOL", "provision:dead-letter-stream:DLQ", "provision:kv:natsbridge_idempotency"] {
         assert!(failing.contains_key(key), "{key} missing from {body}");
     }

@@ -53,6 +53,18 @@ pub struct Sidecar {
     /// JetStream publishes waiting for their ack, across all routes; past it → 503.
     pub max_inflight_publishes: usize,
     pub http: HttpLimits,
+    /// What `/readyz` means (read at start; a reload does not change it).
+    pub readiness: ReadinessMode,
+}
+
+/// What `/readyz` means: see [`crate::health`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadinessMode {
+    /// Ready once the sidecar can serve HTTP, through NATS outages (the default).
+    #[default]
+    Serving,
+    /// Ready only while every component is up.
+    Strict,
 }
 
 /// Limits of the egress HTTP listener.
@@ -402,6 +414,16 @@ mod tests {
         assert_eq!(c.defaults.timeout, Duration::from_secs(5));
         assert_eq!(c.defaults.max_body, 1 << 20);
         assert_eq!(c.dead_letter.stream, "DLQ");
+        assert_eq!(c.sidecar.readiness, ReadinessMode::Serving);
+    }
+
+    #[test]
+    fn readiness_is_serving_or_strict_and_a_typo_points_at_its_line() {
+        let strict = parse("[sidecar]\nservice = \"x\"\nreadiness = \"strict\"\n", "t.toml").unwrap();
+        assert_eq!(strict.sidecar.readiness, ReadinessMode::Strict);
+        let e = errors("[sidecar]\nservice = \"x\"\nreadiness = \"strcit\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("t.toml:3:") && e[0].contains("\"serving\" or \"strict\""), "{}", e[0]);
     }
 
     #[test]

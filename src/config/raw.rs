@@ -37,6 +37,7 @@ pub(super) struct RawSidecar {
     pub(super) max_header_bytes: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
+    pub(super) readiness: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

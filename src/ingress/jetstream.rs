@@ -70,7 +70,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         Ok(s) => s,
         Err(e) => {
             // Only an invalid name fails here, which config validation rules out.
-            shared.readiness.fail(route.check.clone(), format!("stream {:?}: {e}", consumer.stream));
+            shared.readiness.fail(&route.check, format!("stream {:?}: {e}", consumer.stream));
             return;
         }
     };
@@ -121,7 +121,7 @@ async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()
                 if why != last_why {
                     tracing::warn!(route = %route.inbound.name, "{why}; retrying");
                 }
-                shared.readiness.fail(route.check.clone(), why.clone());
+                shared.readiness.fail(&route.check, why.clone());
                 last_why = why;
             }
         }
@@ -293,9 +293,7 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                 shared.readiness.pass(&route.check);
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                shared
-                    .readiness
-                    .fail(route.check.clone(), format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
+                shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
                 let start = resume_point(&stream, floor).await;
                 match ensure_consumer(&stream, route, c, start).await {
                     Ok(_) => {
@@ -304,14 +302,14 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                     }
                     Err(why) => {
                         tracing::warn!(route = %route.inbound.name, "{why}");
-                        shared.readiness.fail(route.check.clone(), why);
+                        shared.readiness.fail(&route.check, why);
                     }
                 }
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => {
                 // A stream created again numbers its messages anew: forget where we were.
                 floor = None;
-                shared.readiness.fail(route.check.clone(), format!("stream {:?} not found", c.stream));
+                shared.readiness.fail(&route.check, format!("stream {:?} not found", c.stream));
             }
             // NATS down or JetStream busy: the connection check already says so.
             Err(e) => tracing::debug!(route = %route.inbound.name, error = %e, "consumer info failed"),

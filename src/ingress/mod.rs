@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Inbound, InboundMode};
-use crate::health::Readiness;
+use crate::health::{Component, Readiness};
 pub(crate) use crate::metrics::InFlight;
 use crate::metrics::{IngressRouteMetrics, Metrics};
 
@@ -58,17 +58,12 @@ pub(crate) struct Route {
     /// `app_url` without a trailing slash; request paths are appended.
     pub base: String,
     pub metrics: IngressRouteMetrics,
-    /// Its readiness check: `inbound:<name>`.
-    pub check: String,
+    /// Its component: `inbound:<name>`, starting until its subscription or consumer is bound.
+    pub check: Component,
     /// How long a stopping route waits for its in-flight handlers before naking them.
     pub drain_timeout: Duration,
     /// The route's idempotency, when it sets `idempotency`.
     pub idem: Option<Arc<idempotency::guard::Guard>>,
-}
-
-/// The readiness check a route holds until its subscription or consumer is bound.
-pub fn readiness_check(route: &str) -> String {
-    format!("inbound:{route}")
 }
 
 struct Running {
@@ -139,7 +134,7 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
         let _ = r.task.await;
         if !wanted.contains_key(name.as_str()) {
             tracing::info!(route = %name, "inbound route removed");
-            shared.readiness.pass(&readiness_check(&name));
+            shared.readiness.remove(&Component::inbound(&name));
         } else {
             tracing::info!(route = %name, "inbound route changed; restarting it");
         }
@@ -153,14 +148,14 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             inbound: inbound.clone(),
             base: app::base_url(&config.sidecar.app_url),
             metrics: shared.metrics.ingress_route(&inbound.name),
-            check: readiness_check(&inbound.name),
+            check: Component::inbound(&inbound.name),
             drain_timeout: config.sidecar.drain_timeout,
             idem: inbound.idempotency.clone().map(|spec| {
                 idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())
             }),
         });
-        // Not ready until bound: set before the task runs so /readyz never races it.
-        shared.readiness.fail(route.check.clone(), "not bound yet");
+        // Starting until bound: set before the task runs so /statusz never races it.
+        shared.readiness.starting(&route.check, "not bound yet");
         let stop = CancellationToken::new();
         // The idempotency store binds alongside the route, retrying until its bucket exists.
         let store = route.idem.clone().map(|g| {
@@ -175,7 +170,8 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
         running.insert(inbound.name.clone(), Running { fingerprint: fp.clone(), stop, task });
     }
     if !config.inbound.iter().any(|i| i.idempotency.is_some()) {
-        shared.readiness.pass(idempotency::guard::READINESS_CHECK);
+        // No store in use: nothing to report.
+        shared.readiness.remove(&Component::IDEMPOTENCY);
     }
 }
 

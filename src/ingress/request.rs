@@ -33,7 +33,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
         let mut s = match shared.nats.queue_subscribe(subject.clone(), queue.clone()).await {
             Ok(s) => s,
             Err(e) => {
-                shared.readiness.fail(route.check.clone(), format!("cannot subscribe to {subject:?}: {e}"));
+                shared.readiness.fail(&route.check, format!("cannot subscribe to {subject:?}: {e}"));
                 tracing::warn!(route = name, error = %e, "inbound subscribe failed; retrying");
                 if sleep_or_stop(&stop, retry_delay(attempt)).await {
                     break;
@@ -53,7 +53,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
             };
             let Some(msg) = msg else {
                 // The client closed it (or the server did): bind a new one.
-                shared.readiness.fail(route.check.clone(), format!("subscription to {subject:?} ended; resubscribing"));
+                shared.readiness.fail(&route.check, format!("subscription to {subject:?} ended; resubscribing"));
                 tracing::warn!(route = name, "inbound subscription ended; resubscribing");
                 break;
             };

@@ -357,6 +357,8 @@ fn sidecar_container(settings: &InjectSettings, request: &SidecarRequest<'_>) ->
         // egress listener is bound before the app's first outgoing call. It probes /healthz, not
         // /readyz, so a NATS outage does not keep the app from starting at all.
         "startupProbe": probe("/healthz", 1, 60),
+        // The pod's Ready condition follows this probe, so /readyz means "can serve" and
+        // stays 200 through NATS outages (tests/readiness.rs holds it to that).
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 3),
         "resources": res,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::config::{Nats, NatsAuth, Secret};
-use crate::health::Readiness;
+use crate::health::{Component, Readiness};
 use crate::metrics::Metrics;
 
 /// Why the connection could not even be attempted. Messages name where a secret lives,
@@ -86,8 +86,8 @@ fn auth_description(auth: &NatsAuth) -> String {
 }
 
 /// Builds the connect options for `nats`, named `natsbridge-<service>`.
-/// `readiness`, when given, carries why connecting fails (`nats`: rejected credentials,
-/// TLS failure, …) so `/readyz` says more than "not connected".
+/// `readiness`, when given, carries the connection's state and why connecting fails
+/// (rejected credentials, TLS failure, …) so `/statusz` says more than "not connected".
 pub async fn options(
     nats: &Nats,
     service: &str,
@@ -168,7 +168,7 @@ impl EventLog {
     /// suppressed since the last line.
     fn failure(&self, what: &str) -> Option<u64> {
         if let Some(r) = &self.readiness {
-            r.fail(READINESS_CHECK, format!("not connected to NATS: {}", failure_reason(what)));
+            r.fail(&Component::NATS, format!("not connected to NATS: {}", failure_reason(what)));
         }
         let mut last = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         match last.as_mut() {
@@ -189,17 +189,19 @@ impl EventLog {
 
     fn connected(&self) {
         if let Some(r) = &self.readiness {
-            r.pass(READINESS_CHECK);
+            r.pass(&Component::NATS);
         }
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
+
+    fn disconnected(&self) {
+        if let Some(r) = &self.readiness {
+            r.fail(&Component::NATS, "disconnected from NATS; reconnecting");
+        }
+    }
 }
 
-/// The readiness check the connection reports under (the same one `/readyz` uses for a
-/// disconnected client).
-pub const READINESS_CHECK: &str = "nats";
-
-/// Why a connect attempt failed, for people reading `/readyz`.
+/// Why a connect attempt failed, for people reading `/statusz`.
 fn failure_reason(what: &str) -> String {
     match what {
         "authorization violation" => "the server rejected the credentials (authorization violation)".into(),
@@ -223,6 +225,7 @@ fn on_event(m: &Metrics, logs: &EventLog, seen: &AtomicBool, event: Event) {
         }
         Event::Disconnected => {
             m.nats_connected.set(0);
+            logs.disconnected();
             tracing::warn!("disconnected from NATS; reconnecting");
         }
         Event::SlowConsumer(sid) => {
@@ -275,6 +278,7 @@ pub async fn connect(
     readiness: Arc<Readiness>,
     env: EnvLookup<'_>,
 ) -> Result<async_nats::Client, ConnectError> {
+    readiness.starting(&Component::NATS, "first connection attempt under way");
     let opts = options(nats, service, metrics, Some(readiness), env).await?;
     Ok(opts.connect(nats.servers.clone()).await?)
 }

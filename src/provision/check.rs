@@ -10,6 +10,7 @@ use super::plan::read_stream;
 use super::spec::{jetstream_routes, kv_stream_name};
 use super::{Kind, ProvisionError};
 use crate::config::{Config, OutboundTarget};
+use crate::health::Component;
 
 /// Something `run` needs that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +23,9 @@ pub struct Missing {
 }
 
 impl Missing {
-    /// The readiness check it fails: `provision:<kind>:<name>`.
-    pub fn check_name(&self) -> String {
-        format!("provision:{}:{}", self.kind.key(), self.name)
+    /// The component it marks down: `provision:<kind>:<name>`.
+    pub fn component(&self) -> Component {
+        Component::resource(self.kind.key(), &self.name)
     }
 }
 

@@ -37,9 +37,6 @@ pub use watch::spawn;
 /// The bucket's max_age when no route sets an idempotency ttl (the documented default ttl).
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// The readiness check held while the first check (or provisioning) has not finished.
-pub const READINESS_CHECK: &str = "provision";
-
 /// What kind of resource a plan item or a missing thing is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {

@@ -13,9 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::apply::apply;
 use super::check::{check, Missing};
 use super::plan::Status;
-use super::READINESS_CHECK;
 use crate::config::Config;
-use crate::health::Readiness;
+use crate::health::{Component, Readiness};
 
 /// How often `run` re-checks while something is missing, and once all exists.
 const RECHECK_MISSING: Duration = Duration::from_secs(5);
@@ -24,15 +23,15 @@ const RECHECK_OK: Duration = Duration::from_secs(30);
 /// Starts the task `run` uses: with `sidecar.provision` it applies the plan (again after
 /// each reload); in any case it checks what the routes need, fails readiness with
 /// `provision:<kind>:<name>` for each missing thing, and re-checks until it exists. It
-/// waits for NATS, so a NATS outage never blocks startup. Readiness holds
-/// [`READINESS_CHECK`] from now until the first check has finished.
+/// waits for NATS, so a NATS outage never blocks startup. [`Component::PROVISION`] is
+/// starting from now until the first check has finished.
 pub fn spawn(
     nats: async_nats::Client,
     config: watch::Receiver<Arc<Config>>,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    readiness.fail(READINESS_CHECK, "checking JetStream streams and buckets");
+    readiness.starting(&Component::PROVISION, "waiting for NATS to check JetStream streams and buckets");
     tokio::spawn(supervise(nats, config, readiness, shutdown))
 }
 
@@ -62,8 +61,8 @@ async fn supervise(
 struct Watcher {
     js: jetstream::Context,
     readiness: Arc<Readiness>,
-    /// The readiness checks failing for a missing resource, to pass them once it exists.
-    failing: BTreeSet<String>,
+    /// The components down for a missing resource, to pass them once it exists.
+    failing: BTreeSet<Component>,
     /// The config last provisioned: a round without a reload does not provision again.
     provisioned: Option<Arc<Config>>,
     /// The last check error: a persisting error is logged once, not every round.
@@ -95,7 +94,7 @@ impl Watcher {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "provisioning failed; retrying");
-                self.readiness.fail(READINESS_CHECK, format!("provisioning failed: {e}"));
+                self.readiness.fail(&Component::PROVISION, format!("provisioning failed: {e}"));
                 false
             }
         }
@@ -107,19 +106,19 @@ impl Watcher {
         match check(&self.js, config).await {
             Ok(missing) => {
                 self.last_error = None;
-                let now: BTreeSet<String> = missing.iter().map(Missing::check_name).collect();
+                let now: BTreeSet<Component> = missing.iter().map(Missing::component).collect();
                 for m in &missing {
-                    if !self.failing.contains(&m.check_name()) {
+                    if !self.failing.contains(&m.component()) {
                         tracing::warn!("{m}");
                     }
-                    self.readiness.fail(m.check_name(), m.to_string());
+                    self.readiness.fail(&m.component(), m.to_string());
                 }
                 for gone in self.failing.difference(&now) {
                     tracing::info!(check = %gone, "now exists");
                     self.readiness.pass(gone);
                 }
                 self.failing = now;
-                self.readiness.pass(READINESS_CHECK);
+                self.readiness.pass(&Component::PROVISION);
                 if self.failing.is_empty() {
                     RECHECK_OK
                 } else {
@@ -133,7 +132,7 @@ impl Watcher {
                 }
                 self.last_error = Some(text);
                 if self.failing.is_empty() {
-                    self.readiness.fail(READINESS_CHECK, format!("cannot check JetStream resources: {e}"));
+                    self.readiness.fail(&Component::PROVISION, format!("cannot check JetStream resources: {e}"));
                 }
                 RECHECK_MISSING
             }

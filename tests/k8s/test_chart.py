@@ -42,7 +42,8 @@ NON_DEFAULT = {
     },
     "routes": [{"name": "solo-routes", "toml": "[sidecar]\nservice = \"solo\"\n"}],
     "provision": {"extraArgs": ["--force"]},
-    "monitoring": {"dashboard": {"namespace": "grafana"}, "podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+    "monitoring": {"dashboard": {"namespace": "grafana"}, "podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True},
+                   "prometheusRule": {"enabled": True}},
 }
 
 CASES = {"default": {}, "non-default": NON_DEFAULT, "example": None, "external-nats": {

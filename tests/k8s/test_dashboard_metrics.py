@@ -81,7 +81,7 @@ def test_dashboard_is_valid_and_covers_the_issue():
     assert d["uid"] == "natsbridge"
     titles = " | ".join(p["title"] for p in d["panels"]).lower()
     for topic in ["connections", "messages", "bytes", "stream", "consumer lag", "request rate", "latency",
-                  "status", "ack / nak / term / dlq", "idempotency", "reconnects"]:
+                  "status", "ack / nak / term / dlq", "idempotency", "reconnects", "components down"]:
         assert topic in titles, f"no panel about {topic!r}"
     for p in d["panels"]:
         if p["type"] != "row":
@@ -108,3 +108,20 @@ def test_dashboard_configmap_carries_the_file_and_the_sidecar_label(default_rend
     cm = find(objects, "ConfigMap", "nb-natsbridge-dashboard")[0]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["natsbridge.json"]) == dashboard()
+
+
+def test_prometheus_rule_is_off_by_default_and_alerts_on_exported_metrics(default_render):
+    objects, _ = default_render
+    assert not [o for o in objects if o["kind"] == "PrometheusRule"]
+    objects, _ = render({"monitoring": {"prometheusRule": {"enabled": True, "componentDownFor": "10m", "labels": {"release": "kps"}}}})
+    (rule,) = find(objects, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {"NatsbridgeComponentDown", "NatsbridgeNatsDisconnected"}
+    assert alerts["NatsbridgeComponentDown"]["for"] == "10m"
+    assert alerts["NatsbridgeNatsDisconnected"]["for"] == "2m"
+    # Prometheus templates pass through Helm unexpanded.
+    assert "{{ $labels.component }}" in alerts["NatsbridgeComponentDown"]["annotations"]["summary"]
+    used = {m for r in alerts.values() for m in METRIC.findall(r["expr"])}
+    assert used == {"natsbridge_component_up", "natsbridge_nats_connected"}
+    assert not used - exported_names()

@@ -469,15 +469,24 @@ impl Sidecar {
         format!("http://{}{}", self.egress, path)
     }
 
+    /// Does `/readyz` answer 200 (in the default mode: can serve, NATS or not)?
     pub async fn ready(&self) -> bool {
         get(&format!("http://{}/readyz", self.admin)).await.map(|r| r.status == 200).unwrap_or(false)
     }
 
-    pub async fn wait_ready(&self) {
-        eventually("sidecar ready", Duration::from_secs(15), || async { self.ready().await.then_some(()) }).await
+    /// The `/statusz` document.
+    pub async fn statusz(&self) -> serde_json::Value {
+        statusz(self.admin).await.unwrap_or_default()
     }
 
-    /// Waits until the sidecar's NATS connection is up (whatever else readiness reports,
+    /// Waits until every component is up (`/statusz`): NATS connected, every inbound route
+    /// bound, nothing missing. Stronger than `/readyz` in the default mode.
+    pub async fn wait_ready(&self) {
+        let admin = self.admin;
+        eventually("every sidecar component up", Duration::from_secs(15), || async move { all_up(admin).await.then_some(()) }).await
+    }
+
+    /// Waits until the sidecar's NATS connection is up (whatever else `/statusz` reports,
     /// e.g. a stream a route needs that a test leaves out on purpose).
     pub async fn wait_nats(&self) {
         let admin = self.admin;
@@ -513,16 +522,21 @@ impl Drop for Sidecar {
     }
 }
 
-/// Is the sidecar at `admin` connected to NATS, as its readiness report says? Other
-/// failing checks (a stream a test leaves out on purpose) do not matter here.
+/// The `/statusz` document of the sidecar at `admin`, once its admin listener answers.
+pub async fn statusz(admin: SocketAddr) -> Option<serde_json::Value> {
+    let r = get(&format!("http://{admin}/statusz")).await.ok()?;
+    serde_json::from_slice(&r.body).ok()
+}
+
+/// Is every component of the sidecar at `admin` up?
+pub async fn all_up(admin: SocketAddr) -> bool {
+    statusz(admin).await.is_some_and(|v| v["failing"].as_object().is_some_and(|f| f.is_empty()))
+}
+
+/// Is the sidecar at `admin` connected to NATS, as its `/statusz` says? Other components
+/// that are down (a stream a test leaves out on purpose) do not matter here.
 pub async fn nats_ready(admin: SocketAddr) -> bool {
-    match get(&format!("http://{admin}/readyz")).await {
-        Ok(r) if r.status == 200 => true,
-        Ok(r) if r.status == 503 => {
-            serde_json::from_slice::<serde_json::Value>(&r.body).map(|v| v["failing"].get("nats").is_none()).unwrap_or(false)
-        }
-        _ => false,
-    }
+    statusz(admin).await.is_some_and(|v| v["components"]["nats"]["state"] == "up")
 }
 
 /// A sidecar as a child process of the real binary.
@@ -561,10 +575,7 @@ impl SidecarProcess {
 
     pub async fn wait_ready(&self) {
         let admin = self.admin;
-        eventually("sidecar process ready", Duration::from_secs(20), || async move {
-            get(&format!("http://{admin}/readyz")).await.ok().filter(|r| r.status == 200).map(|_| ())
-        })
-        .await
+        eventually("every sidecar process component up", Duration::from_secs(20), || async move { all_up(admin).await.then_some(()) }).await
     }
 
     pub async fn wait_nats(&self) {

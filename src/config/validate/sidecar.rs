@@ -8,7 +8,8 @@ use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawNats, RawSidecar, RawTls};
 use crate::config::values::parse_http_url;
 use crate::config::{
-    HttpLimits, Nats, NatsAuth, NatsTls, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN, DEFAULT_NATS_URL,
+    HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN,
+    DEFAULT_NATS_URL,
 };
 use crate::subject;
 
@@ -24,6 +25,7 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         http::Uri::from_static(DEFAULT_APP_URL)
     });
     let http = http_limits(&raw, at, diags);
+    let readiness = readiness_mode(at, raw.readiness.as_deref(), diags);
     Sidecar {
         service: raw.service,
         listen,
@@ -33,6 +35,18 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         provision: raw.provision,
         max_inflight_publishes: raw.max_inflight_publishes.unwrap_or(4096).max(1),
         http,
+        readiness,
+    }
+}
+
+fn readiness_mode(at: Table<'_>, value: Option<&str>, diags: &mut Diagnostics<'_>) -> ReadinessMode {
+    match value {
+        None | Some("serving") => ReadinessMode::Serving,
+        Some("strict") => ReadinessMode::Strict,
+        Some(other) => {
+            diags.error(at, Some("readiness"), format!("`readiness` {other:?} must be \"serving\" or \"strict\""));
+            ReadinessMode::Serving
+        }
     }
 }
 

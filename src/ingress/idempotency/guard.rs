@@ -25,14 +25,12 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Idempotency, IdempotencyStore};
-use crate::health::Readiness;
+use crate::health::{Component, Readiness};
 use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
 use crate::problem::BridgeError;
 
-/// The readiness check that fails while the idempotency store cannot be used.
-pub const READINESS_CHECK: &str = "idempotency";
 /// Set on replies that replay a stored response instead of calling the app.
 pub const REPLAY_HEADER: &str = "Bridge-Idempotent-Replay";
 /// Set on replays whose body was over `max_response_bytes` and was not stored.
@@ -91,7 +89,7 @@ impl Drop for Claimed {
 impl Guard {
     /// Not ready until [`keep_open`](Self::keep_open) binds the store.
     pub fn new(service: &str, route: &str, spec: Idempotency, metrics: &Metrics, readiness: Arc<Readiness>) -> Arc<Self> {
-        readiness.fail(READINESS_CHECK, "the idempotency store is not bound yet");
+        readiness.starting(&Component::IDEMPOTENCY, "the idempotency store is not bound yet");
         let c = |r: &str| metrics.idempotency.with_label_values(&[route, r]);
         Arc::new(Self {
             service: service.to_owned(),
@@ -121,7 +119,7 @@ impl Guard {
             match Store::open(&js, &cfg, owner.clone()).await {
                 Ok(store) => {
                     self.store.send_replace(Some(Arc::new(store)));
-                    self.readiness.pass(READINESS_CHECK);
+                    self.readiness.pass(&Component::IDEMPOTENCY);
                     tracing::info!(route = %self.route, bucket = %cfg.bucket, "idempotency store bound");
                     return;
                 }
@@ -130,7 +128,7 @@ impl Guard {
                     if why != last {
                         tracing::warn!(route = %self.route, error = %why, "idempotency store unavailable; retrying");
                     }
-                    self.readiness.fail(READINESS_CHECK, why.clone());
+                    self.readiness.fail(&Component::IDEMPOTENCY, why.clone());
                     last = why;
                 }
             }
@@ -182,12 +180,12 @@ impl Guard {
         self.c.error.inc();
         tracing::warn!(route = %self.route, error = %why, "idempotency store: {what} failed");
         self.degraded.store(true, Ordering::Relaxed);
-        self.readiness.fail(READINESS_CHECK, format!("idempotency store: {what} failed: {why}"));
+        self.readiness.fail(&Component::IDEMPOTENCY, format!("idempotency store: {what} failed: {why}"));
     }
 
     fn store_ok(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
-            self.readiness.pass(READINESS_CHECK);
+            self.readiness.pass(&Component::IDEMPOTENCY);
         }
     }
 
