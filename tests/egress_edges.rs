@@ -134,3 +134,111 @@ upstream = "{}"
     let m = sc.metrics().await;
     assert!(m.contains(r#"natsbridge_egress_requests_total{mode="http",route="agent-get",status_class="2xx"} 1"#), "{m}");
 }
+
+/// Issue 21 §2: statuses outside HTTP's range are a bad reply (502), not an HTTP 999;
+/// UTF-8 header values are carried both ways.
+#[tokio::test]
+async fn reply_statuses_and_utf8_headers_at_the_edge() {
+    let nats = NatsServer::start();
+    let _r = responder(&nats, "agent.*.execution.requested", |m| {
+        let mut h = async_nats::HeaderMap::new();
+        match m.subject.as_str() {
+            "agent.bridge.execution.requested" => h.insert("Bridge-Status", "999"),
+            "agent.micro.execution.requested" => h.insert("Nats-Service-Error-Code", "1001"),
+            _ => {
+                let seen = m.headers.as_ref().and_then(|h| h.get("X-Name")).map(|v| v.as_str().to_owned()).unwrap_or_default();
+                h.insert("X-Seen", seen.as_str());
+            }
+        }
+        (h, Bytes::new())
+    })
+    .await;
+    let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
+    sc.wait_nats().await;
+
+    for who in ["bridge", "micro"] {
+        let r = post(&sc.url(&format!("/agents/{who}/execute")), "").await;
+        assert_eq!(r.status, 502, "{who}: {}", r.text());
+        assert_eq!(r.json()["type"], "urn:natsbridge:problem:bad-reply");
+    }
+    let r = call("POST", &sc.url("/agents/u/execute"), &[("x-name", "Jürgen café")], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("x-seen").map(|v| v.as_bytes()), Some("Jürgen café".as_bytes()));
+}
+
+/// Issue 19 item 2: an HTTP caller's `Nats-*` publish controls do not reach the stream
+/// unless the route allows them; `Nats-Msg-Id` from `Idempotency-Key` still does.
+#[tokio::test]
+async fn nats_publish_controls_from_callers_are_stripped_unless_allowed() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config { name: "EV".into(), subjects: vec!["ev.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let extra = r#"
+[[outbound]]
+name = "strict"
+method = "POST"
+path = "/strict"
+subject = "ev.strict"
+mode = "jetstream"
+
+[[outbound]]
+name = "trusted"
+method = "POST"
+path = "/trusted"
+subject = "ev.trusted"
+mode = "jetstream"
+allow_nats_headers = ["Nats-Expected-Stream"]
+"#;
+    let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let wrong = [("nats-expected-stream", "OTHER"), ("nats-rollup", "sub"), ("idempotency-key", "k1")];
+
+    // Stripped: the wrong expectation would have failed the publish, the rollup purged.
+    let r = call("POST", &sc.url("/strict"), &wrong, "one").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let stored = js.get_stream("EV").await.unwrap().get_raw_message(r.json()["seq"].as_u64().unwrap()).await.unwrap();
+    assert!(stored.headers.get("Nats-Rollup").is_none() && stored.headers.get("Nats-Expected-Stream").is_none(), "{:?}", stored.headers);
+    assert_eq!(stored.headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("k1"));
+
+    // Allowed by name: the expectation reaches the stream, which refuses it.
+    let r = call("POST", &sc.url("/trusted"), &wrong[..1], "two").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = call("POST", &sc.url("/trusted"), &[("nats-expected-stream", "EV")], "three").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+/// Issue 21 §2: publish mode's 202 is honest about its guarantee.
+#[tokio::test]
+async fn publish_mode_says_at_most_once() {
+    let nats = NatsServer::start();
+    let extra = "[[outbound]]\nname = \"ev\"\nmethod = \"POST\"\npath = \"/ev\"\nsubject = \"ev.x\"\nmode = \"publish\"\n";
+    let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let r = post(&sc.url("/ev"), "{}").await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("bridge-guarantee"), Some("at-most-once"));
+}
+
+/// Issue 21 §2: environment overrides are checked like the file, and refused at start.
+#[tokio::test]
+async fn environment_overrides_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, routes("")).unwrap();
+    for (var, value) in [("NATSBRIDGE_APP_URL", "ftp://app:3000"), ("NATSBRIDGE_NATS_URL", "http://nats:4222")] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_natsbridge"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env(var, value)
+            .env("NATSBRIDGE_LISTEN", "127.0.0.1:0")
+            .env("NATSBRIDGE_ADMIN_LISTEN", "127.0.0.1:0")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(10), out).await.expect("refused at once").unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} accepted");
+        assert!(err.contains(value), "{var}: {err}");
+    }
+}

@@ -111,7 +111,7 @@ impl Egress {
         headers: &http::HeaderMap,
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
-        self.nats_request(route, subject, codec::http_to_nats_headers(headers), body).await
+        self.nats_request(route, subject, nats_headers(route, headers), body).await
     }
 
     /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
@@ -123,6 +123,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
+        let headers = codec::strip_nats_control(headers, &route.allow_nats_headers);
         self.nats_request(route, subject, headers, body).await
     }
 
@@ -161,7 +162,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let nats_headers = codec::http_to_nats_headers(headers);
+        let nats_headers = nats_headers(route, headers);
         self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
             async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
                 BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
@@ -195,7 +196,7 @@ impl Egress {
         self.ensure_connected()?;
         let _permit = self.publish_permits.try_acquire().map_err(|_| BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
-        let mut nats_headers = codec::http_to_nats_headers(headers);
+        let mut nats_headers = nats_headers(route, headers);
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
             nats_headers.insert(codec::NATS_MSG_ID, key);
         }
@@ -243,6 +244,13 @@ impl Egress {
         parts.headers = codec::end_to_end_headers(&parts.headers);
         Ok(Response::from_parts(parts, body.map_err(box_error).boxed_unsync()))
     }
+}
+
+/// The request's headers for NATS, without the `Nats-*` publish controls the route does
+/// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
+/// stream).
+fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
+    codec::strip_nats_control(codec::http_to_nats_headers(headers), &route.allow_nats_headers)
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
