@@ -42,6 +42,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             target: OutboundTarget::Request(SubjectTemplate::parse(&subject).unwrap()),
             timeout: Duration::from_secs(5),
             max_body: 1 << 20,
+            allow_nats_headers: Default::default(),
         });
     }
     out

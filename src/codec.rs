@@ -19,6 +19,8 @@ pub const BRIDGE_QUERY: &str = "Bridge-Query";
 pub const BRIDGE_STREAM: &str = "Bridge-Stream";
 pub const BRIDGE_SEQ: &str = "Bridge-Seq";
 pub const BRIDGE_DELIVERY: &str = "Bridge-Delivery";
+/// How far a `202 Accepted` can be trusted: publish mode's is `at-most-once`.
+pub const BRIDGE_GUARANTEE: &str = "Bridge-Guarantee";
 pub const BRIDGE_IDEMPOTENCY_KEY: &str = "Bridge-Idempotency-Key";
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -106,8 +108,9 @@ fn nats_header_name(name: &HeaderName) -> async_nats::HeaderName {
     }
 }
 
-/// End-to-end HTTP headers → NATS headers. Hop-by-hop headers are dropped; values that are
-/// not visible ASCII/UTF-8 cannot travel in a NATS header and are dropped too.
+/// End-to-end HTTP headers → NATS headers. Hop-by-hop headers are dropped. UTF-8 values
+/// travel as they are (NATS headers are UTF-8 text); only values that are not UTF-8 at
+/// all are dropped.
 pub fn http_to_nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
     let connection = connection_tokens(headers);
     let mut out = async_nats::HeaderMap::new();
@@ -115,8 +118,31 @@ pub fn http_to_nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
         if is_hop_by_hop(name, &connection) {
             continue;
         }
-        if let Ok(v) = value.to_str() {
+        // Not `to_str`: it accepts visible ASCII only, and dropped `café` or `Jürgen`.
+        if let Ok(v) = std::str::from_utf8(value.as_bytes()) {
             out.append(nats_header_name(name), v);
+        }
+    }
+    out
+}
+
+/// Removes the app's `Nats-*` headers that `allow` does not let through, all but
+/// `Nats-Msg-Id` (egress sets it from `Idempotency-Key`): they steer how a stream stores a
+/// message (`Nats-Expected-*`, `Nats-Rollup`, `Nats-TTL`, …), not what the message says.
+pub fn strip_nats_control(headers: async_nats::HeaderMap, allow: &crate::config::AllowNatsHeaders) -> async_nats::HeaderMap {
+    let is_control = |n: &str| n.len() > 5 && n[..5].eq_ignore_ascii_case("nats-") && !n.eq_ignore_ascii_case(NATS_MSG_ID);
+    if !headers.iter().any(|(n, _)| is_control(n.as_ref()) && !allow.allows(n.as_ref())) {
+        // The usual case: nothing to remove, no copy.
+        return headers;
+    }
+    let mut out = async_nats::HeaderMap::new();
+    for (name, values) in headers.iter() {
+        let n: &str = name.as_ref();
+        if is_control(n) && !allow.allows(n) {
+            continue;
+        }
+        for v in values {
+            out.append(name.clone(), v.clone());
         }
     }
     out
@@ -167,7 +193,8 @@ fn parse_status(v: &str) -> Result<StatusCode, ReplyError> {
         .parse::<u16>()
         .ok()
         .and_then(|c| StatusCode::from_u16(c).ok())
-        .filter(|s| s.as_u16() >= 200)
+        // `StatusCode` takes up to 999; HTTP defines 100–599, and 1xx is no final answer.
+        .filter(|s| (200..=599).contains(&s.as_u16()))
         .ok_or_else(|| ReplyError::BadStatus(v.to_owned()))
 }
 
@@ -180,8 +207,8 @@ pub fn reply_to_response(headers: Option<&async_nats::HeaderMap>, payload: Bytes
     let status = if let Some(s) = h.get(BRIDGE_STATUS) {
         parse_status(s.as_str())?
     } else if let Some(s) = h.get(SERVICE_ERROR_CODE) {
-        // Micro services may send codes outside HTTP's range; those are server errors.
-        parse_status(s.as_str()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        // A code outside HTTP's range is a reply the sidecar cannot pass on: 502.
+        parse_status(s.as_str())?
     } else {
         StatusCode::OK
     };
@@ -285,6 +312,19 @@ pub fn status_class(status: StatusCode) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn utf8_header_values_travel_both_ways() {
+        let mut h = HeaderMap::new();
+        h.insert("x-name", HeaderValue::from_bytes("Jürgen café".as_bytes()).unwrap());
+        h.insert("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let n = http_to_nats_headers(&h);
+        assert_eq!(n.get("X-Name").map(|v| v.as_str()), Some("Jürgen café"));
+        // Not UTF-8 at all: cannot be NATS header text.
+        assert!(n.get("X-Latin1").is_none());
+        let back = nats_to_http_headers(&n, &[]);
+        assert_eq!(back.get("x-name").unwrap().as_bytes(), "Jürgen café".as_bytes());
+    }
+
     use super::*;
 
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -371,7 +411,18 @@ mod tests {
 
         let mut h = async_nats::HeaderMap::new();
         h.insert(SERVICE_ERROR_CODE, "9999");
-        assert_eq!(reply_to_response(Some(&h), Bytes::new()).unwrap().status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(reply_to_response(Some(&h), Bytes::new()).is_err());
+        for out_of_range in ["999", "600", "0", "-1"] {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(BRIDGE_STATUS, out_of_range);
+            assert!(reply_to_response(Some(&h), Bytes::new()).is_err(), "{out_of_range}");
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(SERVICE_ERROR_CODE, out_of_range);
+            assert!(reply_to_response(Some(&h), Bytes::new()).is_err(), "{out_of_range}");
+        }
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(BRIDGE_STATUS, "599");
+        assert_eq!(reply_to_response(Some(&h), Bytes::new()).unwrap().status.as_u16(), 599);
 
         let mut h = async_nats::HeaderMap::new();
         h.insert(BRIDGE_STATUS, "teapot");

@@ -63,7 +63,7 @@ struct ProvisionArgs {
     #[arg(long)]
     force: bool,
     /// NATS server URL(s), comma-separated (overrides [nats] servers).
-    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',')]
+    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',', value_parser = config::parse_server_url)]
     nats_url: Option<Vec<String>>,
 }
 
@@ -79,10 +79,10 @@ struct RunArgs {
     #[arg(long, env = "NATSBRIDGE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
     /// NATS server URL(s), comma-separated (overrides [nats] servers).
-    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',')]
+    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',', value_parser = config::parse_server_url)]
     nats_url: Option<Vec<String>>,
     /// The local app's base URL (overrides [sidecar] app_url).
-    #[arg(long, env = "NATSBRIDGE_APP_URL")]
+    #[arg(long, env = "NATSBRIDGE_APP_URL", value_parser = config::parse_http_url)]
     app_url: Option<http::Uri>,
     #[command(flatten)]
     log: LogArgs,

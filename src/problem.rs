@@ -20,6 +20,10 @@ pub enum BridgeError {
     BodyTooLarge { limit: usize },
     #[error("message is larger than the NATS server's max_payload ({max_payload} bytes)")]
     PayloadTooLarge { max_payload: usize },
+    /// A subject (rendered from path captures) too long for the NATS protocol: sending it
+    /// would make the server close the sidecar's connection.
+    #[error("the NATS subject would be {len} bytes long; the limit is {max}")]
+    SubjectTooLong { len: usize, max: usize },
     #[error("{0}")]
     BadRequest(String),
     #[error("could not read the request body: {0}")]
@@ -36,6 +40,14 @@ pub enum BridgeError {
     NoStream { subject: String },
     #[error("JetStream did not acknowledge the publish: {0}")]
     JetStream(#[source] crate::nats::publish::PublishError),
+    /// No ack in time, but the stream may have stored the message: retrying with the same
+    /// `Idempotency-Key` is safe, retrying without one may duplicate it.
+    #[error("JetStream did not acknowledge the publish in time; the outcome is unknown (the message may be stored): {0}")]
+    AckTimeout(#[source] crate::nats::publish::PublishError),
+    /// A core publish still in the client's buffer at the route's timeout while the
+    /// connection is up: it may yet be sent.
+    #[error("the publish was not written to NATS within {timeout:?}; the outcome is unknown (it may still be sent)")]
+    PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
     #[error("the reply could not be turned into a response: {0}")]
@@ -67,6 +79,7 @@ impl BridgeError {
             NoRoute { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            SubjectTooLong { .. } => StatusCode::URI_TOO_LONG,
             BadRequest(_) | BodyRead(_) | BadFraming(_) => StatusCode::BAD_REQUEST,
             IdempotencyInFlight { .. } => StatusCode::CONFLICT,
             NoResponders { .. }
@@ -78,7 +91,7 @@ impl BridgeError {
             | ShuttingDown
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Timeout { .. } | UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,6 +106,8 @@ impl BridgeError {
             BodyTooLarge { .. } => "body-too-large",
             PayloadTooLarge { .. } => "payload-too-large",
             BadRequest(_) => "bad-request",
+            SubjectTooLong { .. } => "subject-too-long",
+            AckTimeout(_) | PublishUnconfirmed { .. } => "outcome-unknown",
             BodyRead(_) => "body-read",
             NoResponders { .. } => "no-responders",
             Timeout { .. } => "timeout",
@@ -194,6 +209,9 @@ mod tests {
         assert_eq!(BridgeError::Panicked.status(), 500);
         assert_eq!(BridgeError::IdempotencyInFlight { wait: Duration::from_secs(1) }.status(), 409);
         assert_eq!(BridgeError::IdempotencyStoreUnbound.status(), 503);
+        assert_eq!(BridgeError::SubjectTooLong { len: 5000, max: 1024 }.status(), 414);
+        let p = BridgeError::PublishUnconfirmed { timeout: Duration::from_secs(1) };
+        assert_eq!((p.status().as_u16(), p.kind()), (504, "outcome-unknown"));
     }
 
     #[test]

@@ -48,7 +48,11 @@ pub struct Parts {
 /// ingress and the NATS connection, and returns.
 pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let Parts { mut config, overrides, egress: egress_listener, admin: admin_listener, env, reload, shutdown } = parts;
-    config.apply(&overrides);
+    let overridden = config.apply(&overrides);
+    if !overridden.is_empty() {
+        // Values are not printed: a NATS URL may carry credentials.
+        tracing::info!(settings = %overridden.join(", "), "command-line or NATSBRIDGE_* settings override the routing file");
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

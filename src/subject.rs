@@ -16,6 +16,22 @@ pub fn is_valid_token(t: &str) -> bool {
     !t.is_empty() && !t.bytes().any(|b| matches!(b, b'.' | b'*' | b'>') || b.is_ascii_whitespace() || b.is_ascii_control())
 }
 
+/// The longest subject a template may render. nats-server closes the connection on a
+/// control line (`HPUB <subject> <reply> <sizes>`) over its `max_control_line` (4 KiB by
+/// default), dropping every route and consumer of the sidecar with it: a path capture
+/// must never get near that. 1 KiB is far above any real subject (NATS advises < 256).
+pub const MAX_SUBJECT_LEN: usize = 1024;
+
+/// nats-server's default `max_control_line`; the server does not announce its own.
+pub const MAX_CONTROL_LINE: usize = 4096;
+
+/// The length of the longest control line a message to `subject` with a reply subject of
+/// `reply_len` bytes can take: `HPUB <subject> <reply> <header bytes> <total bytes>\r\n`,
+/// the sizes counted at their widest (20 digits each).
+pub fn control_line_len(subject: &str, reply_len: usize) -> usize {
+    "HPUB ".len() + subject.len() + 1 + reply_len + 1 + 20 + 1 + 20 + "\r\n".len()
+}
+
 /// Why a subject or a captured value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
@@ -44,6 +60,8 @@ pub enum RenderError {
     Missing { name: String },
     #[error("path parameter `{name}` = {value:?} is not a single subject token (no '.', '*', '>', whitespace, or empty)")]
     InvalidToken { name: String, value: String },
+    #[error("the subject would be {len} bytes long; the limit is {max}")]
+    TooLong { len: usize, max: usize },
 }
 
 fn check_token(tok: &str, idx: usize, wildcards: bool) -> Result<(), SubjectError> {
@@ -244,8 +262,16 @@ impl SubjectTemplate {
                         return Err(RenderError::InvalidToken { name: name.clone(), value: value.into_owned() });
                     }
                     out.push_str(&value);
+                    // Checked as it grows: a 5,000-byte capture is refused without
+                    // building the whole subject.
+                    if out.len() > MAX_SUBJECT_LEN {
+                        return Err(RenderError::TooLong { len: out.len(), max: MAX_SUBJECT_LEN });
+                    }
                 }
             }
+        }
+        if out.len() > MAX_SUBJECT_LEN {
+            return Err(RenderError::TooLong { len: out.len(), max: MAX_SUBJECT_LEN });
         }
         Ok(out)
     }
@@ -405,6 +431,12 @@ mod tests {
         assert!(SubjectTemplate::parse("a.{x.y}").is_err());
         let mixed = SubjectTemplate::parse("job-{id}.done").unwrap();
         assert_eq!(mixed.render(|_| Some("9")).unwrap(), "job-9.done");
+        // A capture long enough to break the server's control line is refused.
+        let long = "a".repeat(5000);
+        assert!(matches!(mixed.render(|_| Some(&long)), Err(RenderError::TooLong { max: MAX_SUBJECT_LEN, .. })));
+        let fits = "a".repeat(MAX_SUBJECT_LEN - "job-.done".len());
+        assert_eq!(mixed.render(|_| Some(&fits)).unwrap().len(), MAX_SUBJECT_LEN);
+        assert!(control_line_len(&"a".repeat(MAX_SUBJECT_LEN), 256) < MAX_CONTROL_LINE);
     }
 
     #[test]

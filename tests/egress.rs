@@ -309,7 +309,9 @@ async fn jetstream_publish_with_a_core_subscriber_but_no_stream_is_bounded() {
     sc.wait_nats().await;
     let started = std::time::Instant::now();
     let r = post(&sc.url("/orphan"), "{}").await;
-    assert_eq!(r.status, 503, "{}", r.text());
+    // No ack in time: the outcome is unknown (issue 19), so 504, not a retryable 503.
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:outcome-unknown");
     assert!(started.elapsed() < Duration::from_millis(1800), "{:?}", started.elapsed());
 }
 
@@ -574,6 +576,6 @@ async fn jetstream_publishes_in_flight_are_bounded() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
     // The stalled one still ends within its timeout, and frees its slot.
-    assert_eq!(first.await.unwrap().status, 503);
+    assert_eq!(first.await.unwrap().status, 504);
     assert!(sc.metrics().await.contains("natsbridge_jetstream_publishes_in_flight 0"));
 }

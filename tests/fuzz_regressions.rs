@@ -79,6 +79,20 @@ fn regression_percent_encoded_control_character_never_reaches_a_subject() {
     assert!(!natsbridge::subject::is_valid_token("a\u{1}b"));
 }
 
+/// A 5,000-byte path capture rendered a 5 KiB subject; nats-server closed the sidecar's
+/// connection over its control line (issue 20). Refused before rendering, in the target.
+#[test]
+fn regression_a_long_capture_never_renders_a_subject() {
+    let path = format!("/agents/{}/execute", "a".repeat(5000));
+    let mut input = vec![1u8, 0];
+    input.extend_from_slice(path.as_bytes());
+    input.extend_from_slice(b"\0agent-service");
+    targets::routes(&input);
+    let t = natsbridge::subject::SubjectTemplate::parse("agent.{id}.execution.requested").unwrap();
+    let long = "a".repeat(5000);
+    assert!(matches!(t.render(|_| Some(long.as_str())), Err(natsbridge::subject::RenderError::TooLong { .. })));
+}
+
 /// A Host header starting with '[' but without ']' made `strip_port` slice past the end
 /// of the string: a panic (a 500) for any request with such a Host. Found by `routes`.
 #[test]

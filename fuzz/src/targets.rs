@@ -128,6 +128,21 @@ pub fn check_subject(template: &SubjectTemplate, subject: &str) {
         );
     }
     assert_eq!(tokens.len(), template.as_str().split('.').count(), "token count of {subject:?} vs template {:?}", template.as_str());
+    // A subject past the server's control line would get the sidecar disconnected.
+    assert!(subject.len() <= natsbridge::subject::MAX_SUBJECT_LEN, "{}-byte subject from {:?}", subject.len(), template.as_str());
+    assert!(natsbridge::subject::control_line_len(subject, 256) <= natsbridge::subject::MAX_CONTROL_LINE);
+}
+
+/// A rendered subject or its refusal: a capture too long for one is refused as
+/// `TooLong`, never rendered (issue 20: one long path disconnected the sidecar).
+fn check_render(template: &SubjectTemplate, rendered: Result<String, natsbridge::subject::RenderError>, longest_capture: usize) {
+    match rendered {
+        Ok(subject) => check_subject(template, &subject),
+        Err(natsbridge::subject::RenderError::TooLong { len, max }) => {
+            assert!(len > max && longest_capture > 0, "TooLong({len} > {max}) from {:?}", template.as_str())
+        }
+        Err(_) => {}
+    }
 }
 
 /// Input: `method byte, path, host, template, value` separated by NUL bytes.
@@ -143,8 +158,13 @@ pub fn routes(data: &[u8]) {
     if let Ok(m) = table().lookup(&method, host.as_deref(), &path) {
         assert!(std::ptr::eq(m.route, &table().routes()[m.index]));
         if let OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) = &m.route.target {
-            if let Ok(subject) = t.render(|name| m.params.get(name)) {
-                check_subject(t, &subject);
+            let longest = m.params.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+            check_render(t, t.render(|name| m.params.get(name)), longest);
+            // The same captures stretched past any subject's limit are always refused.
+            if t.captures().next().is_some() {
+                let long = "a".repeat(5000);
+                let r = t.render(|_| Some(long.as_str()));
+                assert!(matches!(r, Err(natsbridge::subject::RenderError::TooLong { .. })), "{:?}: {r:?}", t.as_str());
             }
         }
     }
@@ -156,9 +176,7 @@ pub fn routes(data: &[u8]) {
                 let h = name.bytes().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
                 values.get(h % values.len()).copied()
             };
-            if let Ok(subject) = t.render(pick) {
-                check_subject(&t, &subject);
-            }
+            check_render(&t, t.render(pick), values.iter().map(|v| v.len()).max().unwrap_or(0));
         }
     }
 }

@@ -13,7 +13,7 @@ mod validate;
 mod values;
 
 pub use diagnostics::{ConfigError, Diagnostic};
-pub use values::{parse_duration, parse_size, strip_port, ValueError};
+pub use values::{parse_duration, parse_http_url, parse_server_url, parse_size, strip_port, ValueError};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -175,6 +175,32 @@ pub struct Outbound {
     pub target: OutboundTarget,
     pub timeout: Duration,
     pub max_body: usize,
+    /// Which `Nats-*` publish-control headers from the app reach NATS.
+    pub allow_nats_headers: AllowNatsHeaders,
+}
+
+/// Which of an app's `Nats-*` headers (`Nats-Expected-Stream`, `Nats-Rollup`, `Nats-TTL`,
+/// …) an egress route passes on. They steer how a stream stores the message, so by
+/// default none do: an HTTP caller should not roll up or expire a stream's messages.
+/// `Nats-Msg-Id` is egress's own (from `Idempotency-Key`) and always passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AllowNatsHeaders {
+    #[default]
+    None,
+    All,
+    /// Canonical names (`Nats-Expected-Last-Sequence`).
+    Names(Vec<String>),
+}
+
+impl AllowNatsHeaders {
+    /// Does a `Nats-*` header named `name` (any case) pass?
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            AllowNatsHeaders::None => false,
+            AllowNatsHeaders::All => true,
+            AllowNatsHeaders::Names(names) => names.iter().any(|n| n.eq_ignore_ascii_case(name)),
+        }
+    }
 }
 
 impl Outbound {
@@ -337,19 +363,35 @@ pub struct Overrides {
 }
 
 impl Config {
-    pub fn apply(&mut self, o: &Overrides) {
+    /// Applies the overrides; returns the settings they changed (as named in the file),
+    /// so the start can say so: in injected pods they silently won over the ConfigMap.
+    pub fn apply(&mut self, o: &Overrides) -> Vec<&'static str> {
+        let mut changed = Vec::new();
         if let Some(v) = o.listen {
+            if self.sidecar.listen != v {
+                changed.push("sidecar.listen");
+            }
             self.sidecar.listen = v;
         }
         if let Some(v) = o.admin_listen {
+            if self.sidecar.admin_listen != v {
+                changed.push("sidecar.admin_listen");
+            }
             self.sidecar.admin_listen = v;
         }
         if let Some(v) = &o.nats_servers {
+            if &self.nats.servers != v {
+                changed.push("nats.servers");
+            }
             self.nats.servers = v.clone();
         }
         if let Some(v) = &o.app_url {
+            if &self.sidecar.app_url != v {
+                changed.push("sidecar.app_url");
+            }
             self.sidecar.app_url = v.clone();
         }
+        changed
     }
 }
 

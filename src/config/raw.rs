@@ -86,6 +86,15 @@ pub(super) struct RawOutbound {
     pub(super) max_body: Option<String>,
     pub(super) service: Option<String>,
     pub(super) upstream: Option<String>,
+    pub(super) allow_nats_headers: Option<RawAllowNatsHeaders>,
+}
+
+/// `allow_nats_headers = true` or a list of header names.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawAllowNatsHeaders {
+    All(bool),
+    Names(Vec<String>),
 }
 
 #[derive(Deserialize)]

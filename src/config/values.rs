@@ -34,6 +34,18 @@ pub enum ValueError {
     UrlNotHttp { input: String },
     #[error("{input:?} has no host")]
     UrlWithoutHost { input: String },
+    #[error("server {input:?} must be nats://, tls://, ws:// or wss://")]
+    ServerScheme { input: String },
+}
+
+/// A NATS server URL as `[nats] servers` takes it: a known scheme, or none (nats://).
+/// The environment and command-line overrides are checked with it too.
+pub fn parse_server_url(s: &str) -> Result<String, ValueError> {
+    let known_scheme = ["nats://", "tls://", "ws://", "wss://"].iter().any(|scheme| s.starts_with(scheme));
+    if s.trim().is_empty() || (!known_scheme && s.contains("://")) {
+        return Err(ValueError::ServerScheme { input: s.to_owned() });
+    }
+    Ok(s.to_owned())
 }
 
 /// Parses `5s`, `250ms`, `2m`, `1h30m`.

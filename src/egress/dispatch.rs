@@ -17,6 +17,7 @@ use crate::metrics::InFlight;
 use crate::nats::connection::is_connected;
 use crate::nats::publish::{publish_acked, PublishErrorKind};
 use crate::problem::BridgeError;
+use crate::subject::{control_line_len, RenderError, MAX_CONTROL_LINE};
 
 impl Egress {
     /// Answers one request; every request gets an `X-Request-Id` (kept when the app sent
@@ -72,6 +73,7 @@ impl Egress {
         let (parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
+        self.check_control_line(&subject)?;
         match &route.target {
             OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body).await,
             OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
@@ -79,6 +81,17 @@ impl Egress {
             OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
             OutboundTarget::Http { upstream } => self.proxy(route, upstream, parts, body).await,
         }
+    }
+
+    /// Refuses a subject whose control line could exceed the server's `max_control_line`:
+    /// the server would close the connection, failing every route and consumer with it.
+    /// The reply subject is counted at its longest (an inbox), whatever the mode.
+    fn check_control_line(&self, subject: &str) -> Result<(), BridgeError> {
+        let len = control_line_len(subject, self.reply_len);
+        if len > MAX_CONTROL_LINE {
+            return Err(BridgeError::SubjectTooLong { len: subject.len(), max: MAX_CONTROL_LINE - (len - subject.len()) });
+        }
+        Ok(())
     }
 
     fn ensure_connected(&self) -> Result<(), BridgeError> {
@@ -98,7 +111,7 @@ impl Egress {
         headers: &http::HeaderMap,
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
-        self.nats_request(route, subject, codec::http_to_nats_headers(headers), body).await
+        self.nats_request(route, subject, nats_headers(route, headers), body).await
     }
 
     /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
@@ -110,6 +123,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
+        let headers = codec::strip_nats_control(headers, &route.allow_nats_headers);
         self.nats_request(route, subject, headers, body).await
     }
 
@@ -148,20 +162,26 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let nats_headers = codec::http_to_nats_headers(headers);
+        let nats_headers = nats_headers(route, headers);
         self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
             async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
                 BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
             }
             _ => BridgeError::Nats(e.into()),
         })?;
-        // A buffered publish is no proof of delivery (nats.rs #1177): flush, bounded.
+        // A buffered publish is no proof of delivery (nats.rs #1177): flush, bounded. A
+        // flush only writes to the socket, so the 202 says "written", and the response
+        // says the guarantee is at most once.
         match tokio::time::timeout(route.timeout, self.nats.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(BridgeError::Nats(e.into())),
+            // Still buffered: it may yet be sent, so a retry could duplicate it.
+            Err(_) if is_connected(&self.nats) => return Err(BridgeError::PublishUnconfirmed { timeout: route.timeout }),
             Err(_) => return Err(BridgeError::NatsDisconnected),
         }
-        Ok(accepted(serde_json::json!({ "subject": subject })))
+        let mut res = accepted(serde_json::json!({ "subject": subject }));
+        res.headers_mut().insert(codec::BRIDGE_GUARANTEE, HeaderValue::from_static("at-most-once"));
+        Ok(res)
     }
 
     /// `jetstream` mode: answered 202 once a stream acknowledged the message; an
@@ -176,14 +196,15 @@ impl Egress {
         self.ensure_connected()?;
         let _permit = self.publish_permits.try_acquire().map_err(|_| BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
-        let mut nats_headers = codec::http_to_nats_headers(headers);
+        let mut nats_headers = nats_headers(route, headers);
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
             nats_headers.insert(codec::NATS_MSG_ID, key);
         }
         let ack = publish_acked(&self.js, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
             PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
-            PublishErrorKind::TimedOut | PublishErrorKind::Failed => BridgeError::JetStream(e),
+            PublishErrorKind::TimedOut => BridgeError::AckTimeout(e),
+            PublishErrorKind::Failed => BridgeError::JetStream(e),
         })?;
         let mut res = accepted(serde_json::json!({ "stream": ack.stream, "seq": ack.sequence, "duplicate": ack.duplicate }));
         let h = res.headers_mut();
@@ -225,12 +246,22 @@ impl Egress {
     }
 }
 
+/// The request's headers for NATS, without the `Nats-*` publish controls the route does
+/// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
+/// stream).
+fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
+    codec::strip_nats_control(codec::http_to_nats_headers(headers), &route.allow_nats_headers)
+}
+
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
 /// template filled from the path captures.
 fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
     match &m.route.target {
         OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) => {
-            t.render(|name| m.params.get(name)).map(Some).map_err(|e| BridgeError::BadRequest(e.to_string()))
+            t.render(|name| m.params.get(name)).map(Some).map_err(|e| match e {
+                RenderError::TooLong { len, max } => BridgeError::SubjectTooLong { len, max },
+                e => BridgeError::BadRequest(e.to_string()),
+            })
         }
         OutboundTarget::Tunnel { subject, .. } => Ok(Some(subject.clone())),
         OutboundTarget::Http { .. } => Ok(None),

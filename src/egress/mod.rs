@@ -50,6 +50,9 @@ pub struct Egress {
     upstream: UpstreamClient,
     metrics: Metrics,
     publish_permits: Arc<Semaphore>,
+    /// The longest reply subject a request or JetStream publish can carry (an inbox and
+    /// a token), counted in each message's control line.
+    reply_len: usize,
 }
 
 impl Egress {
@@ -60,6 +63,7 @@ impl Egress {
         connector.set_nodelay(true);
         let upstream =
             hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Arc::new(Self { table, nats, js, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)) })
+        let reply_len = 2 * nats.new_inbox().len();
+        Arc::new(Self { table, nats, js, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)), reply_len })
     }
 }

@@ -80,6 +80,10 @@ pub async fn publish_acked(
     use jetstream::context::PublishErrorKind as ClientKind;
     let fail = |kind, source| PublishError { kind, subject: subject.to_owned(), timeout, source };
     let deadline = tokio::time::Instant::now() + timeout;
+    // The context's own ack wait (5 s by default) would cut a longer route timeout short
+    // and report it as a failure: give it ours, so the deadline below decides.
+    let mut js = js.clone();
+    js.set_timeout(timeout);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -98,6 +102,8 @@ pub async fn publish_acked(
                 PublishErrorKind::NoStream
             }
             ClientKind::MaxPayloadExceeded => PublishErrorKind::PayloadTooLarge,
+            // The client's own wait ran out (at our deadline): the message may be stored.
+            ClientKind::TimedOut => PublishErrorKind::TimedOut,
             _ => PublishErrorKind::Failed,
         };
         return Err(fail(kind, Some(error)));

@@ -2,9 +2,9 @@
 
 use super::{check_route_name, duration, refuse_key, size};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
-use crate::config::raw::RawOutbound;
+use crate::config::raw::{RawAllowNatsHeaders, RawOutbound};
 use crate::config::values::{parse_http_url, strip_port};
-use crate::config::{Defaults, Outbound, OutboundTarget, TUNNEL_PREFIX};
+use crate::config::{AllowNatsHeaders, Defaults, Outbound, OutboundTarget, TUNNEL_PREFIX};
 use crate::subject::{self, SubjectTemplate};
 
 /// One validated route, or `None` when it had errors (all of them reported).
@@ -29,16 +29,47 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         diags.error(at, Some("timeout"), "`timeout` must be more than zero");
     }
     let target = target(&raw, at, &captures, diags);
+    let allow_nats_headers = allow_nats_headers(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
-    Some(Outbound { name, line: diags.line_of(start), method, host, path: raw.path, target: target?, timeout, max_body })
+    Some(Outbound {
+        name,
+        line: diags.line_of(start),
+        method,
+        host,
+        path: raw.path,
+        target: target?,
+        timeout,
+        max_body,
+        allow_nats_headers,
+    })
+}
+
+/// `allow_nats_headers`: `true`, `false`, or a list of `Nats-*` names; NATS modes only.
+fn allow_nats_headers(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> AllowNatsHeaders {
+    let Some(allow) = &raw.allow_nats_headers else { return AllowNatsHeaders::None };
+    refuse_key(at, &raw.mode, "allow_nats_headers", raw.mode == "http", diags);
+    match allow {
+        RawAllowNatsHeaders::All(true) => AllowNatsHeaders::All,
+        RawAllowNatsHeaders::All(false) => AllowNatsHeaders::None,
+        RawAllowNatsHeaders::Names(names) => {
+            for n in names {
+                if !n.to_ascii_lowercase().starts_with("nats-") || http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                    diags.error(at, Some("allow_nats_headers"), format!("`allow_nats_headers`: {n:?} is not a Nats-* header name"));
+                }
+            }
+            AllowNatsHeaders::Names(names.iter().map(|n| crate::codec::canonical_name(n)).collect())
+        }
+    }
 }
 
 /// Routes match the Host header without its port, case-insensitively.
 fn host_without_port(host: &str, at: Table<'_>, diags: &mut Diagnostics<'_>) -> String {
     let h = host.trim().to_ascii_lowercase();
-    let h = strip_port(&h).to_owned();
+    // A bare IPv6 literal (`::1`) is bracketed, as a Host header or URI carries it; it
+    // has no port to strip (`strip_port` would take `:1` for one).
+    let h = if !h.starts_with('[') && h.matches(':').count() > 1 { format!("[{h}]") } else { strip_port(&h).to_owned() };
     if h.is_empty() || h.contains('/') || h.contains(' ') {
         diags.error(at, Some("host"), format!("`host` {h:?} is not a host name"));
     }
@@ -151,5 +182,25 @@ mod tests {
         let e = errors(&src);
         assert!(e.iter().any(|m| m.contains("\"t\": mode \"tunnel\" needs `service`")), "{e:#?}");
         assert!(e.iter().any(|m| m.contains("\"h\": `subject` does not apply")), "{e:#?}");
+    }
+
+    #[test]
+    fn ipv6_hosts_are_matched_bracketed() {
+        for host in ["::1", "[::1]", "[::1]:4280"] {
+            let src =
+                format!("{MINIMAL}[[outbound]]\nname = \"x\"\nhost = \"{host}\"\npath = \"/a\"\nsubject = \"a\"\nmode = \"publish\"\n");
+            let c = crate::config::parse(&src, "t").unwrap_or_else(|e| panic!("{host}: {e}"));
+            assert_eq!(c.outbound[0].host.as_deref(), Some("[::1]"), "{host}");
+            let t = crate::egress::routes::RouteTable::new(&c);
+            assert!(t.lookup(&http::Method::POST, Some("[::1]:4280"), "/a").is_ok(), "{host}");
+        }
+    }
+
+    #[test]
+    fn zero_http_timeouts_are_refused() {
+        for key in ["header_read_timeout", "idle_timeout"] {
+            let e = errors(&format!("{MINIMAL}{key} = \"0s\"\n"));
+            assert!(e.iter().any(|m| m.contains(&format!("`{key}` must be more than zero")) && m.starts_with("t.toml:")), "{e:#?}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{duration, size};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawNats, RawSidecar, RawTls};
-use crate::config::values::parse_http_url;
+use crate::config::values::{parse_http_url, parse_server_url};
 use crate::config::{
     HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN,
     DEFAULT_NATS_URL,
@@ -69,6 +69,12 @@ fn http_limits(raw: &RawSidecar, at: Table<'_>, diags: &mut Diagnostics<'_>) -> 
     if http.max_headers == 0 || http.max_connections == 0 {
         diags.error(at, None, "`max_headers` and `max_connections` must be at least 1");
     }
+    // Zero would close every connection at once (the watchdog's deadline is the accept).
+    for (key, d) in [("header_read_timeout", http.header_read_timeout), ("idle_timeout", http.idle_timeout)] {
+        if d.is_zero() {
+            diags.error(at, Some(key), format!("`{key}` must be more than zero"));
+        }
+    }
     if http.max_header_bytes < 8192 {
         diags.error(at, Some("max_header_bytes"), "`max_header_bytes` must be at least 8KiB");
     }
@@ -90,9 +96,8 @@ fn check_servers(servers: &[String], at: Table<'_>, diags: &mut Diagnostics<'_>)
     }
     for s in servers {
         // Without a scheme the client assumes nats://.
-        let known_scheme = ["nats://", "tls://", "ws://", "wss://"].iter().any(|scheme| s.starts_with(scheme));
-        if !known_scheme && s.contains("://") {
-            diags.error(at, Some("servers"), format!("server {s:?} must be nats://, tls://, ws:// or wss://"));
+        if let Err(e) = parse_server_url(s) {
+            diags.error(at, Some("servers"), e.to_string());
         }
     }
 }

@@ -1,0 +1,244 @@
+//! Egress edges end to end (issues 19, 20, 21): subjects too long for the protocol,
+//! routes that fall through, statuses and header values at the edge, and limits that
+//! apply on reload. Real nats-server, real sidecar, real HTTP.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use support::*;
+
+fn routes(extra: &str) -> String {
+    format!(
+        r#"
+[sidecar]
+service = "edges"
+drain_timeout = "5s"
+
+[defaults]
+timeout = "2s"
+
+[[outbound]]
+name = "execute-agent"
+method = "POST"
+path = "/agents/{{id}}/execute"
+subject = "agent.{{id}}.execution.requested"
+mode = "request"
+
+{extra}
+"#
+    )
+}
+
+/// Answers every request on `subject` with `f(message)`.
+async fn responder(
+    nats: &NatsServer,
+    subject: &str,
+    f: impl Fn(&async_nats::Message) -> (async_nats::HeaderMap, Bytes) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let client = nats.client().await;
+    let mut sub = subscribe_synced(&client, subject).await;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let (h, body) = f(&msg);
+            if let Some(reply) = msg.reply.clone() {
+                client.publish_with_headers(reply, h, body).await.unwrap();
+            }
+        }
+    })
+}
+
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Issue 20 item 1: a 5,000-byte path capture used to render a 5 KiB subject; the server
+/// closed the connection over its control line and the next call got 503.
+#[tokio::test]
+async fn a_long_capture_is_refused_without_losing_the_connection() {
+    let nats = NatsServer::start();
+    let _r = responder(&nats, "agent.*.execution.requested", |m| (async_nats::HeaderMap::new(), Bytes::from(m.subject.to_string()))).await;
+    let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
+    sc.wait_nats().await;
+
+    let r = post(&sc.url(&format!("/agents/{}/execute", "a".repeat(5000))), "").await;
+    assert_eq!(r.status, 414, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:subject-too-long");
+    assert_eq!(r.json()["route"], "execute-agent");
+
+    // The connection stayed up: the next normal call is answered, nothing reconnected.
+    let r = post(&sc.url("/agents/7/execute"), "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "agent.7.execution.requested");
+    let m = sc.metrics().await;
+    assert_eq!(metric(&m, "natsbridge_nats_reconnects_total"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "natsbridge_nats_connected"), Some(1.0), "{m}");
+}
+
+/// Issue 21 section 1: one moved call plus a catch-all `http` route for the rest of the
+/// same host. The other methods of the moved path, the root and HEAD reach the upstream.
+#[tokio::test]
+async fn routes_fall_through_to_the_catch_all_of_the_same_host() {
+    let nats = NatsServer::start();
+    let _r = responder(&nats, "model.key.*", |_| (async_nats::HeaderMap::new(), Bytes::from_static(b"over nats"))).await;
+    let upstream = App::start(|s| respond(200, &format!("upstream {} {}", s.method, s.uri))).await;
+    let extra = format!(
+        r#"
+[[outbound]]
+name = "key"
+method = "POST"
+host = "model-service"
+path = "/v1/keys/{{id}}"
+subject = "model.key.{{id}}"
+mode = "request"
+
+[[outbound]]
+name = "agent-get"
+method = "GET"
+host = "model-service"
+path = "/v1/agents/{{id}}"
+mode = "http"
+upstream = "{}"
+
+[[outbound]]
+name = "rest"
+host = "model-service"
+path = "/{{*rest}}"
+mode = "http"
+upstream = "{}"
+"#,
+        upstream.url(),
+        upstream.url()
+    );
+    let sc = Sidecar::start(&routes(&extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let host = [("host", "model-service")];
+
+    let r = call("POST", &sc.url("/v1/keys/9"), &host, "").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "over nats"));
+    // Was 405 (Allow: POST): the catch-all takes the other methods.
+    let r = call("GET", &sc.url("/v1/keys/9"), &host, "").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "upstream GET /v1/keys/9"));
+    // Was 404: `/{*rest}` covers `/`.
+    let r = call("GET", &sc.url("/"), &host, "").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "upstream GET /"));
+    // Was 405: HEAD is served by the GET route (no body on the wire).
+    let r = call("HEAD", &sc.url("/v1/agents/3"), &host, "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    let seen = upstream.requests();
+    assert!(seen.iter().any(|s| s.method == http::Method::HEAD && s.uri == "/v1/agents/3"), "{seen:?}");
+    let m = sc.metrics().await;
+    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="http",route="agent-get",status_class="2xx"} 1"#), "{m}");
+}
+
+/// Issue 21 §2: statuses outside HTTP's range are a bad reply (502), not an HTTP 999;
+/// UTF-8 header values are carried both ways.
+#[tokio::test]
+async fn reply_statuses_and_utf8_headers_at_the_edge() {
+    let nats = NatsServer::start();
+    let _r = responder(&nats, "agent.*.execution.requested", |m| {
+        let mut h = async_nats::HeaderMap::new();
+        match m.subject.as_str() {
+            "agent.bridge.execution.requested" => h.insert("Bridge-Status", "999"),
+            "agent.micro.execution.requested" => h.insert("Nats-Service-Error-Code", "1001"),
+            _ => {
+                let seen = m.headers.as_ref().and_then(|h| h.get("X-Name")).map(|v| v.as_str().to_owned()).unwrap_or_default();
+                h.insert("X-Seen", seen.as_str());
+            }
+        }
+        (h, Bytes::new())
+    })
+    .await;
+    let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
+    sc.wait_nats().await;
+
+    for who in ["bridge", "micro"] {
+        let r = post(&sc.url(&format!("/agents/{who}/execute")), "").await;
+        assert_eq!(r.status, 502, "{who}: {}", r.text());
+        assert_eq!(r.json()["type"], "urn:natsbridge:problem:bad-reply");
+    }
+    let r = call("POST", &sc.url("/agents/u/execute"), &[("x-name", "Jürgen café")], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("x-seen").map(|v| v.as_bytes()), Some("Jürgen café".as_bytes()));
+}
+
+/// Issue 19 item 2: an HTTP caller's `Nats-*` publish controls do not reach the stream
+/// unless the route allows them; `Nats-Msg-Id` from `Idempotency-Key` still does.
+#[tokio::test]
+async fn nats_publish_controls_from_callers_are_stripped_unless_allowed() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config { name: "EV".into(), subjects: vec!["ev.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let extra = r#"
+[[outbound]]
+name = "strict"
+method = "POST"
+path = "/strict"
+subject = "ev.strict"
+mode = "jetstream"
+
+[[outbound]]
+name = "trusted"
+method = "POST"
+path = "/trusted"
+subject = "ev.trusted"
+mode = "jetstream"
+allow_nats_headers = ["Nats-Expected-Stream"]
+"#;
+    let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let wrong = [("nats-expected-stream", "OTHER"), ("nats-rollup", "sub"), ("idempotency-key", "k1")];
+
+    // Stripped: the wrong expectation would have failed the publish, the rollup purged.
+    let r = call("POST", &sc.url("/strict"), &wrong, "one").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let stored = js.get_stream("EV").await.unwrap().get_raw_message(r.json()["seq"].as_u64().unwrap()).await.unwrap();
+    assert!(stored.headers.get("Nats-Rollup").is_none() && stored.headers.get("Nats-Expected-Stream").is_none(), "{:?}", stored.headers);
+    assert_eq!(stored.headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("k1"));
+
+    // Allowed by name: the expectation reaches the stream, which refuses it.
+    let r = call("POST", &sc.url("/trusted"), &wrong[..1], "two").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = call("POST", &sc.url("/trusted"), &[("nats-expected-stream", "EV")], "three").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+/// Issue 21 §2: publish mode's 202 is honest about its guarantee.
+#[tokio::test]
+async fn publish_mode_says_at_most_once() {
+    let nats = NatsServer::start();
+    let extra = "[[outbound]]\nname = \"ev\"\nmethod = \"POST\"\npath = \"/ev\"\nsubject = \"ev.x\"\nmode = \"publish\"\n";
+    let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let r = post(&sc.url("/ev"), "{}").await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("bridge-guarantee"), Some("at-most-once"));
+}
+
+/// Issue 21 §2: environment overrides are checked like the file, and refused at start.
+#[tokio::test]
+async fn environment_overrides_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, routes("")).unwrap();
+    for (var, value) in [("NATSBRIDGE_APP_URL", "ftp://app:3000"), ("NATSBRIDGE_NATS_URL", "http://nats:4222")] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_natsbridge"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env(var, value)
+            .env("NATSBRIDGE_LISTEN", "127.0.0.1:0")
+            .env("NATSBRIDGE_ADMIN_LISTEN", "127.0.0.1:0")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(10), out).await.expect("refused at once").unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} accepted");
+        assert!(err.contains(value), "{var}: {err}");
+    }
+}
