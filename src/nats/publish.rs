@@ -144,24 +144,41 @@ pub async fn publish_acked(
     }
 }
 
-/// The stream's reply: a `PubAck`, or the API error it answered instead.
+/// The stream's reply: a `PubAck`, or the API error it answered instead. An error reply
+/// may carry `stream` and `seq` too (`"seq":0`), so `error` is looked at first.
 fn parse_ack(payload: &[u8]) -> Result<PublishAck, (PublishErrorKind, PublishCause)> {
+    #[derive(Deserialize)]
+    struct Reply {
+        error: Option<ApiError>,
+        stream: String,
+        seq: u64,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(default)]
+        domain: String,
+    }
     #[derive(Deserialize)]
     struct Failure {
         error: ApiError,
     }
-    // An ack is the common case: one parse. `stream` and `seq` are required, so an error
-    // reply never passes for an ack.
-    let ack_error = match serde_json::from_slice::<PublishAck>(payload) {
-        Ok(ack) => return Ok(ack),
-        Err(e) => e,
+    let reply = match serde_json::from_slice::<Reply>(payload) {
+        Ok(r) => r,
+        // Without `stream` or `seq` it can still be a bare API error.
+        Err(e) => match serde_json::from_slice::<Failure>(payload) {
+            Ok(Failure { error }) => Reply { error: Some(error), stream: String::new(), seq: 0, duplicate: false, domain: String::new() },
+            Err(_) => return Err((PublishErrorKind::Failed, PublishCause::BadAck(e))),
+        },
     };
-    match serde_json::from_slice::<Failure>(payload) {
-        Ok(Failure { error }) if error.err_code == MESSAGE_EXCEEDS_MAXIMUM => {
-            Err((PublishErrorKind::PayloadTooLarge, PublishCause::Api(error)))
-        }
-        Ok(Failure { error }) => Err((PublishErrorKind::Failed, PublishCause::Api(error))),
-        Err(_) => Err((PublishErrorKind::Failed, PublishCause::BadAck(ack_error))),
+    match reply.error {
+        Some(error) if error.err_code == MESSAGE_EXCEEDS_MAXIMUM => Err((PublishErrorKind::PayloadTooLarge, PublishCause::Api(error))),
+        Some(error) => Err((PublishErrorKind::Failed, PublishCause::Api(error))),
+        None => Ok(PublishAck {
+            stream: reply.stream,
+            sequence: reply.seq,
+            duplicate: reply.duplicate,
+            domain: reply.domain,
+            ..Default::default()
+        }),
     }
 }
 
