@@ -25,6 +25,8 @@ pub struct Metrics {
     pub config_reloads: IntCounter,
     pub config_reload_failures: IntCounter,
     pub jetstream_in_flight: IntGauge,
+    pub pending_replies: IntGauge,
+    pub late_replies: IntCounter,
     pub ingress_deliveries: IntCounterVec,
     pub ingress_outcomes: IntCounterVec,
     pub ingress_duration: HistogramVec,
@@ -87,6 +89,11 @@ impl Metrics {
             config_reloads: counter("natsbridge_config_reloads_total", "Routing files loaded by hot reload."),
             config_reload_failures: counter("natsbridge_config_reload_failures_total", "Routing files rejected by hot reload."),
             jetstream_in_flight: gauge("natsbridge_jetstream_publishes_in_flight", "JetStream publishes waiting for their ack."),
+            pending_replies: gauge("natsbridge_pending_replies", "NATS requests and JetStream publishes waiting for their reply or ack."),
+            late_replies: counter(
+                "natsbridge_late_replies_total",
+                "Replies and acks dropped because nobody waits for them any more (timed out, cancelled).",
+            ),
             ingress_deliveries: counter_vec("natsbridge_ingress_deliveries_total", "Messages received by inbound routes.", &["route"]),
             ingress_outcomes: counter_vec(
                 "natsbridge_ingress_outcomes_total",

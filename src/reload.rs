@@ -42,6 +42,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("nats.auth", old.nats.auth != new.nats.auth),
         ("nats.tls", old.nats.tls != new.nats.tls),
         ("nats.connect_timeout", old.nats.connect_timeout != new.nats.connect_timeout),
+        ("nats.inbox_prefix", old.nats.inbox_prefix != new.nats.inbox_prefix),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -161,6 +162,7 @@ mod tests {
             ("admin_listen = \"127.0.0.1:5998\"", "", "sidecar.admin_listen"),
             ("", "servers = [\"nats://127.0.0.1:5222\"]", "nats.servers"),
             ("", "connect_timeout = \"9s\"", "nats.connect_timeout"),
+            ("", "inbox_prefix = \"_INBOX_svc\"", "nats.inbox_prefix"),
             ("", "token_env = \"NATS_TOKEN\"", "nats.auth"),
         ];
         for (sidecar, nats, name) in cases {

@@ -17,6 +17,7 @@ use crate::health::{Component, Readiness};
 use crate::ingress;
 use crate::metrics::Metrics;
 use crate::nats::connection;
+use crate::nats::replies::Replies;
 use crate::provision;
 use crate::reload::Reloader;
 
@@ -26,6 +27,8 @@ pub enum SidecarError {
     Connect(#[from] connection::ConnectError),
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot subscribe to the reply inbox: {0}")]
+    Replies(#[from] async_nats::SubscribeError),
 }
 
 /// Looks up an environment variable (for secrets named in the routing file).
@@ -60,6 +63,8 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let readiness = Readiness::new();
     readiness.starting(&Component::EGRESS, "not serving yet");
     let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, readiness.clone(), &*env).await?;
+    // One reply subscription for the connection: egress requests, acks, dead letters.
+    let replies = Replies::start(&nats, &metrics).await?;
     let config = Arc::new(config);
     let source: PathBuf = config.source.clone();
     let table = Arc::new(ArcSwap::from_pointee(Table::new(Routing::new(config.clone()), &metrics)));
@@ -88,7 +93,13 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
 
     let ingress_stop = CancellationToken::new();
     let ingress_task = tokio::spawn(ingress::run(
-        ingress::Parts { config: config_rx, nats: nats.clone(), metrics: metrics.clone(), readiness: readiness.clone() },
+        ingress::Parts {
+            config: config_rx,
+            nats: nats.clone(),
+            replies: replies.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+        },
         ingress_stop.clone(),
     ));
 
@@ -108,7 +119,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
             readiness.drain();
         });
     }
-    let egress = Egress::new(table, nats.clone(), metrics);
+    let egress = Egress::new(table, nats.clone(), replies, metrics);
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
     egress::serve(egress_listener, egress, shutdown.clone().cancelled_owned()).await?;

@@ -81,6 +81,8 @@ pub struct HttpLimits {
 pub struct Nats {
     pub servers: Vec<String>,
     pub connect_timeout: Duration,
+    /// The reply subjects' prefix, when not `_INBOX` (accounts with subject permissions).
+    pub inbox_prefix: Option<String>,
     pub auth: NatsAuth,
     pub tls: Option<NatsTls>,
 }

@@ -45,6 +45,7 @@ pub(super) struct RawSidecar {
 pub(super) struct RawNats {
     pub(super) servers: Option<Vec<String>>,
     pub(super) connect_timeout: Option<String>,
+    pub(super) inbox_prefix: Option<String>,
     pub(super) token_file: Option<String>,
     pub(super) token_env: Option<String>,
     pub(super) user: Option<String>,

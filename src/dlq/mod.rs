@@ -11,6 +11,7 @@ use prometheus::IntCounter;
 
 use crate::metrics::Metrics;
 use crate::nats::publish::{publish_acked, PublishError};
+use crate::nats::replies::Replies;
 
 /// `natsbridge dlq list|show|replay|purge`: inspecting, replaying and purging dead letters.
 pub mod cli;
@@ -190,13 +191,13 @@ pub fn error_excerpt(body: &[u8]) -> String {
 /// stream holds its dead letter.
 #[derive(Clone)]
 pub struct Publisher {
-    js: async_nats::jetstream::Context,
+    replies: Replies,
     timeout: Duration,
 }
 
 impl Publisher {
-    pub fn new(js: async_nats::jetstream::Context, timeout: Duration) -> Self {
-        Self { js, timeout }
+    pub fn new(replies: Replies, timeout: Duration) -> Self {
+        Self { replies, timeout }
     }
 
     pub async fn publish(
@@ -205,7 +206,7 @@ impl Publisher {
         headers: async_nats::HeaderMap,
         payload: Bytes,
     ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
-        publish_acked(&self.js, subject, headers, payload, self.timeout).await
+        publish_acked(&self.replies, subject, headers, payload, self.timeout).await
     }
 }
 

@@ -135,15 +135,14 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let request = async_nats::client::Request::new().headers(headers).payload(body).timeout(Some(route.timeout));
-        let reply = self.nats.send_request(subject.clone(), request).await.map_err(|e| {
-            use async_nats::client::RequestErrorKind as K;
+        let reply = self.replies.request(subject.as_str().into(), headers, body, route.timeout).await.map_err(|e| {
+            use crate::nats::replies::ReplyErrorKind as K;
             match e.kind() {
                 K::NoResponders => BridgeError::NoResponders { subject: subject.clone() },
                 K::TimedOut => BridgeError::Timeout { subject: subject.clone(), timeout: route.timeout },
                 K::MaxPayloadExceeded => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
                 K::InvalidSubject => BridgeError::BadRequest(format!("invalid subject {subject:?}")),
-                K::Other => BridgeError::Nats(e.into()),
+                K::Overflow | K::Closed | K::Other => BridgeError::Nats(e.into()),
             }
         })?;
         let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(BridgeError::BadReply)?;
@@ -200,7 +199,7 @@ impl Egress {
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
             nats_headers.insert(codec::NATS_MSG_ID, key);
         }
-        let ack = publish_acked(&self.js, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
+        let ack = publish_acked(&self.replies, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
             PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
             PublishErrorKind::TimedOut => BridgeError::AckTimeout(e),

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
+use crate::nats::replies::Replies;
 
 pub use listener::serve;
 pub use routes::Table;
@@ -46,7 +47,8 @@ type UpstreamClient = hyper_util::client::legacy::Client<hyper_util::client::leg
 pub struct Egress {
     table: Arc<ArcSwap<Table>>,
     nats: async_nats::Client,
-    js: async_nats::jetstream::Context,
+    /// The connection's reply multiplexer: request and tunnel replies, JetStream acks.
+    replies: Replies,
     upstream: UpstreamClient,
     metrics: Metrics,
     publish_permits: Arc<Semaphore>,
@@ -56,14 +58,14 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn new(table: Arc<ArcSwap<Table>>, nats: async_nats::Client, metrics: Metrics) -> Arc<Self> {
+    pub fn new(table: Arc<ArcSwap<Table>>, nats: async_nats::Client, replies: Replies, metrics: Metrics) -> Arc<Self> {
         let permits = table.load().config().sidecar.max_inflight_publishes;
-        let js = async_nats::jetstream::new(nats.clone());
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         let upstream =
             hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        // A reply subject is the multiplexer's inbox plus a token: twice an inbox bounds it.
         let reply_len = 2 * nats.new_inbox().len();
-        Arc::new(Self { table, nats, js, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)), reply_len })
+        Arc::new(Self { table, nats, replies, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)), reply_len })
     }
 }

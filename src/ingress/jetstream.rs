@@ -94,7 +94,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         // With a backoff list the server's ack wait per delivery follows it; pace progress
         // acks by the shortest wait there is, twice per wait.
         progress_every: (shortest_wait / 2).max(Duration::from_millis(50)),
-        dlq: dlq::Publisher::new(shared.js.clone(), CONFIRM_TIMEOUT),
+        dlq: dlq::Publisher::new(shared.replies.clone(), CONFIRM_TIMEOUT),
         dlq_counters: dlq::Counters::new(&shared.metrics, &name),
         check_now: Notify::new(),
         consumer,

@@ -30,6 +30,7 @@ use crate::config::{Config, Inbound, InboundMode};
 use crate::health::{Component, Readiness};
 pub(crate) use crate::metrics::InFlight;
 use crate::metrics::{IngressRouteMetrics, Metrics};
+use crate::nats::replies::Replies;
 
 pub use app::{AppClient, AppError, AppResponse};
 pub use policy::{outcome_for, Attempt, Outcome, Policy};
@@ -39,6 +40,8 @@ pub struct Parts {
     /// The config in force; a new value is sent on every accepted reload.
     pub config: watch::Receiver<Arc<Config>>,
     pub nats: async_nats::Client,
+    /// The connection's reply multiplexer (acked dead-letter publishes).
+    pub replies: Replies,
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
 }
@@ -47,6 +50,7 @@ pub struct Parts {
 pub(crate) struct Shared {
     pub nats: async_nats::Client,
     pub js: async_nats::jetstream::Context,
+    pub replies: Replies,
     pub app: AppClient,
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
@@ -77,6 +81,7 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     let shared = Arc::new(Shared {
         js: crate::nats::connection::jetstream(cx.nats.clone()),
         nats: cx.nats.clone(),
+        replies: cx.replies.clone(),
         app: AppClient::new(),
         metrics: cx.metrics.clone(),
         readiness: cx.readiness.clone(),

@@ -123,6 +123,10 @@ pub async fn options(
         }
         opts = opts.require_tls(tls.require);
     }
+    if let Some(prefix) = &nats.inbox_prefix {
+        // Reply subjects (ours, see `replies`) are made under it.
+        opts = opts.custom_inbox_prefix(prefix.clone());
+    }
     let events = metrics.clone();
     let logs = Arc::new(EventLog { auth: auth_description(&nats.auth), readiness, ..Default::default() });
     let seen = Arc::new(AtomicBool::new(false));

@@ -2,6 +2,8 @@
 //! `config` (connection settings), `health` and `metrics` (to report the connection).
 //! - [`connection`]: the connection, its auth, TLS, reconnects and events.
 //! - [`publish`]: the one acknowledged JetStream publish (deadline, leader-election retry).
+//! - [`replies`]: our reply multiplexer (one inbox subscription, a waiter per request).
 
 pub mod connection;
 pub mod publish;
+pub mod replies;

@@ -4,13 +4,19 @@
 use std::fmt;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, publish::PublishAck};
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::nats::replies::{Replies, ReplyError, ReplyErrorKind};
 
 /// During a stream leader election the server answers "no responders" for a moment.
 /// Like the Go and .NET clients, we try three times in all, this far apart.
 const ELECTION_RETRY_DELAY: Duration = Duration::from_millis(250);
 const ATTEMPTS: u32 = 3;
+
+/// JetStream's error code for a message larger than the stream's `max_msg_size`.
+const MESSAGE_EXCEEDS_MAXIMUM: u64 = 10054;
 
 /// What went wrong with an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,18 +28,45 @@ pub enum PublishErrorKind {
     /// No ack before our deadline.
     TimedOut,
     /// Anything else the client or the stream reported (disconnected, wrong last
-    /// sequence, …); the source says which.
+    /// sequence, …); the source says which, and [`PublishError::api_error`] the code.
     Failed,
 }
 
-/// A JetStream publish that was not acknowledged, in the style of async-nats' errors: a
-/// kind to match on, and the client's error (when there is one) as the source.
+/// The error a stream answered instead of an ack: `{"error":{"code","err_code","description"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, thiserror::Error)]
+#[error("{description} (status {code}, error code {err_code})")]
+pub struct ApiError {
+    /// An HTTP-like status (400, 503, …).
+    pub code: u16,
+    /// JetStream's own error code (10071 is "wrong last sequence", …).
+    #[serde(default)]
+    pub err_code: u64,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Why a publish was not acknowledged, below the kind.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishCause {
+    /// The client refused the publish, or the reply multiplexer stopped.
+    #[error(transparent)]
+    Client(ReplyError),
+    /// The stream answered with an error.
+    #[error(transparent)]
+    Api(ApiError),
+    /// The reply was neither an ack nor an API error.
+    #[error("unreadable ack: {0}")]
+    BadAck(#[source] serde_json::Error),
+}
+
+/// A JetStream publish that was not acknowledged: a kind to match on, and what the
+/// client or the stream said (when they said something) as the source.
 #[derive(Debug)]
 pub struct PublishError {
     kind: PublishErrorKind,
     subject: String,
     timeout: Duration,
-    source: Option<jetstream::context::PublishError>,
+    source: Option<PublishCause>,
 }
 
 impl PublishError {
@@ -44,6 +77,14 @@ impl PublishError {
     /// The subject the message was published to.
     pub fn subject(&self) -> &str {
         &self.subject
+    }
+
+    /// The stream's error, when it answered one.
+    pub fn api_error(&self) -> Option<&ApiError> {
+        match &self.source {
+            Some(PublishCause::Api(e)) => Some(e),
+            _ => None,
+        }
     }
 }
 
@@ -66,47 +107,78 @@ impl std::error::Error for PublishError {
     }
 }
 
-/// Publishes and waits for the stream's ack within `timeout`, our own deadline: the ack
-/// future otherwise follows the client's request timeout, not the caller's (nats.rs
-/// #1558). "No responders" is retried with the same headers, so a `Nats-Msg-Id` keeps
-/// the retries deduplicated.
+/// Publishes with a reply subject of ours and waits for the stream's ack within
+/// `timeout`, our own deadline (the client's ack future would follow its request timeout,
+/// nats.rs #1558, and leak a map entry per lost ack, #1617). "No responders" is retried
+/// with the same headers, so a `Nats-Msg-Id` keeps the retries deduplicated.
 pub async fn publish_acked(
-    js: &jetstream::Context,
+    replies: &Replies,
     subject: &str,
     headers: async_nats::HeaderMap,
     payload: Bytes,
     timeout: Duration,
 ) -> Result<PublishAck, PublishError> {
-    use jetstream::context::PublishErrorKind as ClientKind;
     let fail = |kind, source| PublishError { kind, subject: subject.to_owned(), timeout, source };
     let deadline = tokio::time::Instant::now() + timeout;
-    // The context's own ack wait (5 s by default) would cut a longer route timeout short
-    // and report it as a failure: give it ours, so the deadline below decides.
-    let mut js = js.clone();
-    js.set_timeout(timeout);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let publish = async { js.publish_with_headers(subject.to_owned(), headers.clone(), payload.clone()).await?.await };
-        let error = match tokio::time::timeout_at(deadline, publish).await {
-            Ok(Ok(ack)) => return Ok(ack),
-            Ok(Err(e)) => e,
-            Err(_) => return Err(fail(PublishErrorKind::TimedOut, None)),
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match replies.request(subject.into(), headers.clone(), payload.clone(), left).await {
+            Ok(reply) => return parse_ack(&reply.payload).map_err(|(kind, cause)| fail(kind, Some(cause))),
+            Err(e) => e,
         };
         let kind = match error.kind() {
-            ClientKind::StreamNotFound => {
+            ReplyErrorKind::NoResponders => {
                 if attempt < ATTEMPTS && tokio::time::Instant::now() + ELECTION_RETRY_DELAY < deadline {
                     tokio::time::sleep(ELECTION_RETRY_DELAY).await;
                     continue;
                 }
                 PublishErrorKind::NoStream
             }
-            ClientKind::MaxPayloadExceeded => PublishErrorKind::PayloadTooLarge,
-            // The client's own wait ran out (at our deadline): the message may be stored.
-            ClientKind::TimedOut => PublishErrorKind::TimedOut,
+            ReplyErrorKind::TimedOut => return Err(fail(PublishErrorKind::TimedOut, None)),
+            ReplyErrorKind::MaxPayloadExceeded => PublishErrorKind::PayloadTooLarge,
             _ => PublishErrorKind::Failed,
         };
-        return Err(fail(kind, Some(error)));
+        return Err(fail(kind, Some(PublishCause::Client(error))));
+    }
+}
+
+/// The stream's reply: a `PubAck`, or the API error it answered instead. An error reply
+/// may carry `stream` and `seq` too (`"seq":0`), so `error` is looked at first.
+fn parse_ack(payload: &[u8]) -> Result<PublishAck, (PublishErrorKind, PublishCause)> {
+    #[derive(Deserialize)]
+    struct Reply {
+        error: Option<ApiError>,
+        stream: String,
+        seq: u64,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(default)]
+        domain: String,
+    }
+    #[derive(Deserialize)]
+    struct Failure {
+        error: ApiError,
+    }
+    let reply = match serde_json::from_slice::<Reply>(payload) {
+        Ok(r) => r,
+        // Without `stream` or `seq` it can still be a bare API error.
+        Err(e) => match serde_json::from_slice::<Failure>(payload) {
+            Ok(Failure { error }) => Reply { error: Some(error), stream: String::new(), seq: 0, duplicate: false, domain: String::new() },
+            Err(_) => return Err((PublishErrorKind::Failed, PublishCause::BadAck(e))),
+        },
+    };
+    match reply.error {
+        Some(error) if error.err_code == MESSAGE_EXCEEDS_MAXIMUM => Err((PublishErrorKind::PayloadTooLarge, PublishCause::Api(error))),
+        Some(error) => Err((PublishErrorKind::Failed, PublishCause::Api(error))),
+        None => Ok(PublishAck {
+            stream: reply.stream,
+            sequence: reply.seq,
+            duplicate: reply.duplicate,
+            domain: reply.domain,
+            ..Default::default()
+        }),
     }
 }
 
@@ -120,5 +192,20 @@ mod tests {
         assert_eq!(e(PublishErrorKind::NoStream).to_string(), "no stream captures this subject");
         assert_eq!(e(PublishErrorKind::TimedOut).to_string(), "no ack within 1.5s");
         assert_eq!(e(PublishErrorKind::TimedOut).subject(), "a.b");
+    }
+
+    #[test]
+    fn acks_and_api_errors_are_told_apart() {
+        let ack = parse_ack(br#"{"stream":"S","seq":7,"duplicate":true}"#).unwrap();
+        assert_eq!((ack.stream.as_str(), ack.sequence, ack.duplicate), ("S", 7, true));
+        let (kind, cause) = parse_ack(br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 1"}}"#).unwrap_err();
+        assert_eq!(kind, PublishErrorKind::Failed);
+        assert_eq!(cause.to_string(), "wrong last sequence: 1 (status 400, error code 10071)");
+        assert!(matches!(cause, PublishCause::Api(ApiError { code: 400, err_code: 10071, .. })));
+        let (kind, _) =
+            parse_ack(br#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#).unwrap_err();
+        assert_eq!(kind, PublishErrorKind::PayloadTooLarge);
+        let (kind, cause) = parse_ack(b"not json").unwrap_err();
+        assert!(kind == PublishErrorKind::Failed && matches!(cause, PublishCause::BadAck(_)), "{cause}");
     }
 }

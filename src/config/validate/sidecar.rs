@@ -87,7 +87,24 @@ pub(super) fn nats(raw: RawNats, start: TableStart, diags: &mut Diagnostics<'_>)
     check_servers(&servers, at, diags);
     let auth = nats_auth(&raw, at, diags);
     let tls = raw.tls.as_ref().map(|t| nats_tls(t, at, diags));
-    Nats { servers, connect_timeout: duration(at, "connect_timeout", &raw.connect_timeout, Duration::from_secs(5), diags), auth, tls }
+    let inbox_prefix = raw.inbox_prefix.clone();
+    if let Some(p) = &inbox_prefix {
+        check_inbox_prefix(p, at, diags);
+    }
+    let connect_timeout = duration(at, "connect_timeout", &raw.connect_timeout, Duration::from_secs(5), diags);
+    Nats { servers, connect_timeout, inbox_prefix, auth, tls }
+}
+
+/// Replies come back on `<inbox_prefix>.<nuid>.<token>`: the prefix must be literal tokens.
+fn check_inbox_prefix(prefix: &str, at: Table<'_>, diags: &mut Diagnostics<'_>) {
+    let literal = prefix.split('.').all(crate::subject::is_valid_token);
+    if !literal {
+        diags.error(
+            at,
+            Some("inbox_prefix"),
+            format!("`inbox_prefix` {prefix:?} must be a subject without wildcards, like \"_INBOX_orders\" or \"svc.orders.inbox\""),
+        );
+    }
 }
 
 fn check_servers(servers: &[String], at: Table<'_>, diags: &mut Diagnostics<'_>) {
@@ -178,5 +195,16 @@ mod tests {
         assert!(e[0].contains("unknown field `token`"), "{e:#?}");
         let c = parse(&format!("{MINIMAL}[nats]\ntoken_env = \"NATS_TOKEN\"\n"), "t").unwrap();
         assert_eq!(c.nats.auth, NatsAuth::Token(Secret::Env("NATS_TOKEN".into())));
+    }
+
+    #[test]
+    fn the_inbox_prefix_is_a_literal_subject() {
+        let c = parse(&format!("{MINIMAL}[nats]\ninbox_prefix = \"svc.orders.inbox\"\n"), "t").unwrap();
+        assert_eq!(c.nats.inbox_prefix.as_deref(), Some("svc.orders.inbox"));
+        assert_eq!(parse(MINIMAL, "t").unwrap().nats.inbox_prefix, None);
+        for bad in ["_INBOX.>", "a.*.b", "a..b", "", "a.b."] {
+            let e = errors(&format!("{MINIMAL}[nats]\ninbox_prefix = {bad:?}\n"));
+            assert!(e[0].contains("`inbox_prefix`") && e[0].contains("without wildcards"), "{bad}: {e:#?}");
+        }
     }
 }

@@ -11,7 +11,9 @@ use super::render::{format_size, plural, render_letter, Progress, Summary, Tally
 use super::scan::{unknown_route_warning, Filter, Scanner, NATS_MSG_SIZE};
 use crate::config::{self, Config, Overrides};
 use crate::dlq::{Publisher, HEADERS, SUBJECT};
+use crate::metrics::Metrics;
 use crate::nats::connection::EnvLookup;
+use crate::nats::replies::Replies;
 
 /// Added to a replayed message: the dead letter it came from, `<DLQ stream>/<seq>`.
 pub const REPLAY_OF: &str = "Bridge-Replay-Of";
@@ -71,11 +73,10 @@ pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> Heade
 }
 
 /// What every command works with once connected: the routing file, the NATS client and
-/// its JetStream context, and the dead-letter stream.
+/// the dead-letter stream.
 struct DlqSession {
     config: Config,
     client: async_nats::Client,
-    js: jetstream::Context,
     stream: Stream,
 }
 
@@ -108,7 +109,7 @@ async fn open_session(nats: &NatsArgs, filter: &FilterArgs, env: EnvLookup<'_>) 
         }
         Err(e) => anyhow::bail!("cannot open the dead-letter stream {name:?}: {e}"),
     };
-    Ok(DlqSession { config, client, js, stream })
+    Ok(DlqSession { config, client, stream })
 }
 
 pub(super) async fn list(a: ListArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
@@ -192,7 +193,8 @@ pub(super) async fn replay(a: ReplayArgs, env: EnvLookup<'_>) -> anyhow::Result<
     let cx = open_session(&a.nats, &a.filter, env).await?;
     let filter = Filter::from(&a.filter);
     let dlq = cx.config.dead_letter.stream.clone();
-    let publisher = Publisher::new(cx.js.clone(), a.timeout);
+    let replies = Replies::start(&cx.client, &Metrics::new()).await?;
+    let publisher = Publisher::new(replies, a.timeout);
     if a.dry_run {
         replay_dry_run(&cx, &filter, a.limit).await?;
         let _ = cx.client.drain().await;

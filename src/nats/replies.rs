@@ -1,0 +1,325 @@
+//! Our own reply multiplexer: one wildcard subscription per connection on
+//! `<inbox prefix>.<nuid>.*`, and a waiter per request in a concurrent map, keyed by a
+//! token that is never reused.
+//!
+//! Why not the client's: async-nats 0.51 keeps an entry for every request that never got
+//! a reply, for the life of the connection (nats.rs #1617); a responder that keeps timing
+//! out grows the sidecar until it is OOM-killed. Here the entry belongs to a guard the
+//! waiter owns, so it goes away however the wait ends: reply, timeout, the HTTP client
+//! hanging up (the future is dropped), or shutdown. Pending replies are bounded by the
+//! requests in flight, which the egress listener's connection limit bounds.
+//!
+//! Behaviour kept from async-nats: a reply carrying the `503` status is "no responders",
+//! not an answer; the subscription is the client's own, so the client resubscribes it on
+//! every reconnect. A reply whose waiter is gone is counted and dropped; tokens are
+//! unique per request, so it can never reach a later one.
+//!
+//! Two kinds of waiter share the map: [`Replies::request`] (one reply) and
+//! [`Replies::stream`] (many replies into a bounded channel, for request-many streams).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap, Message, StatusCode, Subject};
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::StreamExt;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::metrics::Metrics;
+
+/// What went wrong with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyErrorKind {
+    /// The server answered for the subject: nobody is subscribed (`503` status).
+    NoResponders,
+    /// No reply before the deadline.
+    TimedOut,
+    /// Headers plus payload exceed the server's `max_payload`.
+    MaxPayloadExceeded,
+    /// The subject is not a valid publish subject.
+    InvalidSubject,
+    /// A stream waiter's reader fell behind its bounded buffer; the stream was ended.
+    Overflow,
+    /// The multiplexer stopped (the connection was drained or closed).
+    Closed,
+    /// The client refused the publish for another reason; the source says which.
+    Other,
+}
+
+/// A failed request: a kind to match on and, when the client reported one, its error.
+#[derive(Debug)]
+pub struct ReplyError {
+    kind: ReplyErrorKind,
+    source: Option<async_nats::PublishError>,
+}
+
+impl ReplyError {
+    fn new(kind: ReplyErrorKind) -> Self {
+        Self { kind, source: None }
+    }
+
+    pub fn kind(&self) -> ReplyErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, &self.source) {
+            (_, Some(source)) => write!(f, "publish failed: {source}"),
+            (ReplyErrorKind::NoResponders, None) => f.write_str("no responders"),
+            (ReplyErrorKind::TimedOut, None) => f.write_str("timed out waiting for the reply"),
+            (ReplyErrorKind::MaxPayloadExceeded, None) => f.write_str("max payload size exceeded"),
+            (ReplyErrorKind::InvalidSubject, None) => f.write_str("invalid subject"),
+            (ReplyErrorKind::Overflow, None) => f.write_str("the reader fell behind the replies"),
+            (ReplyErrorKind::Closed, None) => f.write_str("the reply multiplexer stopped"),
+            (ReplyErrorKind::Other, None) => f.write_str("request failed"),
+        }
+    }
+}
+
+impl std::error::Error for ReplyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+impl From<async_nats::PublishError> for ReplyError {
+    fn from(e: async_nats::PublishError) -> Self {
+        use async_nats::client::PublishErrorKind as K;
+        let kind = match e.kind() {
+            K::MaxPayloadExceeded => ReplyErrorKind::MaxPayloadExceeded,
+            K::InvalidSubject => ReplyErrorKind::InvalidSubject,
+            _ => ReplyErrorKind::Other,
+        };
+        Self { kind, source: Some(e) }
+    }
+}
+
+/// Someone waiting for replies on one token.
+enum Waiter {
+    /// One reply; the entry is removed as it is delivered.
+    One(oneshot::Sender<Message>),
+    /// Many replies into a bounded buffer; the flag tells the reader it overflowed.
+    Many(mpsc::Sender<Message>, Arc<AtomicBool>),
+}
+
+/// The map and its metrics, shared by the handles, the guards and the dispatcher task.
+struct Shared {
+    waiters: DashMap<u64, Waiter>,
+    pending: IntGauge,
+    late: IntCounter,
+}
+
+/// The multiplexer of one connection. Cheap to clone; the subscription ends when the
+/// last clone is dropped or the connection is drained.
+#[derive(Clone)]
+pub struct Replies {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    /// `<inbox prefix>.<nuid>.`: a token appended makes a reply subject.
+    prefix: String,
+    next: AtomicU64,
+    shared: Arc<Shared>,
+    _stop: DropGuard,
+}
+
+impl Replies {
+    /// Subscribes `<inbox prefix>.<nuid>.*` on `client` and starts delivering replies.
+    /// The inbox prefix is the client's (`_INBOX`, or `[nats] inbox_prefix`).
+    pub async fn start(client: &Client, metrics: &Metrics) -> Result<Self, async_nats::SubscribeError> {
+        let prefix = format!("{}.", client.new_inbox());
+        let subscriber = client.subscribe(format!("{prefix}*")).await?;
+        let shared =
+            Arc::new(Shared { waiters: DashMap::new(), pending: metrics.pending_replies.clone(), late: metrics.late_replies.clone() });
+        let stop = CancellationToken::new();
+        tokio::spawn(dispatch(subscriber, prefix.clone(), shared.clone(), stop.clone()));
+        let inner = Inner { client: client.clone(), prefix, next: AtomicU64::new(1), shared, _stop: stop.drop_guard() };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Replies waiting right now (also the `natsbridge_pending_replies` gauge).
+    pub fn pending(&self) -> usize {
+        self.inner.shared.waiters.len()
+    }
+
+    /// Publishes to `subject` with a reply subject of ours and waits up to `timeout` for
+    /// the one reply. A `503` status reply is [`ReplyErrorKind::NoResponders`].
+    pub async fn request(&self, subject: Subject, headers: HeaderMap, payload: Bytes, timeout: Duration) -> Result<Message, ReplyError> {
+        let (tx, rx) = oneshot::channel();
+        let (reply, _registered) = self.register(Waiter::One(tx));
+        let wait = async {
+            self.inner.client.publish_with_reply_and_headers(subject, reply, headers, payload).await?;
+            // The sender only goes away without a reply when the dispatcher stopped.
+            rx.await.map_err(|_| ReplyError::new(ReplyErrorKind::Closed))
+        };
+        let message = tokio::time::timeout(timeout, wait).await.map_err(|_| ReplyError::new(ReplyErrorKind::TimedOut))??;
+        if message.status == Some(StatusCode::NO_RESPONDERS) {
+            return Err(ReplyError::new(ReplyErrorKind::NoResponders));
+        }
+        Ok(message)
+    }
+
+    /// Registers a waiter for many replies, buffered up to `capacity`, and returns it with
+    /// its reply subject; the caller publishes the request with that reply subject. The
+    /// waiter is removed when the stream is dropped (end, error, cancel, stall).
+    pub fn stream(&self, capacity: usize) -> ReplyStream {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let (reply, registered) = self.register(Waiter::Many(tx, overflowed.clone()));
+        ReplyStream { reply, rx, overflowed, _registered: registered }
+    }
+
+    /// The client the replies come through (to publish a stream's request).
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    fn register(&self, waiter: Waiter) -> (Subject, Registered) {
+        let token = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.inner.shared;
+        shared.waiters.insert(token, waiter);
+        shared.pending.inc();
+        let subject = Subject::from(format!("{}{token}", self.inner.prefix));
+        (subject, Registered { shared: shared.clone(), token })
+    }
+}
+
+/// Owns a waiter's map entry: dropping it removes the entry, whatever ended the wait.
+struct Registered {
+    shared: Arc<Shared>,
+    token: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.waiters.remove(&self.token);
+        self.shared.pending.dec();
+    }
+}
+
+/// A waiter for many replies to one request (ADR-47's request-many). Its stop conditions
+/// (total timeout, stall, count, sentinel) are the caller's; dropping it unregisters it.
+pub struct ReplyStream {
+    reply: Subject,
+    rx: mpsc::Receiver<Message>,
+    overflowed: Arc<AtomicBool>,
+    _registered: Registered,
+}
+
+impl ReplyStream {
+    /// The reply subject to publish the request with.
+    pub fn reply_subject(&self) -> &Subject {
+        &self.reply
+    }
+
+    /// The next reply. `Err(NoResponders)` for a `503` status, `Err(Overflow)` once the
+    /// reader fell behind (the buffered replies come first), `Err(Closed)` when the
+    /// multiplexer stopped.
+    pub async fn next(&mut self) -> Result<Message, ReplyError> {
+        match self.rx.recv().await {
+            Some(m) if m.status == Some(StatusCode::NO_RESPONDERS) => Err(ReplyError::new(ReplyErrorKind::NoResponders)),
+            Some(m) => Ok(m),
+            None if self.overflowed.load(Ordering::Acquire) => Err(ReplyError::new(ReplyErrorKind::Overflow)),
+            None => Err(ReplyError::new(ReplyErrorKind::Closed)),
+        }
+    }
+}
+
+/// Delivers each reply to its waiter until the subscription ends (drain, close) or the
+/// last handle is dropped; then every waiter still registered learns it is `Closed`.
+async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let message = tokio::select! {
+            m = subscriber.next() => m,
+            _ = stop.cancelled() => None,
+        };
+        let Some(message) = message else { break };
+        let token = message.subject.strip_prefix(prefix.as_str()).and_then(|t| t.parse::<u64>().ok());
+        if !token.is_some_and(|t| deliver(&shared, t, message)) {
+            shared.late.inc();
+        }
+    }
+    // Dropping the senders wakes every waiter at once instead of at its deadline.
+    shared.waiters.clear();
+}
+
+/// Hands `message` to the waiter of `token`; false when there is none (late, or the
+/// waiter gave up).
+fn deliver(shared: &Shared, token: u64, message: Message) -> bool {
+    use dashmap::mapref::entry::Entry;
+    let Entry::Occupied(entry) = shared.waiters.entry(token) else { return false };
+    match entry.get() {
+        Waiter::One(_) => match entry.remove() {
+            Waiter::One(tx) => tx.send(message).is_ok(),
+            Waiter::Many(..) => unreachable!("matched One above"),
+        },
+        Waiter::Many(tx, overflowed) => match tx.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Core NATS has no flow control: end the stream rather than grow.
+                overflowed.store(true, Ordering::Release);
+                entry.remove();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                entry.remove();
+                false
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        let m = Metrics::new();
+        Shared { waiters: DashMap::new(), pending: m.pending_replies.clone(), late: m.late_replies.clone() }
+    }
+
+    fn message(subject: &str) -> Message {
+        Message {
+            subject: subject.into(),
+            reply: None,
+            payload: Bytes::from_static(b"x"),
+            headers: None,
+            status: None,
+            description: None,
+            length: 1,
+        }
+    }
+
+    #[test]
+    fn a_reply_goes_to_its_waiter_once_and_a_late_one_to_nobody() {
+        let s = shared();
+        let (tx, mut rx) = oneshot::channel();
+        s.waiters.insert(7, Waiter::One(tx));
+        assert!(deliver(&s, 7, message("p.7")));
+        assert_eq!(rx.try_recv().unwrap().payload, "x");
+        assert!(s.waiters.is_empty());
+        assert!(!deliver(&s, 7, message("p.7")), "a second reply on a used token is dropped");
+    }
+
+    #[test]
+    fn a_stream_that_overflows_is_ended_and_told() {
+        let s = shared();
+        let (tx, mut rx) = mpsc::channel(1);
+        let flag = Arc::new(AtomicBool::new(false));
+        s.waiters.insert(1, Waiter::Many(tx, flag.clone()));
+        assert!(deliver(&s, 1, message("p.1")));
+        assert!(!deliver(&s, 1, message("p.1")));
+        assert!(flag.load(Ordering::Acquire) && s.waiters.is_empty());
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+    }
+}
