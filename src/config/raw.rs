@@ -37,6 +37,7 @@ pub(super) struct RawSidecar {
     pub(super) max_header_bytes: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
+    pub(super) reply_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -107,6 +108,9 @@ pub(super) struct RawInbound {
     pub(super) timeout: Option<String>,
     pub(super) max_body: Option<String>,
     pub(super) idempotency: Option<RawIdempotency>,
+    pub(super) reply_prefixes: Option<Vec<String>>,
+    pub(super) forwarded: Option<String>,
+    pub(super) extra_methods: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

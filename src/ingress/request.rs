@@ -99,6 +99,17 @@ async fn handle(
 ) {
     let m = &route.metrics;
     m.deliveries.inc();
+    if let Some(reply) = msg.reply.as_deref().filter(|r| !codec::reply_allowed(r, &route.inbound.reply_prefixes)) {
+        // A publisher could aim the app's answer at `$JS.API.STREAM.DELETE.<stream>` and
+        // have the sidecar send it with its own credentials: neither the app nor the
+        // reply runs.
+        m.refused_reply.inc();
+        if let Some(suppressed) = route.refusals.check() {
+            let prefixes = &route.inbound.reply_prefixes;
+            tracing::warn!(route = %route.inbound.name, reply = ?reply, ?prefixes, suppressed, "refused a message whose reply subject is outside reply_prefixes; the app was not called");
+        }
+        return;
+    }
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
@@ -161,10 +172,11 @@ async fn handle(
 
 /// The HTTP request a message stands for: method, absolute URI and headers.
 fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(http::Method, String, HeaderMap), BridgeError> {
+    let trust_forwarded = route.inbound.trusts_forwarded();
     if tunnel {
         let mut t = codec::decode_tunnel_request(msg.headers.as_ref()).map_err(|e| BridgeError::BadRequest(e.to_string()))?;
-        // Ours to set (the extracted idempotency key), never the caller's.
-        t.headers.remove(codec::BRIDGE_IDEMPOTENCY_KEY);
+        check_tunnel_request(route, &t).inspect_err(|_| route.metrics.refused_request.inc())?;
+        codec::strip_spoofable(&mut t.headers, trust_forwarded);
         let mut uri = String::with_capacity(route.base.len() + t.path_and_query.len());
         uri.push_str(&route.base);
         uri.push_str(&t.path_and_query);
@@ -174,9 +186,28 @@ fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(ht
         let mut uri = String::with_capacity(route.base.len() + path.len());
         uri.push_str(&route.base);
         uri.push_str(&path);
-        let headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, &[codec::BRIDGE_IDEMPOTENCY_KEY])).unwrap_or_default();
+        let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
+        codec::strip_spoofable(&mut headers, trust_forwarded);
         Ok((route.inbound.method.clone(), uri, headers))
     }
+}
+
+/// A tunnelled request the route may replay: a standard method or one of the route's
+/// `extra_methods`, and no `.`/`..` segment that the app would resolve above the base
+/// path of `app_url`.
+fn check_tunnel_request(route: &Route, t: &codec::TunnelRequest) -> Result<(), BridgeError> {
+    let extra = &route.inbound.extra_methods;
+    if !codec::TUNNEL_METHODS.contains(&t.method) && !extra.contains(&t.method) {
+        let allowed = codec::TUNNEL_METHODS.iter().chain(extra).map(|m| m.to_string()).collect();
+        return Err(BridgeError::MethodNotAllowed { allowed });
+    }
+    if route.base_has_path && codec::has_dot_segment(&t.path_and_query) {
+        return Err(BridgeError::BadRequest(format!(
+            "tunnelled path {:?} has a '.' or '..' segment, which would leave the app_url base path",
+            t.path_and_query
+        )));
+    }
+    Ok(())
 }
 
 fn app_error(e: &AppError) -> BridgeError {

@@ -1,0 +1,215 @@
+//! Security hardening of ingress, end to end against a real nats-server and a real app:
+//! hostile reply subjects, spoofed forwarded and delivery headers, tunnel methods and
+//! `..` segments (issue 20).
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+
+use support::fixtures::*;
+use support::*;
+
+const REQUEST_ROUTE: &str = r#"[[inbound]]
+name = "req"
+subject = "svc.req"
+mode = "request"
+method = "HEAD"
+path = "/r"
+"#;
+
+const TUNNEL_ROUTE: &str = r#"[[inbound]]
+name = "tun"
+mode = "tunnel"
+"#;
+
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+fn refused(route: &str, reason: &str) -> String {
+    format!(r#"natsbridge_ingress_refused_total{{reason="{reason}",route="{route}"}}"#)
+}
+
+async fn wait_metric(sidecar: &Sidecar, line_prefix: &str, at_least: f64) {
+    eventually(line_prefix, Duration::from_secs(15), || async {
+        metric(&sidecar.metrics().await, line_prefix).filter(|v| *v >= at_least).map(|_| ())
+    })
+    .await
+}
+
+/// A NATS peer allowed to publish to a route's subject aims the empty answer of a HEAD at
+/// `$JS.API.STREAM.DELETE.<stream>`: the sidecar must not send it (with its credentials,
+/// an empty body is a valid delete request), nor call the app for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_reply_subjects_are_refused() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "")).await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config { name: "VICTIM".into(), subjects: vec!["victim.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let sidecar =
+        Sidecar::start(&routes_toml("svc", "3s", &format!("{REQUEST_ROUTE}\n{TUNNEL_ROUTE}")), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    // Whatever reaches the JetStream API's delete subjects, from anyone.
+    let mut deletes = subscribe_synced(&client, "$JS.API.STREAM.DELETE.>").await;
+
+    let hostile = "$JS.API.STREAM.DELETE.VICTIM";
+    client.publish_with_reply("svc.req", hostile, Bytes::new()).await.unwrap();
+    let tunnel = nats_headers(&[("Bridge-Method", "HEAD"), ("Bridge-Path", "/")]);
+    client.publish_with_reply_and_headers("natsbridge.tunnel.svc", hostile, tunnel.clone(), Bytes::new()).await.unwrap();
+    // A reply outside the inbox prefixes, not `$`-prefixed, is refused too.
+    client.publish_with_reply("svc.req", "victim.replies", Bytes::new()).await.unwrap();
+    wait_metric(&sidecar, &refused("req", "reply_subject"), 2.0).await;
+    wait_metric(&sidecar, &refused("tun", "reply_subject"), 1.0).await;
+
+    // Ordinary requests (an `_INBOX.` reply) still work, and after them nothing reached
+    // the delete subject and the stream is whole.
+    let r = nats_request_within(&client, "svc.req", &[], "", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
+    let r = client.send_request("natsbridge.tunnel.svc", async_nats::client::Request::new().headers(tunnel)).await.unwrap();
+    assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
+    client.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut deletes)).await.is_err(),
+        "a delete request was sent"
+    );
+    js.get_stream("VICTIM").await.expect("the stream survived");
+    // The app never saw the refused messages: only the two ordinary calls.
+    assert_eq!(app.hits().len(), 2, "{:?}", app.requests());
+}
+
+/// `reply_prefixes` lets a route answer a client with its own inbox prefix, and only it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_prefixes_are_configurable_per_route() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "ok")).await;
+    let route = REQUEST_ROUTE.replace("method = \"HEAD\"", "method = \"GET\"\nreply_prefixes = [\"app.inbox.\"]");
+    let sidecar = Sidecar::start(&routes_toml("svc", "3s", &route), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let mut replies = subscribe_synced(&client, "app.inbox.>").await;
+    client.publish_with_reply("svc.req", "app.inbox.1", Bytes::new()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut replies)).await.unwrap().unwrap();
+    assert_eq!(&r.payload[..], b"ok");
+    // The default prefix is no longer allowed on this route.
+    client.publish_with_reply("svc.req", "_INBOX.x", Bytes::new()).await.unwrap();
+    wait_metric(&sidecar, &refused("req", "reply_subject"), 1.0).await;
+}
+
+const SPOOFS: &[(&str, &str)] = &[
+    ("X-Forwarded-For", "10.0.0.1"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Proto", "https"),
+    ("Forwarded", "for=10.0.0.1;host=evil.example"),
+    ("Bridge-Stream", "FAKE"),
+    ("Bridge-Seq", "1"),
+    ("Bridge-Delivery", "9"),
+];
+
+const FORWARDED: &[&str] = &["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded"];
+const DELIVERY: &[&str] = &["bridge-stream", "bridge-seq", "bridge-delivery"];
+
+/// Forwarded headers from a NATS publisher never reach the app unless the route trusts
+/// them; the sidecar's own delivery headers never do, on request and tunnel routes alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_forwarded_and_delivery_headers_are_dropped() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "")).await;
+    let trusting = r#"[[inbound]]
+name = "trusting"
+subject = "svc.trusting"
+mode = "request"
+path = "/t"
+forwarded = "trust"
+"#;
+    let sidecar =
+        Sidecar::start(&routes_toml("svc", "3s", &format!("{REQUEST_ROUTE}\n{TUNNEL_ROUTE}\n{trusting}")), &nats.url(), Some(&app.url()))
+            .await;
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let within = Duration::from_secs(10);
+    nats_request_within(&client, "svc.req", SPOOFS, "", within).await.unwrap();
+    let mut tunnel = SPOOFS.to_vec();
+    tunnel.extend([("Bridge-Method", "GET"), ("Bridge-Path", "/x")]);
+    nats_request_within(&client, "natsbridge.tunnel.svc", &tunnel, "", within).await.unwrap();
+    nats_request_within(&client, "svc.trusting", SPOOFS, "", within).await.unwrap();
+    let hits = app.wait_hits(3).await;
+    for hit in &hits[..2] {
+        for h in FORWARDED.iter().chain(DELIVERY) {
+            assert!(hit.header(h).is_none(), "{h} reached the app on {}: {:?}", hit.seen.uri, hit.seen.headers);
+        }
+    }
+    let trusted = hits.iter().find(|h| h.seen.uri == "/t").unwrap();
+    assert_eq!(trusted.header("x-forwarded-for"), Some("10.0.0.1"));
+    assert_eq!(trusted.header("forwarded"), Some("for=10.0.0.1;host=evil.example"));
+    for h in DELIVERY {
+        assert!(trusted.header(h).is_none(), "{h} reached the app");
+    }
+}
+
+/// A jetstream route drops forwarded headers too (its delivery headers are its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_routes_drop_forwarded_headers() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "")).await;
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "TOOL".into(), subjects: vec!["tool.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    let sidecar = Sidecar::start(&routes_toml("svc", "3s", &tool_exec_route("")), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    js_publish(&js, "tool.exec.x", SPOOFS, "").await;
+    let hit = &app.wait_hits(1).await[0];
+    for h in FORWARDED {
+        assert!(hit.header(h).is_none(), "{h} reached the app: {:?}", hit.seen.headers);
+    }
+    assert_eq!(hit.header("bridge-stream"), Some("TOOL"));
+    assert_eq!(hit.header("bridge-delivery"), Some("1"));
+}
+
+async fn tunnel_status(client: &async_nats::Client, method: &str, path: &str) -> (String, async_nats::Message) {
+    let r = nats_request_within(
+        client,
+        "natsbridge.tunnel.svc",
+        &[("Bridge-Method", method), ("Bridge-Path", path)],
+        "",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    (reply_header(&r, "Bridge-Status").unwrap_or_default().to_owned(), r)
+}
+
+/// The tunnel replays the standard methods and the route's `extra_methods` only, and a
+/// `..` segment cannot climb above the base path of `app_url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_methods_and_dot_segments_are_checked() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "")).await;
+    let route = format!("{TUNNEL_ROUTE}extra_methods = [\"PROPFIND\"]\n");
+    let sidecar = Sidecar::start(&routes_toml("svc", "3s", &route), &nats.url(), Some(&format!("{}/v1", app.url()))).await;
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    for method in ["TRACE", "CONNECT", "get", "BREW"] {
+        let (status, r) = tunnel_status(&client, method, "/x").await;
+        assert_eq!(status, "405", "{method}");
+        assert_eq!(reply_header(&r, "Content-Type"), Some("application/problem+json"));
+        assert!(reply_header(&r, "Allow").is_some_and(|a| a.contains("PROPFIND") && !a.contains("TRACE")), "{method}");
+    }
+    for path in ["/a/../../admin", "/..", "/a/%2e%2E/admin", "/./x"] {
+        let (status, r) = tunnel_status(&client, "GET", path).await;
+        assert_eq!(status, "400", "{path}");
+        assert!(String::from_utf8_lossy(&r.payload).contains("app_url base path"), "{path}");
+    }
+    assert_eq!(tunnel_status(&client, "PROPFIND", "/a/b..c/d").await.0, "200");
+    let hits = app.hits();
+    assert_eq!(hits.len(), 1, "{:?}", app.requests());
+    assert_eq!((hits[0].seen.method.as_str(), hits[0].seen.uri.as_str()), ("PROPFIND", "/v1/a/b..c/d"));
+    wait_metric(&sidecar, &refused("tun", "request"), 8.0).await;
+}
