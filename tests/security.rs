@@ -213,3 +213,57 @@ async fn tunnel_methods_and_dot_segments_are_checked() {
     assert_eq!((hits[0].seen.method.as_str(), hits[0].seen.uri.as_str()), ("PROPFIND", "/v1/a/b..c/d"));
     wait_metric(&sidecar, &refused("tun", "request"), 8.0).await;
 }
+
+/// Runs `natsbridge <args>` with stdout and stderr piped, bounded; its exit code and output.
+async fn natsbridge(args: &[&str]) -> (i32, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_natsbridge"));
+    cmd.args(args).env_remove("NATSBRIDGE_NATS_URL").env_remove("NATSBRIDGE_CONFIG").kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("natsbridge hung").unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("$ natsbridge {}\n-> {:?}\n{text}", args.join(" "), out.status.code());
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A dead letter planted by anyone who can publish to the dead-letter stream names
+/// `$JS.API.STREAM.DELETE.ORDERS` as its original subject: replay refuses it (and any
+/// subject the routing file does not cover) unless `--to` names the subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_refuses_planted_subjects() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    for subject in ["$JS.API.STREAM.DELETE.ORDERS", "elsewhere.x"] {
+        let h = [("Bridge-Dlq-Subject", subject), ("Bridge-Dlq-Route", "orders"), ("Bridge-Dlq-Reason", "poison")];
+        js_publish(&js, "dlq.svc.orders", &h, "planted").await;
+    }
+    let route = "[[inbound]]\nname = \"orders\"\nsubject = \"orders.*\"\nmode = \"jetstream\"\nstream = \"ORDERS\"\npath = \"/o\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routes.toml");
+    std::fs::write(&config, routes_toml("svc", "3s", route)).unwrap();
+    let (config, url) = (config.display().to_string(), nats.url());
+    let base = ["dlq", "replay", "--config", &config, "--nats-url", &url];
+
+    let (code, out) = natsbridge(&[&base[..], &["--dry-run"]].concat()).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("seq 1: would refuse to replay to \"$JS.API.STREAM.DELETE.ORDERS\""), "{out}");
+    assert!(out.contains("seq 2: would refuse to replay to \"elsewhere.x\": no inbound route or [[streams]] entry"), "{out}");
+
+    let (code, out) = natsbridge(&base).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("seq 1: FAILED refused to replay to \"$JS.API.STREAM.DELETE.ORDERS\": a `$` subject"), "{out}");
+    assert!(out.contains("seq 2: FAILED refused to replay to \"elsewhere.x\""), "{out}");
+    assert!(out.contains("replayed 0, failed 2, skipped 0"), "{out}");
+    js.get_stream("ORDERS").await.expect("the stream survived");
+    assert_eq!(stream_messages(&js, "DLQ").await, 2, "both dead letters stay");
+
+    // Named explicitly, the subject is the operator's choice.
+    let (code, out) = natsbridge(&[&base[..], &["--seq", "2", "--to", "orders.x"]].concat()).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("seq 2: replayed to orders.x (stream ORDERS seq 1"), "{out}");
+    assert_eq!(stream_messages(&js, "ORDERS").await, 1);
+    let (code, out) = natsbridge(&[&base[..], &["--to", "orders.*"]].concat()).await;
+    assert_eq!(code, 2, "a wildcard --to is a usage error: {out}");
+}
