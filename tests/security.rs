@@ -267,3 +267,19 @@ async fn dlq_replay_refuses_planted_subjects() {
     let (code, out) = natsbridge(&[&base[..], &["--to", "orders.*"]].concat()).await;
     assert_eq!(code, 2, "a wildcard --to is a usage error: {out}");
 }
+
+/// A NATS URL with credentials never appears in `provision` or `dlq` errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_nats_urls_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routes.toml");
+    std::fs::write(&config, "[sidecar]\nservice = \"svc\"\n[nats]\nconnect_timeout = \"1s\"\n").unwrap();
+    let config = config.display().to_string();
+    let url = "nats://someone:hunter2@127.0.0.1:1";
+    for args in [vec!["provision", "--config", &config, "--nats-url", url], vec!["dlq", "list", "--config", &config, "--nats-url", url]] {
+        let (code, out) = natsbridge(&args).await;
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains("nats://***@127.0.0.1:1"), "the server is still named: {out}");
+        assert!(!out.contains("hunter2") && !out.contains("someone"), "credentials printed: {out}");
+    }
+}

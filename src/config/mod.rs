@@ -13,7 +13,7 @@ mod validate;
 mod values;
 
 pub use diagnostics::{ConfigError, Diagnostic};
-pub use values::{parse_duration, parse_size, strip_port, ValueError};
+pub use values::{parse_duration, parse_size, redact_userinfo, strip_port, ValueError};
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{duration, size};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawNats, RawSidecar, RawTls};
-use crate::config::values::parse_http_url;
+use crate::config::values::{parse_http_url, redact_userinfo};
 use crate::config::{
     HttpLimits, Nats, NatsAuth, NatsTls, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN, DEFAULT_NATS_URL,
     DEFAULT_REPLY_PREFIX,
@@ -101,6 +101,7 @@ fn check_servers(servers: &[String], at: Table<'_>, diags: &mut Diagnostics<'_>)
         // Without a scheme the client assumes nats://.
         let known_scheme = ["nats://", "tls://", "ws://", "wss://"].iter().any(|scheme| s.starts_with(scheme));
         if !known_scheme && s.contains("://") {
+            let s = redact_userinfo(s);
             diags.error(at, Some("servers"), format!("server {s:?} must be nats://, tls://, ws:// or wss://"));
         }
     }
