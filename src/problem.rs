@@ -36,6 +36,8 @@ pub enum BridgeError {
     JetStream(String),
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
+    #[error("the inbound route's buffer is full ({limit} bytes of messages wait for the app)")]
+    BufferFull { limit: usize },
     #[error("the reply could not be turned into a response: {0}")]
     BadReply(String),
     #[error("upstream failed: {0}")]
@@ -55,9 +57,14 @@ impl BridgeError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BadRequest(_) | BodyRead(_) => StatusCode::BAD_REQUEST,
-            NoResponders { .. } | NatsDisconnected | Nats(_) | NoStream { .. } | JetStream(_) | Overloaded | ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            NoResponders { .. }
+            | NatsDisconnected
+            | Nats(_)
+            | NoStream { .. }
+            | JetStream(_)
+            | Overloaded
+            | BufferFull { .. }
+            | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -80,6 +87,7 @@ impl BridgeError {
             NoStream { .. } => "no-stream",
             JetStream(_) => "jetstream-unavailable",
             Overloaded => "overloaded",
+            BufferFull { .. } => "buffer-full",
             BadReply(_) => "bad-reply",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",

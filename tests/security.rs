@@ -283,3 +283,50 @@ async fn credentials_in_nats_urls_are_never_printed() {
         assert!(!out.contains("hunter2") && !out.contains("someone"), "credentials printed: {out}");
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Core NATS has no flow control: 1 MB messages against a slow app used to pile up in the
+/// client's 65,536-message buffer. The route's buffer is bounded in bytes, the excess is
+/// refused and counted, and the sidecar's memory stays bounded (the real binary's RSS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_buffering_is_bounded_in_bytes() {
+    let nats = NatsServer::start();
+    let app = App::script(|_, _| async {
+        // The slow app: holds each call far longer than the test runs.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        respond(200, "")
+    })
+    .await;
+    let route =
+        "[[inbound]]\nname = \"big\"\nsubject = \"svc.big\"\nmode = \"request\"\npath = \"/big\"\nconcurrency = 1\nmax_buffer = \"8MiB\"\n";
+    let sidecar = SidecarProcess::start(&routes_toml("svc", "1s", route), &nats.url(), Some(&app.url()));
+    sidecar.wait_ready().await;
+    let before = rss_kib(sidecar.child.id());
+    let client = nats.client().await;
+    let payload = Bytes::from(vec![b'x'; 1000 * 1000]);
+    let sent = 300;
+    for _ in 0..sent {
+        client.publish("svc.big", payload.clone()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    // 1 at the app, at most 8 waiting: the rest refused.
+    let admin = sidecar.admin;
+    let line = refused("big", "buffer_full");
+    eventually("the excess refused", Duration::from_secs(30), || {
+        let line = line.clone();
+        async move {
+            let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.ok()?.body).into_owned();
+            metric(&text, &line).filter(|n| *n >= (sent - 10) as f64)
+        }
+    })
+    .await;
+    let after = rss_kib(sidecar.child.id());
+    eprintln!("sidecar RSS: {before} KiB before, {after} KiB after {sent} × 1 MB messages against a slow app");
+    assert!(after < before + 64 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert_eq!(app.hits().len(), 1);
+}

@@ -241,6 +241,9 @@ pub struct Inbound {
     pub forwarded: Forwarded,
     /// Tunnel routes: methods replayed besides the standard ones (upper case).
     pub extra_methods: Vec<http::Method>,
+    /// Request and tunnel routes: bytes of received messages that may wait for a free
+    /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
+    pub max_buffer: usize,
 }
 
 /// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.

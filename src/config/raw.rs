@@ -111,6 +111,7 @@ pub(super) struct RawInbound {
     pub(super) reply_prefixes: Option<Vec<String>>,
     pub(super) forwarded: Option<String>,
     pub(super) extra_methods: Option<Vec<String>>,
+    pub(super) max_buffer: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -55,6 +55,12 @@ pub(super) fn inbound(
     let forwarded = forwarded(&raw, at, diags);
     let extra_methods = extra_methods(&raw, mode_name, at, diags);
     let reply_prefixes = reply_prefixes_of(&raw, mode_name, reply_prefixes, at, diags);
+    // Core NATS has no flow control: without a byte bound, a slow app and large messages
+    // fill the client's 65,536-message buffer (64 GiB at 1 MiB each).
+    let max_buffer = size(at, "max_buffer", &raw.max_buffer, 16 << 20, diags);
+    if mode_name == InboundModeName::JetStream {
+        refuse_key(at, mode_name.as_str(), "max_buffer", raw.max_buffer.is_some(), diags);
+    }
     if diags.error_count() > errors_before {
         return None;
     }
@@ -72,6 +78,7 @@ pub(super) fn inbound(
         reply_prefixes,
         forwarded,
         extra_methods,
+        max_buffer,
     })
 }
 
