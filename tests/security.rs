@@ -334,3 +334,25 @@ async fn ingress_buffering_is_bounded_in_bytes() {
     assert!(after < before + 160 * 1024, "RSS grew from {before} KiB to {after} KiB");
     assert_eq!(app.hits().len(), 1);
 }
+
+/// The admin listener serves at most `MAX_CONNECTIONS` at once: past it a connection waits
+/// in the backlog until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = NatsServer::start();
+    let sidecar = Sidecar::start(&routes_toml("svc", "3s", ""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let mut idle = Vec::new();
+    for _ in 0..natsbridge::admin::MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(sidecar.admin).await.unwrap());
+    }
+    let mut probe = tokio::net::TcpStream::connect(sidecar.admin).await.unwrap();
+    probe.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    // Not served while every slot is taken (the idle ones hold them for the 10 s header timeout).
+    assert!(tokio::time::timeout(Duration::from_millis(500), probe.read_to_end(&mut buf)).await.is_err(), "served past the cap");
+    idle.pop();
+    tokio::time::timeout(Duration::from_secs(10), probe.read_to_end(&mut buf)).await.expect("served once a slot is free").unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+}
