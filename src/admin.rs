@@ -103,12 +103,22 @@ impl Admin {
     }
 }
 
+/// Open admin connections at most (probes and a scraper need a handful); further ones wait
+/// in the kernel's backlog, so a flood of connections cannot exhaust the sidecar's memory
+/// or file descriptors. Idle ones are closed by the 10 s header read timeout.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the admin endpoints until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
     loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+        };
         let (stream, _) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             r = listener.accept() => match r {
@@ -130,6 +140,7 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
         );
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(permit);
         });
     }
 }

@@ -26,6 +26,49 @@ pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 pub const REQUEST_ID: &str = "X-Request-Id";
 
+/// Headers the sidecar sets for the app about a delivery (the README documents them as
+/// ours): a copy arriving in a NATS message is a spoof and is removed on every ingress mode.
+pub const SPOOFABLE: &[&str] = &[BRIDGE_DELIVERY, BRIDGE_STREAM, BRIDGE_SEQ, BRIDGE_IDEMPOTENCY_KEY];
+
+/// Proxy headers: the app sees ingress calls come from loopback and often trusts loopback
+/// as a proxy, so a publisher's copy would spoof the client address, host or scheme.
+pub const FORWARDED: &[&str] = &["Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"];
+
+/// Removes from headers bound for the app what a NATS publisher must not set: our delivery
+/// headers always, and the proxy headers unless the route trusts its publishers.
+pub fn strip_spoofable(headers: &mut HeaderMap, trust_forwarded: bool) {
+    for h in SPOOFABLE {
+        headers.remove(*h);
+    }
+    if !trust_forwarded {
+        for h in FORWARDED {
+            headers.remove(*h);
+        }
+    }
+}
+
+/// The methods a tunnel replays without configuration: RFC 9110's, minus `TRACE` (it echoes
+/// the request, credentials included) and `CONNECT` (a raw tunnel), plus `PATCH`.
+pub const TUNNEL_METHODS: &[Method] =
+    &[Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS, Method::PATCH];
+
+/// Whether a subject is one an ingress route may publish its reply to: it starts with one of
+/// `prefixes`, and never with `$` (system and JetStream API subjects, where an empty
+/// reply is a valid request such as `$JS.API.STREAM.DELETE.<stream>`).
+pub fn reply_allowed(reply: &str, prefixes: &[String]) -> bool {
+    !reply.starts_with('$') && prefixes.iter().any(|p| reply.starts_with(p.as_str()))
+}
+
+/// Whether a request path has a `.` or `..` segment (also percent-encoded), which the app
+/// would resolve against its own root, above a base path the sidecar put in front.
+pub fn has_dot_segment(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    path.split('/').any(|seg| {
+        let decoded = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    })
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus those a NATS hop recomputes.
 const HOP_BY_HOP: &[&str] = &[
     "connection",

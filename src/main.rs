@@ -93,7 +93,8 @@ struct LogArgs {
     /// Log format.
     #[arg(long, env = "NATSBRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter, e.g. `info` or `natsbridge=debug,async_nats=warn`.
+    /// Log filter, e.g. `info` or `natsbridge=debug`. async_nats is held at warn (its
+    /// events print server URLs, credentials included) unless the filter names it.
     #[arg(long, env = "NATSBRIDGE_LOG_LEVEL", default_value = "info")]
     log_level: String,
 }
@@ -105,7 +106,13 @@ enum LogFormat {
 }
 
 fn init_logging(args: &LogArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // async-nats' debug and info events print server URLs, credentials included
+    // (`nats://user:pass@…`); the sidecar reports connection events itself. A filter that
+    // names async_nats explicitly is the operator's choice.
+    if !args.log_level.contains("async_nats") {
+        filter = filter.add_directive("async_nats=warn".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub ingress_duration: HistogramVec,
     pub ingress_in_flight: IntGaugeVec,
     pub ingress_pending: IntGaugeVec,
+    pub ingress_refused: IntCounterVec,
     pub slow_consumers: IntCounter,
     pub idempotency: IntCounterVec,
     pub dlq_published: IntCounterVec,
@@ -111,6 +112,11 @@ impl Metrics {
                 "Messages pending on the route's consumer (lag).",
                 &["route"],
             ),
+            ingress_refused: counter_vec(
+                "natsbridge_ingress_refused_total",
+                "Inbound messages refused before reaching the app, by reason: reply_subject (a reply subject outside reply_prefixes), request (a method or path the route does not replay), buffer_full (over the route's buffer).",
+                &["route", "reason"],
+            ),
             slow_consumers: counter("natsbridge_nats_slow_consumers_total", "Slow-consumer events reported by the NATS client."),
             idempotency: counter_vec(
                 "natsbridge_idempotency_total",
@@ -166,6 +172,9 @@ impl Metrics {
             duration: self.ingress_duration.with_label_values(&[route]),
             in_flight: self.ingress_in_flight.with_label_values(&[route]),
             pending: self.ingress_pending.with_label_values(&[route]),
+            refused_reply: self.ingress_refused.with_label_values(&[route, "reply_subject"]),
+            refused_request: self.ingress_refused.with_label_values(&[route, "request"]),
+            buffer_full: self.ingress_refused.with_label_values(&[route, "buffer_full"]),
         }
     }
 }
@@ -211,6 +220,9 @@ pub struct IngressRouteMetrics {
     pub duration: Histogram,
     pub in_flight: IntGauge,
     pub pending: IntGauge,
+    pub refused_reply: IntCounter,
+    pub refused_request: IntCounter,
+    pub buffer_full: IntCounter,
 }
 
 #[cfg(test)]

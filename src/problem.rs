@@ -50,6 +50,8 @@ pub enum BridgeError {
     PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
+    #[error("the inbound route's buffer is full ({limit} bytes of messages wait for the app)")]
+    BufferFull { limit: usize },
     #[error("the reply could not be turned into a response: {0}")]
     BadReply(#[source] crate::codec::ReplyError),
     #[error("upstream failed: {0}")]
@@ -89,6 +91,7 @@ impl BridgeError {
             | JetStream(_)
             | Overloaded
             | ShuttingDown
+            | BufferFull { .. }
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -116,6 +119,7 @@ impl BridgeError {
             NoStream { .. } => "no-stream",
             JetStream(_) => "jetstream-unavailable",
             Overloaded => "overloaded",
+            BufferFull { .. } => "buffer-full",
             BadReply(_) => "bad-reply",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",

@@ -124,6 +124,18 @@ fn regression_app_sent_tunnel_control_headers_do_not_pass() {
     assert_eq!(t.headers.get("x-keep").unwrap(), "1");
 }
 
+/// A reply subject aimed at the JetStream API (issue 20): an empty HEAD answer there is
+/// a valid `STREAM.DELETE` request sent with the sidecar's credentials.
+#[test]
+fn regression_hostile_reply_subjects_are_never_answered() {
+    for reply in ["$JS.API.STREAM.DELETE.ORDERS", "$SYS.REQ.SERVER.PING", "_INBOX.x", "victim.replies", ""] {
+        targets::check_reply(reply);
+    }
+    let prefixes = [natsbridge::config::DEFAULT_REPLY_PREFIX.to_owned()];
+    assert!(!natsbridge::codec::reply_allowed("$JS.API.STREAM.DELETE.ORDERS", &prefixes));
+    assert!(natsbridge::codec::reply_allowed("_INBOX.abc.1", &prefixes));
+}
+
 // ---------------------------------------------------------------------------------------
 // The stable mutation fuzzer.
 

@@ -507,3 +507,63 @@ async fn run_refuses_unusable_tls_material() {
     let missing = inject::tls_config(&dir.path().join("absent.crt"), &dir.path().join("tls.key")).unwrap_err();
     assert!(matches!(missing, inject::InjectError::ReadTls { .. }), "{missing}");
 }
+
+/// A `POST /mutate` that declares `declared` body bytes and never sends them: its status.
+async fn stalled_body(
+    addr: std::net::SocketAddr,
+    trust: &rustls::pki_types::CertificateDer<'static>,
+    declared: usize,
+) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(trust));
+    let name = rustls::pki_types::ServerName::try_from("natsbridge-inject.natsbridge.svc").unwrap();
+    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let (_keep, rx) = futures::channel::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/mutate")
+        .header("host", "natsbridge-inject.natsbridge.svc")
+        .header("content-length", declared.to_string())
+        .body(http_body_util::StreamBody::new(rx))
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}
+
+/// The webhook cannot be pushed out of memory: bodies over 3 MiB get 413 unread, a body
+/// that stalls gets 408 after the read deadline (so stalled reviews cannot hold the slots
+/// forever), and many stalled connections at once do not stop it answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_bodies_are_capped_and_deadlined() {
+    let pki = Pki::new();
+    let cert = pki.issue(SystemTime::now() - Duration::from_secs(3600));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = inject::tls_config(&pki.cert_path(), &pki.key_path()).unwrap();
+    let _server = tokio::spawn(inject::serve(listener, tls, settings(), std::future::pending()));
+
+    // A JSON array of tiny elements: as a serde_json::Value it takes ~16 times its size.
+    let array = |bytes: usize| format!("[{}0]", "0,".repeat(bytes / 2)).into_bytes();
+    assert_eq!(stalled_body(addr, &cert, 64 << 20).await.unwrap(), 413, "a declared length over the cap is refused unread");
+    // Under the cap, not a review: refused without building the array.
+    let (status, body) = https(addr, &cert, "POST", "/mutate", array(inject::MAX_BODY - 1024)).await.unwrap();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+
+    // More stalled bodies than connections allowed: each ends with 408 by the
+    // deadline, and a real review is answered all the same.
+    let stalled: Vec<_> = (0..inject::MAX_CONNECTIONS + 4)
+        .map(|_| {
+            let cert = cert.clone();
+            tokio::spawn(async move { stalled_body(addr, &cert, 100).await })
+        })
+        .collect();
+    let review = serde_json::to_vec(&review(&plain_pod())).unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(60), https(addr, &cert, "POST", "/mutate", review)).await;
+    assert_eq!(answered.expect("answered despite stalled connections").unwrap().0, 200);
+    for s in stalled {
+        let status = tokio::time::timeout(Duration::from_secs(60), s).await.expect("a stalled body is cut off").unwrap();
+        assert_eq!(status.unwrap(), 408);
+    }
+}

@@ -268,15 +268,25 @@ pub fn headers(data: &[u8]) {
 // ---------------------------------------------------------------------------------------
 // tunnel request decoding
 
-/// Input: `nats header lines, method, path-and-query, http header lines` separated by NUL
-/// bytes.
+/// Input: `nats header lines, method, path-and-query, http header lines, reply subject`
+/// separated by NUL bytes.
 /// - decoding arbitrary tunnel headers yields an origin-form path (starts with '/', not
 ///   '//') that parses as a URI path, and none of the control or hop-by-hop headers;
-/// - encoding a request and decoding it gives the same method and path back.
+///   after the ingress strip, none of the sidecar's delivery or the forwarded headers;
+/// - encoding a request and decoding it gives the same method and path back;
+/// - a reply subject is answered only under the inbox prefix, never a `$` subject.
 pub fn tunnel(data: &[u8]) {
     let f = fields(data);
     let n = nats_headers(f.first().copied().unwrap_or_default());
-    check_decoded(codec::decode_tunnel_request(Some(&n)));
+    let decoded = codec::decode_tunnel_request(Some(&n));
+    if let Ok(mut t) = decoded.clone() {
+        codec::strip_spoofable(&mut t.headers, false);
+        for h in codec::SPOOFABLE.iter().chain(codec::FORWARDED) {
+            assert!(!t.headers.contains_key(*h), "{h} reaches the app");
+        }
+    }
+    check_decoded(decoded);
+    check_reply(&text(f.get(4).copied().unwrap_or_default()));
 
     let method = f.get(1).and_then(|m| http::Method::from_bytes(m).ok());
     let pq = f.get(2).and_then(|p| http::uri::PathAndQuery::try_from(*p).ok());
@@ -296,6 +306,17 @@ pub fn tunnel(data: &[u8]) {
         }
         check_decoded(decoded);
     }
+}
+
+/// A reply subject the ingress would answer starts with the inbox prefix, and no `$`
+/// subject (`$JS.API.STREAM.DELETE.<stream>`) is ever answered.
+pub fn check_reply(reply: &str) {
+    let prefixes = [config::DEFAULT_REPLY_PREFIX.to_owned()];
+    if codec::reply_allowed(reply, &prefixes) {
+        assert!(reply.starts_with(config::DEFAULT_REPLY_PREFIX) && !reply.starts_with('$'), "answered reply {reply:?}");
+    }
+    assert!(!codec::reply_allowed(&format!("${reply}"), &prefixes), "answered a $ reply");
+    assert!(!codec::reply_allowed(&format!("$JS.API.{reply}"), &[reply.to_owned()]), "a $ prefix allowed");
 }
 
 fn check_decoded(r: Result<codec::TunnelRequest, codec::TunnelError>) {

@@ -13,7 +13,7 @@ mod validate;
 mod values;
 
 pub use diagnostics::{ConfigError, Diagnostic};
-pub use values::{parse_duration, parse_http_url, parse_server_url, parse_size, strip_port, ValueError};
+pub use values::{parse_duration, parse_http_url, parse_server_url, parse_size, redact_userinfo, strip_port, ValueError};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -55,6 +55,9 @@ pub struct Sidecar {
     pub http: HttpLimits,
     /// What `/readyz` means (read at start; a reload does not change it).
     pub readiness: ReadinessMode,
+    /// The reply subjects inbound request and tunnel routes answer, by prefix, unless a
+    /// route sets its own (default `_INBOX.`).
+    pub reply_prefixes: Vec<String>,
 }
 
 /// What `/readyz` means: see [`crate::health`].
@@ -271,6 +274,28 @@ pub struct Inbound {
     pub timeout: Duration,
     pub max_body: usize,
     pub idempotency: Option<Idempotency>,
+    /// Reply subjects this route answers, by prefix (the route's or `[sidecar]`'s); a
+    /// reply elsewhere (`$JS.API…`) would run a request with the sidecar's credentials.
+    pub reply_prefixes: Vec<String>,
+    /// What happens to `Forwarded` / `X-Forwarded-*` headers arriving over NATS.
+    pub forwarded: Forwarded,
+    /// Tunnel routes: methods replayed besides the standard ones (upper case).
+    pub extra_methods: Vec<http::Method>,
+    /// Request and tunnel routes: bytes of received messages that may wait for a free
+    /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
+    pub max_buffer: usize,
+}
+
+/// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.
+/// The app sees the call come from loopback, and apps often trust loopback as a proxy, so
+/// a publisher's copy would spoof the client address, host or scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forwarded {
+    /// Removed before the app is called (the default).
+    #[default]
+    Drop,
+    /// Passed to the app: every publisher on the subject is trusted to set them.
+    Trust,
 }
 
 impl Inbound {
@@ -280,6 +305,10 @@ impl Inbound {
             InboundMode::Tunnel { .. } => InboundModeName::Tunnel,
             InboundMode::JetStream(_) => InboundModeName::JetStream,
         }
+    }
+
+    pub fn trusts_forwarded(&self) -> bool {
+        self.forwarded == Forwarded::Trust
     }
 }
 
@@ -353,6 +382,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9464";
 pub const DEFAULT_APP_URL: &str = "http://127.0.0.1:3000";
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const TUNNEL_PREFIX: &str = "natsbridge.tunnel";
+/// The inbox prefix of every NATS client library unless configured otherwise.
+pub const DEFAULT_REPLY_PREFIX: &str = "_INBOX.";
 
 /// Settings given on the command line or in `NATSBRIDGE_*` variables; they win over the
 /// file, on every load and reload.

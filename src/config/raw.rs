@@ -38,6 +38,7 @@ pub(super) struct RawSidecar {
     pub(super) idle_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
     pub(super) readiness: Option<String>,
+    pub(super) reply_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -118,6 +119,10 @@ pub(super) struct RawInbound {
     pub(super) timeout: Option<String>,
     pub(super) max_body: Option<String>,
     pub(super) idempotency: Option<RawIdempotency>,
+    pub(super) reply_prefixes: Option<Vec<String>>,
+    pub(super) forwarded: Option<String>,
+    pub(super) extra_methods: Option<Vec<String>>,
+    pub(super) max_buffer: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -118,3 +118,41 @@ mod tests {
         assert_eq!(strip_port("[::1]:80"), "[::1]");
     }
 }
+
+/// `text` with the userinfo of every URL in it (`nats://user:pass@host` → `nats://***@host`)
+/// masked: server URLs may carry credentials, and errors and logs must never print them.
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', ',', quote or whitespace; userinfo before its last '@'.
+        let end = tail.find(|c: char| c == '/' || c == ',' || c == '"' || c == '\'' || c.is_whitespace()).unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_userinfo;
+
+    #[test]
+    fn userinfo_is_masked_wherever_a_url_appears() {
+        assert_eq!(redact_userinfo("nats://user:pass@127.0.0.1:1"), "nats://***@127.0.0.1:1");
+        assert_eq!(
+            redact_userinfo("at nats://a:b@h1:4222, tls://tok@h2/x and \"ws://c:d@h3\""),
+            "at nats://***@h1:4222, tls://***@h2/x and \"ws://***@h3\""
+        );
+        assert_eq!(redact_userinfo("nats://u:p@ss@h"), "nats://***@h");
+        assert_eq!(redact_userinfo("nats://127.0.0.1:4222 ok"), "nats://127.0.0.1:4222 ok");
+    }
+}

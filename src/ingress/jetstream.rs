@@ -48,9 +48,6 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// would go stale, so the redelivery finds it stale if its holder died.
 const CLAIM_STALE_MARGIN: Duration = Duration::from_millis(250);
 
-/// Incoming headers that would spoof what we tell the app about the delivery.
-const SPOOFABLE: &[&str] = &[codec::BRIDGE_DELIVERY, codec::BRIDGE_STREAM, codec::BRIDGE_SEQ, codec::BRIDGE_IDEMPOTENCY_KEY];
-
 /// The route's state shared by its tasks and handlers.
 struct ConsumerRoute {
     route: Arc<Route>,
@@ -496,7 +493,8 @@ async fn call_app(
     key: Option<&str>,
     abort: &CancellationToken,
 ) -> Option<Result<super::AppResponse, AppError>> {
-    let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, SPOOFABLE)).unwrap_or_default();
+    let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
+    codec::strip_spoofable(&mut headers, route.inbound.trusts_forwarded());
     headers.insert(codec::BRIDGE_DELIVERY, HeaderValue::from(at.delivered));
     if let Ok(v) = HeaderValue::from_str(at.stream) {
         headers.insert(codec::BRIDGE_STREAM, v);

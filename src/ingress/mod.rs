@@ -19,8 +19,8 @@ pub mod policy;
 pub mod request;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -68,6 +68,35 @@ pub(crate) struct Route {
     pub drain_timeout: Duration,
     /// The route's idempotency, when it sets `idempotency`.
     pub idem: Option<Arc<idempotency::guard::Guard>>,
+    /// `app_url` has a path (`/v1`) that `..` segments must not climb above.
+    pub base_has_path: bool,
+    /// Refused messages are logged at most this often: a hostile publisher can send many.
+    pub refusals: LogLimit,
+}
+
+/// A warning logged at most once per period, with the count of those suppressed since:
+/// refusals that any publisher can trigger at will must not flood the log.
+pub(crate) struct LogLimit {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimit {
+    pub fn new(period: Duration) -> Self {
+        Self { period, state: Mutex::new((None, 0)) }
+    }
+
+    /// `Some(suppressed)` when a line should be logged now; else counts one suppressed.
+    pub fn check(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|t| t.elapsed() < self.period) {
+            *suppressed += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(suppressed))
+    }
 }
 
 struct Running {
@@ -158,6 +187,8 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             idem: inbound.idempotency.clone().map(|spec| {
                 idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())
             }),
+            base_has_path: !config.sidecar.app_url.path().trim_matches('/').is_empty(),
+            refusals: LogLimit::new(Duration::from_secs(10)),
         });
         // Starting until bound: set before the task runs so /statusz never races it.
         shared.readiness.starting(&route.check, "not bound yet");

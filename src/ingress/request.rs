@@ -5,6 +5,7 @@
 //! tunnel mode replays the tunnelled request word for word. Either way the reply has the
 //! status in `Bridge-Status`, and for errors the NATS micro headers too.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,14 +20,16 @@ use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
 use crate::problem::BridgeError;
 
-/// Runs one route until `stop`: subscribes (again, if the subscription ever ends), hands
-/// each message to a handler once one of `concurrency` permits is free, and on `stop`
-/// drains the subscription so requests already buffered still get their answers.
+/// Runs one route until `stop`: subscribes (again, if the subscription ever ends), reads
+/// every message at once into a buffer bounded in bytes (`max_buffer`) and count, hands
+/// each to a handler once one of `concurrency` permits is free, and on `stop` drains the
+/// subscription so requests already received still get their answers.
 pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, tunnel: bool, stop: CancellationToken) {
     let name = route.inbound.name.as_str();
     let subject = route.inbound.subject.as_str().to_owned();
     let permits = Arc::new(Semaphore::new(route.inbound.concurrency));
     let abort = CancellationToken::new();
+    let mut waiting = Buffer::default();
     let mut attempt = 0;
     let mut sub = None;
     while !stop.is_cancelled() {
@@ -46,20 +49,27 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
         shared.readiness.pass(&route.check);
         tracing::info!(route = name, subject = %subject, queue = %queue, tunnel, "inbound subscription bound");
         loop {
-            let msg = tokio::select! {
+            // Hand out what waits first; read on meanwhile, so the client's own buffer (65,536
+            // messages, however large) never fills.
+            tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                m = s.next() => m,
-            };
-            let Some(msg) = msg else {
-                // The client closed it (or the server did): bind a new one.
-                shared.readiness.fail(&route.check, format!("subscription to {subject:?} ended; resubscribing"));
-                tracing::warn!(route = name, "inbound subscription ended; resubscribing");
-                break;
-            };
-            // Past `concurrency`, messages wait here (buffered by the client), none dropped.
-            let permit = permits.clone().acquire_owned().await.expect("never closed");
-            tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+                permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
+                    let msg = waiting.pop().expect("not empty");
+                    tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
+                }
+                msg = s.next() => {
+                    let Some(msg) = msg else {
+                        // The client closed it (or the server did): bind a new one.
+                        shared.readiness.fail(&route.check, format!("subscription to {subject:?} ended; resubscribing"));
+                        tracing::warn!(route = name, "inbound subscription ended; resubscribing");
+                        break;
+                    };
+                    if let Some(msg) = waiting.push(msg, route.inbound.max_buffer) {
+                        tokio::spawn(refuse_full(shared.clone(), route.clone(), msg));
+                    }
+                }
+            }
         }
         sub = Some(s);
         if !stop.is_cancelled() && sleep_or_stop(&stop, retry_delay(0)).await {
@@ -67,6 +77,11 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
         }
     }
     let deadline = tokio::time::Instant::now() + route.drain_timeout;
+    // Received before the stop: answered like the rest, then what the drain still brings.
+    while let Some(msg) = waiting.pop() {
+        let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
+        tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+    }
     if let Some(mut s) = sub {
         if s.drain().await.is_ok() {
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
@@ -76,6 +91,61 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
         }
     }
     wait_in_flight(&permits, route.inbound.concurrency, deadline, &abort).await;
+}
+
+/// Messages received but waiting for a `concurrency` permit, in arrival order, bounded in
+/// bytes and in count: core NATS has no flow control, so a slow app must not make the
+/// sidecar hold whatever publishers send.
+#[derive(Default)]
+struct Buffer {
+    queue: VecDeque<async_nats::Message>,
+    bytes: usize,
+}
+
+/// The most messages a route buffers, whatever their size (the client's own default).
+const MAX_BUFFERED: usize = 65_536;
+
+impl Buffer {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queues `msg`, or gives it back when it would take the buffer past `max_bytes`
+    /// (one message is always accepted into an empty buffer, so none is too large to run).
+    #[must_use]
+    fn push(&mut self, msg: async_nats::Message, max_bytes: usize) -> Option<async_nats::Message> {
+        let size = msg.length;
+        let over = !self.queue.is_empty() && (self.bytes + size > max_bytes || self.queue.len() >= MAX_BUFFERED);
+        if over {
+            return Some(msg);
+        }
+        self.bytes += size;
+        self.queue.push_back(msg);
+        None
+    }
+
+    fn pop(&mut self) -> Option<async_nats::Message> {
+        let msg = self.queue.pop_front()?;
+        self.bytes -= msg.length;
+        Some(msg)
+    }
+}
+
+/// A message the full buffer cannot take: counted, logged at a rate limit, and answered
+/// 503 when it has an allowed reply subject, so the requester need not wait for a timeout.
+async fn refuse_full(shared: Arc<Shared>, route: Arc<Route>, msg: async_nats::Message) {
+    let m = &route.metrics;
+    m.buffer_full.inc();
+    let limit = route.inbound.max_buffer;
+    if let Some(suppressed) = route.refusals.check() {
+        tracing::warn!(route = %route.inbound.name, max_buffer = limit, suppressed, "inbound buffer full: the app is slower than its publishers; message refused");
+    }
+    let Some(reply) = msg.reply.filter(|r| codec::reply_allowed(r, &route.inbound.reply_prefixes)) else { return };
+    let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
+    let (status, headers, body) = problem(&BridgeError::BufferFull { limit }, &route.inbound.name, rid.as_deref());
+    if shared.nats.publish_with_headers(reply, codec::response_to_reply_headers(status, &headers), body).await.is_ok() {
+        m.reply.inc();
+    }
 }
 
 /// Waits until every permit is back (no handler running); past `deadline`, tells the
@@ -99,6 +169,17 @@ async fn handle(
 ) {
     let m = &route.metrics;
     m.deliveries.inc();
+    if let Some(reply) = msg.reply.as_deref().filter(|r| !codec::reply_allowed(r, &route.inbound.reply_prefixes)) {
+        // A publisher could aim the app's answer at `$JS.API.STREAM.DELETE.<stream>` and
+        // have the sidecar send it with its own credentials: neither the app nor the
+        // reply runs.
+        m.refused_reply.inc();
+        if let Some(suppressed) = route.refusals.check() {
+            let prefixes = &route.inbound.reply_prefixes;
+            tracing::warn!(route = %route.inbound.name, reply = ?reply, ?prefixes, suppressed, "refused a message whose reply subject is outside reply_prefixes; the app was not called");
+        }
+        return;
+    }
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
@@ -167,10 +248,11 @@ async fn handle(
 
 /// The HTTP request a message stands for: method, absolute URI and headers.
 fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(http::Method, String, HeaderMap), BridgeError> {
+    let trust_forwarded = route.inbound.trusts_forwarded();
     if tunnel {
         let mut t = codec::decode_tunnel_request(msg.headers.as_ref()).map_err(|e| BridgeError::BadRequest(e.to_string()))?;
-        // Ours to set (the extracted idempotency key), never the caller's.
-        t.headers.remove(codec::BRIDGE_IDEMPOTENCY_KEY);
+        check_tunnel_request(route, &t).inspect_err(|_| route.metrics.refused_request.inc())?;
+        codec::strip_spoofable(&mut t.headers, trust_forwarded);
         let mut uri = String::with_capacity(route.base.len() + t.path_and_query.len());
         uri.push_str(&route.base);
         uri.push_str(&t.path_and_query);
@@ -180,9 +262,28 @@ fn prepare(route: &Route, msg: &async_nats::Message, tunnel: bool) -> Result<(ht
         let mut uri = String::with_capacity(route.base.len() + path.len());
         uri.push_str(&route.base);
         uri.push_str(&path);
-        let headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, &[codec::BRIDGE_IDEMPOTENCY_KEY])).unwrap_or_default();
+        let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
+        codec::strip_spoofable(&mut headers, trust_forwarded);
         Ok((route.inbound.method.clone(), uri, headers))
     }
+}
+
+/// A tunnelled request the route may replay: a standard method or one of the route's
+/// `extra_methods`, and no `.`/`..` segment that the app would resolve above the base
+/// path of `app_url`.
+fn check_tunnel_request(route: &Route, t: &codec::TunnelRequest) -> Result<(), BridgeError> {
+    let extra = &route.inbound.extra_methods;
+    if !codec::TUNNEL_METHODS.contains(&t.method) && !extra.contains(&t.method) {
+        let allowed = codec::TUNNEL_METHODS.iter().chain(extra).map(|m| m.to_string()).collect();
+        return Err(BridgeError::MethodNotAllowed { allowed });
+    }
+    if route.base_has_path && codec::has_dot_segment(&t.path_and_query) {
+        return Err(BridgeError::BadRequest(format!(
+            "tunnelled path {:?} has a '.' or '..' segment, which would leave the app_url base path",
+            t.path_and_query
+        )));
+    }
+    Ok(())
 }
 
 fn app_error(e: &AppError) -> BridgeError {

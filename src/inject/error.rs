@@ -42,6 +42,9 @@ pub enum ReviewDefect {
     NoUid,
     #[error("request.object is not a pod")]
     ObjectNotAPod,
+    /// The body does not have the shape of an AdmissionReview (serde's message).
+    #[error("not an AdmissionReview: {0}")]
+    Shape(String),
 }
 
 /// Why a flag value was refused.

@@ -17,6 +17,7 @@
 //!   defaults from [`InjectSettings`], and Prometheus scrape annotations;
 //! - with `natsbridge.io/http-proxy: "true"`, `HTTP_PROXY`/`NO_PROXY` on every app container.
 
+pub mod admission;
 mod error;
 pub mod review;
 pub mod settings;
@@ -33,6 +34,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+use admission::AdmissionReview;
+
 pub use error::{InjectError, ReviewDefect, SettingDefect, TlsDefect};
 pub use review::{
     decide_injection, escape_pointer, mutate, nats_hosts, no_proxy_list, Decision, Refusal, ADMIN_PORT_NAME, ANNOTATION_APP_PORT,
@@ -43,10 +46,17 @@ pub use review::{
 pub use settings::{is_quantity, InjectArgs, InjectSettings, Resources, SecretKeyRef};
 pub use tls::{load_certified_key, tls_config, ReloadingCert};
 
-/// AdmissionReview bodies are whole pod specs; etcd caps objects at ~1.5 MiB, so 4 MiB is ample.
-const MAX_BODY: usize = 4 * 1024 * 1024;
+/// AdmissionReview bodies are whole pod specs; etcd caps objects at ~1.5 MiB and the API
+/// server sends well under 3 MiB. Larger bodies get 413 without being read.
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+/// Open connections; further ones wait in the kernel's backlog (the API server keeps a
+/// few). Each may buffer up to [`MAX_BODY`], and the injector's memory limit is 128 Mi.
+pub const MAX_CONNECTIONS: usize = 24;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body must arrive whole within this: a trickled body would hold a review slot forever.
+/// The API server's own webhook timeout is at most 30 s.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API server gives up on a webhook after at most 30 s, so in-flight reviews older than that
 /// are worthless; don't hold shutdown longer.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,11 +71,18 @@ pub async fn serve(
 ) -> Result<(), InjectError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let settings = Arc::new(settings);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
 
     loop {
+        // At the cap, stop accepting: further connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            p = connections.clone().acquire_owned() => p.expect("never closed"),
+        };
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
             // Reap finished connections so the set does not grow without bound.
@@ -79,7 +96,11 @@ pub async fn serve(
                 Err(e) => return Err(InjectError::Accept(e)),
             },
         };
-        conns.spawn(serve_connection(acceptor.clone(), tcp, peer, settings.clone(), stop_rx.clone()));
+        let (acceptor, settings, stop_rx) = (acceptor.clone(), settings.clone(), stop_rx.clone());
+        conns.spawn(async move {
+            serve_connection(acceptor, tcp, peer, settings, stop_rx).await;
+            drop(permit);
+        });
     }
 
     drop(listener);
@@ -145,15 +166,11 @@ async fn handle(req: Request<hyper::body::Incoming>, settings: &InjectSettings) 
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::POST, "/mutate") => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return text(StatusCode::PAYLOAD_TOO_LARGE, &format!("reading body: {e}\n")),
+            let review = match read_review(req).await {
+                Ok(r) => r,
+                Err(res) => return res,
             };
-            let review: Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}\n")),
-            };
-            match mutate(&review, settings) {
+            match review::answer(&review, settings) {
                 Ok(resp) => {
                     log_outcome(&review, &resp);
                     let body = serde_json::to_vec(&resp).expect("JSON values serialize");
@@ -171,11 +188,28 @@ async fn handle(req: Request<hyper::body::Incoming>, settings: &InjectSettings) 
     }
 }
 
-fn log_outcome(review: &Value, resp: &Value) {
-    let req = &review["request"];
-    let ns = req["namespace"].as_str().unwrap_or("");
-    let obj = &req["object"]["metadata"];
-    let name = obj["name"].as_str().or_else(|| obj["generateName"].as_str()).unwrap_or("");
+/// The body, read within [`BODY_TIMEOUT`] and at most [`MAX_BODY`] bytes (a declared larger
+/// length is refused before reading), parsed into the parts the injector reads.
+async fn read_review(req: Request<hyper::body::Incoming>) -> Result<AdmissionReview, Response<Full<Bytes>>> {
+    let too_large = || text(StatusCode::PAYLOAD_TOO_LARGE, &format!("body over {MAX_BODY} bytes\n"));
+    let declared = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
+        Ok(Err(e)) => return Err(text(StatusCode::BAD_REQUEST, &format!("reading body: {e}\n"))),
+        Err(_) => return Err(text(StatusCode::REQUEST_TIMEOUT, &format!("body not received within {BODY_TIMEOUT:?}\n"))),
+    };
+    serde_json::from_slice(&body).map_err(|e| text(StatusCode::BAD_REQUEST, &format!("body is not an AdmissionReview: {e}\n")))
+}
+
+fn log_outcome(review: &AdmissionReview, resp: &Value) {
+    let req = review.request.as_ref();
+    let ns = req.and_then(|r| r.namespace.as_deref()).unwrap_or("");
+    let meta = req.and_then(|r| r.object.as_ref()).map(|o| &o.metadata);
+    let name = meta.and_then(|m| m.name.as_deref().or(m.generate_name.as_deref())).unwrap_or("");
     let r = &resp["response"];
     if r["allowed"] == Value::Bool(false) {
         tracing::info!(namespace = ns, pod = name, reason = r["status"]["message"].as_str().unwrap_or(""), "inject: denied");

@@ -5,6 +5,9 @@
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
+use serde::Deserialize as _;
+
+use super::admission::{AdmissionReview, Container, Named, PodObject};
 use super::error::{InjectError, ReviewDefect};
 use super::settings::{is_quantity, InjectSettings, Resources, SecretKeyRef};
 
@@ -72,21 +75,27 @@ pub enum Refusal {
 
 /// Turns an AdmissionReview (admission.k8s.io/v1) into the AdmissionReview response.
 ///
-/// Only a body without `request.uid` is an error; everything about the pod is answered inside
-/// the response (allowed, allowed with a patch, or denied).
+/// Only a body without `request.uid` (or not shaped like a review) is an error; everything
+/// about the pod is answered inside the response (allowed, allowed with a patch, or denied).
 pub fn mutate(review: &Value, settings: &InjectSettings) -> Result<Value, InjectError> {
-    let request = review.get("request").and_then(Value::as_object).ok_or(InjectError::BadReview(ReviewDefect::NoRequest))?;
-    let uid = request.get("uid").and_then(Value::as_str).ok_or(InjectError::BadReview(ReviewDefect::NoUid))?;
-    let api_version = review.get("apiVersion").and_then(Value::as_str).unwrap_or("admission.k8s.io/v1");
+    let review = AdmissionReview::deserialize(review).map_err(|e| InjectError::BadReview(ReviewDefect::Shape(e.to_string())))?;
+    answer(&review, settings)
+}
 
-    let is_pod = request.get("kind").and_then(|k| k.get("kind")).and_then(Value::as_str) == Some("Pod")
-        || request.get("resource").and_then(|r| r.get("resource")).and_then(Value::as_str) == Some("pods");
-    let is_create = request.get("operation").and_then(Value::as_str).is_none_or(|op| op == "CREATE");
-    let decision = match request.get("object") {
+/// As [`mutate`], for a review already parsed into the typed parts the injector reads.
+pub fn answer(review: &AdmissionReview, settings: &InjectSettings) -> Result<Value, InjectError> {
+    let request = review.request.as_ref().ok_or(InjectError::BadReview(ReviewDefect::NoRequest))?;
+    let uid = request.uid.as_deref().ok_or(InjectError::BadReview(ReviewDefect::NoUid))?;
+    let api_version = review.api_version.as_deref().unwrap_or("admission.k8s.io/v1");
+
+    let is_pod = request.kind.as_ref().and_then(|k| k.kind.as_deref()) == Some("Pod")
+        || request.resource.as_ref().and_then(|r| r.resource.as_deref()) == Some("pods");
+    let is_create = request.operation.as_deref().is_none_or(|op| op == "CREATE");
+    let decision = match &request.object {
         _ if !is_pod => Decision::Skip("not a pod"),
         _ if !is_create => Decision::Skip("not a CREATE"),
-        Some(pod) if pod.is_object() => decide_injection(pod, settings),
-        _ => return Err(InjectError::BadReview(ReviewDefect::ObjectNotAPod)),
+        Some(pod) => decide_injection(pod, settings),
+        None => return Err(InjectError::BadReview(ReviewDefect::ObjectNotAPod)),
     };
     let response = admission_response(uid, decision);
     Ok(json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response }))
@@ -116,28 +125,22 @@ fn admission_response(uid: &str, decision: Decision) -> Map<String, Value> {
 
 /// The parts of a pod object the injection rules read.
 struct Pod<'a> {
-    object: &'a Value,
-    annotations: Option<&'a Map<String, Value>>,
-    spec: Option<&'a Map<String, Value>>,
-    containers: &'a [Value],
-    init_containers: Option<&'a Vec<Value>>,
+    object: &'a PodObject,
+    containers: &'a [Container],
 }
 
 impl<'a> Pod<'a> {
-    fn new(object: &'a Value) -> Self {
-        let spec = object.get("spec").and_then(Value::as_object);
-        Self {
-            object,
-            annotations: object.pointer("/metadata/annotations").and_then(Value::as_object),
-            spec,
-            containers: spec.and_then(|s| s.get("containers")).and_then(Value::as_array).map_or(&[], |v| v),
-            init_containers: spec.and_then(|s| s.get("initContainers")).and_then(Value::as_array),
-        }
+    fn new(object: &'a PodObject) -> Self {
+        Self { object, containers: object.spec.as_ref().map_or(&[], |s| &s.containers) }
     }
 
     /// An annotation's value, trimmed.
     fn annotation(&self, key: &str) -> Option<&'a str> {
-        self.annotations.and_then(|a| a.get(key)).and_then(Value::as_str).map(str::trim)
+        self.object.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(|v| v.trim())
+    }
+
+    fn init_containers(&self) -> Option<&'a [Named]> {
+        self.object.spec.as_ref().and_then(|s| s.init_containers.as_deref())
     }
 }
 
@@ -152,7 +155,7 @@ struct SidecarRequest<'a> {
 
 /// Decides whether one pod gets the sidecar (and builds the patch that adds it), is left
 /// alone, or is refused.
-pub fn decide_injection(object: &Value, settings: &InjectSettings) -> Decision {
+pub fn decide_injection(object: &PodObject, settings: &InjectSettings) -> Decision {
     let pod = Pod::new(object);
     if let Some(reason) = reason_to_skip(&pod) {
         return Decision::Skip(reason);
@@ -171,8 +174,9 @@ fn reason_to_skip(pod: &Pod<'_>) -> Option<&'static str> {
     if pod.annotation(ANNOTATION_STATUS) == Some("injected") {
         return Some("already injected");
     }
-    let named = |c: &Value| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME);
-    if pod.containers.iter().any(named) || pod.init_containers.is_some_and(|ic| ic.iter().any(named)) {
+    if pod.containers.iter().any(|c| c.name.as_deref() == Some(SIDECAR_NAME))
+        || pod.init_containers().is_some_and(|ic| ic.iter().any(|c| c.name.as_deref() == Some(SIDECAR_NAME)))
+    {
         return Some("sidecar container already present");
     }
     None
@@ -207,15 +211,7 @@ fn app_port(pod: &Pod<'_>, settings: &InjectSettings) -> Result<Option<u16>, Ref
             _ => return Err(Refusal::BadAppPort(p.into())),
         },
         // An egress-only app declares no port; then the sidecar simply has no app to deliver to.
-        None => pod
-            .containers
-            .first()
-            .and_then(|c| c.get("ports"))
-            .and_then(Value::as_array)
-            .and_then(|ps| ps.first())
-            .and_then(|p| p.get("containerPort"))
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok()),
+        None => pod.containers.first().and_then(|c| c.ports.first()).and_then(|p| p.container_port).and_then(|p| u16::try_from(p).ok()),
     };
     match port {
         Some(port) if port == settings.admin_port || port == settings.egress_port => {
@@ -252,7 +248,7 @@ fn injection_patch(pod: &Pod<'_>, request: &SidecarRequest<'_>, settings: &Injec
     let mut ops = Vec::new();
     // First in initContainers: native sidecars start in order, so placing it first lets the
     // pod's other init containers already use NATS through it.
-    match pod.init_containers {
+    match pod.init_containers() {
         Some(ic) if !ic.is_empty() => ops.push(op_add("/spec/initContainers/0", sidecar)),
         _ => ops.push(op_add("/spec/initContainers", Value::Array(vec![sidecar]))),
     }
@@ -262,7 +258,7 @@ fn injection_patch(pod: &Pod<'_>, request: &SidecarRequest<'_>, settings: &Injec
         "name": ROUTES_VOLUME,
         "configMap": { "name": request.routes_config_map, "items": [{ "key": "routes.toml", "path": "routes.toml" }] }
     });
-    match pod.spec.and_then(|s| s.get("volumes")).and_then(Value::as_array) {
+    match pod.object.spec.as_ref().and_then(|s| s.volumes.as_ref()) {
         Some(_) => ops.push(op_add("/spec/volumes/-", volume)),
         None => ops.push(op_add("/spec/volumes", Value::Array(vec![volume]))),
     }
@@ -282,17 +278,13 @@ fn proxy_env_ops(pod: &Pod<'_>, settings: &InjectSettings) -> Vec<Value> {
     let vars = [("HTTP_PROXY", &proxy), ("http_proxy", &proxy), ("NO_PROXY", &no_proxy), ("no_proxy", &no_proxy)];
     let mut ops = Vec::new();
     for (i, c) in pod.containers.iter().enumerate() {
-        let existing: Vec<&str> = c
-            .get("env")
-            .and_then(Value::as_array)
-            .map(|env| env.iter().filter_map(|e| e.get("name").and_then(Value::as_str)).collect())
-            .unwrap_or_default();
+        let existing: Vec<&str> = c.env.iter().flatten().filter_map(|e| e.name.as_deref()).collect();
         // A value the workload sets itself wins: it knows its exceptions better than we do.
         let add: Vec<Value> = vars.iter().filter(|(n, _)| !existing.contains(n)).map(|(n, v)| json!({ "name": n, "value": v })).collect();
         if add.is_empty() {
             continue;
         }
-        if c.get("env").and_then(Value::as_array).is_some() {
+        if c.env.is_some() {
             for e in add {
                 ops.push(op_add(&format!("/spec/containers/{i}/env/-"), e));
             }
@@ -318,7 +310,7 @@ fn marker_ops(pod: &Pod<'_>, settings: &InjectSettings) -> Vec<Value> {
         .into_iter()
         .map(|(k, v)| op_add(&format!("/metadata/annotations/{}", escape_pointer(k)), Value::String(v)))
         .collect();
-    match pod.object.pointer("/metadata/labels").and_then(Value::as_object) {
+    match &pod.object.metadata.labels {
         Some(_) => ops.push(op_add(&format!("/metadata/labels/{}", escape_pointer(LABEL_INJECTED)), Value::String("true".into()))),
         None => ops.push(op_add("/metadata/labels", json!({ LABEL_INJECTED: "true" }))),
     }

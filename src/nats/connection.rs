@@ -9,7 +9,7 @@ use async_nats::{ConnectOptions, Event};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::config::{Nats, NatsAuth, Secret};
+use crate::config::{redact_userinfo, Nats, NatsAuth, Secret};
 use crate::health::{Component, Readiness};
 use crate::metrics::Metrics;
 
@@ -27,7 +27,7 @@ pub enum ConnectError {
     Tls(&'static str, String, &'static str),
     #[error("NATS TLS {0} {1}: {2}")]
     TlsFile(&'static str, String, #[source] std::io::Error),
-    #[error("cannot connect to NATS: {0}")]
+    #[error("cannot connect to NATS: {}", redact_userinfo(&.0.to_string()))]
     Connect(#[from] async_nats::ConnectError),
     #[error("cannot connect to NATS at {servers} within {}: {why}", humantime::format_duration(*.timeout))]
     Unreachable { servers: String, timeout: Duration, why: String },
@@ -265,7 +265,7 @@ fn on_event(m: &Metrics, logs: &EventLog, seen: &AtomicBool, event: Event) {
                     "TLS error" => {
                         tracing::error!(suppressed, "NATS TLS handshake failed (certificate, CA or TLS requirement mismatch); retrying")
                     }
-                    _ => tracing::warn!(error = %what, suppressed, "cannot connect to NATS; retrying"),
+                    _ => tracing::warn!(error = %redact_userinfo(&what), suppressed, "cannot connect to NATS; retrying"),
                 }
             }
         }
@@ -312,7 +312,10 @@ pub async fn connect_now(nats: &Nats, service: &str, env: EnvLookup<'_>, timeout
             let why = last.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_else(|| "no server answered".into());
             // Dropping the last handle stops the background reconnects.
             drop(client);
-            return Err(ConnectError::Unreachable { servers: nats.servers.join(", "), timeout, why });
+            // Server URLs may carry credentials (`nats://user:pass@…`), and so may the
+            // client's error text.
+            let (servers, why) = (redact_userinfo(&nats.servers.join(", ")), redact_userinfo(&why));
+            return Err(ConnectError::Unreachable { servers, timeout, why });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

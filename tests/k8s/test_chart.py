@@ -31,6 +31,7 @@ NON_DEFAULT = {
         "tls": {"enabled": True, "secretName": "nats-tls", "verify": True},
         "exporter": {"enabled": False},
         "podDisruptionBudget": {"enabled": False},
+        "networkPolicy": {"extraClients": [{"namespaceSelector": {"matchLabels": {"nats-clients": "true"}}}]},
     },
     "injector": {
         "failurePolicy": "Ignore",
@@ -326,3 +327,22 @@ def test_injector_args_are_flags_the_binary_accepts(default_render):
     for a in args[1:]:
         flag = a.split("=", 1)[0]
         assert flag in out.stdout, f"{flag} not in `natsbridge inject --help`"
+
+
+def test_nats_network_policy_admits_only_injected_pods(default_render):
+    objects, _ = default_render
+    np = one(objects, "NetworkPolicy")
+    client, cluster, monitor = np["spec"]["ingress"]
+    assert [p["port"] for p in client["ports"]] == [4222]
+    peers = client["from"]
+    assert peers[0] == {"namespaceSelector": {}, "podSelector": {"matchLabels": {"natsbridge.io/injected": "true"}}}
+    assert peers[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "provision"
+    assert len(peers) == 3, "nothing else reaches the client port"
+    assert [p["port"] for p in cluster["ports"]] == [6222]
+    assert "from" not in monitor and [p["port"] for p in monitor["ports"]] == [8222, 7777]
+
+    objects, _ = render(NON_DEFAULT)
+    client = one(objects, "NetworkPolicy")["spec"]["ingress"][0]
+    assert client["from"][-1] == {"namespaceSelector": {"matchLabels": {"nats-clients": "true"}}}
+    objects, _ = render({"nats": {"networkPolicy": {"enabled": False}}})
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy"]

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use super::sidecar::reply_prefixes;
 use super::{check_route_name, duration, is_valid_stream_name, refuse_key, size};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawIdempotency, RawInbound};
-use crate::config::{Consumer, Defaults, Idempotency, IdempotencyKey, Inbound, InboundMode, InboundModeName, TUNNEL_PREFIX};
+use crate::config::{Consumer, Defaults, Forwarded, Idempotency, IdempotencyKey, Inbound, InboundMode, InboundModeName, TUNNEL_PREFIX};
 use crate::subject::{self, PathTemplate, SubjectPattern};
 
 /// One validated route, or `None` when it had errors (all of them reported).
@@ -15,6 +16,7 @@ pub(super) fn inbound(
     start: TableStart,
     defaults: &Defaults,
     service: &str,
+    reply_prefixes: &[String],
     diags: &mut Diagnostics<'_>,
 ) -> Option<Inbound> {
     let name = raw.name.clone();
@@ -50,6 +52,15 @@ pub(super) fn inbound(
         }
     };
     let idempotency = raw.idempotency.as_ref().and_then(|i| idempotency(i, at, diags));
+    let forwarded = forwarded(&raw, at, diags);
+    let extra_methods = extra_methods(&raw, mode_name, at, diags);
+    let reply_prefixes = reply_prefixes_of(&raw, mode_name, reply_prefixes, at, diags);
+    // Core NATS has no flow control: without a byte bound, a slow app and large messages
+    // fill the client's 65,536-message buffer (64 GiB at 1 MiB each).
+    let max_buffer = size(at, "max_buffer", &raw.max_buffer, 16 << 20, diags);
+    if mode_name == InboundModeName::JetStream {
+        refuse_key(at, mode_name.as_str(), "max_buffer", raw.max_buffer.is_some(), diags);
+    }
     if diags.error_count() > errors_before {
         return None;
     }
@@ -64,7 +75,58 @@ pub(super) fn inbound(
         timeout,
         max_body,
         idempotency,
+        reply_prefixes,
+        forwarded,
+        extra_methods,
+        max_buffer,
     })
+}
+
+/// The route's reply prefixes, else the sidecar's; a jetstream route sends no replies.
+fn reply_prefixes_of(
+    raw: &RawInbound,
+    mode: InboundModeName,
+    sidecar: &[String],
+    at: Table<'_>,
+    diags: &mut Diagnostics<'_>,
+) -> Vec<String> {
+    if mode == InboundModeName::JetStream {
+        refuse_key(at, mode.as_str(), "reply_prefixes", raw.reply_prefixes.is_some(), diags);
+    }
+    reply_prefixes(at, &raw.reply_prefixes, diags).unwrap_or_else(|| sidecar.to_vec())
+}
+
+fn forwarded(raw: &RawInbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Forwarded {
+    match raw.forwarded.as_deref() {
+        None | Some("drop") => Forwarded::Drop,
+        Some("trust") => Forwarded::Trust,
+        Some(other) => {
+            diags.error(at, Some("forwarded"), format!("`forwarded` {other:?} must be \"drop\" or \"trust\""));
+            Forwarded::Drop
+        }
+    }
+}
+
+/// Methods a tunnel replays besides the standard ones: upper-case tokens, never `TRACE`
+/// (it echoes the request, credentials included) or `CONNECT` (it opens a raw tunnel).
+fn extra_methods(raw: &RawInbound, mode: InboundModeName, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Vec<http::Method> {
+    if mode != InboundModeName::Tunnel {
+        refuse_key(at, mode.as_str(), "extra_methods", raw.extra_methods.is_some(), diags);
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for m in raw.extra_methods.iter().flatten() {
+        let upper = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        match http::Method::from_bytes(m.as_bytes()) {
+            Ok(method) if upper && !matches!(m.as_str(), "TRACE" | "CONNECT") => out.push(method),
+            _ => diags.error(
+                at,
+                Some("extra_methods"),
+                format!("`extra_methods` {m:?} must be an upper-case method name other than TRACE and CONNECT"),
+            ),
+        }
+    }
+    out
 }
 
 fn mode_name(raw: &RawInbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Option<InboundModeName> {
@@ -268,5 +330,34 @@ mod tests {
         assert_eq!(consumer.dead_letter, "dlq.orchestration.tool");
         assert_eq!(c.inbound[0].timeout, Duration::from_millis(9800));
         assert!(c.warnings.iter().any(|w| w.message.contains("not declared in [[streams]]")));
+    }
+
+    #[test]
+    fn reply_prefixes_forwarded_and_extra_methods() {
+        let c = parse(&format!("{MINIMAL}[[inbound]]\nname = \"t\"\nmode = \"tunnel\"\n"), "t.toml").unwrap();
+        assert_eq!(c.inbound[0].reply_prefixes, ["_INBOX."]);
+        assert!(!c.inbound[0].trusts_forwarded());
+        let src = "[sidecar]\nservice = \"s\"\nreply_prefixes = [\"app.\"]\n\
+                   [[inbound]]\nname = \"t\"\nmode = \"tunnel\"\nforwarded = \"trust\"\nextra_methods = [\"PROPFIND\"]\n";
+        let c = parse(src, "t.toml").unwrap();
+        assert_eq!(c.inbound[0].reply_prefixes, ["app."]);
+        assert!(c.inbound[0].trusts_forwarded());
+        assert_eq!(c.inbound[0].extra_methods, [http::Method::from_bytes(b"PROPFIND").unwrap()]);
+
+        let src = format!(
+            "{MINIMAL}[[inbound]]\nname = \"t\"\nmode = \"tunnel\"\nreply_prefixes = [\"$JS.\"]\nforwarded = \"yes\"\nextra_methods = [\"TRACE\", \"get\"]\n\
+             [[inbound]]\nname = \"j\"\nsubject = \"a.b\"\nmode = \"jetstream\"\nstream = \"S\"\npath = \"/\"\nreply_prefixes = [\"x.\"]\nextra_methods = []\n"
+        );
+        let e = errors(&src).join("\n");
+        for want in [
+            "t.toml:6: route \"t\": reply prefix \"$JS.\" must",
+            "t.toml:7: route \"t\": `forwarded` \"yes\"",
+            "`extra_methods` \"TRACE\"",
+            "`extra_methods` \"get\"",
+            "route \"j\": `reply_prefixes` does not apply to mode \"jetstream\"",
+            "route \"j\": `extra_methods` does not apply to mode \"jetstream\"",
+        ] {
+            assert!(e.contains(want), "{want}\n{e}");
+        }
     }
 }

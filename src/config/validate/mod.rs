@@ -47,6 +47,7 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
     let defaults = raw.defaults.map(|(raw, at)| defaults_section(raw, at, diags));
     let streams: Vec<_> = raw.streams.into_iter().filter_map(|(raw, at)| streams::stream(raw, at, diags)).collect();
     let service = sidecar.as_ref().map(|s| s.service.clone()).unwrap_or_default();
+    let reply_prefixes = sidecar.as_ref().map(|s| s.reply_prefixes.clone()).unwrap_or_default();
     let dead_letter = raw.dead_letter.map(|(raw, at)| streams::dead_letter(raw, at, diags));
     let idempotency = raw.idempotency_store.map(|(raw, at)| streams::idempotency_store(raw, at, diags));
 
@@ -56,7 +57,7 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
     let inbound: Vec<_> = raw
         .inbound
         .into_iter()
-        .filter_map(|(raw, at)| inbound::inbound(raw, at, &route_defaults, &service, diags).map(|i| (i, at)))
+        .filter_map(|(raw, at)| inbound::inbound(raw, at, &route_defaults, &service, &reply_prefixes, diags).map(|i| (i, at)))
         .collect();
 
     cross::check(&outbound, &inbound, &streams, dead_letter.as_ref(), diags);

@@ -6,10 +6,10 @@ use std::time::Duration;
 use super::{duration, size};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawNats, RawSidecar, RawTls};
-use crate::config::values::{parse_http_url, parse_server_url};
+use crate::config::values::{parse_http_url, parse_server_url, redact_userinfo};
 use crate::config::{
     HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN,
-    DEFAULT_NATS_URL,
+    DEFAULT_NATS_URL, DEFAULT_REPLY_PREFIX,
 };
 use crate::subject;
 
@@ -26,6 +26,7 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
     });
     let http = http_limits(&raw, at, diags);
     let readiness = readiness_mode(at, raw.readiness.as_deref(), diags);
+    let reply_prefixes = reply_prefixes(at, &raw.reply_prefixes, diags).unwrap_or_else(|| vec![DEFAULT_REPLY_PREFIX.to_owned()]);
     Sidecar {
         service: raw.service,
         listen,
@@ -35,6 +36,7 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         provision: raw.provision,
         max_inflight_publishes: raw.max_inflight_publishes.unwrap_or(4096).max(1),
         http,
+        reply_prefixes,
         readiness,
     }
 }
@@ -48,6 +50,26 @@ fn readiness_mode(at: Table<'_>, value: Option<&str>, diags: &mut Diagnostics<'_
             ReadinessMode::Serving
         }
     }
+}
+
+/// `reply_prefixes` (of `[sidecar]` or a route), or `None` when absent. A prefix must not
+/// start with `$`: replies there are NATS system and JetStream API requests.
+pub(super) fn reply_prefixes(at: Table<'_>, value: &Option<Vec<String>>, diags: &mut Diagnostics<'_>) -> Option<Vec<String>> {
+    let prefixes = value.as_ref()?;
+    if prefixes.is_empty() {
+        diags.error(at, Some("reply_prefixes"), "`reply_prefixes` must name at least one prefix (the default is \"_INBOX.\")");
+    }
+    for p in prefixes {
+        let bad_char = p.chars().any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>');
+        if p.is_empty() || p.starts_with('$') || p.starts_with('.') || p.contains("..") || bad_char {
+            diags.error(
+                at,
+                Some("reply_prefixes"),
+                format!("reply prefix {p:?} must be the start of a subject without wildcards or spaces, and must not start with '$' (system and JetStream API subjects)"),
+            );
+        }
+    }
+    Some(prefixes.clone())
 }
 
 fn socket_addr(at: Table<'_>, key: &str, value: &Option<String>, default: &str, diags: &mut Diagnostics<'_>) -> SocketAddr {
@@ -114,7 +136,7 @@ fn check_servers(servers: &[String], at: Table<'_>, diags: &mut Diagnostics<'_>)
     for s in servers {
         // Without a scheme the client assumes nats://.
         if let Err(e) = parse_server_url(s) {
-            diags.error(at, Some("servers"), e.to_string());
+            diags.error(at, Some("servers"), redact_userinfo(&e.to_string()));
         }
     }
 }

@@ -92,6 +92,12 @@ pub struct ReplayArgs {
     /// How long to wait for each replay's JetStream ack.
     #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
     pub timeout: Duration,
+    /// Replay to this subject instead of each dead letter's Bridge-Dlq-Subject. Without
+    /// it, a dead letter goes back only to a subject that an inbound route or a [[streams]]
+    /// entry of the routing file covers, and never to a `$…` subject: the header is only
+    /// as trustworthy as whoever could publish to the dead-letter stream.
+    #[arg(long, value_parser = parse_subject)]
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -106,6 +112,14 @@ pub struct PurgeArgs {
     /// Really delete.
     #[arg(long)]
     pub yes: bool,
+}
+
+fn parse_subject(s: &str) -> Result<String, String> {
+    match crate::subject::SubjectPattern::parse(s) {
+        Ok(p) if !p.has_wildcards() => Ok(s.to_owned()),
+        Ok(_) => Err("a replay subject cannot have wildcards".into()),
+        Err(e) => Err(format!("not a valid NATS subject: {e}")),
+    }
 }
 
 fn parse_reason(s: &str) -> Result<Reason, String> {

@@ -14,6 +14,7 @@ use crate::dlq::{Publisher, HEADERS, SUBJECT};
 use crate::metrics::Metrics;
 use crate::nats::connection::EnvLookup;
 use crate::nats::replies::Replies;
+use crate::subject::SubjectPattern;
 
 /// Added to a replayed message: the dead letter it came from, `<DLQ stream>/<seq>`.
 pub const REPLAY_OF: &str = "Bridge-Replay-Of";
@@ -83,6 +84,25 @@ struct DlqSession {
 impl DlqSession {
     fn known_routes(&self) -> Vec<&str> {
         self.config.inbound.iter().map(|i| i.name.as_str()).collect()
+    }
+
+    /// Why a dead letter must not be replayed to `subject` without `--to`, if it must not:
+    /// its `Bridge-Dlq-Subject` is whatever the dead letter's publisher wrote, and the
+    /// replay goes out with the operator's credentials.
+    fn refusal(&self, subject: &str) -> Option<String> {
+        if subject.starts_with('$') {
+            return Some("a `$` subject (NATS system or JetStream API) is never a replay target".into());
+        }
+        match SubjectPattern::parse(subject) {
+            Ok(p) if !p.has_wildcards() => {}
+            _ => return Some("not a subject without wildcards".into()),
+        }
+        let c = &self.config;
+        let streams = c.streams.iter().flat_map(|s| &s.subjects);
+        if c.inbound.iter().map(|i| &i.subject).chain(streams).any(|p| p.matches(subject)) {
+            return None;
+        }
+        Some(format!("no inbound route or [[streams]] entry of {} covers it", c.source.display()))
     }
 }
 
@@ -196,7 +216,7 @@ pub(super) async fn replay(a: ReplayArgs, env: EnvLookup<'_>) -> anyhow::Result<
     let replies = Replies::start(&cx.client, &Metrics::new()).await?;
     let publisher = Publisher::new(replies, a.timeout);
     if a.dry_run {
-        replay_dry_run(&cx, &filter, a.limit).await?;
+        replay_dry_run(&cx, &filter, a.limit, a.to.as_deref()).await?;
         let _ = cx.client.drain().await;
         return Ok(0);
     }
@@ -209,7 +229,7 @@ pub(super) async fn replay(a: ReplayArgs, env: EnvLookup<'_>) -> anyhow::Result<
     let mut tally = Tally::default();
     progress.draw(&tally);
     for seq in seqs {
-        let outcome = replay_one(&cx, &publisher, &dlq, seq).await;
+        let outcome = replay_one(&cx, &publisher, &dlq, seq, a.to.as_deref()).await;
         let line = match outcome {
             Outcome::Replayed(s) => {
                 tally.replayed += 1;
@@ -233,7 +253,7 @@ pub(super) async fn replay(a: ReplayArgs, env: EnvLookup<'_>) -> anyhow::Result<
 }
 
 /// `replay --dry-run`: what would be replayed or skipped, without changing anything.
-async fn replay_dry_run(cx: &DlqSession, filter: &Filter, limit: Option<usize>) -> anyhow::Result<()> {
+async fn replay_dry_run(cx: &DlqSession, filter: &Filter, limit: Option<usize>, to: Option<&str>) -> anyhow::Result<()> {
     let mut scan = Scanner::open(&cx.stream, filter.range(), true).await?;
     let (mut n, mut skipped) = (0u64, 0u64);
     while let Some(l) = scan.next().await? {
@@ -243,7 +263,11 @@ async fn replay_dry_run(cx: &DlqSession, filter: &Filter, limit: Option<usize>) 
         if !filter.matches(&l) {
             continue;
         }
-        match l.subject() {
+        match to.or(l.subject()) {
+            Some(subject) if to.is_none() && cx.refusal(subject).is_some() => {
+                let why = cx.refusal(subject).unwrap_or_default();
+                println!("seq {}: would refuse to replay to {subject:?}: {why}", l.seq);
+            }
             Some(subject) => {
                 n += 1;
                 println!("seq {}: would replay to {subject} (route {}, reason {})", l.seq, l.route(), l.reason());
@@ -258,7 +282,7 @@ async fn replay_dry_run(cx: &DlqSession, filter: &Filter, limit: Option<usize>) 
     Ok(())
 }
 
-async fn replay_one(cx: &DlqSession, publisher: &Publisher, dlq: &str, seq: u64) -> Outcome {
+async fn replay_one(cx: &DlqSession, publisher: &Publisher, dlq: &str, seq: u64, to: Option<&str>) -> Outcome {
     let m = match cx.stream.get_raw_message(seq).await {
         Ok(m) => m,
         Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => {
@@ -268,6 +292,15 @@ async fn replay_one(cx: &DlqSession, publisher: &Publisher, dlq: &str, seq: u64)
     };
     let Some(subject) = m.headers.get(SUBJECT).map(|v| v.as_str().to_owned()).filter(|s| !s.is_empty()) else {
         return Outcome::Skipped(format!("no {SUBJECT} header: not a natsbridge dead letter"));
+    };
+    let subject = match (to, cx.refusal(&subject)) {
+        (Some(to), _) => to.to_owned(),
+        (None, None) => subject,
+        (None, Some(why)) => {
+            return Outcome::Failed(format!(
+                "refused to replay to {subject:?}: {why}; the dead letter stays (--to SUBJECT replays it elsewhere)"
+            ))
+        }
     };
     let headers = replay_headers(&m.headers, dlq, seq);
     let ack = match publisher.publish(&subject, headers, m.payload.clone()).await {
