@@ -62,7 +62,8 @@ impl Tally {
     }
 }
 
-/// Every case's own bound, on top of the per-wait deadlines.
+/// Every case's own bound, on top of the per-wait deadlines: a guard against a hang, set
+/// generously (a loaded 2-core machine must not fail it), never a performance figure.
 async fn bounded<F: Future<Output = ()>>(limit: Duration, f: F) {
     tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("fault case exceeded its bound of {limit:?}"));
 }
@@ -417,7 +418,7 @@ fn metric_sum(text: &str, family: &str, label: &str) -> f64 {
 /// not forbidden: this case is about loss and bounded answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_killed_and_restarted_under_jetstream_egress() {
-    bounded(Duration::from_secs(55), async {
+    bounded(Duration::from_secs(120), async {
         const TIMEOUT: Duration = Duration::from_secs(2);
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = jetstream::new(nats.client().await);
@@ -490,7 +491,9 @@ concurrency = 16
         assert_eq!(lost, 0, "acked requests that never reached the app");
         assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
         assert!(!failed.is_empty(), "the outage was not observed");
-        let margin = Duration::from_millis(500);
+        // A bound against a hung request, not a latency figure (that belongs to the
+        // benchmark): the timeout plus a generous margin for a loaded machine.
+        let margin = Duration::from_secs(2);
         assert!(max_latency(failed.iter().copied()) <= TIMEOUT + margin, "a failed request took {:?}", max_latency(failed.iter().copied()));
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
         assert!(recovery.is_some(), "no 202 after the server came back: the sidecar did not recover");
@@ -775,7 +778,7 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
 /// third of the keys are published twice (same key, different Nats-Msg-Id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
-    bounded(Duration::from_secs(55), async {
+    bounded(Duration::from_secs(120), async {
         const KEYS: usize = 150;
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
@@ -819,10 +822,22 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
                 (sent, last)
             })
         };
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Crash once the app has answered a good number of 500s (evidence, not a timer)...
+        eventually("20 calls answered 500 before the crash", Duration::from_secs(30), || async { (app.calls().len() >= 20).then_some(()) })
+            .await;
+        let naks = |m: &str| metric_sum(m, "natsbridge_ingress_outcomes_total", "outcome=\"nak\"");
+        let naks_at_crash = naks(&sidecar.metrics().await);
+        let aborted_at_crash = app.aborted().len();
         let calls_500 = app.calls().len();
         app.crash();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // ...and come back once the sidecar has naked deliveries it could not hand to the
+        // app at all: more naks since the crash than calls the crash cut.
+        let refused = wait_until(Duration::from_secs(30), || async {
+            let cut = app.aborted().len() - aborted_at_crash;
+            naks(&sidecar.metrics().await) >= naks_at_crash + cut as f64 + 5.0
+        })
+        .await;
+        assert!(refused, "the sidecar never tried the crashed app");
         mode.store(1, Ordering::SeqCst);
         app.come_back().await;
         let (published, last_seq) = publisher.await.unwrap();
@@ -882,7 +897,7 @@ fn killable_route() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_killed_mid_handler_before_the_app_commits() {
-    bounded(Duration::from_secs(50), async {
+    bounded(Duration::from_secs(120), async {
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
         // The first call holds (never answers) until its caller goes away.
@@ -937,7 +952,7 @@ async fn sidecar_killed_mid_handler_before_the_app_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_killed_after_the_app_committed_needs_the_app_to_check_the_key() {
-    bounded(Duration::from_secs(50), async {
+    bounded(Duration::from_secs(120), async {
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
         // The app applies the effect at once — keyed by Bridge-Idempotency-Key, which it
@@ -1000,7 +1015,7 @@ async fn sidecar_killed_after_the_app_committed_needs_the_app_to_check_the_key()
 /// copies of the same key at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
-    bounded(Duration::from_secs(55), async {
+    bounded(Duration::from_secs(120), async {
         const KEYS: usize = 200;
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
@@ -1089,7 +1104,7 @@ fn proc_stats(pid: u32) -> ProcStats {
 /// with no more memory, file descriptors or threads than before, within tolerances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_unreachable_for_30s_under_request_traffic_leaves_nothing_behind() {
-    bounded(Duration::from_secs(58), async {
+    bounded(Duration::from_secs(120), async {
         const TIMEOUT: Duration = Duration::from_secs(1);
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         // The service behind the subject: another client, which reconnects as well.
@@ -1183,7 +1198,9 @@ timeout = "1s"
         assert!(outage.iter().filter(|s| s.started < killed).any(|s| s.status == Some(504)), "a frozen server times requests out (504)");
         assert!(outage.iter().filter(|s| s.started >= killed).any(|s| s.status == Some(503)), "a dead server fails requests fast (503)");
         assert!(sent.iter().all(|s| matches!(s.status, Some(200 | 503 | 504))), "{:?}", statuses(&sent));
-        let margin = Duration::from_millis(500);
+        // A bound against a hung request, not a latency figure (that belongs to the
+        // benchmark): the timeout plus a generous margin for a loaded machine.
+        let margin = Duration::from_secs(2);
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
         assert!(recovery.is_some(), "no 200 after NATS came back");
         assert_eq!(in_flight, 0.0, "requests still in flight:\n{metrics}");
