@@ -1151,8 +1151,11 @@ timeout = "1s"
         let stop = CancellationToken::new();
         let (log, traffic) = drive(workers, sidecar.url("/echo"), pace, stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let down = Instant::now();
         nats.pause();
+        // The outage starts once SIGSTOP is sent: `pause` waits for `kill -STOP`, and a
+        // request started before that (spawning `kill` is slow on a loaded machine) can
+        // still get its 200.
+        let down = Instant::now();
         tokio::time::sleep(Duration::from_secs(15)).await;
         let killed = Instant::now();
         nats.kill();
