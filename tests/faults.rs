@@ -272,6 +272,8 @@ struct Sent {
     /// None: no HTTP answer at all within the client's own 15 s guard.
     status: Option<u16>,
     seq: Option<u64>,
+    /// The body of an answer other than 2xx (the sidecar's problem detail), cut short.
+    note: Option<String>,
     started: Instant,
     latency: Duration,
 }
@@ -298,14 +300,20 @@ fn drive(workers: usize, url: String, pace: Duration, stop: CancellationToken) -
                             let res = client.request(req).await.ok()?;
                             let status = res.status().as_u16();
                             let seq = res.headers().get("bridge-seq").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-                            let _ = res.into_body().collect().await;
-                            Some((status, seq))
+                            let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let note =
+                                (!(200..300).contains(&status)).then(|| String::from_utf8_lossy(&body[..body.len().min(160)]).into_owned());
+                            Some((status, seq, note))
                         })
                         .await
                         .ok()
                         .flatten();
                         let latency = started.elapsed();
-                        log.lock().unwrap().push(Sent { id, status: res.map(|r| r.0), seq: res.and_then(|r| r.1), started, latency });
+                        let (status, seq, note) = match res {
+                            Some((st, seq, note)) => (Some(st), seq, note),
+                            None => (None, None, None),
+                        };
+                        log.lock().unwrap().push(Sent { id, status, seq, note, started, latency });
                         tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = tokio::time::sleep(pace) => {}
@@ -741,14 +749,41 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
         for h in &history {
             println!("  {h}");
         }
-        if !first_bad.is_empty() || !lost.is_empty() || !unverified.is_empty() || duplicate_effects > 0 {
+        // The failures after the kill, second by second: what the sidecar said.
+        let mut after_kill: BTreeMap<(u64, String), usize> = BTreeMap::new();
+        for s in sent.iter().filter(|s| s.started >= killed) {
+            let what = match (s.status, &s.note) {
+                (Some(202), _) => "202".to_string(),
+                (st, note) => format!("{st:?} {}", note.as_deref().unwrap_or("").chars().filter(|c| !c.is_ascii_digit()).collect::<String>()),
+            };
+            *after_kill.entry(((s.started - killed).as_secs(), what)).or_default() += 1;
+        }
+        println!("  after the kill (second, answer: count): {after_kill:?}");
+        let margin = Duration::from_secs(2);
+        let checks_hold = lost.is_empty()
+            && unverified.is_empty()
+            && duplicate_effects == 0
+            && rejoined
+            && failed.iter().all(|s| s.status == Some(503))
+            && max_latency(&sent) <= TIMEOUT + margin
+            && recovery.is_some()
+            && kept_on;
+        if !checks_hold || !first_bad.is_empty() {
             let dir = keep_evidence(
                 "cluster-node-killed",
                 &cluster,
                 &[
                     ("history.txt", history.join("\n")),
                     ("info.json", format!("{info1:#}\n{info2:#}\n{info3:#}")),
-                    ("sent.txt", sent.iter().map(|s| format!("{} {:?} {:?} {:?}\n", s.id, s.status, s.seq, s.latency)).collect()),
+                    (
+                        "sent.txt",
+                        sent.iter()
+                            .map(|s| {
+                                let at = s.started.checked_duration_since(killed).map(|d| format!("+{d:?}")).unwrap_or_else(|| format!("-{:?}", killed - s.started));
+                                format!("{} {at} {:?} {:?} {:?} {:?}\n", s.id, s.status, s.seq, s.latency, s.note)
+                            })
+                            .collect(),
+                    ),
                     ("sidecar.log", sidecar.log()),
                 ],
             );
@@ -762,9 +797,8 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
         assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
         // A bound against a hung request, not a latency figure: the route timeout plus a
         // generous margin for a loaded machine (latency figures belong to the benchmark).
-        let margin = Duration::from_secs(2);
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
-        assert!(recovery.is_some(), "no 202 after the node was killed");
+        assert!(recovery.is_some(), "no 202 within 20 s of the kill");
         assert!(kept_on, "fewer than 200 acks after the kill");
     })
     .await
