@@ -68,6 +68,12 @@ async fn bounded<F: Future<Output = ()>>(limit: Duration, f: F) {
     tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("fault case exceeded its bound of {limit:?}"));
 }
 
+/// `f`, or a panic naming the step that hung (a teardown that never ends would otherwise
+/// show only as the whole case exceeding its bound).
+async fn within<T>(what: &str, limit: Duration, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
 /// Polls `f` every 50 ms until it holds or `timeout` passes; says which.
 async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
 where
@@ -506,9 +512,9 @@ concurrency = 16
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
         assert!(recovery.is_some(), "no 202 after the server came back: the sidecar did not recover");
         assert!(sent.iter().any(|s| s.started < killed && s.status == Some(202)));
-        assert_eq!(stream_messages(&js, "DLQ").await, 0);
-        producer.stop().await;
-        consumer.stop().await;
+        assert_eq!(within("reading the DLQ stream", Duration::from_secs(15), stream_messages(&js, "DLQ")).await, 0);
+        within("the producer sidecar's shutdown", Duration::from_secs(30), producer.stop()).await;
+        within("the consumer sidecar's shutdown", Duration::from_secs(30), consumer.stop()).await;
     })
     .await
 }
@@ -899,7 +905,7 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
         assert!(consumer_settled(&js, "TOOL", "tool", last_seq).await, "the consumer did not settle");
         assert!(calls_500 > 0, "the app never answered 500");
         assert!(calls.iter().all(|c| c.idem.as_deref() == Some(c.key.as_str())), "Bridge-Idempotency-Key is the message's key");
-        sidecar.stop().await;
+        within("the sidecar's shutdown", Duration::from_secs(30), sidecar.stop()).await;
     })
     .await
 }
@@ -1107,8 +1113,8 @@ async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
         assert!(consumer_settled(&js, "TOOL", "tool", last).await, "the consumer did not settle");
         assert!(calls.iter().any(|c| c.delivery > 1), "no redelivery was forced");
         assert!(deliveries(&m1) > 0.0 && deliveries(&m2) > 0.0, "both replicas must take part");
-        r1.stop().await;
-        r2.stop().await;
+        within("replica r1's shutdown", Duration::from_secs(30), r1.stop()).await;
+        within("replica r2's shutdown", Duration::from_secs(30), r2.stop()).await;
     })
     .await
 }
