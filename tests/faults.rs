@@ -794,6 +794,13 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
                 ],
             );
             println!("  evidence kept in {}", dir.display());
+            // Who led the meta group when: a stream read (STREAM.MSG.GET) fails with 10008
+            // "JetStream system temporarily unavailable" while there is no meta leader.
+            for (i, n) in cluster.nodes.iter().enumerate() {
+                for l in n.log().lines().filter(|l| l.contains("metadata leader") || l.contains("new stream leader")) {
+                    println!("  n{i}: {l}");
+                }
+            }
         }
 
         assert!(lost.is_empty(), "acked but not in the stream (the server's answer): {:#?}", lost.iter().take(20).collect::<Vec<_>>());
