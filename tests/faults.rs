@@ -676,9 +676,12 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
         let acked_at_kill = log.lock().unwrap().iter().filter(|s| s.status == Some(202)).count();
         let killed = Instant::now();
         cluster.nodes[idx].kill();
-        let recovery = recovered(&log, killed + Duration::from_millis(100), 202, Duration::from_secs(20)).await;
+        // Generous: the survivors' stream leader election took over 20 s in a soak run under
+        // two busy loops (every answer meanwhile a prompt 503). This bounds a hang, it does not
+        // measure the failover.
+        let recovery = recovered(&log, killed + Duration::from_millis(100), 202, Duration::from_secs(45)).await;
         // Keep the traffic on until 200 more are acked after the kill.
-        let kept_on = wait_until(Duration::from_secs(20), || async {
+        let kept_on = wait_until(Duration::from_secs(30), || async {
             log.lock().unwrap().iter().filter(|s| s.status == Some(202) && s.started > killed).count() >= 200
         })
         .await;
@@ -811,7 +814,7 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
         // A bound against a hung request, not a latency figure: the route timeout plus a
         // generous margin for a loaded machine (latency figures belong to the benchmark).
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
-        assert!(recovery.is_some(), "no 202 within 20 s of the kill");
+        assert!(recovery.is_some(), "no 202 within 45 s of the kill");
         assert!(kept_on, "fewer than 200 acks after the kill");
     })
     .await
