@@ -432,6 +432,17 @@ fn metric_sum(text: &str, family: &str, label: &str) -> f64 {
 /// not forbidden: this case is about loss and bounded answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_killed_and_restarted_under_jetstream_egress() {
+    // The in-process sidecars' own log, kept for a shutdown that hangs (soak runs 3 and 6).
+    let trace =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults").join(format!("nats-killed-trace-{}.log", std::process::id()));
+    std::fs::create_dir_all(trace.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(&trace).unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("natsbridge=debug,async_nats=info")
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    println!("  the sidecars' log: {}", trace.display());
     bounded(Duration::from_secs(120), async {
         const TIMEOUT: Duration = Duration::from_secs(2);
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
