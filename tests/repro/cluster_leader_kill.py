@@ -226,11 +226,27 @@ async def measure(args, run, root, ports, nodes):
     was_meta = "Self is new JetStream cluster metadata leader" in open(nodes[idx].log).read()
     killed_at, acked_at_kill = time.time(), acked()
     nodes[idx].kill()
+
+    # How long STREAM.MSG.GET is unavailable after the kill (the old test read-back's blind
+    # spot): read seq 1 every 100 ms until it answers, noting the errors meanwhile.
+    read_gap = {"errors": {}, "ok_after": None}
+
+    async def probe_reads():
+        while time.time() < killed_at + 60:
+            kind, what = await read(js, 1)
+            if kind == "found":
+                read_gap["ok_after"] = time.time() - killed_at
+                return
+            read_gap["errors"][what if kind == "failed" else kind] = read_gap["errors"].get(what if kind == "failed" else kind, 0) + 1
+            await asyncio.sleep(0.1)
+
+    prober = asyncio.create_task(probe_reads())
     deadline = time.time() + 30
     while sum(1 for r in log if r[1] == "acked" and r[3] > killed_at) < 200 and time.time() < deadline:
         await asyncio.sleep(0.05)
     stop.set()
     await asyncio.gather(*tasks)
+    await prober
 
     ok = [r for r in log if r[1] == "acked"]
     after = [r for r in log if r[3] >= killed_at]
@@ -264,6 +280,8 @@ async def measure(args, run, root, ports, nodes):
         f"unread_at_first={len(first_bad)} acked_seqs_shared={dup_seqs} killed={leader} (meta leader at start: {was_meta}) after {acked_at_kill} acks; statuses {statuses}; "
         f"client connection errors {len(client_errors)}; first acked publish started {recovery} after the kill"
     )
+    gap = f"{read_gap['ok_after']:.2f}s" if read_gap["ok_after"] is not None else "over 60s"
+    print(f"  STREAM.MSG.GET answered again {gap} after the kill; failures meanwhile: {read_gap['errors']}")
     for h in history:
         print("  " + h)
     for r in lost[:20]:
