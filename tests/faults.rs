@@ -730,6 +730,11 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
         let (rejoined, info3) = wait_for_current(&client, "EVENTS", None, Duration::from_secs(30)).await;
         history.push(format!("{leader} back, all current={rejoined}: {}", describe_info(&info3)));
         let last3 = info3["state"]["last_seq"].as_u64().unwrap_or(last).max(last);
+        // Reads go through the meta layer: after a kill of the meta leader they fail (10008)
+        // until a new one is elected, however current the stream's replicas are. Wait until
+        // the first sequence reads (a read still failing after that is unverified).
+        let readable = wait_until(Duration::from_secs(30), || async { stream.get_raw_message(1).await.is_ok() }).await;
+        history.push(format!("reads available again after the rejoin: {readable}"));
         let finals = read_back(&stream, 1..=last3).await;
         let still = bad(&finals);
         if !still.is_empty() {
