@@ -62,9 +62,16 @@ impl Tally {
     }
 }
 
-/// Every case's own bound, on top of the per-wait deadlines.
+/// Every case's own bound, on top of the per-wait deadlines: a guard against a hang, set
+/// generously (a loaded 2-core machine must not fail it), never a performance figure.
 async fn bounded<F: Future<Output = ()>>(limit: Duration, f: F) {
     tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("fault case exceeded its bound of {limit:?}"));
+}
+
+/// `f`, or a panic naming the step that hung (a teardown that never ends would otherwise
+/// show only as the whole case exceeding its bound).
+async fn within<T>(what: &str, limit: Duration, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
 }
 
 /// Polls `f` every 50 ms until it holds or `timeout` passes; says which.
@@ -271,6 +278,8 @@ struct Sent {
     /// None: no HTTP answer at all within the client's own 15 s guard.
     status: Option<u16>,
     seq: Option<u64>,
+    /// The body of an answer other than 2xx (the sidecar's problem detail), cut short.
+    note: Option<String>,
     started: Instant,
     latency: Duration,
 }
@@ -297,14 +306,20 @@ fn drive(workers: usize, url: String, pace: Duration, stop: CancellationToken) -
                             let res = client.request(req).await.ok()?;
                             let status = res.status().as_u16();
                             let seq = res.headers().get("bridge-seq").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-                            let _ = res.into_body().collect().await;
-                            Some((status, seq))
+                            let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let note =
+                                (!(200..300).contains(&status)).then(|| String::from_utf8_lossy(&body[..body.len().min(160)]).into_owned());
+                            Some((status, seq, note))
                         })
                         .await
                         .ok()
                         .flatten();
                         let latency = started.elapsed();
-                        log.lock().unwrap().push(Sent { id, status: res.map(|r| r.0), seq: res.and_then(|r| r.1), started, latency });
+                        let (status, seq, note) = match res {
+                            Some((st, seq, note)) => (Some(st), seq, note),
+                            None => (None, None, None),
+                        };
+                        log.lock().unwrap().push(Sent { id, status, seq, note, started, latency });
                         tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = tokio::time::sleep(pace) => {}
@@ -417,7 +432,18 @@ fn metric_sum(text: &str, family: &str, label: &str) -> f64 {
 /// not forbidden: this case is about loss and bounded answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_killed_and_restarted_under_jetstream_egress() {
-    bounded(Duration::from_secs(55), async {
+    // The in-process sidecars' own log, kept for a shutdown that hangs (soak runs 3 and 6).
+    let trace =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults").join(format!("nats-killed-trace-{}.log", std::process::id()));
+    std::fs::create_dir_all(trace.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(&trace).unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("natsbridge=debug,async_nats=info")
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    println!("  the sidecars' log: {}", trace.display());
+    bounded(Duration::from_secs(120), async {
         const TIMEOUT: Duration = Duration::from_secs(2);
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = jetstream::new(nats.client().await);
@@ -490,14 +516,16 @@ concurrency = 16
         assert_eq!(lost, 0, "acked requests that never reached the app");
         assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
         assert!(!failed.is_empty(), "the outage was not observed");
-        let margin = Duration::from_millis(500);
+        // A bound against a hung request, not a latency figure (that belongs to the
+        // benchmark): the timeout plus a generous margin for a loaded machine.
+        let margin = Duration::from_secs(2);
         assert!(max_latency(failed.iter().copied()) <= TIMEOUT + margin, "a failed request took {:?}", max_latency(failed.iter().copied()));
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
         assert!(recovery.is_some(), "no 202 after the server came back: the sidecar did not recover");
         assert!(sent.iter().any(|s| s.started < killed && s.status == Some(202)));
-        assert_eq!(stream_messages(&js, "DLQ").await, 0);
-        producer.stop().await;
-        consumer.stop().await;
+        assert_eq!(within("reading the DLQ stream", Duration::from_secs(15), stream_messages(&js, "DLQ")).await, 0);
+        within("the producer sidecar's shutdown", Duration::from_secs(30), producer.stop()).await;
+        within("the consumer sidecar's shutdown", Duration::from_secs(30), consumer.stop()).await;
     })
     .await
 }
@@ -505,16 +533,130 @@ concurrency = 16
 // ---------------------------------------------------------------------------------------
 // 2. A 3-node cluster, R3 stream, the stream leader SIGKILLed under load.
 
+/// What reading one sequence back found.
+#[derive(Clone, Debug, PartialEq)]
+enum Read {
+    /// The message's body (the request's id).
+    Found(String),
+    /// The server answered "no message found" for this sequence.
+    Missing,
+    /// The read itself failed (timeout, no responders during an election, …): no evidence
+    /// either way.
+    Failed(String),
+}
+
+/// Reads each of `seqs` from the stream leader (`STREAM.MSG.GET`).
+async fn read_back(stream: &jetstream::stream::Stream, seqs: impl IntoIterator<Item = u64>) -> BTreeMap<u64, Read> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let mut out = BTreeMap::new();
+    for seq in seqs {
+        let r = match stream.get_raw_message(seq).await {
+            Ok(m) => Read::Found(String::from_utf8_lossy(&m.payload).into_owned()),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Read::Missing,
+            Err(e) => Read::Failed(format!("{e}: {:?}", std::error::Error::source(&e))),
+        };
+        out.insert(seq, r);
+    }
+    out
+}
+
+/// The server's own `STREAM.INFO` answer (deleted sequences included), as JSON.
+async fn stream_info_raw(client: &async_nats::Client, name: &str) -> serde_json::Value {
+    let req = client.request(format!("$JS.API.STREAM.INFO.{name}"), Bytes::from_static(br#"{"deleted_details":true}"#));
+    match tokio::time::timeout(Duration::from_secs(5), req).await {
+        Ok(Ok(m)) => serde_json::from_slice(&m.payload).unwrap_or_else(|e| serde_json::json!({ "unparsable": e.to_string() })),
+        Ok(Err(e)) => serde_json::json!({ "request_error": e.to_string() }),
+        Err(_) => serde_json::json!({ "request_error": "no answer in 5s" }),
+    }
+}
+
+/// One line: the leader, the state, and each replica's `current`/lag.
+fn describe_info(v: &serde_json::Value) -> String {
+    if v.get("state").is_none() {
+        return format!("no stream info: {v}");
+    }
+    let s = &v["state"];
+    let c = &v["cluster"];
+    let replicas: Vec<String> = c["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    format!("{} current={} lag={} offline={} active={}ns", r["name"], r["current"], r["lag"], r["offline"], r["active"])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "leader {}; messages={} num_deleted={} first_seq={} last_seq={} deleted={}; replicas [{}]",
+        c["leader"],
+        s["messages"],
+        s["num_deleted"],
+        s["first_seq"],
+        s["last_seq"],
+        s["deleted"],
+        replicas.join("; ")
+    )
+}
+
+/// The stream has a leader, and every replica but the node `down` (none: all of them) is
+/// current and not lagging.
+fn all_current(v: &serde_json::Value, down: Option<&str>) -> bool {
+    let c = &v["cluster"];
+    let Some(rs) = c["replicas"].as_array() else { return false };
+    let rs: Vec<&serde_json::Value> = rs.iter().filter(|r| Some(r["name"].as_str().unwrap_or("")) != down).collect();
+    c["leader"].is_string()
+        && rs.len() >= if down.is_some() { 1 } else { 2 }
+        && rs.iter().all(|r| r["current"] == true && r["lag"].as_u64().unwrap_or(0) == 0)
+}
+
+/// Polls the stream's info until `all_current(…, down)` or `timeout`; says which, with the
+/// last answer.
+async fn wait_for_current(client: &async_nats::Client, name: &str, down: Option<&str>, timeout: Duration) -> (bool, serde_json::Value) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = stream_info_raw(client, name).await;
+        if all_current(&info, down) {
+            return (true, info);
+        }
+        if Instant::now() > deadline {
+            return (false, info);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Copies each node's log (and `extra` files) under the target's tmp dir; says where.
+fn keep_evidence(case: &str, cluster: &Cluster, extra: &[(&str, String)]) -> std::path::PathBuf {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults").join(format!("{case}-{stamp}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        std::fs::write(dir.join(format!("n{i}.log")), n.log()).unwrap();
+    }
+    for (name, text) in extra {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
 /// Zero acked messages lost: every 202's sequence holds its message in the stream after
-/// the leader is killed. The sidecar (the real binary) knows all three servers.
+/// the leader is killed, and again after the killed node is back. The sidecar (the real
+/// binary) knows all three servers.
+///
+/// A read that fails is no evidence of loss: the sequence is read again once every
+/// surviving replica is current, and again once the killed node has rejoined. Only the
+/// server's own answer counts as lost: "no message found", or another message at that
+/// sequence. A read still failing at the end fails the test as unverified, with the
+/// errors, the stream state at each step and the three servers' logs kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_node_killed_under_load_loses_no_acked_message() {
-    bounded(Duration::from_secs(55), async {
+    bounded(Duration::from_secs(120), async {
         const TIMEOUT: Duration = Duration::from_secs(3);
         let mut cluster = Cluster::start_with_js(SYNC_ALWAYS, "");
         let urls = cluster.urls();
         let client = async_nats::connect(urls.clone()).await.unwrap();
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         // The meta leader is elected a moment after the nodes start.
         eventually("an R3 stream on the new cluster", Duration::from_secs(20), || async {
             js.create_stream(jetstream::stream::Config {
@@ -534,51 +676,162 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
 
         let stop = CancellationToken::new();
         let (log, traffic) = drive(6, sidecar.url("/events"), Duration::from_millis(20), stop.clone());
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Kill once a good number of messages are acked (not after a fixed time).
+        eventually("200 acked requests before the kill", Duration::from_secs(30), || async {
+            (log.lock().unwrap().iter().filter(|s| s.status == Some(202)).count() >= 200).then_some(())
+        })
+        .await;
         let info = js.get_stream("EVENTS").await.unwrap().get_info().await.unwrap();
         let leader = info.cluster.and_then(|c| c.leader).expect("the stream has a leader");
         let idx: usize = leader.trim_start_matches('n').parse().unwrap();
+        let acked_at_kill = log.lock().unwrap().iter().filter(|s| s.status == Some(202)).count();
         let killed = Instant::now();
         cluster.nodes[idx].kill();
-        let recovery = recovered(&log, killed + Duration::from_millis(100), 202, Duration::from_secs(20)).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Generous: the survivors' stream leader election took over 20 s in a soak run under
+        // two busy loops (every answer meanwhile a prompt 503). This bounds a hang, it does not
+        // measure the failover.
+        let recovery = recovered(&log, killed + Duration::from_millis(100), 202, Duration::from_secs(45)).await;
+        // Keep the traffic on until 200 more are acked after the kill.
+        let kept_on = wait_until(Duration::from_secs(30), || async {
+            log.lock().unwrap().iter().filter(|s| s.status == Some(202) && s.started > killed).count() >= 200
+        })
+        .await;
         stop.cancel();
         traffic.await.unwrap();
-
-        // Read the stream back from the survivors.
-        let stream = eventually("the stream from the survivors", Duration::from_secs(15), || async { js.get_stream("EVENTS").await.ok() }).await;
-        let last = stream.get_info().await.unwrap().state.last_sequence;
-        let mut ids: HashMap<String, usize> = HashMap::new();
-        let mut at: HashMap<u64, String> = HashMap::new();
-        for seq in 1..=last {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                let id = String::from_utf8_lossy(&m.payload).into_owned();
-                *ids.entry(id.clone()).or_default() += 1;
-                at.insert(seq, id);
-            }
-        }
         let sent = snapshot(&log);
         let acked: Vec<&Sent> = sent.iter().filter(|s| s.status == Some(202)).collect();
-        let lost: Vec<&&Sent> = acked.iter().filter(|s| s.seq.and_then(|q| at.get(&q)) != Some(&s.id)).collect();
+
+        // 1. Read every sequence back from the survivors, at once.
+        let stream = eventually("the stream from the survivors", Duration::from_secs(15), || async { js.get_stream("EVENTS").await.ok() }).await;
+        let info1 = stream_info_raw(&client, "EVENTS").await;
+        let last = stream.get_info().await.unwrap().state.last_sequence;
+        let mut reads = read_back(&stream, 1..=last).await;
+        let bad = |reads: &BTreeMap<u64, Read>| -> Vec<u64> {
+            acked.iter().filter_map(|s| s.seq).filter(|q| !matches!(reads.get(q), Some(Read::Found(_)))).collect()
+        };
+        let mut history = vec![format!("after the kill: {}", describe_info(&info1))];
+        let first_bad: Vec<(u64, Read)> = bad(&reads).into_iter().map(|q| (q, reads.get(&q).cloned().unwrap_or(Read::Missing))).collect();
+        if !first_bad.is_empty() {
+            history.push(format!("first read-back: {} acked sequences unread: {:?}", first_bad.len(), first_bad));
+        }
+
+        // 2. Again once every surviving replica is current.
+        let (survivors_current, info2) = wait_for_current(&client, "EVENTS", Some(&leader), Duration::from_secs(20)).await;
+        history.push(format!("survivors current={survivors_current}: {}", describe_info(&info2)));
+        let again = bad(&reads);
+        if !again.is_empty() {
+            let r2 = read_back(&stream, again.iter().copied()).await;
+            history.push(format!("second read-back of {} sequences: {:?}", again.len(), r2));
+            reads.extend(r2);
+        }
+
+        // 3. The killed node back: every acked sequence again, once all three are current.
+        tokio::task::block_in_place(|| cluster.nodes[idx].restart());
+        let (rejoined, info3) = wait_for_current(&client, "EVENTS", None, Duration::from_secs(30)).await;
+        history.push(format!("{leader} back, all current={rejoined}: {}", describe_info(&info3)));
+        let last3 = info3["state"]["last_seq"].as_u64().unwrap_or(last).max(last);
+        // Reads go through the meta layer: after a kill of the meta leader they fail (10008)
+        // until a new one is elected, however current the stream's replicas are. Wait until
+        // the first sequence reads (a read still failing after that is unverified).
+        let readable = wait_until(Duration::from_secs(30), || async { stream.get_raw_message(1).await.is_ok() }).await;
+        history.push(format!("reads available again after the rejoin: {readable}"));
+        let finals = read_back(&stream, 1..=last3).await;
+        let still = bad(&finals);
+        if !still.is_empty() {
+            history.push(format!("read-back after the rejoin, {} sequences unread: {:?}", still.len(), still.iter().map(|q| (q, &finals[q])).collect::<Vec<_>>()));
+        }
+
+        // The verdict, from the last read: the server's word or nothing.
+        let mut ids: HashMap<String, Vec<u64>> = HashMap::new();
+        for (seq, r) in &finals {
+            if let Read::Found(id) = r {
+                ids.entry(id.clone()).or_default().push(*seq);
+            }
+        }
+        let (mut lost, mut unverified) = (Vec::new(), Vec::new());
+        for s in &acked {
+            let seq = s.seq.unwrap_or(0);
+            match finals.get(&seq) {
+                Some(Read::Found(id)) if *id == s.id => {}
+                Some(Read::Failed(e)) => unverified.push(format!("{} (seq {seq}): {e}", s.id)),
+                other => lost.push(format!("{} (seq {seq}): {other:?}, stored at {:?}", s.id, ids.get(&s.id))),
+            }
+        }
         let delivered = sent.iter().filter(|s| ids.contains_key(&s.id)).count();
-        let duplicate_effects = ids.values().map(|n| n - 1).sum();
+        let duplicate_effects: usize = ids.values().map(|v| v.len() - 1).sum();
         let t = Tally { sent: sent.len(), acked: acked.len(), delivered, duplicate_effects, lost: lost.len() };
         t.print("cluster-node-killed");
         let failed: Vec<&Sent> = sent.iter().filter(|s| s.status != Some(202)).collect();
         println!(
-            "  killed {leader} (the stream leader); statuses {:?}; max latency failed {:?}, all {:?}; first 202 {:?} after the kill; stream last seq {last}",
+            "  killed {leader} (the stream leader) after {acked_at_kill} acks; statuses {:?}; max latency failed {:?}, all {:?}; first 202 {:?} after the kill; stream last seq {last}; unread at first {}, unverified at the end {}",
             statuses(&sent),
             max_latency(failed.iter().copied()),
             max_latency(&sent),
-            recovery
+            recovery,
+            first_bad.len(),
+            unverified.len()
         );
+        for h in &history {
+            println!("  {h}");
+        }
+        // The failures after the kill, second by second: what the sidecar said.
+        let mut after_kill: BTreeMap<(u64, String), usize> = BTreeMap::new();
+        for s in sent.iter().filter(|s| s.started >= killed) {
+            let what = match (s.status, &s.note) {
+                (Some(202), _) => "202".to_string(),
+                (st, note) => format!("{st:?} {}", note.as_deref().unwrap_or("").chars().filter(|c| !c.is_ascii_digit()).collect::<String>()),
+            };
+            *after_kill.entry(((s.started - killed).as_secs(), what)).or_default() += 1;
+        }
+        println!("  after the kill (second, answer: count): {after_kill:?}");
+        let margin = Duration::from_secs(2);
+        let checks_hold = lost.is_empty()
+            && unverified.is_empty()
+            && duplicate_effects == 0
+            && rejoined
+            && failed.iter().all(|s| s.status == Some(503))
+            && max_latency(&sent) <= TIMEOUT + margin
+            && recovery.is_some()
+            && kept_on;
+        if !checks_hold || !first_bad.is_empty() {
+            let dir = keep_evidence(
+                "cluster-node-killed",
+                &cluster,
+                &[
+                    ("history.txt", history.join("\n")),
+                    ("info.json", format!("{info1:#}\n{info2:#}\n{info3:#}")),
+                    (
+                        "sent.txt",
+                        sent.iter()
+                            .map(|s| {
+                                let at = s.started.checked_duration_since(killed).map(|d| format!("+{d:?}")).unwrap_or_else(|| format!("-{:?}", killed - s.started));
+                                format!("{} {at} {:?} {:?} {:?} {:?}\n", s.id, s.status, s.seq, s.latency, s.note)
+                            })
+                            .collect(),
+                    ),
+                    ("sidecar.log", sidecar.log()),
+                ],
+            );
+            println!("  evidence kept in {}", dir.display());
+            // Who led the meta group when: a stream read (STREAM.MSG.GET) fails with 10008
+            // "JetStream system temporarily unavailable" while there is no meta leader.
+            for (i, n) in cluster.nodes.iter().enumerate() {
+                for l in n.log().lines().filter(|l| l.contains("metadata leader") || l.contains("new stream leader")) {
+                    println!("  n{i}: {l}");
+                }
+            }
+        }
 
-        assert!(lost.is_empty(), "acked but not in the stream: {:?}", lost.iter().take(5).collect::<Vec<_>>());
+        assert!(lost.is_empty(), "acked but not in the stream (the server's answer): {:#?}", lost.iter().take(20).collect::<Vec<_>>());
+        assert!(unverified.is_empty(), "acked messages that could not be read back: {:#?}", unverified.iter().take(20).collect::<Vec<_>>());
         assert_eq!(duplicate_effects, 0, "one request stored twice");
+        assert!(rejoined, "the killed node did not catch up: {}", describe_info(&info3));
         assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
-        let margin = Duration::from_millis(500);
+        // A bound against a hung request, not a latency figure: the route timeout plus a
+        // generous margin for a loaded machine (latency figures belong to the benchmark).
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
-        assert!(recovery.is_some(), "no 202 after the node was killed");
+        assert!(recovery.is_some(), "no 202 within 45 s of the kill");
+        assert!(kept_on, "fewer than 200 acks after the kill");
     })
     .await
 }
@@ -591,7 +844,7 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
 /// third of the keys are published twice (same key, different Nats-Msg-Id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
-    bounded(Duration::from_secs(55), async {
+    bounded(Duration::from_secs(120), async {
         const KEYS: usize = 150;
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
@@ -635,10 +888,22 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
                 (sent, last)
             })
         };
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Crash once the app has answered a good number of 500s (evidence, not a timer)...
+        eventually("20 calls answered 500 before the crash", Duration::from_secs(30), || async { (app.calls().len() >= 20).then_some(()) })
+            .await;
+        let naks = |m: &str| metric_sum(m, "natsbridge_ingress_outcomes_total", "outcome=\"nak\"");
+        let naks_at_crash = naks(&sidecar.metrics().await);
+        let aborted_at_crash = app.aborted().len();
         let calls_500 = app.calls().len();
         app.crash();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // ...and come back once the sidecar has naked deliveries it could not hand to the
+        // app at all: more naks since the crash than calls the crash cut.
+        let refused = wait_until(Duration::from_secs(30), || async {
+            let cut = app.aborted().len() - aborted_at_crash;
+            naks(&sidecar.metrics().await) >= naks_at_crash + cut as f64 + 5.0
+        })
+        .await;
+        assert!(refused, "the sidecar never tried the crashed app");
         mode.store(1, Ordering::SeqCst);
         app.come_back().await;
         let (published, last_seq) = publisher.await.unwrap();
@@ -666,7 +931,7 @@ async fn app_failing_then_crashing_then_back_during_jetstream_ingress() {
         assert!(consumer_settled(&js, "TOOL", "tool", last_seq).await, "the consumer did not settle");
         assert!(calls_500 > 0, "the app never answered 500");
         assert!(calls.iter().all(|c| c.idem.as_deref() == Some(c.key.as_str())), "Bridge-Idempotency-Key is the message's key");
-        sidecar.stop().await;
+        within("the sidecar's shutdown", Duration::from_secs(30), sidecar.stop()).await;
     })
     .await
 }
@@ -698,7 +963,7 @@ fn killable_route() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_killed_mid_handler_before_the_app_commits() {
-    bounded(Duration::from_secs(50), async {
+    bounded(Duration::from_secs(120), async {
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
         // The first call holds (never answers) until its caller goes away.
@@ -753,7 +1018,7 @@ async fn sidecar_killed_mid_handler_before_the_app_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_killed_after_the_app_committed_needs_the_app_to_check_the_key() {
-    bounded(Duration::from_secs(50), async {
+    bounded(Duration::from_secs(120), async {
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
         // The app applies the effect at once — keyed by Bridge-Idempotency-Key, which it
@@ -816,7 +1081,7 @@ async fn sidecar_killed_after_the_app_committed_needs_the_app_to_check_the_key()
 /// copies of the same key at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
-    bounded(Duration::from_secs(55), async {
+    bounded(Duration::from_secs(120), async {
         const KEYS: usize = 200;
         let nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let js = ingress_fixtures(&nats).await;
@@ -874,8 +1139,8 @@ async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
         assert!(consumer_settled(&js, "TOOL", "tool", last).await, "the consumer did not settle");
         assert!(calls.iter().any(|c| c.delivery > 1), "no redelivery was forced");
         assert!(deliveries(&m1) > 0.0 && deliveries(&m2) > 0.0, "both replicas must take part");
-        r1.stop().await;
-        r2.stop().await;
+        within("replica r1's shutdown", Duration::from_secs(30), r1.stop()).await;
+        within("replica r2's shutdown", Duration::from_secs(30), r2.stop()).await;
     })
     .await
 }
@@ -905,7 +1170,7 @@ fn proc_stats(pid: u32) -> ProcStats {
 /// with no more memory, file descriptors or threads than before, within tolerances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_unreachable_for_30s_under_request_traffic_leaves_nothing_behind() {
-    bounded(Duration::from_secs(58), async {
+    bounded(Duration::from_secs(120), async {
         const TIMEOUT: Duration = Duration::from_secs(1);
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         // The service behind the subject: another client, which reconnects as well.
@@ -952,8 +1217,11 @@ timeout = "1s"
         let stop = CancellationToken::new();
         let (log, traffic) = drive(workers, sidecar.url("/echo"), pace, stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let down = Instant::now();
         nats.pause();
+        // The outage starts once SIGSTOP is sent: `pause` waits for `kill -STOP`, and a
+        // request started before that (spawning `kill` is slow on a loaded machine) can
+        // still get its 200.
+        let down = Instant::now();
         tokio::time::sleep(Duration::from_secs(15)).await;
         let killed = Instant::now();
         nats.kill();
@@ -995,11 +1263,18 @@ timeout = "1s"
         );
 
         assert_eq!(unanswered, 0, "requests without an answer");
-        assert!(outage.iter().all(|s| matches!(s.status, Some(503 | 504))), "outage answers: {:?}", statuses(&sent));
+        let odd: Vec<String> = outage
+            .iter()
+            .filter(|s| !matches!(s.status, Some(503 | 504)))
+            .map(|s| format!("{} {:?} started {:?} after the pause, answered after {:?}", s.id, s.status, s.started - down, s.latency))
+            .collect();
+        assert!(odd.is_empty(), "outage answers: {:?}; not 503/504 (the frozen phase lasted {:?}): {odd:#?}", statuses(&sent), killed - down);
         assert!(outage.iter().filter(|s| s.started < killed).any(|s| s.status == Some(504)), "a frozen server times requests out (504)");
         assert!(outage.iter().filter(|s| s.started >= killed).any(|s| s.status == Some(503)), "a dead server fails requests fast (503)");
         assert!(sent.iter().all(|s| matches!(s.status, Some(200 | 503 | 504))), "{:?}", statuses(&sent));
-        let margin = Duration::from_millis(500);
+        // A bound against a hung request, not a latency figure (that belongs to the
+        // benchmark): the timeout plus a generous margin for a loaded machine.
+        let margin = Duration::from_secs(2);
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));
         assert!(recovery.is_some(), "no 200 after NATS came back");
         assert_eq!(in_flight, 0.0, "requests still in flight:\n{metrics}");
