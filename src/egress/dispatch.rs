@@ -193,7 +193,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let _permit = self.publish_permits.try_acquire().map_err(|_| BridgeError::Overloaded)?;
+        let _slot = self.publish_slot().ok_or(BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
         let mut nats_headers = nats_headers(route, headers);
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {

@@ -14,6 +14,7 @@ mod listener;
 pub mod routes;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 use crate::nats::replies::Replies;
@@ -51,7 +51,9 @@ pub struct Egress {
     replies: Replies,
     upstream: UpstreamClient,
     metrics: Metrics,
-    publish_permits: Arc<Semaphore>,
+    /// JetStream publishes awaiting their ack, bounded by the `max_inflight_publishes` in
+    /// force: read at each publish, so a reload applies at once.
+    publishes_in_flight: AtomicUsize,
     /// The longest reply subject a request or JetStream publish can carry (an inbox and
     /// a token), counted in each message's control line.
     reply_len: usize,
@@ -59,13 +61,31 @@ pub struct Egress {
 
 impl Egress {
     pub fn new(table: Arc<ArcSwap<Table>>, nats: async_nats::Client, replies: Replies, metrics: Metrics) -> Arc<Self> {
-        let permits = table.load().config().sidecar.max_inflight_publishes;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         let upstream =
             hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
         // A reply subject is the multiplexer's inbox plus a token: twice an inbox bounds it.
         let reply_len = 2 * nats.new_inbox().len();
-        Arc::new(Self { table, nats, replies, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)), reply_len })
+        Arc::new(Self { table, nats, replies, upstream, metrics, publishes_in_flight: AtomicUsize::new(0), reply_len })
+    }
+}
+
+/// One JetStream publish's place under `max_inflight_publishes`, given back on drop.
+pub(crate) struct PublishSlot<'a>(&'a AtomicUsize);
+
+impl Egress {
+    /// Takes a place for a JetStream publish if fewer than the configured maximum are in
+    /// flight. A reload that lowers the maximum refuses new publishes until enough finish.
+    pub(crate) fn publish_slot(&self) -> Option<PublishSlot<'_>> {
+        let max = self.table.load().config().sidecar.max_inflight_publishes;
+        self.publishes_in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(PublishSlot(&self.publishes_in_flight))
+    }
+}
+
+impl Drop for PublishSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
