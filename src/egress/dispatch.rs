@@ -123,7 +123,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
-        let headers = codec::strip_nats_control(headers, &route.allow_nats_headers);
+        let headers = codec::strip_nats_control(headers, |n| route.allow_nats_headers.allows(n));
         self.nats_request(route, subject, headers, body).await
     }
 
@@ -249,7 +249,7 @@ impl Egress {
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
 /// stream).
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
-    codec::strip_nats_control(codec::http_to_nats_headers(headers), &route.allow_nats_headers)
+    codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
