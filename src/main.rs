@@ -119,6 +119,10 @@ struct RunArgs {
     /// The local app's base URL (overrides [sidecar] app_url).
     #[arg(long, env = "NATSBRIDGE_APP_URL", value_parser = config::parse_http_url)]
     app_url: Option<http::Uri>,
+    /// PEM CA that verifies the NATS servers (overrides [nats.tls] ca_file); the injector
+    /// sets it when the chart's NATS TLS is on.
+    #[arg(long, env = "NATSBRIDGE_NATS_CA_FILE")]
+    nats_ca_file: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -349,7 +353,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    let overrides = Overrides { listen: args.listen, admin_listen: args.admin_listen, nats_servers: args.nats_url, app_url: args.app_url };
+    let overrides = Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        nats_servers: args.nats_url,
+        app_url: args.app_url,
+        nats_ca_file: args.nats_ca_file,
+    };
     let mut effective = config.clone();
     effective.apply(&overrides);
     let egress = tokio::net::TcpListener::bind(effective.sidecar.listen)
