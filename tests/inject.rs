@@ -359,6 +359,39 @@ fn args_parse_into_settings() {
     assert!(matches!(bad.inject.settings(), Err(inject::InjectError::Setting { .. })));
 }
 
+#[test]
+fn with_nats_tls_the_sidecar_gets_the_ca_mounted_and_pointed_at() {
+    let cli = Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "tls://nats:4222", "--nats-ca-config-map", "nats-ca"])
+        .unwrap();
+    let s = cli.inject.settings().unwrap();
+    let (_, _, pod) = admit(&plain_pod(), &s);
+    let sc = sidecar(&pod);
+    assert_eq!(env_of(sc, "NATSBRIDGE_NATS_CA_FILE"), Some("/etc/natsbridge-nats-ca/ca.crt"));
+    assert!(sc["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({ "name": "natsbridge-nats-ca", "mountPath": "/etc/natsbridge-nats-ca", "readOnly": true })));
+    // Optional, so a namespace without the CA still starts its pods.
+    let ca = json!({ "name": "natsbridge-nats-ca", "configMap": { "name": "nats-ca", "items": [{ "key": "ca.crt", "path": "ca.crt" }], "optional": true } });
+    assert!(pod["spec"]["volumes"].as_array().unwrap().contains(&ca), "{}", pod["spec"]["volumes"]);
+
+    // A pod with volumes of its own gets both appended; another key is honoured.
+    let cli =
+        Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "n", "--nats-ca-config-map", "bundle/root.pem"]).unwrap();
+    let mut with_volume = plain_pod();
+    with_volume["spec"]["volumes"] = json!([{ "name": "data", "emptyDir": {} }]);
+    let (_, _, pod) = admit(&with_volume, &cli.inject.settings().unwrap());
+    let names: Vec<&str> = pod["spec"]["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["data", "natsbridge-routes", "natsbridge-nats-ca"]);
+    assert_eq!(pod["spec"]["volumes"][2]["configMap"]["items"][0]["key"], "root.pem");
+
+    // Without the flag nothing about a CA is added (the plain pod test pins the whole pod).
+    let (_, _, plain) = admit(&plain_pod(), &settings());
+    assert_eq!(env_of(sidecar(&plain), "NATSBRIDGE_NATS_CA_FILE"), None);
+    let bad = Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "n", "--nats-ca-config-map", "/k"]).unwrap();
+    assert!(matches!(bad.inject.settings(), Err(inject::InjectError::Setting { name: "--nats-ca-config-map", .. })));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Over TLS.
 

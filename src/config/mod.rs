@@ -393,6 +393,9 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     pub nats_servers: Option<Vec<String>>,
     pub app_url: Option<http::Uri>,
+    /// The CA that verifies the NATS servers (`[nats.tls] ca_file`): the injector mounts the
+    /// chart's CA and points here, so routing files need not know where it is.
+    pub nats_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -423,6 +426,13 @@ impl Config {
                 changed.push("sidecar.app_url");
             }
             self.sidecar.app_url = v.clone();
+        }
+        if let Some(v) = &o.nats_ca_file {
+            let tls = self.nats.tls.get_or_insert(NatsTls { ca_file: None, cert_file: None, key_file: None, require: false });
+            if tls.ca_file.as_ref() != Some(v) {
+                changed.push("nats.tls.ca_file");
+            }
+            tls.ca_file = Some(v.clone());
         }
         changed
     }
@@ -499,6 +509,19 @@ mod tests {
         let e = errors("[sidecar]\nservice = \"x\"\nreadiness = \"strcit\"\n");
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("t.toml:3:") && e[0].contains("\"serving\" or \"strict\""), "{}", e[0]);
+    }
+
+    #[test]
+    fn a_ca_file_override_turns_server_verification_on_and_keeps_a_client_certificate() {
+        let o = Overrides { nats_ca_file: Some("/etc/ca.crt".into()), ..Default::default() };
+        let mut plain = parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(plain.apply(&o), ["nats.tls.ca_file"]);
+        assert_eq!(plain.nats.tls.unwrap().ca_file.unwrap(), PathBuf::from("/etc/ca.crt"));
+        let src = format!("{MINIMAL}[nats.tls]\nca_file = \"/old.crt\"\ncert_file = \"/c.crt\"\nkey_file = \"/c.key\"\n");
+        let mut with_cert = parse(&src, "t.toml").unwrap();
+        with_cert.apply(&o);
+        let tls = with_cert.nats.tls.unwrap();
+        assert_eq!((tls.ca_file.unwrap(), tls.cert_file.unwrap()), (PathBuf::from("/etc/ca.crt"), PathBuf::from("/c.crt")));
     }
 
     #[test]

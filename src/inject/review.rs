@@ -38,6 +38,10 @@ pub const SIDECAR_NAME: &str = "natsbridge";
 pub const ROUTES_VOLUME: &str = "natsbridge-routes";
 /// Where the routes ConfigMap is mounted; the sidecar reads `routes.toml` from here.
 pub const ROUTES_DIR: &str = "/etc/natsbridge";
+/// Name of the NATS CA volume added to the pod when the servers use TLS.
+pub const NATS_CA_VOLUME: &str = "natsbridge-nats-ca";
+/// Where the sidecar finds the NATS CA (`NATSBRIDGE_NATS_CA_FILE`).
+pub const NATS_CA_DIR: &str = "/etc/natsbridge-nats-ca";
 /// Name of the admin port on the sidecar; the PodMonitor selects it by this name.
 pub const ADMIN_PORT_NAME: &str = "nb-admin";
 /// Label put on injected pods (`"true"`): annotations cannot be selected on, and the chart's
@@ -258,9 +262,18 @@ fn injection_patch(pod: &Pod<'_>, request: &SidecarRequest<'_>, settings: &Injec
         "name": ROUTES_VOLUME,
         "configMap": { "name": request.routes_config_map, "items": [{ "key": "routes.toml", "path": "routes.toml" }] }
     });
+    let mut volumes = vec![volume];
+    if let Some(ca) = &settings.nats_ca {
+        // Optional: a namespace without the CA still gets its pods started (the sidecar
+        // reports NATS down), rather than pods stuck in ContainerCreating.
+        volumes.push(json!({
+            "name": NATS_CA_VOLUME,
+            "configMap": { "name": ca.name, "items": [{ "key": ca.key, "path": "ca.crt" }], "optional": true }
+        }));
+    }
     match pod.object.spec.as_ref().and_then(|s| s.volumes.as_ref()) {
-        Some(_) => ops.push(op_add("/spec/volumes/-", volume)),
-        None => ops.push(op_add("/spec/volumes", Value::Array(vec![volume]))),
+        Some(_) => ops.extend(volumes.into_iter().map(|v| op_add("/spec/volumes/-", v))),
+        None => ops.push(op_add("/spec/volumes", Value::Array(volumes))),
     }
 
     if pod.annotation(ANNOTATION_HTTP_PROXY) == Some("true") {
@@ -354,7 +367,7 @@ fn sidecar_container(settings: &InjectSettings, request: &SidecarRequest<'_>) ->
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 3),
         "resources": res,
-        "volumeMounts": [{ "name": ROUTES_VOLUME, "mountPath": ROUTES_DIR, "readOnly": true }],
+        "volumeMounts": volume_mounts(settings),
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": settings.run_as_user,
@@ -365,6 +378,14 @@ fn sidecar_container(settings: &InjectSettings, request: &SidecarRequest<'_>) ->
             "seccompProfile": { "type": "RuntimeDefault" }
         }
     })
+}
+
+fn volume_mounts(settings: &InjectSettings) -> Vec<Value> {
+    let mut mounts = vec![json!({ "name": ROUTES_VOLUME, "mountPath": ROUTES_DIR, "readOnly": true })];
+    if settings.nats_ca.is_some() {
+        mounts.push(json!({ "name": NATS_CA_VOLUME, "mountPath": NATS_CA_DIR, "readOnly": true }));
+    }
+    mounts
 }
 
 fn sidecar_env(settings: &InjectSettings, request: &SidecarRequest<'_>) -> Vec<Value> {
@@ -378,6 +399,9 @@ fn sidecar_env(settings: &InjectSettings, request: &SidecarRequest<'_>) -> Vec<V
     });
     if let Some(port) = request.app_port {
         env.push(json!({ "name": "NATSBRIDGE_APP_URL", "value": format!("http://127.0.0.1:{port}") }));
+    }
+    if settings.nats_ca.is_some() {
+        env.push(json!({ "name": "NATSBRIDGE_NATS_CA_FILE", "value": format!("{NATS_CA_DIR}/ca.crt") }));
     }
     env
 }
