@@ -22,6 +22,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar: egress listener, inbound routes, admin endpoints.
+    ///
+    /// SIGTERM or SIGINT stops it within one `drain_timeout`: inbound routes stop taking
+    /// messages first, in-flight handlers finish while egress still serves their calls,
+    /// then egress drains and NATS is flushed. A second signal exits at once. SIGHUP
+    /// reloads the routing file.
     Run(RunArgs),
     /// Validate a routing file, print its route table, and exit (1 on any error).
     Check {
@@ -393,10 +398,18 @@ fn spawn_signal_handlers(shutdown: CancellationToken, reload: tokio::sync::mpsc:
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
+            _ = term.recv() => tracing::info!("SIGTERM: draining (a second signal exits at once)"),
+            _ = int.recv() => tracing::info!("SIGINT: draining (a second signal exits at once)"),
         }
         shutdown.cancel();
+        // The operator (or a second Ctrl-C) does not want to wait for the drain: unacked
+        // messages are redelivered, callers in flight see their connection close.
+        let code = tokio::select! {
+            _ = term.recv() => 128 + 15,
+            _ = int.recv() => 128 + 2,
+        };
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(code);
     });
     tokio::spawn(async move {
         while hup.recv().await.is_some() {

@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
@@ -47,8 +49,9 @@ pub struct Parts {
     pub shutdown: CancellationToken,
 }
 
-/// Runs until `shutdown` is cancelled; then drains egress (up to `drain_timeout`),
-/// ingress and the NATS connection, and returns.
+/// Runs until `shutdown` is cancelled, then stops within one `drain_timeout`: ingress
+/// first (in-flight handlers finish while egress still serves their calls), then egress,
+/// then the NATS flush. A step that overruns the budget is abandoned.
 pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let Parts { mut config, overrides, egress: egress_listener, admin: admin_listener, env, reload, shutdown } = parts;
     let overridden = config.apply(&overrides);
@@ -122,20 +125,98 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let egress = Egress::new(table, nats.clone(), replies, metrics);
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
-    egress::serve(egress_listener, egress, shutdown.clone().cancelled_owned()).await?;
-
-    // Egress has drained; now stop taking messages and finish the ones in flight.
+    let egress_stop = CancellationToken::new();
+    let mut egress_task = tokio::spawn(egress::serve(egress_listener, egress, egress_stop.clone().cancelled_owned()));
+    let failed = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        served = &mut egress_task => Some(served),
+    };
+    // One budget for the whole stop, not one per step.
+    let drain = Drain::new(config.sidecar.drain_timeout);
+    // Ingress first (no new messages), while egress still accepts: the handlers still
+    // running may call out through it. Reload and provisioning stop alongside.
     ingress_stop.cancel();
-    let _ = ingress_task.await;
-    let _ = reload_task.await;
-    let _ = provision_task.await;
-    // Flush what egress published and unsubscribe cleanly.
-    let drain = tokio::time::timeout(config.sidecar.drain_timeout, nats.drain()).await;
-    if !matches!(drain, Ok(Ok(()))) {
+    tokio::join!(
+        drain.finish("ingress", ingress_task, drain.work),
+        drain.finish("reload", reload_task, drain.work),
+        drain.finish("provisioning", provision_task, drain.work),
+    );
+    // Then egress: no new calls, the ones in flight finish.
+    egress_stop.cancel();
+    let served = match failed {
+        Some(served) => served,
+        None => drain.finish("egress", egress_task, drain.work).await.unwrap_or(Ok(Ok(()))),
+    };
+    // Last, flush what egress and ingress published (replies, acks) and unsubscribe.
+    drain_nats(&nats, drain.end).await;
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    let result = match served {
+        Ok(r) => r.map_err(SidecarError::from),
+        Err(e) => Err(SidecarError::Io(std::io::Error::other(e))),
+    };
+    tracing::info!(took = ?drain.started.elapsed(), "natsbridge stopped");
+    result
+}
+
+/// The stop's budget: `drain_timeout` from the signal, of which the last part is kept for
+/// the NATS flush, so a slow handler cannot take it.
+struct Drain {
+    started: Instant,
+    /// Ingress, reload, provisioning and egress are done by then, or abandoned.
+    work: Instant,
+    /// The NATS flush is done by then, or abandoned.
+    end: Instant,
+}
+
+impl Drain {
+    fn new(drain_timeout: Duration) -> Self {
+        let started = Instant::now();
+        let end = started + drain_timeout;
+        Self { started, work: end - flush_reserve(drain_timeout), end }
+    }
+
+    /// Waits for `task` until `by`; past it, aborts the task (what it held is redelivered
+    /// or retried by its sender) and says so. `None` when it did not finish.
+    async fn finish<T>(&self, what: &str, mut task: JoinHandle<T>, by: Instant) -> Option<Result<T, tokio::task::JoinError>> {
+        match tokio::time::timeout_at(by.into(), &mut task).await {
+            Ok(r) => {
+                tracing::info!(took = ?self.started.elapsed(), "{what} stopped");
+                Some(r)
+            }
+            Err(_) => {
+                tracing::warn!(budget = ?by - self.started, "{what} did not stop within the drain budget; abandoning it");
+                task.abort();
+                None
+            }
+        }
+    }
+}
+
+/// How long a stopping inbound route lets its handlers run before it naks or abandons
+/// them: short of the whole budget, so their naks and the NATS flush still fit in it.
+pub fn handler_budget(drain_timeout: Duration) -> Duration {
+    drain_timeout.saturating_sub(2 * flush_reserve(drain_timeout))
+}
+
+/// The part of `drain_timeout` kept for the last NATS flush.
+pub fn flush_reserve(drain_timeout: Duration) -> Duration {
+    (drain_timeout / 10).min(Duration::from_secs(1))
+}
+
+/// Flushes and drains the connection by `end`. A connection that is down has nothing to
+/// flush to, and its drain would wait for a PONG that never comes: it is left as it is.
+async fn drain_nats(nats: &async_nats::Client, end: Instant) {
+    if !connection::is_connected(nats) {
+        tracing::warn!("NATS is not connected: nothing to flush");
+        return;
+    }
+    let flushed = tokio::time::timeout_at(end.into(), async {
+        nats.flush().await.ok()?;
+        nats.drain().await.ok()
+    })
+    .await;
+    if !matches!(flushed, Ok(Some(()))) {
         tracing::warn!("NATS drain did not finish cleanly");
     }
-    admin_stop.cancel();
-    let _ = admin_task.await;
-    tracing::info!("natsbridge stopped");
-    Ok(())
 }

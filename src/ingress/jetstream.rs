@@ -99,6 +99,9 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
     });
     let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream, stop.clone()));
     pull(&shared, &js, bound, &stop).await;
+    // It only reads the consumer, or recreates a vanished one (the next start does that
+    // too): a stop need not wait for its JetStream calls, each up to their timeout.
+    watchdog.abort();
     let _ = watchdog.await;
 }
 
@@ -108,7 +111,13 @@ async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()
     let mut attempt = 0;
     let mut last_why = String::new();
     loop {
-        match ensure_consumer(stream, route, c, None).await {
+        // Each JetStream API call may wait its whole timeout while NATS is away: a stop
+        // must not wait for it.
+        let ensured = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = ensure_consumer(stream, route, c, None) => r,
+        };
+        match ensured {
             Ok(consumer) => {
                 shared.readiness.pass(&route.check);
                 tracing::info!(route = %route.inbound.name, stream = %c.stream, durable = %c.durable, "inbound consumer bound");

@@ -64,7 +64,8 @@ pub(crate) struct Route {
     pub metrics: IngressRouteMetrics,
     /// Its component: `inbound:<name>`, starting until its subscription or consumer is bound.
     pub check: Component,
-    /// How long a stopping route waits for its in-flight handlers before naking them.
+    /// How long a stopping route waits for its in-flight handlers before naking them: the
+    /// part of `drain_timeout` the sidecar leaves to handlers.
     pub drain_timeout: Duration,
     /// The route's idempotency, when it sets `idempotency`.
     pub idem: Option<Arc<idempotency::guard::Guard>>,
@@ -105,6 +106,13 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// A route task outlives neither its supervisor nor a sidecar stop that abandoned it.
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
 pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     let shared = Arc::new(Shared {
@@ -136,8 +144,8 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     for r in running.values() {
         r.stop.cancel();
     }
-    for (_, r) in running.drain() {
-        let _ = r.task.await;
+    for (_, mut r) in running.drain() {
+        let _ = (&mut r.task).await;
     }
 }
 
@@ -164,8 +172,8 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
         r.stop.cancel();
     }
     for name in stale {
-        let Some(r) = running.remove(&name) else { continue };
-        let _ = r.task.await;
+        let Some(mut r) = running.remove(&name) else { continue };
+        let _ = (&mut r.task).await;
         if !wanted.contains_key(name.as_str()) {
             tracing::info!(route = %name, "inbound route removed");
             shared.readiness.remove(&Component::inbound(&name));
@@ -183,7 +191,7 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             base: app::base_url(&config.sidecar.app_url),
             metrics: shared.metrics.ingress_route(&inbound.name),
             check: Component::inbound(&inbound.name),
-            drain_timeout: config.sidecar.drain_timeout,
+            drain_timeout: crate::sidecar::handler_budget(config.sidecar.drain_timeout),
             idem: inbound.idempotency.clone().map(|spec| {
                 idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())
             }),

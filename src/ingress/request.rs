@@ -82,8 +82,12 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
         let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
         tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
     }
-    if let Some(mut s) = sub {
-        if s.drain().await.is_ok() {
+    // A drain ends with the server's PONG: while disconnected none comes, and the
+    // subscription has nothing more to bring anyway.
+    if let Some(mut s) = sub.filter(|_| crate::nats::connection::is_connected(&shared.nats)) {
+        // Sending the drain waits for room in the client's command queue, which fills while
+        // the connection is down.
+        if matches!(tokio::time::timeout_at(deadline, s.drain()).await, Ok(Ok(()))) {
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
                 let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
                 tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));

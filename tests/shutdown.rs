@@ -1,0 +1,210 @@
+//! Shutdown that is always bounded (issue 21 §4): a sidecar stops within one
+//! `drain_timeout` whether NATS was never reachable, was killed under it, or is up, and
+//! the real binary exits at once on a second signal. Real nats-server processes, real HTTP
+//! apps, in-process sidecars and the real binary.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use support::fixtures::*;
+use support::*;
+
+/// The `drain_timeout` of the sidecars here, and the margin a loaded machine gets on top.
+const DRAIN: Duration = Duration::from_secs(2);
+const MARGIN: Duration = Duration::from_millis(1500);
+
+/// A request route, a jetstream route (stream EVENTS, DLQ) and an egress publish route.
+fn routes() -> String {
+    routes_toml(
+        "shutdown",
+        "2s",
+        r#"[[outbound]]
+name = "event"
+method = "POST"
+path = "/events"
+subject = "events.created"
+mode = "jetstream"
+timeout = "1s"
+
+[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+
+[[inbound]]
+name = "events"
+subject = "events.created"
+mode = "jetstream"
+stream = "EVENTS"
+durable = "events"
+method = "POST"
+path = "/events"
+ack_wait = "2s"
+dead_letter = "dlq.events"
+"#,
+    )
+}
+
+/// Stops `sidecar` and says how long it took; panics past `limit` (the sidecar hung).
+async fn stop_within(sidecar: Sidecar, limit: Duration) -> Duration {
+    // The sidecar's own account of each step, shown when the case fails.
+    let _ = tracing_subscriber::fmt().with_env_filter("natsbridge=info").with_test_writer().try_init();
+    let started = Instant::now();
+    tokio::time::timeout(limit, sidecar.stop()).await.unwrap_or_else(|_| panic!("the sidecar did not stop within {limit:?}"));
+    started.elapsed()
+}
+
+/// Egress calls while NATS is away: each buffers a publish in the client, the way a busy
+/// pod's traffic would during an outage.
+async fn egress_burst(sidecar: &Sidecar, n: usize) {
+    let url = sidecar.url("/events");
+    let calls = (0..n).map(|i| {
+        let url = url.clone();
+        async move { call("POST", &url, &[], format!("e{i}")).await.status }
+    });
+    let statuses = futures::future::join_all(calls).await;
+    assert!(statuses.iter().all(|s| *s >= 500), "calls during the outage must fail: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_with_nats_never_reachable_is_bounded() {
+    let app = App::start(|_| respond(200, "ok")).await;
+    let nowhere = format!("nats://127.0.0.1:{}", free_port());
+    let sidecar = Sidecar::start(&routes(), &nowhere, Some(&app.url())).await;
+    let admin = sidecar.admin;
+    // Both inbound routes are trying to bind (and failing) before the stop.
+    eventually("the inbound routes trying to bind", Duration::from_secs(15), || async move {
+        let s = statusz(admin).await?;
+        let c = &s["components"];
+        (c["nats"]["state"] != "up" && c["inbound:orders"].is_object() && c["inbound:events"].is_object()).then_some(())
+    })
+    .await;
+    egress_burst(&sidecar, 50).await;
+    let took = stop_within(sidecar, DRAIN + MARGIN).await;
+    println!("stopped in {took:?} with NATS never reachable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_with_nats_killed_is_bounded() {
+    let mut nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    let app = App::start(|_| respond(200, "ok")).await;
+    let sidecar = Sidecar::start(&routes(), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    nats.kill();
+    let admin = sidecar.admin;
+    eventually("the sidecar seeing NATS gone", Duration::from_secs(15), || async move { (!nats_ready(admin).await).then_some(()) }).await;
+    egress_burst(&sidecar, 50).await;
+    let took = stop_within(sidecar, DRAIN + MARGIN).await;
+    println!("stopped in {took:?} with NATS killed");
+}
+
+/// An inbound request route to the app's `/orders` (which may call back out through the
+/// sidecar) and an `http` egress route to the app's `/legacy/…`.
+fn callback_routes(app: &str, drain_timeout: &str) -> String {
+    routes_toml(
+        "callback",
+        drain_timeout,
+        &format!(
+            r#"[[outbound]]
+name = "legacy"
+path = "/legacy/{{*rest}}"
+mode = "http"
+upstream = "{app}"
+
+[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+timeout = "30s"
+"#
+        ),
+    )
+}
+
+/// Waits until the process has exited; its status and how long that took.
+async fn exited_within(p: &mut SidecarProcess, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return (status, started.elapsed());
+        }
+        assert!(started.elapsed() < limit, "the sidecar process did not exit within {limit:?}:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An app whose `/orders` waits for `go`, then calls the sidecar's egress `/legacy/ping`
+/// and answers with that call's status; `/legacy/ping` answers 200.
+async fn callback_app(egress: std::sync::Arc<std::sync::OnceLock<String>>, go: tokio::sync::watch::Receiver<bool>) -> App {
+    App::script(move |seen, _| {
+        let (egress, mut go) = (egress.clone(), go.clone());
+        async move {
+            if seen.uri.starts_with("/legacy/") {
+                return respond(200, "pong");
+            }
+            let _ = go.wait_for(|g| *g).await;
+            let url = format!("{}/legacy/ping", egress.get().expect("set before any order"));
+            match get(&url).await {
+                Ok(r) => respond(r.status, "called back"),
+                Err(_) => respond(502, "egress refused the call"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_flight_handlers_call_out_through_egress_during_the_drain() {
+    let nats = NatsServer::start();
+    let egress = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let app = callback_app(egress.clone(), go_rx).await;
+    let mut p = SidecarProcess::start(&callback_routes(&app.url(), "10s"), &nats.url(), Some(&app.url()));
+    egress.set(p.url("")).unwrap();
+    p.wait_ready().await;
+    let client = nats.client().await;
+    let order = tokio::spawn(async move { nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(20)).await });
+    app.wait_hits(1).await;
+    // The order is in flight at the app when the stop begins; only then does the app call
+    // out through the sidecar.
+    p.signal("TERM");
+    eventually("the sidecar draining", Duration::from_secs(10), || async { p.log().contains("SIGTERM").then_some(()) }).await;
+    go.send(true).unwrap();
+    let reply = order.await.unwrap().expect("the order in flight is answered");
+    assert_eq!(reply_header(&reply, "Bridge-Status"), Some("200"), "the handler's egress call failed: {:?}", reply.payload);
+    let (status, took) = exited_within(&mut p, Duration::from_secs(10) + MARGIN).await;
+    assert!(status.success(), "exit status {status:?}:\n{}", p.log());
+    println!("exited {took:?} after the order was answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_signal_exits_at_once() {
+    let nats = NatsServer::start();
+    let egress = std::sync::Arc::new(std::sync::OnceLock::new());
+    // `go` never comes: the order stays in flight, and the drain would wait 30 s for it.
+    let (_go, go_rx) = tokio::sync::watch::channel(false);
+    let app = callback_app(egress.clone(), go_rx).await;
+    let mut p = SidecarProcess::start(&callback_routes(&app.url(), "30s"), &nats.url(), Some(&app.url()));
+    egress.set(p.url("")).unwrap();
+    p.wait_ready().await;
+    let client = nats.client().await;
+    let _order = tokio::spawn(async move { nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(40)).await });
+    app.wait_hits(1).await;
+    p.signal("TERM");
+    eventually("the sidecar draining", Duration::from_secs(10), || async { p.log().contains("SIGTERM").then_some(()) }).await;
+    p.signal("INT");
+    let (status, took) = exited_within(&mut p, MARGIN).await;
+    assert_eq!(status.code(), Some(130), "exit status {status:?}:\n{}", p.log());
+    println!("exited {took:?} after the second signal");
+}
