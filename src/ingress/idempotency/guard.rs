@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Idempotency, IdempotencyStore};
 use crate::health::{Component, Readiness};
-use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
+use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, IdempotencyError, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
 use crate::problem::BridgeError;
@@ -183,6 +183,16 @@ impl Guard {
         self.readiness.fail(&Component::IDEMPOTENCY, format!("idempotency store: {what} failed: {why}"));
     }
 
+    /// A lost claim is no store outage: counted and logged, but the route is not paused.
+    fn finish_failed(&self, what: &str, e: &IdempotencyError) {
+        if e.is_store_failure() {
+            self.store_failed(what, &e.to_string());
+        } else {
+            self.c.error.inc();
+            tracing::warn!(route = %self.route, error = %e, "idempotency store: {what} failed");
+        }
+    }
+
     fn store_ok(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
             self.readiness.pass(&Component::IDEMPOTENCY);
@@ -270,7 +280,7 @@ impl Guard {
                 }
                 Err(e) => {
                     let why = e.to_string();
-                    self.store_failed("storing a result", &why);
+                    self.finish_failed("storing a result", &e);
                     Err(why)
                 }
             },
@@ -283,7 +293,7 @@ impl Guard {
                 Err(e) => {
                     // The claim goes stale after claim_ttl; the retry runs then.
                     let why = e.to_string();
-                    self.store_failed("releasing a claim", &why);
+                    self.finish_failed("releasing a claim", &e);
                     Err(why)
                 }
             },
@@ -312,8 +322,14 @@ impl Claimed {
                     // Held across the update: finishing waits for it, so the ticket it
                     // finishes with has the latest revision.
                     let mut t = ticket.lock().await;
-                    if let Err(e) = store.refresh(&mut t).await {
-                        tracing::warn!(key = %t.key, error = %e, "could not refresh an idempotency claim");
+                    match store.refresh(&mut t).await {
+                        Ok(()) => {}
+                        Err(e) if !e.is_store_failure() => {
+                            // Taken over once stale: refreshing can only fail from now on.
+                            tracing::warn!(key = %t.key, error = %e, "idempotency claim lost while the handler ran");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(key = %t.key, error = %e, "could not refresh an idempotency claim"),
                     }
                 }
             }
