@@ -392,3 +392,36 @@ async fn a_handler_aborted_at_shutdown_leaves_its_claim_to_go_stale() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_max_age_shorter_than_the_route_ttl_shows_the_store_degraded() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = jetstream::new(nats.client().await);
+        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
+            .await
+            .unwrap();
+        dlq_stream(&js).await;
+        // Made by hand, not by `provision`: results would go after 1 minute, not the route's 1 h.
+        js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, max_age: Duration::from_secs(60), ..Default::default() })
+            .await
+            .unwrap();
+        let app = App::start(|_| respond(200, "ok")).await;
+        let sidecar = Sidecar::start(&service_toml("svc", ""), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let v = sidecar.statusz().await;
+        let c = &v["components"]["idempotency"];
+        assert_eq!(c["state"], "up", "{v}");
+        let why = c["reason"].as_str().unwrap();
+        assert!(why.contains("max_age 1m") && why.contains("\"execution-events\" ttl 1h"), "{why}");
+        // Degraded, not down: the route still runs.
+        let ack = js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "e-1")], "e").await;
+        eventually("settled", Duration::from_secs(30), || async {
+            consumer_settled(&js, "AGENT", &durable("svc"), ack.sequence).await.then_some(())
+        })
+        .await;
+        assert_eq!(app.requests().len(), 1);
+        sidecar.stop().await;
+    })
+    .await
+}

@@ -25,7 +25,7 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Idempotency, IdempotencyStore};
-use crate::health::{Component, Readiness};
+use crate::health::{Component, Readiness, State};
 use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, IdempotencyError, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
@@ -57,6 +57,8 @@ pub(crate) struct Guard {
     readiness: Arc<Readiness>,
     /// A store error failed readiness; the next success passes it again.
     degraded: AtomicBool,
+    /// The bucket's max_age is shorter than this route's ttl (found when it was bound).
+    short_max_age: std::sync::OnceLock<String>,
     c: Counters,
 }
 
@@ -98,6 +100,7 @@ impl Guard {
             store: watch::Sender::new(None),
             readiness,
             degraded: AtomicBool::new(false),
+            short_max_age: std::sync::OnceLock::new(),
             c: Counters {
                 hit: c("hit"),
                 claim: c("claim"),
@@ -118,8 +121,9 @@ impl Guard {
         loop {
             match Store::open(&js, &cfg, owner.clone()).await {
                 Ok(store) => {
+                    self.check_max_age(&store, &cfg.bucket).await;
                     self.store.send_replace(Some(Arc::new(store)));
-                    self.readiness.pass(&Component::IDEMPOTENCY);
+                    self.mark_up();
                     tracing::info!(route = %self.route, bucket = %cfg.bucket, "idempotency store bound");
                     return;
                 }
@@ -195,8 +199,38 @@ impl Guard {
 
     fn store_ok(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
-            self.readiness.pass(&Component::IDEMPOTENCY);
+            self.mark_up();
         }
+    }
+
+    /// Up, or up but degraded when the bucket's max_age is short for this route. A route
+    /// without that finding does not clear another route's: it passes only a component
+    /// that is not up.
+    fn mark_up(&self) {
+        match self.short_max_age.get() {
+            Some(why) => self.readiness.degraded(&Component::IDEMPOTENCY, why.clone()),
+            None if self.readiness.state(&Component::IDEMPOTENCY) != Some(State::Up) => self.readiness.pass(&Component::IDEMPOTENCY),
+            None => {}
+        }
+    }
+
+    /// The bucket collects entries after its max_age: shorter than the route's ttl, a
+    /// result is gone before its ttl and a late copy of the message runs again. `provision`
+    /// sets it from the longest ttl; a bucket made by hand, or a ttl raised since, is only
+    /// caught here. A store that cannot say is not held against it.
+    async fn check_max_age(&self, store: &Store, bucket: &str) {
+        let Ok(max_age) = store.max_age().await else { return };
+        if max_age.is_zero() || max_age >= self.spec.ttl {
+            return;
+        }
+        let why = format!(
+            "idempotency bucket {bucket:?} max_age {} is shorter than route {:?} ttl {}: results are collected early and a late copy runs again; run `natsbridge provision`",
+            humantime::format_duration(max_age),
+            self.route,
+            humantime::format_duration(self.spec.ttl)
+        );
+        tracing::warn!(route = %self.route, "{why}");
+        let _ = self.short_max_age.set(why);
     }
 
     /// Claims `key` for this delivery (counts claim, hit or conflict).

@@ -288,6 +288,11 @@ impl Store {
         self.kv.status().await.map(|_| ()).map_err(|e| IdempotencyError::Store(e.to_string()))
     }
 
+    /// The bucket's `max_age` (zero: unlimited). One API round trip.
+    pub async fn max_age(&self) -> Result<Duration, IdempotencyError> {
+        self.kv.status().await.map(|s| s.max_age()).map_err(|e| IdempotencyError::Store(e.to_string()))
+    }
+
     /// How long a claim lasts without a [`refresh`](Self::refresh).
     pub fn claim_ttl(&self) -> Duration {
         self.claim_ttl
