@@ -30,8 +30,11 @@ mod watch;
 pub use apply::{apply, ApplyError};
 pub use check::{check, Missing};
 pub use compare::FieldDiff;
-pub use plan::{plan, plan_with, Item, Plan, Status};
-pub use spec::{consumer_config, dead_letter_stream_config, idempotency_ttl, kv_config, kv_stream_name, stream_config, uses_idempotency};
+pub use plan::{cluster_size, plan, plan_with, Item, Plan, Status};
+pub use spec::{
+    consumer_config, dead_letter_stream_config, default_replicas, fit_to_stream, idempotency_ttl, kv_config, kv_stream_name, stream_config,
+    uses_idempotency, OWNER_KEY, ROUTE_KEY,
+};
 pub use watch::spawn;
 
 /// The bucket's max_age when no route sets an idempotency ttl (the documented default ttl).
