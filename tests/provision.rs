@@ -573,3 +573,50 @@ subjects = ["workflow.>"]
     let stdout = text(&out.stdout);
     assert_eq!(stdout.matches("warning:").count(), 3, "{stdout}");
 }
+
+#[tokio::test]
+async fn prune_deletes_only_this_services_consumers_whose_routes_are_gone() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    let file = path.to_str().unwrap();
+    let url = server.url();
+    // Two routes of service "svc"; then "tool-exec" goes and "renamed" stays.
+    let second = "\n[[inbound]]\nname = \"renamed\"\nsubject = \"tool.other\"\nmode = \"jetstream\"\nstream = \"TOOL\"\npath = \"/o\"\n";
+    std::fs::write(&path, format!("{}{second}", routes("", ""))).unwrap();
+    let out = cli(&["provision", "--config", file, "--nats-url", &url]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    // Not ours: a look-alike without metadata, and another service's consumer.
+    let tool = js.get_stream("TOOL").await.unwrap();
+    for (durable, owner) in [("svc-tool-exec-copy", None), ("other-consumer", Some("other"))] {
+        let metadata = owner.map(|o| [(provision::OWNER_KEY.to_owned(), o.to_owned())].into()).unwrap_or_default();
+        let config = jetstream::consumer::pull::Config { durable_name: Some(durable.into()), metadata, ..Default::default() };
+        tool.create_consumer(config).await.unwrap();
+    }
+    publish_tool(&js, 1).await; // tool-service (deliver new) now holds one message
+
+    let idem = "idempotency = { key = \"header:Idempotency-Key\", ttl = \"2h\" }";
+    let remaining = routes("", "")
+        .replace("name = \"tool-exec\"", "name = \"renamed\"")
+        .replace("durable = \"tool-service\"", "durable = \"svc-renamed\"");
+    std::fs::write(&path, remaining.replace("subject = \"tool.execution.requested\"", "subject = \"tool.other\"").replace(idem, ""))
+        .unwrap();
+    let out = cli(&["provision", "--config", file, "--nats-url", &url, "--prune", "--dry-run"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("TOOL/tool-service") && stdout.contains("REFUSED") && stdout.contains("holds 1 message"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "a refused prune fails the command");
+
+    let out = cli(&["provision", "--config", file, "--nats-url", &url, "--prune", "--force", "--dry-run"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("- consumer           TOOL/tool-service") && stdout.contains("delete (its route is gone)"), "{stdout}");
+    consumer_info(&js, "TOOL", "tool-service").await; // a dry run deletes nothing
+
+    let out = cli(&["provision", "--config", file, "--nats-url", &url, "--prune", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 deleted"), "{}", text(&out.stdout));
+    use futures::TryStreamExt;
+    let mut left: Vec<String> = tool.consumer_names().try_collect().await.unwrap();
+    left.sort();
+    assert_eq!(left, ["other-consumer", "svc-renamed", "svc-tool-exec-copy"]);
+}

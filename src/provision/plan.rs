@@ -32,6 +32,8 @@ pub enum Status {
         reason: String,
         diff: Vec<FieldDiff>,
     },
+    /// A consumer whose route is gone (`--prune`): deleted, or to be deleted in a dry run.
+    Deleted,
     /// Destructive or impossible; nothing was changed.
     Refused {
         reason: String,
@@ -106,6 +108,8 @@ impl Item {
             (Status::Updated { .. }, true) => ('~', "updated".to_owned()),
             (Status::Updated { .. }, false) => ('~', "update".to_owned()),
             (Status::Unchanged, _) => ('=', "unchanged".to_owned()),
+            (Status::Deleted, true) => ('-', "deleted (its route is gone)".to_owned()),
+            (Status::Deleted, false) => ('-', "delete (its route is gone)".to_owned()),
             (Status::Recreated { reason, .. }, true) => ('!', format!("deleted and recreated: {reason}")),
             (Status::Recreated { reason, .. }, false) => ('!', format!("delete and recreate: {reason}")),
             (Status::Refused { reason, .. }, _) => ('x', format!("REFUSED: {reason}")),
@@ -147,10 +151,14 @@ impl fmt::Display for Plan {
         let unchanged = self.count(|s| matches!(s, Status::Unchanged));
         let refused = self.count(|s| matches!(s, Status::Refused { .. }));
         let failed = self.count(|s| matches!(s, Status::Failed { .. }));
+        let deleted = self.count(|s| matches!(s, Status::Deleted));
         write!(
             f,
             "{created} created, {updated} updated, {recreated} recreated, {unchanged} unchanged, {refused} refused, {failed} failed"
         )?;
+        if deleted > 0 {
+            write!(f, ", {deleted} deleted")?;
+        }
         if refused > 0 {
             write!(f, "\nrefused changes were not made; `--force` makes the destructive ones (see each reason)")?;
         }
