@@ -76,6 +76,11 @@ struct ProvisionArgs {
     /// (losing its messages), remove subjects, lower limits.
     #[arg(long)]
     force: bool,
+    /// Also delete the durable consumers this service owns (by the `natsbridge.service`
+    /// metadata provisioning sets, never by name) whose routes are gone. One still holding
+    /// messages is refused unless --force; --dry-run shows what would go.
+    #[arg(long)]
+    prune: bool,
     /// NATS server URL(s), comma-separated (overrides [nats] servers).
     #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',', value_parser = config::parse_server_url)]
     nats_url: Option<Vec<String>>,
@@ -326,13 +331,22 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     let js = natsbridge::nats::connection::jetstream(client.clone());
     let result =
         if args.dry_run { provision::plan_with(&js, &config, args.force).await } else { provision::apply(&js, &config, args.force).await };
-    let plan = match result {
+    let mut plan = match result {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(false);
         }
     };
+    if args.prune {
+        match provision::prune(&js, &config, args.force, args.dry_run).await {
+            Ok(pruned) => plan.items.extend(pruned.items),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(false);
+            }
+        }
+    }
     print!("{plan}");
     let _ = client.drain().await;
     let refused = plan.refused().count();

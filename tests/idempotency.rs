@@ -17,7 +17,7 @@ async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> 
         .unwrap();
     let cfg = IdempotencyStore {
         bucket: "natsbridge_idempotency".into(),
-        replicas: 1,
+        replicas: Some(1),
         claim_ttl,
         max_response_bytes: 16,
         storage: natsbridge::config::Storage::File,

@@ -257,6 +257,24 @@ pub struct Consumer {
     pub ack_wait: Duration,
     pub max_ack_pending: i64,
     pub dead_letter: String,
+    /// Where a newly created durable starts. Only read when the consumer is created: the
+    /// server cannot move an existing consumer's start.
+    pub deliver: Deliver,
+    /// `[sidecar] service`: written into the consumer's metadata, which is how
+    /// `provision --prune` recognises the consumers this service owns.
+    pub service: String,
+}
+
+/// Where a new durable consumer starts (`deliver` on a jetstream route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deliver {
+    /// Only messages published after the consumer is created: the default, so a renamed
+    /// route or service (a new durable) does not replay the whole stream.
+    New,
+    /// Every message the stream holds.
+    All,
+    /// Messages stored at or after this time.
+    StartTime(std::time::SystemTime),
 }
 
 #[derive(Debug, Clone)]
@@ -360,16 +378,26 @@ pub struct DeadLetterStream {
     pub stream: String,
     pub subjects: Vec<SubjectPattern>,
     pub storage: Storage,
-    pub replicas: usize,
-    pub max_age: Option<Duration>,
-    pub max_bytes: Option<i64>,
+    /// `None`: min(3, the cluster's size), read from the server when provisioning.
+    pub replicas: Option<usize>,
+    /// Dead letters older than this are deleted; zero: kept until purged.
+    pub max_age: Duration,
+    /// Past this size new dead letters are refused (and retried), not old ones dropped;
+    /// 0: unlimited.
+    pub max_bytes: i64,
 }
+
+/// The dead-letter stream's `max_age` unless set: long enough to be noticed and replayed.
+pub const DEFAULT_DLQ_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The dead-letter stream's `max_bytes` unless set.
+pub const DEFAULT_DLQ_MAX_BYTES: usize = 1 << 30;
 
 /// The KV bucket that remembers handled idempotency keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdempotencyStore {
     pub bucket: String,
-    pub replicas: usize,
+    /// `None`: min(3, the cluster's size), read from the server when provisioning.
+    pub replicas: Option<usize>,
     /// How long a claim lasts before another handler may take the key over.
     pub claim_ttl: Duration,
     /// Stored responses larger than this keep only their status and headers.

@@ -115,6 +115,7 @@ pub(super) struct RawInbound {
     pub(super) ack_wait: Option<String>,
     pub(super) max_ack_pending: Option<i64>,
     pub(super) dead_letter: Option<String>,
+    pub(super) deliver: Option<String>,
     pub(super) concurrency: Option<usize>,
     pub(super) timeout: Option<String>,
     pub(super) max_body: Option<String>,

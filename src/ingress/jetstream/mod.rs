@@ -146,6 +146,9 @@ async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, sta
         }
         Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
             let mut config: js_pull::Config = provision::consumer_config(&route.inbound, c);
+            if let Ok(info) = stream.get_info().await {
+                provision::fit_to_stream(&mut config, info.config.retention);
+            }
             if let Some(seq) = start {
                 config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: seq };
             }
@@ -196,7 +199,9 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                 shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
-                let start = resume_point(&stream, floor).await;
+                // Unknown floor (a new stream): from its first message, not the route's
+                // `deliver` (new only), which would skip what the new stream holds.
+                let start = resume_point(&stream, floor).await.or(Some(1));
                 match ensure_consumer(&stream, route, c, start).await {
                     Ok(_) => {
                         tracing::warn!(route = %route.inbound.name, durable = %c.durable, start = ?start, "consumer vanished; recreated it");
