@@ -27,9 +27,19 @@ use crate::problem::BridgeError;
 /// The route label of forwarded calls in `natsbridge_egress_requests_total`.
 pub const UNMATCHED_ROUTE: &str = "(unmatched)";
 
-/// A request body on its way upstream: streamed as it arrives, refused past `limit`, and
-/// telling (through `done`) when it has been sent whole or dropped.
+/// How much of a body without a declared length is read before the upstream is called,
+/// when the route has a `max_body`: a limit within it is decided before the upstream sees
+/// anything (an over-limit request never reaches the app, as when bodies were buffered);
+/// past it the body streams, and an overrun aborts the upstream's request mid-body.
+const PREFETCH: usize = 256 << 10;
+
+/// A request body on its way upstream: the prefetched frames first, then streamed as it
+/// arrives, refused past `limit`, and telling (through `done`) when it has been sent whole
+/// or dropped.
 pub struct Upload {
+    prefix: std::collections::VecDeque<Frame<Bytes>>,
+    /// The inner body ended during the prefetch.
+    inner_done: bool,
     inner: Incoming,
     limit: usize,
     seen: usize,
@@ -49,6 +59,13 @@ impl http_body::Body for Upload {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(frame) = this.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if this.inner_done {
+            this.finish();
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.seen = this.seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
@@ -73,12 +90,16 @@ impl http_body::Body for Upload {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_empty() && (self.inner_done || self.inner.is_end_stream())
     }
 
     // Kept, so a sized request goes upstream with its Content-Length, not chunked.
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.inner_done {
+            SizeHint::with_exact(self.prefix.iter().filter_map(Frame::data_ref).map(|d| d.len() as u64).sum())
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
@@ -164,10 +185,15 @@ impl Egress {
         }
         let protocol = upgrade_protocol(req.headers());
         let ours = protocol.is_some().then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
+        let (parts, mut body) = req.into_parts();
+        let (prefix, seen, inner_done) = match (declared, to.max_body) {
+            // Sized bodies were checked above; unlimited ones need no look ahead.
+            (Some(_), _) | (None, usize::MAX) => Default::default(),
+            (None, limit) => prefetch(&mut body, limit).await?,
+        };
         let over = Arc::new(AtomicBool::new(false));
         let (done, mut sent) = watch::channel(false);
-        let upload = Upload { inner: body, limit: to.max_body, seen: 0, over: over.clone(), done };
+        let upload = Upload { prefix, inner_done, inner: body, limit: to.max_body, seen, over: over.clone(), done };
         let mut out = Request::new(upload);
         *out.method_mut() = parts.method;
         *out.uri_mut() = to.uri;
@@ -210,6 +236,23 @@ impl Egress {
         parts.headers = codec::end_to_end_headers(&parts.headers);
         Ok(Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
     }
+}
+
+/// Reads up to [`PREFETCH`] bytes of a body without a declared length: its frames, their
+/// size, and whether the body ended. 413 when they already pass `limit`.
+async fn prefetch(body: &mut Incoming, limit: usize) -> Result<(std::collections::VecDeque<Frame<Bytes>>, usize, bool), BridgeError> {
+    let mut frames = std::collections::VecDeque::new();
+    let mut seen = 0usize;
+    while seen <= PREFETCH {
+        let Some(frame) = body.frame().await else { return Ok((frames, seen, true)) };
+        let frame = frame.map_err(|e| BridgeError::BodyRead(e.into()))?;
+        seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+        if seen > limit {
+            return Err(BridgeError::BodyTooLarge { limit });
+        }
+        frames.push_back(frame);
+    }
+    Ok((frames, seen, false))
 }
 
 /// The protocol a request asks to switch to (`Connection: upgrade` plus `Upgrade: …`).
