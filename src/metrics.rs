@@ -145,7 +145,7 @@ impl Metrics {
             ),
             egress_tunnels: counter_vec(
                 "natsbridge_egress_tunnels_total",
-                "Byte tunnels: CONNECT (kind=connect) and protocol upgrades such as WebSocket (kind=upgrade), by host (capped like natsbridge_egress_forwarded_total) and outcome: opened, refused, failed.",
+                "Byte tunnels: CONNECT (kind=connect) and protocol upgrades such as WebSocket (kind=upgrade), by host (capped like natsbridge_egress_forwarded_total) and outcome: opened, routed (a CONNECT to a host with routes, answered by the sidecar itself), refused, failed.",
                 &["kind", "host", "outcome"],
             ),
             egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),

@@ -413,3 +413,32 @@ async fn fifty_mib_uploads_keep_the_sidecar_rss_flat() {
         assert!(grew < 16 << 20, "{target}: RSS grew by {} KiB during a {} MiB upload", grew >> 10, UPLOAD >> 20);
     }
 }
+
+/// Clients such as Node's undici tunnel even `http://` calls through CONNECT: a CONNECT
+/// to a host with routes is served by the sidecar, so the routes still apply, while TLS
+/// inside such a tunnel still reaches its origin untouched.
+#[tokio::test]
+async fn connect_to_a_routed_host_still_takes_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start();
+    let (sink, ws) = (sink().await, ws_echo().await);
+    let (tls, ca) = tls_origin(dir.path()).await;
+    responder(&nats).await;
+    // `localhost` has a route too, so HTTPS to it goes through the sniffing tunnel.
+    let toml = routes(sink, ws, "")
+        + "\n[[outbound]]\nname = \"local\"\nhost = \"localhost\"\npath = \"/local\"\nmode = \"request\"\nsubject = \"local.x\"\n";
+    let s = Sidecar::start(&toml, &nats.url(), None).await;
+    s.wait_ready().await;
+    let (status, body) = curl(s.egress, &["-p", "http://agent-service/agents/9/execute", "-d", "{}"]).await;
+    assert_eq!((status, body.as_str()), (200, "over NATS on agent.9.execution.requested"));
+    // Several calls on one tunnel, to an `http` route.
+    let (status, body) = curl(s.egress, &["-p", "http://legacy-service/a", "http://legacy-service/b"]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("GET /a bytes=0") && body.contains("GET /b bytes=0"), "{body}");
+    let ca = ca.display().to_string();
+    let (status, body) = curl(s.egress, &["--cacert", &ca, &format!("https://localhost:{}/", tls.port())]).await;
+    assert_eq!((status, body.as_str()), (200, "secure hello"));
+    let m = s.metrics().await;
+    let want = format!(r#"natsbridge_egress_tunnels_total{{host="localhost:{}",kind="connect",outcome="routed"}} 1"#, tls.port());
+    assert!(m.contains(&want), "{want} not in\n{m}");
+}

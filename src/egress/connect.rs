@@ -23,8 +23,10 @@ use crate::metrics::{InFlight, Metrics};
 use crate::problem::BridgeError;
 
 impl Egress {
-    /// `CONNECT host:port`: a TCP connection to the target, then a 200 and the splice.
-    pub(super) async fn connect(&self, mut req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
+    /// `CONNECT host:port`: a TCP connection to the target, then a 200 and the splice. A
+    /// target whose host has routes is answered by the sidecar itself (see
+    /// [`Egress::routed_tunnel`]).
+    pub(super) async fn connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
         let forward = self.table.load().config().sidecar.forward.clone();
         let target = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
         if forward.unmatched == Unmatched::Reject {
@@ -41,6 +43,18 @@ impl Egress {
                 count("refused");
                 return Err(BridgeError::ConnectForbidden { target });
             }
+        }
+        if self.table.load().has_host(&host) {
+            count("routed");
+            let ours = hyper::upgrade::on(&mut req);
+            let egress = self.clone();
+            tokio::spawn(async move {
+                match ours.await {
+                    Ok(ours) => egress.routed_tunnel(TokioIo::new(ours), target).await,
+                    Err(e) => tracing::debug!(%target, error = %e, "CONNECT client went away before the tunnel"),
+                }
+            });
+            return Ok(Response::new(full(Bytes::new())));
         }
         let stream = match tokio::time::timeout(forward.connect_timeout, TcpStream::connect((host.as_str(), port))).await {
             Ok(Ok(s)) => s,
@@ -66,6 +80,55 @@ impl Egress {
         Ok(Response::new(full(Bytes::new())))
     }
 
+    /// A CONNECT to a host with routes. Clients such as Node's undici (`EnvHttpProxyAgent`)
+    /// tunnel even plain `http://` calls; splicing those to the origin would bypass the
+    /// routes. So the tunnel's first bytes decide: TLS (a handshake record) is spliced to
+    /// the origin as usual; anything else is served as HTTP/1.1 right here, each request
+    /// taken as `http://<target><path>`, so routes apply and unrouted paths are forwarded.
+    async fn routed_tunnel<T>(self: Arc<Self>, mut ours: T, target: String)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use tokio::io::AsyncReadExt as _;
+        let (idle, connect_timeout) = (self.idle_timeout(), self.table.load().config().sidecar.forward.connect_timeout);
+        let mut first = vec![0u8; 4096];
+        let n = match tokio::time::timeout(idle, ours.read(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        first.truncate(n);
+        const TLS_HANDSHAKE: u8 = 0x16;
+        if first[0] == TLS_HANDSHAKE {
+            let Ok(Ok(mut theirs)) = tokio::time::timeout(connect_timeout, TcpStream::connect(target.as_str())).await else {
+                tracing::debug!(%target, "CONNECT target unreachable");
+                return;
+            };
+            let _ = theirs.set_nodelay(true);
+            if tokio::io::AsyncWriteExt::write_all(&mut theirs, &first).await.is_ok() {
+                splice(ours, theirs, idle, &self.metrics).await;
+            }
+            return;
+        }
+        let io = Prefixed { prefix: Bytes::from(first), inner: ours };
+        let egress = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (egress, target) = (egress.clone(), target.clone());
+            async move {
+                let req = in_tunnel(req, &target);
+                Ok::<_, std::convert::Infallible>(handle_boxed(egress, req).await)
+            }
+        });
+        let limits = self.table.load().config().sidecar.http.clone();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_headers(limits.max_headers)
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        if let Err(e) = http.serve_connection(TokioIo::new(io), svc).with_upgrades().await {
+            tracing::debug!(error = %e, "HTTP inside a CONNECT tunnel ended with an error");
+        }
+    }
+
     /// After a 101 from upstream: splices the app's connection with the upstream's.
     pub(super) fn splice_upgrade(&self, ours: OnUpgrade, theirs: OnUpgrade, host_label: String) {
         let (metrics, idle) = (self.metrics.clone(), self.idle_timeout());
@@ -85,6 +148,56 @@ impl Egress {
 
     fn idle_timeout(&self) -> Duration {
         self.table.load().config().sidecar.http.idle_timeout
+    }
+}
+
+/// [`Egress::handle`] behind a plain function returning a boxed future: the tunnel's
+/// future then names no opaque type of `handle`, whose own future contains `connect`'s
+/// (rustc cannot prove `Send` through that cycle).
+fn handle_boxed(egress: Arc<Egress>, req: Request<Incoming>) -> Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+    Box::pin(async move { egress.handle(req).await })
+}
+
+/// A request read inside a tunnel to `target`, in absolute form: `http://<target><path>`.
+fn in_tunnel(mut req: Request<Incoming>, target: &str) -> Request<Incoming> {
+    if req.uri().authority().is_none() {
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(uri) = format!("http://{target}{pq}").parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
+}
+
+/// An IO whose first reads return `prefix` (bytes already read to sniff the protocol).
+struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -2,6 +2,7 @@
 //! subject, the body under the route's limit, then one function per mode. Failures are
 //! [`BridgeError`]s; `problem` turns them into responses.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -23,7 +24,7 @@ use crate::subject::{control_line_len, RenderError, MAX_CONTROL_LINE};
 impl Egress {
     /// Answers one request; every request gets an `X-Request-Id` (kept when the app sent
     /// one), echoed back.
-    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let _in_flight = InFlight::new(&self.metrics.egress_in_flight);
         let started = Instant::now();
         let table = self.table.load_full();
