@@ -179,7 +179,23 @@ async fn responder(nats: &NatsServer) {
 async fn python_app(egress: SocketAddr, env: &[(&str, String)]) -> Vec<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/forward_app.py");
     let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(script).env_remove("NO_PROXY").env_remove("no_proxy").env_remove("ALL_PROXY").env_remove("all_proxy");
+    cmd.arg(script);
+    run_app(cmd, egress, env).await
+}
+
+/// Runs tests/node/forward_app.mjs (undici from `npm ci`, see scripts/node-env) like
+/// [`python_app`].
+async fn node_app(egress: SocketAddr, env: &[(&str, String)]) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("scripts/node-env")).output().unwrap();
+    assert!(out.status.success(), "scripts/node-env failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(root.join("tests/node/forward_app.mjs"));
+    run_app(cmd, egress, env).await
+}
+
+async fn run_app(mut cmd: tokio::process::Command, egress: SocketAddr, env: &[(&str, String)]) -> Vec<String> {
+    cmd.env_remove("NO_PROXY").env_remove("no_proxy").env_remove("ALL_PROXY").env_remove("all_proxy");
     for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
         cmd.env(var, format!("http://{egress}"));
     }
@@ -262,6 +278,42 @@ async fn one_app_mixes_routed_unrouted_https_and_websocket_calls() {
     ] {
         assert!(m.contains(&want), "{want} not in\n{m}");
     }
+}
+
+/// The same mix from Node: undici tunnels every call through CONNECT, the routed one too.
+#[tokio::test]
+async fn a_node_app_mixes_the_same_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start();
+    let (sink, ws) = (sink().await, ws_echo().await);
+    let (tls, ca) = tls_origin(dir.path()).await;
+    responder(&nats).await;
+    let s = Sidecar::start(&routes(sink, ws, ""), &nats.url(), None).await;
+    s.wait_ready().await;
+    let lines = node_app(
+        s.egress,
+        &[
+            ("ROUTED_URL", "http://agent-service/agents/7/execute".into()),
+            ("UNROUTED_URL", format!("http://{sink}/upload")),
+            ("HTTPS_URL", format!("https://localhost:{}/secure", tls.port())),
+            ("NODE_EXTRA_CA_CERTS", ca.display().to_string()),
+            ("WS_URL", format!("ws://{ws}/chat")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        lines,
+        vec![
+            "routed 200 over NATS on agent.7.execution.requested".to_owned(),
+            // Tunnelled: the sidecar passes bytes, so it adds no Via.
+            format!("unrouted 200 POST /upload bytes=5 host={sink} via=no proxy-connection=no"),
+            "https 200 secure hello".to_owned(),
+            "websocket 101 echo: hello over the proxy".to_owned(),
+        ]
+    );
+    let m = s.metrics().await;
+    let want = r#"natsbridge_egress_tunnels_total{host="agent-service:80",kind="connect",outcome="routed"} 1"#;
+    assert!(m.contains(want), "{want} not in\n{m}");
 }
 
 #[tokio::test]
