@@ -27,6 +27,11 @@ enum Command {
     /// messages first, in-flight handlers finish while egress still serves their calls,
     /// then egress drains and NATS is flushed. A second signal exits at once. SIGHUP
     /// reloads the routing file.
+    ///
+    /// The egress listener is also a forward proxy for an app run with
+    /// HTTP_PROXY/HTTPS_PROXY pointing at it: calls no route takes go to their origin
+    /// (`[sidecar] unmatched = "forward"`, or "reject" for 404), CONNECT becomes a TCP
+    /// tunnel (`connect_allow`), and WebSocket upgrades pass through.
     Run(RunArgs),
     /// Validate a routing file, print its route table, and exit (1 on any error).
     Check {

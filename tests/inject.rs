@@ -169,6 +169,31 @@ fn already_injected_pods_are_untouched() {
 }
 
 #[test]
+fn https_proxy_annotation_sets_https_proxy() {
+    let pod = |annotations: Value| {
+        let mut a = json!({ "natsbridge.io/inject": "true", "natsbridge.io/routes": "r" });
+        a.as_object_mut().unwrap().extend(annotations.as_object().unwrap().clone());
+        json!({ "metadata": { "name": "p", "annotations": a }, "spec": { "containers": [{ "name": "app", "image": "app:1" }] } })
+    };
+    // Both: every call of the app goes through the sidecar, HTTPS as CONNECT tunnels.
+    let (_, _, out) = admit(&pod(json!({ "natsbridge.io/http-proxy": "true", "natsbridge.io/https-proxy": "true" })), &settings());
+    let app = &out["spec"]["containers"][0];
+    for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
+        assert_eq!(env_of(app, var), Some("http://127.0.0.1:4280"), "{var}");
+    }
+    assert!(env_of(app, "NO_PROXY").is_some_and(|n| n.split(',').any(|e| e == "127.0.0.1")));
+    // HTTPS alone: no HTTP_PROXY, but NO_PROXY still keeps loopback and NATS off the proxy.
+    let (_, _, out) = admit(&pod(json!({ "natsbridge.io/https-proxy": "true" })), &settings());
+    let app = &out["spec"]["containers"][0];
+    assert_eq!(env_of(app, "https_proxy"), Some("http://127.0.0.1:4280"));
+    assert!(env_of(app, "HTTP_PROXY").is_none());
+    assert!(env_of(app, "no_proxy").is_some());
+    // Only exactly "true" opts in.
+    let (_, _, out) = admit(&pod(json!({ "natsbridge.io/https-proxy": "yes" })), &settings());
+    assert!(env_of(&out["spec"]["containers"][0], "HTTPS_PROXY").is_none());
+}
+
+#[test]
 fn http_proxy_with_several_containers() {
     let pod = json!({
         "metadata": {
@@ -213,7 +238,7 @@ fn http_proxy_with_several_containers() {
     for c in containers {
         assert_eq!(env_of(c, "HTTP_PROXY"), Some("http://127.0.0.1:4280"), "{}", c["name"]);
         assert_eq!(env_of(c, "http_proxy"), Some("http://127.0.0.1:4280"));
-        assert!(env_of(c, "HTTPS_PROXY").is_none(), "the egress listener speaks plain HTTP only");
+        assert!(env_of(c, "HTTPS_PROXY").is_none(), "HTTPS goes through the sidecar only with natsbridge.io/https-proxy");
     }
     assert_eq!(env_of(&containers[0], "MODE"), Some("prod"), "existing env is kept");
     let no_proxy = env_of(&containers[0], "NO_PROXY").unwrap();

@@ -58,6 +58,30 @@ pub struct Sidecar {
     /// The reply subjects inbound request and tunnel routes answer, by prefix, unless a
     /// route sets its own (default `_INBOX.`).
     pub reply_prefixes: Vec<String>,
+    /// What the egress listener does with a request no route matches.
+    pub forward: Forward,
+}
+
+/// The egress listener as a forward proxy (`HTTP_PROXY`): what happens to the calls no
+/// route takes, so that the app's other calls work as they did without the sidecar.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub unmatched: Unmatched,
+    /// `CONNECT` targets allowed, as `host:port` patterns (`*` matches any run of
+    /// characters); `None` allows every target.
+    pub connect_allow: Option<Vec<String>>,
+    /// The bound on connecting to an origin (forwarded calls, CONNECT, upgrades).
+    pub connect_timeout: Duration,
+}
+
+/// `[sidecar] unmatched`: an absolute-form request (`HTTP_PROXY`) whose host no route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unmatched {
+    /// Forwarded to its origin as a plain forward proxy would, CONNECT tunnels allowed.
+    #[default]
+    Forward,
+    /// 404 `no-route` (and CONNECT refused): a closed list of what the app may call.
+    Reject,
 }
 
 /// What `/readyz` means: see [`crate::health`].

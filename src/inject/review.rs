@@ -19,6 +19,9 @@ pub const ANNOTATION_ROUTES: &str = "natsbridge.io/routes";
 pub const ANNOTATION_APP_PORT: &str = "natsbridge.io/app-port";
 /// Annotation that points the app's outgoing HTTP at the sidecar's egress listener.
 pub const ANNOTATION_HTTP_PROXY: &str = "natsbridge.io/http-proxy";
+/// Annotation that sends the app's HTTPS calls through the egress listener too, as CONNECT
+/// tunnels (opaque: they are passed through, never routed onto NATS).
+pub const ANNOTATION_HTTPS_PROXY: &str = "natsbridge.io/https-proxy";
 /// Annotation the injector writes, so a re-invocation or a second webhook sees it is done.
 pub const ANNOTATION_STATUS: &str = "natsbridge.io/status";
 /// Annotation overriding the sidecar's log level for one workload.
@@ -276,19 +279,28 @@ fn injection_patch(pod: &Pod<'_>, request: &SidecarRequest<'_>, settings: &Injec
         None => ops.push(op_add("/spec/volumes", Value::Array(volumes))),
     }
 
-    if pod.annotation(ANNOTATION_HTTP_PROXY) == Some("true") {
-        ops.extend(proxy_env_ops(pod, settings));
+    let (http, https) = (pod.annotation(ANNOTATION_HTTP_PROXY) == Some("true"), pod.annotation(ANNOTATION_HTTPS_PROXY) == Some("true"));
+    if http || https {
+        ops.extend(proxy_env_ops(pod, settings, http, https));
     }
     ops.extend(marker_ops(pod, settings));
     ops
 }
 
-/// `HTTP_PROXY`/`NO_PROXY` (both cases) on every app container that does not set them itself.
-fn proxy_env_ops(pod: &Pod<'_>, settings: &InjectSettings) -> Vec<Value> {
+/// `HTTP_PROXY` (when `http`), `HTTPS_PROXY` (when `https`) and `NO_PROXY`, in both cases,
+/// on every app container that does not set them itself.
+fn proxy_env_ops(pod: &Pod<'_>, settings: &InjectSettings, http: bool, https: bool) -> Vec<Value> {
     let proxy = format!("http://127.0.0.1:{}", settings.egress_port);
     let no_proxy = no_proxy_list(settings).join(",");
     // Lower-case too: curl and many libraries read only http_proxy (httpoxy hardening).
-    let vars = [("HTTP_PROXY", &proxy), ("http_proxy", &proxy), ("NO_PROXY", &no_proxy), ("no_proxy", &no_proxy)];
+    let mut vars = vec![("NO_PROXY", &no_proxy), ("no_proxy", &no_proxy)];
+    if http {
+        vars.extend([("HTTP_PROXY", &proxy), ("http_proxy", &proxy)]);
+    }
+    if https {
+        // The proxy URL stays http://: the app speaks TLS inside the CONNECT tunnel.
+        vars.extend([("HTTPS_PROXY", &proxy), ("https_proxy", &proxy)]);
+    }
     let mut ops = Vec::new();
     for (i, c) in pod.containers.iter().enumerate() {
         let existing: Vec<&str> = c.env.iter().flatten().filter_map(|e| e.name.as_deref()).collect();
