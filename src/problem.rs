@@ -74,6 +74,8 @@ pub enum BridgeError {
     Panicked,
     #[error("a request with the same idempotency key is still being processed after {wait:?}; retry later")]
     IdempotencyInFlight { wait: Duration },
+    #[error("the idempotency key was already used for a request with a different payload")]
+    IdempotencyKeyReused,
     #[error("the idempotency store is not bound yet")]
     IdempotencyStoreUnbound,
     #[error("the idempotency store cannot be used: {0}")]
@@ -90,7 +92,7 @@ impl BridgeError {
             BodyTooLarge { .. } | PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SubjectTooLong { .. } => StatusCode::URI_TOO_LONG,
             BadRequest(_) | BodyRead(_) | BadFraming(_) => StatusCode::BAD_REQUEST,
-            IdempotencyInFlight { .. } => StatusCode::CONFLICT,
+            IdempotencyInFlight { .. } | IdempotencyKeyReused => StatusCode::CONFLICT,
             NoResponders { .. }
             | NatsDisconnected
             | Nats(_)
@@ -138,6 +140,7 @@ impl BridgeError {
             BadFraming(_) => "bad-framing",
             Panicked => "panic",
             IdempotencyInFlight { .. } => "idempotency-in-flight",
+            IdempotencyKeyReused => "idempotency-key-reused",
             IdempotencyStoreUnbound | IdempotencyUnavailable(_) => "idempotency-unavailable",
         }
     }
@@ -224,6 +227,10 @@ mod tests {
         assert_eq!(BridgeError::Panicked.status(), 500);
         assert_eq!(BridgeError::IdempotencyInFlight { wait: Duration::from_secs(1) }.status(), 409);
         assert_eq!(BridgeError::IdempotencyStoreUnbound.status(), 503);
+        assert_eq!(
+            (BridgeError::IdempotencyKeyReused.status().as_u16(), BridgeError::IdempotencyKeyReused.kind()),
+            (409, "idempotency-key-reused")
+        );
         assert_eq!(BridgeError::SubjectTooLong { len: 5000, max: 1024 }.status(), 414);
         let p = BridgeError::PublishUnconfirmed { timeout: Duration::from_secs(1) };
         assert_eq!((p.status().as_u16(), p.kind()), (504, "outcome-unknown"));

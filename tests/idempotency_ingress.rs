@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use natsbridge::config::{IdempotencyStore, Storage};
-use natsbridge::ingress::idempotency::store::{kv_key, Claim, Store, StoredResponse};
+use natsbridge::ingress::idempotency::store::{kv_key, payload_digest, Claim, Store, StoredResponse};
 use tokio::sync::Semaphore;
 
 use support::fixtures::*;
@@ -202,7 +202,7 @@ async fn jetstream_poison_is_dead_lettered_with_its_claim_released() {
         assert_eq!(metric(&m, "tool-exec", "stored"), 0.0, "{m}");
         // The key is free: a replay of the dead letter could claim it.
         let other = other_replica(&nats).await;
-        assert!(matches!(other.claim(&kv_key("svc", "tool-exec", "p-1")).await.unwrap(), Claim::Acquired(_)));
+        assert!(matches!(other.claim(&kv_key("svc", "tool-exec", "p-1"), &payload_digest(b"{}")).await.unwrap(), Claim::Acquired(_)));
         sidecar.stop().await;
     })
     .await
@@ -222,7 +222,9 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         // Another replica is running the handler for this key, refreshing its claim as a
         // live handler does.
         let other = other_replica(&nats).await;
-        let Claim::Acquired(ticket) = other.claim(&kv_key("svc", "tool-exec", "busy-1")).await.unwrap() else { panic!("claim") };
+        let Claim::Acquired(ticket) = other.claim(&kv_key("svc", "tool-exec", "busy-1"), &payload_digest(b"{}")).await.unwrap() else {
+            panic!("claim")
+        };
         let ticket = Arc::new(tokio::sync::Mutex::new(ticket));
         let refresher = {
             let (other, ticket) = (other.clone(), ticket.clone());
@@ -317,7 +319,8 @@ async fn jetstream_json_pointer_keys() {
         assert_eq!(header(&calls[0], "bridge-idempotency-key"), Some("o-1"));
         assert_eq!(header(&calls[1], "bridge-idempotency-key"), Some("o-2"));
         let m = sidecar.metrics().await;
-        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
+        // The second copy's payload differs (attempt 2): acked as a copy, counted as reused.
+        assert_eq!(metric(&m, "tool-exec", "reused"), 1.0, "{m}");
         assert_eq!(metric(&m, "tool-exec", "stored"), 2.0, "{m}");
         sidecar.stop().await;
     })
@@ -467,7 +470,9 @@ async fn request_failure_is_not_replayed_and_a_key_still_in_flight_gets_409() {
 
         // Held by another replica past the route timeout: 409 with Retry-After.
         let other = other_replica(&nats).await;
-        let Claim::Acquired(_held) = other.claim(&kv_key("svc", "orders", "held-1")).await.unwrap() else { panic!("claim") };
+        let Claim::Acquired(_held) = other.claim(&kv_key("svc", "orders", "held-1"), &payload_digest(b"{}")).await.unwrap() else {
+            panic!("claim")
+        };
         let started = Instant::now();
         let r = nats_request(&client, "orders.create", &[("Idempotency-Key", "held-1"), ("X-Request-Id", "rid-1")], "{}").await;
         assert!(started.elapsed() >= Duration::from_millis(450), "{:?}", started.elapsed());
@@ -655,7 +660,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         let started = Instant::now();
         let mut looks = 0;
         while started.elapsed() < Duration::from_secs(3) {
-            match other.claim(&key).await.unwrap() {
+            match other.claim(&key, &payload_digest(b"{}")).await.unwrap() {
                 Claim::InFlight { .. } => looks += 1,
                 other => panic!("after {:?} the claim was {other:?}", started.elapsed()),
             }
@@ -665,7 +670,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         gate.add_permits(1);
         let r = first.await.unwrap();
         assert_eq!(&r.payload[..], b"slow but done");
-        assert!(matches!(other.claim(&key).await.unwrap(), Claim::Done(_)));
+        assert!(matches!(other.claim(&key, &payload_digest(b"{}")).await.unwrap(), Claim::Done(_)));
         assert_eq!(app.requests().len(), 1);
         sidecar.stop().await;
     })

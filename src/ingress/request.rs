@@ -192,7 +192,7 @@ async fn handle(
     let idem = route.idem.as_deref();
     let key = idem.and_then(|g| g.key(msg.headers.as_ref(), &msg.payload));
     let gate = match (idem, key.as_deref()) {
-        (Some(g), Some(k)) => g.gate_request(k, route.inbound.timeout, rid.as_deref()).await.map(Some),
+        (Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
         _ => Ok(None),
     };
     let call = match gate {

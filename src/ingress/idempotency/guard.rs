@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Idempotency, IdempotencyStore};
 use crate::health::{Component, Readiness, State};
-use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, IdempotencyError, Store, StoredResponse, Ticket};
+use crate::ingress::idempotency::store::{extract_key, kv_key, payload_digest, Claim, IdempotencyError, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
 use crate::problem::BridgeError;
@@ -40,6 +40,8 @@ struct Counters {
     hit: prometheus::IntCounter,
     claim: prometheus::IntCounter,
     conflict: prometheus::IntCounter,
+    /// A key already done for another payload.
+    reused: prometheus::IntCounter,
     release: prometheus::IntCounter,
     missing_key: prometheus::IntCounter,
     stored: prometheus::IntCounter,
@@ -68,6 +70,8 @@ pub(crate) enum Begin {
     Run(Claimed),
     /// Handled before: the app's stored answer.
     Replay(StoredResponse),
+    /// Handled before for another payload: the key was reused; do not call the app.
+    Reused,
     /// Another handler holds the key; its claim goes stale in `stale_in` unless refreshed.
     InFlight { stale_in: Duration },
     /// The store cannot be used: do not call the app.
@@ -105,6 +109,7 @@ impl Guard {
                 hit: c("hit"),
                 claim: c("claim"),
                 conflict: c("conflict"),
+                reused: c("reused"),
                 release: c("release"),
                 missing_key: c("missing_key"),
                 stored: c("stored"),
@@ -233,13 +238,13 @@ impl Guard {
         let _ = self.short_max_age.set(why);
     }
 
-    /// Claims `key` for this delivery (counts claim, hit or conflict).
-    pub async fn claim(&self, key: &str) -> Begin {
+    /// Claims `key` for this delivery of `payload` (counts claim, hit, reused or conflict).
+    pub async fn claim(&self, key: &str, payload: &[u8]) -> Begin {
         let Some(store) = self.store.borrow().clone() else {
             self.c.error.inc();
             return Begin::Unavailable("the idempotency store is not bound yet".into());
         };
-        match store.claim(&kv_key(&self.service, &self.route, key)).await {
+        match store.claim(&kv_key(&self.service, &self.route, key), &payload_digest(payload)).await {
             Ok(Claim::Acquired(ticket)) => {
                 self.store_ok();
                 self.c.claim.inc();
@@ -249,6 +254,11 @@ impl Guard {
                 self.store_ok();
                 self.c.hit.inc();
                 Begin::Replay(r)
+            }
+            Ok(Claim::Reused) => {
+                self.store_ok();
+                self.c.reused.inc();
+                Begin::Reused
             }
             Ok(Claim::InFlight { stale_in }) => {
                 self.store_ok();
@@ -266,11 +276,13 @@ impl Guard {
     /// Request and tunnel modes: claims `key`; a key in flight elsewhere is waited for
     /// (up to `wait`), then claimed once more. `Err` is the reply to send instead of
     /// calling the app: the replayed response, 409 when the other handler is still at it
-    /// after `wait`, 503 when the store cannot be used.
-    pub async fn gate_request(&self, key: &str, wait: Duration, rid: Option<&str>) -> Result<Claimed, AppResponse> {
-        match self.claim(key).await {
+    /// after `wait`, 409 `idempotency-key-reused` when the key's result belongs to another
+    /// payload, 503 when the store cannot be used.
+    pub async fn gate_request(&self, key: &str, payload: &[u8], wait: Duration, rid: Option<&str>) -> Result<Claimed, AppResponse> {
+        match self.claim(key, payload).await {
             Begin::Run(c) => return Ok(c),
             Begin::Replay(r) => return Err(replay(r)),
+            Begin::Reused => return Err(self.refusal(BridgeError::IdempotencyKeyReused, rid)),
             Begin::Unavailable(why) => return Err(self.refusal(BridgeError::IdempotencyUnavailable(why), rid)),
             Begin::InFlight { .. } => {}
         }
@@ -278,12 +290,16 @@ impl Guard {
             return Err(self.refusal(BridgeError::IdempotencyStoreUnbound, rid));
         };
         let deadline = tokio::time::Instant::now() + wait;
-        match store.wait_done(&kv_key(&self.service, &self.route, key), deadline).await {
-            Ok(Some(r)) => {
+        match store.wait_done(&kv_key(&self.service, &self.route, key), &payload_digest(payload), deadline).await {
+            Ok(Some(Claim::Done(r))) => {
                 self.c.hit.inc();
                 return Err(replay(r));
             }
-            Ok(None) => {}
+            Ok(Some(Claim::Reused)) => {
+                self.c.reused.inc();
+                return Err(self.refusal(BridgeError::IdempotencyKeyReused, rid));
+            }
+            Ok(_) => {}
             Err(e) => {
                 let why = e.to_string();
                 self.store_failed("wait", &why);
@@ -291,9 +307,10 @@ impl Guard {
             }
         }
         // Released (the other handler failed), expired, or still running: once more.
-        match self.claim(key).await {
+        match self.claim(key, payload).await {
             Begin::Run(c) => Ok(c),
             Begin::Replay(r) => Err(replay(r)),
+            Begin::Reused => Err(self.refusal(BridgeError::IdempotencyKeyReused, rid)),
             Begin::Unavailable(why) => Err(self.refusal(BridgeError::IdempotencyUnavailable(why), rid)),
             Begin::InFlight { .. } => Err(self.refusal(BridgeError::IdempotencyInFlight { wait }, rid)),
         }
@@ -390,13 +407,22 @@ pub(crate) fn set_key_header(headers: &mut HeaderMap, key: &str) {
     }
 }
 
+/// Response headers never stored with a result, so never replayed: a session cookie
+/// belongs to the caller it was issued to, not to whoever sends the key again.
+const NOT_STORED: [http::HeaderName; 1] = [http::header::SET_COOKIE];
+
 /// The result worth remembering: a 2xx answer (a 2xx whose body was over the route's
 /// `max_body` is stored without it). Anything else is a failure that releases the claim.
 pub(crate) fn success(result: &Result<AppResponse, AppError>) -> Option<StoredResponse> {
     match result {
         Ok(r) if r.status.is_success() => Some(StoredResponse {
             status: r.status.as_u16(),
-            headers: r.headers.iter().filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned()))).collect(),
+            headers: r
+                .headers
+                .iter()
+                .filter(|(n, _)| !NOT_STORED.contains(n))
+                .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .collect(),
             body: r.body.clone(),
             truncated: false,
         }),

@@ -85,6 +85,10 @@ enum Record {
         at_ms: u64,
         expires_ms: u64,
         response: StoredResponse,
+        /// The sha256 (hex) of the payload that produced it: replayed only to the same
+        /// payload. Absent in results stored before it was kept (replayed to any).
+        #[serde(default)]
+        payload: Option<String>,
     },
 }
 
@@ -94,6 +98,8 @@ pub struct Ticket {
     pub key: String,
     revision: u64,
     nonce: String,
+    /// The claimed message's payload digest, stored with its result.
+    digest: String,
 }
 
 /// The answer to "may I run this handler?"
@@ -103,6 +109,8 @@ pub enum Claim {
     Acquired(Ticket),
     /// Already handled: here is what the app answered.
     Done(StoredResponse),
+    /// Already handled, for a message with another payload: the key was reused.
+    Reused,
     /// Another handler holds a live claim, which goes stale in `stale_in` unless that
     /// handler refreshes it (zero: unknown, look again soon).
     InFlight { stale_in: Duration },
@@ -174,6 +182,19 @@ fn push_scope(out: &mut String, name: &str) {
     }
 }
 
+/// The digest a result is bound to: sha256 of the message payload, in hex.
+pub fn payload_digest(payload: &[u8]) -> String {
+    Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A live result as the answer to the message with payload `digest`.
+fn done_for(response: StoredResponse, stored: Option<String>, digest: &str) -> Claim {
+    match stored {
+        Some(d) if d != digest => Claim::Reused,
+        _ => Claim::Done(response),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -233,10 +254,12 @@ impl Store {
         }
     }
 
-    /// Claims `key` for this handler, or says why not.
-    pub async fn claim(&self, key: &str) -> Result<Claim, IdempotencyError> {
+    /// Claims `key` for the message whose payload has `digest` ([`payload_digest`]), or
+    /// says why not.
+    pub async fn claim(&self, key: &str, digest: &str) -> Result<Claim, IdempotencyError> {
         let nonce = uuid::Uuid::new_v4().simple().to_string();
-        let ticket = |revision| Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision, nonce: nonce.clone() }));
+        let ticket =
+            |revision| Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision, nonce: nonce.clone(), digest: digest.to_owned() }));
         // A few rounds: each lost compare-and-set means someone else moved first; look again.
         for _ in 0..5 {
             match self.kv.create(key, self.claim_record(&nonce)).await {
@@ -257,7 +280,9 @@ impl Store {
             let now = now_ms();
             // When the holder's claim goes stale (ms since the epoch); None: take it over now.
             let live_until = match serde_json::from_slice::<Record>(&entry.value) {
-                Ok(Record::Done { expires_ms, response, .. }) if expires_ms > now => return Ok(Claim::Done(response)),
+                Ok(Record::Done { expires_ms, response, payload, .. }) if expires_ms > now => {
+                    return Ok(done_for(response, payload, digest))
+                }
                 Ok(Record::Done { .. }) => None,
                 // An earlier round's write of ours, applied though its reply was lost.
                 Ok(Record::Claimed { nonce: n, .. }) if n == nonce => return ticket(entry.revision),
@@ -325,7 +350,8 @@ impl Store {
             response.truncated = true;
         }
         let now = now_ms();
-        let record = Record::Done { at_ms: now, expires_ms: now + ttl.as_millis() as u64, response };
+        let payload = Some(ticket.digest.clone());
+        let record = Record::Done { at_ms: now, expires_ms: now + ttl.as_millis() as u64, response, payload };
         let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| IdempotencyError::Store(e.to_string()))?);
         let mut resynced = false;
         loop {
@@ -355,14 +381,17 @@ impl Store {
         }
     }
 
-    /// Waits for another handler's result (request mode), until `deadline`.
-    pub async fn wait_done(&self, key: &str, deadline: tokio::time::Instant) -> Result<Option<StoredResponse>, IdempotencyError> {
+    /// Waits for another handler's result (request mode), until `deadline`: `Done` or
+    /// `Reused` (for payload `digest`), or `None` when there is none to wait for.
+    pub async fn wait_done(&self, key: &str, digest: &str, deadline: tokio::time::Instant) -> Result<Option<Claim>, IdempotencyError> {
         let mut delay = Duration::from_millis(10);
         loop {
             if let Some(entry) = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))? {
                 if entry.operation == Operation::Put {
                     match serde_json::from_slice::<Record>(&entry.value) {
-                        Ok(Record::Done { response, expires_ms, .. }) if expires_ms > now_ms() => return Ok(Some(response)),
+                        Ok(Record::Done { response, expires_ms, payload, .. }) if expires_ms > now_ms() => {
+                            return Ok(Some(done_for(response, payload, digest)))
+                        }
                         // An expired result is no answer: the caller claims (and runs) afresh.
                         Ok(Record::Done { .. }) => return Ok(None),
                         _ => {}
@@ -435,6 +464,7 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let r = Record::Done {
+            payload: Some(payload_digest(b"p")),
             at_ms: 1,
             expires_ms: 2,
             response: StoredResponse {

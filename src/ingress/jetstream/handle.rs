@@ -148,10 +148,17 @@ async fn gate(
     let route = &js.route;
     let m = &route.metrics;
     let (Some(g), Some(k)) = (route.idem.as_deref(), key) else { return Gate::Run(None) };
-    match claim(js, g, k, abort).await {
+    match claim(js, g, k, &msg.payload, abort).await {
         Begin::Run(c) => return Gate::Run(Some(c)),
-        Begin::Replay(_) => {
-            // Handled before: the effect happened; just settle this copy.
+        reused @ (Begin::Replay(_) | Begin::Reused) => {
+            // Handled before: the effect happened; just settle this copy. Another payload
+            // under a done key (`Reused`) is settled the same way: on a jetstream route the
+            // key decides what is a copy, as JetStream's own Nats-Msg-Id deduplication does,
+            // and nothing stored is handed to anyone. (A `json:` key legitimately sees
+            // copies whose other fields differ.) It is counted and logged.
+            if matches!(reused, Begin::Reused) {
+                tracing::warn!(route = %route.inbound.name, seq = at.seq, "idempotency key already done for a different payload; acked as a copy without calling the app");
+            }
             progress.stop().await;
             match confirm(shared, msg, b"+ACK").await {
                 Ok(()) => m.ack.inc(),
@@ -184,10 +191,10 @@ async fn gate(
 /// Claims `key`; while the store cannot be used, keeps trying (the message stays ours
 /// under in-progress acks) instead of naking, which would spend one of its deliveries per
 /// try and dead-letter it unrun after a long store outage. `Unavailable` only on `abort`.
-async fn claim(js: &ConsumerRoute, g: &guard::Guard, key: &str, abort: &CancellationToken) -> Begin {
+async fn claim(js: &ConsumerRoute, g: &guard::Guard, key: &str, payload: &[u8], abort: &CancellationToken) -> Begin {
     let mut attempt = 0;
     loop {
-        match g.claim(key).await {
+        match g.claim(key, payload).await {
             Begin::Unavailable(why) => {
                 if attempt == 0 {
                     tracing::warn!(route = %js.route.inbound.name, error = %why, "idempotency store unavailable; holding the message until it is back");
