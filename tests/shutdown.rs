@@ -208,3 +208,94 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "exit status {status:?}:\n{}", p.log());
     println!("exited {took:?} after the second signal");
 }
+
+// ---------------------------------------------------------------------------------------
+// The app's health (`app_health_path`): inbound routes pause while the app is down.
+
+/// An app whose `/healthz` and `/events` answer 200 while `healthy`, 503 otherwise.
+async fn flaky_app(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> App {
+    App::start(move |_| if healthy.load(std::sync::atomic::Ordering::SeqCst) { respond(200, "ok") } else { respond(503, "down") }).await
+}
+
+fn health_routes() -> String {
+    routes_toml(
+        "health",
+        "2s",
+        r#"[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+
+[[inbound]]
+name = "events"
+subject = "events.created"
+mode = "jetstream"
+stream = "EVENTS"
+durable = "events"
+method = "POST"
+path = "/events"
+ack_wait = "1s"
+max_deliver = 2
+backoff = ["100ms"]
+dead_letter = "dlq.events"
+"#,
+    )
+    .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
+}
+
+async fn app_state(admin: std::net::SocketAddr) -> Option<String> {
+    statusz(admin).await.and_then(|s| s["components"]["app"]["state"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbound_routes_pause_while_the_app_is_unhealthy_and_resume() {
+    use std::sync::atomic::Ordering;
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let app = flaky_app(healthy.clone()).await;
+    let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let admin = sidecar.admin;
+    assert_eq!(app_state(admin).await.as_deref(), Some("up"));
+
+    healthy.store(false, Ordering::SeqCst);
+    eventually("the app seen down", Duration::from_secs(10), || async move { (app_state(admin).await? == "down").then_some(()) }).await;
+    // Request routes unsubscribe: callers get no responders at once.
+    let client = nats.client().await;
+    eventually("no responders for the paused request route", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let r = nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(1)).await;
+            matches!(r, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders).then_some(())
+        }
+    })
+    .await;
+    // JetStream routes hold their messages: with max_deliver = 2, delivering them to the
+    // unhealthy app would dead-letter them within a second.
+    const N: usize = 10;
+    for i in 0..N {
+        js_publish(&js, "events.created", &[], &format!("e{i}")).await;
+    }
+    let events = |app: &App| app.hits().iter().filter(|h| h.seen.uri == "/events").count();
+    // Several probes (each a hit on /healthz) pass with the messages stored.
+    let probes = app.hits().len();
+    app.wait_hits(probes + 4).await;
+    assert_eq!(events(&app), 0, "the app was called while paused");
+    assert_eq!(dlq_count(&js).await, 0, "dead letters while paused");
+
+    healthy.store(true, Ordering::SeqCst);
+    eventually("every message delivered after the app recovered", Duration::from_secs(15), || async { (events(&app) >= N).then_some(()) })
+        .await;
+    eventually("the consumer settled", Duration::from_secs(15), || settled_consumer(&js, "EVENTS", "events", N as u64)).await;
+    assert_eq!(dlq_count(&js).await, 0, "dead letters after the app recovered");
+    let r = nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(5)).await.expect("the request route is back");
+    assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
+    stop_within(sidecar, DRAIN + MARGIN).await;
+}

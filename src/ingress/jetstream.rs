@@ -194,6 +194,10 @@ async fn pull(shared: &Arc<Shared>, js: &Arc<ConsumerRoute>, consumer: PullConsu
     let abort = CancellationToken::new();
     let mut errors = 0u32;
     'pull: loop {
+        // Nor while the app is down: what it pulled would wait for it anyway.
+        if !shared.gate.wait_open(stop).await {
+            break;
+        }
         // A store that cannot be used would fail every claim: pull nothing until it can.
         if let Some(g) = &route.idem {
             if !g.wait_usable(stop).await {
@@ -399,6 +403,14 @@ async fn handle(
     };
     let at = Delivery { stream: &stream, seq, delivered };
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
+    // The app is down (`app_health_path`): hold the message under in-progress acks until it
+    // is back, rather than spend one of its deliveries on an app that cannot take it.
+    if !shared.gate.wait_open(&abort).await {
+        progress.stop().await;
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        m.nak.inc();
+        return;
+    }
 
     // Idempotency: claim the key before calling the app.
     let idem = route.idem.as_deref();
