@@ -299,3 +299,43 @@ async fn inbound_routes_pause_while_the_app_is_unhealthy_and_resume() {
     assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
     stop_within(sidecar, DRAIN + MARGIN).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn post_drain_stops_ingress_and_answers_once_handlers_are_done() {
+    let nats = NatsServer::start();
+    let egress = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let app = callback_app(egress.clone(), go_rx).await;
+    let sidecar = Sidecar::start(&callback_routes(&app.url(), "10s"), &nats.url(), Some(&app.url())).await;
+    egress.set(sidecar.url("")).unwrap();
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let order = {
+        let client = client.clone();
+        tokio::spawn(async move { nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(20)).await })
+    };
+    app.wait_hits(1).await;
+    let admin = sidecar.admin;
+    assert_eq!(get(&format!("http://{admin}/drain")).await.unwrap().status, 405, "GET /drain");
+    let drain = tokio::spawn(async move { post(&format!("http://{admin}/drain"), "").await.status });
+    // The route stops taking requests while the handler in flight runs on.
+    eventually("the request route unsubscribed", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let r = nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(1)).await;
+            matches!(r, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders).then_some(())
+        }
+    })
+    .await;
+    assert!(!drain.is_finished(), "/drain answered while a handler was still running");
+    // (Probes sent before the unsubscribe took effect reached the app too.)
+    let orders = |app: &App| app.hits().iter().filter(|h| h.seen.uri == "/orders").count();
+    let before = orders(&app);
+    go.send(true).unwrap();
+    let reply = order.await.unwrap().expect("the order in flight is answered");
+    assert_eq!(reply_header(&reply, "Bridge-Status"), Some("200"), "the handler's egress call failed: {:?}", reply.payload);
+    // (The reply may reach this client after /drain answers: both follow the handler.)
+    assert_eq!(drain.await.unwrap(), 200);
+    assert_eq!(orders(&app), before, "the app got work after /drain");
+    stop_within(sidecar, DRAIN + MARGIN).await;
+}
