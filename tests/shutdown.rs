@@ -339,3 +339,59 @@ async fn post_drain_stops_ingress_and_answers_once_handlers_are_done() {
     assert_eq!(orders(&app), before, "the app got work after /drain");
     stop_within(sidecar, DRAIN + MARGIN).await;
 }
+
+#[test]
+fn a_bad_app_health_path_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, "[sidecar]\nservice = \"s\"\napp_health_path = \"healthz\"\n").unwrap();
+    let err = natsbridge::config::load(&path).expect_err("a path without '/' is refused").to_string();
+    assert!(err.contains("routes.toml:3:") && err.contains("`app_health_path` \"healthz\""), "{err}");
+    std::fs::write(&path, "[sidecar]\nservice = \"s\"\napp_health_path = \"/healthz?full=1\"\n").unwrap();
+    let c = natsbridge::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.sidecar.app_health_path.as_deref(), Some("/healthz?full=1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jetstream_routes_hold_messages_while_the_app_refuses_connections() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    let app = App::start(|_| respond(200, "ok")).await;
+    let addr = app.addr;
+    let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let admin = sidecar.admin;
+    // The app goes away (a restart): its port refuses connections.
+    app.stop();
+    drop(app);
+    eventually("the app seen down", Duration::from_secs(10), || async move { (app_state(admin).await? == "down").then_some(()) }).await;
+    const N: usize = 10;
+    for i in 0..N {
+        js_publish(&js, "events.created", &[], &format!("e{i}")).await;
+    }
+    // Held, not tried: each try would be refused, and with max_deliver = 2 and a 100 ms
+    // backoff the messages would be dead-lettered within a second. The invariant is checked
+    // over three ack_waits.
+    let consumer = js.get_stream("EVENTS").await.unwrap();
+    for _ in 0..30 {
+        let info = consumer.consumer_info("events").await.unwrap();
+        assert_eq!(info.num_pending + info.num_ack_pending as u64, N as u64, "{info:?}");
+        assert_eq!((info.num_redelivered, info.ack_floor.stream_sequence), (0, 0), "deliveries spent while the app was away: {info:?}");
+        assert_eq!(dlq_count(&js).await, 0, "dead letters while the app was away");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The app comes back on the same port.
+    let back =
+        App::serve(tokio::net::TcpListener::bind(addr).await.unwrap(), std::sync::Arc::new(|_, _| Box::pin(async { respond(200, "ok") })));
+    eventually("every message delivered once the app is back", Duration::from_secs(15), || async {
+        (back.hits().iter().filter(|h| h.seen.uri == "/events").count() >= N).then_some(())
+    })
+    .await;
+    eventually("the consumer settled", Duration::from_secs(15), || settled_consumer(&js, "EVENTS", "events", N as u64)).await;
+    assert_eq!(dlq_count(&js).await, 0, "dead letters after the app came back");
+    stop_within(sidecar, DRAIN + MARGIN).await;
+}
