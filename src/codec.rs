@@ -169,19 +169,19 @@ pub fn http_to_nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
     out
 }
 
-/// Removes the app's `Nats-*` headers that `allow` does not let through, all but
+/// Removes the app's `Nats-*` headers that `allows` (the route's setting) does not let through, all but
 /// `Nats-Msg-Id` (egress sets it from `Idempotency-Key`): they steer how a stream stores a
 /// message (`Nats-Expected-*`, `Nats-Rollup`, `Nats-TTL`, …), not what the message says.
-pub fn strip_nats_control(headers: async_nats::HeaderMap, allow: &crate::config::AllowNatsHeaders) -> async_nats::HeaderMap {
+pub fn strip_nats_control(headers: async_nats::HeaderMap, allows: impl Fn(&str) -> bool) -> async_nats::HeaderMap {
     let is_control = |n: &str| n.len() > 5 && n[..5].eq_ignore_ascii_case("nats-") && !n.eq_ignore_ascii_case(NATS_MSG_ID);
-    if !headers.iter().any(|(n, _)| is_control(n.as_ref()) && !allow.allows(n.as_ref())) {
+    if !headers.iter().any(|(n, _)| is_control(n.as_ref()) && !allows(n.as_ref())) {
         // The usual case: nothing to remove, no copy.
         return headers;
     }
     let mut out = async_nats::HeaderMap::new();
     for (name, values) in headers.iter() {
         let n: &str = name.as_ref();
-        if is_control(n) && !allow.allows(n) {
+        if is_control(n) && !allows(n) {
             continue;
         }
         for v in values {

@@ -124,6 +124,12 @@ impl Readiness {
         }
     }
 
+    /// Marks `c` as up but degraded: it serves (readiness counts it as up) while
+    /// something about it needs an operator, which `why` says.
+    pub fn degraded(&self, c: &Component, why: impl Into<String>) {
+        self.set(c, State::Up, why.into());
+    }
+
     pub fn pass(&self, c: &Component) {
         self.set(c, State::Up, "ok".into());
     }

@@ -16,6 +16,7 @@
 //! - [`metrics`]: the Prometheus families and per-route handles.
 //! - [`reload`]: hot reload of the routing file.
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.
+//! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
 //! - [`sidecar`]: one running sidecar, wired from the parts above.
 
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod ingress;
 pub mod inject;
 pub mod metrics;
 pub mod nats;
+pub mod permissions;
 pub mod problem;
 pub mod provision;
 pub mod reload;

@@ -27,6 +27,11 @@ enum Command {
     /// messages first, in-flight handlers finish while egress still serves their calls,
     /// then egress drains and NATS is flushed. A second signal exits at once. SIGHUP
     /// reloads the routing file.
+    ///
+    /// The egress listener is also a forward proxy for an app run with
+    /// HTTP_PROXY/HTTPS_PROXY pointing at it: calls no route takes go to their origin
+    /// (`[sidecar] unmatched = "forward"`, or "reject" for 404), CONNECT becomes a TCP
+    /// tunnel (`connect_allow`), and WebSocket upgrades pass through.
     Run(RunArgs),
     /// Validate a routing file, print its route table, and exit (1 on any error).
     Check {
@@ -48,6 +53,15 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Print the NATS permissions each service's sidecar needs (least privilege).
+    ///
+    /// For each routing file: publish and subscribe allow-lists covering its route
+    /// subjects, reply inboxes, the JetStream API of its streams and consumers, the
+    /// idempotency bucket and the dead-letter stream (and provisioning's only when it
+    /// provisions). Printed as a nats-server `authorization { users = [...] }` block, one
+    /// user per service named after it, or with `--format nsc` as `nsc add user` / `nsc
+    /// edit user --allow-pub/--allow-sub` commands for operator mode.
+    Permissions(PermissionsArgs),
     /// Inspect, replay and purge dead letters, while sidecars run.
     Dlq {
         #[command(subcommand)]
@@ -67,9 +81,40 @@ struct ProvisionArgs {
     /// (losing its messages), remove subjects, lower limits.
     #[arg(long)]
     force: bool,
+    /// Also delete the durable consumers this service owns (by the `natsbridge.service`
+    /// metadata provisioning sets, never by name) whose routes are gone. One still holding
+    /// messages is refused unless --force; --dry-run shows what would go.
+    #[arg(long)]
+    prune: bool,
     /// NATS server URL(s), comma-separated (overrides [nats] servers).
     #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',', value_parser = config::parse_server_url)]
     nats_url: Option<Vec<String>>,
+}
+
+#[derive(clap::Args)]
+struct PermissionsArgs {
+    /// The services' routing files (one user each; service names must differ).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = PermissionsFormat::Conf)]
+    format: PermissionsFormat,
+    /// Read each user's password from this environment variable of the nats-server
+    /// (written unquoted as `$NAME`); `{SERVICE}` becomes the service name in upper snake
+    /// case, e.g. `NATS_PASSWORD_{SERVICE}`. Without it a placeholder is written.
+    #[arg(long, value_name = "NAME")]
+    password_env: Option<String>,
+    /// `--format nsc`: the account the users belong to (else nsc's current account).
+    #[arg(long)]
+    account: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PermissionsFormat {
+    /// A nats-server `authorization` block.
+    Conf,
+    /// `nsc` commands (operator mode).
+    Nsc,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +134,10 @@ struct RunArgs {
     /// The local app's base URL (overrides [sidecar] app_url).
     #[arg(long, env = "NATSBRIDGE_APP_URL", value_parser = config::parse_http_url)]
     app_url: Option<http::Uri>,
+    /// PEM CA that verifies the NATS servers (overrides [nats.tls] ca_file); the injector
+    /// sets it when the chart's NATS TLS is on.
+    #[arg(long, env = "NATSBRIDGE_NATS_CA_FILE")]
+    nats_ca_file: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -158,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             let code = rt.block_on(natsbridge::dlq::cli::main(command, &|k| std::env::var(k).ok()));
             std::process::exit(code)
         }
+        Command::Permissions(args) => permissions(args),
         Command::Provision(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let ok = rt.block_on(provision(args))?;
@@ -222,6 +272,44 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+/// `natsbridge permissions`: every file must be valid, and service names distinct (one
+/// user each).
+fn permissions(args: PermissionsArgs) -> anyhow::Result<()> {
+    use natsbridge::permissions::{self, render};
+    let mut perms = Vec::new();
+    let mut invalid = false;
+    for file in &args.files {
+        match config::load(file) {
+            Ok(c) => perms.push((file.display().to_string(), permissions::for_config(&c))),
+            Err(e) => {
+                eprint!("{e}");
+                invalid = true;
+            }
+        }
+    }
+    if invalid {
+        std::process::exit(1);
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (file, p) in &perms {
+        if let Some(first) = seen.insert(p.service.clone(), file.clone()) {
+            anyhow::bail!("service {:?} is in both {first} and {file}: each service is one NATS user", p.service);
+        }
+    }
+    let password = match args.password_env {
+        Some(t) if perms.len() > 1 && !t.contains("{SERVICE}") => {
+            anyhow::bail!("--password-env {t:?} must contain {{SERVICE}} when there are several services (one password each)")
+        }
+        Some(t) => render::Password::Env(t),
+        None => render::Password::Placeholder,
+    };
+    match args.format {
+        PermissionsFormat::Conf => print!("{}", render::nats_conf(&perms, &password)),
+        PermissionsFormat::Nsc => print!("{}", render::nsc(&perms, args.account.as_deref())),
+    }
+    Ok(())
+}
+
 /// `natsbridge provision`: true when nothing was refused and nothing failed.
 async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     use natsbridge::provision;
@@ -248,13 +336,22 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     let js = natsbridge::nats::connection::jetstream(client.clone());
     let result =
         if args.dry_run { provision::plan_with(&js, &config, args.force).await } else { provision::apply(&js, &config, args.force).await };
-    let plan = match result {
+    let mut plan = match result {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(false);
         }
     };
+    if args.prune {
+        match provision::prune(&js, &config, args.force, args.dry_run).await {
+            Ok(pruned) => plan.items.extend(pruned.items),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(false);
+            }
+        }
+    }
     print!("{plan}");
     let _ = client.drain().await;
     let refused = plan.refused().count();
@@ -280,7 +377,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    let overrides = Overrides { listen: args.listen, admin_listen: args.admin_listen, nats_servers: args.nats_url, app_url: args.app_url };
+    let overrides = Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        nats_servers: args.nats_url,
+        app_url: args.app_url,
+        nats_ca_file: args.nats_ca_file,
+    };
     let mut effective = config.clone();
     effective.apply(&overrides);
     let egress = tokio::net::TcpListener::bind(effective.sidecar.listen)

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub idempotency: IntCounterVec,
     pub dlq_published: IntCounterVec,
     pub component_up: IntGaugeVec,
+    pub egress_forwarded: IntCounterVec,
+    pub egress_tunnels: IntCounterVec,
+    pub egress_tunnels_open: IntGauge,
+    /// The `host` label values of the two families above, capped.
+    pub forward_hosts: HostLabels,
 }
 
 impl Default for Metrics {
@@ -133,6 +138,18 @@ impl Metrics {
                 "1 while the component (nats, egress, provision, inbound:<route>, idempotency, …) is up, else 0 (see /statusz).",
                 &["component"],
             ),
+            egress_forwarded: counter_vec(
+                "natsbridge_egress_forwarded_total",
+                "Calls no route takes, forwarded to their origin as plain HTTP (also counted in natsbridge_egress_requests_total with route=\"(unmatched)\"), by host (the first 50 hosts seen, then \"other\") and status class: what still has to move to NATS.",
+                &["host", "status_class"],
+            ),
+            egress_tunnels: counter_vec(
+                "natsbridge_egress_tunnels_total",
+                "Byte tunnels: CONNECT (kind=connect) and protocol upgrades such as WebSocket (kind=upgrade), by host (capped like natsbridge_egress_forwarded_total) and outcome: opened, routed (a CONNECT to a host with routes, answered by the sidecar itself), refused, failed.",
+                &["kind", "host", "outcome"],
+            ),
+            egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),
+            forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             registry: r,
             names: names.into_inner(),
         }
@@ -177,6 +194,43 @@ impl Metrics {
             buffer_full: self.ingress_refused.with_label_values(&[route, "buffer_full"]),
         }
     }
+}
+
+/// Distinct `host` label values before later hosts are counted as `other`.
+pub const MAX_HOST_LABELS: usize = 50;
+
+/// The `host` label of forwarded calls: the first `max` distinct hosts keep their name,
+/// later ones are `other`, so an app calling many hosts cannot grow the series without
+/// bound. (Hosts seen first are usually the busiest: the ones called at start.)
+#[derive(Clone)]
+pub struct HostLabels {
+    max: usize,
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl HostLabels {
+    pub fn new(max: usize) -> Self {
+        Self { max, seen: Default::default() }
+    }
+
+    /// The label for `host` (lower-cased, port kept: `api.example.com:8080`).
+    pub fn label(&self, host: &str) -> String {
+        let host = host.to_ascii_lowercase();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&host) {
+            return host;
+        }
+        if seen.len() < self.max {
+            seen.insert(host.clone());
+            return host;
+        }
+        "other".to_owned()
+    }
+}
+
+/// The `status_class` label of a status: `1xx` … `5xx`.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    ["1xx", "2xx", "3xx", "4xx", "5xx"][(status.as_u16() / 100).clamp(1, 5) as usize - 1]
 }
 
 /// Counts one unit in flight on a gauge for as long as it lives, however the work ends.
@@ -240,6 +294,17 @@ mod tests {
         for n in ["natsbridge_nats_connected", "natsbridge_egress_requests_in_flight", "natsbridge_nats_reconnects_total"] {
             assert!(names.iter().any(|x| x == n) && text.contains(&format!("# TYPE {n} ")), "{n}");
         }
+    }
+
+    #[test]
+    fn host_labels_are_capped() {
+        let h = HostLabels::new(2);
+        assert_eq!(h.label("A.example:80"), "a.example:80");
+        assert_eq!(h.label("b"), "b");
+        assert_eq!(h.label("c"), "other");
+        assert_eq!(h.label("a.example:80"), "a.example:80");
+        assert_eq!(status_class(http::StatusCode::SWITCHING_PROTOCOLS), "1xx");
+        assert_eq!(status_class(http::StatusCode::BAD_GATEWAY), "5xx");
     }
 
     #[test]

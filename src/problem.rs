@@ -58,6 +58,13 @@ pub enum BridgeError {
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// A forwarded call or CONNECT whose target is the sidecar's own listener: it would
+    /// come back in forever.
+    #[error("{target} is this sidecar's own listener; the call would loop")]
+    LoopDetected { target: String },
+    /// A CONNECT target outside `[sidecar] connect_allow`.
+    #[error("CONNECT to {target} is not in connect_allow")]
+    ConnectForbidden { target: String },
     #[error("the sidecar is shutting down")]
     ShuttingDown,
     /// Framing two HTTP parsers could read differently; the connection is closed after.
@@ -96,6 +103,8 @@ impl BridgeError {
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            LoopDetected { .. } => StatusCode::LOOP_DETECTED,
+            ConnectForbidden { .. } => StatusCode::FORBIDDEN,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -123,6 +132,8 @@ impl BridgeError {
             BadReply(_) => "bad-reply",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",
+            LoopDetected { .. } => "loop-detected",
+            ConnectForbidden { .. } => "connect-forbidden",
             ShuttingDown => "shutting-down",
             BadFraming(_) => "bad-framing",
             Panicked => "panic",

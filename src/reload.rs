@@ -27,14 +27,20 @@ pub struct Reloader {
 }
 
 /// The settings a running sidecar cannot change, as they are named in the file, when they
-/// differ between `old` and `new`. Every other `[sidecar]` setting applies on reload: routes,
-/// `app_url`, `drain_timeout`, `provision`, `max_inflight_publishes` and `[sidecar.http]`.
+/// differ between `old` and `new`. Every other setting applies on reload: the routes,
+/// `app_url`, `drain_timeout`, `provision` and `max_inflight_publishes` (read at each publish).
 pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.sidecar, &new.sidecar);
     [
         // The listeners are bound once, by the process that owns them.
         ("sidecar.listen", o.listen != n.listen),
         ("sidecar.admin_listen", o.admin_listen != n.admin_listen),
+        // The HTTP edge limits are the listener's, set up once with it.
+        ("sidecar.header_read_timeout", o.http.header_read_timeout != n.http.header_read_timeout),
+        ("sidecar.max_headers", o.http.max_headers != n.http.max_headers),
+        ("sidecar.max_header_bytes", o.http.max_header_bytes != n.http.max_header_bytes),
+        ("sidecar.idle_timeout", o.http.idle_timeout != n.http.idle_timeout),
+        ("sidecar.max_connections", o.http.max_connections != n.http.max_connections),
         // The service names the NATS connection, durable consumers and idempotency scope.
         ("sidecar.service", o.service != n.service),
         // One NATS connection for the process's lifetime.
@@ -164,6 +170,8 @@ mod tests {
             ("", "connect_timeout = \"9s\"", "nats.connect_timeout"),
             ("", "inbox_prefix = \"_INBOX_svc\"", "nats.inbox_prefix"),
             ("", "token_env = \"NATS_TOKEN\"", "nats.auth"),
+            ("idle_timeout = \"5s\"", "", "sidecar.idle_timeout"),
+            ("max_connections = 9", "", "sidecar.max_connections"),
         ];
         for (sidecar, nats, name) in cases {
             assert_eq!(needs_restart(&base, &parse(sidecar, nats)), vec![name], "{sidecar}{nats}");
@@ -175,11 +183,8 @@ mod tests {
     #[test]
     fn settings_that_apply_on_reload_are_not_named() {
         let base = parse("", "");
-        let changed = parse(
-            "app_url = \"http://127.0.0.1:3999\"\ndrain_timeout = \"3s\"\nprovision = true\nmax_inflight_publishes = 7\n\
-             idle_timeout = \"5s\"\nmax_connections = 9",
-            "",
-        );
+        let changed =
+            parse("app_url = \"http://127.0.0.1:3999\"\ndrain_timeout = \"3s\"\nprovision = true\nmax_inflight_publishes = 7", "");
         assert_ne!(base.sidecar.app_url, changed.sidecar.app_url);
         assert_eq!(changed.sidecar.max_inflight_publishes, 7);
         assert!(needs_restart(&base, &changed).is_empty());

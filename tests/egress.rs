@@ -579,3 +579,43 @@ async fn jetstream_publishes_in_flight_are_bounded() {
     assert_eq!(first.await.unwrap().status, 504);
     assert!(sc.metrics().await.contains("natsbridge_jetstream_publishes_in_flight 0"));
 }
+
+/// `max_inflight_publishes` applies on reload: the bound is read at each publish.
+#[tokio::test]
+async fn the_publish_bound_follows_a_reload() {
+    let nats = NatsServer::start();
+    let c = nats.client().await;
+    let _stall = subscribe_synced(&c, "stall.x").await;
+    let route = "[[outbound]]\nname = \"stall\"\nmethod = \"POST\"\npath = \"/stall\"\nsubject = \"stall.x\"\nmode = \"jetstream\"\ntimeout = \"4s\"\n";
+    let with_bound =
+        |n: usize| routes(route).replace("drain_timeout = \"10s\"", &format!("drain_timeout = \"10s\"\nmax_inflight_publishes = {n}"));
+    let sc = Sidecar::start(&with_bound(1), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let in_flight = |n: usize| {
+        let sc = &sc;
+        async move {
+            eventually(&format!("{n} publishes in flight"), Duration::from_secs(5), || async {
+                sc.metrics().await.contains(&format!("natsbridge_jetstream_publishes_in_flight {n}")).then_some(())
+            })
+            .await
+        }
+    };
+    let stall = |url: String| tokio::spawn(async move { post(&url, "{}").await.status });
+    let first = stall(sc.url("/stall"));
+    in_flight(1).await;
+    assert_eq!(post(&sc.url("/stall"), "{}").await.status, 503, "bound 1 reached");
+
+    // Raised to 2 by rewriting the file and reloading: one more fits, the third does not.
+    std::fs::write(&sc.config_path, with_bound(2)).unwrap();
+    sc.reload.send(()).await.unwrap();
+    eventually("the reload", Duration::from_secs(5), || async {
+        sc.metrics().await.contains("natsbridge_config_reloads_total 1").then_some(())
+    })
+    .await;
+    let second = stall(sc.url("/stall"));
+    in_flight(2).await;
+    let r = post(&sc.url("/stall"), "{}").await;
+    assert_eq!((r.status, r.json()["type"].as_str().map(str::to_owned)), (503, Some("urn:natsbridge:problem:overloaded".into())));
+    assert_eq!(first.await.unwrap(), 504);
+    assert_eq!(second.await.unwrap(), 504);
+}

@@ -514,7 +514,9 @@ concurrency = 16
         );
 
         assert_eq!(lost, 0, "acked requests that never reached the app");
-        assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
+        // 503: no stream answered (nothing stored). 504: no ack in time, "outcome unknown"
+        // (the message may be stored, which is why delivered may exceed acked).
+        assert!(failed.iter().all(|s| matches!(s.status, Some(503 | 504))), "failures must be 503 or 504: {:?}", statuses(&sent));
         assert!(!failed.is_empty(), "the outage was not observed");
         // A bound against a hung request, not a latency figure (that belongs to the
         // benchmark): the timeout plus a generous margin for a loaded machine.
@@ -791,7 +793,7 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
             && unverified.is_empty()
             && duplicate_effects == 0
             && rejoined
-            && failed.iter().all(|s| s.status == Some(503))
+            && failed.iter().all(|s| matches!(s.status, Some(503 | 504)))
             && max_latency(&sent) <= TIMEOUT + margin
             && recovery.is_some()
             && kept_on;
@@ -828,7 +830,9 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
         assert!(unverified.is_empty(), "acked messages that could not be read back: {:#?}", unverified.iter().take(20).collect::<Vec<_>>());
         assert_eq!(duplicate_effects, 0, "one request stored twice");
         assert!(rejoined, "the killed node did not catch up: {}", describe_info(&info3));
-        assert!(failed.iter().all(|s| s.status == Some(503)), "failures must be 503: {:?}", statuses(&sent));
+        // 503: no stream answered (nothing stored). 504: no ack in time, "outcome unknown"
+        // (the message may be stored, which is why delivered may exceed acked).
+        assert!(failed.iter().all(|s| matches!(s.status, Some(503 | 504))), "failures must be 503 or 504: {:?}", statuses(&sent));
         // A bound against a hung request, not a latency figure: the route timeout plus a
         // generous margin for a loaded machine (latency figures belong to the benchmark).
         assert!(max_latency(&sent) <= TIMEOUT + margin, "a request took {:?}", max_latency(&sent));

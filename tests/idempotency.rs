@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natsbridge::config::IdempotencyStore;
-use natsbridge::ingress::idempotency::store::{kv_key, Claim, Store, StoredResponse};
+use natsbridge::ingress::idempotency::store::{kv_key, Claim, IdempotencyError, Store, StoredResponse};
 use support::*;
 
 async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> {
@@ -17,7 +17,7 @@ async fn stores(nats: &NatsServer, claim_ttl: Duration, n: usize) -> Vec<Store> 
         .unwrap();
     let cfg = IdempotencyStore {
         bucket: "natsbridge_idempotency".into(),
-        replicas: 1,
+        replicas: Some(1),
         claim_ttl,
         max_response_bytes: 16,
         storage: natsbridge::config::Storage::File,
@@ -132,5 +132,35 @@ async fn a_stale_ticket_cannot_overwrite_a_newer_claim() {
         }
     })
     .await;
-    assert!(s[0].complete(old, ok("late"), Duration::from_secs(60)).await.is_err());
+    let e = s[0].complete(old, ok("late"), Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(e, IdempotencyError::ClaimLost { .. }), "{e}");
+}
+
+/// A refresh whose reply was lost (timed out) may have been applied: the entry's revision
+/// moves on while the ticket stays behind. The holder must recognise its own claim (by its
+/// nonce) and carry on, not lose it. Here the applied write is the entry's own value put
+/// again, as the lost refresh would have left it.
+#[tokio::test]
+async fn a_refresh_applied_though_its_reply_was_lost_leaves_no_stale_ticket() {
+    let nats = NatsServer::start();
+    let s = stores(&nats, Duration::from_secs(60), 2).await;
+    let kv = async_nats::jetstream::new(nats.client().await).get_key_value("natsbridge_idempotency").await.unwrap();
+    let key = kv_key("svc", "route", "k");
+    let Claim::Acquired(mut t) = s[0].claim(&key).await.unwrap() else { panic!() };
+    let lost_reply = |kv: async_nats::jetstream::kv::Store, key: String| async move {
+        let entry = kv.entry(&key).await.unwrap().unwrap();
+        kv.update(&key, entry.value, entry.revision).await.unwrap();
+    };
+    lost_reply(kv.clone(), key.clone()).await;
+    s[0].refresh(&mut t).await.expect("our own claim, one revision on");
+    lost_reply(kv.clone(), key.clone()).await;
+    s[0].complete(t, ok("x"), Duration::from_secs(60)).await.expect("complete from the entry's revision");
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::Done(_)));
+
+    // Release too.
+    let key = kv_key("svc", "route", "k2");
+    let Claim::Acquired(t) = s[0].claim(&key).await.unwrap() else { panic!() };
+    lost_reply(kv.clone(), key.clone()).await;
+    s[0].release(t).await.expect("release from the entry's revision");
+    assert!(matches!(s[1].claim(&key).await.unwrap(), Claim::Acquired(_)));
 }

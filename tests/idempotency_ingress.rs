@@ -86,7 +86,7 @@ async fn other_replica(nats: &NatsServer) -> Store {
     let js = jetstream::new(nats.client().await);
     let cfg = IdempotencyStore {
         bucket: BUCKET.into(),
-        replicas: 1,
+        replicas: Some(1),
         claim_ttl: Duration::from_secs(60),
         max_response_bytes: 1 << 20,
         storage: Storage::File,
@@ -645,7 +645,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
         let js = jetstream::new(nats.client().await);
         let cfg = IdempotencyStore {
             bucket: BUCKET.into(),
-            replicas: 1,
+            replicas: Some(1),
             claim_ttl: Duration::from_secs(1),
             max_response_bytes: 1 << 20,
             storage: Storage::File,

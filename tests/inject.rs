@@ -169,6 +169,31 @@ fn already_injected_pods_are_untouched() {
 }
 
 #[test]
+fn https_proxy_annotation_sets_https_proxy() {
+    let pod = |annotations: Value| {
+        let mut a = json!({ "natsbridge.io/inject": "true", "natsbridge.io/routes": "r" });
+        a.as_object_mut().unwrap().extend(annotations.as_object().unwrap().clone());
+        json!({ "metadata": { "name": "p", "annotations": a }, "spec": { "containers": [{ "name": "app", "image": "app:1" }] } })
+    };
+    // Both: every call of the app goes through the sidecar, HTTPS as CONNECT tunnels.
+    let (_, _, out) = admit(&pod(json!({ "natsbridge.io/http-proxy": "true", "natsbridge.io/https-proxy": "true" })), &settings());
+    let app = &out["spec"]["containers"][0];
+    for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
+        assert_eq!(env_of(app, var), Some("http://127.0.0.1:4280"), "{var}");
+    }
+    assert!(env_of(app, "NO_PROXY").is_some_and(|n| n.split(',').any(|e| e == "127.0.0.1")));
+    // HTTPS alone: no HTTP_PROXY, but NO_PROXY still keeps loopback and NATS off the proxy.
+    let (_, _, out) = admit(&pod(json!({ "natsbridge.io/https-proxy": "true" })), &settings());
+    let app = &out["spec"]["containers"][0];
+    assert_eq!(env_of(app, "https_proxy"), Some("http://127.0.0.1:4280"));
+    assert!(env_of(app, "HTTP_PROXY").is_none());
+    assert!(env_of(app, "no_proxy").is_some());
+    // Only exactly "true" opts in.
+    let (_, _, out) = admit(&pod(json!({ "natsbridge.io/https-proxy": "yes" })), &settings());
+    assert!(env_of(&out["spec"]["containers"][0], "HTTPS_PROXY").is_none());
+}
+
+#[test]
 fn http_proxy_with_several_containers() {
     let pod = json!({
         "metadata": {
@@ -213,7 +238,7 @@ fn http_proxy_with_several_containers() {
     for c in containers {
         assert_eq!(env_of(c, "HTTP_PROXY"), Some("http://127.0.0.1:4280"), "{}", c["name"]);
         assert_eq!(env_of(c, "http_proxy"), Some("http://127.0.0.1:4280"));
-        assert!(env_of(c, "HTTPS_PROXY").is_none(), "the egress listener speaks plain HTTP only");
+        assert!(env_of(c, "HTTPS_PROXY").is_none(), "HTTPS goes through the sidecar only with natsbridge.io/https-proxy");
     }
     assert_eq!(env_of(&containers[0], "MODE"), Some("prod"), "existing env is kept");
     let no_proxy = env_of(&containers[0], "NO_PROXY").unwrap();
@@ -357,6 +382,39 @@ fn args_parse_into_settings() {
 
     let bad = Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "n", "--cpu-request", "x"]).unwrap();
     assert!(matches!(bad.inject.settings(), Err(inject::InjectError::Setting { .. })));
+}
+
+#[test]
+fn with_nats_tls_the_sidecar_gets_the_ca_mounted_and_pointed_at() {
+    let cli = Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "tls://nats:4222", "--nats-ca-config-map", "nats-ca"])
+        .unwrap();
+    let s = cli.inject.settings().unwrap();
+    let (_, _, pod) = admit(&plain_pod(), &s);
+    let sc = sidecar(&pod);
+    assert_eq!(env_of(sc, "NATSBRIDGE_NATS_CA_FILE"), Some("/etc/natsbridge-nats-ca/ca.crt"));
+    assert!(sc["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({ "name": "natsbridge-nats-ca", "mountPath": "/etc/natsbridge-nats-ca", "readOnly": true })));
+    // Optional, so a namespace without the CA still starts its pods.
+    let ca = json!({ "name": "natsbridge-nats-ca", "configMap": { "name": "nats-ca", "items": [{ "key": "ca.crt", "path": "ca.crt" }], "optional": true } });
+    assert!(pod["spec"]["volumes"].as_array().unwrap().contains(&ca), "{}", pod["spec"]["volumes"]);
+
+    // A pod with volumes of its own gets both appended; another key is honoured.
+    let cli =
+        Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "n", "--nats-ca-config-map", "bundle/root.pem"]).unwrap();
+    let mut with_volume = plain_pod();
+    with_volume["spec"]["volumes"] = json!([{ "name": "data", "emptyDir": {} }]);
+    let (_, _, pod) = admit(&with_volume, &cli.inject.settings().unwrap());
+    let names: Vec<&str> = pod["spec"]["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["data", "natsbridge-routes", "natsbridge-nats-ca"]);
+    assert_eq!(pod["spec"]["volumes"][2]["configMap"]["items"][0]["key"], "root.pem");
+
+    // Without the flag nothing about a CA is added (the plain pod test pins the whole pod).
+    let (_, _, plain) = admit(&plain_pod(), &settings());
+    assert_eq!(env_of(sidecar(&plain), "NATSBRIDGE_NATS_CA_FILE"), None);
+    let bad = Cli::try_parse_from(["inject", "--sidecar-image", "i", "--nats-url", "n", "--nats-ca-config-map", "/k"]).unwrap();
+    assert!(matches!(bad.inject.settings(), Err(inject::InjectError::Setting { name: "--nats-ca-config-map", .. })));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,13 +6,23 @@
 //!   per consumer (publish controls are not copied; each dead letter has its own id);
 //! - the last delivery is enforced by the sidecar: a message naked at shutdown on its last
 //!   delivery is dead-lettered by the next sidecar without calling the app;
-//! - a server paused mid-call does not hang the handler or the shutdown.
+//! - a server paused mid-call does not hang the handler or the shutdown;
+//! - an idempotency store gone for longer than the backoffs add up to pauses the route
+//!   (no dead letters) and every message runs once when it is back;
+//! - in-progress acks cover a slow settle (a dead letter slower than ack_wait): no
+//!   redelivery;
+//! - a handler aborted at shutdown leaves its claim to go stale: its redelivery does not
+//!   run beside the app's still-running call.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use async_nats::jetstream::{self, kv};
 
@@ -223,6 +233,195 @@ async fn a_server_paused_mid_call_neither_hangs_the_handler_nor_the_shutdown() {
         let stopped = tokio::time::timeout(Duration::from_secs(20), sidecar.stop()).await;
         nats.resume();
         assert!(stopped.is_ok(), "shutdown hung on a paused server");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_longer_than_the_backoffs_dead_letters_nothing_and_runs_each_message_once() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup(&nats).await;
+        let app = App::start(|_| respond(200, "ok")).await;
+        // Three deliveries 300 ms apart: an outage of seconds would exhaust them many times
+        // over if a failed claim spent a delivery.
+        let toml = service_toml("svc", "max_deliver = 3\nbackoff = [\"300ms\"]\nack_wait = \"5s\"");
+        let sidecar = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "before")], "before").await;
+        app.wait_hits(1).await;
+
+        js.delete_key_value(BUCKET).await.unwrap();
+        // Messages keep arriving during the outage: the first is delivered while the store is
+        // gone (its claim fails and is held), the rest after the sidecar knows it is degraded.
+        js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "during-0")], "during-0").await;
+        eventually("the idempotency component degraded", Duration::from_secs(15), || async {
+            sidecar.statusz().await["failing"]["idempotency"].as_str().map(str::to_owned)
+        })
+        .await;
+        for i in 1..6 {
+            let id = format!("during-{i}");
+            js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", &id)], &id).await;
+        }
+        // The outage itself (not a wait for a condition): longer than max_deliver × backoff
+        // many times over, and than the pull loop's backoff steps.
+        tokio::time::sleep(Duration::from_secs(16)).await;
+        assert_eq!(dlq_count(&js).await, 0, "nothing may be dead-lettered while the store is out");
+        assert_eq!(app.requests().len(), 1, "nothing may run unprotected while the store is out");
+
+        js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
+        let last = js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "after")], "after").await.sequence;
+        eventually("settled", Duration::from_secs(45), || async {
+            consumer_settled(&js, "AGENT", &durable("svc"), last).await.then_some(())
+        })
+        .await;
+        let mut want: BTreeMap<String, usize> = (0..6).map(|i| (format!("during-{i}"), 1)).collect();
+        want.insert("before".into(), 1);
+        want.insert("after".into(), 1);
+        assert_eq!(seen(&app), want);
+        assert_eq!(dlq_count(&js).await, 0);
+        sidecar.wait_ready().await;
+        sidecar.stop().await;
+    })
+    .await
+}
+
+/// A dead-letter "stream" that takes `delay` to store: a real NATS responder on `subject`
+/// that stores each message in the DLQ stream (as `dlqstore.slow`) after `delay` and
+/// answers with the stream's own PubAck.
+async fn slow_dead_letters(nats: &NatsServer, subject: &str, delay: Duration) -> tokio::task::JoinHandle<()> {
+    let client = nats.client().await;
+    let mut sub = subscribe_synced(&client, subject).await;
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let headers = m.headers.clone().unwrap_or_default();
+                let ack = client.request_with_headers("dlqstore.slow", headers, m.payload.clone()).await.unwrap();
+                client.publish(m.reply.unwrap(), ack.payload).await.unwrap();
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_progress_acks_run_until_a_slow_dead_letter_is_stored() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = jetstream::new(nats.client().await);
+        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
+            .await
+            .unwrap();
+        // The DLQ stream holds `dlqstore.>`: the route's `dlq.svc.slow` reaches it only
+        // through the slow front. Storing the dead letter takes 3 s, past the 2 s ack_wait
+        // that began at the delivery.
+        js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlqstore.>".into()], ..Default::default() })
+            .await
+            .unwrap();
+        js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
+        let front = slow_dead_letters(&nats, "dlq.svc.slow", Duration::from_secs(3)).await;
+        let app = App::start(|_| respond(400, "poison")).await;
+        let toml = service_toml("svc", "ack_wait = \"2s\"\ndead_letter = \"dlq.svc.slow\"");
+        let sidecar = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let ack = js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "slow-1")], "slow").await;
+        eventually("settled", Duration::from_secs(30), || async {
+            consumer_settled(&js, "AGENT", &durable("svc"), ack.sequence).await.then_some(())
+        })
+        .await;
+        assert_eq!(dlq_count(&js).await, 1);
+        let hits = app.hits();
+        assert_eq!(
+            hits.len(),
+            1,
+            "redelivered while its dead letter was being stored: {:?}",
+            hits.iter().map(Hit::delivery).collect::<Vec<_>>()
+        );
+        let info = js.get_stream("AGENT").await.unwrap().consumer_info(&durable("svc")).await.unwrap();
+        assert_eq!(info.num_redelivered, 0);
+        sidecar.stop().await;
+        front.abort();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_aborted_at_shutdown_leaves_its_claim_to_go_stale() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup(&nats).await;
+        // The app goes on with a dropped request (as real apps do): each call runs 3 s in its
+        // own task whether or not the sidecar still waits for it.
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let app = App::script({
+            let (running, most) = (running.clone(), most.clone());
+            move |_, _| {
+                let (running, most) = (running.clone(), most.clone());
+                async move {
+                    let work = tokio::spawn(async move {
+                        most.fetch_max(running.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    let _ = work.await;
+                    respond(200, "ok")
+                }
+            }
+        })
+        .await;
+        // drain_timeout 1 s (the fixture's): the first sidecar aborts the call 1 s into it.
+        // claim_ttl 5 s (the fixture's): the claim outlives the app's call.
+        let toml = service_toml("svc", "ack_wait = \"30s\"\ntimeout = \"25s\"");
+        let first = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
+        first.wait_ready().await;
+        let ack = js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "abort-1")], "abort").await;
+        app.wait_hits(1).await;
+        // A replica of the same service, waiting for the redelivery.
+        let second = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
+        second.wait_ready().await;
+        first.stop().await;
+        eventually("settled", Duration::from_secs(30), || async {
+            consumer_settled(&js, "AGENT", &durable("svc"), ack.sequence).await.then_some(())
+        })
+        .await;
+        assert_eq!(most.load(Ordering::SeqCst), 1, "the redelivery ran the key beside the aborted call");
+        assert_eq!(app.hits().len(), 2, "the aborted call, then the redelivery once the claim went stale");
+        assert_eq!(dlq_count(&js).await, 0);
+        second.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_max_age_shorter_than_the_route_ttl_shows_the_store_degraded() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = jetstream::new(nats.client().await);
+        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
+            .await
+            .unwrap();
+        dlq_stream(&js).await;
+        // Made by hand, not by `provision`: results would go after 1 minute, not the route's 1 h.
+        js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, max_age: Duration::from_secs(60), ..Default::default() })
+            .await
+            .unwrap();
+        let app = App::start(|_| respond(200, "ok")).await;
+        let sidecar = Sidecar::start(&service_toml("svc", ""), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        let v = sidecar.statusz().await;
+        let c = &v["components"]["idempotency"];
+        assert_eq!(c["state"], "up", "{v}");
+        let why = c["reason"].as_str().unwrap();
+        assert!(why.contains("max_age 1m") && why.contains("\"execution-events\" ttl 1h"), "{why}");
+        // Degraded, not down: the route still runs.
+        let ack = js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "e-1")], "e").await;
+        eventually("settled", Duration::from_secs(30), || async {
+            consumer_settled(&js, "AGENT", &durable("svc"), ack.sequence).await.then_some(())
+        })
+        .await;
+        assert_eq!(app.requests().len(), 1);
+        sidecar.stop().await;
     })
     .await
 }

@@ -92,7 +92,7 @@ async fn provision_creates_everything_and_a_second_run_changes_nothing() {
     let dlq = stream_info(&js, "DLQ").await;
     assert_eq!(dlq.config.subjects, ["dlq.>"]);
     let kv = stream_info(&js, "KV_natsbridge_idempotency").await;
-    assert_eq!(kv.config.max_age, Duration::from_secs(7200), "the longest idempotency ttl");
+    assert_eq!(kv.config.max_age, Duration::from_secs(7200 + 60), "the longest idempotency ttl plus claim_ttl");
     assert_eq!(kv.config.max_messages_per_subject, 1);
     assert!(kv.config.allow_message_ttl, "per-message TTL for claims");
     let consumer = js.get_stream("TOOL").await.unwrap().consumer_info("tool-service").await.unwrap();
@@ -215,6 +215,170 @@ async fn a_consumer_on_an_undeclared_missing_stream_is_refused() {
     let plan = provision::apply(&js, &parse(&src), true).await.unwrap();
     let Status::Refused { reason, .. } = status(&plan, Kind::Consumer, "ELSEWHERE/tool-service") else { panic!("{plan}") };
     assert!(reason.contains("does not exist and no [[streams]] entry declares it"), "{reason}");
+}
+
+/// Publishes `n` messages to the TOOL stream, acked.
+async fn publish_tool(js: &jetstream::Context, n: usize) {
+    for i in 0..n {
+        js.publish("tool.execution.requested", format!("m{i}").into()).await.unwrap().await.unwrap();
+    }
+}
+
+async fn consumer_info(js: &jetstream::Context, stream: &str, durable: &str) -> jetstream::consumer::Info {
+    js.get_stream(stream).await.unwrap().consumer_info(durable).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_new_consumer_starts_with_new_messages_unless_the_route_says_otherwise() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    // The stream exists with messages before the durable does: a renamed route or service.
+    provision::apply(&js, &parse(&routes("", "").replace("durable = \"tool-service\"", "durable = \"old\"")), false).await.unwrap();
+    publish_tool(&js, 3).await;
+
+    let plan = provision::apply(&js, &parse(&routes("", "")), false).await.unwrap();
+    assert_eq!(status(&plan, Kind::Consumer, "TOOL/tool-service"), &Status::Created, "{plan}");
+    let info = consumer_info(&js, "TOOL", "tool-service").await;
+    assert_eq!(info.num_pending, 0, "a new durable must not replay the stream");
+    assert_eq!(info.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("svc"));
+    assert_eq!(info.config.metadata.get(provision::ROUTE_KEY).map(String::as_str), Some("tool-exec"));
+
+    let all = routes("", "deliver = \"all\"").replace("durable = \"tool-service\"", "durable = \"replay\"");
+    provision::apply(&js, &parse(&all), false).await.unwrap();
+    assert_eq!(consumer_info(&js, "TOOL", "replay").await.num_pending, 3, "deliver = all replays");
+
+    // A start time: only what was stored from then on (the server's clock, to the second).
+    tokio::time::sleep(Duration::from_millis(1100)).await; // distinct timestamps, not a wait for a condition
+    let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    publish_tool(&js, 2).await;
+    let later = routes("", &format!("deliver = \"{since}\"")).replace("durable = \"tool-service\"", "durable = \"later\"");
+    provision::apply(&js, &parse(&later), false).await.unwrap();
+    let info = consumer_info(&js, "TOOL", "later").await;
+    assert_eq!(info.num_pending, 2, "only the messages stored after {since}: {:?}", info.config.deliver_policy);
+
+    let bad = config::parse(&routes("", "deliver = \"yesterday\""), "routes.toml").unwrap_err().to_string();
+    assert!(bad.contains("routes.toml:") && bad.contains("tool-exec") && bad.contains("`deliver`"), "{bad}");
+}
+
+#[tokio::test]
+async fn force_recreates_a_consumer_from_its_ack_floor_not_from_the_start() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let config = parse(&routes("", ""));
+    provision::apply(&js, &config, false).await.unwrap();
+    // A hand-made ack-none consumer under the route's durable name: it cannot become an
+    // explicit-ack one in place. Two of four messages are consumed (its floor is 2).
+    let stream = js.get_stream("TOOL").await.unwrap();
+    stream.delete_consumer("tool-service").await.unwrap();
+    let c = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("tool-service".into()),
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            filter_subject: "tool.execution.requested".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish_tool(&js, 4).await;
+    use futures::StreamExt;
+    let got: Vec<_> = c.fetch().max_messages(2).messages().await.unwrap().collect().await;
+    assert_eq!(got.len(), 2);
+
+    let plan = provision::apply(&js, &config, true).await.unwrap();
+    assert!(matches!(status(&plan, Kind::Consumer, "TOOL/tool-service"), Status::Recreated { .. }), "{plan}");
+    let info = consumer_info(&js, "TOOL", "tool-service").await;
+    assert_eq!(info.config.ack_policy, jetstream::consumer::AckPolicy::Explicit);
+    assert_eq!(info.num_pending, 2, "recreated from its ack floor: only the two unconsumed messages");
+}
+
+#[tokio::test]
+async fn a_full_workqueue_stream_refuses_new_messages_instead_of_dropping_stored_ones() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let config = parse(&routes("retention = \"workqueue\"\nmax_msgs = 2", ""));
+    let plan = provision::apply(&js, &config, false).await.unwrap();
+    assert!(plan.is_ok(), "{plan}");
+    assert_eq!(stream_info(&js, "TOOL").await.config.discard, jetstream::stream::DiscardPolicy::New);
+    publish_tool(&js, 2).await;
+    let third = js.publish("tool.execution.requested", "m2".into()).await.unwrap().await;
+    assert!(third.is_err(), "a full workqueue stream must refuse the publisher");
+    let tool = stream_info(&js, "TOOL").await;
+    assert_eq!((tool.state.messages, tool.state.first_sequence), (2, 1), "the acked messages stay");
+
+    // The dead-letter stream: bounded by default, and never drops a dead letter for space.
+    let dlq = stream_info(&js, "DLQ").await.config;
+    assert_eq!(dlq.max_age, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(dlq.max_bytes, 1 << 30);
+    assert_eq!(dlq.discard, jetstream::stream::DiscardPolicy::New);
+}
+
+#[tokio::test]
+async fn a_filter_subject_change_is_shown_as_affecting_data() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    provision::apply(&js, &parse(&routes("", "")), false).await.unwrap();
+    let moved = parse(&routes("", "").replace("subject = \"tool.execution.requested\"", "subject = \"tool.execution.other\""));
+    let plan = provision::apply(&js, &moved, false).await.unwrap();
+    let Status::Refused { reason, .. } = status(&plan, Kind::Consumer, "TOOL/tool-service") else { panic!("{plan}") };
+    assert!(reason.contains("filter_subject affects data"), "{reason}");
+    assert_eq!(consumer_info(&js, "TOOL", "tool-service").await.config.filter_subject, "tool.execution.requested");
+    let plan = provision::apply(&js, &moved, true).await.unwrap();
+    assert!(plan.is_ok(), "{plan}");
+    assert_eq!(consumer_info(&js, "TOOL", "tool-service").await.config.filter_subject, "tool.execution.other");
+}
+
+#[tokio::test]
+async fn the_bucket_keeps_the_longest_max_age_and_hand_added_settings() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    provision::apply(&js, &parse(&routes("", "")), false).await.unwrap();
+    let mut kv = stream_info(&js, "KV_natsbridge_idempotency").await.config;
+    kv.max_bytes = 1 << 20; // by hand
+    js.update_stream(kv).await.unwrap();
+
+    // Another service sharing the bucket with a shorter ttl: the longer max_age stays.
+    let shorter = parse(&routes("", "").replace("ttl = \"2h\"", "ttl = \"1h\""));
+    let plan = provision::apply(&js, &shorter, false).await.unwrap();
+    let item = plan.item(Kind::KvBucket, "natsbridge_idempotency").unwrap();
+    assert_eq!(item.status, Status::Unchanged, "{plan}");
+    assert!(item.note.as_deref().is_some_and(|n| n.contains("keeps max_age 2h 1m")), "{plan}");
+    assert_eq!(stream_info(&js, "KV_natsbridge_idempotency").await.config.max_age, Duration::from_secs(7260));
+
+    // A longer one raises it, in place, keeping the hand-added max_bytes.
+    let longer = parse(&routes("", "").replace("ttl = \"2h\"", "ttl = \"3h\""));
+    let plan = provision::apply(&js, &longer, false).await.unwrap();
+    assert!(matches!(status(&plan, Kind::KvBucket, "natsbridge_idempotency"), Status::Updated { .. }), "{plan}");
+    let kv = stream_info(&js, "KV_natsbridge_idempotency").await.config;
+    assert_eq!((kv.max_age, kv.max_bytes), (Duration::from_secs(3 * 3600 + 60), 1 << 20));
+}
+
+#[tokio::test]
+async fn replicas_follow_the_cluster_and_a_single_replica_copy_is_warned_about() {
+    let cluster = Cluster::start("");
+    let client = eventually("the cluster's JetStream", WAIT, || async {
+        let c = cluster.nodes[0].client().await;
+        let js = jetstream::new(c.clone());
+        (provision::cluster_size(&c) == 3 && js.query_account().await.is_ok()).then_some(c)
+    })
+    .await;
+    let js = jetstream::new(client);
+    let plan = eventually("provisioning on the cluster", WAIT, || async {
+        let p = provision::apply(&js, &parse(&routes("", "")), false).await.ok()?;
+        p.is_ok().then_some(p)
+    })
+    .await;
+    assert!(plan.items.iter().all(|i| i.note.is_none()), "{plan}");
+    assert_eq!(stream_info(&js, "DLQ").await.config.num_replicas, 3);
+    assert_eq!(stream_info(&js, "KV_natsbridge_idempotency").await.config.num_replicas, 3);
+    assert_eq!(stream_info(&js, "TOOL").await.config.num_replicas, 1, "a [[streams]] entry keeps its own default");
+
+    let single = format!("{}\n[dead_letter]\nreplicas = 1\n[idempotency]\nreplicas = 1\n", routes("", ""));
+    let plan = provision::plan(&js, &parse(&single)).await.unwrap();
+    for (kind, name) in [(Kind::DeadLetterStream, "DLQ"), (Kind::KvBucket, "natsbridge_idempotency")] {
+        let note = plan.item(kind, name).unwrap().note.clone().unwrap_or_default();
+        assert!(note.contains("one replica on a cluster of 3 servers"), "{plan}");
+    }
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
@@ -408,4 +572,51 @@ subjects = ["workflow.>"]
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
     assert_eq!(stdout.matches("warning:").count(), 3, "{stdout}");
+}
+
+#[tokio::test]
+async fn prune_deletes_only_this_services_consumers_whose_routes_are_gone() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    let file = path.to_str().unwrap();
+    let url = server.url();
+    // Two routes of service "svc"; then "tool-exec" goes and "renamed" stays.
+    let second = "\n[[inbound]]\nname = \"renamed\"\nsubject = \"tool.other\"\nmode = \"jetstream\"\nstream = \"TOOL\"\npath = \"/o\"\n";
+    std::fs::write(&path, format!("{}{second}", routes("", ""))).unwrap();
+    let out = cli(&["provision", "--config", file, "--nats-url", &url]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    // Not ours: a look-alike without metadata, and another service's consumer.
+    let tool = js.get_stream("TOOL").await.unwrap();
+    for (durable, owner) in [("svc-tool-exec-copy", None), ("other-consumer", Some("other"))] {
+        let metadata = owner.map(|o| [(provision::OWNER_KEY.to_owned(), o.to_owned())].into()).unwrap_or_default();
+        let config = jetstream::consumer::pull::Config { durable_name: Some(durable.into()), metadata, ..Default::default() };
+        tool.create_consumer(config).await.unwrap();
+    }
+    publish_tool(&js, 1).await; // tool-service (deliver new) now holds one message
+
+    let idem = "idempotency = { key = \"header:Idempotency-Key\", ttl = \"2h\" }";
+    let remaining = routes("", "")
+        .replace("name = \"tool-exec\"", "name = \"renamed\"")
+        .replace("durable = \"tool-service\"", "durable = \"svc-renamed\"");
+    std::fs::write(&path, remaining.replace("subject = \"tool.execution.requested\"", "subject = \"tool.other\"").replace(idem, ""))
+        .unwrap();
+    let out = cli(&["provision", "--config", file, "--nats-url", &url, "--prune", "--dry-run"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("TOOL/tool-service") && stdout.contains("REFUSED") && stdout.contains("holds 1 message"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "a refused prune fails the command");
+
+    let out = cli(&["provision", "--config", file, "--nats-url", &url, "--prune", "--force", "--dry-run"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("- consumer           TOOL/tool-service") && stdout.contains("delete (its route is gone)"), "{stdout}");
+    consumer_info(&js, "TOOL", "tool-service").await; // a dry run deletes nothing
+
+    let out = cli(&["provision", "--config", file, "--nats-url", &url, "--prune", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 deleted"), "{}", text(&out.stdout));
+    use futures::TryStreamExt;
+    let mut left: Vec<String> = tool.consumer_names().try_collect().await.unwrap();
+    left.sort();
+    assert_eq!(left, ["other-consumer", "svc-renamed", "svc-tool-exec-copy"]);
 }

@@ -61,6 +61,30 @@ pub struct Sidecar {
     /// The app's health check (`/healthz`), probed every few seconds: while it fails or
     /// the app refuses connections, inbound routes pause. `None`: never probed.
     pub app_health_path: Option<String>,
+    /// What the egress listener does with a request no route matches.
+    pub forward: Forward,
+}
+
+/// The egress listener as a forward proxy (`HTTP_PROXY`): what happens to the calls no
+/// route takes, so that the app's other calls work as they did without the sidecar.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub unmatched: Unmatched,
+    /// `CONNECT` targets allowed, as `host:port` patterns (`*` matches any run of
+    /// characters); `None` allows every target.
+    pub connect_allow: Option<Vec<String>>,
+    /// The bound on connecting to an origin (forwarded calls, CONNECT, upgrades).
+    pub connect_timeout: Duration,
+}
+
+/// `[sidecar] unmatched`: an absolute-form request (`HTTP_PROXY`) whose host no route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unmatched {
+    /// Forwarded to its origin as a plain forward proxy would, CONNECT tunnels allowed.
+    #[default]
+    Forward,
+    /// 404 `no-route` (and CONNECT refused): a closed list of what the app may call.
+    Reject,
 }
 
 /// What `/readyz` means: see [`crate::health`].
@@ -260,6 +284,24 @@ pub struct Consumer {
     pub ack_wait: Duration,
     pub max_ack_pending: i64,
     pub dead_letter: String,
+    /// Where a newly created durable starts. Only read when the consumer is created: the
+    /// server cannot move an existing consumer's start.
+    pub deliver: Deliver,
+    /// `[sidecar] service`: written into the consumer's metadata, which is how
+    /// `provision --prune` recognises the consumers this service owns.
+    pub service: String,
+}
+
+/// Where a new durable consumer starts (`deliver` on a jetstream route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deliver {
+    /// Only messages published after the consumer is created: the default, so a renamed
+    /// route or service (a new durable) does not replay the whole stream.
+    New,
+    /// Every message the stream holds.
+    All,
+    /// Messages stored at or after this time.
+    StartTime(std::time::SystemTime),
 }
 
 #[derive(Debug, Clone)]
@@ -363,16 +405,26 @@ pub struct DeadLetterStream {
     pub stream: String,
     pub subjects: Vec<SubjectPattern>,
     pub storage: Storage,
-    pub replicas: usize,
-    pub max_age: Option<Duration>,
-    pub max_bytes: Option<i64>,
+    /// `None`: min(3, the cluster's size), read from the server when provisioning.
+    pub replicas: Option<usize>,
+    /// Dead letters older than this are deleted; zero: kept until purged.
+    pub max_age: Duration,
+    /// Past this size new dead letters are refused (and retried), not old ones dropped;
+    /// 0: unlimited.
+    pub max_bytes: i64,
 }
+
+/// The dead-letter stream's `max_age` unless set: long enough to be noticed and replayed.
+pub const DEFAULT_DLQ_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The dead-letter stream's `max_bytes` unless set.
+pub const DEFAULT_DLQ_MAX_BYTES: usize = 1 << 30;
 
 /// The KV bucket that remembers handled idempotency keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdempotencyStore {
     pub bucket: String,
-    pub replicas: usize,
+    /// `None`: min(3, the cluster's size), read from the server when provisioning.
+    pub replicas: Option<usize>,
     /// How long a claim lasts before another handler may take the key over.
     pub claim_ttl: Duration,
     /// Stored responses larger than this keep only their status and headers.
@@ -396,6 +448,9 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     pub nats_servers: Option<Vec<String>>,
     pub app_url: Option<http::Uri>,
+    /// The CA that verifies the NATS servers (`[nats.tls] ca_file`): the injector mounts the
+    /// chart's CA and points here, so routing files need not know where it is.
+    pub nats_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -426,6 +481,13 @@ impl Config {
                 changed.push("sidecar.app_url");
             }
             self.sidecar.app_url = v.clone();
+        }
+        if let Some(v) = &o.nats_ca_file {
+            let tls = self.nats.tls.get_or_insert(NatsTls { ca_file: None, cert_file: None, key_file: None, require: false });
+            if tls.ca_file.as_ref() != Some(v) {
+                changed.push("nats.tls.ca_file");
+            }
+            tls.ca_file = Some(v.clone());
         }
         changed
     }
@@ -502,6 +564,19 @@ mod tests {
         let e = errors("[sidecar]\nservice = \"x\"\nreadiness = \"strcit\"\n");
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("t.toml:3:") && e[0].contains("\"serving\" or \"strict\""), "{}", e[0]);
+    }
+
+    #[test]
+    fn a_ca_file_override_turns_server_verification_on_and_keeps_a_client_certificate() {
+        let o = Overrides { nats_ca_file: Some("/etc/ca.crt".into()), ..Default::default() };
+        let mut plain = parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(plain.apply(&o), ["nats.tls.ca_file"]);
+        assert_eq!(plain.nats.tls.unwrap().ca_file.unwrap(), PathBuf::from("/etc/ca.crt"));
+        let src = format!("{MINIMAL}[nats.tls]\nca_file = \"/old.crt\"\ncert_file = \"/c.crt\"\nkey_file = \"/c.key\"\n");
+        let mut with_cert = parse(&src, "t.toml").unwrap();
+        with_cert.apply(&o);
+        let tls = with_cert.nats.tls.unwrap();
+        assert_eq!((tls.ca_file.unwrap(), tls.cert_file.unwrap()), (PathBuf::from("/etc/ca.crt"), PathBuf::from("/c.crt")));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(super) struct RawSidecar {
     pub(super) readiness: Option<String>,
     pub(super) reply_prefixes: Option<Vec<String>>,
     pub(super) app_health_path: Option<String>,
+    pub(super) unmatched: Option<String>,
+    pub(super) connect_allow: Option<Vec<String>>,
+    pub(super) forward_connect_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,6 +119,7 @@ pub(super) struct RawInbound {
     pub(super) ack_wait: Option<String>,
     pub(super) max_ack_pending: Option<i64>,
     pub(super) dead_letter: Option<String>,
+    pub(super) deliver: Option<String>,
     pub(super) concurrency: Option<usize>,
     pub(super) timeout: Option<String>,
     pub(super) max_body: Option<String>,

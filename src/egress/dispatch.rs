@@ -2,15 +2,17 @@
 //! subject, the body under the route's limit, then one function per mode. Failures are
 //! [`BridgeError`]s; `problem` turns them into responses.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::codec;
-use crate::config::{Outbound, OutboundTarget};
+use crate::config::{Outbound, OutboundTarget, Unmatched};
+use crate::egress::forward::Outgoing;
 use crate::egress::routes::{Match, Miss};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::metrics::InFlight;
@@ -22,12 +24,15 @@ use crate::subject::{control_line_len, RenderError, MAX_CONTROL_LINE};
 impl Egress {
     /// Answers one request; every request gets an `X-Request-Id` (kept when the app sent
     /// one), echoed back.
-    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let _in_flight = InFlight::new(&self.metrics.egress_in_flight);
         let started = Instant::now();
         let table = self.table.load_full();
         let req = ensure_request_id(req);
         let rid = request_id(&req);
+        if req.method() == http::Method::CONNECT {
+            return self.connect(req).await.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
+        }
         // Absolute form (HTTP_PROXY) carries the host in the URI; origin form in Host.
         let host = match req.uri().authority() {
             Some(a) => Some(a.host().to_owned()),
@@ -43,6 +48,11 @@ impl Egress {
                     return res.map(full);
                 }
             },
+            // Absolute form: the app called another host through HTTP_PROXY; without the
+            // sidecar that call would have worked, so it still does.
+            Err(Miss::NotFound) if req.uri().authority().is_some() && table.config().sidecar.forward.unmatched == Unmatched::Forward => {
+                return self.forward(req, rid.as_deref()).await;
+            }
             Err(Miss::NotFound) => {
                 let e = BridgeError::NoRoute { method: req.method().to_string(), path };
                 return e.to_response(None, rid.as_deref()).map(full);
@@ -68,8 +78,12 @@ impl Egress {
         res
     }
 
-    /// Reads the body under the route's limit, then carries the request by its mode.
+    /// Reads the body under the route's limit, then carries the request by its mode
+    /// (`http` routes stream it instead).
     async fn dispatch(&self, route: &Outbound, subject: Option<String>, req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
+        if let OutboundTarget::Http { upstream } = &route.target {
+            return self.proxy(route, upstream, req).await;
+        }
         let (parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
@@ -79,7 +93,7 @@ impl Egress {
             OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
             OutboundTarget::Publish(_) => self.publish(route, subject, &parts.headers, body).await,
             OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
-            OutboundTarget::Http { upstream } => self.proxy(route, upstream, parts, body).await,
+            OutboundTarget::Http { .. } => unreachable!("streamed above"),
         }
     }
 
@@ -123,7 +137,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
-        let headers = codec::strip_nats_control(headers, &route.allow_nats_headers);
+        let headers = codec::strip_nats_control(headers, |n| route.allow_nats_headers.allows(n));
         self.nats_request(route, subject, headers, body).await
     }
 
@@ -193,7 +207,7 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let _permit = self.publish_permits.try_acquire().map_err(|_| BridgeError::Overloaded)?;
+        let _slot = self.publish_slot().ok_or(BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
         let mut nats_headers = nats_headers(route, headers);
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
@@ -214,15 +228,10 @@ impl Egress {
         Ok(res)
     }
 
-    /// `http` routes: proxied to the upstream as plain HTTP, the response streamed back.
-    async fn proxy(
-        &self,
-        route: &Outbound,
-        upstream: &http::Uri,
-        parts: http::request::Parts,
-        body: Bytes,
-    ) -> Result<Response<Body>, BridgeError> {
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    /// `http` routes: proxied to the upstream as plain HTTP, both bodies streamed; the
+    /// route's `max_body` applies only when the route sets it.
+    async fn proxy(&self, route: &Outbound, upstream: &http::Uri, req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let base = upstream.path().trim_end_matches('/');
         let uri = format!(
             "{}://{}{}{}",
@@ -231,17 +240,9 @@ impl Egress {
             base,
             pq
         );
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = parts.method;
-        *req.uri_mut() = uri.parse().map_err(|e: http::uri::InvalidUri| BridgeError::BadRequest(e.to_string()))?;
-        *req.headers_mut() = codec::end_to_end_headers(&parts.headers);
-        let res = tokio::time::timeout(route.timeout, self.upstream.request(req))
-            .await
-            .map_err(|_| BridgeError::UpstreamTimeout(route.timeout))?
-            .map_err(|e| BridgeError::Upstream(e.to_string()))?;
-        let (mut parts, body) = res.into_parts();
-        parts.headers = codec::end_to_end_headers(&parts.headers);
-        Ok(Response::from_parts(parts, body.map_err(box_error).boxed_unsync()))
+        let uri = uri.parse().map_err(|e: http::uri::InvalidUri| BridgeError::BadRequest(e.to_string()))?;
+        let host_label = upstream.authority().map(|a| a.as_str()).unwrap_or_default().to_owned();
+        self.send_upstream(Outgoing { uri, max_body: route.max_body, timeout: Some(route.timeout), host_label }, req).await
     }
 }
 
@@ -249,7 +250,7 @@ impl Egress {
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
 /// stream).
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
-    codec::strip_nats_control(codec::http_to_nats_headers(headers), &route.allow_nats_headers)
+    codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
@@ -289,10 +290,6 @@ fn accepted(v: serde_json::Value) -> Response<Body> {
     *res.status_mut() = StatusCode::ACCEPTED;
     res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
-}
-
-fn box_error(e: hyper::Error) -> BoxError {
-    Box::new(e)
 }
 
 fn ensure_request_id(mut req: Request<Incoming>) -> Request<Incoming> {

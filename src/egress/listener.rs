@@ -34,7 +34,7 @@ use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
 type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
-type Connection = hyper::server::conn::http1::Connection<TokioIo<TrackedIo>, TowerToHyperService<EgressService>>;
+type Connection = hyper::server::conn::http1::UpgradeableConnection<TokioIo<TrackedIo>, TowerToHyperService<EgressService>>;
 
 /// What the accept loop tells its connections, by rising severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,6 +53,9 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let table = egress.table.load();
         (table.config().sidecar.http.clone(), table.config().sidecar.drain_timeout)
     };
+    if let Ok(addr) = listener.local_addr() {
+        let _ = egress.listen.set(addr);
+    }
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(Stop::Serve);
     let http = http1_builder(&limits);
@@ -73,7 +76,8 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
         let service = tracked_service(svc.clone(), activity.clone());
-        let conn = http.serve_connection(io, TowerToHyperService::new(service));
+        // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
+        let conn = http.serve_connection(io, TowerToHyperService::new(service)).with_upgrades();
         tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), permit));
     }
     drop(listener);

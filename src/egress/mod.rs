@@ -5,15 +5,20 @@
 //!   raw-head framing guard; knows nothing of routes.
 //! - [`routes`]: the route table, and the table in force with its per-route metrics.
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
+//! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
+//!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
 //!
 //! Calls `codec` (HTTP ↔ NATS), `nats` (connection state, the acked JetStream publish),
 //! `problem` (every failure's status), `config` and `metrics`; nothing calls back in.
 
+mod connect;
 mod dispatch;
+mod forward;
 mod listener;
 pub mod routes;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +26,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 use crate::nats::replies::Replies;
@@ -41,7 +45,7 @@ fn never(e: Infallible) -> BoxError {
     match e {}
 }
 
-type UpstreamClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+type UpstreamClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, forward::Upload>;
 
 /// Shared state of the egress listener. Everything is passed in.
 pub struct Egress {
@@ -51,21 +55,64 @@ pub struct Egress {
     replies: Replies,
     upstream: UpstreamClient,
     metrics: Metrics,
-    publish_permits: Arc<Semaphore>,
+    /// JetStream publishes awaiting their ack, bounded by the `max_inflight_publishes` in
+    /// force: read at each publish, so a reload applies at once.
+    publishes_in_flight: AtomicUsize,
     /// The longest reply subject a request or JetStream publish can carry (an inbox and
     /// a token), counted in each message's control line.
     reply_len: usize,
+    /// The listener's bound address, for refusing calls that would loop back to it.
+    listen: std::sync::OnceLock<std::net::SocketAddr>,
+    /// This process's `Via` entry on forwarded calls: seeing it come back is a loop.
+    via: http::HeaderValue,
+    /// Metric handles of route `(unmatched)`: the calls forwarded to their origin.
+    unmatched: crate::metrics::EgressRouteMetrics,
 }
 
 impl Egress {
     pub fn new(table: Arc<ArcSwap<Table>>, nats: async_nats::Client, replies: Replies, metrics: Metrics) -> Arc<Self> {
-        let permits = table.load().config().sidecar.max_inflight_publishes;
+        let connect_timeout = table.load().config().sidecar.forward.connect_timeout;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
+        // Read at start: a reload does not rebuild the client.
+        connector.set_connect_timeout(Some(connect_timeout));
         let upstream =
             hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
         // A reply subject is the multiplexer's inbox plus a token: twice an inbox bounds it.
         let reply_len = 2 * nats.new_inbox().len();
-        Arc::new(Self { table, nats, replies, upstream, metrics, publish_permits: Arc::new(Semaphore::new(permits)), reply_len })
+        let via = http::HeaderValue::try_from(format!("1.1 natsbridge-{:08x}", uuid::Uuid::new_v4().as_u128() as u32))
+            .expect("ASCII header value");
+        let unmatched = metrics.egress_route(forward::UNMATCHED_ROUTE, "forward");
+        Arc::new(Self {
+            table,
+            nats,
+            replies,
+            upstream,
+            metrics,
+            publishes_in_flight: AtomicUsize::new(0),
+            reply_len,
+            listen: std::sync::OnceLock::new(),
+            via,
+            unmatched,
+        })
+    }
+}
+
+/// One JetStream publish's place under `max_inflight_publishes`, given back on drop.
+pub(crate) struct PublishSlot<'a>(&'a AtomicUsize);
+
+impl Egress {
+    /// Takes a place for a JetStream publish if fewer than the configured maximum are in
+    /// flight. A reload that lowers the maximum refuses new publishes until enough finish.
+    pub(crate) fn publish_slot(&self) -> Option<PublishSlot<'_>> {
+        let max = self.table.load().config().sidecar.max_inflight_publishes;
+        self.publishes_in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(PublishSlot(&self.publishes_in_flight))
+    }
+}
+
+impl Drop for PublishSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -166,6 +166,11 @@ impl RouteTable {
         &self.routes
     }
 
+    /// Whether some route names `host` (without port) explicitly.
+    pub fn has_host(&self, host: &str) -> bool {
+        self.by_host.contains_key(&host.to_ascii_lowercase())
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }
@@ -282,6 +287,11 @@ impl Table {
     /// Finds the route for a request; see [`RouteTable::lookup`].
     pub fn lookup<'t, 'p>(&'t self, method: &http::Method, host: Option<&str>, path: &'p str) -> Result<Match<'t, 'p>, Miss> {
         self.routing.table.lookup(method, host, path)
+    }
+
+    /// Whether some route names `host` (without port) explicitly.
+    pub fn has_host(&self, host: &str) -> bool {
+        self.routing.table.has_host(host)
     }
 
     /// Records one answered request of the route at `index` (from its [`Match`]).

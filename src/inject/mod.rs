@@ -15,7 +15,8 @@
 //! - `NATSBRIDGE_APP_URL` from `natsbridge.io/app-port` (or the first declared containerPort);
 //! - probes on the admin port, resources from `natsbridge.io/{cpu,memory}-{request,limit}` with
 //!   defaults from [`InjectSettings`], and Prometheus scrape annotations;
-//! - with `natsbridge.io/http-proxy: "true"`, `HTTP_PROXY`/`NO_PROXY` on every app container.
+//! - with `natsbridge.io/http-proxy: "true"`, `HTTP_PROXY`/`NO_PROXY` on every app container;
+//!   with `natsbridge.io/https-proxy: "true"`, `HTTPS_PROXY` too (CONNECT tunnels).
 
 pub mod admission;
 mod error;
@@ -39,9 +40,9 @@ use admission::AdmissionReview;
 pub use error::{InjectError, ReviewDefect, SettingDefect, TlsDefect};
 pub use review::{
     decide_injection, escape_pointer, mutate, nats_hosts, no_proxy_list, Decision, Refusal, ADMIN_PORT_NAME, ANNOTATION_APP_PORT,
-    ANNOTATION_CPU_LIMIT, ANNOTATION_CPU_REQUEST, ANNOTATION_HTTP_PROXY, ANNOTATION_INJECT, ANNOTATION_LOG_LEVEL, ANNOTATION_MEMORY_LIMIT,
-    ANNOTATION_MEMORY_REQUEST, ANNOTATION_NATS_URL_SECRET, ANNOTATION_ROUTES, ANNOTATION_STATUS, LABEL_INJECTED, ROUTES_DIR, ROUTES_VOLUME,
-    SIDECAR_NAME,
+    ANNOTATION_CPU_LIMIT, ANNOTATION_CPU_REQUEST, ANNOTATION_HTTPS_PROXY, ANNOTATION_HTTP_PROXY, ANNOTATION_INJECT, ANNOTATION_LOG_LEVEL,
+    ANNOTATION_MEMORY_LIMIT, ANNOTATION_MEMORY_REQUEST, ANNOTATION_NATS_URL_SECRET, ANNOTATION_ROUTES, ANNOTATION_STATUS, LABEL_INJECTED,
+    ROUTES_DIR, ROUTES_VOLUME, SIDECAR_NAME,
 };
 pub use settings::{is_quantity, InjectArgs, InjectSettings, Resources, SecretKeyRef};
 pub use tls::{load_certified_key, tls_config, ReloadingCert};

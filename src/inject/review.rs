@@ -19,6 +19,9 @@ pub const ANNOTATION_ROUTES: &str = "natsbridge.io/routes";
 pub const ANNOTATION_APP_PORT: &str = "natsbridge.io/app-port";
 /// Annotation that points the app's outgoing HTTP at the sidecar's egress listener.
 pub const ANNOTATION_HTTP_PROXY: &str = "natsbridge.io/http-proxy";
+/// Annotation that sends the app's HTTPS calls through the egress listener too, as CONNECT
+/// tunnels (opaque: they are passed through, never routed onto NATS).
+pub const ANNOTATION_HTTPS_PROXY: &str = "natsbridge.io/https-proxy";
 /// Annotation the injector writes, so a re-invocation or a second webhook sees it is done.
 pub const ANNOTATION_STATUS: &str = "natsbridge.io/status";
 /// Annotation overriding the sidecar's log level for one workload.
@@ -38,6 +41,10 @@ pub const SIDECAR_NAME: &str = "natsbridge";
 pub const ROUTES_VOLUME: &str = "natsbridge-routes";
 /// Where the routes ConfigMap is mounted; the sidecar reads `routes.toml` from here.
 pub const ROUTES_DIR: &str = "/etc/natsbridge";
+/// Name of the NATS CA volume added to the pod when the servers use TLS.
+pub const NATS_CA_VOLUME: &str = "natsbridge-nats-ca";
+/// Where the sidecar finds the NATS CA (`NATSBRIDGE_NATS_CA_FILE`).
+pub const NATS_CA_DIR: &str = "/etc/natsbridge-nats-ca";
 /// Name of the admin port on the sidecar; the PodMonitor selects it by this name.
 pub const ADMIN_PORT_NAME: &str = "nb-admin";
 /// Label put on injected pods (`"true"`): annotations cannot be selected on, and the chart's
@@ -258,24 +265,42 @@ fn injection_patch(pod: &Pod<'_>, request: &SidecarRequest<'_>, settings: &Injec
         "name": ROUTES_VOLUME,
         "configMap": { "name": request.routes_config_map, "items": [{ "key": "routes.toml", "path": "routes.toml" }] }
     });
+    let mut volumes = vec![volume];
+    if let Some(ca) = &settings.nats_ca {
+        // Optional: a namespace without the CA still gets its pods started (the sidecar
+        // reports NATS down), rather than pods stuck in ContainerCreating.
+        volumes.push(json!({
+            "name": NATS_CA_VOLUME,
+            "configMap": { "name": ca.name, "items": [{ "key": ca.key, "path": "ca.crt" }], "optional": true }
+        }));
+    }
     match pod.object.spec.as_ref().and_then(|s| s.volumes.as_ref()) {
-        Some(_) => ops.push(op_add("/spec/volumes/-", volume)),
-        None => ops.push(op_add("/spec/volumes", Value::Array(vec![volume]))),
+        Some(_) => ops.extend(volumes.into_iter().map(|v| op_add("/spec/volumes/-", v))),
+        None => ops.push(op_add("/spec/volumes", Value::Array(volumes))),
     }
 
-    if pod.annotation(ANNOTATION_HTTP_PROXY) == Some("true") {
-        ops.extend(proxy_env_ops(pod, settings));
+    let (http, https) = (pod.annotation(ANNOTATION_HTTP_PROXY) == Some("true"), pod.annotation(ANNOTATION_HTTPS_PROXY) == Some("true"));
+    if http || https {
+        ops.extend(proxy_env_ops(pod, settings, http, https));
     }
     ops.extend(marker_ops(pod, settings));
     ops
 }
 
-/// `HTTP_PROXY`/`NO_PROXY` (both cases) on every app container that does not set them itself.
-fn proxy_env_ops(pod: &Pod<'_>, settings: &InjectSettings) -> Vec<Value> {
+/// `HTTP_PROXY` (when `http`), `HTTPS_PROXY` (when `https`) and `NO_PROXY`, in both cases,
+/// on every app container that does not set them itself.
+fn proxy_env_ops(pod: &Pod<'_>, settings: &InjectSettings, http: bool, https: bool) -> Vec<Value> {
     let proxy = format!("http://127.0.0.1:{}", settings.egress_port);
     let no_proxy = no_proxy_list(settings).join(",");
     // Lower-case too: curl and many libraries read only http_proxy (httpoxy hardening).
-    let vars = [("HTTP_PROXY", &proxy), ("http_proxy", &proxy), ("NO_PROXY", &no_proxy), ("no_proxy", &no_proxy)];
+    let mut vars = vec![("NO_PROXY", &no_proxy), ("no_proxy", &no_proxy)];
+    if http {
+        vars.extend([("HTTP_PROXY", &proxy), ("http_proxy", &proxy)]);
+    }
+    if https {
+        // The proxy URL stays http://: the app speaks TLS inside the CONNECT tunnel.
+        vars.extend([("HTTPS_PROXY", &proxy), ("https_proxy", &proxy)]);
+    }
     let mut ops = Vec::new();
     for (i, c) in pod.containers.iter().enumerate() {
         let existing: Vec<&str> = c.env.iter().flatten().filter_map(|e| e.name.as_deref()).collect();
@@ -354,7 +379,7 @@ fn sidecar_container(settings: &InjectSettings, request: &SidecarRequest<'_>) ->
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 3),
         "resources": res,
-        "volumeMounts": [{ "name": ROUTES_VOLUME, "mountPath": ROUTES_DIR, "readOnly": true }],
+        "volumeMounts": volume_mounts(settings),
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": settings.run_as_user,
@@ -365,6 +390,14 @@ fn sidecar_container(settings: &InjectSettings, request: &SidecarRequest<'_>) ->
             "seccompProfile": { "type": "RuntimeDefault" }
         }
     })
+}
+
+fn volume_mounts(settings: &InjectSettings) -> Vec<Value> {
+    let mut mounts = vec![json!({ "name": ROUTES_VOLUME, "mountPath": ROUTES_DIR, "readOnly": true })];
+    if settings.nats_ca.is_some() {
+        mounts.push(json!({ "name": NATS_CA_VOLUME, "mountPath": NATS_CA_DIR, "readOnly": true }));
+    }
+    mounts
 }
 
 fn sidecar_env(settings: &InjectSettings, request: &SidecarRequest<'_>) -> Vec<Value> {
@@ -378,6 +411,9 @@ fn sidecar_env(settings: &InjectSettings, request: &SidecarRequest<'_>) -> Vec<V
     });
     if let Some(port) = request.app_port {
         env.push(json!({ "name": "NATSBRIDGE_APP_URL", "value": format!("http://127.0.0.1:{port}") }));
+    }
+    if settings.nats_ca.is_some() {
+        env.push(json!({ "name": "NATSBRIDGE_NATS_CA_FILE", "value": format!("{NATS_CA_DIR}/ca.crt") }));
     }
     env
 }

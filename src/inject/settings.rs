@@ -26,9 +26,14 @@ pub struct SecretKeyRef {
 impl SecretKeyRef {
     /// Parses `name` or `name/key`; the key defaults to `url`.
     pub fn parse(s: &str) -> Option<Self> {
+        Self::parse_or(s, "url")
+    }
+
+    /// Parses `name` or `name/key`, the key defaulting to `default_key`.
+    pub fn parse_or(s: &str, default_key: &str) -> Option<Self> {
         let (name, key) = match s.split_once('/') {
             Some((n, k)) => (n.trim(), k.trim()),
-            None => (s.trim(), "url"),
+            None => (s.trim(), default_key),
         };
         (!name.is_empty() && !key.is_empty()).then(|| Self { name: name.into(), key: key.into() })
     }
@@ -43,6 +48,9 @@ pub struct InjectSettings {
     pub nats_url: String,
     /// When set, sidecars read the NATS URL from this Secret instead of `nats_url`.
     pub nats_url_secret: Option<SecretKeyRef>,
+    /// The ConfigMap (in each pod's namespace) and key holding the CA that verifies the NATS
+    /// servers; mounted into sidecars, which then verify the server with it.
+    pub nats_ca: Option<SecretKeyRef>,
     pub resources: Resources,
     pub egress_port: u16,
     pub admin_port: u16,
@@ -61,6 +69,7 @@ impl Default for InjectSettings {
             image_pull_policy: "IfNotPresent".into(),
             nats_url: "nats://nats:4222".into(),
             nats_url_secret: None,
+            nats_ca: None,
             resources: Resources {
                 cpu_request: Some("50m".into()),
                 cpu_limit: None,
@@ -102,6 +111,12 @@ pub struct InjectArgs {
     /// URL with credentials; overrides --nats-url for sidecars.
     #[arg(long, env = "NATSBRIDGE_INJECT_NATS_URL_SECRET")]
     pub nats_url_secret: Option<String>,
+    /// ConfigMap (`name` or `name/key`, key defaults to `ca.crt`) in each pod's namespace
+    /// holding the CA of the NATS servers' TLS certificate; mounted into sidecars, which
+    /// verify the server with it. Optional in the pod: without it the sidecar cannot
+    /// connect, but the pod still starts.
+    #[arg(long, env = "NATSBRIDGE_INJECT_NATS_CA_CONFIG_MAP")]
+    pub nats_ca_config_map: Option<String>,
     /// Default sidecar CPU request (empty = unset).
     #[arg(long, env = "NATSBRIDGE_INJECT_CPU_REQUEST", default_value = "50m")]
     pub cpu_request: String,
@@ -144,6 +159,13 @@ impl InjectArgs {
             return Err(InjectError::Setting { name: "--nats-url", defect: SettingDefect::Empty });
         }
         let nats_url_secret = secret_flag("--nats-url-secret", self.nats_url_secret.as_deref())?;
+        let nats_ca = match self.nats_ca_config_map.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(
+                SecretKeyRef::parse_or(s, "ca.crt")
+                    .ok_or_else(|| InjectError::Setting { name: "--nats-ca-config-map", defect: SettingDefect::NotASecretRef(s.into()) })?,
+            ),
+        };
         if self.egress_port == self.admin_port {
             return Err(InjectError::Setting { name: "--admin-port", defect: SettingDefect::SameAsEgressPort });
         }
@@ -152,6 +174,7 @@ impl InjectArgs {
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
             nats_url: self.nats_url.trim().into(),
             nats_url_secret,
+            nats_ca,
             resources: Resources {
                 cpu_request: quantity_flag("--cpu-request", &self.cpu_request)?,
                 cpu_limit: quantity_flag("--cpu-limit", &self.cpu_limit)?,

@@ -2,9 +2,7 @@
 
 use async_nats::jetstream::{
     self,
-    context::{
-        CreateKeyValueError, CreateStreamError, DeleteStreamError, GetStreamError, KeyValueError, UpdateKeyValueError, UpdateStreamError,
-    },
+    context::{CreateKeyValueError, CreateStreamError, DeleteStreamError, GetStreamError, KeyValueError, UpdateStreamError},
     stream::ConsumerError,
 };
 
@@ -30,8 +28,6 @@ pub enum ApplyError {
     DeleteConsumer(#[source] ConsumerError),
     #[error(transparent)]
     CreateKv(CreateKeyValueError),
-    #[error(transparent)]
-    UpdateKv(UpdateKeyValueError),
     #[error("cannot delete: {0}")]
     DeleteKv(#[source] KeyValueError),
 }
@@ -55,7 +51,6 @@ async fn execute(js: &jetstream::Context, op: Op) -> Result<(), ApplyError> {
             js.create_consumer_on_stream(config, stream).await.map(drop).map_err(ApplyError::CreateConsumer)
         }
         Op::CreateKv(c) => js.create_key_value(c).await.map(drop).map_err(ApplyError::CreateKv),
-        Op::UpdateKv(c) => js.update_key_value(c).await.map(drop).map_err(ApplyError::UpdateKv),
         Op::RecreateKv(c) => {
             js.delete_key_value(&c.bucket).await.map_err(ApplyError::DeleteKv)?;
             js.create_key_value(c).await.map(drop).map_err(ApplyError::CreateKv)

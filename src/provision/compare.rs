@@ -7,8 +7,10 @@ use async_nats::jetstream::{
     self,
     consumer::{self, pull, AckPolicy},
     kv,
-    stream::{self, RetentionPolicy, StorageType},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
+
+use super::spec::OWNER_KEY;
 
 /// One managed field that differs: what the server has, and what the file wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,13 @@ fn fmt_retention(r: RetentionPolicy) -> &'static str {
         RetentionPolicy::Limits => "limits",
         RetentionPolicy::Interest => "interest",
         RetentionPolicy::WorkQueue => "workqueue",
+    }
+}
+
+fn fmt_discard(d: DiscardPolicy) -> &'static str {
+    match d {
+        DiscardPolicy::Old => "old",
+        DiscardPolicy::New => "new",
     }
 }
 
@@ -103,6 +112,10 @@ pub(super) fn compare_stream(want: &stream::Config, have: &stream::Info, manage_
     push_diff(&mut diff, "max_msgs", fmt_limit(old.max_messages), fmt_limit(want.max_messages));
     if manage_duplicates {
         push_diff(&mut diff, "duplicate_window", fmt_age(old.duplicate_window), fmt_age(want.duplicate_window));
+    }
+    // Only discard=new is insisted on (it keeps acked messages); old is left to the operator.
+    if want.discard == DiscardPolicy::New {
+        push_diff(&mut diff, "discard", fmt_discard(old.discard).into(), fmt_discard(want.discard).into());
     }
     if diff.is_empty() {
         return Verdict::Unchanged;
@@ -170,6 +183,9 @@ pub(super) fn merge_stream(have: &stream::Config, want: &stream::Config, manage_
     if manage_duplicates {
         c.duplicate_window = want.duplicate_window;
     }
+    if want.discard == DiscardPolicy::New {
+        c.discard = DiscardPolicy::New;
+    }
     c
 }
 
@@ -188,7 +204,10 @@ pub(super) fn compare_consumer(want: &pull::Config, have: &consumer::Info, strea
     push_diff(&mut diff, "max_deliver", fmt_limit(old.max_deliver), fmt_limit(want.max_deliver));
     push_diff(&mut diff, "backoff", fmt_durations(&old.backoff), fmt_durations(&want.backoff));
     push_diff(&mut diff, "max_ack_pending", fmt_limit(old.max_ack_pending), fmt_limit(want.max_ack_pending));
-    push_diff(&mut diff, "filter_subject", consumer_filter(old), want.filter_subject.clone());
+    let old_filter = consumer_filter(old);
+    push_diff(&mut diff, "filter_subject", old_filter.clone(), want.filter_subject.clone());
+    let owner = |m: &std::collections::HashMap<String, String>| m.get(OWNER_KEY).cloned().unwrap_or_else(|| "none".into());
+    push_diff(&mut diff, "owner", owner(&old.metadata), owner(&want.metadata));
     let push = old.deliver_subject.is_some();
     let ack = old.ack_policy != AckPolicy::Explicit;
     if push || ack {
@@ -210,6 +229,19 @@ pub(super) fn compare_consumer(want: &pull::Config, have: &consumer::Info, strea
             recreate: true,
         };
     }
+    if old_filter != want.filter_subject {
+        // The consumer keeps its position: what the old filter had not delivered yet is
+        // never delivered, and what the new one matches below the position is skipped.
+        return Verdict::Destructive {
+            reason: format!(
+                "changing filter_subject affects data: messages matching {old_filter:?} not yet delivered ({} pending) are no longer delivered, and messages matching {:?} below the consumer's position are never delivered",
+                have.num_pending, want.filter_subject
+            ),
+            cost: "applied in place".into(),
+            diff,
+            recreate: false,
+        };
+    }
     if diff.is_empty() {
         Verdict::Unchanged
     } else {
@@ -229,10 +261,24 @@ pub(super) fn merge_consumer(have: &consumer::Config, want: &pull::Config) -> Op
     c.filter_subject = want.filter_subject.clone();
     c.filter_subjects = Vec::new();
     c.max_ack_pending = want.max_ack_pending;
+    c.metadata.extend(want.metadata.clone());
     if c.description.is_none() {
         c.description = want.description.clone();
     }
     Some(c)
+}
+
+/// The stream config to send for a bucket update: what exists, with only the bucket's
+/// managed fields replaced, so settings added by hand (placement, max_bytes...) survive
+/// (the client's `update_key_value` would rebuild the whole stream config).
+pub(super) fn merge_kv(have: &stream::Config, want: &kv::Config) -> stream::Config {
+    let mut c = have.clone();
+    c.max_messages_per_subject = want.history.max(1);
+    c.num_replicas = want.num_replicas;
+    c.max_age = want.max_age;
+    c.allow_message_ttl = want.limit_markers.is_some();
+    c.subject_delete_marker_ttl = want.limit_markers;
+    c
 }
 
 pub(super) fn compare_kv(want: &kv::Config, have: &stream::Info) -> Verdict {

@@ -13,7 +13,8 @@
 //! bucket). Consumers are not checked: ingress creates them when it binds.
 //!
 //! Owns: `spec` (desired configs, pure), `compare` (diffs, pure), `plan` (reading the
-//! server into a [`Plan`]), `apply` (changing it), `check` (what is missing), `watch` (the
+//! server into a [`Plan`]), `apply` (changing it), `prune` (removing this service's
+//! consumers whose routes are gone), `check` (what is missing), `watch` (the
 //! sidecar's task gating readiness). May call `config`, `health` and `nats::connection`;
 //! only `spec` is called from elsewhere in the library (ingress builds its consumer).
 
@@ -24,14 +25,19 @@ mod apply;
 mod check;
 mod compare;
 mod plan;
+mod prune;
 mod spec;
 mod watch;
 
 pub use apply::{apply, ApplyError};
 pub use check::{check, Missing};
 pub use compare::FieldDiff;
-pub use plan::{plan, plan_with, Item, Plan, Status};
-pub use spec::{consumer_config, dead_letter_stream_config, idempotency_ttl, kv_config, kv_stream_name, stream_config, uses_idempotency};
+pub use plan::{cluster_size, plan, plan_with, Item, Plan, Status};
+pub use prune::prune;
+pub use spec::{
+    consumer_config, dead_letter_stream_config, default_replicas, fit_to_stream, idempotency_ttl, kv_config, kv_stream_name, stream_config,
+    uses_idempotency, OWNER_KEY, ROUTE_KEY,
+};
 pub use watch::spawn;
 
 /// The bucket's max_age when no route sets an idempotency ttl (the documented default ttl).

@@ -7,13 +7,13 @@ use std::fmt;
 
 use async_nats::jetstream::{
     self,
-    consumer::{self, pull},
+    consumer::{self, pull, DeliverPolicy},
     kv, stream,
 };
 
-use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_stream, FieldDiff, Verdict};
+use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_kv, merge_stream, FieldDiff, Verdict};
 use super::spec::{
-    consumer_config, dead_letter_stream_config, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
+    consumer_config, dead_letter_stream_config, fit_to_stream, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
     uses_idempotency,
 };
 use super::{Kind, ProvisionError};
@@ -32,6 +32,8 @@ pub enum Status {
         reason: String,
         diff: Vec<FieldDiff>,
     },
+    /// A consumer whose route is gone (`--prune`): deleted, or to be deleted in a dry run.
+    Deleted,
     /// Destructive or impossible; nothing was changed.
     Refused {
         reason: String,
@@ -106,6 +108,8 @@ impl Item {
             (Status::Updated { .. }, true) => ('~', "updated".to_owned()),
             (Status::Updated { .. }, false) => ('~', "update".to_owned()),
             (Status::Unchanged, _) => ('=', "unchanged".to_owned()),
+            (Status::Deleted, true) => ('-', "deleted (its route is gone)".to_owned()),
+            (Status::Deleted, false) => ('-', "delete (its route is gone)".to_owned()),
             (Status::Recreated { reason, .. }, true) => ('!', format!("deleted and recreated: {reason}")),
             (Status::Recreated { reason, .. }, false) => ('!', format!("delete and recreate: {reason}")),
             (Status::Refused { reason, .. }, _) => ('x', format!("REFUSED: {reason}")),
@@ -147,10 +151,14 @@ impl fmt::Display for Plan {
         let unchanged = self.count(|s| matches!(s, Status::Unchanged));
         let refused = self.count(|s| matches!(s, Status::Refused { .. }));
         let failed = self.count(|s| matches!(s, Status::Failed { .. }));
+        let deleted = self.count(|s| matches!(s, Status::Deleted));
         write!(
             f,
             "{created} created, {updated} updated, {recreated} recreated, {unchanged} unchanged, {refused} refused, {failed} failed"
         )?;
+        if deleted > 0 {
+            write!(f, ", {deleted} deleted")?;
+        }
         if refused > 0 {
             write!(f, "\nrefused changes were not made; `--force` makes the destructive ones (see each reason)")?;
         }
@@ -169,7 +177,6 @@ pub(super) enum Op {
     UpdateConsumer { stream: String, config: pull::Config },
     RecreateConsumer { stream: String, config: pull::Config },
     CreateKv(kv::Config),
-    UpdateKv(kv::Config),
     RecreateKv(kv::Config),
 }
 
@@ -259,25 +266,53 @@ pub async fn plan_with(js: &jetstream::Context, config: &Config, force: bool) ->
 struct KnownStreams {
     fresh: BTreeSet<String>,
     messages: BTreeMap<String, u64>,
+    retention: BTreeMap<String, stream::RetentionPolicy>,
+}
+
+/// How many servers the cluster has, from the INFO of the server we are connected to: it
+/// lists the client URLs of every server of its cluster (itself included). 1 when it is
+/// not clustered. (A cluster with `no_advertise` lists none: set `replicas` there.)
+pub fn cluster_size(client: &async_nats::Client) -> usize {
+    let info = client.server_info();
+    if info.cluster.is_none() {
+        return 1;
+    }
+    info.connect_urls.iter().collect::<BTreeSet<_>>().len().max(1)
+}
+
+/// The warning for a one-replica copy of the dead letters or the idempotency keys on a
+/// clustered server.
+fn single_replica_note(cluster: usize, replicas: usize, what: &str) -> Option<String> {
+    (cluster > 1 && replicas <= 1).then(|| {
+        format!(
+            "one replica on a cluster of {cluster} servers: one server restarting makes {what} unavailable, and losing its volume loses them; set replicas = 3 (or leave it unset)"
+        )
+    })
 }
 
 /// Every planned action, in order: the idempotency bucket, the streams, the consumers.
 pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Result<Vec<Planned>, ProvisionError> {
     let mut out = Vec::new();
+    let cluster = cluster_size(&js.client());
     let has_jetstream_routes = jetstream_routes(config).next().is_some();
     if config.streams.is_empty() && !has_jetstream_routes && !uses_idempotency(config) {
         return Ok(out);
     }
     if uses_idempotency(config) {
-        out.push(plan_idempotency_bucket(js, config, force).await?);
+        out.push(plan_idempotency_bucket(js, config, force, cluster).await?);
     }
     let mut known = KnownStreams::default();
     let mut streams: Vec<(Kind, stream::Config, bool)> = config.streams.iter().map(|s| (Kind::Stream, stream_config(s), true)).collect();
     if has_jetstream_routes {
-        streams.push((Kind::DeadLetterStream, dead_letter_stream_config(&config.dead_letter), false));
+        streams.push((Kind::DeadLetterStream, dead_letter_stream_config(&config.dead_letter, cluster), false));
     }
     for (kind, want, manage_duplicates) in streams {
-        out.push(plan_stream(js, kind, want, manage_duplicates, force, &mut known).await?);
+        let replicas = want.num_replicas;
+        let mut p = plan_stream(js, kind, want, manage_duplicates, force, &mut known).await?;
+        if kind == Kind::DeadLetterStream && p.item.note.is_none() {
+            p.item.note = single_replica_note(cluster, replicas, "the dead letters");
+        }
+        out.push(p);
     }
     for (route, c) in jetstream_routes(config) {
         out.push(plan_consumer(js, route, c, force, &mut known).await?);
@@ -285,8 +320,8 @@ pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: boo
     Ok(out)
 }
 
-async fn plan_idempotency_bucket(js: &jetstream::Context, config: &Config, force: bool) -> Result<Planned, ProvisionError> {
-    let mut want = kv_config(&config.idempotency, idempotency_ttl(config));
+async fn plan_idempotency_bucket(js: &jetstream::Context, config: &Config, force: bool, cluster: usize) -> Result<Planned, ProvisionError> {
+    let mut want = kv_config(&config.idempotency, idempotency_ttl(config), cluster);
     let account = js.query_account().await.map_err(ProvisionError::Account)?;
     let mut note = None;
     if account.requests.level < 1 {
@@ -296,16 +331,28 @@ async fn plan_idempotency_bucket(js: &jetstream::Context, config: &Config, force
         );
     }
     let name = want.bucket.clone();
+    let replicas = want.num_replicas;
     let mut p = match read_stream(js, Kind::KvBucket, &kv_stream_name(&name)).await? {
         None => Planned { item: item(Kind::KvBucket, &name, Status::Created), op: Op::CreateKv(want) },
         Some(have) => {
+            // Services sharing the bucket may need longer: the longest max_age wins, so
+            // one service lowering its ttl never deletes another's keys.
+            let keep = have.config.max_age.is_zero() || have.config.max_age > want.max_age;
+            if keep {
+                note = Some(format!(
+                    "keeps max_age {} (longer than this file's {}: another service sharing the bucket may need it)",
+                    humantime::format_duration(have.config.max_age),
+                    humantime::format_duration(want.max_age)
+                ));
+                want.max_age = have.config.max_age;
+            }
             let verdict = compare_kv(&want, &have);
-            let (w1, w2) = (want.clone(), want);
-            action_for_verdict(Kind::KvBucket, &name, verdict, force, move || Op::UpdateKv(w1), move || Op::RecreateKv(w2))
+            let merged = merge_kv(&have.config, &want);
+            action_for_verdict(Kind::KvBucket, &name, verdict, force, move || Op::UpdateStream(merged), move || Op::RecreateKv(want))
         }
     };
     if p.item.note.is_none() {
-        p.item.note = note;
+        p.item.note = note.or_else(|| single_replica_note(cluster, replicas, "the idempotency keys"));
     }
     Ok(p)
 }
@@ -319,6 +366,7 @@ async fn plan_stream(
     known: &mut KnownStreams,
 ) -> Result<Planned, ProvisionError> {
     let name = want.name.clone();
+    known.retention.insert(name.clone(), want.retention);
     let p = match read_stream(js, kind, &name).await? {
         None => {
             known.fresh.insert(name.clone());
@@ -345,20 +393,24 @@ async fn plan_consumer(
     force: bool,
     known: &mut KnownStreams,
 ) -> Result<Planned, ProvisionError> {
-    let want = consumer_config(route, c);
+    let mut want = consumer_config(route, c);
     let name = format!("{}/{}", c.stream, c.durable);
-    let create = || Planned {
+    let create = |want: &pull::Config| Planned {
         item: item(Kind::Consumer, &name, Status::Created),
         op: Op::CreateConsumer { stream: c.stream.clone(), config: want.clone() },
     };
     if known.fresh.contains(&c.stream) {
-        return Ok(create());
+        if let Some(r) = known.retention.get(&c.stream) {
+            fit_to_stream(&mut want, *r);
+        }
+        return Ok(create(&want));
     }
     let messages = match known.messages.get(&c.stream) {
         Some(n) => *n,
         None => match read_stream(js, Kind::Stream, &c.stream).await? {
             Some(info) => {
                 known.messages.insert(c.stream.clone(), info.state.messages);
+                known.retention.insert(c.stream.clone(), info.config.retention);
                 info.state.messages
             }
             None => {
@@ -367,12 +419,21 @@ async fn plan_consumer(
             }
         },
     };
+    if let Some(r) = known.retention.get(&c.stream) {
+        fit_to_stream(&mut want, *r);
+    }
     let p = match read_consumer(js, &c.stream, &c.durable).await? {
-        None => create(),
+        None => create(&want),
         Some(have) => {
             let verdict = compare_consumer(&want, &have, messages);
             let merged = merge_consumer(&have.config, &want).unwrap_or_else(|| want.clone());
             let (s1, s2) = (c.stream.clone(), c.stream.clone());
+            let mut want = want.clone();
+            // Recreated (--force), it goes on from its ack floor, never from the start.
+            let floor = have.ack_floor.stream_sequence;
+            if floor > 0 {
+                want.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: floor + 1 };
+            }
             action_for_verdict(
                 Kind::Consumer,
                 &name,

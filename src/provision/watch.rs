@@ -2,7 +2,7 @@
 //! reload), then check what the routes need and keep readiness failing per missing thing
 //! until it exists. Calls `apply` and `check`; owns nothing but the loop's state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::apply::apply;
 use super::check::{check, Missing};
 use super::plan::Status;
+use super::Kind;
 use crate::config::Config;
 use crate::health::{Component, Readiness};
 
@@ -51,6 +52,8 @@ async fn supervise(
         }
         let config = config_rx.borrow_and_update().clone();
         let wait = if watcher.provision(&config).await { watcher.check(&config).await } else { RECHECK_MISSING };
+        // A failed create (no meta leader yet, too few servers up) is retried sooner, with backoff.
+        let wait = watcher.retry_in().map_or(wait, |r| r.min(wait));
         if wait_or_stop(&shutdown, &mut config_rx, wait).await {
             return;
         }
@@ -67,11 +70,21 @@ struct Watcher {
     provisioned: Option<Arc<Config>>,
     /// The last check error: a persisting error is logged once, not every round.
     last_error: Option<String>,
+    /// Why each item of the last apply failed, by component: readiness says so while the
+    /// resource is missing, and the apply is retried.
+    failed: BTreeMap<Component, String>,
+    /// Consecutive applies with a failed item: the retry backoff's exponent.
+    attempts: u32,
 }
 
 impl Watcher {
     fn new(js: jetstream::Context, readiness: Arc<Readiness>) -> Self {
-        Self { js, readiness, failing: BTreeSet::new(), provisioned: None, last_error: None }
+        Self { js, readiness, failing: BTreeSet::new(), provisioned: None, last_error: None, failed: BTreeMap::new(), attempts: 0 }
+    }
+
+    /// When to apply again after a failed item: 1 s doubling to 30 s.
+    fn retry_in(&self) -> Option<Duration> {
+        (!self.failed.is_empty()).then(|| Duration::from_secs(1 << self.attempts.min(5)).min(RECHECK_OK))
     }
 
     /// Applies the plan if `sidecar.provision` asks for it and this config has not been
@@ -82,6 +95,17 @@ impl Watcher {
         }
         match apply(&self.js, config, false).await {
             Ok(plan) => {
+                self.failed.clear();
+                for item in &plan.items {
+                    if let Status::Failed { error } = &item.status {
+                        let kind = if item.kind == Kind::Consumer { Kind::Stream } else { item.kind };
+                        let name = item.name.split('/').next().unwrap_or_default();
+                        self.failed.insert(
+                            Component::resource(kind.key(), name),
+                            format!("cannot create {} {:?} yet: {error}; retrying", item.kind, item.name),
+                        );
+                    }
+                }
                 for item in &plan.items {
                     let text = item.to_string();
                     match item.status {
@@ -89,7 +113,13 @@ impl Watcher {
                         _ => tracing::info!("provision: {}", text.trim_end()),
                     }
                 }
-                self.provisioned = Some(config.clone());
+                if self.failed.is_empty() {
+                    self.attempts = 0;
+                    self.provisioned = Some(config.clone());
+                } else {
+                    // Not remembered as provisioned: the next round applies again.
+                    self.attempts += 1;
+                }
                 true
             }
             Err(e) => {
@@ -111,7 +141,8 @@ impl Watcher {
                     if !self.failing.contains(&m.component()) {
                         tracing::warn!("{m}");
                     }
-                    self.readiness.fail(&m.component(), m.to_string());
+                    let why = self.failed.get(&m.component()).map_or_else(|| m.to_string(), |f| format!("{m} ({f})"));
+                    self.readiness.fail(&m.component(), why);
                 }
                 for gone in self.failing.difference(&now) {
                     tracing::info!(check = %gone, "now exists");

@@ -202,6 +202,8 @@ def test_injector_with_cert_manager_and_non_default_values():
     args = one(objects, "Deployment", "bridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--nats-url=tls://bridge-nats.natsbridge.svc.cluster.local:4222" in args
     assert "--nats-url-secret=nats-url/url" in args
+    # TLS on: sidecars get the CA from the ConfigMap in their namespace.
+    assert "--nats-ca-config-map=natsbridge-nats-ca/ca.crt" in args
     assert "--cpu-limit=1" in args and "--memory-limit=" in args and "--no-proxy=10.96.0.1" in args
     assert "--sidecar-log-level=debug" in args and "--sidecar-image-pull-policy=Always" in args
 
@@ -212,6 +214,21 @@ def test_injector_with_an_external_issuer_and_external_nats():
     assert one(objects, "Certificate")["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
     args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--nats-url=nats://nats.shared:4222" in args
+    assert not [a for a in args if a.startswith("--nats-ca-config-map")], "no TLS, no CA"
+
+
+def test_injected_sidecars_get_the_nats_ca_with_tls():
+    def injector_args(values):
+        objects, _ = render(values)
+        return one(objects, "Deployment", "nb-natsbridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in injector_args({}) if a.startswith("--nats-ca-config-map")], "plaintext NATS: no CA"
+    tls = {"nats": {"tls": {"enabled": True, "secretName": "nats-tls", "caConfigMap": "corp-ca", "caKey": "root.pem"}}}
+    assert "--nats-ca-config-map=corp-ca/root.pem" in injector_args(tls)
+    external = {"nats": {"enabled": False, "externalUrl": "tls://nats.shared:4222"}}
+    assert "--nats-ca-config-map=natsbridge-nats-ca/ca.crt" in injector_args(external)
+    tls["nats"]["tls"]["caConfigMap"] = ""
+    assert not [a for a in injector_args(tls) if a.startswith("--nats-ca-config-map")], "a CA the image trusts"
 
 
 def test_external_nats_requires_a_url():

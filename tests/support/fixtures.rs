@@ -36,7 +36,8 @@ claim_ttl = "{claim_ttl}"
 }
 
 /// The jetstream route `tool.exec.<tool>` → POST /tools/<tool> on stream TOOL, durable `tool`,
-/// dead letters to `dlq.tool`, with the `extra` lines after.
+/// dead letters to `dlq.tool`, with the `extra` lines after. `deliver = "all"`: tests
+/// publish before the sidecar has created its durable, which must still see those messages.
 pub fn tool_exec_route(extra: &str) -> String {
     format!(
         r#"[[inbound]]
@@ -48,6 +49,7 @@ durable = "tool"
 method = "POST"
 path = "/tools/{{3}}"
 dead_letter = "dlq.tool"
+deliver = "all"
 {extra}
 "#
     )

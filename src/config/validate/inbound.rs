@@ -7,7 +7,9 @@ use super::sidecar::reply_prefixes;
 use super::{check_route_name, duration, is_valid_stream_name, refuse_key, size};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawIdempotency, RawInbound};
-use crate::config::{Consumer, Defaults, Forwarded, Idempotency, IdempotencyKey, Inbound, InboundMode, InboundModeName, TUNNEL_PREFIX};
+use crate::config::{
+    Consumer, Defaults, Deliver, Forwarded, Idempotency, IdempotencyKey, Inbound, InboundMode, InboundModeName, TUNNEL_PREFIX,
+};
 use crate::subject::{self, PathTemplate, SubjectPattern};
 
 /// One validated route, or `None` when it had errors (all of them reported).
@@ -205,7 +207,7 @@ fn app_path(
 }
 
 /// The keys only a JetStream consumer takes, and whether each is set.
-fn jetstream_keys(raw: &RawInbound) -> [(&'static str, bool); 7] {
+fn jetstream_keys(raw: &RawInbound) -> [(&'static str, bool); 8] {
     [
         ("stream", raw.stream.is_some()),
         ("durable", raw.durable.is_some()),
@@ -214,6 +216,7 @@ fn jetstream_keys(raw: &RawInbound) -> [(&'static str, bool); 7] {
         ("ack_wait", raw.ack_wait.is_some()),
         ("max_ack_pending", raw.max_ack_pending.is_some()),
         ("dead_letter", raw.dead_letter.is_some()),
+        ("deliver", raw.deliver.is_some()),
     ]
 }
 
@@ -256,7 +259,26 @@ fn jetstream_consumer(
     };
     let (stream, durable, dead_letter) = consumer_names(raw, service, at, diags);
     let max_ack_pending = raw.max_ack_pending.unwrap_or(concurrency as i64 * 2);
-    (Consumer { stream, durable, max_deliver, backoff, ack_wait, max_ack_pending, dead_letter }, timeout)
+    let deliver = deliver(&raw.deliver, at, diags);
+    (
+        Consumer { stream, durable, max_deliver, backoff, ack_wait, max_ack_pending, dead_letter, deliver, service: service.to_owned() },
+        timeout,
+    )
+}
+
+/// `deliver = "new" | "all" | "<RFC 3339 time>"`; new by default.
+fn deliver(value: &Option<String>, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Deliver {
+    match value.as_deref() {
+        None | Some("new") => Deliver::New,
+        Some("all") => Deliver::All,
+        Some(t) => match humantime::parse_rfc3339_weak(t) {
+            Ok(time) => Deliver::StartTime(time),
+            Err(_) => {
+                diags.error(at, Some("deliver"), format!("`deliver` must be \"new\", \"all\" or an RFC 3339 time, not {t:?}"));
+                Deliver::New
+            }
+        },
+    }
 }
 
 /// The stream, the durable name (default `<service>-<route>`) and the dead-letter subject

@@ -24,7 +24,9 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         Vec::new()
     });
     let timeout = duration(at, "timeout", &raw.timeout, defaults.timeout, diags);
-    let max_body = size(at, "max_body", &raw.max_body, defaults.max_body, diags);
+    // `http` routes stream the body: only a limit set on the route itself applies.
+    let default_body = if raw.mode == "http" { usize::MAX } else { defaults.max_body };
+    let max_body = size(at, "max_body", &raw.max_body, default_body, diags);
     if timeout.is_zero() {
         diags.error(at, Some("timeout"), "`timeout` must be more than zero");
     }

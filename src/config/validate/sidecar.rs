@@ -8,8 +8,8 @@ use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawNats, RawSidecar, RawTls};
 use crate::config::values::{parse_http_url, parse_server_url, redact_userinfo};
 use crate::config::{
-    HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL, DEFAULT_LISTEN,
-    DEFAULT_NATS_URL, DEFAULT_REPLY_PREFIX,
+    Forward, HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, Unmatched, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL,
+    DEFAULT_LISTEN, DEFAULT_NATS_URL, DEFAULT_REPLY_PREFIX,
 };
 use crate::subject;
 
@@ -27,6 +27,7 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
     let http = http_limits(&raw, at, diags);
     let readiness = readiness_mode(at, raw.readiness.as_deref(), diags);
     let reply_prefixes = reply_prefixes(at, &raw.reply_prefixes, diags).unwrap_or_else(|| vec![DEFAULT_REPLY_PREFIX.to_owned()]);
+    let forward = forward(&raw, at, diags);
     Sidecar {
         service: raw.service,
         listen,
@@ -39,6 +40,7 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         reply_prefixes,
         readiness,
         app_health_path: app_health_path(at, raw.app_health_path, diags),
+        forward,
     }
 }
 
@@ -56,6 +58,32 @@ fn app_health_path(at: Table<'_>, value: Option<String>, diags: &mut Diagnostics
         return None;
     }
     Some(path)
+}
+
+/// `unmatched`, `connect_allow` and `forward_connect_timeout`: the forward proxy.
+fn forward(raw: &RawSidecar, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Forward {
+    let unmatched = match raw.unmatched.as_deref() {
+        None | Some("forward") => Unmatched::Forward,
+        Some("reject") => Unmatched::Reject,
+        Some(other) => {
+            diags.error(at, Some("unmatched"), format!("`unmatched` {other:?} must be \"forward\" or \"reject\""));
+            Unmatched::Forward
+        }
+    };
+    for p in raw.connect_allow.iter().flatten() {
+        // host:port, where either side may use `*`; a bare host would never match.
+        let ok = p
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && (port == "*" || port.parse::<u16>().is_ok()) && !p.contains(char::is_whitespace));
+        if !ok {
+            diags.error(at, Some("connect_allow"), format!("`connect_allow`: {p:?} is not a host:port pattern like \"*.example.com:443\""));
+        }
+    }
+    let connect_timeout = duration(at, "forward_connect_timeout", &raw.forward_connect_timeout, Duration::from_secs(10), diags);
+    if connect_timeout.is_zero() {
+        diags.error(at, Some("forward_connect_timeout"), "`forward_connect_timeout` must be more than zero");
+    }
+    Forward { unmatched, connect_allow: raw.connect_allow.clone(), connect_timeout }
 }
 
 fn readiness_mode(at: Table<'_>, value: Option<&str>, diags: &mut Diagnostics<'_>) -> ReadinessMode {
@@ -226,7 +254,22 @@ fn nats_tls(raw: &RawTls, at: Table<'_>, diags: &mut Diagnostics<'_>) -> NatsTls
 #[cfg(test)]
 mod tests {
     use crate::config::test_support::{errors, MINIMAL};
-    use crate::config::{parse, NatsAuth, Secret};
+    use crate::config::{parse, NatsAuth, Secret, Unmatched};
+
+    #[test]
+    fn forward_proxy_keys() {
+        let c = parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.sidecar.forward.unmatched, Unmatched::Forward);
+        assert_eq!(c.sidecar.forward.connect_allow, None);
+        let src = format!("{MINIMAL}unmatched = \"reject\"\nconnect_allow = [\"*.example.com:443\", \"db:*\"]\n");
+        let c = parse(&src, "t").unwrap();
+        assert_eq!(c.sidecar.forward.unmatched, Unmatched::Reject);
+        assert_eq!(c.sidecar.forward.connect_allow.as_ref().map(Vec::len), Some(2));
+        let e = errors(&format!("{MINIMAL}unmatched = \"drop\"\n"));
+        assert!(e[0].contains("t.toml:3") && e[0].contains("`unmatched`"), "{e:#?}");
+        let e = errors(&format!("{MINIMAL}connect_allow = [\"example.com\"]\n"));
+        assert!(e[0].contains("host:port"), "{e:#?}");
+    }
 
     #[test]
     fn secrets_are_never_inline() {

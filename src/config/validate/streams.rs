@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{duration, is_valid_name, is_valid_stream_name, size, storage};
 use crate::config::diagnostics::{Diagnostics, Table, TableStart};
 use crate::config::raw::{RawDeadLetter, RawIdempotencyStore, RawStream};
-use crate::config::{DeadLetterStream, IdempotencyStore, Retention, StreamSpec};
+use crate::config::{DeadLetterStream, IdempotencyStore, Retention, StreamSpec, DEFAULT_DLQ_MAX_AGE, DEFAULT_DLQ_MAX_BYTES};
 use crate::subject::SubjectPattern;
 
 /// One validated stream, or `None` when it had errors (all of them reported).
@@ -81,9 +81,9 @@ pub(super) fn dead_letter(raw: RawDeadLetter, start: TableStart, diags: &mut Dia
         stream,
         subjects,
         storage: storage(at, &raw.storage, diags),
-        replicas: raw.replicas.unwrap_or(1),
-        max_age: raw.max_age.as_ref().map(|_| duration(at, "max_age", &raw.max_age, Duration::ZERO, diags)),
-        max_bytes: raw.max_bytes.as_ref().map(|_| size(at, "max_bytes", &raw.max_bytes, 0, diags) as i64),
+        replicas: replicas(at, raw.replicas, diags),
+        max_age: duration(at, "max_age", &raw.max_age, DEFAULT_DLQ_MAX_AGE, diags),
+        max_bytes: size(at, "max_bytes", &raw.max_bytes, DEFAULT_DLQ_MAX_BYTES, diags) as i64,
     }
 }
 
@@ -101,9 +101,17 @@ pub(super) fn idempotency_store(raw: RawIdempotencyStore, start: TableStart, dia
     }
     IdempotencyStore {
         bucket,
-        replicas: raw.replicas.unwrap_or(1),
+        replicas: replicas(at, raw.replicas, diags),
         claim_ttl,
         max_response_bytes: size(at, "max_response_bytes", &raw.max_response_bytes, 64 << 10, diags),
         storage: storage(at, &raw.storage, diags),
     }
+}
+
+/// An explicit replica count (1 to 5), or `None` to follow the cluster's size.
+fn replicas(at: Table<'_>, value: Option<usize>, diags: &mut Diagnostics<'_>) -> Option<usize> {
+    if value.is_some_and(|r| !(1..=5).contains(&r)) {
+        diags.error(at, Some("replicas"), "`replicas` must be 1 to 5");
+    }
+    value
 }

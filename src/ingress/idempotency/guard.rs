@@ -25,8 +25,8 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Idempotency, IdempotencyStore};
-use crate::health::{Component, Readiness};
-use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, Store, StoredResponse, Ticket};
+use crate::health::{Component, Readiness, State};
+use crate::ingress::idempotency::store::{extract_key, kv_key, Claim, IdempotencyError, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
 use crate::problem::BridgeError;
@@ -57,6 +57,8 @@ pub(crate) struct Guard {
     readiness: Arc<Readiness>,
     /// A store error failed readiness; the next success passes it again.
     degraded: AtomicBool,
+    /// The bucket's max_age is shorter than this route's ttl (found when it was bound).
+    short_max_age: std::sync::OnceLock<String>,
     c: Counters,
 }
 
@@ -98,6 +100,7 @@ impl Guard {
             store: watch::Sender::new(None),
             readiness,
             degraded: AtomicBool::new(false),
+            short_max_age: std::sync::OnceLock::new(),
             c: Counters {
                 hit: c("hit"),
                 claim: c("claim"),
@@ -118,8 +121,9 @@ impl Guard {
         loop {
             match Store::open(&js, &cfg, owner.clone()).await {
                 Ok(store) => {
+                    self.check_max_age(&store, &cfg.bucket).await;
                     self.store.send_replace(Some(Arc::new(store)));
-                    self.readiness.pass(&Component::IDEMPOTENCY);
+                    self.mark_up();
                     tracing::info!(route = %self.route, bucket = %cfg.bucket, "idempotency store bound");
                     return;
                 }
@@ -183,10 +187,50 @@ impl Guard {
         self.readiness.fail(&Component::IDEMPOTENCY, format!("idempotency store: {what} failed: {why}"));
     }
 
+    /// A lost claim is no store outage: counted and logged, but the route is not paused.
+    fn finish_failed(&self, what: &str, e: &IdempotencyError) {
+        if e.is_store_failure() {
+            self.store_failed(what, &e.to_string());
+        } else {
+            self.c.error.inc();
+            tracing::warn!(route = %self.route, error = %e, "idempotency store: {what} failed");
+        }
+    }
+
     fn store_ok(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
-            self.readiness.pass(&Component::IDEMPOTENCY);
+            self.mark_up();
         }
+    }
+
+    /// Up, or up but degraded when the bucket's max_age is short for this route. A route
+    /// without that finding does not clear another route's: it passes only a component
+    /// that is not up.
+    fn mark_up(&self) {
+        match self.short_max_age.get() {
+            Some(why) => self.readiness.degraded(&Component::IDEMPOTENCY, why.clone()),
+            None if self.readiness.state(&Component::IDEMPOTENCY) != Some(State::Up) => self.readiness.pass(&Component::IDEMPOTENCY),
+            None => {}
+        }
+    }
+
+    /// The bucket collects entries after its max_age: shorter than the route's ttl, a
+    /// result is gone before its ttl and a late copy of the message runs again. `provision`
+    /// sets it from the longest ttl; a bucket made by hand, or a ttl raised since, is only
+    /// caught here. A store that cannot say is not held against it.
+    async fn check_max_age(&self, store: &Store, bucket: &str) {
+        let Ok(max_age) = store.max_age().await else { return };
+        if max_age.is_zero() || max_age >= self.spec.ttl {
+            return;
+        }
+        let why = format!(
+            "idempotency bucket {bucket:?} max_age {} is shorter than route {:?} ttl {}: results are collected early and a late copy runs again; run `natsbridge provision`",
+            humantime::format_duration(max_age),
+            self.route,
+            humantime::format_duration(self.spec.ttl)
+        );
+        tracing::warn!(route = %self.route, "{why}");
+        let _ = self.short_max_age.set(why);
     }
 
     /// Claims `key` for this delivery (counts claim, hit or conflict).
@@ -270,7 +314,7 @@ impl Guard {
                 }
                 Err(e) => {
                     let why = e.to_string();
-                    self.store_failed("storing a result", &why);
+                    self.finish_failed("storing a result", &e);
                     Err(why)
                 }
             },
@@ -283,7 +327,7 @@ impl Guard {
                 Err(e) => {
                     // The claim goes stale after claim_ttl; the retry runs then.
                     let why = e.to_string();
-                    self.store_failed("releasing a claim", &why);
+                    self.finish_failed("releasing a claim", &e);
                     Err(why)
                 }
             },
@@ -312,8 +356,14 @@ impl Claimed {
                     // Held across the update: finishing waits for it, so the ticket it
                     // finishes with has the latest revision.
                     let mut t = ticket.lock().await;
-                    if let Err(e) = store.refresh(&mut t).await {
-                        tracing::warn!(key = %t.key, error = %e, "could not refresh an idempotency claim");
+                    match store.refresh(&mut t).await {
+                        Ok(()) => {}
+                        Err(e) if !e.is_store_failure() => {
+                            // Taken over once stale: refreshing can only fail from now on.
+                            tracing::warn!(key = %t.key, error = %e, "idempotency claim lost while the handler ran");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(key = %t.key, error = %e, "could not refresh an idempotency claim"),
                     }
                 }
             }

@@ -9,6 +9,12 @@
 //! Expiry is kept in the value (claims go stale after `claim_ttl`, results after the
 //! route's `ttl`), so it works on any JetStream server; the bucket's `max_age` collects
 //! old entries.
+//!
+//! Each claim carries a nonce of its own, so its holder recognises it: a write whose reply
+//! was lost (timed out) may still have been applied, which leaves the ticket's revision
+//! behind the entry's. Then the next compare-and-set fails with `WrongLastRevision`; the
+//! holder re-reads the entry and, finding its own nonce there, carries on from the
+//! entry's revision instead of losing a claim that is still its own.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +32,17 @@ pub enum IdempotencyError {
     Bucket { bucket: String, reason: String },
     #[error("idempotency store: {0}")]
     Store(String),
+    /// Our claim on the key is gone: it went stale and another handler took it over (or
+    /// it was released). Not a store failure.
+    #[error("idempotency claim on {key:?} lost: another handler holds the key now")]
+    ClaimLost { key: String },
+}
+
+impl IdempotencyError {
+    /// The store could not be used (as opposed to a claim lost to another handler).
+    pub fn is_store_failure(&self) -> bool {
+        !matches!(self, Self::ClaimLost { .. })
+    }
 }
 
 /// The app's response, as stored for replays.
@@ -57,15 +74,26 @@ mod b64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 enum Record {
-    Claimed { owner: String, at_ms: u64 },
-    Done { at_ms: u64, expires_ms: u64, response: StoredResponse },
+    Claimed {
+        owner: String,
+        at_ms: u64,
+        /// This claim's own id: its holder recognises it after a write whose reply was lost.
+        #[serde(default)]
+        nonce: String,
+    },
+    Done {
+        at_ms: u64,
+        expires_ms: u64,
+        response: StoredResponse,
+    },
 }
 
-/// Proof of a claim: the entry revision we wrote.
+/// Proof of a claim: the entry revision we wrote, and the claim's nonce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ticket {
     pub key: String,
     revision: u64,
+    nonce: String,
 }
 
 /// The answer to "may I run this handler?"
@@ -173,18 +201,52 @@ impl Store {
         Ok(Self { kv, claim_ttl: cfg.claim_ttl, max_response_bytes: cfg.max_response_bytes, owner })
     }
 
-    fn claim_record(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(&Record::Claimed { owner: self.owner.clone(), at_ms: now_ms() }).unwrap_or_default())
+    fn claim_record(&self, nonce: &str) -> Bytes {
+        let record = Record::Claimed { owner: self.owner.clone(), at_ms: now_ms(), nonce: nonce.to_owned() };
+        Bytes::from(serde_json::to_vec(&record).unwrap_or_default())
+    }
+
+    /// The revision of `key`'s entry when it holds the claim with `nonce`: a write of ours
+    /// whose reply was lost was applied all the same.
+    async fn own_revision(&self, key: &str, nonce: &str) -> Result<Option<u64>, IdempotencyError> {
+        let entry = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
+        Ok(entry.filter(|e| e.operation == Operation::Put).and_then(|e| match serde_json::from_slice::<Record>(&e.value) {
+            Ok(Record::Claimed { nonce: n, .. }) if !n.is_empty() && n == nonce => Some(e.revision),
+            _ => None,
+        }))
+    }
+
+    /// After a compare-and-set on `ticket` failed: when the entry still holds our claim
+    /// (an earlier write of ours was applied though its reply was lost), moves the ticket to
+    /// the entry's revision so the caller can try once more; else the error to return.
+    async fn resync(&self, ticket: &mut Ticket, error: kv::UpdateError) -> Result<(), IdempotencyError> {
+        if !matches!(error.kind(), kv::UpdateErrorKind::WrongLastRevision | kv::UpdateErrorKind::TimedOut) {
+            return Err(IdempotencyError::Store(error.to_string()));
+        }
+        match self.own_revision(&ticket.key, &ticket.nonce).await? {
+            Some(revision) => {
+                ticket.revision = revision;
+                Ok(())
+            }
+            None if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(IdempotencyError::ClaimLost { key: ticket.key.clone() }),
+            None => Err(IdempotencyError::Store(error.to_string())),
+        }
     }
 
     /// Claims `key` for this handler, or says why not.
     pub async fn claim(&self, key: &str) -> Result<Claim, IdempotencyError> {
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let ticket = |revision| Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision, nonce: nonce.clone() }));
         // A few rounds: each lost compare-and-set means someone else moved first; look again.
         for _ in 0..5 {
-            match self.kv.create(key, self.claim_record()).await {
-                Ok(revision) => return Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision })),
+            match self.kv.create(key, self.claim_record(&nonce)).await {
+                Ok(revision) => return ticket(revision),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+                // Its reply may be what was lost: the entry says whether the create applied.
+                Err(e) => match self.own_revision(key, &nonce).await {
+                    Ok(Some(revision)) => return ticket(revision),
+                    _ => return Err(IdempotencyError::Store(e.to_string())),
+                },
             }
             let Some(entry) = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))? else {
                 continue;
@@ -197,6 +259,8 @@ impl Store {
             let live_until = match serde_json::from_slice::<Record>(&entry.value) {
                 Ok(Record::Done { expires_ms, response, .. }) if expires_ms > now => return Ok(Claim::Done(response)),
                 Ok(Record::Done { .. }) => None,
+                // An earlier round's write of ours, applied though its reply was lost.
+                Ok(Record::Claimed { nonce: n, .. }) if n == nonce => return ticket(entry.revision),
                 Ok(Record::Claimed { at_ms, .. }) => Some(at_ms + self.claim_ttl.as_millis() as u64).filter(|until| *until > now),
                 // Garbage in the bucket must not block the handler forever.
                 Err(_) => None,
@@ -205,12 +269,15 @@ impl Store {
                 return Ok(Claim::InFlight { stale_in: Duration::from_millis(until - now) });
             }
             // Take over an expired result or a crashed handler's claim, atomically.
-            match self.kv.update(key, self.claim_record(), entry.revision).await {
-                Ok(revision) => return Ok(Claim::Acquired(Ticket { key: key.to_owned(), revision })),
-                // Someone else moved first: look again.
+            match self.kv.update(key, self.claim_record(&nonce), entry.revision).await {
+                Ok(revision) => return ticket(revision),
+                // Someone else moved first (or our own write was applied): look again.
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 // A store failure is not a lost race: the caller must not run unprotected.
-                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+                Err(e) => match self.own_revision(key, &nonce).await {
+                    Ok(Some(revision)) => return ticket(revision),
+                    _ => return Err(IdempotencyError::Store(e.to_string())),
+                },
             }
         }
         Ok(Claim::InFlight { stale_in: Duration::ZERO })
@@ -221,21 +288,38 @@ impl Store {
         self.kv.status().await.map(|_| ()).map_err(|e| IdempotencyError::Store(e.to_string()))
     }
 
+    /// The bucket's `max_age` (zero: unlimited). One API round trip.
+    pub async fn max_age(&self) -> Result<Duration, IdempotencyError> {
+        self.kv.status().await.map(|s| s.max_age()).map_err(|e| IdempotencyError::Store(e.to_string()))
+    }
+
     /// How long a claim lasts without a [`refresh`](Self::refresh).
     pub fn claim_ttl(&self) -> Duration {
         self.claim_ttl
     }
 
-    /// Keeps a long-running handler's claim alive.
+    /// Keeps a long-running handler's claim alive. `ClaimLost` when another handler
+    /// took it over.
     pub async fn refresh(&self, ticket: &mut Ticket) -> Result<(), IdempotencyError> {
-        let revision =
-            self.kv.update(&ticket.key, self.claim_record(), ticket.revision).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
-        ticket.revision = revision;
-        Ok(())
+        let value = self.claim_record(&ticket.nonce);
+        let mut resynced = false;
+        loop {
+            match self.kv.update(&ticket.key, value.clone(), ticket.revision).await {
+                Ok(revision) => {
+                    ticket.revision = revision;
+                    return Ok(());
+                }
+                Err(e) if !resynced => {
+                    self.resync(ticket, e).await?;
+                    resynced = true;
+                }
+                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+            }
+        }
     }
 
     /// Records the app's success; later deliveries of the key get `Claim::Done`.
-    pub async fn complete(&self, ticket: Ticket, mut response: StoredResponse, ttl: Duration) -> Result<(), IdempotencyError> {
+    pub async fn complete(&self, mut ticket: Ticket, mut response: StoredResponse, ttl: Duration) -> Result<(), IdempotencyError> {
         if response.body.len() > self.max_response_bytes {
             response.body = Bytes::new();
             response.truncated = true;
@@ -243,13 +327,32 @@ impl Store {
         let now = now_ms();
         let record = Record::Done { at_ms: now, expires_ms: now + ttl.as_millis() as u64, response };
         let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| IdempotencyError::Store(e.to_string()))?);
-        self.kv.update(&ticket.key, value, ticket.revision).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
-        Ok(())
+        let mut resynced = false;
+        loop {
+            match self.kv.update(&ticket.key, value.clone(), ticket.revision).await {
+                Ok(_) => return Ok(()),
+                Err(e) if !resynced => {
+                    self.resync(&mut ticket, e).await?;
+                    resynced = true;
+                }
+                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+            }
+        }
     }
 
     /// Gives the key back after a failure, so the retry can run.
-    pub async fn release(&self, ticket: Ticket) -> Result<(), IdempotencyError> {
-        self.kv.delete_expect_revision(&ticket.key, Some(ticket.revision)).await.map_err(|e| IdempotencyError::Store(e.to_string()))
+    pub async fn release(&self, mut ticket: Ticket) -> Result<(), IdempotencyError> {
+        let mut resynced = false;
+        loop {
+            match self.kv.delete_expect_revision(&ticket.key, Some(ticket.revision)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if !resynced => {
+                    self.resync(&mut ticket, e).await?;
+                    resynced = true;
+                }
+                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+            }
+        }
     }
 
     /// Waits for another handler's result (request mode), until `deadline`.

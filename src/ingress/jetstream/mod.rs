@@ -1,0 +1,233 @@
+//! `mode = "jetstream"`: a durable pull consumer whose messages become HTTP calls, each
+//! ending in an ack, a delayed nak or a dead letter as [`outcome_for`](crate::ingress::policy::outcome_for) says.
+//!
+//! The parts: [`pull`] (the pull loop), [`handle`] (one delivery: claim, app call),
+//! [`settle`] (ack, nak, dead letter). Two tasks per route:
+//! - the pull loop asks for exactly as many messages as it has free handler permits, so
+//!   nothing sits in a client buffer while its ack_wait runs out; it pauses while the
+//!   route's idempotency store cannot be used;
+//! - the watchdog reads the consumer's info (lag gauge, readiness) and recreates the
+//!   consumer when it vanished (deleted, stream recreated, server restarted without it).
+//!
+//! The last delivery is the sidecar's to enforce, not the server's: the consumer's
+//! `max_deliver` is unlimited, and a message delivered more often than the route's
+//! `max_deliver` (its last delivery crashed, was stopped, or its dead letter failed) is
+//! dead-lettered before the app is called. The server's MAX_DELIVERIES advisory path this
+//! replaces is retired: with no server-side limit it never fires, and an advisory is a
+//! plain NATS message anyone allowed to publish on `$JS.EVENT.>` could forge.
+
+mod handle;
+mod pull;
+mod settle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull as js_pull, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::Stream as JsStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{retry_delay, sleep_or_stop, Route, Shared};
+use crate::config::Consumer;
+use crate::dlq;
+use crate::provision;
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How often the watchdog reads the consumer's info.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(2);
+/// Deadline for the server to confirm an ack or term, and for a dead letter's PubAck.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A copy whose key another handler holds is redelivered this long after that claim
+/// would go stale, so the redelivery finds it stale if its holder died.
+const CLAIM_STALE_MARGIN: Duration = Duration::from_millis(250);
+
+/// The route's state shared by its tasks and handlers.
+struct ConsumerRoute {
+    route: Arc<Route>,
+    /// Its `max_deliver` is the route's, enforced here (the server's is unlimited).
+    consumer: Consumer,
+    /// In-progress acks go out this often until a message is settled.
+    progress_every: Duration,
+    dlq: dlq::Publisher,
+    dlq_counters: dlq::Counters,
+    /// The pull loop saw an error: the watchdog should look now.
+    check_now: Notify,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consumer, stop: CancellationToken) {
+    let name = route.inbound.name.clone();
+    let stream = match shared.js.get_stream_no_info(&consumer.stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Only an invalid name fails here, which config validation rules out.
+            shared.readiness.fail(&route.check, format!("stream {:?}: {e}", consumer.stream));
+            return;
+        }
+    };
+    let Some(bound) = bind(&shared, &route, &consumer, &stream, &stop).await else { return };
+    let info = bound.cached_info().config.clone();
+    if info.filter_subject != route.inbound.subject.as_str() {
+        tracing::warn!(
+            route = %name,
+            durable = %consumer.durable,
+            filter = %info.filter_subject,
+            "the existing consumer differs from the route; run `natsbridge provision` to update it"
+        );
+    }
+    let shortest_wait = [consumer.ack_wait, info.ack_wait]
+        .into_iter()
+        .chain(consumer.backoff.iter().copied())
+        .chain(info.backoff.iter().copied())
+        .min()
+        .unwrap_or(consumer.ack_wait);
+    let js = Arc::new(ConsumerRoute {
+        // With a backoff list the server's ack wait per delivery follows it; pace progress
+        // acks by the shortest wait there is, twice per wait.
+        progress_every: (shortest_wait / 2).max(Duration::from_millis(50)),
+        dlq: dlq::Publisher::new(shared.replies.clone(), CONFIRM_TIMEOUT),
+        dlq_counters: dlq::Counters::new(&shared.metrics, &name),
+        check_now: Notify::new(),
+        consumer,
+        route,
+    });
+    let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream, stop.clone()));
+    pull::pull(&shared, &js, bound, &stop).await;
+    // It only reads the consumer, or recreates a vanished one (the next start does that
+    // too): a stop need not wait for its JetStream calls, each up to their timeout.
+    watchdog.abort();
+    let _ = watchdog.await;
+}
+
+/// Binds the durable, creating it from the route when missing; retries (not ready) until
+/// it exists or `stop`.
+async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()>, stop: &CancellationToken) -> Option<PullConsumer> {
+    let mut attempt = 0;
+    let mut last_why = String::new();
+    loop {
+        // Each JetStream API call may wait its whole timeout while NATS is away: a stop
+        // must not wait for it.
+        let ensured = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = ensure_consumer(stream, route, c, None) => r,
+        };
+        match ensured {
+            Ok(consumer) => {
+                shared.readiness.pass(&route.check);
+                tracing::info!(route = %route.inbound.name, stream = %c.stream, durable = %c.durable, "inbound consumer bound");
+                return Some(consumer);
+            }
+            Err(why) => {
+                if why != last_why {
+                    tracing::warn!(route = %route.inbound.name, "{why}; retrying");
+                }
+                shared.readiness.fail(&route.check, why.clone());
+                last_why = why;
+            }
+        }
+        if sleep_or_stop(stop, retry_delay(attempt)).await {
+            return None;
+        }
+        attempt += 1;
+    }
+}
+
+/// The consumer, created when missing (from `start`, when given, else from the start of
+/// the stream). The error says exactly what is missing.
+async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, start: Option<u64>) -> Result<PullConsumer, String> {
+    match stream.consumer_info(&c.durable).await {
+        Ok(info) => {
+            if info.config.max_deliver > 0 {
+                unlimit_deliveries(stream, c, info.config.clone()).await;
+            }
+            stream.get_consumer(&c.durable).await.map_err(|e| format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream))
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            let mut config: js_pull::Config = provision::consumer_config(&route.inbound, c);
+            if let Ok(info) = stream.get_info().await {
+                provision::fit_to_stream(&mut config, info.config.retention);
+            }
+            if let Some(seq) = start {
+                config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: seq };
+            }
+            stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| format!("cannot create consumer {:?} on stream {:?}: {e}", c.durable, c.stream))
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => Err(format!("stream {:?} not found", c.stream)),
+        Err(e) => Err(format!("consumer {:?} on stream {:?}: {e}", c.durable, c.stream)),
+    }
+}
+
+/// Lifts a server-side `max_deliver` left by an older provisioning: with it, a message
+/// whose last delivery was lost (a crash, a nak at shutdown) would stop being delivered
+/// with nobody left to dead-letter it.
+async fn unlimit_deliveries(stream: &JsStream<()>, c: &Consumer, mut config: async_nats::jetstream::consumer::Config) {
+    config.max_deliver = -1;
+    match stream.update_consumer(config).await {
+        Ok(_) => tracing::info!(durable = %c.durable, "consumer max_deliver set to unlimited; the sidecar enforces the route's"),
+        Err(e) => tracing::warn!(
+            durable = %c.durable,
+            error = %e,
+            "cannot make the consumer's max_deliver unlimited; run `natsbridge provision`: until then a message whose last delivery is lost stays undelivered"
+        ),
+    }
+}
+
+/// Reads the consumer's info every [`WATCHDOG_EVERY`] (or when the pull loop asks):
+/// updates the lag gauge and readiness, and recreates a vanished consumer from where
+/// its acks had got to, so the app does not see the whole stream again.
+async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, stop: CancellationToken) {
+    let route = &js.route;
+    let c = &js.consumer;
+    // (stream first seq seen, ack floor) of the last healthy look.
+    let mut floor: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(WATCHDOG_EVERY) => {}
+            _ = js.check_now.notified() => {}
+        }
+        match stream.consumer_info(&c.durable).await {
+            Ok(info) => {
+                route.metrics.pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+                floor = Some(info.ack_floor.stream_sequence);
+                shared.readiness.pass(&route.check);
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
+                // Unknown floor (a new stream): from its first message, not the route's
+                // `deliver` (new only), which would skip what the new stream holds.
+                let start = resume_point(&stream, floor).await.or(Some(1));
+                match ensure_consumer(&stream, route, c, start).await {
+                    Ok(_) => {
+                        tracing::warn!(route = %route.inbound.name, durable = %c.durable, start = ?start, "consumer vanished; recreated it");
+                        shared.readiness.pass(&route.check);
+                    }
+                    Err(why) => {
+                        tracing::warn!(route = %route.inbound.name, "{why}");
+                        shared.readiness.fail(&route.check, why);
+                    }
+                }
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => {
+                // A stream created again numbers its messages anew: forget where we were.
+                floor = None;
+                shared.readiness.fail(&route.check, format!("stream {:?} not found", c.stream));
+            }
+            // NATS down or JetStream busy: the connection check already says so.
+            Err(e) => tracing::debug!(route = %route.inbound.name, error = %e, "consumer info failed"),
+        }
+    }
+}
+
+/// Where a recreated consumer starts: after its old ack floor when the stream still
+/// holds that sequence (same stream), else from the beginning (a new stream).
+async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Option<u64> {
+    let floor = floor.filter(|f| *f > 0)?;
+    let info = stream.get_info().await.ok()?;
+    (info.state.last_sequence >= floor).then_some(floor + 1)
+}

@@ -1,0 +1,200 @@
+//! Least privilege: the NATS publish and subscribe allow-lists one service's sidecar needs,
+//! derived from its routing file, and written as a nats-server `authorization` block or as
+//! `nsc` flags (see [`render`]).
+//!
+//! Pure: nothing here talks to a server. What a route needs follows what the code does:
+//! - every request, JetStream publish, KV write and API call expects its answer on the
+//!   client's inbox (`<inbox prefix>.>`, `_INBOX` unless `[nats] inbox_prefix`);
+//! - egress publishes to its routes' subjects (a capture is one token: `*`), and a tunnel
+//!   route to `natsbridge.tunnel.<service>`; a jetstream route's start-up check lists
+//!   streams by subject (`$JS.API.STREAM.NAMES`);
+//! - request and tunnel ingress subscribes in its queue group and answers reply subjects
+//!   under the route's `reply_prefixes`;
+//! - jetstream ingress reads its stream and consumer, creates or updates its durable (it
+//!   does so even without provisioning), pulls, acks on `$JS.ACK.<stream>.<durable>.>`,
+//!   and publishes dead letters (checking the dead-letter stream exists);
+//! - idempotency reads and writes the KV bucket (`$KV.<bucket>.>`, stream `KV_<bucket>`);
+//! - `[sidecar] provision = true` adds account info and creating/updating the streams,
+//!   the dead-letter stream and the bucket. Never a delete: the sidecar never forces.
+
+pub mod render;
+
+use std::collections::BTreeMap;
+
+use crate::config::{Config, InboundMode, OutboundTarget};
+use crate::subject::SubjectPattern;
+
+/// The inbox prefix of NATS clients when `[nats] inbox_prefix` is not set.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
+
+/// One service's allow-lists. Each subject carries why it is there (routes, resources),
+/// which the NATS config output prints as comments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// The service name, also the NATS user name.
+    pub service: String,
+    /// Subject → reasons, sorted by subject.
+    pub publish: BTreeMap<String, Vec<String>>,
+    /// Subject (optionally `"<subject> <queue>"`) → reasons.
+    pub subscribe: BTreeMap<String, Vec<String>>,
+    /// Things the reader should know (a shared `_INBOX`, …).
+    pub notes: Vec<String>,
+}
+
+impl Permissions {
+    fn new(service: &str) -> Self {
+        Self { service: service.to_owned(), publish: BTreeMap::new(), subscribe: BTreeMap::new(), notes: Vec::new() }
+    }
+
+    fn pub_(&mut self, subject: impl Into<String>, why: impl Into<String>) {
+        grant(&mut self.publish, subject.into(), why.into());
+    }
+
+    fn sub(&mut self, subject: impl Into<String>, why: impl Into<String>) {
+        grant(&mut self.subscribe, subject.into(), why.into());
+    }
+}
+
+/// Adds `subject` to a list with its reason, once per distinct reason.
+fn grant(list: &mut BTreeMap<String, Vec<String>>, subject: String, why: String) {
+    let reasons = list.entry(subject).or_default();
+    if !reasons.contains(&why) {
+        reasons.push(why);
+    }
+}
+
+/// The allow-lists `config`'s sidecar needs.
+pub fn for_config(config: &Config) -> Permissions {
+    let mut p = Permissions::new(&config.sidecar.service);
+    let inbox = config.nats.inbox_prefix.as_deref().unwrap_or(DEFAULT_INBOX_PREFIX);
+    p.sub(format!("{inbox}.>"), "replies to this sidecar's requests, JetStream publishes and API calls");
+    if config.nats.inbox_prefix.is_none() {
+        p.notes.push(format!(
+            "replies come back on the shared {DEFAULT_INBOX_PREFIX}.>: set [nats] inbox_prefix (e.g. \"_INBOX_{}\") so this user cannot read other clients' replies, and add it to the reply_prefixes of the services it calls",
+            config.sidecar.service
+        ));
+    }
+    egress(config, &mut p);
+    ingress(config, &mut p);
+    if config.sidecar.provision {
+        provisioning(config, &mut p);
+    }
+    p
+}
+
+/// Publish grants of the egress routes.
+fn egress(config: &Config, p: &mut Permissions) {
+    for o in &config.outbound {
+        let why = format!("route {} ({})", o.name, o.mode().as_str());
+        match &o.target {
+            OutboundTarget::Request(t) | OutboundTarget::Publish(t) => p.pub_(template_pattern(t.as_str()), why),
+            OutboundTarget::JetStream(t) => {
+                p.pub_(template_pattern(t.as_str()), why.clone());
+                // The start-up check looks for a stream capturing the subject.
+                p.pub_("$JS.API.STREAM.NAMES", why);
+            }
+            OutboundTarget::Tunnel { subject, .. } => p.pub_(subject.clone(), why),
+            OutboundTarget::Http { .. } => {}
+        }
+    }
+}
+
+/// Subscribe and publish grants of the ingress routes and what they use.
+fn ingress(config: &Config, p: &mut Permissions) {
+    for i in &config.inbound {
+        let why = format!("route {} ({})", i.name, i.mode_name().as_str());
+        match &i.mode {
+            InboundMode::Request { queue } | InboundMode::Tunnel { queue } => {
+                p.sub(format!("{} {queue}", i.subject.as_str()), why.clone());
+                for prefix in &i.reply_prefixes {
+                    for s in reply_patterns(prefix) {
+                        p.pub_(s, format!("{why}: replies"));
+                    }
+                }
+            }
+            InboundMode::JetStream(c) => {
+                let (s, d) = (&c.stream, &c.durable);
+                p.pub_(format!("$JS.API.STREAM.INFO.{s}"), why.clone());
+                for api in ["CONSUMER.INFO", "CONSUMER.MSG.NEXT", "CONSUMER.CREATE", "CONSUMER.DURABLE.CREATE"] {
+                    p.pub_(format!("$JS.API.{api}.{s}.{d}"), why.clone());
+                }
+                // Creating with a filter names it: `CONSUMER.CREATE.<stream>.<durable>.<filter>`.
+                p.pub_(format!("$JS.API.CONSUMER.CREATE.{s}.{d}.>"), why.clone());
+                p.pub_(format!("$JS.ACK.{s}.{d}.>"), format!("{why}: acks"));
+                p.pub_(c.dead_letter.clone(), format!("{why}: dead letters"));
+                p.pub_(format!("$JS.API.STREAM.INFO.{}", config.dead_letter.stream), "dead-letter stream");
+            }
+        }
+        if i.idempotency.is_some() {
+            let b = &config.idempotency.bucket;
+            let why = format!("idempotency bucket {b}");
+            p.pub_(format!("$KV.{b}.>"), why.clone());
+            p.pub_(format!("$JS.API.STREAM.INFO.KV_{b}"), why.clone());
+            p.pub_(format!("$JS.API.STREAM.MSG.GET.KV_{b}"), why.clone());
+            p.pub_(format!("$JS.API.DIRECT.GET.KV_{b}.>"), why);
+        }
+    }
+}
+
+/// What `[sidecar] provision = true` adds: reading the account and creating or updating
+/// every stream and the bucket (the consumers are already there: ingress binds them).
+fn provisioning(config: &Config, p: &mut Permissions) {
+    let why = "provision = true";
+    p.pub_("$JS.API.INFO", why);
+    let mut streams: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
+    if config.inbound.iter().any(|i| matches!(i.mode, InboundMode::JetStream(_))) {
+        streams.push(config.dead_letter.stream.clone());
+    }
+    if crate::provision::uses_idempotency(config) {
+        streams.push(crate::provision::kv_stream_name(&config.idempotency.bucket));
+    }
+    for s in streams {
+        for api in ["STREAM.INFO", "STREAM.CREATE", "STREAM.UPDATE"] {
+            p.pub_(format!("$JS.API.{api}.{s}"), why);
+        }
+    }
+}
+
+/// A subject template as a permission: a token holding a capture becomes `*` (a capture
+/// always renders as exactly one token).
+pub fn template_pattern(template: &str) -> String {
+    template.split('.').map(|t| if t.contains('{') { "*" } else { t }).collect::<Vec<_>>().join(".")
+}
+
+/// A reply prefix as permissions. `_INBOX.` → `_INBOX.>`. A prefix that stops inside a
+/// token (`svc.inbox`) cannot be said in NATS: it is narrowed to the token boundary
+/// (`svc.inbox` and `svc.inbox.>`).
+fn reply_patterns(prefix: &str) -> Vec<String> {
+    match prefix.strip_suffix('.') {
+        Some(p) => vec![format!("{p}.>")],
+        None => vec![prefix.to_owned(), format!("{prefix}.>")],
+    }
+}
+
+/// Drops the subjects another subject of the same list already allows, moving their
+/// reasons to it, so the printed lists stay short.
+pub fn simplify(list: &mut BTreeMap<String, Vec<String>>) {
+    let keys: Vec<String> = list.keys().cloned().collect();
+    for k in &keys {
+        let Some(narrow) = as_pattern(k) else { continue };
+        let wider = keys
+            .iter()
+            .find(|w| *w != k && list.contains_key(*w) && as_pattern(w).is_some_and(|w| w.covers(&narrow) && !narrow.covers(&w)));
+        if let Some(w) = wider {
+            for why in list.remove(k).unwrap_or_default() {
+                grant(list, w.clone(), why);
+            }
+        }
+    }
+}
+
+/// A list entry as a subject pattern; queue entries (`"<subject> <queue>"`) are left alone.
+fn as_pattern(entry: &str) -> Option<SubjectPattern> {
+    if entry.contains(' ') {
+        return None;
+    }
+    SubjectPattern::parse(entry).ok()
+}
+
+#[cfg(test)]
+mod tests;

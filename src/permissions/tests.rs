@@ -1,0 +1,154 @@
+use super::render::{env_name, nats_conf, nsc, Password};
+use super::*;
+use crate::config::parse;
+
+const SERVICE: &str = r#"
+[sidecar]
+service = "orders"
+
+[[outbound]]
+name = "agent-exec"
+path = "/agents/{id}/execute"
+mode = "request"
+subject = "agent.{id}.execution.requested"
+
+[[outbound]]
+name = "audit"
+path = "/audit"
+mode = "publish"
+subject = "audit.orders"
+
+[[outbound]]
+name = "tool"
+path = "/tools"
+mode = "jetstream"
+subject = "tool.execution.requested"
+
+[[inbound]]
+name = "create"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+
+[[inbound]]
+name = "events"
+subject = "orders.events.>"
+mode = "jetstream"
+stream = "ORDERS"
+durable = "orders-events"
+method = "POST"
+path = "/events"
+idempotency = { key = "msg-id" }
+"#;
+
+fn perms(src: &str) -> Permissions {
+    for_config(&parse(src, "orders.toml").unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn has(list: &BTreeMap<String, Vec<String>>, s: &str) -> bool {
+    list.contains_key(s)
+}
+
+#[test]
+fn egress_routes_publish_their_subjects_with_captures_as_one_token() {
+    let p = perms(SERVICE);
+    assert!(has(&p.publish, "agent.*.execution.requested"), "{:#?}", p.publish);
+    assert!(has(&p.publish, "audit.orders"));
+    assert!(has(&p.publish, "tool.execution.requested"));
+    assert!(has(&p.publish, "$JS.API.STREAM.NAMES"), "the start-up check finds the capturing stream");
+    assert!(has(&p.subscribe, "_INBOX.>"), "{:#?}", p.subscribe);
+    assert_eq!(template_pattern("a.x{id}.{b}.c"), "a.*.*.c");
+}
+
+#[test]
+fn ingress_routes_subscribe_in_their_queue_and_answer_under_their_reply_prefixes() {
+    let p = perms(SERVICE);
+    assert!(has(&p.subscribe, "orders.create orders"), "{:#?}", p.subscribe);
+    assert!(has(&p.publish, "_INBOX.>"), "replies to callers: {:#?}", p.publish);
+    let custom = perms(&SERVICE.replace("path = \"/orders\"", "path = \"/orders\"\nreply_prefixes = [\"svc.inbox\", \"_INBOX_a.\"]"));
+    assert!(has(&custom.publish, "svc.inbox") && has(&custom.publish, "svc.inbox.>") && has(&custom.publish, "_INBOX_a.>"));
+}
+
+#[test]
+fn jetstream_ingress_gets_its_consumer_acks_dead_letters_and_bucket_and_nothing_wider() {
+    let p = perms(SERVICE);
+    for s in [
+        "$JS.API.STREAM.INFO.ORDERS",
+        "$JS.API.CONSUMER.INFO.ORDERS.orders-events",
+        "$JS.API.CONSUMER.MSG.NEXT.ORDERS.orders-events",
+        "$JS.API.CONSUMER.CREATE.ORDERS.orders-events",
+        "$JS.API.CONSUMER.CREATE.ORDERS.orders-events.>",
+        "$JS.API.CONSUMER.DURABLE.CREATE.ORDERS.orders-events",
+        "$JS.ACK.ORDERS.orders-events.>",
+        "$JS.API.STREAM.INFO.DLQ",
+        "$KV.natsbridge_idempotency.>",
+        "$JS.API.STREAM.INFO.KV_natsbridge_idempotency",
+        "$JS.API.DIRECT.GET.KV_natsbridge_idempotency.>",
+    ] {
+        assert!(has(&p.publish, s), "{s} missing from {:#?}", p.publish);
+    }
+    assert!(has(&p.publish, "dlq.orders.events"), "the route's dead-letter subject");
+    // No wildcard over the API, no deletes, no provisioning when the sidecar does not provision.
+    for (s, _) in p.publish.iter().chain(&p.subscribe) {
+        assert!(!s.starts_with("$JS.API.>") && !s.contains("DELETE") && !s.contains("STREAM.CREATE") && s != "$JS.API.INFO", "{s}");
+        assert!(!s.starts_with("$JS.API.") || !s.contains('*'), "{s}");
+    }
+}
+
+#[test]
+fn provisioning_adds_creating_and_updating_its_streams_only_when_on() {
+    let src = format!("{SERVICE}\n[[streams]]\nname = \"ORDERS\"\nsubjects = [\"orders.events.>\"]\n")
+        .replace("service = \"orders\"", "service = \"orders\"\nprovision = true");
+    let p = perms(&src);
+    for s in ["ORDERS", "DLQ", "KV_natsbridge_idempotency"] {
+        assert!(has(&p.publish, &format!("$JS.API.STREAM.CREATE.{s}")), "{s}: {:#?}", p.publish);
+        assert!(has(&p.publish, &format!("$JS.API.STREAM.UPDATE.{s}")), "{s}");
+    }
+    assert!(has(&p.publish, "$JS.API.INFO"));
+    assert!(!p.publish.keys().any(|s| s.contains("DELETE")));
+}
+
+#[test]
+fn a_private_inbox_prefix_replaces_the_shared_one_and_drops_the_note() {
+    let shared = perms(SERVICE);
+    assert!(shared.notes.iter().any(|n| n.contains("inbox_prefix")));
+    let own = perms(&format!("[nats]\ninbox_prefix = \"_INBOX_orders\"\n{SERVICE}"));
+    assert!(has(&own.subscribe, "_INBOX_orders.>") && !has(&own.subscribe, "_INBOX.>"), "{:#?}", own.subscribe);
+    assert!(own.notes.is_empty());
+}
+
+#[test]
+fn covered_subjects_are_folded_into_the_wider_one_with_their_reasons() {
+    let mut l = BTreeMap::new();
+    for (s, why) in [("a.>", "w"), ("a.b", "n"), ("a.*", "m"), ("a.b q", "queue"), ("$JS.ACK.S.d.>", "x")] {
+        l.insert(s.to_owned(), vec![why.to_owned()]);
+    }
+    simplify(&mut l);
+    assert_eq!(l.keys().cloned().collect::<Vec<_>>(), ["$JS.ACK.S.d.>", "a.>", "a.b q"]);
+    let mut reasons = l["a.>"].clone();
+    reasons.sort();
+    assert_eq!(reasons, ["m", "n", "w"]);
+}
+
+#[test]
+fn the_nats_conf_block_has_one_user_per_service_with_quoted_subjects_and_the_password_source() {
+    let p = vec![("orders.toml".to_owned(), perms(SERVICE))];
+    let conf = nats_conf(&p, &Password::Env("NATS_PASSWORD_{SERVICE}".into()));
+    assert!(conf.contains("authorization {\n  users = [\n"), "{conf}");
+    assert!(conf.contains("user: \"orders\"\n      password: $NATS_PASSWORD_ORDERS\n"), "{conf}");
+    assert!(conf.contains("\"$JS.ACK.ORDERS.orders-events.>\"  # route events (jetstream): acks"), "{conf}");
+    assert!(conf.contains("\"orders.create orders\"  # route create (request)"), "{conf}");
+    assert!(nats_conf(&p, &Password::Placeholder).contains("password: \"REPLACE-ME-orders\""));
+    assert_eq!(env_name("P_{SERVICE}", "tool-service.v2"), "P_TOOL_SERVICE_V2");
+}
+
+#[test]
+fn nsc_output_adds_and_edits_the_user_with_single_quoted_subjects() {
+    let out = nsc(&[("orders.toml".to_owned(), perms(SERVICE))], Some("APP"));
+    assert!(out.contains("nsc add user --account 'APP' --name 'orders'\n"), "{out}");
+    assert!(out.contains("nsc edit user --account 'APP' --name 'orders' \\\n  --allow-pub "), "{out}");
+    assert!(out.contains("  --allow-pub '$JS.ACK.ORDERS.orders-events.>'"), "{out}");
+    assert!(out.contains("  --allow-sub 'orders.create orders'"), "{out}");
+    assert!(!out.contains("password"));
+}

@@ -1,0 +1,187 @@
+//! Least privilege (issue 10 §4): a nats-server configured with exactly what `natsbridge
+//! permissions` prints runs a service's egress and ingress without one permission
+//! violation, and the same user's calls outside its routes are refused by the server.
+//!
+//! The sidecar is the real binary, so its log is the evidence that nothing it did was
+//! refused; the server's log is the evidence of what was.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use support::fixtures::{consumer_settled, js_publish, stream_messages};
+use support::*;
+
+const PASSWORD: &str = "orders-secret";
+
+/// Every kind of route: request, publish and jetstream egress; request ingress and
+/// jetstream ingress with idempotency and dead letters; and the sidecar provisions its
+/// streams, dead-letter stream and bucket itself.
+fn routes(password_file: &Path) -> String {
+    format!(
+        r#"[sidecar]
+service = "orders"
+provision = true
+
+[nats]
+user = "orders"
+password_file = {password_file:?}
+connect_timeout = "2s"
+
+[[outbound]]
+name = "agent-exec"
+method = "POST"
+path = "/agents/{{id}}/execute"
+mode = "request"
+subject = "agent.{{id}}.execution.requested"
+
+[[outbound]]
+name = "audit"
+method = "POST"
+path = "/audit"
+mode = "publish"
+subject = "audit.orders"
+
+[[outbound]]
+name = "tool"
+method = "POST"
+path = "/tools"
+mode = "jetstream"
+subject = "tool.execution.requested"
+
+[[inbound]]
+name = "create"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+
+[[inbound]]
+name = "events"
+subject = "orders.events.*"
+mode = "jetstream"
+stream = "ORDERS"
+durable = "orders-events"
+method = "POST"
+path = "/events/{{3}}"
+max_deliver = 2
+backoff = ["100ms"]
+idempotency = {{ key = "msg-id" }}
+
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.events.>"]
+
+[[streams]]
+name = "TOOLS"
+subjects = ["tool.execution.>"]
+"#
+    )
+}
+
+/// `natsbridge permissions FILE --password-env …`, as an operator would run it.
+fn permissions_conf(routes: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_natsbridge"))
+        .args(["permissions", "--password-env", "NATS_PASSWORD_{SERVICE}"])
+        .arg(routes)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn connect(server: &NatsServer, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into()).connect(server.url()).await.unwrap()
+}
+
+/// The permission refusals in a log: the server's (`Publish Violation - Subject "x"`, or
+/// `Permissions Violation for Publish to "x"` before 2.11) and the client's as the sidecar
+/// logs them.
+fn violations(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.to_ascii_lowercase().contains("violation")).collect()
+}
+
+#[tokio::test]
+async fn generated_permissions_carry_every_route_and_refuse_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, PASSWORD).unwrap();
+    let routes_path = dir.path().join("routes.toml");
+    let toml = routes(&pw);
+    std::fs::write(&routes_path, &toml).unwrap();
+    let conf = permissions_conf(&routes_path);
+    // The server reads the password from its environment, as the chart runs it; the test
+    // harness adds a user of its own for setup and observation.
+    std::env::set_var("NATS_PASSWORD_ORDERS", PASSWORD);
+    let conf = conf.replacen("  users = [\n", "  users = [\n    { user: \"admin\", password: \"admin\" }\n", 1);
+    let server = NatsServer::start_with(&conf);
+    let admin = connect(&server, "admin", "admin").await;
+    let js = jetstream::new(admin.clone());
+
+    let mut agent = admin.subscribe("agent.*.execution.requested").await.unwrap();
+    let responder = admin.clone();
+    tokio::spawn(async move {
+        while let Some(m) = agent.next().await {
+            if let Some(reply) = m.reply {
+                responder.publish(reply, "agent-ok".into()).await.unwrap();
+            }
+        }
+    });
+    let mut audit = subscribe_synced(&admin, "audit.orders").await;
+    let app = App::start(|seen| if seen.uri.ends_with("/bad") { respond(422, "no") } else { respond(200, "done") }).await;
+    let sidecar = SidecarProcess::start(&toml, &server.url(), Some(&app.url()));
+    sidecar.wait_ready().await;
+
+    // Egress: request, publish, jetstream.
+    let r = call("POST", &sidecar.url("/agents/a1/execute"), &[], "go").await;
+    assert_eq!((r.status, r.text()), (200, "agent-ok".to_owned()), "{}", sidecar.log());
+    let r = call("POST", &sidecar.url("/audit"), &[], "seen").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let m = tokio::time::timeout(Duration::from_secs(5), audit.next()).await.expect("audit message").unwrap();
+    assert_eq!(&m.payload[..], b"seen");
+    let r = call("POST", &sidecar.url("/tools"), &[], "t").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(stream_messages(&js, "TOOLS").await, 1);
+
+    // Ingress: a request route, and a jetstream route with idempotency and a dead letter.
+    let reply = admin.request("orders.create", "o1".into()).await.unwrap();
+    assert_eq!(&reply.payload[..], b"done");
+    js_publish(&js, "orders.events.good", &[("Nats-Msg-Id", "m1")], "e1").await;
+    js_publish(&js, "orders.events.bad", &[("Nats-Msg-Id", "m2")], "e2").await;
+    eventually("both events settled", Duration::from_secs(20), || async {
+        consumer_settled(&js, "ORDERS", "orders-events", 2).await.then_some(())
+    })
+    .await;
+    assert_eq!(stream_messages(&js, "DLQ").await, 1, "the poison event is dead-lettered");
+    let kv = js.get_key_value("natsbridge_idempotency").await.unwrap();
+    assert!(kv.status().await.unwrap().values() >= 1, "the handled key is in the bucket");
+
+    let server_violations: Vec<String> = violations(&server.log()).into_iter().map(str::to_owned).collect();
+    assert!(server_violations.is_empty(), "the server refused the sidecar:\n{}\n\n{conf}", server_violations.join("\n"));
+    let log = sidecar.log();
+    assert!(violations(&log).is_empty() && !log.contains(" ERROR ") && !log.contains(" WARN "), "sidecar log:\n{log}\n\n{conf}");
+
+    // Outside its routes, the same user is refused by the server.
+    let mut payments = subscribe_synced(&admin, "payments.charge").await;
+    let orders = connect(&server, "orders", PASSWORD).await;
+    orders.publish("payments.charge", "steal".into()).await.unwrap();
+    let _ = orders.subscribe("payments.>").await.unwrap();
+    let delete = orders.request("$JS.API.STREAM.DELETE.ORDERS", "".into());
+    let _ = tokio::time::timeout(Duration::from_secs(2), delete).await;
+    // Messages of one connection arrive in order: once this one is in, the refused
+    // publish would have been too.
+    orders.publish("audit.orders", "marker".into()).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), audit.next()).await.expect("marker").unwrap();
+    assert_eq!(&m.payload[..], b"marker");
+    assert!(futures::FutureExt::now_or_never(payments.next()).flatten().is_none(), "a refused publish was delivered");
+    let log = server.log();
+    for (op, subject) in [("Publish", "payments.charge"), ("Subscription", "payments.>"), ("Publish", "$JS.API.STREAM.DELETE.ORDERS")] {
+        let refused = violations(&log).into_iter().any(|l| l.contains(op) && l.contains(&format!("{subject:?}")) && l.contains("orders"));
+        assert!(refused, "the server did not refuse {op} {subject}:\n{log}");
+    }
+    assert!(js.get_stream("ORDERS").await.is_ok(), "the stream survived");
+}
