@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz` (alive), `/readyz` (can serve; see [`crate::health`] for
 //! its two meanings), `/statusz` (every component, its state, why and since when, as JSON)
-//! and `/metrics` (Prometheus text).
+//! and `/metrics` (Prometheus text); `POST /drain` stops the inbound routes ahead of the
+//! sidecar's own stop (an app's preStop hook).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -12,7 +13,10 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ReadinessMode;
 use crate::health::{Component, Readiness, State, Status};
@@ -27,6 +31,33 @@ pub struct Admin {
     pub readiness: Arc<Readiness>,
     /// What `/readyz` means (`[sidecar] readiness`).
     pub mode: ReadinessMode,
+    pub drain: DrainControl,
+}
+
+/// What `POST /drain` needs: an app's preStop hook calls it so the sidecar stops handing
+/// it work before it shuts down.
+#[derive(Clone)]
+pub struct DrainControl {
+    /// Stops the inbound routes.
+    pub stop: CancellationToken,
+    /// True once they have stopped and their handlers are done.
+    pub done: watch::Receiver<bool>,
+    /// How long `/drain` waits for that (`drain_timeout`).
+    pub timeout: Duration,
+}
+
+impl DrainControl {
+    /// Stops ingress and waits for its handlers: 200 once done, 503 past the timeout.
+    async fn drain(&self, readiness: &Readiness) -> (StatusCode, Bytes) {
+        readiness.drain();
+        self.stop.cancel();
+        let mut done = self.done.clone();
+        let stopped = tokio::time::timeout(self.timeout, async { done.wait_for(|d| *d).await.is_ok() }).await;
+        match stopped {
+            Ok(true) => (StatusCode::OK, Bytes::from_static(b"drained: inbound routes stopped, no handler running\n")),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"inbound routes still stopping\n")),
+        }
+    }
 }
 
 impl Admin {
@@ -103,6 +134,13 @@ impl Admin {
     }
 }
 
+fn text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    res
+}
+
 /// Open admin connections at most (probes and a scraper need a handful); further ones wait
 /// in the kernel's backlog, so a flood of connections cannot exhaust the sidecar's memory
 /// or file descriptors. Idle ones are closed by the 10 s header read timeout.
@@ -133,9 +171,23 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
         let admin = admin.clone();
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            hyper::service::service_fn(move |req| {
-                let res = admin.handle(&req);
-                async move { Ok::<_, Infallible>(res) }
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    let res = match (req.uri().path(), req.method()) {
+                        ("/drain", &http::Method::POST) => {
+                            let (status, body) = admin.drain.drain(&admin.readiness).await;
+                            text(status, body)
+                        }
+                        ("/drain", _) => {
+                            let mut res = text(StatusCode::METHOD_NOT_ALLOWED, Bytes::from_static(b"POST /drain\n"));
+                            res.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+                            res
+                        }
+                        _ => admin.handle(&req),
+                    };
+                    Ok::<_, Infallible>(res)
+                }
             }),
         );
         tokio::spawn(async move {

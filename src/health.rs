@@ -35,6 +35,8 @@ impl Component {
     pub const EGRESS: Component = Component(Cow::Borrowed("egress"));
     /// The first check (or provisioning) of streams, consumers and buckets.
     pub const PROVISION: Component = Component(Cow::Borrowed("provision"));
+    /// The app, when `[sidecar] app_health_path` is set: down pauses inbound routes.
+    pub const APP: Component = Component(Cow::Borrowed("app"));
     /// The idempotency store (a KV bucket).
     pub const IDEMPOTENCY: Component = Component(Cow::Borrowed("idempotency"));
 

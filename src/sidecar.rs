@@ -87,24 +87,36 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
 
     let egress_addr = egress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let admin = Admin { metrics: metrics.clone(), nats: nats.clone(), readiness: readiness.clone(), mode: config.sidecar.readiness };
+    // `POST /drain` stops ingress ahead of the signal (an app's preStop hook).
+    let ingress_stop = CancellationToken::new();
+    let (ingress_done, ingress_done_rx) = watch::channel(false);
+    let admin = Admin {
+        metrics: metrics.clone(),
+        nats: nats.clone(),
+        readiness: readiness.clone(),
+        mode: config.sidecar.readiness,
+        drain: admin::DrainControl { stop: ingress_stop.clone(), done: ingress_done_rx, timeout: config.sidecar.drain_timeout },
+    };
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone().cancelled_owned()));
 
     let reloader = Reloader::new(source, overrides, table.clone(), metrics.clone(), changes);
     let reload_task = tokio::spawn(reloader.run(reload, shutdown.clone()));
 
-    let ingress_stop = CancellationToken::new();
-    let ingress_task = tokio::spawn(ingress::run(
-        ingress::Parts {
-            config: config_rx,
-            nats: nats.clone(),
-            replies: replies.clone(),
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
-        },
-        ingress_stop.clone(),
-    ));
+    let ingress_parts = ingress::Parts {
+        config: config_rx,
+        nats: nats.clone(),
+        replies: replies.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+    };
+    let ingress_task = tokio::spawn({
+        let stop = ingress_stop.clone();
+        async move {
+            ingress::run(ingress_parts, stop).await;
+            ingress_done.send_replace(true);
+        }
+    });
 
     tracing::info!(
         service = %config.sidecar.service,

@@ -208,3 +208,190 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "exit status {status:?}:\n{}", p.log());
     println!("exited {took:?} after the second signal");
 }
+
+// ---------------------------------------------------------------------------------------
+// The app's health (`app_health_path`): inbound routes pause while the app is down.
+
+/// An app whose `/healthz` and `/events` answer 200 while `healthy`, 503 otherwise.
+async fn flaky_app(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> App {
+    App::start(move |_| if healthy.load(std::sync::atomic::Ordering::SeqCst) { respond(200, "ok") } else { respond(503, "down") }).await
+}
+
+fn health_routes() -> String {
+    routes_toml(
+        "health",
+        "2s",
+        r#"[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+
+[[inbound]]
+name = "events"
+subject = "events.created"
+mode = "jetstream"
+stream = "EVENTS"
+durable = "events"
+method = "POST"
+path = "/events"
+ack_wait = "1s"
+max_deliver = 2
+backoff = ["100ms"]
+dead_letter = "dlq.events"
+"#,
+    )
+    .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
+}
+
+async fn app_state(admin: std::net::SocketAddr) -> Option<String> {
+    statusz(admin).await.and_then(|s| s["components"]["app"]["state"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbound_routes_pause_while_the_app_is_unhealthy_and_resume() {
+    use std::sync::atomic::Ordering;
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let app = flaky_app(healthy.clone()).await;
+    let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let admin = sidecar.admin;
+    assert_eq!(app_state(admin).await.as_deref(), Some("up"));
+
+    healthy.store(false, Ordering::SeqCst);
+    eventually("the app seen down", Duration::from_secs(10), || async move { (app_state(admin).await? == "down").then_some(()) }).await;
+    // Request routes unsubscribe: callers get no responders at once.
+    let client = nats.client().await;
+    eventually("no responders for the paused request route", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let r = nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(1)).await;
+            matches!(r, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders).then_some(())
+        }
+    })
+    .await;
+    // JetStream routes hold their messages: with max_deliver = 2, delivering them to the
+    // unhealthy app would dead-letter them within a second.
+    const N: usize = 10;
+    for i in 0..N {
+        js_publish(&js, "events.created", &[], &format!("e{i}")).await;
+    }
+    let events = |app: &App| app.hits().iter().filter(|h| h.seen.uri == "/events").count();
+    // Several probes (each a hit on /healthz) pass with the messages stored.
+    let probes = app.hits().len();
+    app.wait_hits(probes + 4).await;
+    assert_eq!(events(&app), 0, "the app was called while paused");
+    assert_eq!(dlq_count(&js).await, 0, "dead letters while paused");
+
+    healthy.store(true, Ordering::SeqCst);
+    eventually("every message delivered after the app recovered", Duration::from_secs(15), || async { (events(&app) >= N).then_some(()) })
+        .await;
+    eventually("the consumer settled", Duration::from_secs(15), || settled_consumer(&js, "EVENTS", "events", N as u64)).await;
+    assert_eq!(dlq_count(&js).await, 0, "dead letters after the app recovered");
+    let r = nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(5)).await.expect("the request route is back");
+    assert_eq!(reply_header(&r, "Bridge-Status"), Some("200"));
+    stop_within(sidecar, DRAIN + MARGIN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn post_drain_stops_ingress_and_answers_once_handlers_are_done() {
+    let nats = NatsServer::start();
+    let egress = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let app = callback_app(egress.clone(), go_rx).await;
+    let sidecar = Sidecar::start(&callback_routes(&app.url(), "10s"), &nats.url(), Some(&app.url())).await;
+    egress.set(sidecar.url("")).unwrap();
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let order = {
+        let client = client.clone();
+        tokio::spawn(async move { nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(20)).await })
+    };
+    app.wait_hits(1).await;
+    let admin = sidecar.admin;
+    assert_eq!(get(&format!("http://{admin}/drain")).await.unwrap().status, 405, "GET /drain");
+    let drain = tokio::spawn(async move { post(&format!("http://{admin}/drain"), "").await.status });
+    // The route stops taking requests while the handler in flight runs on.
+    eventually("the request route unsubscribed", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let r = nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(1)).await;
+            matches!(r, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders).then_some(())
+        }
+    })
+    .await;
+    assert!(!drain.is_finished(), "/drain answered while a handler was still running");
+    // (Probes sent before the unsubscribe took effect reached the app too.)
+    let orders = |app: &App| app.hits().iter().filter(|h| h.seen.uri == "/orders").count();
+    let before = orders(&app);
+    go.send(true).unwrap();
+    let reply = order.await.unwrap().expect("the order in flight is answered");
+    assert_eq!(reply_header(&reply, "Bridge-Status"), Some("200"), "the handler's egress call failed: {:?}", reply.payload);
+    // (The reply may reach this client after /drain answers: both follow the handler.)
+    assert_eq!(drain.await.unwrap(), 200);
+    assert_eq!(orders(&app), before, "the app got work after /drain");
+    stop_within(sidecar, DRAIN + MARGIN).await;
+}
+
+#[test]
+fn a_bad_app_health_path_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, "[sidecar]\nservice = \"s\"\napp_health_path = \"healthz\"\n").unwrap();
+    let err = natsbridge::config::load(&path).expect_err("a path without '/' is refused").to_string();
+    assert!(err.contains("routes.toml:3:") && err.contains("`app_health_path` \"healthz\""), "{err}");
+    std::fs::write(&path, "[sidecar]\nservice = \"s\"\napp_health_path = \"/healthz?full=1\"\n").unwrap();
+    let c = natsbridge::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.sidecar.app_health_path.as_deref(), Some("/healthz?full=1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jetstream_routes_hold_messages_while_the_app_refuses_connections() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(&js).await;
+    let app = App::start(|_| respond(200, "ok")).await;
+    let addr = app.addr;
+    let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let admin = sidecar.admin;
+    // The app goes away (a restart): its port refuses connections.
+    app.stop();
+    drop(app);
+    eventually("the app seen down", Duration::from_secs(10), || async move { (app_state(admin).await? == "down").then_some(()) }).await;
+    const N: usize = 10;
+    for i in 0..N {
+        js_publish(&js, "events.created", &[], &format!("e{i}")).await;
+    }
+    // Held, not tried: each try would be refused, and with max_deliver = 2 and a 100 ms
+    // backoff the messages would be dead-lettered within a second. The invariant is checked
+    // over three ack_waits.
+    let consumer = js.get_stream("EVENTS").await.unwrap();
+    for _ in 0..30 {
+        let info = consumer.consumer_info("events").await.unwrap();
+        assert_eq!(info.num_pending + info.num_ack_pending as u64, N as u64, "{info:?}");
+        assert_eq!((info.num_redelivered, info.ack_floor.stream_sequence), (0, 0), "deliveries spent while the app was away: {info:?}");
+        assert_eq!(dlq_count(&js).await, 0, "dead letters while the app was away");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The app comes back on the same port.
+    let back =
+        App::serve(tokio::net::TcpListener::bind(addr).await.unwrap(), std::sync::Arc::new(|_, _| Box::pin(async { respond(200, "ok") })));
+    eventually("every message delivered once the app is back", Duration::from_secs(15), || async {
+        (back.hits().iter().filter(|h| h.seen.uri == "/events").count() >= N).then_some(())
+    })
+    .await;
+    eventually("the consumer settled", Duration::from_secs(15), || settled_consumer(&js, "EVENTS", "events", N as u64)).await;
+    assert_eq!(dlq_count(&js).await, 0, "dead letters after the app came back");
+    stop_within(sidecar, DRAIN + MARGIN).await;
+}

@@ -58,6 +58,9 @@ pub struct Sidecar {
     /// The reply subjects inbound request and tunnel routes answer, by prefix, unless a
     /// route sets its own (default `_INBOX.`).
     pub reply_prefixes: Vec<String>,
+    /// The app's health check (`/healthz`), probed every few seconds: while it fails or
+    /// the app refuses connections, inbound routes pause. `None`: never probed.
+    pub app_health_path: Option<String>,
     /// What the egress listener does with a request no route matches.
     pub forward: Forward,
 }

@@ -39,6 +39,7 @@ pub(super) struct RawSidecar {
     pub(super) max_connections: Option<usize>,
     pub(super) readiness: Option<String>,
     pub(super) reply_prefixes: Option<Vec<String>>,
+    pub(super) app_health_path: Option<String>,
     pub(super) unmatched: Option<String>,
     pub(super) connect_allow: Option<Vec<String>>,
     pub(super) forward_connect_timeout: Option<String>,

@@ -7,12 +7,14 @@
 //!   (the server's is unlimited), and a watchdog rebinds vanished consumers.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
+//! - `gate`: the app's health (`app_health_path`); routes pause while it fails.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
 //!
 //! [`run`] supervises one task per inbound route and restarts, stops or starts them as the
 //! routing file is reloaded.
 
 pub mod app;
+mod gate;
 pub mod idempotency;
 pub mod jetstream;
 pub mod policy;
@@ -54,6 +56,8 @@ pub(crate) struct Shared {
     pub app: AppClient,
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
+    /// Open while the app is healthy (always, without `app_health_path`).
+    pub gate: gate::Gate,
 }
 
 /// One inbound route, resolved for its task.
@@ -115,13 +119,17 @@ impl Drop for Running {
 
 /// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
 pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
+    let app = AppClient::new();
+    let probing = CancellationToken::new();
+    let (gate, prober) = gate::spawn(cx.config.clone(), app.clone(), cx.readiness.clone(), probing.clone());
     let shared = Arc::new(Shared {
         js: crate::nats::connection::jetstream(cx.nats.clone()),
         nats: cx.nats.clone(),
         replies: cx.replies.clone(),
-        app: AppClient::new(),
+        app,
         metrics: cx.metrics.clone(),
         readiness: cx.readiness.clone(),
+        gate,
     });
     let mut running: HashMap<String, Running> = HashMap::new();
     let config = cx.config.borrow_and_update().clone();
@@ -147,6 +155,8 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     for (_, mut r) in running.drain() {
         let _ = (&mut r.task).await;
     }
+    probing.cancel();
+    let _ = prober.await;
 }
 
 /// What makes a route's task different: the route itself (not where it sits in the file)

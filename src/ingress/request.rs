@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use http::{HeaderMap, StatusCode};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,13 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
     let mut waiting = Buffer::default();
     let mut attempt = 0;
     let mut sub = None;
+    let mut paused = false;
     while !stop.is_cancelled() {
+        // While the app is down, no subscription: callers get "no responders" (503) at
+        // once, and another replica's subscription takes the requests.
+        if !shared.gate.wait_open(&stop).await {
+            break;
+        }
         let mut s = match shared.nats.queue_subscribe(subject.clone(), queue.clone()).await {
             Ok(s) => s,
             Err(e) => {
@@ -54,6 +60,18 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                _ = shared.gate.shut() => {
+                    // What already arrived is answered like the rest.
+                    while let Some(Some(msg)) = s.next().now_or_never() {
+                        if let Some(msg) = waiting.push(msg, route.inbound.max_buffer) {
+                            tokio::spawn(refuse_full(shared.clone(), route.clone(), msg));
+                        }
+                    }
+                    shared.readiness.fail(&route.check, "paused: the app is down");
+                    tracing::info!(route = name, "the app is down: inbound subscription paused");
+                    paused = true;
+                    break;
+                }
                 permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
                     let msg = waiting.pop().expect("not empty");
                     tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
@@ -70,6 +88,20 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
                     }
                 }
             }
+        }
+        if std::mem::take(&mut paused) {
+            // Unsubscribes; the buffered messages are handed out below, as the gate opens.
+            drop(s);
+            while !waiting.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = permits.clone().acquire_owned() => {
+                        let msg = waiting.pop().expect("not empty");
+                        tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
+                    }
+                }
+            }
+            continue;
         }
         sub = Some(s);
         if !stop.is_cancelled() && sleep_or_stop(&stop, retry_delay(0)).await {

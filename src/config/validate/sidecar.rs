@@ -39,8 +39,25 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         http,
         reply_prefixes,
         readiness,
+        app_health_path: app_health_path(at, raw.app_health_path, diags),
         forward,
     }
+}
+
+/// A path of the app's (`/healthz`), with an optional query: appended to `app_url`.
+fn app_health_path(at: Table<'_>, value: Option<String>, diags: &mut Diagnostics<'_>) -> Option<String> {
+    let path = value?;
+    let valid =
+        path.starts_with('/') && !path.starts_with("//") && path.parse::<http::uri::PathAndQuery>().is_ok_and(|p| p.as_str() == path);
+    if !valid {
+        diags.error(
+            at,
+            Some("app_health_path"),
+            format!("`app_health_path` {path:?} must be a path of the app starting with '/', like \"/healthz\""),
+        );
+        return None;
+    }
+    Some(path)
 }
 
 /// `unmatched`, `connect_allow` and `forward_connect_timeout`: the forward proxy.

@@ -86,6 +86,14 @@ pub(super) async fn handle(
     };
     let at = Delivery { stream: &stream, seq, delivered };
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
+    // The app is down (`app_health_path`): hold the message under in-progress acks until it
+    // is back, rather than spend one of its deliveries on an app that cannot take it.
+    if !shared.gate.wait_open(&abort).await {
+        progress.stop().await;
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        route.metrics.nak.inc();
+        return;
+    }
 
     // Idempotency: claim the key before calling the app.
     let idem = route.idem.as_deref();

@@ -40,6 +40,10 @@ pub(super) async fn pull(shared: &Arc<Shared>, js: &Arc<ConsumerRoute>, consumer
     let abort = CancellationToken::new();
     let mut errors = 0u32;
     loop {
+        // Nor while the app is down (`app_health_path`): what it pulled would wait for it.
+        if !shared.gate.wait_open(stop).await {
+            break;
+        }
         // A store that cannot be used would fail every claim: pull nothing until it can.
         if let Some(g) = &route.idem {
             if !g.wait_usable(stop).await {
