@@ -1232,6 +1232,8 @@ subject = "benchf.>"
 mode = "jetstream"
 stream = "BENCH_F"
 durable = "sidecar-f"
+# The bench fills the stream before the sidecar binds: read it from the start.
+deliver = "all"
 method = "POST"
 path = "/ingest"
 ack_wait = "30s"
