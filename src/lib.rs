@@ -17,6 +17,7 @@
 //! - [`reload`]: hot reload of the routing file.
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.
 //! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
+//! - [`shutdown`]: the stop's one `drain_timeout` budget, split between its steps.
 //! - [`sidecar`]: one running sidecar, wired from the parts above.
 
 #![forbid(unsafe_code)]
@@ -35,5 +36,6 @@ pub mod permissions;
 pub mod problem;
 pub mod provision;
 pub mod reload;
+pub mod shutdown;
 pub mod sidecar;
 pub mod subject;

@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
@@ -22,6 +21,7 @@ use crate::nats::connection;
 use crate::nats::replies::Replies;
 use crate::provision;
 use crate::reload::Reloader;
+use crate::shutdown::{drain_nats, Drain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -54,14 +54,7 @@ pub struct Parts {
 /// then the NATS flush. A step that overruns the budget is abandoned.
 pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let Parts { mut config, overrides, egress: egress_listener, admin: admin_listener, env, reload, shutdown } = parts;
-    let overridden = config.apply(&overrides);
-    if !overridden.is_empty() {
-        // Values are not printed: a NATS URL may carry credentials.
-        tracing::info!(settings = %overridden.join(", "), "command-line or NATSBRIDGE_* settings override the routing file");
-    }
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
+    apply_overrides(&mut config, &overrides);
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     readiness.starting(&Component::EGRESS, "not serving yet");
@@ -74,15 +67,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let (changes, config_rx) = watch::channel(config.clone());
     // Provisions (sidecar.provision) or checks streams and buckets once NATS is up; readiness
     // names whatever is missing. Never blocks startup.
-    // The first attempt ends with an event; should that event be lost, readiness must not
-    // wait for it forever.
-    {
-        let (readiness, wait) = (readiness.clone(), config.nats.connect_timeout + std::time::Duration::from_secs(1));
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            readiness.fail_if_starting(&Component::NATS, "the first connection attempt did not finish within connect_timeout");
-        });
-    }
+    bound_first_attempt(readiness.clone(), config.nats.connect_timeout);
     let provision_task = provision::spawn(nats.clone(), config_rx.clone(), readiness.clone(), shutdown.clone());
 
     let egress_addr = egress_listener.local_addr()?;
@@ -171,64 +156,24 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     result
 }
 
-/// The stop's budget: `drain_timeout` from the signal, of which the last part is kept for
-/// the NATS flush, so a slow handler cannot take it.
-struct Drain {
-    started: Instant,
-    /// Ingress, reload, provisioning and egress are done by then, or abandoned.
-    work: Instant,
-    /// The NATS flush is done by then, or abandoned.
-    end: Instant,
-}
-
-impl Drain {
-    fn new(drain_timeout: Duration) -> Self {
-        let started = Instant::now();
-        let end = started + drain_timeout;
-        Self { started, work: end - flush_reserve(drain_timeout), end }
+/// Applies the command line's and the environment's overrides, and says what they changed
+/// and what the file warns about.
+fn apply_overrides(config: &mut Config, overrides: &Overrides) {
+    let overridden = config.apply(overrides);
+    if !overridden.is_empty() {
+        // Values are not printed: a NATS URL may carry credentials.
+        tracing::info!(settings = %overridden.join(", "), "command-line or NATSBRIDGE_* settings override the routing file");
     }
-
-    /// Waits for `task` until `by`; past it, aborts the task (what it held is redelivered
-    /// or retried by its sender) and says so. `None` when it did not finish.
-    async fn finish<T>(&self, what: &str, mut task: JoinHandle<T>, by: Instant) -> Option<Result<T, tokio::task::JoinError>> {
-        match tokio::time::timeout_at(by.into(), &mut task).await {
-            Ok(r) => {
-                tracing::info!(took = ?self.started.elapsed(), "{what} stopped");
-                Some(r)
-            }
-            Err(_) => {
-                tracing::warn!(budget = ?by - self.started, "{what} did not stop within the drain budget; abandoning it");
-                task.abort();
-                None
-            }
-        }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
     }
 }
 
-/// How long a stopping inbound route lets its handlers run before it naks or abandons
-/// them: short of the whole budget, so their naks and the NATS flush still fit in it.
-pub fn handler_budget(drain_timeout: Duration) -> Duration {
-    drain_timeout.saturating_sub(2 * flush_reserve(drain_timeout))
-}
-
-/// The part of `drain_timeout` kept for the last NATS flush.
-pub fn flush_reserve(drain_timeout: Duration) -> Duration {
-    (drain_timeout / 10).min(Duration::from_secs(1))
-}
-
-/// Flushes and drains the connection by `end`. A connection that is down has nothing to
-/// flush to, and its drain would wait for a PONG that never comes: it is left as it is.
-async fn drain_nats(nats: &async_nats::Client, end: Instant) {
-    if !connection::is_connected(nats) {
-        tracing::warn!("NATS is not connected: nothing to flush");
-        return;
-    }
-    let flushed = tokio::time::timeout_at(end.into(), async {
-        nats.flush().await.ok()?;
-        nats.drain().await.ok()
-    })
-    .await;
-    if !matches!(flushed, Ok(Some(()))) {
-        tracing::warn!("NATS drain did not finish cleanly");
-    }
+/// The first connection attempt ends with an event; should that event be lost, readiness
+/// must not wait for it forever.
+fn bound_first_attempt(readiness: Arc<Readiness>, connect_timeout: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(connect_timeout + Duration::from_secs(1)).await;
+        readiness.fail_if_starting(&Component::NATS, "the first connection attempt did not finish within connect_timeout");
+    });
 }

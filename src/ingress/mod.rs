@@ -201,7 +201,7 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             base: app::base_url(&config.sidecar.app_url),
             metrics: shared.metrics.ingress_route(&inbound.name),
             check: Component::inbound(&inbound.name),
-            drain_timeout: crate::sidecar::handler_budget(config.sidecar.drain_timeout),
+            drain_timeout: crate::shutdown::handler_budget(config.sidecar.drain_timeout),
             idem: inbound.idempotency.clone().map(|spec| {
                 idempotency::guard::Guard::new(&config.sidecar.service, &inbound.name, spec, &shared.metrics, shared.readiness.clone())
             }),

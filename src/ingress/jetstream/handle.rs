@@ -2,14 +2,14 @@
 //! ends it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream::message::AckKind;
-use bytes::Bytes;
 use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::delivery::{Delivery, Progress};
 use super::settle::{confirm, dead_letter_then_term, settle};
 use super::{ConsumerRoute, CLAIM_STALE_MARGIN};
 use crate::codec;
@@ -17,54 +17,6 @@ use crate::dlq::{self, Reason};
 use crate::ingress::idempotency::guard::{self, Begin, Claimed};
 use crate::ingress::policy;
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse, InFlight, Route, Shared};
-
-/// In-progress acks for one delivery, sent until it is settled: the claim, the app call,
-/// the store write, the dead letter and the confirm all run under them, so none of those
-/// can outlast `ack_wait` and have the server redeliver a message we are about to settle.
-pub(super) struct Progress {
-    done: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(shared: &Shared, every: Duration, msg: &async_nats::jetstream::Message) -> Self {
-        let done = CancellationToken::new();
-        let task = msg.reply.clone().map(|reply| {
-            let (nats, done) = (shared.nats.clone(), done.clone());
-            tokio::spawn(async move {
-                while !sleep_or_stop(&done, every).await {
-                    if let Err(e) = nats.publish(reply.clone(), Bytes::from_static(b"+WPI")).await {
-                        tracing::debug!(error = %e, "in-progress ack failed");
-                    }
-                }
-            })
-        });
-        Self { done, task }
-    }
-
-    /// Stops before the final ack, nak or term, so no progress ack follows it (one after a
-    /// delayed nak would push the redelivery out to a whole ack_wait).
-    pub(super) async fn stop(&mut self) {
-        self.done.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.done.cancel();
-    }
-}
-
-/// Where a delivery stands: its stream, sequence and delivery count.
-#[derive(Clone, Copy)]
-pub(super) struct Delivery<'a> {
-    pub(super) stream: &'a str,
-    pub(super) seq: u64,
-    pub(super) delivered: u64,
-}
 
 pub(super) async fn handle(
     shared: Arc<Shared>,

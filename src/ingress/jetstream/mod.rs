@@ -2,6 +2,7 @@
 //! ending in an ack, a delayed nak or a dead letter as [`outcome_for`](crate::ingress::policy::outcome_for) says.
 //!
 //! The parts: [`pull`] (the pull loop), [`handle`] (one delivery: claim, app call),
+//! [`delivery`] (where a delivery stands, its in-progress acks),
 //! [`settle`] (ack, nak, dead letter). Two tasks per route:
 //! - the pull loop asks for exactly as many messages as it has free handler permits, so
 //!   nothing sits in a client buffer while its ack_wait runs out; it pauses while the
@@ -16,6 +17,7 @@
 //! replaces is retired: with no server-side limit it never fires, and an advisory is a
 //! plain NATS message anyone allowed to publish on `$JS.EVENT.>` could forge.
 
+mod delivery;
 mod handle;
 mod pull;
 mod settle;

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use async_nats::jetstream::message::AckKind;
 use bytes::Bytes;
 
-use super::handle::{Delivery, Progress};
+use super::delivery::{Delivery, Progress};
 use super::{ConsumerRoute, CONFIRM_TIMEOUT};
 use crate::dlq;
 use crate::ingress::idempotency::guard::{self, Claimed};
