@@ -269,6 +269,9 @@ pub fn reply_to_response(headers: Option<&async_nats::HeaderMap>, payload: Bytes
 /// micro headers too, so plain NATS clients and micro tooling see the failure.
 pub fn response_to_reply_headers(status: StatusCode, headers: &HeaderMap) -> async_nats::HeaderMap {
     let mut out = http_to_nats_headers(headers);
+    // hyper takes any three digits from an app; HTTP ends at 599, and the requesting side
+    // refuses more (found by fuzzing): an answer that is not HTTP is a bad gateway's.
+    let status = if status.as_u16() > 599 { StatusCode::BAD_GATEWAY } else { status };
     out.insert(BRIDGE_STATUS, status.as_str());
     if status.as_u16() >= 400 {
         out.insert(SERVICE_ERROR_CODE, status.as_str());
@@ -369,6 +372,13 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn an_app_status_past_599_is_sent_as_a_bad_gateway_that_decodes() {
+        let reply = response_to_reply_headers(StatusCode::from_u16(831).unwrap(), &HeaderMap::new());
+        let r = reply_to_response(Some(&reply), Bytes::new()).expect("our own reply headers decode");
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    }
 
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
