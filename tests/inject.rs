@@ -283,6 +283,34 @@ fn resources_and_log_level_from_annotations() {
 }
 
 #[test]
+fn a_routes_placeholder_in_the_url_secret_gives_each_service_its_own_credentials() {
+    let cli = Cli::try_parse_from([
+        "inject",
+        "--sidecar-image",
+        "i",
+        "--nats-url",
+        "nats://nats:4222",
+        "--nats-url-secret",
+        "{routes}-nats-auth/url",
+    ])
+    .unwrap();
+    let s = cli.inject.settings().unwrap();
+    let secret_of = |pod: &Value| {
+        let (_, _, out) = admit(pod, &s);
+        let url = sidecar(&out)["env"].as_array().unwrap().iter().find(|e| e["name"] == "NATSBRIDGE_NATS_URL").unwrap().clone();
+        assert!(url.get("value").is_none(), "{url}");
+        url["valueFrom"]["secretKeyRef"].clone()
+    };
+    assert_eq!(secret_of(&plain_pod()), json!({ "name": "orchestration-routes-nats-auth", "key": "url" }));
+    let mut agent = plain_pod();
+    agent["metadata"]["annotations"]["natsbridge.io/routes"] = json!("agent-routes");
+    assert_eq!(secret_of(&agent), json!({ "name": "agent-routes-nats-auth", "key": "url" }));
+    // A pod's own annotation still wins.
+    agent["metadata"]["annotations"]["natsbridge.io/nats-url-secret"] = json!("mine/u");
+    assert_eq!(secret_of(&agent), json!({ "name": "mine", "key": "u" }));
+}
+
+#[test]
 fn unusable_annotations_are_denied_with_a_reason() {
     let cases: &[(&str, Option<&str>, &str)] = &[
         ("natsbridge.io/routes", None, "natsbridge.io/routes"),

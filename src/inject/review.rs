@@ -196,7 +196,7 @@ fn read_sidecar_request<'a>(pod: &Pod<'a>, settings: &'a InjectSettings) -> Resu
     let resources = sidecar_resources(pod, settings)?;
     let nats_url_secret = match pod.annotation(ANNOTATION_NATS_URL_SECRET) {
         Some(s) => Some(SecretKeyRef::parse(s).ok_or_else(|| Refusal::BadNatsUrlSecret(s.into()))?),
-        None => settings.nats_url_secret.clone(),
+        None => settings.nats_url_secret.as_ref().map(|r| r.for_routes(routes_config_map)),
     };
     let log_level = pod.annotation(ANNOTATION_LOG_LEVEL).unwrap_or(&settings.log_level);
     Ok(SidecarRequest { routes_config_map, app_port, resources, nats_url_secret, log_level })
