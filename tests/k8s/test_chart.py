@@ -393,7 +393,8 @@ def secret_text(secret, key):
 
 
 def test_nats_auth_is_on_by_default_with_one_user_per_service_and_generated_secrets():
-    objects, _ = render(example_values())
+    objects, notes = render(example_values())
+    assert "one NATS user per service (agent, orchestration)" in notes and "WARNING" not in notes
     conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
     assert "authorization {" in conf
     for user in ["agent", "orchestration", "natsbridge-provision"]:
@@ -440,7 +441,8 @@ def test_a_routes_file_without_a_nats_user_fails_the_install():
 def test_nats_auth_off_is_explicit_and_leaves_no_credentials_behind():
     values = example_values()
     values["nats"]["auth"] = {"enabled": False}
-    objects, _ = render(values)
+    objects, notes = render(values)
+    assert "WARNING: NATS authentication is OFF" in notes
     conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
     assert "authorization" not in conf
     assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == ["nb-natsbridge-injector-tls"]
