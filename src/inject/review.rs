@@ -406,7 +406,12 @@ fn sidecar_env(settings: &InjectSettings, request: &SidecarRequest<'_>) -> Vec<V
         json!({ "name": "NATSBRIDGE_ADMIN_LISTEN", "value": format!("0.0.0.0:{}", settings.admin_port) }),
     ];
     env.push(match &request.nats_url_secret {
-        Some(r) => json!({ "name": "NATSBRIDGE_NATS_URL", "valueFrom": { "secretKeyRef": { "name": r.name, "key": r.key } } }),
+        // Optional: a missing Secret must not keep the pod (app included: the sidecar is an
+        // init container) from starting. The sidecar then falls back to routes.toml's
+        // servers, NATS routes fail loudly, and plain HTTP keeps working.
+        Some(r) => {
+            json!({ "name": "NATSBRIDGE_NATS_URL", "valueFrom": { "secretKeyRef": { "name": r.name, "key": r.key, "optional": true } } })
+        }
         None => json!({ "name": "NATSBRIDGE_NATS_URL", "value": settings.nats_url }),
     });
     if let Some(port) = request.app_port {
