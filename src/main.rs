@@ -59,8 +59,9 @@ enum Command {
     /// subjects, reply inboxes, the JetStream API of its streams and consumers, the
     /// idempotency bucket and the dead-letter stream (and provisioning's only when it
     /// provisions). Printed as a nats-server `authorization { users = [...] }` block, one
-    /// user per service named after it, or with `--format nsc` as `nsc add user` / `nsc
-    /// edit user --allow-pub/--allow-sub` commands for operator mode.
+    /// user per service named after it, with `--format helm-values` as the chart's
+    /// `nats.auth.users` values, or with `--format nsc` as `nsc add user` / `nsc edit user
+    /// --allow-pub/--allow-sub` commands for operator mode.
     Permissions(PermissionsArgs),
     /// Inspect, replay and purge dead letters, while sidecars run.
     Dlq {
@@ -115,6 +116,8 @@ enum PermissionsFormat {
     Conf,
     /// `nsc` commands (operator mode).
     Nsc,
+    /// The Helm chart's `nats.auth.users` values (passwords stay in the chart's Secrets).
+    HelmValues,
 }
 
 #[derive(clap::Args)]
@@ -306,6 +309,7 @@ fn permissions(args: PermissionsArgs) -> anyhow::Result<()> {
     match args.format {
         PermissionsFormat::Conf => print!("{}", render::nats_conf(&perms, &password)),
         PermissionsFormat::Nsc => print!("{}", render::nsc(&perms, args.account.as_deref())),
+        PermissionsFormat::HelmValues => print!("{}", render::helm_values(&perms)),
     }
     Ok(())
 }

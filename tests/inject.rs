@@ -278,8 +278,36 @@ fn resources_and_log_level_from_annotations() {
     assert_eq!(sc["resources"], json!({ "requests": { "cpu": "200m", "memory": "64Mi" }, "limits": { "cpu": "1", "memory": "1Gi" } }));
     assert_eq!(sc["args"][6], "debug");
     let url = sc["env"].as_array().unwrap().iter().find(|e| e["name"] == "NATSBRIDGE_NATS_URL").unwrap();
-    assert_eq!(url["valueFrom"]["secretKeyRef"], json!({ "name": "nats-creds", "key": "url" }));
+    assert_eq!(url["valueFrom"]["secretKeyRef"], json!({ "name": "nats-creds", "key": "url", "optional": true }));
     assert!(url.get("value").is_none());
+}
+
+#[test]
+fn a_routes_placeholder_in_the_url_secret_gives_each_service_its_own_credentials() {
+    let cli = Cli::try_parse_from([
+        "inject",
+        "--sidecar-image",
+        "i",
+        "--nats-url",
+        "nats://nats:4222",
+        "--nats-url-secret",
+        "{routes}-nats-auth/url",
+    ])
+    .unwrap();
+    let s = cli.inject.settings().unwrap();
+    let secret_of = |pod: &Value| {
+        let (_, _, out) = admit(pod, &s);
+        let url = sidecar(&out)["env"].as_array().unwrap().iter().find(|e| e["name"] == "NATSBRIDGE_NATS_URL").unwrap().clone();
+        assert!(url.get("value").is_none(), "{url}");
+        url["valueFrom"]["secretKeyRef"].clone()
+    };
+    assert_eq!(secret_of(&plain_pod()), json!({ "name": "orchestration-routes-nats-auth", "key": "url", "optional": true }));
+    let mut agent = plain_pod();
+    agent["metadata"]["annotations"]["natsbridge.io/routes"] = json!("agent-routes");
+    assert_eq!(secret_of(&agent), json!({ "name": "agent-routes-nats-auth", "key": "url", "optional": true }));
+    // A pod's own annotation still wins.
+    agent["metadata"]["annotations"]["natsbridge.io/nats-url-secret"] = json!("mine/u");
+    assert_eq!(secret_of(&agent), json!({ "name": "mine", "key": "u", "optional": true }));
 }
 
 #[test]

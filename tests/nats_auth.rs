@@ -190,6 +190,30 @@ async fn user_and_password_env_authenticate_and_never_appear_in_a_trace_log() {
     assert_secret_not_logged(&p.log(), PASSWORD);
 }
 
+/// The chart's injector hands each sidecar its user as `NATSBRIDGE_NATS_URL` from a Secret
+/// (`nats://<service>:<password>@host:4222`), with no credentials in routes.toml. async-nats
+/// never sends URL userinfo by itself.
+#[tokio::test]
+async fn credentials_in_the_nats_url_environment_authenticate_and_never_appear_in_a_trace_log() {
+    let nats = user_server();
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let url = format!("nats://bridge:{PASSWORD}@127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "routes.toml", &routes(""));
+    let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
+    cmd.arg("run").arg("--config").arg(&path).arg("--listen").arg(egress.to_string()).arg("--admin-listen").arg(admin.to_string());
+    cmd.args(["--log-level", "trace"]).env_remove("NATSBRIDGE_LOG_LEVEL").env("NATSBRIDGE_NATS_URL", &url);
+    let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
+    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let p = SidecarProcess { child, egress, admin, dir };
+    p.wait_ready().await;
+    let sub = async_nats::ConnectOptions::with_user_and_password("bridge".into(), PASSWORD.into()).connect(nats.url()).await.unwrap();
+    assert_flows(p.egress, sub).await;
+    assert_secret_not_logged(&p.log(), PASSWORD);
+}
+
 #[tokio::test]
 async fn wrong_password_keeps_readiness_false_and_is_logged_clearly_without_the_secret() {
     let nats = user_server();

@@ -196,7 +196,7 @@ fn read_sidecar_request<'a>(pod: &Pod<'a>, settings: &'a InjectSettings) -> Resu
     let resources = sidecar_resources(pod, settings)?;
     let nats_url_secret = match pod.annotation(ANNOTATION_NATS_URL_SECRET) {
         Some(s) => Some(SecretKeyRef::parse(s).ok_or_else(|| Refusal::BadNatsUrlSecret(s.into()))?),
-        None => settings.nats_url_secret.clone(),
+        None => settings.nats_url_secret.as_ref().map(|r| r.for_routes(routes_config_map)),
     };
     let log_level = pod.annotation(ANNOTATION_LOG_LEVEL).unwrap_or(&settings.log_level);
     Ok(SidecarRequest { routes_config_map, app_port, resources, nats_url_secret, log_level })
@@ -406,7 +406,12 @@ fn sidecar_env(settings: &InjectSettings, request: &SidecarRequest<'_>) -> Vec<V
         json!({ "name": "NATSBRIDGE_ADMIN_LISTEN", "value": format!("0.0.0.0:{}", settings.admin_port) }),
     ];
     env.push(match &request.nats_url_secret {
-        Some(r) => json!({ "name": "NATSBRIDGE_NATS_URL", "valueFrom": { "secretKeyRef": { "name": r.name, "key": r.key } } }),
+        // Optional: a missing Secret must not keep the pod (app included: the sidecar is an
+        // init container) from starting. The sidecar then falls back to routes.toml's
+        // servers, NATS routes fail loudly, and plain HTTP keeps working.
+        Some(r) => {
+            json!({ "name": "NATSBRIDGE_NATS_URL", "valueFrom": { "secretKeyRef": { "name": r.name, "key": r.key, "optional": true } } })
+        }
         None => json!({ "name": "NATSBRIDGE_NATS_URL", "value": settings.nats_url }),
     });
     if let Some(port) = request.app_port {

@@ -16,6 +16,9 @@ pub struct Resources {
     pub memory_limit: Option<String>,
 }
 
+/// In `--nats-url-secret`, stands for the pod's routes ConfigMap name.
+pub const ROUTES_PLACEHOLDER: &str = "{routes}";
+
 /// A reference to one key of a Secret in the pod's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretKeyRef {
@@ -27,6 +30,13 @@ impl SecretKeyRef {
     /// Parses `name` or `name/key`; the key defaults to `url`.
     pub fn parse(s: &str) -> Option<Self> {
         Self::parse_or(s, "url")
+    }
+
+    /// This reference for a pod whose routes ConfigMap is `routes`: `{routes}` in the name
+    /// becomes that name, so each service's sidecar reads its own NATS user's credentials
+    /// (`{routes}-nats-auth` → `orders-routes-nats-auth`).
+    pub fn for_routes(&self, routes: &str) -> Self {
+        Self { name: self.name.replace(ROUTES_PLACEHOLDER, routes), key: self.key.clone() }
     }
 
     /// Parses `name` or `name/key`, the key defaulting to `default_key`.
@@ -108,7 +118,8 @@ pub struct InjectArgs {
     #[arg(long, env = "NATSBRIDGE_INJECT_NATS_URL")]
     pub nats_url: String,
     /// Secret (`name` or `name/key`, key defaults to `url`) in each pod's namespace holding the NATS
-    /// URL with credentials; overrides --nats-url for sidecars.
+    /// URL with credentials; overrides --nats-url for sidecars. `{routes}` in the name becomes
+    /// the pod's routes ConfigMap, so each service gets its own user (`{routes}-nats-auth/url`).
     #[arg(long, env = "NATSBRIDGE_INJECT_NATS_URL_SECRET")]
     pub nats_url_secret: Option<String>,
     /// ConfigMap (`name` or `name/key`, key defaults to `ca.crt`) in each pod's namespace

@@ -74,10 +74,36 @@ fn check_pem(what: &'static str, path: &std::path::Path) -> Result<(), ConnectEr
     Ok(())
 }
 
+/// Credentials written into a server URL (`nats://user:pass@host`, `nats://token@host`).
+#[derive(Debug, PartialEq, Eq)]
+enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials of the first server URL that carries some, percent-decoded. async-nats
+/// parses but never sends them, and a URL Secret (`NATSBRIDGE_NATS_URL`, as the chart's
+/// injector hands out) is how injected sidecars get their user: without this they would
+/// connect anonymously and be refused.
+fn url_credentials(servers: &[String]) -> Option<UrlCredentials> {
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    servers.iter().filter_map(|s| s.parse::<async_nats::ServerAddr>().ok()).find_map(|addr| {
+        let user = decode(addr.username()?);
+        Some(match addr.password() {
+            Some(p) => UrlCredentials::UserPassword(user, decode(p)),
+            None => UrlCredentials::Token(user),
+        })
+    })
+}
+
 /// How the sidecar authenticates, for log lines: where the secret lives, never its value.
-fn auth_description(auth: &NatsAuth) -> String {
+fn auth_description(auth: &NatsAuth, servers: &[String]) -> String {
     match auth {
-        NatsAuth::None => "no credentials".into(),
+        NatsAuth::None => match url_credentials(servers) {
+            Some(UrlCredentials::UserPassword(user, _)) => format!("user {user:?} with the password from the server URL"),
+            Some(UrlCredentials::Token(_)) => "token from the server URL".into(),
+            None => "no credentials".into(),
+        },
         NatsAuth::Token(s) => format!("token from {s:?}"),
         NatsAuth::UserPassword { user, password } => format!("user {user:?} with the password from {password:?}"),
         NatsAuth::NkeySeed(s) => format!("nkey seed from {s:?}"),
@@ -102,7 +128,12 @@ pub async fn options(
         _ => ConnectOptions::new(),
     };
     opts = match &nats.auth {
-        NatsAuth::None | NatsAuth::Credentials(_) => opts,
+        NatsAuth::None => match url_credentials(&nats.servers) {
+            Some(UrlCredentials::UserPassword(user, password)) => opts.user_and_password(user, password),
+            Some(UrlCredentials::Token(token)) => opts.token(token),
+            None => opts,
+        },
+        NatsAuth::Credentials(_) => opts,
         NatsAuth::Token(t) => opts.token(resolve(t, env)?),
         NatsAuth::UserPassword { user, password } => opts.user_and_password(user.clone(), resolve(password, env)?),
         NatsAuth::NkeySeed(s) => {
@@ -128,7 +159,7 @@ pub async fn options(
         opts = opts.custom_inbox_prefix(prefix.clone());
     }
     let events = metrics.clone();
-    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth), readiness, ..Default::default() });
+    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth, &nats.servers), readiness, ..Default::default() });
     let seen = Arc::new(AtomicBool::new(false));
     Ok(opts
         .name(format!("natsbridge-{service}"))
@@ -384,9 +415,22 @@ mod tests {
 
     #[test]
     fn auth_is_described_by_where_the_secret_lives() {
-        let d = auth_description(&NatsAuth::UserPassword { user: "bridge".into(), password: Secret::File("/run/pw".into()) });
+        let d = auth_description(&NatsAuth::UserPassword { user: "bridge".into(), password: Secret::File("/run/pw".into()) }, &[]);
         assert_eq!(d, "user \"bridge\" with the password from file:/run/pw");
-        assert_eq!(auth_description(&NatsAuth::Token(Secret::Env("T".into()))), "token from env:T");
+        assert_eq!(auth_description(&NatsAuth::Token(Secret::Env("T".into())), &[]), "token from env:T");
+        let url = ["nats://orders:s3cret@nats:4222".to_owned()];
+        assert_eq!(auth_description(&NatsAuth::None, &url), "user \"orders\" with the password from the server URL");
+    }
+
+    #[test]
+    fn url_credentials_come_from_the_first_url_that_has_some_percent_decoded() {
+        let urls = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            url_credentials(&urls(&["nats://a:4222", "nats://or%40ders:p%3Aw@b:4222"])),
+            Some(UrlCredentials::UserPassword("or@ders".into(), "p:w".into()))
+        );
+        assert_eq!(url_credentials(&urls(&["tls://tok@a:4222"])), Some(UrlCredentials::Token("tok".into())));
+        assert_eq!(url_credentials(&urls(&["nats://a:4222"])), None);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-use super::render::{env_name, nats_conf, nsc, Password};
+use super::render::{env_name, helm_values, nats_conf, nsc, Password};
 use super::*;
 use crate::config::parse;
 
@@ -151,4 +151,24 @@ fn nsc_output_adds_and_edits_the_user_with_single_quoted_subjects() {
     assert!(out.contains("  --allow-pub '$JS.ACK.ORDERS.orders-events.>'"), "{out}");
     assert!(out.contains("  --allow-sub 'orders.create orders'"), "{out}");
     assert!(!out.contains("password"));
+}
+
+#[test]
+fn helm_values_nest_each_service_under_nats_auth_users_with_json_quoted_subjects_and_no_password() {
+    let ingress_only = "[sidecar]\nservice = \"sink\"\n[nats]\ninbox_prefix = \"_INBOX_sink\"\n";
+    let p = vec![("orders.toml".to_owned(), perms(SERVICE)), ("sink.toml".to_owned(), perms(ingress_only))];
+    let out = helm_values(&p);
+    assert!(out.contains("nats:\n  auth:\n    users:\n      # service \"orders\" (orders.toml)\n"), "{out}");
+    assert!(
+        out.contains(
+            "      \"orders\":\n        publish:\n          - \"$JS.ACK.ORDERS.orders-events.>\"  # route events (jetstream): acks\n"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("        subscribe:\n          - \"_INBOX.>\"  # replies"), "{out}");
+    assert!(out.contains("          - \"orders.create orders\"  # route create (request)\n"), "{out}");
+    assert!(out.contains("      # note: replies come back on the shared _INBOX.>"), "{out}");
+    // A service that publishes nothing gets an empty list, which the chart turns into deny-all.
+    assert!(out.contains("      \"sink\":\n        publish: []\n        subscribe:\n          - \"_INBOX_sink.>\""), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("password:"), "{out}");
 }

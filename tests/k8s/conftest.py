@@ -48,9 +48,22 @@ def one(objects, kind, name=None):
     return hits[0]
 
 
+def merge(base, extra):
+    """Helm's merge of several -f files: maps merge key by key, the later file wins."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def example_values():
+    """The walkthrough's values: values-orchestration-agent.yaml plus nats-users.yaml (the NATS
+    users `natsbridge permissions --format helm-values` generates from its routes), as
+    `helm install -f values-orchestration-agent.yaml -f nats-users.yaml` merges them."""
     with open(EXAMPLES / "values-orchestration-agent.yaml") as f:
-        return yaml.safe_load(f)
+        values = yaml.safe_load(f)
+    with open(EXAMPLES / "nats-users.yaml") as f:
+        return merge(values, yaml.safe_load(f))
 
 
 @pytest.fixture(scope="session")

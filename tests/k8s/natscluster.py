@@ -38,7 +38,9 @@ def localize(conf, pod_names, index, ports, workdir):
     out = re.sub(r'^listen: "0\.0\.0\.0:\d+"', f'listen: "127.0.0.1:{client}"', out, count=1, flags=re.M)
     out = re.sub(r'^http: "0\.0\.0\.0:\d+"', f'http: "127.0.0.1:{monitor}"', out, count=1, flags=re.M)
     out = re.sub(r'(cluster \{[^}]*?listen: )"0\.0\.0\.0:\d+"', rf'\1"127.0.0.1:{cluster}"', out, count=1, flags=re.S)
-    for i, pod in enumerate(pod_names):
+    clustered = "\ncluster {" in out
+    assert clustered == (len(pod_names) > 1), "a cluster block exactly when there are several servers"
+    for i, pod in enumerate(pod_names if clustered else []):
         out, n = re.subn(rf'nats://{re.escape(pod)}\.[^":]+:\d+', f"nats://127.0.0.1:{ports[i][1]}", out)
         assert n == 1, f"route for {pod} not found exactly once in nats.conf"
     store = os.path.join(workdir, f"data-{index}")
@@ -47,6 +49,24 @@ def localize(conf, pod_names, index, ports, workdir):
     out = out.replace('pid_file: "/var/run/nats/nats.pid"', f'pid_file: "{workdir}/nats-{index}.pid"')
     assert "0.0.0.0" not in out and "svc.cluster.local" not in out, out
     return out
+
+
+def server_env(objects):
+    """The environment the kubelet gives the NATS container: plain values, and secretKeyRefs
+    resolved from the Secrets the chart rendered (as the API server would)."""
+    import base64
+
+    sts = next(o for o in objects if o["kind"] == "StatefulSet")
+    nats = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "nats")
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    env = {}
+    for e in nats["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            env[e["name"]] = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+        elif "value" in e:
+            env[e["name"]] = e["value"]
+    return env
 
 
 def http_json(url, timeout=2):

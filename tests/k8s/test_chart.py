@@ -23,11 +23,12 @@ NON_DEFAULT = {
     "fullnameOverride": "bridge",
     "commonLabels": {"team": "platform"},
     "imagePullSecrets": [{"name": "regcred"}],
+    "clusterDomain": "corp.internal",
     "image": {"repository": "registry.example.com/natsbridge", "tag": "9.9.9", "pullPolicy": "Always"},
     "nats": {
         "replicas": 5,
         "jetstream": {"syncInterval": "10s", "maxMemoryStore": "1Gi", "pvc": {"size": "50Gi", "storageClassName": "fast-ssd"}},
-        "auth": {"enabled": True, "secretName": "nats-auth", "urlSecretName": "nats-url"},
+        "auth": {"enabled": True, "existingSecret": "nats-auth", "users": {"solo": {"publish": ["solo.>"], "subscribe": []}}},
         "tls": {"enabled": True, "secretName": "nats-tls", "verify": True},
         "exporter": {"enabled": False},
         "podDisruptionBudget": {"enabled": False},
@@ -110,7 +111,11 @@ def test_nats_statefulset(default_render):
     assert nats["readinessProbe"]["httpGet"]["path"] == "/healthz?js-server-only=true"
     assert nats["livenessProbe"]["httpGet"]["path"] == "/healthz?js-enabled-only=true"
     assert nats["lifecycle"]["preStop"]["exec"]["command"] == ["nats-server", "-sl=ldm=/var/run/nats/nats.pid"]
-    assert nats["resources"]["requests"]["memory"] == "512Mi"
+    # Memory request = limit, GOMEMLIMIT 80% of it, max_memory_store explicit (half of it).
+    assert nats["resources"] == {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    env = {e["name"]: e for e in nats["env"]}
+    assert env["GOMEMLIMIT"]["value"] == str(2 * 1024**3 * 80 // 100)
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     assert pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
     # 30s lame duck + 10s grace must fit in the termination grace period.
@@ -131,6 +136,7 @@ def test_nats_statefulset(default_render):
 
     conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
     assert "sync_interval: always" in conf
+    assert f"max_memory_store: {1024**3}\n" in conf
     assert 'http: "0.0.0.0:8222"' in conf
     for i in range(3):
         assert f"nats://nb-natsbridge-nats-{i}.nb-natsbridge-nats-headless.natsbridge.svc.cluster.local:6222" in conf
@@ -145,13 +151,17 @@ def test_nats_non_default():
     pod = sts["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["nats"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "password"}
+    assert env["NATS_PASSWORD_SOLO"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "solo"}
+    assert env["NATS_PASSWORD_NATSBRIDGE_PROVISION"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "natsbridge-provision"}
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
     assert {"name": "tls", "secret": {"secretName": "nats-tls"}} in pod["volumes"]
     conf = one(objects, "ConfigMap", "bridge-nats-config")["data"]["nats.conf"]
-    assert "sync_interval: 10s" in conf and "max_memory_store: 1Gi" in conf
-    assert "user: $NATS_USER" in conf and "verify: true" in conf
+    assert "sync_interval: 10s" in conf and f"max_memory_store: {1024**3}\n" in conf
+    assert 'user: "solo"\n      password: $NATS_PASSWORD_SOLO\n' in conf and "verify: true" in conf
+    # An empty allow-list would allow everything: the chart denies all instead.
+    assert 'subscribe: { deny: [">"] }' in conf and 'publish: { allow: ["solo.>"] }' in conf
     assert conf.count("nats://bridge-nats-") == 5
+    assert conf.count(".natsbridge.svc.corp.internal:6222") == 5
     assert not [o for o in objects if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "bridge-nats"]
 
 
@@ -200,8 +210,8 @@ def test_injector_with_cert_manager_and_non_default_values():
     assert wh["namespaceSelector"]["matchLabels"] == {"mesh": "nats"}
     assert {"key": "tier", "operator": "In", "values": ["apps"]} in wh["namespaceSelector"]["matchExpressions"]
     args = one(objects, "Deployment", "bridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--nats-url=tls://bridge-nats.natsbridge.svc.cluster.local:4222" in args
-    assert "--nats-url-secret=nats-url/url" in args
+    assert "--nats-url=tls://bridge-nats.natsbridge.svc.corp.internal:4222" in args
+    assert "--nats-url-secret={routes}-nats-auth/url" in args
     # TLS on: sidecars get the CA from the ConfigMap in their namespace.
     assert "--nats-ca-config-map=natsbridge-nats-ca/ca.crt" in args
     assert "--cpu-limit=1" in args and "--memory-limit=" in args and "--no-proxy=10.96.0.1" in args
@@ -244,6 +254,15 @@ def test_schema_rejects_bad_values():
         {"routes": [{"name": "ok"}]},
         {"injector": {"sidecar": {"resources": {"cpuRequest": "lots"}}}},
         {"surprise": True},
+        {"nats": {"auth": {"enabled": True, "secretName": "nats-auth"}}},
+        {"nats": {"auth": {"users": {"bad.name": {"publish": [], "subscribe": []}}}}},
+        {"nats": {"auth": {"users": {"natsbridge-provision": {"publish": [], "subscribe": []}}}}},
+        {"nats": {"auth": {"users": {"orders": {"publish": ["orders.>"]}}}}},
+        {"nats": {"auth": {"users": {"orders": {"publish": [], "subscribe": [], "password": "hunter2"}}}}},
+        {"nats": {"resources": {"requests": {"memory": "512Mi"}, "limits": {"memory": "2Gi"}}}},
+        {"nats": {"resources": {"limits": {"memory": "2 gigs"}}}},
+        {"nats": {"jetstream": {"maxMemoryStore": "lots"}}},
+        {"clusterDomain": "Cluster.Local."},
     ]:
         with pytest.raises(helm_python.HelmValuesError):
             render(bad)
@@ -261,7 +280,11 @@ def test_provisioning_jobs_and_routes_configmaps():
         c = pod["containers"][0]
         assert c["args"] == ["provision", "--config", "/etc/natsbridge/routes.toml"]
         assert pod["volumes"][0]["configMap"]["name"] == f"nb-natsbridge-provision-{routes}"
-        assert {"name": "NATSBRIDGE_NATS_URL", "value": "nats://nb-natsbridge-nats.natsbridge.svc.cluster.local:4222"} in c["env"]
+        # The provisioning user's password, from the users Secret, spliced in by the kubelet.
+        assert c["env"] == [
+            {"name": "NATS_PROVISION_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "nb-natsbridge-nats-users", "key": "natsbridge-provision"}}},
+            {"name": "NATSBRIDGE_NATS_URL", "value": "nats://natsbridge-provision:$(NATS_PROVISION_PASSWORD)@nb-natsbridge-nats.natsbridge.svc.cluster.local:4222"},
+        ]
         copy = one(objects, "ConfigMap", f"nb-natsbridge-provision-{routes}")
         assert copy["metadata"]["namespace"] == "natsbridge"
         app = one(objects, "ConfigMap", routes)
@@ -363,3 +386,139 @@ def test_nats_network_policy_admits_only_injected_pods(default_render):
     assert client["from"][-1] == {"namespaceSelector": {"matchLabels": {"nats-clients": "true"}}}
     objects, _ = render({"nats": {"networkPolicy": {"enabled": False}}})
     assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
+
+
+def secret_text(secret, key):
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def test_nats_auth_is_on_by_default_with_one_user_per_service_and_generated_secrets():
+    objects, notes = render(example_values())
+    assert "one NATS user per service (agent, orchestration)" in notes and "WARNING" not in notes
+    conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    assert "authorization {" in conf
+    for user in ["agent", "orchestration", "natsbridge-provision"]:
+        env = "NATS_PASSWORD_" + user.upper().replace("-", "_")
+        assert f'user: "{user}"\n      password: ${env}\n' in conf, conf
+    users = one(objects, "Secret", "nb-natsbridge-nats-users")
+    assert users["metadata"]["namespace"] == "natsbridge"
+    passwords = {k: secret_text(users, k) for k in users["data"]}
+    assert sorted(passwords) == ["agent", "natsbridge-provision", "orchestration"]
+    assert all(len(p) >= 32 for p in passwords.values()) and len(set(passwords.values())) == 3
+    # No password in anything but Secrets.
+    for o in objects:
+        if o["kind"] != "Secret":
+            text = yaml.safe_dump(o)
+            assert not [p for p in passwords.values() if p in text], f'{o["kind"]}/{o["metadata"]["name"]}'
+    # Each routes file's namespace gets its service's URL, with the same password the servers read.
+    for routes, user in [("agent-routes", "agent"), ("orchestration-routes", "orchestration")]:
+        s = one(objects, "Secret", f"{routes}-nats-auth")
+        assert s["metadata"]["namespace"] == "shop"
+        assert secret_text(s, "url") == f"nats://{user}:{passwords[user]}@nb-natsbridge-nats.natsbridge.svc.cluster.local:4222"
+    sts = one(objects, "StatefulSet")
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NATS_PASSWORD_AGENT"]["valueFrom"]["secretKeyRef"] == {"name": "nb-natsbridge-nats-users", "key": "agent"}
+    assert sts["spec"]["template"]["metadata"]["annotations"]["checksum/users"]
+    args = one(objects, "Deployment", "nb-natsbridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--nats-url-secret={routes}-nats-auth/url" in args
+
+
+def test_passwords_are_generated_per_install_and_never_in_values():
+    a, _ = render(example_values())
+    b, _ = render(example_values())
+    assert one(a, "Secret", "nb-natsbridge-nats-users")["data"] != one(b, "Secret", "nb-natsbridge-nats-users")["data"]
+    with open(CHART / "values.yaml") as f:
+        assert "password:" not in f.read().lower()
+
+
+def test_a_routes_file_without_a_nats_user_fails_the_install():
+    values = example_values()
+    del values["nats"]["auth"]["users"]["agent"]
+    with pytest.raises(helm_python.HelmError, match='service "agent", which has no NATS user'):
+        render(values)
+
+
+def test_nats_auth_off_is_explicit_and_leaves_no_credentials_behind():
+    values = example_values()
+    values["nats"]["auth"] = {"enabled": False}
+    objects, notes = render(values)
+    assert "WARNING: NATS authentication is OFF" in notes
+    conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    assert "authorization" not in conf
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == ["nb-natsbridge-injector-tls"]
+    args = one(objects, "Deployment", "nb-natsbridge-injector")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--nats-url-secret")]
+    env = {e["name"] for e in one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env == {"SERVER_NAME", "GOMEMLIMIT"}
+
+
+def test_existing_secret_mode_generates_no_credentials():
+    values = example_values()
+    values["nats"]["auth"]["existingSecret"] = "corp-nats-users"
+    objects, _ = render(values)
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == ["nb-natsbridge-injector-tls"]
+    sts = one(objects, "StatefulSet")
+    assert "checksum/users" not in sts["spec"]["template"]["metadata"]["annotations"]
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NATS_PASSWORD_ORCHESTRATION"]["valueFrom"]["secretKeyRef"] == {"name": "corp-nats-users", "key": "orchestration"}
+
+
+def test_example_nats_users_are_what_natsbridge_permissions_generates():
+    """examples/nats-users.yaml is the generator's output for the example routes, unedited."""
+    with tempfile.TemporaryDirectory() as d:
+        names = []
+        for r in example_values()["routes"]:
+            with open(os.path.join(d, f'{r["name"]}.toml'), "w") as f:
+                f.write(r["toml"])
+            names.append(f'{r["name"]}.toml')
+        out = subprocess.run(
+            ["cargo", "run", "-q", "--manifest-path", str(REPO / "Cargo.toml"), "--bin", "natsbridge", "--",
+             "permissions", "--format", "helm-values", *names],
+            cwd=d, capture_output=True, text=True, timeout=900,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(EXAMPLES / "nats-users.yaml") as f:
+        assert f.read() == out.stdout, "regenerate examples/nats-users.yaml (README: Walkthrough)"
+
+
+def test_nats_memory_follows_the_limit():
+    objects, _ = render({"nats": {"resources": {"limits": {"memory": "4Gi", "cpu": "2"}}}})
+    sts = one(objects, "StatefulSet")
+    nats = sts["spec"]["template"]["spec"]["containers"][0]
+    assert nats["resources"] == {"requests": {"cpu": "250m", "memory": "4Gi"}, "limits": {"memory": "4Gi", "cpu": "2"}}
+    assert {e["name"]: e.get("value") for e in nats["env"]}["GOMEMLIMIT"] == str(4 * 1024**3 * 8 // 10)
+    conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    assert f"max_memory_store: {2 * 1024**3}\n" in conf
+    conf = one(render({"nats": {"jetstream": {"maxMemoryStore": "256Mi"}}})[0], "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    assert f"max_memory_store: {256 * 1024**2}\n" in conf
+    with pytest.raises(helm_python.HelmError, match="must stay below GOMEMLIMIT"):
+        render({"nats": {"jetstream": {"maxMemoryStore": "2Gi"}}})
+
+
+def test_cluster_domain_comes_from_a_value():
+    # Routes files with their own hosts aside: everything the chart writes itself.
+    values = dict(example_values(), clusterDomain="corp.internal")
+    values["routes"] = [{"name": "solo-routes", "namespace": "shop", "toml": "[sidecar]\nservice = \"agent\"\n"}]
+    objects, notes = render(values)
+    text = yaml.safe_dump_all([{k: v for k, v in o.items() if k != "__template"} for o in objects]) + notes
+    secrets = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-nats-auth")]
+    assert secrets
+    text += "".join(secret_text(s, "url") for s in secrets)
+    assert "cluster.local" not in text
+    assert "nb-natsbridge-nats.natsbridge.svc.corp.internal:4222" in text
+    assert "nb-natsbridge-nats-0.nb-natsbridge-nats-headless.natsbridge.svc.corp.internal:6222" in text
+
+
+@pytest.mark.parametrize("replicas", [2, 4, 0, 6])
+def test_schema_refuses_even_nats_replicas(replicas):
+    with pytest.raises(helm_python.HelmValuesError, match="replicas"):
+        render({"nats": {"replicas": replicas}})
+
+
+@pytest.mark.parametrize("replicas", [1, 3, 5, 7])
+def test_schema_accepts_one_or_odd_nats_replicas(replicas):
+    objects, _ = render({"nats": {"replicas": replicas}})
+    assert one(objects, "StatefulSet")["spec"]["replicas"] == replicas
+    conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    # One server runs without a cluster block (a cluster of one would wait for peers).
+    assert ("cluster {" in conf) == (replicas > 1)
