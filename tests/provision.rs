@@ -473,6 +473,41 @@ async fn run_with_provision_creates_the_streams() {
     sidecar.stop().await;
 }
 
+/// Issue 21 §3: a create that fails at start is retried by the running sidecar until it
+/// succeeds, and `/statusz` says why it waits. The failure is real: another stream holds
+/// the subjects, so the server refuses the create ("subjects overlap"); once the test
+/// deletes it, the sidecar's retry creates TOOL and its consumer without a restart.
+#[tokio::test]
+async fn run_with_provision_retries_a_failed_create_and_says_why_it_waits() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    js.create_stream(jetstream::stream::Config { name: "SQUATTER".into(), subjects: vec!["tool.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let src = routes("", "").replace("service = \"svc\"", "service = \"svc\"\nprovision = true");
+    let sidecar = Sidecar::start(&src, &server.url(), None).await;
+    let body = eventually("statusz says why TOOL waits", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:stream:TOOL").and_then(|v| v.as_str()).filter(|w| w.contains("retrying")).map(str::to_owned)
+    })
+    .await;
+    assert!(body.contains("cannot create stream \"TOOL\" yet") && body.contains("overlap"), "{body}");
+    // The rest of the plan went through despite the failed item.
+    assert!(stream_names(&js).await.contains(&"DLQ".to_string()));
+
+    js.delete_stream("SQUATTER").await.unwrap();
+    eventually("the retry created TOOL", WAIT, || async { stream_names(&js).await.contains(&"TOOL".to_string()).then_some(()) }).await;
+    eventually("and its consumer", WAIT, || async {
+        js.get_stream("TOOL").await.ok()?.consumer_info("tool-service").await.ok().map(|_| ())
+    })
+    .await;
+    eventually("statusz no longer names TOOL", WAIT, || async {
+        failing(&sidecar).await.get("provision:stream:TOOL").is_none().then_some(())
+    })
+    .await;
+    sidecar.stop().await;
+}
+
 #[tokio::test]
 async fn run_without_provision_names_the_missing_stream_until_it_exists() {
     let server = NatsServer::start();
