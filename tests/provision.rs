@@ -655,3 +655,38 @@ async fn prune_deletes_only_this_services_consumers_whose_routes_are_gone() {
     left.sort();
     assert_eq!(left, ["other-consumer", "svc-renamed", "svc-tool-exec-copy"]);
 }
+
+/// Issue 21 §3: how full the dead-letter stream is, against the limits the server holds
+/// for it (here set by hand: 10 messages, 100 KiB), as `natsbridge_dlq_fill_ratio`.
+#[tokio::test]
+async fn the_dead_letter_stream_fill_is_a_gauge() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["dlq.>".into()],
+        max_messages: 10,
+        max_bytes: 100 * 1024,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..4 {
+        js.publish("dlq.tool.execution.requested", format!("dead {i}").into()).await.unwrap().await.unwrap();
+    }
+    let bytes = stream_info(&js, "DLQ").await.state.bytes;
+    let sidecar = Sidecar::start(&routes("", ""), &server.url(), None).await;
+    let series = |text: &str, name: &str| -> Option<f64> { text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()) };
+    let text = eventually("the dead-letter gauges", WAIT, || async {
+        let m = sidecar.metrics().await;
+        series(&m, "natsbridge_dlq_fill_ratio{limit=\"messages\"}").is_some().then_some(m)
+    })
+    .await;
+    assert_eq!(series(&text, "natsbridge_dlq_fill_ratio{limit=\"messages\"}"), Some(0.4), "{text}");
+    let by_bytes = series(&text, "natsbridge_dlq_fill_ratio{limit=\"bytes\"}").unwrap();
+    assert!((by_bytes - bytes as f64 / 102400.0).abs() < 1e-9, "{by_bytes} vs {bytes} bytes\n{text}");
+    assert_eq!(series(&text, "natsbridge_dlq_stored{unit=\"messages\"}"), Some(4.0), "{text}");
+    assert_eq!(series(&text, "natsbridge_dlq_stored{unit=\"bytes\"}"), Some(bytes as f64), "{text}");
+    sidecar.stop().await;
+}
