@@ -690,3 +690,83 @@ async fn the_dead_letter_stream_fill_is_a_gauge() {
     assert_eq!(series(&text, "natsbridge_dlq_stored{unit=\"bytes\"}"), Some(bytes as f64), "{text}");
     sidecar.stop().await;
 }
+
+/// A file for service `service` with one jetstream route on the shared stream EV, and
+/// `stream` as its `[[streams]]` entry.
+fn shared(service: &str, stream: &str) -> String {
+    format!(
+        "[sidecar]\nservice = \"{service}\"\n\n[[inbound]]\nname = \"{service}-ev\"\nsubject = \"ev.{service}\"\nmode = \"jetstream\"\nstream = \"EV\"\ndurable = \"{service}\"\npath = \"/ev\"\n\n{stream}\n"
+    )
+}
+
+/// Issue 21 §3: one routes file owns a shared stream's settings. A second service whose
+/// file disagrees is refused (the stream does not flap between the two), one that
+/// references it only checks it exists, and `--force` takes ownership over explicitly.
+#[tokio::test]
+async fn a_shared_stream_keeps_its_owners_settings() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let a = parse(&shared("a", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nmax_age = \"1h\""));
+    let b = parse(&shared("b", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nmax_age = \"2h\""));
+    let c = parse(&shared("c", "[[streams]]\nname = \"EV\"\nreference = true"));
+
+    // A reference to a stream nobody created yet fails (a running sidecar retries it).
+    let plan = provision::apply(&js, &c, false).await.unwrap();
+    assert!(matches!(status(&plan, Kind::Stream, "EV"), Status::Failed { error } if error.contains("reference")), "{plan}");
+    assert!(!stream_names(&js).await.contains(&"EV".to_string()));
+
+    let plan = provision::apply(&js, &a, false).await.unwrap();
+    assert_eq!(status(&plan, Kind::Stream, "EV"), &Status::Created);
+    let info = stream_info(&js, "EV").await;
+    assert_eq!(info.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("a"));
+
+    // b disagrees: refused, nothing changed, and a's next start changes nothing either.
+    let plan = provision::apply(&js, &b, false).await.unwrap();
+    let Status::Refused { reason, diff } = status(&plan, Kind::Stream, "EV") else { panic!("{plan}") };
+    assert!(reason.contains("owned by service \"a\"") && reason.contains("reference = true"), "{reason}");
+    assert_eq!(diff.iter().map(|d| d.field).collect::<Vec<_>>(), ["max_age"], "{plan}");
+    assert_eq!(stream_info(&js, "EV").await.config.max_age, Duration::from_secs(3600));
+    assert_eq!(status(&provision::apply(&js, &a, false).await.unwrap(), Kind::Stream, "EV"), &Status::Unchanged);
+    // b's consumer is still made: only the stream's settings are a's.
+    assert!(js.get_stream("EV").await.unwrap().consumer_info("b").await.is_ok());
+
+    // c only references it: unchanged, and said whose it is.
+    let plan = provision::apply(&js, &c, false).await.unwrap();
+    assert_eq!(status(&plan, Kind::Stream, "EV"), &Status::Unchanged);
+    let note = plan.item(Kind::Stream, "EV").unwrap().note.clone().unwrap_or_default();
+    assert!(note.contains("owned by service \"a\""), "{note}");
+
+    // --force is the explicit hand-over.
+    let plan = provision::apply(&js, &b, true).await.unwrap();
+    assert!(matches!(status(&plan, Kind::Stream, "EV"), Status::Updated { .. }), "{plan}");
+    let info = stream_info(&js, "EV").await;
+    assert_eq!(info.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("b"));
+    assert_eq!(info.config.max_age, Duration::from_secs(7200));
+}
+
+/// `natsbridge check FILE…` reports two files owning one stream with different settings,
+/// with both places; a reference instead is fine.
+#[test]
+fn check_across_files_reports_conflicting_stream_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let a = write("a.toml", shared("a", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nreplicas = 3"));
+    let b = write("b.toml", shared("b", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nreplicas = 1"));
+    let c = write("c.toml", shared("c", "[[streams]]\nname = \"EV\"\nreference = true"));
+    let out = cli(&["check", &a, &b]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{b}:12: stream \"EV\" is also owned by {a}:12")), "{err}");
+    assert!(err.contains("replicas: 3 vs 1") && err.contains("reference = true"), "{err}");
+    let out = cli(&["check", &a, &c]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    // A reference carries no settings of its own.
+    let d = write("d.toml", shared("d", "[[streams]]\nname = \"EV\"\nreference = true\nreplicas = 3"));
+    let out = cli(&["check", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("`replicas` on a stream with reference = true"), "{}", text(&out.stderr));
+}
