@@ -16,7 +16,7 @@
 mod connect;
 mod dispatch;
 mod forward;
-mod framing;
+pub mod framing;
 mod listener;
 pub mod routes;
 
