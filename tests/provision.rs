@@ -770,3 +770,31 @@ fn check_across_files_reports_conflicting_stream_owners() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("`replicas` on a stream with reference = true"), "{}", text(&out.stderr));
 }
+
+/// A running sidecar that only references a shared stream waits for its owner: `/statusz`
+/// says so, and the retry finds the stream once the owner's provisioning made it.
+#[tokio::test]
+async fn a_sidecar_referencing_a_missing_stream_waits_for_its_owner() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let src = shared("c", "[[streams]]\nname = \"EV\"\nreference = true").replace("service = \"c\"", "service = \"c\"\nprovision = true");
+    let sidecar = Sidecar::start(&src, &server.url(), None).await;
+    let why = eventually("statusz says EV is referenced but missing", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:stream:EV").and_then(|v| v.as_str()).filter(|w| w.contains("reference")).map(str::to_owned)
+    })
+    .await;
+    assert!(why.contains("the routes file that owns it creates it") && why.contains("retrying"), "{why}");
+
+    let owner = parse(&shared("a", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]"));
+    assert_eq!(status(&provision::apply(&js, &owner, false).await.unwrap(), Kind::Stream, "EV"), &Status::Created);
+    eventually("the referencing sidecar's consumer", WAIT, || async {
+        js.get_stream("EV").await.ok()?.consumer_info("c").await.ok().map(|_| ())
+    })
+    .await;
+    eventually("statusz no longer names EV", WAIT, || async { failing(&sidecar).await.get("provision:stream:EV").is_none().then_some(()) })
+        .await;
+    // The owner's settings stand: the reference wrote nothing.
+    assert_eq!(stream_info(&js, "EV").await.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("a"));
+    sidecar.stop().await;
+}
