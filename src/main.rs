@@ -33,10 +33,15 @@ enum Command {
     /// (`[sidecar] unmatched = "forward"`, or "reject" for 404), CONNECT becomes a TCP
     /// tunnel (`connect_allow`), and WebSocket upgrades pass through.
     Run(RunArgs),
-    /// Validate a routing file, print its route table, and exit (1 on any error).
+    /// Validate routing files, print their route tables, and exit (1 on any error).
+    ///
+    /// Given several files (the services sharing one NATS account), also reports streams
+    /// that two of them own with different settings: one file owns a stream's settings,
+    /// the others declare it with `reference = true`.
     Check {
-        /// The routing file.
-        config: PathBuf,
+        /// The routing files.
+        #[arg(required = true)]
+        config: Vec<PathBuf>,
     },
     /// Print every metric family the binary exports, one per line.
     Metrics,
@@ -180,7 +185,7 @@ fn init_logging(args: &LogArgs) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config } => check_files(&config),
         Command::Metrics => {
             for name in natsbridge::metrics::Metrics::new().names() {
                 println!("{name}");
@@ -219,7 +224,29 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+/// `natsbridge check FILE…`: each file on its own, then the streams they share.
+fn check_files(paths: &[PathBuf]) -> anyhow::Result<()> {
+    let mut loaded = Vec::new();
+    let mut invalid = false;
+    for path in paths {
+        match check(path) {
+            Some(c) => loaded.push((path.display().to_string(), c)),
+            None => invalid = true,
+        }
+    }
+    let files: Vec<(String, &config::Config)> = loaded.iter().map(|(p, c)| (p.clone(), c)).collect();
+    let conflicts = natsbridge::provision::conflicts(&files);
+    for c in &conflicts {
+        eprintln!("error: {c}");
+    }
+    if invalid || !conflicts.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Validates one file and prints its table; `None` (diagnostics printed) when invalid.
+fn check(path: &std::path::Path) -> Option<config::Config> {
     match config::load(path) {
         Ok(c) => {
             println!("{}: ok (service {:?})", path.display(), c.sidecar.service);
@@ -260,17 +287,22 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             if !c.streams.is_empty() {
                 println!("\nstreams:");
                 for s in &c.streams {
-                    println!("  {:<24} {}", s.name, s.subjects.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "));
+                    let subjects = s.subjects.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ");
+                    println!(
+                        "  {:<24} {}",
+                        s.name,
+                        if s.reference { "(reference: settings owned by another routes file)" } else { &subjects }
+                    );
                 }
             }
             for w in &c.warnings {
                 println!("warning: {w}");
             }
-            Ok(())
+            Some(c)
         }
         Err(e) => {
             eprint!("{e}");
-            std::process::exit(1);
+            None
         }
     }
 }

@@ -4,7 +4,8 @@
 use std::cell::RefCell;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets from 100µs to 60s: sidecar overhead is sub-millisecond, app calls are not.
@@ -36,6 +37,8 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     pub idempotency: IntCounterVec,
     pub dlq_published: IntCounterVec,
+    pub dlq_stored: IntGaugeVec,
+    pub dlq_fill_ratio: GaugeVec,
     pub component_up: IntGaugeVec,
     pub egress_forwarded: IntCounterVec,
     pub egress_tunnels: IntCounterVec,
@@ -132,6 +135,23 @@ impl Metrics {
                 "natsbridge_dlq_published_total",
                 "Dead letters published, by route and reason.",
                 &["route", "reason"],
+            ),
+            dlq_stored: gauge_vec(
+                "natsbridge_dlq_stored",
+                "What the dead-letter stream holds now, by unit: messages, bytes.",
+                &["unit"],
+            ),
+            dlq_fill_ratio: reg(
+                &r,
+                &names,
+                GaugeVec::new(
+                    Opts::new(
+                        "natsbridge_dlq_fill_ratio",
+                        "The dead-letter stream's stored messages or bytes over its max_msgs or max_bytes (limit label), for each limit that is set; at 1 new dead letters are refused and their messages redelivered instead.",
+                    ),
+                    &["limit"],
+                )
+                .expect("valid metric"),
             ),
             component_up: gauge_vec(
                 "natsbridge_component_up",

@@ -69,6 +69,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     // names whatever is missing. Never blocks startup.
     bound_first_attempt(readiness.clone(), config.nats.connect_timeout);
     let provision_task = provision::spawn(nats.clone(), config_rx.clone(), readiness.clone(), shutdown.clone());
+    let dlq_fill_task = crate::dlq::fill::spawn(nats.clone(), config_rx.clone(), metrics.clone(), shutdown.clone());
 
     let egress_addr = egress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
@@ -137,6 +138,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         drain.finish("ingress", ingress_task, drain.work),
         drain.finish("reload", reload_task, drain.work),
         drain.finish("provisioning", provision_task, drain.work),
+        drain.finish("dead-letter gauges", dlq_fill_task, drain.work),
     );
     // Then egress: no new calls, the ones in flight finish.
     egress_stop.cancel();

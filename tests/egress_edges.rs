@@ -242,3 +242,58 @@ async fn environment_overrides_are_validated() {
         assert!(err.contains(value), "{var}: {err}");
     }
 }
+
+/// Issue 21 §2: a JetStream ack is awaited for the route's `timeout`, not async-nats'
+/// built-in 5 s. The server is paused (SIGSTOP) with both publishes unread; it stores and
+/// acks them once resumed ~6 s later. The same-run control, a 2 s route, answers 504.
+#[tokio::test]
+async fn jetstream_acks_are_awaited_for_the_route_timeout_beyond_five_seconds() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "SLOWACK".into(),
+        subjects: vec!["slowack.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let extra = r#"
+[[outbound]]
+name = "patient"
+method = "POST"
+path = "/patient"
+subject = "slowack.patient"
+mode = "jetstream"
+timeout = "20s"
+
+[[outbound]]
+name = "hasty"
+method = "POST"
+path = "/hasty"
+subject = "slowack.hasty"
+mode = "jetstream"
+timeout = "2s"
+"#;
+    let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    for path in ["/patient", "/hasty"] {
+        assert_eq!(post(&sc.url(path), "warm").await.status, 202, "{path} works before the pause");
+    }
+
+    nats.pause();
+    let paused = std::time::Instant::now();
+    let patient = tokio::spawn({
+        let url = sc.url("/patient");
+        async move { (post(&url, "late").await, std::time::Instant::now()) }
+    });
+    let hasty = post(&sc.url("/hasty"), "late").await;
+    assert_eq!(hasty.status, 504, "control: the 2 s route times out while the server is paused: {}", hasty.text());
+    // The fault's length is the point of the test: the ack must come after ~6 s.
+    tokio::time::sleep_until((paused + Duration::from_secs(6)).into()).await;
+    assert!(!patient.is_finished(), "the 20 s route answered before the server was resumed");
+    nats.resume();
+    let (r, answered) = patient.await.unwrap();
+    assert_eq!(r.status, 202, "an ack after ~6 s is within the route's 20 s: {}", r.text());
+    assert!(answered.duration_since(paused) >= Duration::from_secs(6), "{:?}", answered.duration_since(paused));
+    assert_eq!(r.header("bridge-stream"), Some("SLOWACK"));
+}

@@ -64,6 +64,11 @@ fn corpus_and_regressions_replay_tunnel() {
     replay("tunnel");
 }
 
+#[test]
+fn corpus_and_regressions_replay_framing() {
+    replay("framing");
+}
+
 // ---------------------------------------------------------------------------------------
 // Named regressions: one per bug the fuzzers found.
 
@@ -326,4 +331,10 @@ fn fuzz_headers() {
 #[ignore = "randomized; run by scripts/fuzz-smoke"]
 fn fuzz_tunnel() {
     fuzz("tunnel");
+}
+
+#[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
+fn fuzz_framing() {
+    fuzz("framing");
 }

@@ -218,6 +218,67 @@ async fn a_legitimate_pipelined_pair_is_two_requests() {
     assert_eq!(uris, ["/one", "/two"]);
 }
 
+/// Sends a good request and a second, pipelined one whose framing is ambiguous: the first
+/// is served, the second answered 400 and the connection closed, nothing smuggled.
+async fn assert_second_rejected(second: &str) {
+    let e = edge(LIMITS).await;
+    let mut s = connect(e.sidecar.egress).await;
+    let raw = format!("POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc{second}");
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let (text, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    let lines = status_lines(&text);
+    assert_eq!(lines.len(), 2, "expected two responses, got:\n{text}");
+    assert!(lines[0].starts_with("HTTP/1.1 200"), "{text}");
+    assert!(lines[1].starts_with("HTTP/1.1 400"), "the pipelined request was not refused:\n{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+    assert!(closed, "connection left open after a rejected request:\n{text}");
+    let uris: Vec<String> = e.app.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(uris, ["/one"], "only the first request may reach the app");
+}
+
+#[tokio::test]
+async fn a_pipelined_request_with_duplicate_content_length_is_rejected() {
+    assert_second_rejected(&format!("POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc{SMUGGLED}")).await;
+}
+
+#[tokio::test]
+async fn a_pipelined_request_after_a_chunked_one_is_judged_too() {
+    // The guard follows the chunked body (extensions, trailers) to find the next head.
+    let e = edge(LIMITS).await;
+    let mut s = connect(e.sidecar.egress).await;
+    let raw = format!(
+        "POST /one HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n\
+         POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let (text, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    let lines = status_lines(&text);
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("HTTP/1.1 200") && lines[1].starts_with("HTTP/1.1 400"), "{text}");
+    assert!(closed, "{text}");
+    let uris: Vec<String> = e.app.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(uris, ["/one"]);
+}
+
+#[tokio::test]
+async fn a_pipelined_request_sent_while_the_first_is_served_is_judged_too() {
+    // The second head arrives in a later read, while the first request is in progress.
+    let e = edge(LIMITS).await;
+    let mut s = connect(e.sidecar.egress).await;
+    s.write_all(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc").await.unwrap();
+    let first = read_response(&mut s, Duration::from_secs(5)).await.expect("first answered");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = format!("POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\nabc{SMUGGLED}");
+    for piece in second.as_bytes().chunks(7) {
+        s.write_all(piece).await.unwrap();
+    }
+    let (text, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(closed, "{text}");
+    let uris: Vec<String> = e.app.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(uris, ["/one"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Header limits
 

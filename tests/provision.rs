@@ -473,6 +473,41 @@ async fn run_with_provision_creates_the_streams() {
     sidecar.stop().await;
 }
 
+/// Issue 21 §3: a create that fails at start is retried by the running sidecar until it
+/// succeeds, and `/statusz` says why it waits. The failure is real: another stream holds
+/// the subjects, so the server refuses the create ("subjects overlap"); once the test
+/// deletes it, the sidecar's retry creates TOOL and its consumer without a restart.
+#[tokio::test]
+async fn run_with_provision_retries_a_failed_create_and_says_why_it_waits() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    js.create_stream(jetstream::stream::Config { name: "SQUATTER".into(), subjects: vec!["tool.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let src = routes("", "").replace("service = \"svc\"", "service = \"svc\"\nprovision = true");
+    let sidecar = Sidecar::start(&src, &server.url(), None).await;
+    let body = eventually("statusz says why TOOL waits", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:stream:TOOL").and_then(|v| v.as_str()).filter(|w| w.contains("retrying")).map(str::to_owned)
+    })
+    .await;
+    assert!(body.contains("cannot create stream \"TOOL\" yet") && body.contains("overlap"), "{body}");
+    // The rest of the plan went through despite the failed item.
+    assert!(stream_names(&js).await.contains(&"DLQ".to_string()));
+
+    js.delete_stream("SQUATTER").await.unwrap();
+    eventually("the retry created TOOL", WAIT, || async { stream_names(&js).await.contains(&"TOOL".to_string()).then_some(()) }).await;
+    eventually("and its consumer", WAIT, || async {
+        js.get_stream("TOOL").await.ok()?.consumer_info("tool-service").await.ok().map(|_| ())
+    })
+    .await;
+    eventually("statusz no longer names TOOL", WAIT, || async {
+        failing(&sidecar).await.get("provision:stream:TOOL").is_none().then_some(())
+    })
+    .await;
+    sidecar.stop().await;
+}
+
 #[tokio::test]
 async fn run_without_provision_names_the_missing_stream_until_it_exists() {
     let server = NatsServer::start();
@@ -619,4 +654,147 @@ async fn prune_deletes_only_this_services_consumers_whose_routes_are_gone() {
     let mut left: Vec<String> = tool.consumer_names().try_collect().await.unwrap();
     left.sort();
     assert_eq!(left, ["other-consumer", "svc-renamed", "svc-tool-exec-copy"]);
+}
+
+/// Issue 21 §3: how full the dead-letter stream is, against the limits the server holds
+/// for it (here set by hand: 10 messages, 100 KiB), as `natsbridge_dlq_fill_ratio`.
+#[tokio::test]
+async fn the_dead_letter_stream_fill_is_a_gauge() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["dlq.>".into()],
+        max_messages: 10,
+        max_bytes: 100 * 1024,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..4 {
+        js.publish("dlq.tool.execution.requested", format!("dead {i}").into()).await.unwrap().await.unwrap();
+    }
+    let bytes = stream_info(&js, "DLQ").await.state.bytes;
+    let sidecar = Sidecar::start(&routes("", ""), &server.url(), None).await;
+    let series = |text: &str, name: &str| -> Option<f64> { text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()) };
+    let text = eventually("the dead-letter gauges", WAIT, || async {
+        let m = sidecar.metrics().await;
+        series(&m, "natsbridge_dlq_fill_ratio{limit=\"messages\"}").is_some().then_some(m)
+    })
+    .await;
+    assert_eq!(series(&text, "natsbridge_dlq_fill_ratio{limit=\"messages\"}"), Some(0.4), "{text}");
+    let by_bytes = series(&text, "natsbridge_dlq_fill_ratio{limit=\"bytes\"}").unwrap();
+    assert!((by_bytes - bytes as f64 / 102400.0).abs() < 1e-9, "{by_bytes} vs {bytes} bytes\n{text}");
+    assert_eq!(series(&text, "natsbridge_dlq_stored{unit=\"messages\"}"), Some(4.0), "{text}");
+    assert_eq!(series(&text, "natsbridge_dlq_stored{unit=\"bytes\"}"), Some(bytes as f64), "{text}");
+    sidecar.stop().await;
+}
+
+/// A file for service `service` with one jetstream route on the shared stream EV, and
+/// `stream` as its `[[streams]]` entry.
+fn shared(service: &str, stream: &str) -> String {
+    format!(
+        "[sidecar]\nservice = \"{service}\"\n\n[[inbound]]\nname = \"{service}-ev\"\nsubject = \"ev.{service}\"\nmode = \"jetstream\"\nstream = \"EV\"\ndurable = \"{service}\"\npath = \"/ev\"\n\n{stream}\n"
+    )
+}
+
+/// Issue 21 §3: one routes file owns a shared stream's settings. A second service whose
+/// file disagrees is refused (the stream does not flap between the two), one that
+/// references it only checks it exists, and `--force` takes ownership over explicitly.
+#[tokio::test]
+async fn a_shared_stream_keeps_its_owners_settings() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let a = parse(&shared("a", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nmax_age = \"1h\""));
+    let b = parse(&shared("b", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nmax_age = \"2h\""));
+    let c = parse(&shared("c", "[[streams]]\nname = \"EV\"\nreference = true"));
+
+    // A reference to a stream nobody created yet fails (a running sidecar retries it).
+    let plan = provision::apply(&js, &c, false).await.unwrap();
+    assert!(matches!(status(&plan, Kind::Stream, "EV"), Status::Failed { error } if error.contains("reference")), "{plan}");
+    assert!(!stream_names(&js).await.contains(&"EV".to_string()));
+
+    let plan = provision::apply(&js, &a, false).await.unwrap();
+    assert_eq!(status(&plan, Kind::Stream, "EV"), &Status::Created);
+    let info = stream_info(&js, "EV").await;
+    assert_eq!(info.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("a"));
+
+    // b disagrees: refused, nothing changed, and a's next start changes nothing either.
+    let plan = provision::apply(&js, &b, false).await.unwrap();
+    let Status::Refused { reason, diff } = status(&plan, Kind::Stream, "EV") else { panic!("{plan}") };
+    assert!(reason.contains("owned by service \"a\"") && reason.contains("reference = true"), "{reason}");
+    assert_eq!(diff.iter().map(|d| d.field).collect::<Vec<_>>(), ["max_age"], "{plan}");
+    assert_eq!(stream_info(&js, "EV").await.config.max_age, Duration::from_secs(3600));
+    assert_eq!(status(&provision::apply(&js, &a, false).await.unwrap(), Kind::Stream, "EV"), &Status::Unchanged);
+    // b's consumer is still made: only the stream's settings are a's.
+    assert!(js.get_stream("EV").await.unwrap().consumer_info("b").await.is_ok());
+
+    // c only references it: unchanged, and said whose it is.
+    let plan = provision::apply(&js, &c, false).await.unwrap();
+    assert_eq!(status(&plan, Kind::Stream, "EV"), &Status::Unchanged);
+    let note = plan.item(Kind::Stream, "EV").unwrap().note.clone().unwrap_or_default();
+    assert!(note.contains("owned by service \"a\""), "{note}");
+
+    // --force is the explicit hand-over.
+    let plan = provision::apply(&js, &b, true).await.unwrap();
+    assert!(matches!(status(&plan, Kind::Stream, "EV"), Status::Updated { .. }), "{plan}");
+    let info = stream_info(&js, "EV").await;
+    assert_eq!(info.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("b"));
+    assert_eq!(info.config.max_age, Duration::from_secs(7200));
+}
+
+/// `natsbridge check FILE…` reports two files owning one stream with different settings,
+/// with both places; a reference instead is fine.
+#[test]
+fn check_across_files_reports_conflicting_stream_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let a = write("a.toml", shared("a", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nreplicas = 3"));
+    let b = write("b.toml", shared("b", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]\nreplicas = 1"));
+    let c = write("c.toml", shared("c", "[[streams]]\nname = \"EV\"\nreference = true"));
+    let out = cli(&["check", &a, &b]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{b}:12: stream \"EV\" is also owned by {a}:12")), "{err}");
+    assert!(err.contains("replicas: 3 vs 1") && err.contains("reference = true"), "{err}");
+    let out = cli(&["check", &a, &c]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    // A reference carries no settings of its own.
+    let d = write("d.toml", shared("d", "[[streams]]\nname = \"EV\"\nreference = true\nreplicas = 3"));
+    let out = cli(&["check", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("`replicas` on a stream with reference = true"), "{}", text(&out.stderr));
+}
+
+/// A running sidecar that only references a shared stream waits for its owner: `/statusz`
+/// says so, and the retry finds the stream once the owner's provisioning made it.
+#[tokio::test]
+async fn a_sidecar_referencing_a_missing_stream_waits_for_its_owner() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let src = shared("c", "[[streams]]\nname = \"EV\"\nreference = true").replace("service = \"c\"", "service = \"c\"\nprovision = true");
+    let sidecar = Sidecar::start(&src, &server.url(), None).await;
+    let why = eventually("statusz says EV is referenced but missing", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:stream:EV").and_then(|v| v.as_str()).filter(|w| w.contains("reference")).map(str::to_owned)
+    })
+    .await;
+    assert!(why.contains("the routes file that owns it creates it") && why.contains("retrying"), "{why}");
+
+    let owner = parse(&shared("a", "[[streams]]\nname = \"EV\"\nsubjects = [\"ev.>\"]"));
+    assert_eq!(status(&provision::apply(&js, &owner, false).await.unwrap(), Kind::Stream, "EV"), &Status::Created);
+    eventually("the referencing sidecar's consumer", WAIT, || async {
+        js.get_stream("EV").await.ok()?.consumer_info("c").await.ok().map(|_| ())
+    })
+    .await;
+    eventually("statusz no longer names EV", WAIT, || async { failing(&sidecar).await.get("provision:stream:EV").is_none().then_some(()) })
+        .await;
+    // The owner's settings stand: the reference wrote nothing.
+    assert_eq!(stream_info(&js, "EV").await.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("a"));
+    sidecar.stop().await;
 }

@@ -334,8 +334,33 @@ fn check_decoded(r: Result<codec::TunnelRequest, codec::TunnelError>) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// the egress framing guard (pipelined requests)
+
+/// `egress::framing::Guard` on an arbitrary byte stream: never panics, and what it judges
+/// does not depend on how the stream was split into reads. The first byte picks the split
+/// size; the verdicts of the whole stream in one read and in those pieces must match.
+pub fn framing(data: &[u8]) {
+    use natsbridge::egress::framing::Guard;
+    let Some((&piece, stream)) = data.split_first() else { return };
+    let verdicts = |piece: usize| {
+        let mut g = Guard::default();
+        for p in stream.chunks(piece.max(1)) {
+            g.read(p);
+        }
+        let mut out = Vec::new();
+        while let Some(v) = g.pending_verdict() {
+            out.push(v);
+        }
+        out
+    };
+    let whole = verdicts(stream.len());
+    assert_eq!(whole, verdicts(usize::from(piece % 16) + 1), "verdicts depend on the read split");
+}
+
 /// A fuzz target: panics when an invariant breaks.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for drivers.
-pub const TARGETS: &[(&str, Target)] = &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel)];
+pub const TARGETS: &[(&str, Target)] =
+    &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("framing", framing)];

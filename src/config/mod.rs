@@ -389,6 +389,10 @@ pub enum Retention {
 pub struct StreamSpec {
     pub name: String,
     pub line: usize,
+    /// `reference = true`: another routes file owns this stream's settings; this one only
+    /// needs it to exist (provisioning checks, never creates or updates it). The settings
+    /// below are then unknown and left at their defaults, `subjects` empty.
+    pub reference: bool,
     pub subjects: Vec<SubjectPattern>,
     pub storage: Storage,
     pub replicas: usize,
@@ -403,6 +407,11 @@ pub struct StreamSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetterStream {
     pub stream: String,
+    /// The `[dead_letter]` section's line; `None` when the file leaves it out (defaults).
+    pub line: Option<usize>,
+    /// `reference = true`: another routes file owns the stream's settings (see
+    /// [`StreamSpec::reference`]); `subjects` still say what it captures, for the checks.
+    pub reference: bool,
     pub subjects: Vec<SubjectPattern>,
     pub storage: Storage,
     /// `None`: min(3, the cluster's size), read from the server when provisioning.

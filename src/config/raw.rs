@@ -141,6 +141,10 @@ pub(super) struct RawIdempotency {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStream {
     pub(super) name: String,
+    /// Another routes file owns the stream's settings; this one only needs it to exist.
+    #[serde(default)]
+    pub(super) reference: bool,
+    #[serde(default)]
     pub(super) subjects: Vec<String>,
     pub(super) storage: Option<String>,
     pub(super) replicas: Option<usize>,
@@ -154,6 +158,9 @@ pub(super) struct RawStream {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDeadLetter {
+    /// Another routes file owns the dead-letter stream's settings.
+    #[serde(default)]
+    pub(super) reference: bool,
     pub(super) stream: Option<String>,
     pub(super) subjects: Option<Vec<String>>,
     pub(super) storage: Option<String>,

@@ -15,6 +15,8 @@ use crate::nats::replies::Replies;
 
 /// `natsbridge dlq list|show|replay|purge`: inspecting, replaying and purging dead letters.
 pub mod cli;
+/// How full the dead-letter stream is, as gauges.
+pub mod fill;
 
 /// Why the message was given up on: [`Reason`].
 pub const REASON: &str = "Bridge-Dlq-Reason";

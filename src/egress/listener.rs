@@ -11,7 +11,9 @@
 //! - `max_connections`: past it, new connections wait in the kernel backlog.
 //!
 //! Requests whose framing two HTTP parsers could read differently are refused before
-//! they reach the handler (see [`reject_ambiguous_framing`]).
+//! they reach the handler: on the wire, every request on the connection, pipelined ones
+//! included ([`super::framing`]), and again on what hyper parsed
+//! ([`reject_ambiguous_framing`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +32,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::HttpLimits;
+use crate::egress::framing::Guard;
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
@@ -228,15 +231,9 @@ enum Phase {
 struct ActivityState {
     phase: Phase,
     last_io: Instant,
-    /// The raw bytes of the request head being read (first read of it onwards), until its
-    /// blank line; then `framing` holds what is wrong with it, if anything.
-    head_bytes: Vec<u8>,
-    head_done: bool,
-    framing: Option<&'static str>,
+    /// Follows the read side request by request and judges each head's framing.
+    framing: Guard,
 }
-
-/// Raw heads larger than this are not sniffed: hyper refuses them anyway (431).
-const MAX_SNIFF: usize = 256 << 10;
 
 /// Shared by a connection's IO wrapper, its service and its watchdog.
 #[derive(Debug)]
@@ -253,9 +250,7 @@ impl Activity {
             state: std::sync::Mutex::new(ActivityState {
                 phase: Phase::AwaitingHead { since: now, head: Some(now) },
                 last_io: now,
-                head_bytes: Vec::new(),
-                head_done: false,
-                framing: None,
+                framing: Guard::default(),
             }),
             notify: tokio::sync::Notify::new(),
         })
@@ -272,37 +267,19 @@ impl Activity {
         let now = Instant::now();
         let mut s = self.lock();
         s.last_io = now;
+        // Every byte, whatever the phase: a pipelined head often arrives with (or while
+        // serving) the request before it.
+        s.framing.read(data);
+        let mut started = false;
         if let Phase::AwaitingHead { head, .. } = &mut s.phase {
-            let started = head.is_none();
+            started = head.is_none();
             if started {
                 *head = Some(now);
             }
-            if !s.head_done && s.head_bytes.is_empty() {
-                // The usual case: the whole head (and often the body) in one read. Look at
-                // it in place instead of copying the read into `head_bytes`.
-                if let Some(end) = find_blank_line(data) {
-                    s.framing = framing_problem(&data[..end]);
-                    s.head_done = true;
-                }
-            }
-            if !s.head_done {
-                // hyper hides framing details (identical Content-Length lines merged,
-                // Content-Length dropped next to Transfer-Encoding): look at the wire.
-                let from = s.head_bytes.len().saturating_sub(3);
-                s.head_bytes.extend_from_slice(data);
-                if let Some(end) = find_blank_line(&s.head_bytes[from..]).map(|e| e + from) {
-                    s.framing = framing_problem(&s.head_bytes[..end]);
-                    s.head_done = true;
-                    s.head_bytes = Vec::new();
-                } else if s.head_bytes.len() > MAX_SNIFF {
-                    s.head_done = true;
-                    s.head_bytes = Vec::new();
-                }
-            }
-            drop(s);
-            if started {
-                self.notify.notify_one();
-            }
+        }
+        drop(s);
+        if started {
+            self.notify.notify_one();
         }
     }
 
@@ -318,9 +295,7 @@ impl Activity {
             Phase::InRequest(n) => Phase::InRequest(n + 1),
             Phase::AwaitingHead { .. } => Phase::InRequest(1),
         };
-        s.head_done = false;
-        s.head_bytes = Vec::new();
-        s.framing.take()
+        s.framing.next_verdict()
     }
 
     /// A response was written (its body dropped by hyper): the connection may idle.
@@ -477,38 +452,6 @@ impl<G: Unpin> http_body::Body for Guarded<G> {
     }
 }
 
-fn find_blank_line(b: &[u8]) -> Option<usize> {
-    b.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| b.windows(2).position(|w| w == b"\n\n"))
-}
-
-/// What makes a raw request head's framing ambiguous, if anything (see
-/// [`reject_ambiguous_framing`]). Header names are matched case-insensitively.
-fn framing_problem(head: &[u8]) -> Option<&'static str> {
-    let (mut cl, mut te) = (0, 0);
-    let mut te_chunked_only = true;
-    for line in head.split(|&b| b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
-        if name.eq_ignore_ascii_case(b"content-length") {
-            cl += 1;
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te += 1;
-            te_chunked_only &= value.eq_ignore_ascii_case(b"chunked");
-        }
-    }
-    if cl > 1 {
-        Some("more than one Content-Length header")
-    } else if te > 1 {
-        Some("more than one Transfer-Encoding header")
-    } else if te == 1 && !te_chunked_only {
-        Some("unsupported Transfer-Encoding (only chunked)")
-    } else if cl > 0 && te > 0 {
-        Some("both Content-Length and Transfer-Encoding")
-    } else {
-        None
-    }
-}
-
 /// Requests whose framing two HTTP parsers could disagree on: more than one
 /// `Content-Length` line (even identical), more than one `Transfer-Encoding` line, a
 /// transfer coding other than exactly `chunked`, or both headers at once (hyper follows
@@ -536,23 +479,4 @@ fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 /// 400 with `Connection: close`: nothing after this request on the connection is parsed.
 fn bad_framing(why: &'static str) -> Response<Body> {
     BridgeError::BadFraming(why).to_response(None, None).map(full)
-}
-
-#[cfg(test)]
-mod edge_tests {
-    use super::framing_problem;
-
-    #[test]
-    fn framing_is_judged_on_the_raw_head() {
-        let head = |h: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{h}");
-        assert_eq!(framing_problem(head("Content-Length: 3\r\n").as_bytes()), None);
-        assert_eq!(framing_problem(head("Transfer-Encoding: chunked\r\n").as_bytes()), None);
-        assert_eq!(framing_problem(head("TRANSFER-ENCODING:  Chunked \r\n").as_bytes()), None);
-        assert!(framing_problem(head("Content-Length: 3\r\ncontent-length: 3\r\n").as_bytes()).is_some());
-        assert!(framing_problem(head("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n").as_bytes()).is_some());
-        assert!(framing_problem(head("Transfer-Encoding: gzip, chunked\r\n").as_bytes()).is_some());
-        assert!(framing_problem(head("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n").as_bytes()).is_some());
-        // The request line is not a header, whatever it contains.
-        assert_eq!(framing_problem(b"GET /content-length:1 HTTP/1.1\r\nContent-Length: 0\r\n"), None);
-    }
 }

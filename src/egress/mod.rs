@@ -2,7 +2,9 @@
 //! (proxy) form, carried over NATS by their route's mode or proxied as plain HTTP.
 //!
 //! - [`listener`]: the accept loop, connection limits, the idle/slowloris watchdog and the
-//!   raw-head framing guard; knows nothing of routes.
+//!   per-connection edge state; knows nothing of routes.
+//! - [`framing`]: the raw-head framing guard, which follows a connection's requests on the
+//!   wire (pipelined ones included) and judges each head's framing; pure.
 //! - [`routes`]: the route table, and the table in force with its per-route metrics.
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
@@ -14,6 +16,7 @@
 mod connect;
 mod dispatch;
 mod forward;
+pub mod framing;
 mod listener;
 pub mod routes;
 

@@ -141,15 +141,17 @@ fn ingress(config: &Config, p: &mut Permissions) {
 fn provisioning(config: &Config, p: &mut Permissions) {
     let why = "provision = true";
     p.pub_("$JS.API.INFO", why);
-    let mut streams: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
+    // (name, owned): a referenced stream is only read; its owner's user changes it.
+    let mut streams: Vec<(String, bool)> = config.streams.iter().map(|s| (s.name.clone(), !s.reference)).collect();
     if config.inbound.iter().any(|i| matches!(i.mode, InboundMode::JetStream(_))) {
-        streams.push(config.dead_letter.stream.clone());
+        streams.push((config.dead_letter.stream.clone(), !config.dead_letter.reference));
     }
     if crate::provision::uses_idempotency(config) {
-        streams.push(crate::provision::kv_stream_name(&config.idempotency.bucket));
+        streams.push((crate::provision::kv_stream_name(&config.idempotency.bucket), true));
     }
-    for s in streams {
-        for api in ["STREAM.INFO", "STREAM.CREATE", "STREAM.UPDATE"] {
+    for (s, owned) in streams {
+        let apis: &[&str] = if owned { &["STREAM.INFO", "STREAM.CREATE", "STREAM.UPDATE"] } else { &["STREAM.INFO"] };
+        for api in apis {
             p.pub_(format!("$JS.API.{api}.{s}"), why);
         }
     }

@@ -110,6 +110,19 @@ fn provisioning_adds_creating_and_updating_its_streams_only_when_on() {
 }
 
 #[test]
+fn referenced_streams_are_only_read_when_provisioning() {
+    let src = format!("{SERVICE}\n[[streams]]\nname = \"ORDERS\"\nreference = true\n\n[dead_letter]\nreference = true\n")
+        .replace("service = \"orders\"", "service = \"orders\"\nprovision = true");
+    let p = perms(&src);
+    for s in ["ORDERS", "DLQ"] {
+        assert!(has(&p.publish, &format!("$JS.API.STREAM.INFO.{s}")), "{s}: {:#?}", p.publish);
+        assert!(!has(&p.publish, &format!("$JS.API.STREAM.CREATE.{s}")), "{s}");
+        assert!(!has(&p.publish, &format!("$JS.API.STREAM.UPDATE.{s}")), "{s}");
+    }
+    assert!(has(&p.publish, "$JS.API.STREAM.UPDATE.KV_natsbridge_idempotency"));
+}
+
+#[test]
 fn a_private_inbox_prefix_replaces_the_shared_one_and_drops_the_note() {
     let shared = perms(SERVICE);
     assert!(shared.notes.iter().any(|n| n.contains("inbox_prefix")));

@@ -29,16 +29,22 @@ impl Missing {
     }
 }
 
-impl fmt::Display for Missing {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Missing {
+    /// What is missing and who needs it, without the hint on how to create it.
+    pub fn what(&self) -> String {
         let routes = self.needed_by.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ");
         let by = if self.needed_by.len() == 1 { "route" } else { "routes" };
         match self.kind {
-            Kind::SubjectCapture => write!(f, "no stream captures subject {:?} (needed by {by} {routes})", self.name)?,
-            Kind::KvBucket => write!(f, "kv bucket {:?} does not exist (needed by {by} {routes} for idempotency)", self.name)?,
-            kind => write!(f, "{kind} {:?} does not exist (needed by {by} {routes})", self.name)?,
+            Kind::SubjectCapture => format!("no stream captures subject {:?} (needed by {by} {routes})", self.name),
+            Kind::KvBucket => format!("kv bucket {:?} does not exist (needed by {by} {routes} for idempotency)", self.name),
+            kind => format!("{kind} {:?} does not exist (needed by {by} {routes})", self.name),
         }
-        f.write_str("; run `natsbridge provision` or set [sidecar] provision = true")
+    }
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; run `natsbridge provision` or set [sidecar] provision = true", self.what())
     }
 }
 

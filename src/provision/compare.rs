@@ -113,6 +113,11 @@ pub(super) fn compare_stream(want: &stream::Config, have: &stream::Info, manage_
     if manage_duplicates {
         push_diff(&mut diff, "duplicate_window", fmt_age(old.duplicate_window), fmt_age(want.duplicate_window));
     }
+    // Which service's routes file owns the settings (see `owner`); a stream made before
+    // ownership, or by hand, is claimed by the first service that provisions it.
+    if let Some(new) = want.metadata.get(OWNER_KEY) {
+        push_diff(&mut diff, "owner", old.metadata.get(OWNER_KEY).cloned().unwrap_or_else(|| "none".into()), new.clone());
+    }
     // Only discard=new is insisted on (it keeps acked messages); old is left to the operator.
     if want.discard == DiscardPolicy::New {
         push_diff(&mut diff, "discard", fmt_discard(old.discard).into(), fmt_discard(want.discard).into());
@@ -186,6 +191,8 @@ pub(super) fn merge_stream(have: &stream::Config, want: &stream::Config, manage_
     if want.discard == DiscardPolicy::New {
         c.discard = DiscardPolicy::New;
     }
+    // Only our key: the server's own (`_nats.*`) and hand-added entries stay.
+    c.metadata.extend(want.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     c
 }
 

@@ -13,7 +13,8 @@
 //! bucket). Consumers are not checked: ingress creates them when it binds.
 //!
 //! Owns: `spec` (desired configs, pure), `compare` (diffs, pure), `plan` (reading the
-//! server into a [`Plan`]), `apply` (changing it), `prune` (removing this service's
+//! server into a [`Plan`]), `owner` (who owns a shared stream's settings: references,
+//! the owner in the stream's metadata, conflicts across files), `apply` (changing it), `prune` (removing this service's
 //! consumers whose routes are gone), `check` (what is missing), `watch` (the
 //! sidecar's task gating readiness). May call `config`, `health` and `nats::connection`;
 //! only `spec` is called from elsewhere in the library (ingress builds its consumer).
@@ -24,6 +25,7 @@ use std::time::Duration;
 mod apply;
 mod check;
 mod compare;
+mod owner;
 mod plan;
 mod prune;
 mod spec;
@@ -32,6 +34,7 @@ mod watch;
 pub use apply::{apply, ApplyError};
 pub use check::{check, Missing};
 pub use compare::FieldDiff;
+pub use owner::{conflicts, Conflict};
 pub use plan::{cluster_size, plan, plan_with, Item, Plan, Status};
 pub use prune::prune;
 pub use spec::{

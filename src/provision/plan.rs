@@ -14,9 +14,9 @@ use async_nats::jetstream::{
 use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_kv, merge_stream, FieldDiff, Verdict};
 use super::spec::{
     consumer_config, dead_letter_stream_config, fit_to_stream, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
-    uses_idempotency,
+    uses_idempotency, OWNER_KEY,
 };
-use super::{Kind, ProvisionError};
+use super::{owner, Kind, ProvisionError};
 use crate::config::{Config, Consumer, Inbound};
 
 /// What happened (or, in a dry run, would happen) to one resource.
@@ -302,11 +302,24 @@ pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: boo
         out.push(plan_idempotency_bucket(js, config, force, cluster).await?);
     }
     let mut known = KnownStreams::default();
-    let mut streams: Vec<(Kind, stream::Config, bool)> = config.streams.iter().map(|s| (Kind::Stream, stream_config(s), true)).collect();
+    let mut streams: Vec<(Kind, stream::Config, bool, bool)> =
+        config.streams.iter().map(|s| (Kind::Stream, stream_config(s), true, s.reference)).collect();
     if has_jetstream_routes {
-        streams.push((Kind::DeadLetterStream, dead_letter_stream_config(&config.dead_letter, cluster), false));
+        let dl = &config.dead_letter;
+        streams.push((Kind::DeadLetterStream, dead_letter_stream_config(dl, cluster), false, dl.reference));
     }
-    for (kind, want, manage_duplicates) in streams {
+    let service = config.sidecar.service.as_str();
+    for (kind, mut want, manage_duplicates, reference) in streams {
+        if reference {
+            let (p, have) = owner::plan_reference(js, kind, &want.name).await?;
+            if let Some(have) = have {
+                known.retention.insert(want.name.clone(), have.config.retention);
+                known.messages.insert(want.name.clone(), have.state.messages);
+            }
+            out.push(p);
+            continue;
+        }
+        want.metadata.insert(OWNER_KEY.to_owned(), service.to_owned());
         let replicas = want.num_replicas;
         let mut p = plan_stream(js, kind, want, manage_duplicates, force, &mut known).await?;
         if kind == Kind::DeadLetterStream && p.item.note.is_none() {
@@ -374,6 +387,11 @@ async fn plan_stream(
         }
         Some(have) => {
             known.messages.insert(name.clone(), have.state.messages);
+            let service = want.metadata.get(OWNER_KEY).cloned().unwrap_or_default();
+            if let Some(owner) = owner::other_owner(&have.config, &service).filter(|_| !force) {
+                known.retention.insert(name.clone(), have.config.retention);
+                return Ok(owner::leave_to_owner(kind, &want, &have, owner, manage_duplicates));
+            }
             let verdict = compare_stream(&want, &have, manage_duplicates);
             let merged = merge_stream(&have.config, &want, manage_duplicates);
             let p = action_for_verdict(kind, &name, verdict, force, move || Op::UpdateStream(merged), move || Op::RecreateStream(want));

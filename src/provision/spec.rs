@@ -121,7 +121,7 @@ pub fn stream_config(s: &StreamSpec) -> stream::Config {
 ///
 /// When `max_bytes` is reached it discards *new* dead letters: dead-lettering then fails,
 /// so the message stays unacked in its own stream and is retried, instead of the server
-/// silently dropping the oldest dead letters. `natsbridge_dlq_bytes` shows how full it is.
+/// silently dropping the oldest dead letters. `natsbridge_dlq_fill_ratio` shows how full it is.
 pub fn dead_letter_stream_config(d: &DeadLetterStream, cluster_size: usize) -> stream::Config {
     stream::Config {
         name: d.stream.clone(),

@@ -100,10 +100,11 @@ impl Watcher {
                     if let Status::Failed { error } = &item.status {
                         let kind = if item.kind == Kind::Consumer { Kind::Stream } else { item.kind };
                         let name = item.name.split('/').next().unwrap_or_default();
-                        self.failed.insert(
-                            Component::resource(kind.key(), name),
-                            format!("cannot create {} {:?} yet: {error}; retrying", item.kind, item.name),
-                        );
+                        // The first failure is the cause: a stream's consumers fail after it
+                        // only because it is missing.
+                        self.failed
+                            .entry(Component::resource(kind.key(), name))
+                            .or_insert_with(|| format!("cannot create {} {:?} yet: {error}; retrying", item.kind, item.name));
                     }
                 }
                 for item in &plan.items {
@@ -141,7 +142,8 @@ impl Watcher {
                     if !self.failing.contains(&m.component()) {
                         tracing::warn!("{m}");
                     }
-                    let why = self.failed.get(&m.component()).map_or_else(|| m.to_string(), |f| format!("{m} ({f})"));
+                    // Provisioning is on and failed: say why, not how to turn it on.
+                    let why = self.failed.get(&m.component()).map_or_else(|| m.to_string(), |f| format!("{}; {f}", m.what()));
                     self.readiness.fail(&m.component(), why);
                 }
                 for gone in self.failing.difference(&now) {

@@ -141,7 +141,9 @@ fn check_outbound_coverage(outbound: &[(Outbound, TableStart)], streams: &[Strea
     for (o, start) in outbound {
         if let OutboundTarget::JetStream(t) = &o.target {
             let probe = t.probe();
-            if !streams.iter().any(|s| s.subjects.iter().any(|p| p.matches(&probe))) {
+            // A referenced stream's subjects are its owner's business: it may capture this.
+            let maybe = streams.iter().any(|s| s.reference);
+            if !maybe && !streams.iter().any(|s| s.subjects.iter().any(|p| p.matches(&probe))) {
                 diags.warn(
                     start.named(Some(&o.name)),
                     Some("subject"),
@@ -160,7 +162,8 @@ fn check_inbound_coverage(inbound: &[(Inbound, TableStart)], streams: &[StreamSp
     for (i, start) in inbound {
         let InboundMode::JetStream(c) = &i.mode else { continue };
         let at = start.named(Some(&i.name));
-        let own_stream = streams.iter().find(|s| s.name == c.stream);
+        // A referenced stream's settings are unknown here: only its existence is checked.
+        let own_stream = streams.iter().find(|s| s.name == c.stream && !s.reference);
         if !stream_names.contains(c.stream.as_str()) {
             diags.warn(at, Some("stream"), format!("stream {:?} is not declared in [[streams]]; it must exist already", c.stream));
         } else if let Some(s) = own_stream {

@@ -17,7 +17,27 @@ pub(super) fn stream(raw: RawStream, start: TableStart, diags: &mut Diagnostics<
     if !is_valid_stream_name(&name) {
         diags.error(at, Some("name"), format!("stream name {name:?} must not contain '.', '*', '>', '/', '\\' or spaces"));
     }
-    if raw.subjects.is_empty() {
+    if raw.reference {
+        // One routes file owns a stream's settings: two owners make it flap on every start.
+        for (key, set) in [
+            ("subjects", !raw.subjects.is_empty()),
+            ("storage", raw.storage.is_some()),
+            ("replicas", raw.replicas.is_some()),
+            ("retention", raw.retention.is_some()),
+            ("max_age", raw.max_age.is_some()),
+            ("max_bytes", raw.max_bytes.is_some()),
+            ("max_msgs", raw.max_msgs.is_some()),
+            ("duplicate_window", raw.duplicate_window.is_some()),
+        ] {
+            if set {
+                diags.error(
+                    at,
+                    Some(key),
+                    format!("`{key}` on a stream with reference = true: its settings belong to the routes file that owns it"),
+                );
+            }
+        }
+    } else if raw.subjects.is_empty() {
         diags.error(at, Some("subjects"), "`subjects` must list at least one subject");
     }
     let subjects = subject_patterns(&raw.subjects, at, diags, |s, e| format!("{s:?} is not a valid NATS subject: {e}"));
@@ -36,6 +56,7 @@ pub(super) fn stream(raw: RawStream, start: TableStart, diags: &mut Diagnostics<
     Some(StreamSpec {
         name,
         line: diags.line_of(start),
+        reference: raw.reference,
         subjects,
         storage,
         replicas,
@@ -75,10 +96,28 @@ pub(super) fn dead_letter(raw: RawDeadLetter, start: TableStart, diags: &mut Dia
     if !is_valid_stream_name(&stream) {
         diags.error(at, Some("stream"), format!("[dead_letter] `stream` {stream:?} is not a valid stream name"));
     }
+    if raw.reference {
+        for (key, set) in [
+            ("storage", raw.storage.is_some()),
+            ("replicas", raw.replicas.is_some()),
+            ("max_age", raw.max_age.is_some()),
+            ("max_bytes", raw.max_bytes.is_some()),
+        ] {
+            if set {
+                diags.error(
+                    at,
+                    Some(key),
+                    format!("[dead_letter] `{key}` with reference = true: the stream's settings belong to the routes file that owns it"),
+                );
+            }
+        }
+    }
     let subjects = raw.subjects.unwrap_or_else(|| vec!["dlq.>".to_owned()]);
     let subjects = subject_patterns(&subjects, at, diags, |s, e| format!("[dead_letter] {s:?}: {e}"));
     DeadLetterStream {
         stream,
+        line: (start.0 > 0).then(|| diags.line_of(start)),
+        reference: raw.reference,
         subjects,
         storage: storage(at, &raw.storage, diags),
         replicas: replicas(at, raw.replicas, diags),
