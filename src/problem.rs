@@ -54,6 +54,11 @@ pub enum BridgeError {
     BufferFull { limit: usize },
     #[error("the reply could not be turned into a response: {0}")]
     BadReply(#[source] crate::codec::ReplyError),
+    #[error("{0}")]
+    NestReply(#[source] crate::codec::nestjs::ReplyError),
+    /// A NestJS handler's `err`; its status comes from the error object.
+    #[error("the NestJS handler failed")]
+    NestErr(serde_json::Value),
     #[error("upstream failed: {0}")]
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]
@@ -104,7 +109,8 @@ impl BridgeError {
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
-            BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            BadReply(_) | NestReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            NestErr(err) => crate::codec::nestjs::err_status(err),
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,7 +137,8 @@ impl BridgeError {
             JetStream(_) => "jetstream-unavailable",
             Overloaded => "overloaded",
             BufferFull { .. } => "buffer-full",
-            BadReply(_) => "bad-reply",
+            BadReply(_) | NestReply(_) => "bad-reply",
+            NestErr(_) => "nestjs-error",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",
             LoopDetected { .. } => "loop-detected",
@@ -168,6 +175,9 @@ pub struct Problem<'a> {
     pub route: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<&'a str>,
+    /// A NestJS handler's error object, as it came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a serde_json::Value>,
 }
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -181,6 +191,25 @@ pub fn problem_body(status: StatusCode, kind: &str, detail: String, route: Optio
         detail,
         route,
         instance: request_id,
+        error: None,
+    };
+    Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+}
+
+/// A NestJS `err` as a problem: its `message` as the detail, the whole object as `error`.
+fn nest_problem(status: StatusCode, err: &serde_json::Value, route: Option<&str>, request_id: Option<&str>) -> Bytes {
+    let detail = match err.get("message").unwrap_or(err) {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let p = Problem {
+        kind: "urn:natsbridge:problem:nestjs-error".into(),
+        title: status.canonical_reason().unwrap_or("Error"),
+        status: status.as_u16(),
+        detail,
+        route,
+        instance: request_id,
+        error: Some(err),
     };
     Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
@@ -189,7 +218,10 @@ impl BridgeError {
     /// The response for this error; `route` and `request_id` are named when known.
     pub fn to_response(&self, route: Option<&str>, request_id: Option<&str>) -> Response<Bytes> {
         let status = self.status();
-        let body = problem_body(status, self.kind(), self.to_string(), route, request_id);
+        let body = match self {
+            BridgeError::NestErr(err) => nest_problem(status, err, route, request_id),
+            _ => problem_body(status, self.kind(), self.to_string(), route, request_id),
+        };
         let mut res = Response::new(body);
         *res.status_mut() = status;
         let h = res.headers_mut();

@@ -93,6 +93,9 @@ pub(super) struct RawOutbound {
     pub(super) service: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) allow_nats_headers: Option<RawAllowNatsHeaders>,
+    pub(super) codec: Option<String>,
+    /// NestJS: a string or a table (`{ cmd = "sum" }`).
+    pub(super) pattern: Option<toml::Value>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.
@@ -128,6 +131,7 @@ pub(super) struct RawInbound {
     pub(super) forwarded: Option<String>,
     pub(super) extra_methods: Option<Vec<String>>,
     pub(super) max_buffer: Option<String>,
+    pub(super) codec: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::codec;
-use crate::config::{Outbound, OutboundTarget, Unmatched};
+use crate::config::{Codec, Outbound, OutboundTarget, Unmatched};
 use crate::egress::forward::Outgoing;
 use crate::egress::routes::{Match, Miss};
 use crate::egress::{full, Body, BoxError, Egress};
@@ -88,6 +88,13 @@ impl Egress {
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
         self.check_control_line(&subject)?;
+        if route.codec == Codec::NestJs && matches!(route.target, OutboundTarget::Request(_)) {
+            return self.nest_request(route, subject, nats_headers(route, &parts.headers), body).await;
+        }
+        let body = match route.target {
+            OutboundTarget::Publish(_) | OutboundTarget::JetStream(_) => super::nest::event_payload(route, &subject, body)?,
+            _ => body,
+        };
         match &route.target {
             OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body).await,
             OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
@@ -108,7 +115,7 @@ impl Egress {
         Ok(())
     }
 
-    fn ensure_connected(&self) -> Result<(), BridgeError> {
+    pub(super) fn ensure_connected(&self) -> Result<(), BridgeError> {
         // Without this, requests would sit in the client's buffer until their timeout.
         if is_connected(&self.nats) {
             Ok(())

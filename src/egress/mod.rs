@@ -15,6 +15,7 @@ mod connect;
 mod dispatch;
 mod forward;
 mod listener;
+mod nest;
 pub mod routes;
 
 use std::convert::Infallible;

@@ -5,6 +5,7 @@
 //! checks what no single table can see (names, overlaps, coverage). Calls only the raw
 //! types, the diagnostics collector, the value parsers and `crate::subject`.
 
+mod codec;
 mod cross;
 mod inbound;
 mod outbound;
