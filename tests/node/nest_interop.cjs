@@ -1,13 +1,17 @@
-// Real @nestjs/microservices processes for tests/nestjs.rs (Nest 10 from tests/node's
-// lock file). Plain JS: decorators are applied by hand.
-//   node nest_interop.cjs server <nats-url>   a Nest microservice; prints "ready"
+// Real @nestjs/microservices processes for tests/nestjs.rs. Plain JS: decorators are
+// applied by hand. Packages resolve from NEST_DIR (a folder with node_modules, e.g.
+// tests/node/nest11 for the current major), else from tests/node (Nest 10).
+//   node nest_interop.cjs server <nats-url>   a Nest microservice; prints "ready <nest version>"
 //   node nest_interop.cjs client <nats-url>   a ClientProxy's send/emit; prints JSON results
-require('reflect-metadata');
-const { Controller, Module } = require('@nestjs/common');
-const { NestFactory } = require('@nestjs/core');
-const { ClientProxyFactory, EventPattern, MessagePattern, RpcException, Transport } = require('@nestjs/microservices');
-const { connect, StringCodec } = require('nats');
-const { firstValueFrom, from, lastValueFrom, toArray } = require('rxjs');
+const path = require('path');
+const req = require('module').createRequire(path.join(process.env.NEST_DIR || __dirname, 'package.json'));
+req('reflect-metadata');
+const { Controller, Module } = req('@nestjs/common');
+const { NestFactory } = req('@nestjs/core');
+const { ClientProxyFactory, EventPattern, MessagePattern, RpcException, Transport } = req('@nestjs/microservices');
+const { connect, StringCodec } = req('nats');
+const { firstValueFrom, from, lastValueFrom, toArray } = req('rxjs');
+const NEST_VERSION = req('@nestjs/microservices/package.json').version;
 
 const [mode, url] = process.argv.slice(2);
 
@@ -34,13 +38,13 @@ async function server() {
   Module({ controllers: [Handlers] })(AppModule);
   const app = await NestFactory.createMicroservice(AppModule, { transport: Transport.NATS, options: { servers: [url] }, logger: false });
   await app.listen();
-  console.log('ready');
+  console.log(`ready ${NEST_VERSION}`);
 }
 
 async function client() {
   const c = ClientProxyFactory.create({ transport: Transport.NATS, options: { servers: [url] } });
   await c.connect();
-  const out = {};
+  const out = { nest: NEST_VERSION };
   out.greet = await firstValueFrom(c.send('svc.greet', { name: 'nest' }));
   try {
     await firstValueFrom(c.send({ cmd: 'lookup' }, { id: 7 }));
