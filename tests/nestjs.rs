@@ -1,6 +1,7 @@
-//! `codec = "nestjs"` against real @nestjs/microservices 10 processes (tests/node, `npm ci`
-//! by scripts/node-env): a Nest ClientProxy calls an HTTP app behind the sidecar, and the
-//! sidecar calls a Nest microservice.
+//! `codec = "nestjs"` against real @nestjs/microservices processes, Nest 10 (the major the
+//! platform's plan names; tests/node) and Nest 11 (the current major; tests/node/nest11),
+//! both installed by scripts/node-env with `npm ci`: a Nest ClientProxy calls an HTTP app
+//! behind the sidecar, and the sidecar calls a Nest microservice.
 
 mod support;
 
@@ -14,16 +15,23 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use support::fixtures::*;
 use support::*;
 
-fn node(mode: &str, nats: &NatsServer) -> tokio::process::Command {
+/// A Nest major under test: its version prefix and the folder its packages install into.
+#[derive(Clone, Copy)]
+struct Nest {
+    major: &'static str,
+    dir: &'static str,
+}
+
+const NEST10: Nest = Nest { major: "10.", dir: "tests/node" };
+const NEST11: Nest = Nest { major: "11.", dir: "tests/node/nest11" };
+
+fn node(nest: Nest, mode: &str, nats: &NatsServer) -> tokio::process::Command {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // Once per process: two `npm ci` at the same time trip over each other.
-    static NODE_ENV: std::sync::Once = std::sync::Once::new();
-    NODE_ENV.call_once(|| {
-        let out = std::process::Command::new(root.join("scripts/node-env")).output().unwrap();
-        assert!(out.status.success(), "scripts/node-env failed: {}", String::from_utf8_lossy(&out.stderr));
-    });
+    // node-env takes a lock and skips an up-to-date install, so every caller may run it.
+    let out = std::process::Command::new(root.join("scripts/node-env")).output().unwrap();
+    assert!(out.status.success(), "scripts/node-env failed: {}", String::from_utf8_lossy(&out.stderr));
     let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(root.join("tests/node/nest_interop.cjs")).arg(mode).arg(nats.url()).kill_on_drop(true);
+    cmd.arg(root.join("tests/node/nest_interop.cjs")).arg(mode).arg(nats.url()).env("NEST_DIR", root.join(nest.dir)).kill_on_drop(true);
     cmd
 }
 
@@ -38,7 +46,7 @@ codec = "nestjs"
 
 [[inbound]]
 name = "lookup"
-subject = '{"cmd":"lookup"}'
+pattern = { cmd = "lookup" }
 mode = "request"
 method = "POST"
 path = "/lookup"
@@ -62,7 +70,16 @@ codec = "nestjs"
 "#;
 
 #[tokio::test]
-async fn a_nest_client_proxy_calls_an_http_app_behind_the_sidecar() {
+async fn a_nest10_client_proxy_calls_an_http_app_behind_the_sidecar() {
+    client_proxy_calls_an_http_app(NEST10).await;
+}
+
+#[tokio::test]
+async fn a_nest11_client_proxy_calls_an_http_app_behind_the_sidecar() {
+    client_proxy_calls_an_http_app(NEST11).await;
+}
+
+async fn client_proxy_calls_an_http_app(nest: Nest) {
     let nats = NatsServer::start();
     let app = App::start(|seen| match seen.uri.as_str() {
         "/greet" => {
@@ -76,9 +93,10 @@ async fn a_nest_client_proxy_calls_an_http_app_behind_the_sidecar() {
     .await;
     let sidecar = Sidecar::start(&routes_toml("svc", "3s", INBOUND), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
-    let out = tokio::time::timeout(Duration::from_secs(60), node("client", &nats).output()).await.expect("client finished").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), node(nest, "client", &nats).output()).await.expect("client finished").unwrap();
     assert!(out.status.success(), "nest client failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["nest"].as_str().unwrap().starts_with(nest.major), "{}", v["nest"]);
     assert_eq!(v["greet"], serde_json::json!({"hello": "nest"}));
     // A 404 from the app is Nest's `err`, with the status and the app's message.
     assert_eq!(v["lookup"], serde_json::json!({"statusCode": 404, "message": "no such id"}));
@@ -139,12 +157,22 @@ subject = "nest.event"
 "#;
 
 #[tokio::test]
-async fn the_sidecar_calls_a_nest_microservice() {
+async fn the_sidecar_calls_a_nest10_microservice() {
+    sidecar_calls_a_nest_microservice(NEST10).await;
+}
+
+#[tokio::test]
+async fn the_sidecar_calls_a_nest11_microservice() {
+    sidecar_calls_a_nest_microservice(NEST11).await;
+}
+
+async fn sidecar_calls_a_nest_microservice(nest: Nest) {
     let nats = NatsServer::start();
-    let mut server = node("server", &nats).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut server = node(nest, "server", &nats).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.expect("server started").unwrap();
-    assert_eq!(first.as_deref(), Some("ready"));
+    let version = first.as_deref().and_then(|l| l.strip_prefix("ready ")).expect("a ready line");
+    assert!(version.starts_with(nest.major), "Nest {version}");
     let sidecar = Sidecar::start(&routes_toml("edge", "3s", OUTBOUND), &nats.url(), None).await;
     sidecar.wait_nats().await;
     let r = eventually("the Nest handler answers", Duration::from_secs(20), || async {

@@ -132,6 +132,8 @@ pub(super) struct RawInbound {
     pub(super) extra_methods: Option<Vec<String>>,
     pub(super) max_buffer: Option<String>,
     pub(super) codec: Option<String>,
+    /// NestJS: a string or a table (`{ cmd = "sum" }`), the subject it subscribes to.
+    pub(super) pattern: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]

@@ -154,6 +154,9 @@ fn subscription_subject(
     at: Table<'_>,
     diags: &mut Diagnostics<'_>,
 ) -> Option<(String, Option<SubjectPattern>)> {
+    if let Some(p) = &raw.pattern {
+        return super::codec::inbound_pattern(p, raw, at, diags);
+    }
     let text = match (mode, raw.subject.as_deref()) {
         (InboundModeName::Tunnel, None) => format!("{TUNNEL_PREFIX}.{service}"),
         (_, Some(s)) => s.to_owned(),
