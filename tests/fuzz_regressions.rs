@@ -64,6 +64,11 @@ fn corpus_and_regressions_replay_tunnel() {
     replay("tunnel");
 }
 
+#[test]
+fn corpus_and_regressions_replay_nestjs() {
+    replay("nestjs");
+}
+
 // ---------------------------------------------------------------------------------------
 // Named regressions: one per bug the fuzzers found.
 
@@ -207,6 +212,16 @@ const DICTIONARY: &[&[u8]] = &[
     b"\xff",
     b"\xc3\xa9",
     b"999999999999999999999",
+    b"{\"pattern\":",
+    b"\"data\":",
+    b"\"id\":",
+    b"\"err\":",
+    b"\"response\":",
+    b"\"isDisposed\":true",
+    b"{\"cmd\":\"sum\"}",
+    b"1e400",
+    b"-0.0",
+    b"null",
 ];
 
 fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
@@ -326,4 +341,10 @@ fn fuzz_headers() {
 #[ignore = "randomized; run by scripts/fuzz-smoke"]
 fn fuzz_tunnel() {
     fuzz("tunnel");
+}
+
+#[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
+fn fuzz_nestjs() {
+    fuzz("nestjs");
 }
