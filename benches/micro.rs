@@ -45,6 +45,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             allow_nats_headers: Default::default(),
             codec: Default::default(),
             pattern: None,
+            schema: None,
         });
     }
     out

@@ -59,6 +59,9 @@ pub enum BridgeError {
     /// A NestJS handler's `err`; its status comes from the error object.
     #[error("the NestJS handler failed")]
     NestErr(serde_json::Value),
+    /// The body breaks the route's contract; every violation is listed.
+    #[error("the body breaks contract {schema} ({} violation(s))", violations.len())]
+    Contract { schema: String, violations: Vec<crate::contract::Violation> },
     #[error("upstream failed: {0}")]
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]
@@ -110,6 +113,7 @@ impl BridgeError {
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | NestReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            Contract { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NestErr(err) => crate::codec::nestjs::err_status(err),
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
@@ -139,6 +143,7 @@ impl BridgeError {
             BufferFull { .. } => "buffer-full",
             BadReply(_) | NestReply(_) => "bad-reply",
             NestErr(_) => "nestjs-error",
+            Contract { .. } => "contract-violation",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",
             LoopDetected { .. } => "loop-detected",
@@ -178,6 +183,11 @@ pub struct Problem<'a> {
     /// A NestJS handler's error object, as it came.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a serde_json::Value>,
+    /// The contract a body broke (`<name>/v<N>`) and how.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub violations: Option<&'a [crate::contract::Violation]>,
 }
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -192,6 +202,8 @@ pub fn problem_body(status: StatusCode, kind: &str, detail: String, route: Optio
         route,
         instance: request_id,
         error: None,
+        schema: None,
+        violations: None,
     };
     Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
@@ -210,6 +222,8 @@ fn nest_problem(status: StatusCode, err: &serde_json::Value, route: Option<&str>
         route,
         instance: request_id,
         error: Some(err),
+        schema: None,
+        violations: None,
     };
     Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
@@ -220,6 +234,20 @@ impl BridgeError {
         let status = self.status();
         let body = match self {
             BridgeError::NestErr(err) => nest_problem(status, err, route, request_id),
+            BridgeError::Contract { schema, violations } => {
+                let p = Problem {
+                    kind: format!("urn:natsbridge:problem:{}", self.kind()),
+                    title: status.canonical_reason().unwrap_or("Error"),
+                    status: status.as_u16(),
+                    detail: self.to_string(),
+                    route,
+                    instance: request_id,
+                    error: None,
+                    schema: Some(schema),
+                    violations: Some(violations),
+                };
+                Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+            }
             _ => problem_body(status, self.kind(), self.to_string(), route, request_id),
         };
         let mut res = Response::new(body);

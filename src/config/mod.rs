@@ -213,6 +213,8 @@ pub struct Outbound {
     /// NestJS: the route's `pattern`, whose normalised text is the subject; `None`: the
     /// rendered subject is the pattern.
     pub pattern: Option<serde_json::Value>,
+    /// The contract every body must satisfy before it is sent (`schema`).
+    pub schema: Option<crate::contract::Contract>,
 }
 
 /// `codec`: how a route writes an HTTP message on NATS and reads it back.

@@ -96,6 +96,8 @@ pub(super) struct RawOutbound {
     pub(super) codec: Option<String>,
     /// NestJS: a string or a table (`{ cmd = "sum" }`).
     pub(super) pattern: Option<toml::Value>,
+    /// The JSON Schema the body must satisfy, `…/<name>/v<N>.json`.
+    pub(super) schema: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

@@ -6,6 +6,7 @@
 //! types, the diagnostics collector, the value parsers and `crate::subject`.
 
 mod codec;
+mod contracts;
 mod cross;
 mod inbound;
 mod outbound;

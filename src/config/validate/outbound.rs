@@ -33,6 +33,10 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
     let (codec, pattern) = super::codec::outbound(&raw, at, diags);
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
+    let schema = raw.schema.as_deref().and_then(|s| {
+        refuse_key(at, &raw.mode, "schema", matches!(raw.mode.as_str(), "tunnel" | "http"), diags);
+        super::contracts::load(s, at, diags)
+    });
     if diags.error_count() > errors_before {
         return None;
     }
@@ -48,6 +52,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         allow_nats_headers,
         codec,
         pattern,
+        schema,
     })
 }
 
