@@ -43,6 +43,9 @@ fn routes(n: usize) -> Vec<Outbound> {
             timeout: Duration::from_secs(5),
             max_body: 1 << 20,
             allow_nats_headers: Default::default(),
+            codec: Default::default(),
+            pattern: None,
+            schema: None,
         });
     }
     out

@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod codec;
 pub mod config;
+pub mod contract;
 pub mod dlq;
 pub mod egress;
 pub mod health;

@@ -54,6 +54,14 @@ pub enum BridgeError {
     BufferFull { limit: usize },
     #[error("the reply could not be turned into a response: {0}")]
     BadReply(#[source] crate::codec::ReplyError),
+    #[error("{0}")]
+    NestReply(#[source] crate::codec::nestjs::ReplyError),
+    /// A NestJS handler's `err`; its status comes from the error object.
+    #[error("the NestJS handler failed")]
+    NestErr(serde_json::Value),
+    /// The body breaks the route's contract; every violation is listed.
+    #[error("the body breaks contract {schema} ({} violation(s))", violations.len())]
+    Contract { schema: String, violations: Vec<crate::contract::Violation> },
     #[error("upstream failed: {0}")]
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]
@@ -104,7 +112,9 @@ impl BridgeError {
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
-            BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            BadReply(_) | NestReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            Contract { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            NestErr(err) => crate::codec::nestjs::err_status(err),
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,7 +141,9 @@ impl BridgeError {
             JetStream(_) => "jetstream-unavailable",
             Overloaded => "overloaded",
             BufferFull { .. } => "buffer-full",
-            BadReply(_) => "bad-reply",
+            BadReply(_) | NestReply(_) => "bad-reply",
+            NestErr(_) => "nestjs-error",
+            Contract { .. } => "contract-violation",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",
             LoopDetected { .. } => "loop-detected",
@@ -168,6 +180,14 @@ pub struct Problem<'a> {
     pub route: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<&'a str>,
+    /// A NestJS handler's error object, as it came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a serde_json::Value>,
+    /// The contract a body broke (`<name>/v<N>`) and how.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub violations: Option<&'a [crate::contract::Violation]>,
 }
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -181,6 +201,29 @@ pub fn problem_body(status: StatusCode, kind: &str, detail: String, route: Optio
         detail,
         route,
         instance: request_id,
+        error: None,
+        schema: None,
+        violations: None,
+    };
+    Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+}
+
+/// A NestJS `err` as a problem: its `message` as the detail, the whole object as `error`.
+fn nest_problem(status: StatusCode, err: &serde_json::Value, route: Option<&str>, request_id: Option<&str>) -> Bytes {
+    let detail = match err.get("message").unwrap_or(err) {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let p = Problem {
+        kind: "urn:natsbridge:problem:nestjs-error".into(),
+        title: status.canonical_reason().unwrap_or("Error"),
+        status: status.as_u16(),
+        detail,
+        route,
+        instance: request_id,
+        error: Some(err),
+        schema: None,
+        violations: None,
     };
     Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
@@ -189,7 +232,24 @@ impl BridgeError {
     /// The response for this error; `route` and `request_id` are named when known.
     pub fn to_response(&self, route: Option<&str>, request_id: Option<&str>) -> Response<Bytes> {
         let status = self.status();
-        let body = problem_body(status, self.kind(), self.to_string(), route, request_id);
+        let body = match self {
+            BridgeError::NestErr(err) => nest_problem(status, err, route, request_id),
+            BridgeError::Contract { schema, violations } => {
+                let p = Problem {
+                    kind: format!("urn:natsbridge:problem:{}", self.kind()),
+                    title: status.canonical_reason().unwrap_or("Error"),
+                    status: status.as_u16(),
+                    detail: self.to_string(),
+                    route,
+                    instance: request_id,
+                    error: None,
+                    schema: Some(schema),
+                    violations: Some(violations),
+                };
+                Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+            }
+            _ => problem_body(status, self.kind(), self.to_string(), route, request_id),
+        };
         let mut res = Response::new(body);
         *res.status_mut() = status;
         let h = res.headers_mut();

@@ -223,6 +223,18 @@ impl SubjectTemplate {
         Ok(Self { raw: s.to_owned(), pieces })
     }
 
+    /// A subject without captures, braces included (a NestJS object pattern's subject is
+    /// `{"cmd":"sum"}`).
+    pub fn literal(s: &str) -> Result<Self, SubjectError> {
+        if s.is_empty() {
+            return Err(SubjectError::Empty);
+        }
+        for (i, t) in s.split('.').enumerate() {
+            check_token(t, i, false)?;
+        }
+        Ok(Self { raw: s.to_owned(), pieces: vec![Piece::Lit(s.to_owned())] })
+    }
+
     pub fn as_str(&self) -> &str {
         &self.raw
     }

@@ -69,6 +69,11 @@ fn corpus_and_regressions_replay_framing() {
     replay("framing");
 }
 
+#[test]
+fn corpus_and_regressions_replay_nestjs() {
+    replay("nestjs");
+}
+
 // ---------------------------------------------------------------------------------------
 // Named regressions: one per bug the fuzzers found.
 
@@ -212,6 +217,16 @@ const DICTIONARY: &[&[u8]] = &[
     b"\xff",
     b"\xc3\xa9",
     b"999999999999999999999",
+    b"{\"pattern\":",
+    b"\"data\":",
+    b"\"id\":",
+    b"\"err\":",
+    b"\"response\":",
+    b"\"isDisposed\":true",
+    b"{\"cmd\":\"sum\"}",
+    b"1e400",
+    b"-0.0",
+    b"null",
 ];
 
 fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
@@ -337,4 +352,9 @@ fn fuzz_tunnel() {
 #[ignore = "randomized; run by scripts/fuzz-smoke"]
 fn fuzz_framing() {
     fuzz("framing");
+}
+
+#[test]
+fn fuzz_nestjs() {
+    fuzz("nestjs");
 }

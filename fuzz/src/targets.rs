@@ -3,7 +3,8 @@
 //! (`tests/fuzz_regressions.rs`, via `#[path]`). Each takes raw bytes, never panics on
 //! its own, and asserts the invariants of the code under test.
 //!
-//! Depends only on `natsbridge`, `http` and `async-nats`, which both users have.
+//! Depends only on `natsbridge`, `http`, `async-nats`, `bytes` and `serde_json`, which both
+//! users have.
 #![allow(dead_code)]
 
 use std::str::FromStr;
@@ -358,9 +359,90 @@ pub fn framing(data: &[u8]) {
     assert_eq!(whole, verdicts(usize::from(piece % 16) + 1), "verdicts depend on the read split");
 }
 
+// ---------------------------------------------------------------------------------------
+// nestjs: `payload \0 id \0 subject-or-body \0 status`, through every codec::nestjs
+// decoder, and encode → decode round trips.
+
+/// JSON equality with numbers compared as f64 within an ulp or two: a float printed by
+/// serde_json and parsed again may differ in its last bit (no `float_roundtrip`).
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) if x.is_finite() && y.is_finite() => (x - y).abs() <= x.abs().max(y.abs()) * 1e-15,
+            _ => x == y,
+        },
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y)),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w))),
+        _ => a == b,
+    }
+}
+
+pub fn nestjs(data: &[u8]) {
+    use codec::nestjs::{self as nest, Frame};
+    use serde_json::Value;
+    let f = fields(data);
+    let payload = bytes::Bytes::copy_from_slice(f[0]);
+    let id = text(f.get(1).copied().unwrap_or_default());
+    let third = f.get(2).copied().unwrap_or_default();
+    let subject = text(third);
+
+    // Any reply payload: a verdict, never a panic; an empty one is Nest's error.
+    let frame = nest::decode_reply(&payload, &id);
+    assert_eq!(payload.is_empty(), frame == Err(nest::ReplyError::Empty));
+    if let Ok(Frame::Err(e)) = &frame {
+        let s = nest::err_status(e).as_u16();
+        assert!((400..=599).contains(&s), "err → {s}");
+    }
+    // Any inbound payload: a JSON body for the app is JSON.
+    let inc = nest::decode_incoming(&payload, &subject);
+    if inc.json {
+        assert!(serde_json::from_slice::<Value>(&inc.body).is_ok(), "json body {:?}", inc.body);
+    }
+
+    // A body the codec accepts, sent as a request, is what the receiving side hands on.
+    if let Ok(Some(body)) = nest::body_data(third) {
+        let pattern = serde_json::from_slice::<Value>(&payload)
+            .ok()
+            .filter(|p| p.is_string() || p.is_object())
+            .unwrap_or(Value::String(subject.clone()));
+        let packet = nest::encode_request(&pattern, Some(&body), &id);
+        let back = nest::decode_incoming(&packet, "fallback");
+        assert_eq!(back.pattern, nest::normalize_pattern(&pattern));
+        assert_eq!(back.id, Some(Value::String(id.clone())));
+        let got: Value = serde_json::from_slice(&back.body).unwrap();
+        assert!(same_json(&got, &body), "data {body} came back as {got}");
+    }
+
+    // Our reply, read by Nest's client for the same id.
+    let code = f.get(3).map(|b| b.iter().fold(0u16, |a, &x| a.wrapping_mul(31).wrapping_add(x as u16))).unwrap_or(200);
+    let status = http::StatusCode::from_u16(100 + code % 500).unwrap();
+    let reply = nest::encode_reply(&Value::String(id.clone()), status, third);
+    match nest::decode_reply(&reply, &id) {
+        Ok(Frame::Err(e)) => {
+            assert!(status.as_u16() >= 400, "{status} became err {e}");
+            assert_eq!(nest::err_status(&e), status, "err {e}");
+        }
+        Ok(Frame::Last(v)) => {
+            assert!(status.as_u16() < 400, "{status} became a response");
+            let want = if third.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_slice(third).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(third).into_owned())))
+            };
+            match (&v, &want) {
+                (Some(a), Some(b)) => assert!(same_json(a, b), "{a} != {b}"),
+                _ => assert_eq!(v, want),
+            }
+        }
+        other => panic!("our reply for {status} decoded as {other:?}"),
+    }
+}
+
 /// A fuzz target: panics when an invariant breaks.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for drivers.
 pub const TARGETS: &[(&str, Target)] =
     &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("framing", framing)];
+    &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("nestjs", nestjs)];

@@ -209,6 +209,31 @@ pub struct Outbound {
     pub max_body: usize,
     /// Which `Nats-*` publish-control headers from the app reach NATS.
     pub allow_nats_headers: AllowNatsHeaders,
+    pub codec: Codec,
+    /// NestJS: the route's `pattern`, whose normalised text is the subject; `None`: the
+    /// rendered subject is the pattern.
+    pub pattern: Option<serde_json::Value>,
+    /// The contract every body must satisfy before it is sent (`schema`).
+    pub schema: Option<crate::contract::Contract>,
+}
+
+/// `codec`: how a route writes an HTTP message on NATS and reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    /// Body as the payload, headers as headers (see [`crate::codec`]).
+    #[default]
+    Raw,
+    /// The `@nestjs/microservices` NATS transport's JSON packets ([`crate::codec::nestjs`]).
+    NestJs,
+}
+
+impl Codec {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Codec::Raw => "raw",
+            Codec::NestJs => "nestjs",
+        }
+    }
 }
 
 /// Which of an app's `Nats-*` headers (`Nats-Expected-Stream`, `Nats-Rollup`, `Nats-TTL`,
@@ -329,6 +354,7 @@ pub struct Inbound {
     /// Request and tunnel routes: bytes of received messages that may wait for a free
     /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
     pub max_buffer: usize,
+    pub codec: Codec,
 }
 
 /// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.

@@ -93,6 +93,11 @@ pub(super) struct RawOutbound {
     pub(super) service: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) allow_nats_headers: Option<RawAllowNatsHeaders>,
+    pub(super) codec: Option<String>,
+    /// NestJS: a string or a table (`{ cmd = "sum" }`).
+    pub(super) pattern: Option<toml::Value>,
+    /// The JSON Schema the body must satisfy, `…/<name>/v<N>.json`.
+    pub(super) schema: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.
@@ -128,6 +133,9 @@ pub(super) struct RawInbound {
     pub(super) forwarded: Option<String>,
     pub(super) extra_methods: Option<Vec<String>>,
     pub(super) max_buffer: Option<String>,
+    pub(super) codec: Option<String>,
+    /// NestJS: a string or a table (`{ cmd = "sum" }`), the subject it subscribes to.
+    pub(super) pattern: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]

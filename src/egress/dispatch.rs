@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::codec;
-use crate::config::{Outbound, OutboundTarget, Unmatched};
+use crate::config::{Codec, Outbound, OutboundTarget, Unmatched};
 use crate::egress::forward::Outgoing;
 use crate::egress::routes::{Match, Miss};
 use crate::egress::{full, Body, BoxError, Egress};
@@ -88,6 +88,20 @@ impl Egress {
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
         self.check_control_line(&subject)?;
+        if let Some(contract) = &route.schema {
+            // An invalid body never leaves: the contract is checked before anything is sent.
+            let violations = contract.violations(&body);
+            if !violations.is_empty() {
+                return Err(BridgeError::Contract { schema: contract.id.clone(), violations });
+            }
+        }
+        if route.codec == Codec::NestJs && matches!(route.target, OutboundTarget::Request(_)) {
+            return self.nest_request(route, subject, nats_headers(route, &parts.headers), body).await;
+        }
+        let body = match route.target {
+            OutboundTarget::Publish(_) | OutboundTarget::JetStream(_) => super::nest::event_payload(route, &subject, body)?,
+            _ => body,
+        };
         match &route.target {
             OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body).await,
             OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
@@ -108,7 +122,7 @@ impl Egress {
         Ok(())
     }
 
-    fn ensure_connected(&self) -> Result<(), BridgeError> {
+    pub(super) fn ensure_connected(&self) -> Result<(), BridgeError> {
         // Without this, requests would sit in the client's buffer until their timeout.
         if is_connected(&self.nats) {
             Ok(())
@@ -250,7 +264,12 @@ impl Egress {
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
 /// stream).
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
-    codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
+    let mut h = codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n));
+    if let Some(contract) = &route.schema {
+        // Ours, not the app's: the body was checked against exactly this version.
+        h.insert(crate::contract::BRIDGE_SCHEMA, contract.id.as_str());
+    }
+    h
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its

@@ -18,6 +18,7 @@ mod dispatch;
 mod forward;
 pub mod framing;
 mod listener;
+mod nest;
 pub mod routes;
 
 use std::convert::Infallible;

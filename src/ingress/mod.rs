@@ -17,6 +17,7 @@ pub mod app;
 mod gate;
 pub mod idempotency;
 pub mod jetstream;
+mod nest;
 pub mod policy;
 pub mod request;
 

@@ -227,6 +227,7 @@ async fn handle(
         (Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
         _ => Ok(None),
     };
+    let nest = super::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
     let call = match gate {
         Err(answer) => Ok(answer),
         Ok(claimed) => {
@@ -235,7 +236,8 @@ async fn handle(
                     if let Some(k) = &key {
                         guard::set_key_header(&mut headers, k);
                     }
-                    let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+                    let body = super::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
+                    let call = shared.app.call(method, &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
                     tokio::select! {
                         r = call => Ok(r),
                         _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
@@ -269,13 +271,14 @@ async fn handle(
         Ok(r) => (r.status, r.headers, r.body),
         Err(e) => problem(&e, &route.inbound.name, rid.as_deref()),
     };
-    let reply_headers = codec::response_to_reply_headers(status, &headers);
+    let (reply_headers, body) = super::nest::reply(nest.as_ref(), status, &headers, body);
     match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
         Ok(()) => m.reply.inc(),
         Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
             let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
             let (status, headers, body) = problem(&e, &route.inbound.name, rid.as_deref());
-            let _ = shared.nats.publish_with_headers(reply, codec::response_to_reply_headers(status, &headers), body).await;
+            let (headers, body) = super::nest::reply(nest.as_ref(), status, &headers, body);
+            let _ = shared.nats.publish_with_headers(reply, headers, body).await;
             m.reply.inc();
         }
         Err(e) => tracing::warn!(route = %route.inbound.name, error = %e, "could not send the reply"),

@@ -56,6 +56,7 @@ pub(super) fn inbound(
     let idempotency = raw.idempotency.as_ref().and_then(|i| idempotency(i, at, diags));
     let forwarded = forwarded(&raw, at, diags);
     let extra_methods = extra_methods(&raw, mode_name, at, diags);
+    let codec = super::codec::inbound(raw.codec.as_deref(), mode_name, at, diags);
     let reply_prefixes = reply_prefixes_of(&raw, mode_name, reply_prefixes, at, diags);
     // Core NATS has no flow control: without a byte bound, a slow app and large messages
     // fill the client's 65,536-message buffer (64 GiB at 1 MiB each).
@@ -81,6 +82,7 @@ pub(super) fn inbound(
         forwarded,
         extra_methods,
         max_buffer,
+        codec,
     })
 }
 
@@ -152,6 +154,9 @@ fn subscription_subject(
     at: Table<'_>,
     diags: &mut Diagnostics<'_>,
 ) -> Option<(String, Option<SubjectPattern>)> {
+    if let Some(p) = &raw.pattern {
+        return super::codec::inbound_pattern(p, raw, at, diags);
+    }
     let text = match (mode, raw.subject.as_deref()) {
         (InboundModeName::Tunnel, None) => format!("{TUNNEL_PREFIX}.{service}"),
         (_, Some(s)) => s.to_owned(),

@@ -5,6 +5,8 @@
 //! checks what no single table can see (names, overlaps, coverage). Calls only the raw
 //! types, the diagnostics collector, the value parsers and `crate::subject`.
 
+mod codec;
+mod contracts;
 mod cross;
 mod inbound;
 mod outbound;

@@ -30,8 +30,13 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
     if timeout.is_zero() {
         diags.error(at, Some("timeout"), "`timeout` must be more than zero");
     }
+    let (codec, pattern) = super::codec::outbound(&raw, at, diags);
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
+    let schema = raw.schema.as_deref().and_then(|s| {
+        refuse_key(at, &raw.mode, "schema", matches!(raw.mode.as_str(), "tunnel" | "http"), diags);
+        super::contracts::load(s, at, diags)
+    });
     if diags.error_count() > errors_before {
         return None;
     }
@@ -45,6 +50,9 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         timeout,
         max_body,
         allow_nats_headers,
+        codec,
+        pattern,
+        schema,
     })
 }
 
@@ -112,6 +120,9 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
 
 /// The subject of the NATS modes; its captures must all come from `path`.
 fn subject_template(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Diagnostics<'_>) -> Option<SubjectTemplate> {
+    if let Some(p) = &raw.pattern {
+        return super::codec::pattern_subject(p, raw.subject.is_some(), at, diags);
+    }
     let Some(s) = raw.subject.as_deref() else {
         diags.error(at, None, format!("mode \"{}\" needs `subject`", raw.mode));
         return None;

@@ -192,8 +192,9 @@ async fn call_app(
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
     uri.push_str(&path);
-    let call =
-        shared.app.call(route.inbound.method.clone(), &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+    let nest = crate::ingress::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
+    let body = crate::ingress::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
+    let call = shared.app.call(route.inbound.method.clone(), &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
     tokio::select! {
         r = call => Some(r),
         _ = abort.cancelled() => None,

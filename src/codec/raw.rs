@@ -1,7 +1,5 @@
-//! The pure translation between HTTP messages and NATS messages: header mapping in both
-//! directions, the reply → response status rules, and the tunnel envelope.
-//!
-//! No I/O here, so every rule is unit-tested and fuzzed directly.
+//! The raw codec: HTTP headers and bodies as they are, the reply → response status rules,
+//! and the tunnel envelope.
 
 use async_nats::header::IntoHeaderName as _;
 use bytes::Bytes;

@@ -1,0 +1,12 @@
+//! The pure translations between HTTP messages and NATS messages, one module per wire
+//! format a route can name with `codec = "…"`:
+//! - [`raw`] (the default, re-exported here): header mapping in both directions, the reply
+//!   → response status rules, and the tunnel envelope.
+//! - [`nestjs`]: the `@nestjs/microservices` NATS transport's JSON packets.
+//!
+//! No I/O here, so every rule is unit-tested and fuzzed directly.
+
+pub mod nestjs;
+mod raw;
+
+pub use raw::*;
