@@ -444,5 +444,4 @@ pub type Target = fn(&[u8]);
 
 /// Every target by name, for drivers.
 pub const TARGETS: &[(&str, Target)] =
-    &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("framing", framing)];
-    &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("nestjs", nestjs)];
+    &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("framing", framing), ("nestjs", nestjs)];
