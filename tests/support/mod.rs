@@ -40,6 +40,24 @@ where
 
 /// A free loopback port (bound and released; used only where a fixed port must be known
 /// before the process starts, e.g. cluster routes and restarts).
+/// A TCP server on a random local port that runs `conn` on each connection, on its own
+/// task; returns the address.
+pub async fn serve_tcp<F, Fut>(conn: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(conn(stream));
+        }
+    });
+    addr
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
