@@ -49,16 +49,7 @@ fn js_route(extra: &str) -> String {
 }
 
 fn request_route(extra: &str) -> String {
-    toml(&format!(
-        r#"[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-{extra}
-"#
-    ))
+    toml(&orders_route(extra))
 }
 
 async fn bucket(js: &jetstream::Context) -> kv::Store {

@@ -17,36 +17,16 @@ const MARGIN: Duration = Duration::from_millis(1500);
 
 /// A request route, a jetstream route (stream EVENTS, DLQ) and an egress publish route.
 fn routes() -> String {
-    routes_toml(
-        "shutdown",
-        "2s",
-        r#"[[outbound]]
+    let egress = r#"[[outbound]]
 name = "event"
 method = "POST"
 path = "/events"
 subject = "events.created"
 mode = "jetstream"
 timeout = "1s"
-
-[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-
-[[inbound]]
-name = "events"
-subject = "events.created"
-mode = "jetstream"
-stream = "EVENTS"
-durable = "events"
-method = "POST"
-path = "/events"
-ack_wait = "2s"
-dead_letter = "dlq.events"
-"#,
-    )
+"#;
+    let ingress = orders_route("") + &events_route("ack_wait = \"2s\"\ndead_letter = \"dlq.events\"");
+    routes_toml("shutdown", "2s", &format!("{egress}\n{ingress}"))
 }
 
 /// Stops `sidecar` and says how long it took; panics past `limit` (the sidecar hung).
@@ -120,14 +100,8 @@ path = "/legacy/{{*rest}}"
 mode = "http"
 upstream = "{app}"
 
-[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-timeout = "30s"
-"#
+{}"#,
+            orders_route("timeout = \"30s\"")
         ),
     )
 }
@@ -218,31 +192,9 @@ async fn flaky_app(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Ap
 }
 
 fn health_routes() -> String {
-    routes_toml(
-        "health",
-        "2s",
-        r#"[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-
-[[inbound]]
-name = "events"
-subject = "events.created"
-mode = "jetstream"
-stream = "EVENTS"
-durable = "events"
-method = "POST"
-path = "/events"
-ack_wait = "1s"
-max_deliver = 2
-backoff = ["100ms"]
-dead_letter = "dlq.events"
-"#,
-    )
-    .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
+    let events = events_route("ack_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"100ms\"]\ndead_letter = \"dlq.events\"");
+    routes_toml("health", "2s", &format!("{}\n{events}", orders_route("")))
+        .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
 }
 
 async fn app_state(admin: std::net::SocketAddr) -> Option<String> {

@@ -55,6 +55,38 @@ deliver = "all"
     )
 }
 
+/// The request route `orders` on `orders.create` → POST /orders, with the `extra` lines
+/// after; ends in a newline.
+pub fn orders_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+{extra}
+"#
+    )
+}
+
+/// The jetstream route `events` on `events.created` (stream EVENTS, durable `events`) →
+/// POST /events, with the `extra` lines after; ends in a newline.
+pub fn events_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "events"
+subject = "events.created"
+mode = "jetstream"
+stream = "EVENTS"
+durable = "events"
+method = "POST"
+path = "/events"
+{extra}
+"#
+    )
+}
+
 /// The dead-letter stream DLQ on `dlq.>`.
 pub async fn dlq_stream(js: &jetstream::Context) {
     js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
