@@ -60,14 +60,31 @@ idempotency = {{ key = "msg-id", ttl = "1h" }}
     )
 }
 
-async fn setup(nats: &NatsServer) -> jetstream::Context {
+/// Stream AGENT on `agent.>`.
+async fn agent_stream(nats: &NatsServer) -> jetstream::Context {
     let js = jetstream::new(nats.client().await);
     js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
         .await
         .unwrap();
+    js
+}
+
+/// Stream AGENT, the dead-letter stream and the bucket.
+async fn setup(nats: &NatsServer) -> jetstream::Context {
+    let js = agent_stream(nats).await;
     dlq_stream(&js).await;
     js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
     js
+}
+
+/// Sidecars for the services `orchestration` and `execution`, each in front of its app, both
+/// ready.
+async fn both_services(nats: &NatsServer, orchestration: &App, execution: &App) -> (Sidecar, Sidecar) {
+    let a = Sidecar::start(&service_toml("orchestration", ""), &nats.url(), Some(&orchestration.url())).await;
+    let b = Sidecar::start(&service_toml("execution", ""), &nats.url(), Some(&execution.url())).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    (a, b)
 }
 
 fn durable(service: &str) -> String {
@@ -90,10 +107,7 @@ async fn two_services_on_one_route_each_see_every_event_once() {
         let js = setup(&nats).await;
         let orchestration = App::start(|_| respond(200, "ok")).await;
         let execution = App::start(|_| respond(200, "ok")).await;
-        let a = Sidecar::start(&service_toml("orchestration", ""), &nats.url(), Some(&orchestration.url())).await;
-        let b = Sidecar::start(&service_toml("execution", ""), &nats.url(), Some(&execution.url())).await;
-        a.wait_ready().await;
-        b.wait_ready().await;
+        let (a, b) = both_services(&nats, &orchestration, &execution).await;
 
         let mut last = 0;
         for i in 0..20 {
@@ -123,10 +137,7 @@ async fn a_poison_event_with_expectations_is_dead_lettered_once_per_consumer() {
         let js = setup(&nats).await;
         let orchestration = App::start(|_| respond(400, "bad event")).await;
         let execution = App::start(|_| respond(400, "bad event")).await;
-        let a = Sidecar::start(&service_toml("orchestration", ""), &nats.url(), Some(&orchestration.url())).await;
-        let b = Sidecar::start(&service_toml("execution", ""), &nats.url(), Some(&execution.url())).await;
-        a.wait_ready().await;
-        b.wait_ready().await;
+        let (a, b) = both_services(&nats, &orchestration, &execution).await;
 
         let ack = js_publish(
             &js,
@@ -309,10 +320,7 @@ async fn slow_dead_letters(nats: &NatsServer, subject: &str, delay: Duration) ->
 async fn in_progress_acks_run_until_a_slow_dead_letter_is_stored() {
     bounded(async {
         let nats = NatsServer::start();
-        let js = jetstream::new(nats.client().await);
-        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
-            .await
-            .unwrap();
+        let js = agent_stream(&nats).await;
         // The DLQ stream holds `dlqstore.>`: the route's `dlq.svc.slow` reaches it only
         // through the slow front. Storing the dead letter takes 3 s, past the 2 s ack_wait
         // that began at the delivery.
@@ -397,10 +405,7 @@ async fn a_handler_aborted_at_shutdown_leaves_its_claim_to_go_stale() {
 async fn a_bucket_max_age_shorter_than_the_route_ttl_shows_the_store_degraded() {
     bounded(async {
         let nats = NatsServer::start();
-        let js = jetstream::new(nats.client().await);
-        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
-            .await
-            .unwrap();
+        let js = agent_stream(&nats).await;
         dlq_stream(&js).await;
         // Made by hand, not by `provision`: results would go after 1 minute, not the route's 1 h.
         js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, max_age: Duration::from_secs(60), ..Default::default() })

@@ -72,10 +72,7 @@ async fn stop_with_nats_never_reachable_is_bounded() {
 async fn stop_with_nats_killed_is_bounded() {
     let mut nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
-        .await
-        .unwrap();
-    dlq_stream(&js).await;
+    events_streams(&js).await;
     let app = App::start(|_| respond(200, "ok")).await;
     let sidecar = Sidecar::start(&routes(), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
@@ -206,10 +203,7 @@ async fn inbound_routes_pause_while_the_app_is_unhealthy_and_resume() {
     use std::sync::atomic::Ordering;
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
-        .await
-        .unwrap();
-    dlq_stream(&js).await;
+    events_streams(&js).await;
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let app = flaky_app(healthy.clone()).await;
     let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;
@@ -308,10 +302,7 @@ fn a_bad_app_health_path_is_reported_with_its_line() {
 async fn jetstream_routes_hold_messages_while_the_app_refuses_connections() {
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
-        .await
-        .unwrap();
-    dlq_stream(&js).await;
+    events_streams(&js).await;
     let app = App::start(|_| respond(200, "ok")).await;
     let addr = app.addr;
     let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;

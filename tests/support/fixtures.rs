@@ -87,6 +87,14 @@ path = "/events"
     )
 }
 
+/// Stream EVENTS on `events.>` (what [`events_route`] consumes) and the dead-letter stream.
+pub async fn events_streams(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(js).await;
+}
+
 /// The dead-letter stream DLQ on `dlq.>`.
 pub async fn dlq_stream(js: &jetstream::Context) {
     js.create_stream(jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], ..Default::default() }).await.unwrap();
