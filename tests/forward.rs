@@ -187,15 +187,10 @@ fn mixed_calls(sink: SocketAddr, ws: SocketAddr, tls: SocketAddr, ca_var: &'stat
 
 /// Answers `agent.*.execution.requested` over NATS.
 async fn responder(nats: &NatsServer) {
-    let c = nats.client().await;
-    let mut sub = subscribe_synced(&c, "agent.*.execution.requested").await;
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                let _ = c.publish(reply, Bytes::from(format!("over NATS on {}", m.subject))).await;
-            }
-        }
-    });
+    support::fixtures::responder(nats, "agent.*.execution.requested", |m| {
+        (async_nats::HeaderMap::new(), Bytes::from(format!("over NATS on {}", m.subject)))
+    })
+    .await;
 }
 
 /// Runs tests/fixtures/forward_app.py with the proxy variables set to the sidecar and the

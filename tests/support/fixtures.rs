@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 
-use super::eventually;
+use futures::StreamExt;
+
+use super::{eventually, subscribe_synced, NatsServer};
 
 /// A routing file: the `[sidecar]` and `[nats]` sections, then `sections`. The app and NATS
 /// addresses are dummies: the harness passes the real ones to the sidecar it starts.
@@ -161,4 +163,22 @@ pub async fn consumer_settled(js: &jetstream::Context, stream: &str, durable: &s
 /// all it ever will.
 pub async fn settled(js: &jetstream::Context, through: u64) -> jetstream::consumer::Info {
     eventually("the consumer to settle", Duration::from_secs(20), || settled_consumer(js, "TOOL", "tool", through)).await
+}
+
+/// Answers every request on `subject` with `f(message)`.
+pub async fn responder(
+    nats: &NatsServer,
+    subject: &str,
+    f: impl Fn(&async_nats::Message) -> (async_nats::HeaderMap, Bytes) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let client = nats.client().await;
+    let mut sub = subscribe_synced(&client, subject).await;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let (h, body) = f(&msg);
+            if let Some(reply) = msg.reply.clone() {
+                client.publish_with_headers(reply, h, body).await.unwrap();
+            }
+        }
+    })
 }
