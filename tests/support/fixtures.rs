@@ -57,6 +57,23 @@ deliver = "all"
     )
 }
 
+/// The routing file of an egress-only sidecar `client-svc` whose calls to `model-service`
+/// travel as tunnel requests to the service `model`.
+pub const MODEL_TUNNEL_CLIENT: &str = r#"[sidecar]
+service = "client-svc"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[[outbound]]
+name = "model-tunnel"
+host = "model-service"
+path = "/{*rest}"
+mode = "tunnel"
+service = "model"
+timeout = "10s"
+"#;
+
 /// The request route `orders` on `orders.create` → POST /orders, with the `extra` lines
 /// after; ends in a newline.
 pub fn orders_route(extra: &str) -> String {
