@@ -44,18 +44,9 @@ fn service_toml(service: &str, extra: &str) -> String {
         service,
         "1s",
         &format!(
-            r#"{}
-[[inbound]]
-name = "execution-events"
-subject = "agent.execution.completed"
-mode = "jetstream"
-stream = "AGENT"
-method = "POST"
-path = "/events"
-idempotency = {{ key = "msg-id", ttl = "1h" }}
-{extra}
-"#,
-            idempotency_section(BUCKET, "5s")
+            "{}\n{}",
+            idempotency_section(BUCKET, "5s"),
+            execution_events_route(&format!("idempotency = {{ key = \"msg-id\", ttl = \"1h\" }}\n{extra}"))
         ),
     )
 }

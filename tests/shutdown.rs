@@ -17,15 +17,8 @@ const MARGIN: Duration = Duration::from_millis(1500);
 
 /// A request route, a jetstream route (stream EVENTS, DLQ) and an egress publish route.
 fn routes() -> String {
-    let egress = r#"[[outbound]]
-name = "event"
-method = "POST"
-path = "/events"
-subject = "events.created"
-mode = "jetstream"
-timeout = "1s"
-"#;
-    let ingress = orders_route("") + &events_route("ack_wait = \"2s\"\ndead_letter = \"dlq.events\"");
+    let egress = event_outbound("1s");
+    let ingress = orders_route("") + &events_route("/events", "ack_wait = \"2s\"\ndead_letter = \"dlq.events\"");
     routes_toml("shutdown", "2s", &format!("{egress}\n{ingress}"))
 }
 
@@ -189,7 +182,7 @@ async fn flaky_app(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Ap
 }
 
 fn health_routes() -> String {
-    let events = events_route("ack_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"100ms\"]\ndead_letter = \"dlq.events\"");
+    let events = events_route("/events", "ack_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"100ms\"]\ndead_letter = \"dlq.events\"");
     routes_toml("health", "2s", &format!("{}\n{events}", orders_route("")))
         .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
 }

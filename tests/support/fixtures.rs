@@ -90,8 +90,8 @@ path = "/orders"
 }
 
 /// The jetstream route `events` on `events.created` (stream EVENTS, durable `events`) →
-/// POST /events, with the `extra` lines after; ends in a newline.
-pub fn events_route(extra: &str) -> String {
+/// POST `path`, with the `extra` lines after; ends in a newline.
+pub fn events_route(path: &str, extra: &str) -> String {
     format!(
         r#"[[inbound]]
 name = "events"
@@ -99,6 +99,38 @@ subject = "events.created"
 mode = "jetstream"
 stream = "EVENTS"
 durable = "events"
+method = "POST"
+path = "{path}"
+{extra}
+"#
+    )
+}
+
+/// The egress route `event`: POST /events → JetStream `events.created`, answered within
+/// `timeout`; ends in a newline.
+pub fn event_outbound(timeout: &str) -> String {
+    format!(
+        r#"[[outbound]]
+name = "event"
+method = "POST"
+path = "/events"
+subject = "events.created"
+mode = "jetstream"
+timeout = "{timeout}"
+"#
+    )
+}
+
+/// The jetstream route `execution-events` on `agent.execution.completed` (stream AGENT) →
+/// POST /events, with the `extra` lines after (the durable defaults to
+/// `<service>-execution-events`); ends in a newline.
+pub fn execution_events_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "execution-events"
+subject = "agent.execution.completed"
+mode = "jetstream"
+stream = "AGENT"
 method = "POST"
 path = "/events"
 {extra}
