@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 
 use async_nats::jetstream::{self, kv};
 
@@ -292,19 +291,13 @@ async fn a_store_outage_longer_than_the_backoffs_dead_letters_nothing_and_runs_e
 /// that stores each message in the DLQ stream (as `dlqstore.slow`) after `delay` and
 /// answers with the stream's own PubAck.
 async fn slow_dead_letters(nats: &NatsServer, subject: &str, delay: Duration) -> tokio::task::JoinHandle<()> {
-    let client = nats.client().await;
-    let mut sub = subscribe_synced(&client, subject).await;
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let client = client.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let headers = m.headers.clone().unwrap_or_default();
-                let ack = client.request_with_headers("dlqstore.slow", headers, m.payload.clone()).await.unwrap();
-                client.publish(m.reply.unwrap(), ack.payload).await.unwrap();
-            });
-        }
+    answer_each(nats, subject, move |client, m| async move {
+        tokio::time::sleep(delay).await;
+        let headers = m.headers.clone().unwrap_or_default();
+        let ack = client.request_with_headers("dlqstore.slow", headers, m.payload.clone()).await.unwrap();
+        client.publish(m.reply.unwrap(), ack.payload).await.unwrap();
     })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -231,3 +231,19 @@ pub async fn responder(
         }
     })
 }
+
+/// Answers each request on `subject` in a task of its own, `f` given a client to answer
+/// with and the message: answers may overtake one another.
+pub async fn answer_each<F, Fut>(nats: &NatsServer, subject: &str, f: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(async_nats::Client, async_nats::Message) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let client = nats.client().await;
+    let mut sub = subscribe_synced(&client, subject).await;
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            tokio::spawn(f(client.clone(), m));
+        }
+    })
+}

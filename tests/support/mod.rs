@@ -567,6 +567,16 @@ pub struct SidecarProcess {
 
 impl SidecarProcess {
     pub fn start(toml: &str, nats_url: &str, app_url: Option<&str>) -> Self {
+        Self::start_with(toml, nats_url, |cmd| {
+            if let Some(a) = app_url {
+                cmd.arg("--app-url").arg(a);
+            }
+        })
+    }
+
+    /// Like [`start`](Self::start), with `configure` adding to the command line and
+    /// environment.
+    pub fn start_with(toml: &str, nats_url: &str, configure: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, toml).unwrap();
@@ -575,9 +585,7 @@ impl SidecarProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
         cmd.arg("run").arg("--config").arg(&path).arg("--listen").arg(egress.to_string()).arg("--admin-listen").arg(admin.to_string());
         cmd.arg("--nats-url").arg(nats_url);
-        if let Some(a) = app_url {
-            cmd.arg("--app-url").arg(a);
-        }
+        configure(&mut cmd);
         let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         Self { child, egress, admin, dir }
