@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use support::fixtures::responder;
+use support::fixtures::{responder, EXECUTE_AGENT_ROUTE};
 use support::*;
 
 fn routes(extra: &str) -> String {
@@ -20,14 +20,7 @@ drain_timeout = "10s"
 timeout = "2s"
 max_body = "64KiB"
 
-[[outbound]]
-name = "execute-agent"
-method = "POST"
-host = "agent-service"
-path = "/agents/{{agent_id}}/execute"
-subject = "agent.{{agent_id}}.execution.requested"
-mode = "request"
-
+{EXECUTE_AGENT_ROUTE}
 [[outbound]]
 name = "slow"
 method = "POST"

@@ -15,6 +15,7 @@ use futures::{SinkExt, StreamExt};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use support::fixtures::EXECUTE_AGENT_ROUTE;
 use support::*;
 
 fn routes(sink: SocketAddr, ws: SocketAddr, sidecar_extra: &str) -> String {
@@ -25,14 +26,7 @@ service = "orchestration"
 drain_timeout = "5s"
 {sidecar_extra}
 
-[[outbound]]
-name = "execute-agent"
-method = "POST"
-host = "agent-service"
-path = "/agents/{{agent_id}}/execute"
-subject = "agent.{{agent_id}}.execution.requested"
-mode = "request"
-timeout = "5s"
+{EXECUTE_AGENT_ROUTE}timeout = "5s"
 
 # Not migrated yet: plain HTTP, streamed. The timeout bounds the wait for the response
 # head once the body is sent, not the upload.

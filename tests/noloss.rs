@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use async_nats::jetstream::{self, kv};
 
 use support::fixtures::*;

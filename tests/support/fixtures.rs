@@ -57,6 +57,17 @@ deliver = "all"
     )
 }
 
+/// The egress request route `execute-agent`: POST agent-service/agents/{agent_id}/execute
+/// → `agent.<agent_id>.execution.requested`; ends in a newline.
+pub const EXECUTE_AGENT_ROUTE: &str = r#"[[outbound]]
+name = "execute-agent"
+method = "POST"
+host = "agent-service"
+path = "/agents/{agent_id}/execute"
+subject = "agent.{agent_id}.execution.requested"
+mode = "request"
+"#;
+
 /// The routing file of an egress-only sidecar `client-svc` whose calls to `model-service`
 /// travel as tunnel requests to the service `model`.
 pub const MODEL_TUNNEL_CLIENT: &str = r#"[sidecar]
