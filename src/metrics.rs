@@ -1,8 +1,6 @@
 //! Prometheus metrics: every family the sidecar exports (all prefixed `natsbridge_`, with
 //! units in the name), and pre-resolved per-route handles so the hot path takes no locks.
 
-use std::cell::RefCell;
-
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -59,119 +57,160 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// Registers `c` and records its family names.
-fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, names: &RefCell<Vec<String>>, c: C) -> C {
-    names.borrow_mut().extend(c.desc().iter().map(|d| d.fq_name.clone()));
-    r.register(Box::new(c.clone())).expect("metric names are unique");
-    c
+/// One metric family as declared: its name, help text and label names.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+// The families, by name; `Metrics::new` registers each under its field.
+const EGRESS_REQUESTS: Family = Family {
+    name: "natsbridge_egress_requests_total",
+    help: "Egress requests by route, mode and status class.",
+    labels: &["route", "mode", "status_class"],
+};
+const EGRESS_DURATION: Family =
+    Family { name: "natsbridge_egress_request_duration_seconds", help: "Egress request latency in seconds, by route.", labels: &["route"] };
+const EGRESS_IN_FLIGHT: Family =
+    Family { name: "natsbridge_egress_requests_in_flight", help: "Egress requests being handled.", labels: &[] };
+const NATS_CONNECTED: Family = Family { name: "natsbridge_nats_connected", help: "1 while connected to NATS, else 0.", labels: &[] };
+const NATS_RECONNECTS: Family = Family { name: "natsbridge_nats_reconnects_total", help: "NATS reconnections since start.", labels: &[] };
+const CONFIG_RELOADS: Family = Family { name: "natsbridge_config_reloads_total", help: "Routing files loaded by hot reload.", labels: &[] };
+const CONFIG_RELOAD_FAILURES: Family =
+    Family { name: "natsbridge_config_reload_failures_total", help: "Routing files rejected by hot reload.", labels: &[] };
+const JETSTREAM_IN_FLIGHT: Family =
+    Family { name: "natsbridge_jetstream_publishes_in_flight", help: "JetStream publishes waiting for their ack.", labels: &[] };
+const PENDING_REPLIES: Family = Family {
+    name: "natsbridge_pending_replies",
+    help: "NATS requests and JetStream publishes waiting for their reply or ack.",
+    labels: &[],
+};
+const LATE_REPLIES: Family = Family {
+    name: "natsbridge_late_replies_total",
+    help: "Replies and acks dropped because nobody waits for them any more (timed out, cancelled).",
+    labels: &[],
+};
+const INGRESS_DELIVERIES: Family =
+    Family { name: "natsbridge_ingress_deliveries_total", help: "Messages received by inbound routes.", labels: &["route"] };
+const INGRESS_OUTCOMES: Family = Family {
+    name: "natsbridge_ingress_outcomes_total",
+    help: "Inbound message outcomes: ack, nak, term, dlq, reply.",
+    labels: &["route", "outcome"],
+};
+const INGRESS_DURATION: Family = Family {
+    name: "natsbridge_ingress_handler_duration_seconds",
+    help: "App handler latency in seconds, by inbound route.",
+    labels: &["route"],
+};
+const INGRESS_IN_FLIGHT: Family =
+    Family { name: "natsbridge_ingress_in_flight", help: "Inbound messages being handled.", labels: &["route"] };
+const INGRESS_PENDING: Family =
+    Family { name: "natsbridge_ingress_consumer_pending", help: "Messages pending on the route's consumer (lag).", labels: &["route"] };
+const INGRESS_REFUSED: Family = Family {
+    name: "natsbridge_ingress_refused_total",
+    help: "Inbound messages refused before reaching the app, by reason: reply_subject (a reply subject outside reply_prefixes), request (a method or path the route does not replay), buffer_full (over the route's buffer).",
+    labels: &["route", "reason"],
+};
+const SLOW_CONSUMERS: Family =
+    Family { name: "natsbridge_nats_slow_consumers_total", help: "Slow-consumer events reported by the NATS client.", labels: &[] };
+const IDEMPOTENCY: Family = Family {
+    name: "natsbridge_idempotency_total",
+    help: "Idempotency store results: hit, claim, conflict, release, missing_key, stored, error.",
+    labels: &["route", "result"],
+};
+const DLQ_PUBLISHED: Family =
+    Family { name: "natsbridge_dlq_published_total", help: "Dead letters published, by route and reason.", labels: &["route", "reason"] };
+const DLQ_STORED: Family =
+    Family { name: "natsbridge_dlq_stored", help: "What the dead-letter stream holds now, by unit: messages, bytes.", labels: &["unit"] };
+const DLQ_FILL_RATIO: Family = Family {
+    name: "natsbridge_dlq_fill_ratio",
+    help: "The dead-letter stream's stored messages or bytes over its max_msgs or max_bytes (limit label), for each limit that is set; at 1 new dead letters are refused and their messages redelivered instead.",
+    labels: &["limit"],
+};
+const COMPONENT_UP: Family = Family {
+    name: "natsbridge_component_up",
+    help: "1 while the component (nats, egress, provision, inbound:<route>, idempotency, …) is up, else 0 (see /statusz).",
+    labels: &["component"],
+};
+const EGRESS_FORWARDED: Family = Family {
+    name: "natsbridge_egress_forwarded_total",
+    help: "Calls no route takes, forwarded to their origin as plain HTTP (also counted in natsbridge_egress_requests_total with route=\"(unmatched)\"), by host (the first 50 hosts seen, then \"other\") and status class: what still has to move to NATS.",
+    labels: &["host", "status_class"],
+};
+const EGRESS_TUNNELS: Family = Family {
+    name: "natsbridge_egress_tunnels_total",
+    help: "Byte tunnels: CONNECT (kind=connect) and protocol upgrades such as WebSocket (kind=upgrade), by host (capped like natsbridge_egress_forwarded_total) and outcome: opened, routed (a CONNECT to a host with routes, answered by the sidecar itself), refused, failed.",
+    labels: &["kind", "host", "outcome"],
+};
+const EGRESS_TUNNELS_OPEN: Family =
+    Family { name: "natsbridge_egress_tunnels_open", help: "Byte tunnels (CONNECT, upgrades) open now.", labels: &[] };
+
+/// Registers families and records their names, in registration order.
+struct Registrar {
+    registry: Registry,
+    names: Vec<String>,
+}
+
+impl Registrar {
+    fn reg<C: prometheus::core::Collector + Clone + 'static>(&mut self, c: C) -> C {
+        self.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(Box::new(c.clone())).expect("metric names are unique");
+        c
+    }
+    fn counter(&mut self, f: &Family) -> IntCounter {
+        self.reg(IntCounter::new(f.name, f.help).expect("valid metric"))
+    }
+    fn gauge(&mut self, f: &Family) -> IntGauge {
+        self.reg(IntGauge::new(f.name, f.help).expect("valid metric"))
+    }
+    fn counter_vec(&mut self, f: &Family) -> IntCounterVec {
+        self.reg(IntCounterVec::new(Opts::new(f.name, f.help), f.labels).expect("valid metric"))
+    }
+    fn gauge_vec(&mut self, f: &Family) -> IntGaugeVec {
+        self.reg(IntGaugeVec::new(Opts::new(f.name, f.help), f.labels).expect("valid metric"))
+    }
+    fn float_gauge_vec(&mut self, f: &Family) -> GaugeVec {
+        self.reg(GaugeVec::new(Opts::new(f.name, f.help), f.labels).expect("valid metric"))
+    }
+    fn histogram_vec(&mut self, f: &Family) -> HistogramVec {
+        let opts = HistogramOpts::new(f.name, f.help).buckets(BUCKETS.to_vec());
+        self.reg(HistogramVec::new(opts, f.labels).expect("valid metric"))
+    }
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let r = Registry::new();
-        let names = RefCell::new(Vec::new());
-        let counter = |name: &str, help: &str| reg(&r, &names, IntCounter::new(name, help).expect("valid metric"));
-        let gauge = |name: &str, help: &str| reg(&r, &names, IntGauge::new(name, help).expect("valid metric"));
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, &names, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
-        };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, &names, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
-        };
-        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, &names, HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels).expect("valid metric"))
-        };
+        let mut r = Registrar { registry: Registry::new(), names: Vec::new() };
         Self {
-            egress_requests: counter_vec(
-                "natsbridge_egress_requests_total",
-                "Egress requests by route, mode and status class.",
-                &["route", "mode", "status_class"],
-            ),
-            egress_duration: histogram_vec(
-                "natsbridge_egress_request_duration_seconds",
-                "Egress request latency in seconds, by route.",
-                &["route"],
-            ),
-            egress_in_flight: gauge("natsbridge_egress_requests_in_flight", "Egress requests being handled."),
-            nats_connected: gauge("natsbridge_nats_connected", "1 while connected to NATS, else 0."),
-            nats_reconnects: counter("natsbridge_nats_reconnects_total", "NATS reconnections since start."),
-            config_reloads: counter("natsbridge_config_reloads_total", "Routing files loaded by hot reload."),
-            config_reload_failures: counter("natsbridge_config_reload_failures_total", "Routing files rejected by hot reload."),
-            jetstream_in_flight: gauge("natsbridge_jetstream_publishes_in_flight", "JetStream publishes waiting for their ack."),
-            pending_replies: gauge("natsbridge_pending_replies", "NATS requests and JetStream publishes waiting for their reply or ack."),
-            late_replies: counter(
-                "natsbridge_late_replies_total",
-                "Replies and acks dropped because nobody waits for them any more (timed out, cancelled).",
-            ),
-            ingress_deliveries: counter_vec("natsbridge_ingress_deliveries_total", "Messages received by inbound routes.", &["route"]),
-            ingress_outcomes: counter_vec(
-                "natsbridge_ingress_outcomes_total",
-                "Inbound message outcomes: ack, nak, term, dlq, reply.",
-                &["route", "outcome"],
-            ),
-            ingress_duration: histogram_vec(
-                "natsbridge_ingress_handler_duration_seconds",
-                "App handler latency in seconds, by inbound route.",
-                &["route"],
-            ),
-            ingress_in_flight: gauge_vec("natsbridge_ingress_in_flight", "Inbound messages being handled.", &["route"]),
-            ingress_pending: gauge_vec(
-                "natsbridge_ingress_consumer_pending",
-                "Messages pending on the route's consumer (lag).",
-                &["route"],
-            ),
-            ingress_refused: counter_vec(
-                "natsbridge_ingress_refused_total",
-                "Inbound messages refused before reaching the app, by reason: reply_subject (a reply subject outside reply_prefixes), request (a method or path the route does not replay), buffer_full (over the route's buffer).",
-                &["route", "reason"],
-            ),
-            slow_consumers: counter("natsbridge_nats_slow_consumers_total", "Slow-consumer events reported by the NATS client."),
-            idempotency: counter_vec(
-                "natsbridge_idempotency_total",
-                "Idempotency store results: hit, claim, conflict, release, missing_key, stored, error.",
-                &["route", "result"],
-            ),
-            dlq_published: counter_vec(
-                "natsbridge_dlq_published_total",
-                "Dead letters published, by route and reason.",
-                &["route", "reason"],
-            ),
-            dlq_stored: gauge_vec(
-                "natsbridge_dlq_stored",
-                "What the dead-letter stream holds now, by unit: messages, bytes.",
-                &["unit"],
-            ),
-            dlq_fill_ratio: reg(
-                &r,
-                &names,
-                GaugeVec::new(
-                    Opts::new(
-                        "natsbridge_dlq_fill_ratio",
-                        "The dead-letter stream's stored messages or bytes over its max_msgs or max_bytes (limit label), for each limit that is set; at 1 new dead letters are refused and their messages redelivered instead.",
-                    ),
-                    &["limit"],
-                )
-                .expect("valid metric"),
-            ),
-            component_up: gauge_vec(
-                "natsbridge_component_up",
-                "1 while the component (nats, egress, provision, inbound:<route>, idempotency, …) is up, else 0 (see /statusz).",
-                &["component"],
-            ),
-            egress_forwarded: counter_vec(
-                "natsbridge_egress_forwarded_total",
-                "Calls no route takes, forwarded to their origin as plain HTTP (also counted in natsbridge_egress_requests_total with route=\"(unmatched)\"), by host (the first 50 hosts seen, then \"other\") and status class: what still has to move to NATS.",
-                &["host", "status_class"],
-            ),
-            egress_tunnels: counter_vec(
-                "natsbridge_egress_tunnels_total",
-                "Byte tunnels: CONNECT (kind=connect) and protocol upgrades such as WebSocket (kind=upgrade), by host (capped like natsbridge_egress_forwarded_total) and outcome: opened, routed (a CONNECT to a host with routes, answered by the sidecar itself), refused, failed.",
-                &["kind", "host", "outcome"],
-            ),
-            egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),
+            egress_requests: r.counter_vec(&EGRESS_REQUESTS),
+            egress_duration: r.histogram_vec(&EGRESS_DURATION),
+            egress_in_flight: r.gauge(&EGRESS_IN_FLIGHT),
+            nats_connected: r.gauge(&NATS_CONNECTED),
+            nats_reconnects: r.counter(&NATS_RECONNECTS),
+            config_reloads: r.counter(&CONFIG_RELOADS),
+            config_reload_failures: r.counter(&CONFIG_RELOAD_FAILURES),
+            jetstream_in_flight: r.gauge(&JETSTREAM_IN_FLIGHT),
+            pending_replies: r.gauge(&PENDING_REPLIES),
+            late_replies: r.counter(&LATE_REPLIES),
+            ingress_deliveries: r.counter_vec(&INGRESS_DELIVERIES),
+            ingress_outcomes: r.counter_vec(&INGRESS_OUTCOMES),
+            ingress_duration: r.histogram_vec(&INGRESS_DURATION),
+            ingress_in_flight: r.gauge_vec(&INGRESS_IN_FLIGHT),
+            ingress_pending: r.gauge_vec(&INGRESS_PENDING),
+            ingress_refused: r.counter_vec(&INGRESS_REFUSED),
+            slow_consumers: r.counter(&SLOW_CONSUMERS),
+            idempotency: r.counter_vec(&IDEMPOTENCY),
+            dlq_published: r.counter_vec(&DLQ_PUBLISHED),
+            dlq_stored: r.gauge_vec(&DLQ_STORED),
+            dlq_fill_ratio: r.float_gauge_vec(&DLQ_FILL_RATIO),
+            component_up: r.gauge_vec(&COMPONENT_UP),
+            egress_forwarded: r.counter_vec(&EGRESS_FORWARDED),
+            egress_tunnels: r.counter_vec(&EGRESS_TUNNELS),
+            egress_tunnels_open: r.gauge(&EGRESS_TUNNELS_OPEN),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
-            registry: r,
-            names: names.into_inner(),
+            registry: r.registry,
+            names: r.names,
         }
     }
 

@@ -228,6 +228,20 @@ fn nest_problem(status: StatusCode, err: &serde_json::Value, route: Option<&str>
     Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
 
+/// An error's message with each of its causes, for a problem's `detail`: hyper's client
+/// errors say only "client error (Connect)", the reason ("tcp connect error: …") is in the
+/// source chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 impl BridgeError {
     /// The response for this error; `route` and `request_id` are named when known.
     pub fn to_response(&self, route: Option<&str>, request_id: Option<&str>) -> Response<Bytes> {

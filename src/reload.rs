@@ -26,6 +26,14 @@ pub struct Reloader {
     last: std::sync::Mutex<Option<String>>,
 }
 
+/// `(name, differs)` for each of `fields` between `old` and `new`, the name being
+/// `<section>.<field>` as in the routing file.
+macro_rules! changed {
+    ($section:literal, $old:expr, $new:expr, [$($field:ident),*]) => {
+        [$((concat!($section, ".", stringify!($field)), $old.$field != $new.$field)),*]
+    };
+}
+
 /// The settings a running sidecar cannot change, as they are named in the file, when they
 /// differ between `old` and `new`. Every other setting applies on reload: the routes,
 /// `app_url`, `drain_timeout`, `provision` and `max_inflight_publishes` (read at each publish).
@@ -33,23 +41,15 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.sidecar, &new.sidecar);
     [
         // The listeners are bound once, by the process that owns them.
-        ("sidecar.listen", o.listen != n.listen),
-        ("sidecar.admin_listen", o.admin_listen != n.admin_listen),
+        &changed!("sidecar", o, n, [listen, admin_listen])[..],
         // The HTTP edge limits are the listener's, set up once with it.
-        ("sidecar.header_read_timeout", o.http.header_read_timeout != n.http.header_read_timeout),
-        ("sidecar.max_headers", o.http.max_headers != n.http.max_headers),
-        ("sidecar.max_header_bytes", o.http.max_header_bytes != n.http.max_header_bytes),
-        ("sidecar.idle_timeout", o.http.idle_timeout != n.http.idle_timeout),
-        ("sidecar.max_connections", o.http.max_connections != n.http.max_connections),
+        &changed!("sidecar", o.http, n.http, [header_read_timeout, max_headers, max_header_bytes, idle_timeout, max_connections]),
         // The service names the NATS connection, durable consumers and idempotency scope.
-        ("sidecar.service", o.service != n.service),
+        &changed!("sidecar", o, n, [service]),
         // One NATS connection for the process's lifetime.
-        ("nats.servers", old.nats.servers != new.nats.servers),
-        ("nats.auth", old.nats.auth != new.nats.auth),
-        ("nats.tls", old.nats.tls != new.nats.tls),
-        ("nats.connect_timeout", old.nats.connect_timeout != new.nats.connect_timeout),
-        ("nats.inbox_prefix", old.nats.inbox_prefix != new.nats.inbox_prefix),
+        &changed!("nats", old.nats, new.nats, [servers, auth, tls, connect_timeout, inbox_prefix]),
     ]
+    .concat()
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
     .collect()

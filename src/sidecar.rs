@@ -1,7 +1,6 @@
 //! One running sidecar: wires the NATS connection, egress, ingress, admin and hot reload
 //! together from things passed in (config, listeners, environment lookup, shutdown).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,7 +61,6 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     // One reply subscription for the connection: egress requests, acks, dead letters.
     let replies = Replies::start(&nats, &metrics).await?;
     let config = Arc::new(config);
-    let source: PathBuf = config.source.clone();
     let table = Arc::new(ArcSwap::from_pointee(Table::new(Routing::new(config.clone()), &metrics)));
     let (changes, config_rx) = watch::channel(config.clone());
     // Provisions (sidecar.provision) or checks streams and buckets once NATS is up; readiness
@@ -71,8 +69,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let provision_task = provision::spawn(nats.clone(), config_rx.clone(), readiness.clone(), shutdown.clone());
     let dlq_fill_task = crate::dlq::fill::spawn(nats.clone(), config_rx.clone(), metrics.clone(), shutdown.clone());
 
-    let egress_addr = egress_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
+    let (egress_addr, admin_addr) = (egress_listener.local_addr()?, admin_listener.local_addr()?);
     // `POST /drain` stops ingress ahead of the signal (an app's preStop hook).
     let ingress_stop = CancellationToken::new();
     let (ingress_done, ingress_done_rx) = watch::channel(false);
@@ -86,7 +83,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone().cancelled_owned()));
 
-    let reloader = Reloader::new(source, overrides, table.clone(), metrics.clone(), changes);
+    let reloader = Reloader::new(config.source.clone(), overrides, table.clone(), metrics.clone(), changes);
     let reload_task = tokio::spawn(reloader.run(reload, shutdown.clone()));
 
     let ingress_parts = ingress::Parts {
@@ -96,30 +93,10 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
     };
-    let ingress_task = tokio::spawn({
-        let stop = ingress_stop.clone();
-        async move {
-            ingress::run(ingress_parts, stop).await;
-            ingress_done.send_replace(true);
-        }
-    });
+    let ingress_task = spawn_ingress(ingress_parts, ingress_stop.clone(), ingress_done);
 
-    tracing::info!(
-        service = %config.sidecar.service,
-        egress = %egress_addr,
-        admin = %admin_addr,
-        outbound = config.outbound.len(),
-        inbound = config.inbound.len(),
-        "natsbridge running"
-    );
-    // Draining: tell the orchestrator to stop sending work before anything stops.
-    {
-        let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            readiness.drain();
-        });
-    }
+    log_running(&config, egress_addr, admin_addr);
+    mark_draining(readiness.clone(), shutdown.clone());
     let egress = Egress::new(table, nats.clone(), replies, metrics);
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
@@ -150,12 +127,39 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     drain_nats(&nats, drain.end).await;
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
-    let result = match served {
-        Ok(r) => r.map_err(SidecarError::from),
-        Err(e) => Err(SidecarError::Io(std::io::Error::other(e))),
-    };
+    // A panicked egress task counts as a failed listener.
+    let result = served.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(SidecarError::from);
     tracing::info!(took = ?drain.started.elapsed(), "natsbridge stopped");
     result
+}
+
+/// Says what runs where, once everything is started.
+fn log_running(config: &Config, egress: std::net::SocketAddr, admin: std::net::SocketAddr) {
+    tracing::info!(
+        service = %config.sidecar.service,
+        %egress,
+        %admin,
+        outbound = config.outbound.len(),
+        inbound = config.inbound.len(),
+        "natsbridge running"
+    );
+}
+
+/// Runs ingress until `stop`, then says so on `done` (what `POST /drain` waits for).
+fn spawn_ingress(parts: ingress::Parts, stop: CancellationToken, done: watch::Sender<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        ingress::run(parts, stop).await;
+        done.send_replace(true);
+    })
+}
+
+/// Draining: tells the orchestrator to stop sending work as soon as `shutdown` comes,
+/// before anything stops.
+fn mark_draining(readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        readiness.drain();
+    });
 }
 
 /// Applies the command line's and the environment's overrides, and says what they changed

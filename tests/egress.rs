@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use support::fixtures::{responder, EXECUTE_AGENT_ROUTE};
 use support::*;
 
 fn routes(extra: &str) -> String {
@@ -19,14 +20,7 @@ drain_timeout = "10s"
 timeout = "2s"
 max_body = "64KiB"
 
-[[outbound]]
-name = "execute-agent"
-method = "POST"
-host = "agent-service"
-path = "/agents/{{agent_id}}/execute"
-subject = "agent.{{agent_id}}.execution.requested"
-mode = "request"
-
+{EXECUTE_AGENT_ROUTE}
 [[outbound]]
 name = "slow"
 method = "POST"
@@ -67,24 +61,6 @@ service = "model"
 {extra}
 "#
     )
-}
-
-/// Answers every request on `subject` with `f(message)`.
-async fn responder(
-    nats: &NatsServer,
-    subject: &str,
-    f: impl Fn(&async_nats::Message) -> (async_nats::HeaderMap, Bytes) + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    let client = nats.client().await;
-    let mut sub = subscribe_synced(&client, subject).await;
-    tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let (h, body) = f(&msg);
-            if let Some(reply) = msg.reply.clone() {
-                client.publish_with_headers(reply, h, body).await.unwrap();
-            }
-        }
-    })
 }
 
 #[tokio::test]

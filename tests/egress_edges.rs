@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use support::fixtures::responder;
 use support::*;
 
 fn routes(extra: &str) -> String {
@@ -30,24 +30,6 @@ mode = "request"
 {extra}
 "#
     )
-}
-
-/// Answers every request on `subject` with `f(message)`.
-async fn responder(
-    nats: &NatsServer,
-    subject: &str,
-    f: impl Fn(&async_nats::Message) -> (async_nats::HeaderMap, Bytes) + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    let client = nats.client().await;
-    let mut sub = subscribe_synced(&client, subject).await;
-    tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let (h, body) = f(&msg);
-            if let Some(reply) = msg.reply.clone() {
-                client.publish_with_headers(reply, h, body).await.unwrap();
-            }
-        }
-    })
 }
 
 fn metric(metrics: &str, name: &str) -> Option<f64> {

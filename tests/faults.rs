@@ -372,19 +372,6 @@ fn sidecar_toml_claim(service: &str, claim_ttl: &str, body: &str) -> String {
     routes_toml(service, "2s", &format!("{}\n{body}", idempotency_section(BUCKET, claim_ttl)))
 }
 
-fn outbound_js(timeout: &str) -> String {
-    format!(
-        r#"[[outbound]]
-name = "event"
-method = "POST"
-path = "/events"
-subject = "events.created"
-mode = "jetstream"
-timeout = "{timeout}"
-"#
-    )
-}
-
 /// Stream `name` on `subjects`, file storage, `replicas`.
 async fn stream(js: &jetstream::Context, name: &str, subject: &str, replicas: usize) {
     js.create_stream(jetstream::stream::Config {
@@ -452,23 +439,17 @@ async fn nats_server_killed_and_restarted_under_jetstream_egress() {
         let app = EffectApp::start(|_, _| async { commit(200) }).await;
         let consumer_cfg = sidecar_toml(
             "consumer",
-            r#"[[inbound]]
-name = "events"
-subject = "events.created"
-mode = "jetstream"
-stream = "EVENTS"
-durable = "events"
-method = "POST"
-path = "/effects"
-ack_wait = "2s"
+            &events_route(
+                "/effects",
+                r#"ack_wait = "2s"
 max_deliver = 100
 backoff = ["200ms"]
 dead_letter = "dlq.events"
-concurrency = 16
-"#,
+concurrency = 16"#,
+            ),
         );
         let consumer = Sidecar::start(&consumer_cfg, &nats.url(), Some(&app.url())).await;
-        let producer = Sidecar::start(&sidecar_toml("producer", &outbound_js("2s")), &nats.url(), None).await;
+        let producer = Sidecar::start(&sidecar_toml("producer", &event_outbound("2s")), &nats.url(), None).await;
         consumer.wait_ready().await;
         producer.wait_ready().await;
 
@@ -675,7 +656,7 @@ async fn cluster_node_killed_under_load_loses_no_acked_message() {
             .map(|_| ())
         })
         .await;
-        let sidecar = SidecarProcess::start(&sidecar_toml("producer", &outbound_js("3s")), &urls.join(","), None);
+        let sidecar = SidecarProcess::start(&sidecar_toml("producer", &event_outbound("3s")), &urls.join(","), None);
         sidecar.wait_ready().await;
 
         let stop = CancellationToken::new();
@@ -1301,19 +1282,13 @@ timeout = "1s"
 fn fan_out_route(service: &str) -> String {
     sidecar_toml(
         service,
-        r#"[[inbound]]
-name = "execution-events"
-subject = "agent.execution.completed"
-mode = "jetstream"
-stream = "AGENT"
-method = "POST"
-path = "/events"
-ack_wait = "2s"
+        &execution_events_route(
+            r#"ack_wait = "2s"
 backoff = ["100ms", "200ms", "400ms"]
 max_deliver = 50
 concurrency = 8
-idempotency = { key = "msg-id", ttl = "1h" }
-"#,
+idempotency = { key = "msg-id", ttl = "1h" }"#,
+        ),
     )
 }
 

@@ -15,8 +15,8 @@ use futures::{SinkExt, StreamExt};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use support::fixtures::EXECUTE_AGENT_ROUTE;
 use support::*;
-use tokio::net::TcpListener;
 
 fn routes(sink: SocketAddr, ws: SocketAddr, sidecar_extra: &str) -> String {
     format!(
@@ -26,14 +26,7 @@ service = "orchestration"
 drain_timeout = "5s"
 {sidecar_extra}
 
-[[outbound]]
-name = "execute-agent"
-method = "POST"
-host = "agent-service"
-path = "/agents/{{agent_id}}/execute"
-subject = "agent.{{agent_id}}.execution.requested"
-mode = "request"
-timeout = "5s"
+{EXECUTE_AGENT_ROUTE}timeout = "5s"
 
 # Not migrated yet: plain HTTP, streamed. The timeout bounds the wait for the response
 # head once the body is sent, not the upload.
@@ -66,57 +59,43 @@ upstream = "http://{ws}"
 /// An origin that streams request bodies without keeping them and says what it saw:
 /// `<METHOD> <path> bytes=<n> host=<Host> via=<yes|no> proxy-connection=<yes|no>`.
 async fn sink() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let (parts, mut body) = req.into_parts();
-                    let mut n = 0usize;
-                    while let Some(frame) = body.frame().await {
-                        n += frame.ok().and_then(|f| f.into_data().ok()).map_or(0, |d| d.len());
-                    }
-                    let has = |h: &str| if parts.headers.contains_key(h) { "yes" } else { "no" };
-                    let host = parts.headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                    let text = format!(
-                        "{} {} bytes={n} host={host} via={} proxy-connection={}",
-                        parts.method,
-                        parts.uri.path(),
-                        has("via"),
-                        has("proxy-connection")
-                    );
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    addr
+    serve_tcp(|stream| async move {
+        let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+            let (parts, mut body) = req.into_parts();
+            let mut n = 0usize;
+            while let Some(frame) = body.frame().await {
+                n += frame.ok().and_then(|f| f.into_data().ok()).map_or(0, |d| d.len());
+            }
+            let has = |h: &str| if parts.headers.contains_key(h) { "yes" } else { "no" };
+            let host = parts.headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let text = format!(
+                "{} {} bytes={n} host={host} via={} proxy-connection={}",
+                parts.method,
+                parts.uri.path(),
+                has("via"),
+                has("proxy-connection")
+            );
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+    })
+    .await
 }
 
 /// A WebSocket echo server (tokio-websockets).
 async fn ws_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let Ok((_req, mut ws)) = tokio_websockets::ServerBuilder::new().accept(stream).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        let text = format!("echo: {}", msg.as_text().unwrap_or(""));
-                        if ws.send(tokio_websockets::Message::text(text)).await.is_err() {
-                            return;
-                        }
-                    }
+    serve_tcp(|stream| async move {
+        let Ok((_req, mut ws)) = tokio_websockets::ServerBuilder::new().accept(stream).await else { return };
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                let text = format!("echo: {}", msg.as_text().unwrap_or(""));
+                if ws.send(tokio_websockets::Message::text(text)).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// An HTTPS server for `localhost` whose certificate a test CA signed; returns its
@@ -143,35 +122,69 @@ async fn tls_origin(dir: &Path) -> (SocketAddr, PathBuf) {
         .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else { return };
-                let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"secure hello"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+    let addr = serve_tcp(move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(stream).await else { return };
+            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"secure hello"))))
             });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
         }
-    });
+    })
+    .await;
     (addr, ca_file)
+}
+
+/// A sidecar on [`routes`], ready.
+async fn sidecar(nats: &NatsServer, sink: SocketAddr, ws: SocketAddr, sidecar_extra: &str) -> Sidecar {
+    let s = Sidecar::start(&routes(sink, ws, sidecar_extra), &nats.url(), None).await;
+    s.wait_ready().await;
+    s
+}
+
+/// What the mixed-app tests run against: NATS with the responder, every origin, and a
+/// sidecar on the plain routes.
+struct Mixed {
+    _dir: tempfile::TempDir,
+    _nats: NatsServer,
+    sink: SocketAddr,
+    ws: SocketAddr,
+    tls: SocketAddr,
+    ca: PathBuf,
+    s: Sidecar,
+}
+
+impl Mixed {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsServer::start();
+        let (sink, ws) = (sink().await, ws_echo().await);
+        let (tls, ca) = tls_origin(dir.path()).await;
+        responder(&nats).await;
+        let s = sidecar(&nats, sink, ws, "").await;
+        Self { _dir: dir, _nats: nats, sink, ws, tls, ca, s }
+    }
+}
+
+/// What the mixed-app scripts call: a routed URL, an unrouted one, HTTPS (trusting `ca`,
+/// named in the variable `ca_var`) and a WebSocket.
+fn mixed_calls(sink: SocketAddr, ws: SocketAddr, tls: SocketAddr, ca_var: &'static str, ca: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("ROUTED_URL", "http://agent-service/agents/7/execute".into()),
+        ("UNROUTED_URL", format!("http://{sink}/upload")),
+        ("HTTPS_URL", format!("https://localhost:{}/secure", tls.port())),
+        (ca_var, ca.display().to_string()),
+        ("WS_URL", format!("ws://{ws}/chat")),
+    ]
 }
 
 /// Answers `agent.*.execution.requested` over NATS.
 async fn responder(nats: &NatsServer) {
-    let c = nats.client().await;
-    let mut sub = subscribe_synced(&c, "agent.*.execution.requested").await;
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                let _ = c.publish(reply, Bytes::from(format!("over NATS on {}", m.subject))).await;
-            }
-        }
-    });
+    support::fixtures::responder(nats, "agent.*.execution.requested", |m| {
+        (async_nats::HeaderMap::new(), Bytes::from(format!("over NATS on {}", m.subject)))
+    })
+    .await;
 }
 
 /// Runs tests/fixtures/forward_app.py with the proxy variables set to the sidecar and the
@@ -225,25 +238,10 @@ async fn curl(egress: SocketAddr, args: &[&str]) -> (u16, String) {
 
 #[tokio::test]
 async fn one_app_mixes_routed_unrouted_https_and_websocket_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start();
-    let (sink, ws) = (sink().await, ws_echo().await);
-    let (tls, ca) = tls_origin(dir.path()).await;
-    responder(&nats).await;
-    let s = Sidecar::start(&routes(sink, ws, ""), &nats.url(), None).await;
-    s.wait_ready().await;
+    let m = Mixed::start().await;
+    let Mixed { sink, ws, tls, ref ca, ref s, .. } = m;
 
-    let lines = python_app(
-        s.egress,
-        &[
-            ("ROUTED_URL", "http://agent-service/agents/7/execute".into()),
-            ("UNROUTED_URL", format!("http://{sink}/upload")),
-            ("HTTPS_URL", format!("https://localhost:{}/secure", tls.port())),
-            ("CA_FILE", ca.display().to_string()),
-            ("WS_URL", format!("ws://{ws}/chat")),
-        ],
-    )
-    .await;
+    let lines = python_app(s.egress, &mixed_calls(sink, ws, tls, "CA_FILE", ca)).await;
     assert_eq!(
         lines,
         vec![
@@ -283,24 +281,9 @@ async fn one_app_mixes_routed_unrouted_https_and_websocket_calls() {
 /// The same mix from Node: undici tunnels every call through CONNECT, the routed one too.
 #[tokio::test]
 async fn a_node_app_mixes_the_same_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start();
-    let (sink, ws) = (sink().await, ws_echo().await);
-    let (tls, ca) = tls_origin(dir.path()).await;
-    responder(&nats).await;
-    let s = Sidecar::start(&routes(sink, ws, ""), &nats.url(), None).await;
-    s.wait_ready().await;
-    let lines = node_app(
-        s.egress,
-        &[
-            ("ROUTED_URL", "http://agent-service/agents/7/execute".into()),
-            ("UNROUTED_URL", format!("http://{sink}/upload")),
-            ("HTTPS_URL", format!("https://localhost:{}/secure", tls.port())),
-            ("NODE_EXTRA_CA_CERTS", ca.display().to_string()),
-            ("WS_URL", format!("ws://{ws}/chat")),
-        ],
-    )
-    .await;
+    let m = Mixed::start().await;
+    let Mixed { sink, ws, tls, ref ca, ref s, .. } = m;
+    let lines = node_app(s.egress, &mixed_calls(sink, ws, tls, "NODE_EXTRA_CA_CERTS", ca)).await;
     assert_eq!(
         lines,
         vec![
@@ -320,8 +303,7 @@ async fn a_node_app_mixes_the_same_calls() {
 async fn websocket_upgrades_pass_through_http_routes() {
     let nats = NatsServer::start();
     let (sink, ws) = (sink().await, ws_echo().await);
-    let s = Sidecar::start(&routes(sink, ws, ""), &nats.url(), None).await;
-    s.wait_ready().await;
+    let s = sidecar(&nats, sink, ws, "").await;
     let lines = python_app(s.egress, &[("WS_URL", "ws://ws-service/chat".into())]).await;
     assert_eq!(lines, vec!["websocket 101 echo: hello over the proxy"]);
 }
@@ -330,8 +312,7 @@ async fn websocket_upgrades_pass_through_http_routes() {
 async fn unmatched_reject_keeps_the_404() {
     let nats = NatsServer::start();
     let (sink, ws) = (sink().await, ws_echo().await);
-    let s = Sidecar::start(&routes(sink, ws, "unmatched = \"reject\""), &nats.url(), None).await;
-    s.wait_ready().await;
+    let s = sidecar(&nats, sink, ws, "unmatched = \"reject\"").await;
     let (status, body) = curl(s.egress, &[&format!("http://{sink}/hello")]).await;
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("urn:natsbridge:problem:no-route"), "{body}");
@@ -347,8 +328,7 @@ async fn unmatched_reject_keeps_the_404() {
 async fn calls_to_the_sidecar_itself_are_refused_as_loops() {
     let nats = NatsServer::start();
     let (sink, ws) = (sink().await, ws_echo().await);
-    let s = Sidecar::start(&routes(sink, ws, ""), &nats.url(), None).await;
-    s.wait_ready().await;
+    let s = sidecar(&nats, sink, ws, "").await;
     let port = s.egress.port();
     for target in [format!("http://127.0.0.1:{port}/x"), format!("http://localhost:{port}/x")] {
         let (status, body) = curl(s.egress, &[&target]).await;
@@ -369,8 +349,7 @@ async fn connect_allow_limits_tunnels() {
     let (sink, ws) = (sink().await, ws_echo().await);
     let (tls, ca) = tls_origin(dir.path()).await;
     let allow = format!("connect_allow = [\"localhost:{}\"]", tls.port());
-    let s = Sidecar::start(&routes(sink, ws, &allow), &nats.url(), None).await;
-    s.wait_ready().await;
+    let s = sidecar(&nats, sink, ws, &allow).await;
     let ca = ca.display().to_string();
     let (status, body) = curl(s.egress, &["--cacert", &ca, &format!("https://localhost:{}/", tls.port())]).await;
     assert_eq!((status, body.as_str()), (200, "secure hello"));
@@ -393,8 +372,7 @@ async fn http_routes_stream_bodies_under_the_route_limit_and_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start();
     let (sink, ws) = (sink().await, ws_echo().await);
-    let s = Sidecar::start(&routes(sink, ws, ""), &nats.url(), None).await;
-    s.wait_ready().await;
+    let s = sidecar(&nats, sink, ws, "").await;
 
     // 3 MiB at 1 MiB/s: about 3s of upload on a route whose timeout is 1s, and no
     // max_body on the route (the 1 MiB default applies to NATS modes only).

@@ -196,17 +196,10 @@ async fn request_mode_refuses_a_key_reused_with_another_payload() {
     let toml = support::fixtures::routes_toml(
         "svc",
         "1s",
-        r#"[idempotency]
-bucket = "natsbridge_idempotency"
-
-[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-idempotency = { key = "header:Idempotency-Key", ttl = "1h" }
-"#,
+        &format!(
+            "[idempotency]\nbucket = \"natsbridge_idempotency\"\n\n{}",
+            support::fixtures::orders_route(r#"idempotency = { key = "header:Idempotency-Key", ttl = "1h" }"#)
+        ),
     );
     let sidecar = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;

@@ -49,16 +49,7 @@ fn js_route(extra: &str) -> String {
 }
 
 fn request_route(extra: &str) -> String {
-    toml(&format!(
-        r#"[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-{extra}
-"#
-    ))
+    toml(&orders_route(extra))
 }
 
 async fn bucket(js: &jetstream::Context) -> kv::Store {
@@ -113,6 +104,19 @@ async fn wait_metric(sidecar: &Sidecar, route: &str, result: &str, at_least: f64
 
 async fn nats_request(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &str) -> async_nats::Message {
     nats_request_within(client, subject, headers, body, Duration::from_secs(15)).await.unwrap()
+}
+
+/// An app that answers 201 with `{"<count>":<n>,"key":"<the idempotency key it got>"}`
+/// (n counts its calls) and the header `extra`.
+async fn keyed_app(count: &'static str, extra: (&'static str, &'static str)) -> App {
+    App::script(move |s, n| async move {
+        with_headers(
+            201,
+            &[("content-type", "application/json"), extra],
+            &format!(r#"{{"{count}":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")),
+        )
+    })
+    .await
 }
 
 const KEYED: &str = r#"idempotency = { key = "header:Idempotency-Key", ttl = "1h" }"#;
@@ -361,14 +365,7 @@ async fn request_replays_the_stored_response() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = App::script(|s, n| async move {
-            with_headers(
-                201,
-                &[("content-type", "application/json"), ("x-app", "1")],
-                &format!(r#"{{"order":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")),
-            )
-        })
-        .await;
+        let app = keyed_app("order", ("x-app", "1")).await;
         let sidecar = Sidecar::start(&request_route(KEYED), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let client = nats.client().await;
@@ -573,14 +570,7 @@ async fn idempotency_key_through_egress_reaches_the_app_once() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let app = App::script(|s, n| async move {
-            with_headers(
-                201,
-                &[("content-type", "application/json"), ("location", "/orders/1")],
-                &format!(r#"{{"n":{n},"key":"{}"}}"#, header(&s, "bridge-idempotency-key").unwrap_or("")),
-            )
-        })
-        .await;
+        let app = keyed_app("n", ("location", "/orders/1")).await;
         let a_toml = r#"[sidecar]
 service = "client-svc"
 
@@ -687,20 +677,7 @@ async fn tunnel_routes_deduplicate_too() {
                 |s, n| async move { with_headers(200, &[("content-type", "text/plain")], &format!("{} {} #{n}", s.method, s.uri)) },
             )
             .await;
-        let a_toml = r#"[sidecar]
-service = "client-svc"
-
-[nats]
-servers = ["nats://127.0.0.1:1"]
-
-[[outbound]]
-name = "model-tunnel"
-host = "model-service"
-path = "/{*rest}"
-mode = "tunnel"
-service = "model"
-timeout = "10s"
-"#;
+        let a_toml = MODEL_TUNNEL_CLIENT;
         let b_toml = toml(&format!("[[inbound]]\nname = \"model-in\"\nmode = \"tunnel\"\n{KEYED}\n"))
             .replace(r#"service = "svc""#, r#"service = "model""#);
         let b = Sidecar::start(&b_toml, &nats.url(), Some(&app.url())).await;

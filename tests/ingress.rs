@@ -239,20 +239,7 @@ async fn tunnel_end_to_end_through_two_sidecar_processes() {
         with_headers(207, &[("x-from-b", "1"), ("content-type", "text/plain")], &body)
     })
     .await;
-    let a_toml = r#"[sidecar]
-service = "client-svc"
-
-[nats]
-servers = ["nats://127.0.0.1:1"]
-
-[[outbound]]
-name = "model-tunnel"
-host = "model-service"
-path = "/{*rest}"
-mode = "tunnel"
-service = "model"
-timeout = "10s"
-"#;
+    let a_toml = MODEL_TUNNEL_CLIENT;
     let b_toml = r#"[sidecar]
 service = "model"
 

@@ -491,6 +491,26 @@ fn client_config(trust: &rustls::pki_types::CertificateDer<'static>) -> Arc<rust
     Arc::new(config)
 }
 
+/// An HTTP/1 connection to the webhook the way the API server opens it: TLS verified against
+/// the CA bundle, with the Service DNS name as SNI.
+async fn connect<B>(
+    addr: std::net::SocketAddr,
+    trust: &rustls::pki_types::CertificateDer<'static>,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(trust));
+    let name = rustls::pki_types::ServerName::try_from("natsbridge-inject.natsbridge.svc").unwrap();
+    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// One HTTPS request the way the API server makes it: TLS verified against the CA bundle, with
 /// the Service DNS name as SNI.
 async fn https(
@@ -500,12 +520,7 @@ async fn https(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Bytes), String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(client_config(trust));
-    let name = rustls::pki_types::ServerName::try_from("natsbridge-inject.natsbridge.svc").unwrap();
-    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut sender = connect(addr, trust).await?;
     let req = http::Request::builder()
         .method(method)
         .uri(path)
@@ -600,12 +615,7 @@ async fn stalled_body(
     trust: &rustls::pki_types::CertificateDer<'static>,
     declared: usize,
 ) -> Result<u16, String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(client_config(trust));
-    let name = rustls::pki_types::ServerName::try_from("natsbridge-inject.natsbridge.svc").unwrap();
-    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut sender = connect(addr, trust).await?;
     let (_keep, rx) = futures::channel::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
     let req = http::Request::builder()
         .method("POST")

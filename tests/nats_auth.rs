@@ -76,21 +76,13 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// A sidecar child process with extra environment and log level; stderr goes to its log.
 fn spawn_process(toml: &str, nats_url: &str, env: &[(&str, &str)], log_level: &str) -> SidecarProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("routes.toml");
-    std::fs::write(&path, toml).unwrap();
-    let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
-    cmd.arg("run").arg("--config").arg(&path).arg("--listen").arg(egress.to_string()).arg("--admin-listen").arg(admin.to_string());
-    cmd.arg("--nats-url").arg(nats_url).arg("--log-level").arg(log_level);
-    cmd.env_remove("NATSBRIDGE_LOG_LEVEL");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
-    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    SidecarProcess { child, egress, admin, dir }
+    SidecarProcess::start_with(toml, nats_url, |cmd| {
+        cmd.arg("--log-level").arg(log_level);
+        cmd.env_remove("NATSBRIDGE_LOG_LEVEL");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+    })
 }
 
 fn assert_secret_not_logged(log: &str, secret: &str) {

@@ -22,8 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use async_nats::jetstream::{self, kv};
 
 use support::fixtures::*;
@@ -44,30 +42,38 @@ fn service_toml(service: &str, extra: &str) -> String {
         service,
         "1s",
         &format!(
-            r#"{}
-[[inbound]]
-name = "execution-events"
-subject = "agent.execution.completed"
-mode = "jetstream"
-stream = "AGENT"
-method = "POST"
-path = "/events"
-idempotency = {{ key = "msg-id", ttl = "1h" }}
-{extra}
-"#,
-            idempotency_section(BUCKET, "5s")
+            "{}\n{}",
+            idempotency_section(BUCKET, "5s"),
+            execution_events_route(&format!("idempotency = {{ key = \"msg-id\", ttl = \"1h\" }}\n{extra}"))
         ),
     )
 }
 
-async fn setup(nats: &NatsServer) -> jetstream::Context {
+/// Stream AGENT on `agent.>`.
+async fn agent_stream(nats: &NatsServer) -> jetstream::Context {
     let js = jetstream::new(nats.client().await);
     js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
         .await
         .unwrap();
+    js
+}
+
+/// Stream AGENT, the dead-letter stream and the bucket.
+async fn setup(nats: &NatsServer) -> jetstream::Context {
+    let js = agent_stream(nats).await;
     dlq_stream(&js).await;
     js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
     js
+}
+
+/// Sidecars for the services `orchestration` and `execution`, each in front of its app, both
+/// ready.
+async fn both_services(nats: &NatsServer, orchestration: &App, execution: &App) -> (Sidecar, Sidecar) {
+    let a = Sidecar::start(&service_toml("orchestration", ""), &nats.url(), Some(&orchestration.url())).await;
+    let b = Sidecar::start(&service_toml("execution", ""), &nats.url(), Some(&execution.url())).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    (a, b)
 }
 
 fn durable(service: &str) -> String {
@@ -90,10 +96,7 @@ async fn two_services_on_one_route_each_see_every_event_once() {
         let js = setup(&nats).await;
         let orchestration = App::start(|_| respond(200, "ok")).await;
         let execution = App::start(|_| respond(200, "ok")).await;
-        let a = Sidecar::start(&service_toml("orchestration", ""), &nats.url(), Some(&orchestration.url())).await;
-        let b = Sidecar::start(&service_toml("execution", ""), &nats.url(), Some(&execution.url())).await;
-        a.wait_ready().await;
-        b.wait_ready().await;
+        let (a, b) = both_services(&nats, &orchestration, &execution).await;
 
         let mut last = 0;
         for i in 0..20 {
@@ -123,10 +126,7 @@ async fn a_poison_event_with_expectations_is_dead_lettered_once_per_consumer() {
         let js = setup(&nats).await;
         let orchestration = App::start(|_| respond(400, "bad event")).await;
         let execution = App::start(|_| respond(400, "bad event")).await;
-        let a = Sidecar::start(&service_toml("orchestration", ""), &nats.url(), Some(&orchestration.url())).await;
-        let b = Sidecar::start(&service_toml("execution", ""), &nats.url(), Some(&execution.url())).await;
-        a.wait_ready().await;
-        b.wait_ready().await;
+        let (a, b) = both_services(&nats, &orchestration, &execution).await;
 
         let ack = js_publish(
             &js,
@@ -290,29 +290,20 @@ async fn a_store_outage_longer_than_the_backoffs_dead_letters_nothing_and_runs_e
 /// that stores each message in the DLQ stream (as `dlqstore.slow`) after `delay` and
 /// answers with the stream's own PubAck.
 async fn slow_dead_letters(nats: &NatsServer, subject: &str, delay: Duration) -> tokio::task::JoinHandle<()> {
-    let client = nats.client().await;
-    let mut sub = subscribe_synced(&client, subject).await;
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let client = client.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let headers = m.headers.clone().unwrap_or_default();
-                let ack = client.request_with_headers("dlqstore.slow", headers, m.payload.clone()).await.unwrap();
-                client.publish(m.reply.unwrap(), ack.payload).await.unwrap();
-            });
-        }
+    answer_each(nats, subject, move |client, m| async move {
+        tokio::time::sleep(delay).await;
+        let headers = m.headers.clone().unwrap_or_default();
+        let ack = client.request_with_headers("dlqstore.slow", headers, m.payload.clone()).await.unwrap();
+        client.publish(m.reply.unwrap(), ack.payload).await.unwrap();
     })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_progress_acks_run_until_a_slow_dead_letter_is_stored() {
     bounded(async {
         let nats = NatsServer::start();
-        let js = jetstream::new(nats.client().await);
-        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
-            .await
-            .unwrap();
+        let js = agent_stream(&nats).await;
         // The DLQ stream holds `dlqstore.>`: the route's `dlq.svc.slow` reaches it only
         // through the slow front. Storing the dead letter takes 3 s, past the 2 s ack_wait
         // that began at the delivery.
@@ -397,10 +388,7 @@ async fn a_handler_aborted_at_shutdown_leaves_its_claim_to_go_stale() {
 async fn a_bucket_max_age_shorter_than_the_route_ttl_shows_the_store_degraded() {
     bounded(async {
         let nats = NatsServer::start();
-        let js = jetstream::new(nats.client().await);
-        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
-            .await
-            .unwrap();
+        let js = agent_stream(&nats).await;
         dlq_stream(&js).await;
         // Made by hand, not by `provision`: results would go after 1 minute, not the route's 1 h.
         js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, max_age: Duration::from_secs(60), ..Default::default() })

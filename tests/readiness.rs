@@ -34,14 +34,9 @@ path = "/moved"
 subject = "moved.call"
 mode = "request"
 
-[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-
-{extra}"#
+{}
+{extra}"#,
+        support::fixtures::orders_route("")
     )
 }
 

@@ -72,18 +72,12 @@ async fn no_responders_is_not_a_timeout() {
 /// Answers every request on `subject` with `reply-to-<payload>` after a random delay of
 /// up to `max_delay_ms`, each in its own task so answers overtake one another.
 async fn shuffling_responder(nats: &NatsServer, subject: &str, max_delay_ms: u64) -> tokio::task::JoinHandle<()> {
-    let client = nats.client().await;
-    let mut sub = subscribe_synced(&client, subject).await;
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let client = client.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=max_delay_ms))).await;
-                let body = format!("reply-to-{}", String::from_utf8_lossy(&m.payload));
-                let _ = client.publish(m.reply.unwrap(), body.into()).await;
-            });
-        }
+    support::fixtures::answer_each(nats, subject, move |client, m| async move {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=max_delay_ms))).await;
+        let body = format!("reply-to-{}", String::from_utf8_lossy(&m.payload));
+        let _ = client.publish(m.reply.unwrap(), body.into()).await;
     })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,36 +17,9 @@ const MARGIN: Duration = Duration::from_millis(1500);
 
 /// A request route, a jetstream route (stream EVENTS, DLQ) and an egress publish route.
 fn routes() -> String {
-    routes_toml(
-        "shutdown",
-        "2s",
-        r#"[[outbound]]
-name = "event"
-method = "POST"
-path = "/events"
-subject = "events.created"
-mode = "jetstream"
-timeout = "1s"
-
-[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-
-[[inbound]]
-name = "events"
-subject = "events.created"
-mode = "jetstream"
-stream = "EVENTS"
-durable = "events"
-method = "POST"
-path = "/events"
-ack_wait = "2s"
-dead_letter = "dlq.events"
-"#,
-    )
+    let egress = event_outbound("1s");
+    let ingress = orders_route("") + &events_route("/events", "ack_wait = \"2s\"\ndead_letter = \"dlq.events\"");
+    routes_toml("shutdown", "2s", &format!("{egress}\n{ingress}"))
 }
 
 /// Stops `sidecar` and says how long it took; panics past `limit` (the sidecar hung).
@@ -92,10 +65,7 @@ async fn stop_with_nats_never_reachable_is_bounded() {
 async fn stop_with_nats_killed_is_bounded() {
     let mut nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
-        .await
-        .unwrap();
-    dlq_stream(&js).await;
+    events_streams(&js).await;
     let app = App::start(|_| respond(200, "ok")).await;
     let sidecar = Sidecar::start(&routes(), &nats.url(), Some(&app.url())).await;
     sidecar.wait_ready().await;
@@ -120,14 +90,8 @@ path = "/legacy/{{*rest}}"
 mode = "http"
 upstream = "{app}"
 
-[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-timeout = "30s"
-"#
+{}"#,
+            orders_route("timeout = \"30s\"")
         ),
     )
 }
@@ -218,31 +182,9 @@ async fn flaky_app(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Ap
 }
 
 fn health_routes() -> String {
-    routes_toml(
-        "health",
-        "2s",
-        r#"[[inbound]]
-name = "orders"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-
-[[inbound]]
-name = "events"
-subject = "events.created"
-mode = "jetstream"
-stream = "EVENTS"
-durable = "events"
-method = "POST"
-path = "/events"
-ack_wait = "1s"
-max_deliver = 2
-backoff = ["100ms"]
-dead_letter = "dlq.events"
-"#,
-    )
-    .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
+    let events = events_route("/events", "ack_wait = \"1s\"\nmax_deliver = 2\nbackoff = [\"100ms\"]\ndead_letter = \"dlq.events\"");
+    routes_toml("health", "2s", &format!("{}\n{events}", orders_route("")))
+        .replace("[sidecar]\n", "[sidecar]\napp_health_path = \"/healthz\"\n")
 }
 
 async fn app_state(admin: std::net::SocketAddr) -> Option<String> {
@@ -254,10 +196,7 @@ async fn inbound_routes_pause_while_the_app_is_unhealthy_and_resume() {
     use std::sync::atomic::Ordering;
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
-        .await
-        .unwrap();
-    dlq_stream(&js).await;
+    events_streams(&js).await;
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let app = flaky_app(healthy.clone()).await;
     let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;
@@ -356,10 +295,7 @@ fn a_bad_app_health_path_is_reported_with_its_line() {
 async fn jetstream_routes_hold_messages_while_the_app_refuses_connections() {
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
-        .await
-        .unwrap();
-    dlq_stream(&js).await;
+    events_streams(&js).await;
     let app = App::start(|_| respond(200, "ok")).await;
     let addr = app.addr;
     let sidecar = Sidecar::start(&health_routes(), &nats.url(), Some(&app.url())).await;

@@ -10,25 +10,10 @@
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use natsbridge::codec;
+use natsbridge::codec::{self, HOP_BY_HOP};
 use natsbridge::config::{self, OutboundTarget};
 use natsbridge::egress::routes::RouteTable;
 use natsbridge::subject::SubjectTemplate;
-
-/// Hop-by-hop headers plus those a NATS hop recomputes (mirrors `codec`).
-pub const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-];
 
 fn fields(data: &[u8]) -> Vec<&[u8]> {
     data.split(|&b| b == 0).collect()
@@ -68,45 +53,8 @@ pub fn config(data: &[u8]) {
 // ---------------------------------------------------------------------------------------
 // path matching + subject rendering
 
-const ROUTES: &str = r#"
-[sidecar]
-service = "fuzz"
-
-[[outbound]]
-name = "exec"
-method = "POST"
-host = "agent-service"
-path = "/agents/{agent_id}/execute"
-subject = "agent.{agent_id}.execution.requested"
-mode = "request"
-
-[[outbound]]
-name = "mixed"
-path = "/jobs/{id}/{step}"
-subject = "job-{id}.step_{step}.done"
-mode = "publish"
-
-[[outbound]]
-name = "two"
-method = "PUT"
-path = "/kv/{bucket}/keys/{key}"
-subject = "kv.{bucket}.{key}"
-mode = "jetstream"
-
-[[outbound]]
-name = "static"
-method = "GET"
-path = "/health/deep"
-subject = "health.deep"
-mode = "request"
-
-[[outbound]]
-name = "rest"
-host = "model-service"
-path = "/{*rest}"
-mode = "tunnel"
-service = "model"
-"#;
+/// The route table the path-matching target runs against.
+const ROUTES: &str = include_str!("../routes.toml");
 
 fn table() -> &'static RouteTable {
     static T: OnceLock<RouteTable> = OnceLock::new();

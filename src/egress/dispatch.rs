@@ -21,6 +21,15 @@ use crate::nats::publish::{publish_acked, PublishErrorKind};
 use crate::problem::BridgeError;
 use crate::subject::{control_line_len, RenderError, MAX_CONTROL_LINE};
 
+/// One call as the NATS modes take it: the route, its rendered subject, the request's head
+/// and its body, already read under the route's limit.
+struct Call<'a> {
+    route: &'a Outbound,
+    subject: String,
+    parts: &'a http::request::Parts,
+    body: Bytes,
+}
+
 impl Egress {
     /// Answers one request; every request gets an `X-Request-Id` (kept when the app sent
     /// one), echoed back.
@@ -102,11 +111,12 @@ impl Egress {
             OutboundTarget::Publish(_) | OutboundTarget::JetStream(_) => super::nest::event_payload(route, &subject, body)?,
             _ => body,
         };
+        let call = Call { route, subject, parts: &parts, body };
         match &route.target {
-            OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body).await,
-            OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
-            OutboundTarget::Publish(_) => self.publish(route, subject, &parts.headers, body).await,
-            OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
+            OutboundTarget::Request(_) => self.request(call).await,
+            OutboundTarget::Tunnel { .. } => self.tunnel(call).await,
+            OutboundTarget::Publish(_) => self.publish(call).await,
+            OutboundTarget::JetStream(_) => self.jetstream(call).await,
             OutboundTarget::Http { .. } => unreachable!("streamed above"),
         }
     }
@@ -132,24 +142,14 @@ impl Egress {
     }
 
     /// `request` mode: a NATS request with the HTTP headers; the reply is the response.
-    async fn request(
-        &self,
-        route: &Outbound,
-        subject: String,
-        headers: &http::HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<Body>, BridgeError> {
+    async fn request(&self, call: Call<'_>) -> Result<Response<Body>, BridgeError> {
+        let Call { route, subject, parts: http::request::Parts { headers, .. }, body } = call;
         self.nats_request(route, subject, nats_headers(route, headers), body).await
     }
 
     /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
-    async fn tunnel(
-        &self,
-        route: &Outbound,
-        subject: String,
-        parts: &http::request::Parts,
-        body: Bytes,
-    ) -> Result<Response<Body>, BridgeError> {
+    async fn tunnel(&self, call: Call<'_>) -> Result<Response<Body>, BridgeError> {
+        let Call { route, subject, parts, body } = call;
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
         let headers = codec::strip_nats_control(headers, |n| route.allow_nats_headers.allows(n));
         self.nats_request(route, subject, headers, body).await
@@ -181,13 +181,8 @@ impl Egress {
     }
 
     /// `publish` mode: fire and forget, answered 202 once the server has the message.
-    async fn publish(
-        &self,
-        route: &Outbound,
-        subject: String,
-        headers: &http::HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<Body>, BridgeError> {
+    async fn publish(&self, call: Call<'_>) -> Result<Response<Body>, BridgeError> {
+        let Call { route, subject, parts: http::request::Parts { headers, .. }, body } = call;
         self.ensure_connected()?;
         let nats_headers = nats_headers(route, headers);
         self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
@@ -213,13 +208,8 @@ impl Egress {
 
     /// `jetstream` mode: answered 202 once a stream acknowledged the message; an
     /// `Idempotency-Key` becomes its `Nats-Msg-Id`, so the stream deduplicates retries.
-    async fn jetstream(
-        &self,
-        route: &Outbound,
-        subject: String,
-        headers: &http::HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<Body>, BridgeError> {
+    async fn jetstream(&self, call: Call<'_>) -> Result<Response<Body>, BridgeError> {
+        let Call { route, subject, parts: http::request::Parts { headers, .. }, body } = call;
         self.ensure_connected()?;
         let _slot = self.publish_slot().ok_or(BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::codec;
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::metrics::status_class;
-use crate::problem::BridgeError;
+use crate::problem::{error_chain, BridgeError};
 
 /// The route label of forwarded calls in `natsbridge_egress_requests_total`.
 pub const UNMATCHED_ROUTE: &str = "(unmatched)";
@@ -269,16 +269,4 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(http::header::UPGRADE, protocol);
     headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
-}
-
-/// hyper's client error with its causes ("client error (Connect): tcp connect error: …").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

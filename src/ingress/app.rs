@@ -10,6 +10,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::problem::error_chain;
+
 /// The app's answer, body buffered.
 #[derive(Debug)]
 pub struct AppResponse {
@@ -83,18 +85,6 @@ impl AppClient {
         };
         tokio::time::timeout(timeout, exchange).await.map_err(|_| AppError::Timeout(timeout))?
     }
-}
-
-/// hyper's client errors say "client error (Connect)"; the cause is in the source chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// `app_url` as a prefix for request paths: scheme, authority and base path, without a

@@ -12,12 +12,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use http::{HeaderMap, StatusCode};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::idempotency::guard;
-use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
-use crate::codec;
+use super::{retry_delay, sleep_or_stop, AppError, AppResponse, InFlight, Route, Shared};
+use crate::codec::{self, nestjs};
 use crate::problem::BridgeError;
 
 /// Runs one route until `stop`: subscribes (again, if the subscription ever ends), reads
@@ -28,7 +28,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
     let name = route.inbound.name.as_str();
     let subject = route.inbound.subject.as_str().to_owned();
     let permits = Arc::new(Semaphore::new(route.inbound.concurrency));
-    let abort = CancellationToken::new();
+    let h = Handlers { shared: shared.clone(), route: route.clone(), tunnel, permits: permits.clone(), abort: CancellationToken::new() };
     let mut waiting = Buffer::default();
     let mut attempt = 0;
     let mut sub = None;
@@ -63,9 +63,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
                 _ = shared.gate.shut() => {
                     // What already arrived is answered like the rest.
                     while let Some(Some(msg)) = s.next().now_or_never() {
-                        if let Some(msg) = waiting.push(msg, route.inbound.max_buffer) {
-                            tokio::spawn(refuse_full(shared.clone(), route.clone(), msg));
-                        }
+                        h.buffer(&mut waiting, msg);
                     }
                     shared.readiness.fail(&route.check, "paused: the app is down");
                     tracing::info!(route = name, "the app is down: inbound subscription paused");
@@ -73,8 +71,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
                     break;
                 }
                 permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
-                    let msg = waiting.pop().expect("not empty");
-                    tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
+                    h.spawn(waiting.pop().expect("not empty"), permit.expect("never closed"));
                 }
                 msg = s.next() => {
                     let Some(msg) = msg else {
@@ -83,24 +80,14 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
                         tracing::warn!(route = name, "inbound subscription ended; resubscribing");
                         break;
                     };
-                    if let Some(msg) = waiting.push(msg, route.inbound.max_buffer) {
-                        tokio::spawn(refuse_full(shared.clone(), route.clone(), msg));
-                    }
+                    h.buffer(&mut waiting, msg);
                 }
             }
         }
         if std::mem::take(&mut paused) {
-            // Unsubscribes; the buffered messages are handed out below, as the gate opens.
+            // Unsubscribes; the buffered messages are handed out as the gate opens.
             drop(s);
-            while !waiting.is_empty() {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => {
-                        let msg = waiting.pop().expect("not empty");
-                        tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
-                    }
-                }
-            }
+            h.hand_out(&mut waiting, &stop).await;
             continue;
         }
         sub = Some(s);
@@ -108,25 +95,68 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
             break;
         }
     }
-    let deadline = tokio::time::Instant::now() + route.drain_timeout;
-    // Received before the stop: answered like the rest, then what the drain still brings.
-    while let Some(msg) = waiting.pop() {
-        let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
-        tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+    h.drain(waiting, sub).await;
+}
+
+/// What every handler of one route shares, so that starting one is a single call.
+struct Handlers {
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    tunnel: bool,
+    /// The route's `concurrency`: a handler holds one while it runs.
+    permits: Arc<Semaphore>,
+    /// Cancelled when handlers outlive the drain deadline.
+    abort: CancellationToken,
+}
+
+impl Handlers {
+    fn spawn(&self, msg: async_nats::Message, permit: OwnedSemaphorePermit) {
+        tokio::spawn(handle(self.shared.clone(), self.route.clone(), msg, self.tunnel, permit, self.abort.clone()));
     }
-    // A drain ends with the server's PONG: while disconnected none comes, and the
-    // subscription has nothing more to bring anyway.
-    if let Some(mut s) = sub.filter(|_| crate::nats::connection::is_connected(&shared.nats)) {
-        // Sending the drain waits for room in the client's command queue, which fills while
-        // the connection is down.
-        if matches!(tokio::time::timeout_at(deadline, s.drain()).await, Ok(Ok(()))) {
-            while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
-                let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
-                tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+
+    /// Queues `msg`, or refuses it when the buffer is full.
+    fn buffer(&self, waiting: &mut Buffer, msg: async_nats::Message) {
+        if let Some(msg) = waiting.push(msg, self.route.inbound.max_buffer) {
+            tokio::spawn(refuse_full(self.shared.clone(), self.route.clone(), msg));
+        }
+    }
+
+    /// Hands out every buffered message as permits free up (the subscription is gone), or
+    /// until `stop`.
+    async fn hand_out(&self, waiting: &mut Buffer, stop: &CancellationToken) {
+        while !waiting.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                permit = self.permits.clone().acquire_owned() => {
+                    self.spawn(waiting.pop().expect("not empty"), permit.expect("never closed"));
+                }
             }
         }
     }
-    wait_in_flight(&permits, route.inbound.concurrency, deadline, &abort).await;
+
+    /// The stop: within the route's `drain_timeout`, answers what was received, drains the
+    /// subscription and answers what the drain brings, then waits for the handlers.
+    async fn drain(&self, mut waiting: Buffer, sub: Option<async_nats::Subscriber>) {
+        let deadline = tokio::time::Instant::now() + self.route.drain_timeout;
+        // Received before the stop: answered like the rest, then what the drain still brings.
+        while let Some(msg) = waiting.pop() {
+            let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await else { break };
+            self.spawn(msg, permit);
+        }
+        // A drain ends with the server's PONG: while disconnected none comes, and the
+        // subscription has nothing more to bring anyway.
+        if let Some(mut s) = sub.filter(|_| crate::nats::connection::is_connected(&self.shared.nats)) {
+            // Sending the drain waits for room in the client's command queue, which fills while
+            // the connection is down.
+            if matches!(tokio::time::timeout_at(deadline, s.drain()).await, Ok(Ok(()))) {
+                while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
+                    let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await else { break };
+                    self.spawn(msg, permit);
+                }
+            }
+        }
+        wait_in_flight(&self.permits, self.route.inbound.concurrency, deadline, &self.abort).await;
+    }
 }
 
 /// Messages received but waiting for a `concurrency` permit, in arrival order, bounded in
@@ -200,20 +230,12 @@ async fn handle(
     route: Arc<Route>,
     msg: async_nats::Message,
     tunnel: bool,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
     abort: CancellationToken,
 ) {
     let m = &route.metrics;
     m.deliveries.inc();
-    if let Some(reply) = msg.reply.as_deref().filter(|r| !codec::reply_allowed(r, &route.inbound.reply_prefixes)) {
-        // A publisher could aim the app's answer at `$JS.API.STREAM.DELETE.<stream>` and
-        // have the sidecar send it with its own credentials: neither the app nor the
-        // reply runs.
-        m.refused_reply.inc();
-        if let Some(suppressed) = route.refusals.check() {
-            let prefixes = &route.inbound.reply_prefixes;
-            tracing::warn!(route = %route.inbound.name, reply = ?reply, ?prefixes, suppressed, "refused a message whose reply subject is outside reply_prefixes; the app was not called");
-        }
+    if refuse_reply(&route, &msg) {
         return;
     }
     let _in_flight = InFlight::new(&m.in_flight);
@@ -231,20 +253,7 @@ async fn handle(
     let call = match gate {
         Err(answer) => Ok(answer),
         Ok(claimed) => {
-            let call = match prepare(&route, &msg, tunnel) {
-                Ok((method, uri, mut headers)) => {
-                    if let Some(k) = &key {
-                        guard::set_key_header(&mut headers, k);
-                    }
-                    let body = super::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
-                    let call = shared.app.call(method, &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
-                    tokio::select! {
-                        r = call => Ok(r),
-                        _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
-                    }
-                }
-                Err(e) => Err(e),
-            };
+            let call = call_app(&shared, &route, &msg, tunnel, key.as_deref(), nest.as_ref(), &abort).await;
             match (idem, claimed) {
                 // Aborted at shutdown: the app may still be running the dropped request, so
                 // the claim is left to go stale rather than released for a concurrent retry.
@@ -267,19 +276,72 @@ async fn handle(
         }
         return;
     };
+    send_reply(&shared, &route, reply, call, rid.as_deref(), nest.as_ref()).await;
+}
+
+/// Refuses (counts, logs at a rate limit) a message whose reply subject is outside the
+/// route's `reply_prefixes`.
+fn refuse_reply(route: &Route, msg: &async_nats::Message) -> bool {
+    let Some(reply) = msg.reply.as_deref().filter(|r| !codec::reply_allowed(r, &route.inbound.reply_prefixes)) else {
+        return false;
+    };
+    // A publisher could aim the app's answer at `$JS.API.STREAM.DELETE.<stream>` and
+    // have the sidecar send it with its own credentials: neither the app nor the
+    // reply runs.
+    route.metrics.refused_reply.inc();
+    if let Some(suppressed) = route.refusals.check() {
+        let prefixes = &route.inbound.reply_prefixes;
+        tracing::warn!(route = %route.inbound.name, reply = ?reply, ?prefixes, suppressed, "refused a message whose reply subject is outside reply_prefixes; the app was not called");
+    }
+    true
+}
+
+/// Calls the app with the request `msg` stands for (carrying the idempotency `key`),
+/// unless `abort` comes first.
+async fn call_app(
+    shared: &Shared,
+    route: &Route,
+    msg: &async_nats::Message,
+    tunnel: bool,
+    key: Option<&str>,
+    nest: Option<&nestjs::Incoming>,
+    abort: &CancellationToken,
+) -> Result<Result<AppResponse, AppError>, BridgeError> {
+    let (method, uri, mut headers) = prepare(route, msg, tunnel)?;
+    if let Some(k) = key {
+        guard::set_key_header(&mut headers, k);
+    }
+    let body = super::nest::app_body(nest, &msg.payload, &mut headers);
+    let call = shared.app.call(method, &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
+    tokio::select! {
+        r = call => Ok(r),
+        _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
+    }
+}
+
+/// Sends the app's answer (or the failure as problem+json) to `reply`; an answer too large
+/// for the server's `max_payload` goes back as a 413 problem instead.
+async fn send_reply(
+    shared: &Shared,
+    route: &Route,
+    reply: async_nats::Subject,
+    call: Result<AppResponse, BridgeError>,
+    rid: Option<&str>,
+    nest: Option<&nestjs::Incoming>,
+) {
     let (status, headers, body) = match call {
         Ok(r) => (r.status, r.headers, r.body),
-        Err(e) => problem(&e, &route.inbound.name, rid.as_deref()),
+        Err(e) => problem(&e, &route.inbound.name, rid),
     };
-    let (reply_headers, body) = super::nest::reply(nest.as_ref(), status, &headers, body);
+    let (reply_headers, body) = super::nest::reply(nest, status, &headers, body);
     match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
-        Ok(()) => m.reply.inc(),
+        Ok(()) => route.metrics.reply.inc(),
         Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
             let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
-            let (status, headers, body) = problem(&e, &route.inbound.name, rid.as_deref());
-            let (headers, body) = super::nest::reply(nest.as_ref(), status, &headers, body);
+            let (status, headers, body) = problem(&e, &route.inbound.name, rid);
+            let (headers, body) = super::nest::reply(nest, status, &headers, body);
             let _ = shared.nats.publish_with_headers(reply, headers, body).await;
-            m.reply.inc();
+            route.metrics.reply.inc();
         }
         Err(e) => tracing::warn!(route = %route.inbound.name, error = %e, "could not send the reply"),
     }

@@ -2,45 +2,8 @@ use super::render::{env_name, helm_values, nats_conf, nsc, Password};
 use super::*;
 use crate::config::parse;
 
-const SERVICE: &str = r#"
-[sidecar]
-service = "orders"
-
-[[outbound]]
-name = "agent-exec"
-path = "/agents/{id}/execute"
-mode = "request"
-subject = "agent.{id}.execution.requested"
-
-[[outbound]]
-name = "audit"
-path = "/audit"
-mode = "publish"
-subject = "audit.orders"
-
-[[outbound]]
-name = "tool"
-path = "/tools"
-mode = "jetstream"
-subject = "tool.execution.requested"
-
-[[inbound]]
-name = "create"
-subject = "orders.create"
-mode = "request"
-method = "POST"
-path = "/orders"
-
-[[inbound]]
-name = "events"
-subject = "orders.events.>"
-mode = "jetstream"
-stream = "ORDERS"
-durable = "orders-events"
-method = "POST"
-path = "/events"
-idempotency = { key = "msg-id" }
-"#;
+/// A service with every kind of route.
+const SERVICE: &str = include_str!("../../tests/fixtures/permissions-orders.toml");
 
 fn perms(src: &str) -> Permissions {
     for_config(&parse(src, "orders.toml").unwrap_or_else(|e| panic!("{e}")))

@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 
-use super::eventually;
+use futures::StreamExt;
+
+use super::{eventually, subscribe_synced, NatsServer};
 
 /// A routing file: the `[sidecar]` and `[nats]` sections, then `sections`. The app and NATS
 /// addresses are dummies: the harness passes the real ones to the sidecar it starts.
@@ -53,6 +55,106 @@ deliver = "all"
 {extra}
 "#
     )
+}
+
+/// The egress request route `execute-agent`: POST agent-service/agents/{agent_id}/execute
+/// → `agent.<agent_id>.execution.requested`; ends in a newline.
+pub const EXECUTE_AGENT_ROUTE: &str = r#"[[outbound]]
+name = "execute-agent"
+method = "POST"
+host = "agent-service"
+path = "/agents/{agent_id}/execute"
+subject = "agent.{agent_id}.execution.requested"
+mode = "request"
+"#;
+
+/// The routing file of an egress-only sidecar `client-svc` whose calls to `model-service`
+/// travel as tunnel requests to the service `model`.
+pub const MODEL_TUNNEL_CLIENT: &str = r#"[sidecar]
+service = "client-svc"
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[[outbound]]
+name = "model-tunnel"
+host = "model-service"
+path = "/{*rest}"
+mode = "tunnel"
+service = "model"
+timeout = "10s"
+"#;
+
+/// The request route `orders` on `orders.create` → POST /orders, with the `extra` lines
+/// after; ends in a newline.
+pub fn orders_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "orders"
+subject = "orders.create"
+mode = "request"
+method = "POST"
+path = "/orders"
+{extra}
+"#
+    )
+}
+
+/// The jetstream route `events` on `events.created` (stream EVENTS, durable `events`) →
+/// POST `path`, with the `extra` lines after; ends in a newline.
+pub fn events_route(path: &str, extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "events"
+subject = "events.created"
+mode = "jetstream"
+stream = "EVENTS"
+durable = "events"
+method = "POST"
+path = "{path}"
+{extra}
+"#
+    )
+}
+
+/// The egress route `event`: POST /events → JetStream `events.created`, answered within
+/// `timeout`; ends in a newline.
+pub fn event_outbound(timeout: &str) -> String {
+    format!(
+        r#"[[outbound]]
+name = "event"
+method = "POST"
+path = "/events"
+subject = "events.created"
+mode = "jetstream"
+timeout = "{timeout}"
+"#
+    )
+}
+
+/// The jetstream route `execution-events` on `agent.execution.completed` (stream AGENT) →
+/// POST /events, with the `extra` lines after (the durable defaults to
+/// `<service>-execution-events`); ends in a newline.
+pub fn execution_events_route(extra: &str) -> String {
+    format!(
+        r#"[[inbound]]
+name = "execution-events"
+subject = "agent.execution.completed"
+mode = "jetstream"
+stream = "AGENT"
+method = "POST"
+path = "/events"
+{extra}
+"#
+    )
+}
+
+/// Stream EVENTS on `events.>` (what [`events_route`] consumes) and the dead-letter stream.
+pub async fn events_streams(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config { name: "EVENTS".into(), subjects: vec!["events.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    dlq_stream(js).await;
 }
 
 /// The dead-letter stream DLQ on `dlq.>`.
@@ -121,4 +223,38 @@ pub async fn consumer_settled(js: &jetstream::Context, stream: &str, durable: &s
 /// all it ever will.
 pub async fn settled(js: &jetstream::Context, through: u64) -> jetstream::consumer::Info {
     eventually("the consumer to settle", Duration::from_secs(20), || settled_consumer(js, "TOOL", "tool", through)).await
+}
+
+/// Answers every request on `subject` with `f(message)`.
+pub async fn responder(
+    nats: &NatsServer,
+    subject: &str,
+    f: impl Fn(&async_nats::Message) -> (async_nats::HeaderMap, Bytes) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let client = nats.client().await;
+    let mut sub = subscribe_synced(&client, subject).await;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let (h, body) = f(&msg);
+            if let Some(reply) = msg.reply.clone() {
+                client.publish_with_headers(reply, h, body).await.unwrap();
+            }
+        }
+    })
+}
+
+/// Answers each request on `subject` in a task of its own, `f` given a client to answer
+/// with and the message: answers may overtake one another.
+pub async fn answer_each<F, Fut>(nats: &NatsServer, subject: &str, f: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(async_nats::Client, async_nats::Message) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let client = nats.client().await;
+    let mut sub = subscribe_synced(&client, subject).await;
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            tokio::spawn(f(client.clone(), m));
+        }
+    })
 }

@@ -40,6 +40,24 @@ where
 
 /// A free loopback port (bound and released; used only where a fixed port must be known
 /// before the process starts, e.g. cluster routes and restarts).
+/// A TCP server on a random local port that runs `conn` on each connection, on its own
+/// task; returns the address.
+pub async fn serve_tcp<F, Fut>(conn: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(conn(stream));
+        }
+    });
+    addr
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -549,6 +567,16 @@ pub struct SidecarProcess {
 
 impl SidecarProcess {
     pub fn start(toml: &str, nats_url: &str, app_url: Option<&str>) -> Self {
+        Self::start_with(toml, nats_url, |cmd| {
+            if let Some(a) = app_url {
+                cmd.arg("--app-url").arg(a);
+            }
+        })
+    }
+
+    /// Like [`start`](Self::start), with `configure` adding to the command line and
+    /// environment.
+    pub fn start_with(toml: &str, nats_url: &str, configure: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, toml).unwrap();
@@ -557,9 +585,7 @@ impl SidecarProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
         cmd.arg("run").arg("--config").arg(&path).arg("--listen").arg(egress.to_string()).arg("--admin-listen").arg(admin.to_string());
         cmd.arg("--nats-url").arg(nats_url);
-        if let Some(a) = app_url {
-            cmd.arg("--app-url").arg(a);
-        }
+        configure(&mut cmd);
         let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         Self { child, egress, admin, dir }

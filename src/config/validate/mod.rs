@@ -140,20 +140,27 @@ fn defaults_section(raw: RawDefaults, start: TableStart, diags: &mut Diagnostics
 
 /// The duration at `key`, or `default` when absent or invalid (invalid is reported).
 fn duration(at: Table<'_>, key: &str, value: &Option<String>, default: Duration, diags: &mut Diagnostics<'_>) -> Duration {
-    match value {
-        None => default,
-        Some(s) => parse_duration(s).unwrap_or_else(|e| {
-            diags.error(at, Some(key), format!("`{key}`: {e}"));
-            default
-        }),
-    }
+    parsed(at, key, value, default, parse_duration, diags)
 }
 
 /// The size at `key`, or `default` when absent or invalid (invalid is reported).
 fn size(at: Table<'_>, key: &str, value: &Option<String>, default: usize, diags: &mut Diagnostics<'_>) -> usize {
+    parsed(at, key, value, default, parse_size, diags)
+}
+
+/// `value` (at `key`) through `parse`, or `default` when absent or invalid (invalid is
+/// reported).
+fn parsed<T, E: std::fmt::Display>(
+    at: Table<'_>,
+    key: &str,
+    value: &Option<String>,
+    default: T,
+    parse: fn(&str) -> Result<T, E>,
+    diags: &mut Diagnostics<'_>,
+) -> T {
     match value {
         None => default,
-        Some(s) => parse_size(s).unwrap_or_else(|e| {
+        Some(s) => parse(s).unwrap_or_else(|e| {
             diags.error(at, Some(key), format!("`{key}`: {e}"));
             default
         }),

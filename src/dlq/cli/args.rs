@@ -63,8 +63,10 @@ pub struct ListArgs {
     pub filter: FilterArgs,
 }
 
+/// The dead letters a command works on, one by one: where to connect, which ones, and
+/// how many.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ShowArgs {
+pub struct Selection {
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
@@ -72,6 +74,12 @@ pub struct ShowArgs {
     /// At most this many dead letters, oldest first.
     #[arg(long)]
     pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub select: Selection,
     /// Payload preview length, in characters (text) or bytes (binary).
     #[arg(long, default_value_t = 120)]
     pub preview: usize,
@@ -80,12 +88,7 @@ pub struct ShowArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// At most this many dead letters, oldest first.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    pub select: Selection,
     /// Say what would be replayed, change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -103,12 +106,7 @@ pub struct ReplayArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct PurgeArgs {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// At most this many dead letters, oldest first.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    pub select: Selection,
     /// Really delete.
     #[arg(long)]
     pub yes: bool,

@@ -162,13 +162,13 @@ pub(super) async fn list(a: ListArgs, env: EnvLookup<'_>) -> anyhow::Result<i32>
 }
 
 pub(super) async fn show(a: ShowArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
-    let cx = open_session(&a.nats, &a.filter, env).await?;
-    let filter = Filter::from(&a.filter);
+    let cx = open_session(&a.select.nats, &a.select.filter, env).await?;
+    let filter = Filter::from(&a.select.filter);
     let mut scan = Scanner::open(&cx.stream, filter.range(), false).await?;
     let now = SystemTime::now();
     let mut shown = 0usize;
     while let Some(l) = scan.next().await? {
-        if a.limit.is_some_and(|n| shown >= n) {
+        if a.select.limit.is_some_and(|n| shown >= n) {
             break;
         }
         if filter.matches(&l) {
@@ -210,18 +210,18 @@ enum Outcome {
 }
 
 pub(super) async fn replay(a: ReplayArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
-    let cx = open_session(&a.nats, &a.filter, env).await?;
-    let filter = Filter::from(&a.filter);
+    let cx = open_session(&a.select.nats, &a.select.filter, env).await?;
+    let filter = Filter::from(&a.select.filter);
     let dlq = cx.config.dead_letter.stream.clone();
     let replies = Replies::start(&cx.client, &Metrics::new()).await?;
     let publisher = Publisher::new(replies, a.timeout);
     if a.dry_run {
-        replay_dry_run(&cx, &filter, a.limit, a.to.as_deref()).await?;
+        replay_dry_run(&cx, &filter, a.select.limit, a.to.as_deref()).await?;
         let _ = cx.client.drain().await;
         return Ok(0);
     }
 
-    let (seqs, _) = select(&cx, &filter, a.limit).await?;
+    let (seqs, _) = select(&cx, &filter, a.select.limit).await?;
     if seqs.is_empty() {
         println!("no dead letters match ({})", filter.describe());
     }
@@ -334,9 +334,9 @@ fn is_gone(e: &jetstream::stream::DeleteMessageError) -> bool {
 }
 
 pub(super) async fn purge(a: PurgeArgs, env: EnvLookup<'_>) -> anyhow::Result<i32> {
-    let cx = open_session(&a.nats, &a.filter, env).await?;
-    let filter = Filter::from(&a.filter);
-    let (seqs, summary) = select(&cx, &filter, a.limit).await?;
+    let cx = open_session(&a.select.nats, &a.select.filter, env).await?;
+    let filter = Filter::from(&a.select.filter);
+    let (seqs, summary) = select(&cx, &filter, a.select.limit).await?;
     let dlq = &cx.config.dead_letter.stream;
     let now = SystemTime::now();
     if seqs.is_empty() {

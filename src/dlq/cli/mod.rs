@@ -26,7 +26,7 @@ mod commands;
 mod render;
 mod scan;
 
-pub use args::{Command, FilterArgs, ListArgs, NatsArgs, PurgeArgs, ReplayArgs, ShowArgs};
+pub use args::{Command, FilterArgs, ListArgs, NatsArgs, PurgeArgs, ReplayArgs, Selection, ShowArgs};
 pub use commands::{replay_headers, replay_msg_id, REPLAY_OF};
 pub use render::{age, format_age, format_size, preview, progress_line, render_letter, Stat, Summary, Tally};
 pub use scan::{parse_seq_range, unknown_route_warning, Filter, Letter, Scanner, SeqRange};

@@ -322,32 +322,22 @@ impl Guard {
     pub async fn finish(&self, mut claimed: Claimed, success: Option<StoredResponse>) -> Result<(), String> {
         let ticket = claimed.stop_refreshing().await;
         let store = claimed.store.clone();
-        match success {
-            Some(r) => match store.complete(ticket, r, self.spec.ttl).await {
-                Ok(()) => {
-                    self.store_ok();
-                    self.c.stored.inc();
-                    Ok(())
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    self.finish_failed("storing a result", &e);
-                    Err(why)
-                }
-            },
-            None => match store.release(ticket).await {
-                Ok(()) => {
-                    self.store_ok();
-                    self.c.release.inc();
-                    Ok(())
-                }
-                Err(e) => {
-                    // The claim goes stale after claim_ttl; the retry runs then.
-                    let why = e.to_string();
-                    self.finish_failed("releasing a claim", &e);
-                    Err(why)
-                }
-            },
+        let (what, counter, done) = match success {
+            Some(r) => ("storing a result", &self.c.stored, store.complete(ticket, r, self.spec.ttl).await),
+            // On failure the claim goes stale after claim_ttl; the retry runs then.
+            None => ("releasing a claim", &self.c.release, store.release(ticket).await),
+        };
+        match done {
+            Ok(()) => {
+                self.store_ok();
+                counter.inc();
+                Ok(())
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.finish_failed(what, &e);
+                Err(why)
+            }
         }
     }
 

@@ -2,10 +2,10 @@
 //! ends it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::AckKind;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -41,9 +41,7 @@ pub(super) async fn handle(
     // The app is down (`app_health_path`): hold the message under in-progress acks until it
     // is back, rather than spend one of its deliveries on an app that cannot take it.
     if !shared.gate.wait_open(&abort).await {
-        progress.stop().await;
-        let _ = msg.ack_with(AckKind::Nak(None)).await;
-        route.metrics.nak.inc();
+        nak(&msg, None, &mut progress, route).await;
         return;
     }
 
@@ -72,16 +70,15 @@ pub(super) async fn handle(
     }
 
     let started = Instant::now();
-    let result = call_app(&shared, route, &msg, at, key.as_deref(), &abort).await;
+    let headers = delivery_headers(route, &msg, at, key.as_deref());
+    let result = call_app(&shared, route, &msg, headers, &abort).await;
     m.duration.observe(started.elapsed().as_secs_f64());
     let Some(result) = result else {
         // Shutting down past the drain deadline: let another replica have it now. The
         // claim is not released but left to go stale: the app may still be running the
         // dropped request, and the immediate redelivery must not run the key beside it.
         drop(claimed);
-        progress.stop().await;
-        let _ = msg.ack_with(AckKind::Nak(None)).await;
-        m.nak.inc();
+        nak(&msg, None, &mut progress, route).await;
         return;
     };
     settle(&shared, &js, &msg, at, claimed, result, &mut progress).await;
@@ -134,18 +131,22 @@ async fn gate(
             // the key over, instead of spending every remaining delivery on a claim
             // nobody will release and being dead-lettered without ever running.
             let delay = policy::backoff(&js.consumer.backoff, at.delivered).max(stale_in + CLAIM_STALE_MARGIN);
-            progress.stop().await;
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            m.nak.inc();
+            nak(msg, Some(delay), progress, route).await;
         }
         Begin::Unavailable(_) => {
             // Only when shutting down past the drain deadline while the store was out.
-            progress.stop().await;
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
-            m.nak.inc();
+            nak(msg, None, progress, route).await;
         }
     }
     Gate::Settled
+}
+
+/// Hands the message back to the server, for redelivery after `delay` (at once without
+/// one), once its in-progress acks have stopped.
+async fn nak(msg: &async_nats::jetstream::Message, delay: Option<Duration>, progress: &mut Progress, route: &Route) {
+    progress.stop().await;
+    let _ = msg.ack_with(AckKind::Nak(delay)).await;
+    route.metrics.nak.inc();
 }
 
 /// Claims `key`; while the store cannot be used, keeps trying (the message stays ours
@@ -169,15 +170,9 @@ async fn claim(js: &ConsumerRoute, g: &guard::Guard, key: &str, payload: &[u8], 
     }
 }
 
-/// Calls the app with the delivery's headers; `None` when aborted.
-async fn call_app(
-    shared: &Shared,
-    route: &Route,
-    msg: &async_nats::jetstream::Message,
-    at: Delivery<'_>,
-    key: Option<&str>,
-    abort: &CancellationToken,
-) -> Option<Result<AppResponse, AppError>> {
+/// The headers the app gets for a delivery: the message's (less what a publisher could
+/// spoof), where it stands in its stream, and the idempotency `key`.
+fn delivery_headers(route: &Route, msg: &async_nats::jetstream::Message, at: Delivery<'_>, key: Option<&str>) -> HeaderMap {
     let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
     codec::strip_spoofable(&mut headers, route.inbound.trusts_forwarded());
     headers.insert(codec::BRIDGE_DELIVERY, HeaderValue::from(at.delivered));
@@ -188,6 +183,17 @@ async fn call_app(
     if let Some(k) = key {
         guard::set_key_header(&mut headers, k);
     }
+    headers
+}
+
+/// Calls the app with the delivery's `headers`; `None` when aborted.
+async fn call_app(
+    shared: &Shared,
+    route: &Route,
+    msg: &async_nats::jetstream::Message,
+    mut headers: HeaderMap,
+    abort: &CancellationToken,
+) -> Option<Result<AppResponse, AppError>> {
     let path = route.inbound.path.render(msg.subject.as_str());
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
