@@ -93,6 +93,21 @@ pub(super) struct RawOutbound {
     pub(super) service: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) allow_nats_headers: Option<RawAllowNatsHeaders>,
+    pub(super) cutover: Option<RawCutover>,
+}
+
+/// `cutover = { nats_percent = 10, sticky = "header:X-Workflow-Id", … }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCutover {
+    pub(super) nats_percent: Option<i64>,
+    pub(super) sticky: Option<String>,
+    #[serde(default)]
+    pub(super) shadow: bool,
+    #[serde(default)]
+    pub(super) shadow_unsafe: bool,
+    #[serde(default)]
+    pub(super) fallback: bool,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

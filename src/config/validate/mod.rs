@@ -6,6 +6,7 @@
 //! types, the diagnostics collector, the value parsers and `crate::subject`.
 
 mod cross;
+mod cutover;
 mod inbound;
 mod outbound;
 mod sidecar;

@@ -32,6 +32,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
     }
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
+    let cutover = super::cutover::cutover(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -45,6 +46,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         timeout,
         max_body,
         allow_nats_headers,
+        cutover,
     })
 }
 
@@ -85,8 +87,8 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
     let refuse = |key: &str, present: bool, diags: &mut Diagnostics<'_>| refuse_key(at, mode, key, present, diags);
     match mode {
         "request" | "publish" | "jetstream" => {
+            // `upstream` is a cut-over's HTTP side: see `cutover`.
             refuse("service", raw.service.is_some(), diags);
-            refuse("upstream", raw.upstream.is_some(), diags);
             subject_template(raw, at, captures, diags).map(|t| match mode {
                 "request" => OutboundTarget::Request(t),
                 "publish" => OutboundTarget::Publish(t),
@@ -95,7 +97,6 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
         }
         "tunnel" => {
             refuse("subject", raw.subject.is_some(), diags);
-            refuse("upstream", raw.upstream.is_some(), diags);
             tunnel_target(raw, at, diags)
         }
         "http" => {
