@@ -40,6 +40,8 @@ pub struct Metrics {
     pub egress_forwarded: IntCounterVec,
     pub egress_tunnels: IntCounterVec,
     pub egress_tunnels_open: IntGauge,
+    pub shadow: IntCounterVec,
+    pub fallback: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
 }
@@ -81,13 +83,13 @@ impl Metrics {
         Self {
             egress_requests: counter_vec(
                 "natsbridge_egress_requests_total",
-                "Egress requests by route, mode and status class.",
-                &["route", "mode", "status_class"],
+                "Egress requests by route, mode, path (nats or http: a cut-over route takes both) and status class.",
+                &["route", "mode", "path", "status_class"],
             ),
             egress_duration: histogram_vec(
                 "natsbridge_egress_request_duration_seconds",
-                "Egress request latency in seconds, by route.",
-                &["route"],
+                "Egress request latency in seconds, by route and path (nats or http).",
+                &["route", "path"],
             ),
             egress_in_flight: gauge("natsbridge_egress_requests_in_flight", "Egress requests being handled."),
             nats_connected: gauge("natsbridge_nats_connected", "1 while connected to NATS, else 0."),
@@ -149,6 +151,16 @@ impl Metrics {
                 &["kind", "host", "outcome"],
             ),
             egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),
+            shadow: counter_vec(
+                "natsbridge_shadow_total",
+                "Cut-over shadow copies (answered over HTTP, sent over NATS too) by route and result: match, status_mismatch, body_mismatch, error, timeout, skipped (shadow concurrency full).",
+                &["route", "result"],
+            ),
+            fallback: counter_vec(
+                "natsbridge_fallback_total",
+                "Cut-over calls sent to the route's HTTP upstream after NATS failed before any responder got them, by reason: disconnected, no_responders, no_stream.",
+                &["route", "reason"],
+            ),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             registry: r,
             names: names.into_inner(),
@@ -167,12 +179,21 @@ impl Metrics {
         &self.names
     }
 
-    /// Handles for one egress route, resolved once per config load.
-    pub fn egress_route(&self, route: &str, mode: &str) -> EgressRouteMetrics {
-        let class = |c: &str| self.egress_requests.with_label_values(&[route, mode, c]);
+    /// Handles for one egress route, resolved once per config load: for the path its
+    /// calls take (`path`), and for HTTP as well when it is a cut-over route (`cutover`).
+    pub fn egress_route(&self, route: &str, mode: &str, path: EgressPath, cutover: bool) -> EgressRouteMetrics {
+        let handles = |p: EgressPath| {
+            let class = |c: &str| self.egress_requests.with_label_values(&[route, mode, p.as_str(), c]);
+            PathMetrics {
+                by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+                duration: self.egress_duration.with_label_values(&[route, p.as_str()]),
+            }
+        };
+        let both = cutover || path == EgressPath::Http;
         EgressRouteMetrics {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            duration: self.egress_duration.with_label_values(&[route]),
+            nats: (path == EgressPath::Nats).then(|| handles(EgressPath::Nats)),
+            http: both.then(|| handles(EgressPath::Http)),
+            default: path,
         }
     }
 
@@ -249,17 +270,52 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Which way an egress call went: over NATS, or as plain HTTP (`http` routes, forwarded
+/// calls, and a cut-over route's upstream share, shadows' answers and fallbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressPath {
+    Nats,
+    Http,
+}
+
+impl EgressPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressPath::Nats => "nats",
+            EgressPath::Http => "http",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct PathMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
+
 #[derive(Clone)]
 pub struct EgressRouteMetrics {
-    by_class: [IntCounter; 5],
-    pub duration: Histogram,
+    default: EgressPath,
+    nats: Option<PathMetrics>,
+    http: Option<PathMetrics>,
 }
 
 impl EgressRouteMetrics {
+    /// One answered call on the route's own path.
     pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        self.observe_on(self.default, status, seconds);
+    }
+
+    /// One answered call on `path` (the route's own path when it has no handles for it).
+    pub fn observe_on(&self, path: EgressPath, status: http::StatusCode, seconds: f64) {
+        let m = match path {
+            EgressPath::Nats => self.nats.as_ref(),
+            EgressPath::Http => self.http.as_ref(),
+        };
+        let Some(m) = m.or(self.nats.as_ref()).or(self.http.as_ref()) else { return };
         let idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.by_class[idx].inc();
-        self.duration.observe(seconds);
+        m.by_class[idx].inc();
+        m.duration.observe(seconds);
     }
 }
 
@@ -310,9 +366,19 @@ mod tests {
     #[test]
     fn route_handles_show_up_in_the_exposition() {
         let m = Metrics::new();
-        m.egress_route("exec", "request").observe(http::StatusCode::ACCEPTED, 0.001);
+        m.egress_route("exec", "request", EgressPath::Nats, false).observe(http::StatusCode::ACCEPTED, 0.001);
+        let cut = m.egress_route("cut", "request", EgressPath::Nats, true);
+        cut.observe_on(EgressPath::Http, http::StatusCode::OK, 0.001);
         let text = String::from_utf8(m.encode()).unwrap();
-        assert!(text.contains(r#"natsbridge_egress_requests_total{mode="request",route="exec",status_class="2xx"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"natsbridge_egress_requests_total{mode="request",path="nats",route="exec",status_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"path="http",route="exec""#), "{text}");
+        assert!(
+            text.contains(r#"natsbridge_egress_requests_total{mode="request",path="http",route="cut",status_class="2xx"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("natsbridge_egress_request_duration_seconds_bucket"));
     }
 }
