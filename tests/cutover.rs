@@ -381,7 +381,7 @@ async fn a_reload_changes_the_share_under_load_without_an_error() {
     for c in callers {
         c.await.unwrap();
     }
-    let answers = answers.lock().unwrap();
+    let answers = answers.lock().unwrap().clone();
     assert!(answers.iter().all(|(s, _)| *s == 200), "an error under reload: {:?}", answers.iter().find(|(s, _)| *s != 200));
     assert!(answers.iter().any(|(_, p)| p == "nats") && answers.iter().any(|(_, p)| p == "http"));
     assert!(sc.metrics().await.contains("natsbridge_config_reload_failures_total 0"));
