@@ -65,6 +65,8 @@ pub struct Sidecar {
     pub app_health_path: Option<String>,
     /// What the egress listener does with a request no route matches.
     pub forward: Forward,
+    /// The service's SemVer version, announced by NATS micro discovery (`$SRV.INFO`).
+    pub version: String,
 }
 
 /// The egress listener as a forward proxy (`HTTP_PROXY`): what happens to the calls no

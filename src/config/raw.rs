@@ -43,6 +43,7 @@ pub(super) struct RawSidecar {
     pub(super) unmatched: Option<String>,
     pub(super) connect_allow: Option<Vec<String>>,
     pub(super) forward_connect_timeout: Option<String>,
+    pub(super) version: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
