@@ -189,6 +189,9 @@ async fn shadows_are_compared_and_counted_without_delaying_the_answer() {
     assert_eq!(r.seen.load(Ordering::SeqCst), 0, "a route at 0% without shadow never touches NATS");
     let same = median_latency(&sc.url("/items/same"), "GET", 15).await;
     let diff = median_latency(&sc.url("/items/diff"), "GET", 5).await;
+    eprintln!(
+        "answer latency medians: baseline {baseline:?}, shadowed (match) {same:?}, shadowed (mismatch) {diff:?}; shadow handler {slow:?}"
+    );
     assert!(same < baseline + Duration::from_millis(150), "shadowed median {same:?} vs baseline {baseline:?}");
     assert!(diff < baseline + Duration::from_millis(150), "shadowed median {diff:?} vs baseline {baseline:?}");
 
@@ -385,4 +388,75 @@ async fn a_reload_changes_the_share_under_load_without_an_error() {
     assert!(answers.iter().all(|(s, _)| *s == 200), "an error under reload: {:?}", answers.iter().find(|(s, _)| *s != 200));
     assert!(answers.iter().any(|(_, p)| p == "nats") && answers.iter().any(|(_, p)| p == "http"));
     assert!(sc.metrics().await.contains("natsbridge_config_reload_failures_total 0"));
+}
+
+const TUNNEL_SHADOW: &str = r#"
+[[outbound]]
+name = "model"
+host = "model-service"
+path = "/{*rest}"
+mode = "tunnel"
+service = "model"
+upstream = "UPSTREAM"
+cutover = { nats_percent = 0, shadow = true }
+"#;
+
+/// A tunnel's shadow carries the whole request (method, path, query) and the mark.
+fn answer_tunnel(m: &async_nats::Message) -> Option<Bytes> {
+    let h = m.headers.as_ref()?;
+    let (path, query, mark) = (h.get("Bridge-Path")?, h.get("Bridge-Query")?, h.get("Bridge-Shadow")?);
+    Some(Bytes::from(format!("{} {}?{} {}", h.get("Bridge-Method")?, path, query, mark)))
+}
+
+#[tokio::test]
+async fn tunnel_shadows_carry_the_whole_request_and_the_mark() {
+    let nats = NatsServer::start();
+    let r = responder(&nats, "natsbridge.tunnel.model", Duration::ZERO, answer_tunnel).await;
+    let app = App::start(|seen| respond(200, &format!("GET {} true", seen.uri))).await;
+    let sc = Sidecar::start(&routes(&app.url(), TUNNEL_SHADOW), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let res = call("GET", &sc.url("/v1/models?x=1"), &[("host", "model-service")], "").await;
+    assert_eq!((res.status, res.header("bridge-path")), (200, Some("http")));
+    eventually("tunnel shadow matched", Duration::from_secs(10), || async {
+        (series(&sc.metrics().await, r#"natsbridge_shadow_total{result="match",route="model"}"#) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(r.shadows.load(Ordering::SeqCst), 1);
+}
+
+const SLOW_SHADOW: &str = r#"
+[[outbound]]
+name = "slow"
+path = "/slow/{id}"
+subject = "slow.{id}"
+mode = "request"
+timeout = "10s"
+upstream = "UPSTREAM"
+cutover = { nats_percent = 0, shadow = true }
+"#;
+
+#[tokio::test]
+async fn shadows_past_the_concurrency_bound_are_skipped_not_queued() {
+    let nats = NatsServer::start();
+    // Each shadow holds its place for 3 s: every call below starts while the first ones wait.
+    let _r = responder(&nats, "slow.*", Duration::from_secs(3), answer_nats).await;
+    let app = App::start(|_| respond(200, "nats")).await;
+    let sc = Sidecar::start(&routes(&app.url(), SLOW_SHADOW), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let n = natsbridge::egress::cutover::SHADOW_CONCURRENCY + 16;
+    let url = sc.url("/slow/1");
+    let started = Instant::now();
+    let out = futures::future::join_all((0..n).map(|_| call("GET", &url, &[], ""))).await;
+    assert!(out.iter().all(|r| r.status == 200 && r.header("bridge-path") == Some("http")));
+    assert!(started.elapsed() < Duration::from_secs(3), "answers waited for their shadows: {:?}", started.elapsed());
+    let m = eventually("every shadow counted", Duration::from_secs(20), || async {
+        let m = sc.metrics().await;
+        let (matched, skipped) = (
+            series(&m, r#"natsbridge_shadow_total{result="match",route="slow"}"#),
+            series(&m, r#"natsbridge_shadow_total{result="skipped",route="slow"}"#),
+        );
+        (matched + skipped == n as u64).then_some((matched, skipped))
+    })
+    .await;
+    assert_eq!(m, (natsbridge::egress::cutover::SHADOW_CONCURRENCY as u64, 16), "(matched, skipped)");
 }
