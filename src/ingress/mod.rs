@@ -8,6 +8,7 @@
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
 //! - `gate`: the app's health (`app_health_path`); routes pause while it fails.
+//! - `micro`: NATS micro discovery (ADR-32) of the request routes, with their stats.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
 //!
 //! [`run`] supervises one task per inbound route and restarts, stops or starts them as the
