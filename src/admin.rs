@@ -32,6 +32,8 @@ pub struct Admin {
     /// What `/readyz` means (`[sidecar] readiness`).
     pub mode: ReadinessMode,
     pub drain: DrainControl,
+    /// Cut-over shadows' last mismatches.
+    pub shadows: Arc<crate::egress::cutover::Shadows>,
 }
 
 /// What `POST /drain` needs: an app's preStop hook calls it so the sidecar stops handing
@@ -99,6 +101,7 @@ impl Admin {
             "draining": self.readiness.draining(),
             "components": by_name,
             "failing": failing,
+            "shadow_mismatches": self.shadows.recent(),
         })
     }
 

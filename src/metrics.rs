@@ -41,6 +41,8 @@ pub struct Metrics {
     pub egress_forwarded: IntCounterVec,
     pub egress_tunnels: IntCounterVec,
     pub egress_tunnels_open: IntGauge,
+    pub shadow: IntCounterVec,
+    pub fallback: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
 }
@@ -67,11 +69,14 @@ struct Family {
 // The families, by name; `Metrics::new` registers each under its field.
 const EGRESS_REQUESTS: Family = Family {
     name: "natsbridge_egress_requests_total",
-    help: "Egress requests by route, mode and status class.",
-    labels: &["route", "mode", "status_class"],
+    help: "Egress requests by route, mode, path (nats or http: a cut-over route takes both) and status class.",
+    labels: &["route", "mode", "path", "status_class"],
 };
-const EGRESS_DURATION: Family =
-    Family { name: "natsbridge_egress_request_duration_seconds", help: "Egress request latency in seconds, by route.", labels: &["route"] };
+const EGRESS_DURATION: Family = Family {
+    name: "natsbridge_egress_request_duration_seconds",
+    help: "Egress request latency in seconds, by route and path (nats or http).",
+    labels: &["route", "path"],
+};
 const EGRESS_IN_FLIGHT: Family =
     Family { name: "natsbridge_egress_requests_in_flight", help: "Egress requests being handled.", labels: &[] };
 const NATS_CONNECTED: Family = Family { name: "natsbridge_nats_connected", help: "1 while connected to NATS, else 0.", labels: &[] };
@@ -145,6 +150,16 @@ const EGRESS_TUNNELS: Family = Family {
 };
 const EGRESS_TUNNELS_OPEN: Family =
     Family { name: "natsbridge_egress_tunnels_open", help: "Byte tunnels (CONNECT, upgrades) open now.", labels: &[] };
+const SHADOW: Family = Family {
+    name: "natsbridge_shadow_total",
+    help: "Cut-over shadow copies (answered over HTTP, sent over NATS too) by route and result: match, status_mismatch, body_mismatch, error, timeout, skipped (shadow concurrency full).",
+    labels: &["route", "result"],
+};
+const FALLBACK: Family = Family {
+    name: "natsbridge_fallback_total",
+    help: "Cut-over calls sent to the route's HTTP upstream after NATS failed before any responder got them, by reason: disconnected, no_responders, no_stream.",
+    labels: &["route", "reason"],
+};
 
 /// Registers families and records their names, in registration order.
 struct Registrar {
@@ -208,6 +223,8 @@ impl Metrics {
             egress_forwarded: r.counter_vec(&EGRESS_FORWARDED),
             egress_tunnels: r.counter_vec(&EGRESS_TUNNELS),
             egress_tunnels_open: r.gauge(&EGRESS_TUNNELS_OPEN),
+            shadow: r.counter_vec(&SHADOW),
+            fallback: r.counter_vec(&FALLBACK),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             registry: r.registry,
             names: r.names,
@@ -226,12 +243,21 @@ impl Metrics {
         &self.names
     }
 
-    /// Handles for one egress route, resolved once per config load.
-    pub fn egress_route(&self, route: &str, mode: &str) -> EgressRouteMetrics {
-        let class = |c: &str| self.egress_requests.with_label_values(&[route, mode, c]);
+    /// Handles for one egress route, resolved once per config load: for the path its
+    /// calls take (`path`), and for HTTP as well when it is a cut-over route (`cutover`).
+    pub fn egress_route(&self, route: &str, mode: &str, path: EgressPath, cutover: bool) -> EgressRouteMetrics {
+        let handles = |p: EgressPath| {
+            let class = |c: &str| self.egress_requests.with_label_values(&[route, mode, p.as_str(), c]);
+            PathMetrics {
+                by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+                duration: self.egress_duration.with_label_values(&[route, p.as_str()]),
+            }
+        };
+        let both = cutover || path == EgressPath::Http;
         EgressRouteMetrics {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            duration: self.egress_duration.with_label_values(&[route]),
+            nats: (path == EgressPath::Nats).then(|| handles(EgressPath::Nats)),
+            http: both.then(|| handles(EgressPath::Http)),
+            default: path,
         }
     }
 
@@ -308,17 +334,52 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Which way an egress call went: over NATS, or as plain HTTP (`http` routes, forwarded
+/// calls, and a cut-over route's upstream share, shadows' answers and fallbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressPath {
+    Nats,
+    Http,
+}
+
+impl EgressPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressPath::Nats => "nats",
+            EgressPath::Http => "http",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct PathMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
+
 #[derive(Clone)]
 pub struct EgressRouteMetrics {
-    by_class: [IntCounter; 5],
-    pub duration: Histogram,
+    default: EgressPath,
+    nats: Option<PathMetrics>,
+    http: Option<PathMetrics>,
 }
 
 impl EgressRouteMetrics {
+    /// One answered call on the route's own path.
     pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        self.observe_on(self.default, status, seconds);
+    }
+
+    /// One answered call on `path` (the route's own path when it has no handles for it).
+    pub fn observe_on(&self, path: EgressPath, status: http::StatusCode, seconds: f64) {
+        let m = match path {
+            EgressPath::Nats => self.nats.as_ref(),
+            EgressPath::Http => self.http.as_ref(),
+        };
+        let Some(m) = m.or(self.nats.as_ref()).or(self.http.as_ref()) else { return };
         let idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.by_class[idx].inc();
-        self.duration.observe(seconds);
+        m.by_class[idx].inc();
+        m.duration.observe(seconds);
     }
 }
 
@@ -369,9 +430,19 @@ mod tests {
     #[test]
     fn route_handles_show_up_in_the_exposition() {
         let m = Metrics::new();
-        m.egress_route("exec", "request").observe(http::StatusCode::ACCEPTED, 0.001);
+        m.egress_route("exec", "request", EgressPath::Nats, false).observe(http::StatusCode::ACCEPTED, 0.001);
+        let cut = m.egress_route("cut", "request", EgressPath::Nats, true);
+        cut.observe_on(EgressPath::Http, http::StatusCode::OK, 0.001);
         let text = String::from_utf8(m.encode()).unwrap();
-        assert!(text.contains(r#"natsbridge_egress_requests_total{mode="request",route="exec",status_class="2xx"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"natsbridge_egress_requests_total{mode="request",path="nats",route="exec",status_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"path="http",route="exec""#), "{text}");
+        assert!(
+            text.contains(r#"natsbridge_egress_requests_total{mode="request",path="http",route="cut",status_class="2xx"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("natsbridge_egress_request_duration_seconds_bucket"));
     }
 }

@@ -73,7 +73,10 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     // `POST /drain` stops ingress ahead of the signal (an app's preStop hook).
     let ingress_stop = CancellationToken::new();
     let (ingress_done, ingress_done_rx) = watch::channel(false);
+    // Cut-over shadows' last mismatches: kept by egress, shown by `/statusz`.
+    let shadows = Arc::new(egress::cutover::Shadows::default());
     let admin = Admin {
+        shadows: shadows.clone(),
         metrics: metrics.clone(),
         nats: nats.clone(),
         readiness: readiness.clone(),
@@ -97,7 +100,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
 
     log_running(&config, egress_addr, admin_addr);
     mark_draining(readiness.clone(), shutdown.clone());
-    let egress = Egress::new(table, nats.clone(), replies, metrics);
+    let egress = Egress::new(table, nats.clone(), replies, metrics, shadows);
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
     let egress_stop = CancellationToken::new();

@@ -521,9 +521,9 @@ async fn metrics_count_requests_by_route_mode_and_status_class() {
     assert_eq!(post(&sc.url("/events/auth"), "").await.status, 202);
     let _ = call("GET", &sc.url("/v1"), &[("host", "model-service")], "").await;
     let m = sc.metrics().await;
-    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="publish",route="auth-event",status_class="2xx"} 1"#), "{m}");
-    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="tunnel",route="model-tunnel",status_class="5xx"} 1"#), "{m}");
-    assert!(m.contains(r#"natsbridge_egress_request_duration_seconds_count{route="auth-event"} 1"#), "{m}");
+    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="publish",path="nats",route="auth-event",status_class="2xx"} 1"#), "{m}");
+    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="tunnel",path="nats",route="model-tunnel",status_class="5xx"} 1"#), "{m}");
+    assert!(m.contains(r#"natsbridge_egress_request_duration_seconds_count{path="nats",route="auth-event"} 1"#), "{m}");
     assert!(m.contains("natsbridge_egress_requests_in_flight 0"), "{m}");
 }
 

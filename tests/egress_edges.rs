@@ -114,7 +114,7 @@ upstream = "{}"
     let seen = upstream.requests();
     assert!(seen.iter().any(|s| s.method == http::Method::HEAD && s.uri == "/v1/agents/3"), "{seen:?}");
     let m = sc.metrics().await;
-    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="http",route="agent-get",status_class="2xx"} 1"#), "{m}");
+    assert!(m.contains(r#"natsbridge_egress_requests_total{mode="http",path="http",route="agent-get",status_class="2xx"} 1"#), "{m}");
 }
 
 /// Issue 21 §2: statuses outside HTTP's range are a bad reply (502), not an HTTP 999;

@@ -270,7 +270,7 @@ async fn one_app_mixes_routed_unrouted_https_and_websocket_calls() {
     let m = s.metrics().await;
     for want in [
         format!(r#"natsbridge_egress_forwarded_total{{host="{sink}",status_class="2xx"}} 2"#),
-        r#"natsbridge_egress_requests_total{mode="forward",route="(unmatched)",status_class="2xx"} 2"#.to_owned(),
+        r#"natsbridge_egress_requests_total{mode="forward",path="http",route="(unmatched)",status_class="2xx"} 2"#.to_owned(),
         format!(r#"natsbridge_egress_tunnels_total{{host="localhost:{}",kind="connect",outcome="opened"}} 2"#, tls.port()),
         format!(r#"natsbridge_egress_tunnels_total{{host="{ws}",kind="upgrade",outcome="opened"}} 1"#),
     ] {

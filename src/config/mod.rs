@@ -7,11 +7,13 @@
 //! types, `diagnostics` locates and collects the problems, `values` parses durations,
 //! sizes and URLs. Calls only `crate::subject`; everything else in the crate calls this.
 
+mod cutover;
 mod diagnostics;
 mod raw;
 mod validate;
 mod values;
 
+pub use cutover::{Cutover, Sticky};
 pub use diagnostics::{ConfigError, Diagnostic};
 pub use values::{parse_duration, parse_http_url, parse_server_url, parse_size, redact_userinfo, strip_port, ValueError};
 
@@ -63,6 +65,8 @@ pub struct Sidecar {
     pub app_health_path: Option<String>,
     /// What the egress listener does with a request no route matches.
     pub forward: Forward,
+    /// The service's SemVer version, announced by NATS micro discovery (`$SRV.INFO`).
+    pub version: String,
 }
 
 /// The egress listener as a forward proxy (`HTTP_PROXY`): what happens to the calls no
@@ -209,6 +213,8 @@ pub struct Outbound {
     pub max_body: usize,
     /// Which `Nats-*` publish-control headers from the app reach NATS.
     pub allow_nats_headers: AllowNatsHeaders,
+    /// NATS routes moving over from an HTTP `upstream`: the split, shadow and fallback.
+    pub cutover: Option<Cutover>,
     pub codec: Codec,
     /// NestJS: the route's `pattern`, whose normalised text is the subject; `None`: the
     /// rendered subject is the pattern.

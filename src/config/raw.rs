@@ -43,6 +43,7 @@ pub(super) struct RawSidecar {
     pub(super) unmatched: Option<String>,
     pub(super) connect_allow: Option<Vec<String>>,
     pub(super) forward_connect_timeout: Option<String>,
+    pub(super) version: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -98,6 +99,21 @@ pub(super) struct RawOutbound {
     pub(super) pattern: Option<toml::Value>,
     /// The JSON Schema the body must satisfy, `…/<name>/v<N>.json`.
     pub(super) schema: Option<String>,
+    pub(super) cutover: Option<RawCutover>,
+}
+
+/// `cutover = { nats_percent = 10, sticky = "header:X-Workflow-Id", … }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCutover {
+    pub(super) nats_percent: Option<i64>,
+    pub(super) sticky: Option<String>,
+    #[serde(default)]
+    pub(super) shadow: bool,
+    #[serde(default)]
+    pub(super) shadow_unsafe: bool,
+    #[serde(default)]
+    pub(super) fallback: bool,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

@@ -80,7 +80,9 @@ impl Egress {
                 e.to_response(Some(&route.name), rid.as_deref()).map(full)
             }
         };
-        table.observe(index, res.status(), started.elapsed());
+        let path = crate::egress::cutover::path_of(&res).unwrap_or(default_path(route));
+        res.headers_mut().insert(crate::egress::cutover::RESPONSE_PATH, HeaderValue::from_static(path.as_str()));
+        table.observe_on(index, path, res.status(), started.elapsed());
         if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
             res.headers_mut().insert(codec::REQUEST_ID, id);
         }
@@ -89,13 +91,31 @@ impl Egress {
 
     /// Reads the body under the route's limit, then carries the request by its mode
     /// (`http` routes stream it instead).
-    async fn dispatch(&self, route: &Outbound, subject: Option<String>, req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
+    async fn dispatch(
+        self: &Arc<Self>,
+        route: &Outbound,
+        subject: Option<String>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, BridgeError> {
         if let OutboundTarget::Http { upstream } = &route.target {
             return self.proxy(route, upstream, req).await;
         }
+        if let Some(cut) = &route.cutover {
+            return self.cutover(route, cut, subject, req).await;
+        }
         let (parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
-        let subject = subject.unwrap_or_default();
+        self.carry(route, subject.unwrap_or_default(), &parts, body).await
+    }
+
+    /// Carries a read request over NATS by the route's mode (a cut-over's NATS side too).
+    pub(super) async fn carry(
+        &self,
+        route: &Outbound,
+        subject: String,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
         self.check_control_line(&subject)?;
         if let Some(contract) = &route.schema {
             // An invalid body never leaves: the contract is checked before anything is sent.
@@ -111,13 +131,13 @@ impl Egress {
             OutboundTarget::Publish(_) | OutboundTarget::JetStream(_) => super::nest::event_payload(route, &subject, body)?,
             _ => body,
         };
-        let call = Call { route, subject, parts: &parts, body };
+        let call = Call { route, subject, parts, body };
         match &route.target {
             OutboundTarget::Request(_) => self.request(call).await,
             OutboundTarget::Tunnel { .. } => self.tunnel(call).await,
             OutboundTarget::Publish(_) => self.publish(call).await,
             OutboundTarget::JetStream(_) => self.jetstream(call).await,
-            OutboundTarget::Http { .. } => unreachable!("streamed above"),
+            OutboundTarget::Http { upstream } => Err(BridgeError::BadRequest(format!("route {} is plain HTTP to {upstream}", route.name))),
         }
     }
 
@@ -279,7 +299,7 @@ fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
 
 /// The whole request body, refused (413) past the route's `max_body` whether declared
 /// by `Content-Length` or streamed.
-async fn read_body(route: &Outbound, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, BridgeError> {
+pub(super) async fn read_body(route: &Outbound, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, BridgeError> {
     let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > route.max_body as u64) {
         return Err(BridgeError::BodyTooLarge { limit: route.max_body });
@@ -292,6 +312,14 @@ async fn read_body(route: &Outbound, headers: &http::HeaderMap, body: Incoming) 
         }
     })?;
     Ok(body.to_bytes())
+}
+
+/// The way a route's calls go unless a cut-over says otherwise.
+fn default_path(route: &Outbound) -> crate::metrics::EgressPath {
+    match route.target {
+        OutboundTarget::Http { .. } => crate::metrics::EgressPath::Http,
+        _ => crate::metrics::EgressPath::Nats,
+    }
 }
 
 fn accepted(v: serde_json::Value) -> Response<Body> {

@@ -40,7 +40,8 @@ pub struct Upload {
     prefix: std::collections::VecDeque<Frame<Bytes>>,
     /// The inner body ended during the prefetch.
     inner_done: bool,
-    inner: Incoming,
+    /// The app's body as it streams in, or none: a buffered body is all in `prefix`.
+    inner: Option<Incoming>,
     limit: usize,
     seen: usize,
     over: Arc<AtomicBool>,
@@ -62,11 +63,11 @@ impl http_body::Body for Upload {
         if let Some(frame) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        if this.inner_done {
+        let Some(inner) = this.inner.as_mut().filter(|_| !this.inner_done) else {
             this.finish();
             return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.seen = this.seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
                 if this.seen > this.limit {
@@ -90,15 +91,14 @@ impl http_body::Body for Upload {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && (self.inner_done || self.inner.is_end_stream())
+        self.prefix.is_empty() && (self.inner_done || self.inner.as_ref().is_none_or(|b| b.is_end_stream()))
     }
 
     // Kept, so a sized request goes upstream with its Content-Length, not chunked.
     fn size_hint(&self) -> SizeHint {
-        if self.inner_done {
-            SizeHint::with_exact(self.prefix.iter().filter_map(Frame::data_ref).map(|d| d.len() as u64).sum())
-        } else {
-            self.inner.size_hint()
+        match &self.inner {
+            Some(inner) if !self.inner_done => inner.size_hint(),
+            _ => SizeHint::with_exact(self.prefix.iter().filter_map(Frame::data_ref).map(|d| d.len() as u64).sum()),
         }
     }
 }
@@ -177,6 +177,43 @@ impl Egress {
         Ok(())
     }
 
+    /// Sends a request whose body was already read (a cut-over route's upstream share or
+    /// fallback) to `to.uri` and streams the answer back. No upgrade: the route is not
+    /// `http`, so its calls never switched protocols.
+    pub(super) async fn send_buffered(
+        &self,
+        to: Outgoing,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, BridgeError> {
+        let len = body.len();
+        let over = Arc::new(AtomicBool::new(false));
+        let (done, mut sent) = watch::channel(false);
+        let prefix = if body.is_empty() { Default::default() } else { [Frame::data(body)].into() };
+        let upload = Upload { prefix, inner_done: true, inner: None, limit: usize::MAX, seen: len, over, done };
+        let mut out = Request::new(upload);
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = to.uri;
+        *out.headers_mut() = codec::end_to_end_headers(&parts.headers);
+        out.headers_mut().remove(http::header::UPGRADE);
+        out.headers_mut().append(http::header::VIA, self.via.clone());
+        let send = self.upstream.request(out);
+        let res = match to.timeout {
+            None => send.await,
+            Some(timeout) => {
+                tokio::pin!(send);
+                tokio::select! {
+                    r = &mut send => r,
+                    _ = async { let _ = sent.wait_for(|d| *d).await; } => tokio::time::timeout(timeout, send).await.map_err(|_| BridgeError::UpstreamTimeout(timeout))?,
+                }
+            }
+        };
+        let res = res.map_err(|e| BridgeError::Upstream(error_chain(&e)))?;
+        let (mut parts, body) = res.into_parts();
+        parts.headers = codec::end_to_end_headers(&parts.headers);
+        Ok(Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+    }
+
     /// Sends a request to `to.uri` and streams the answer back; see the module doc.
     pub(super) async fn send_upstream(&self, to: Outgoing, mut req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
         let declared = req.body().size_hint().exact();
@@ -193,7 +230,7 @@ impl Egress {
         };
         let over = Arc::new(AtomicBool::new(false));
         let (done, mut sent) = watch::channel(false);
-        let upload = Upload { prefix, inner_done, inner: body, limit: to.max_body, seen, over: over.clone(), done };
+        let upload = Upload { prefix, inner_done, inner: Some(body), limit: to.max_body, seen, over: over.clone(), done };
         let mut out = Request::new(upload);
         *out.method_mut() = parts.method;
         *out.uri_mut() = to.uri;

@@ -9,17 +9,21 @@
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
+//! - [`cutover`]: routes moving from an HTTP `upstream` to NATS: the split, shadow copies
+//!   (their comparison, with [`tee`] keeping the HTTP answer) and the fallback.
 //!
 //! Calls `codec` (HTTP ↔ NATS), `nats` (connection state, the acked JetStream publish),
 //! `problem` (every failure's status), `config` and `metrics`; nothing calls back in.
 
 mod connect;
+pub mod cutover;
 mod dispatch;
 mod forward;
 pub mod framing;
 mod listener;
 mod nest;
 pub mod routes;
+mod tee;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,10 +75,18 @@ pub struct Egress {
     via: http::HeaderValue,
     /// Metric handles of route `(unmatched)`: the calls forwarded to their origin.
     unmatched: crate::metrics::EgressRouteMetrics,
+    /// Cut-over shadows: their concurrency bound and last mismatches (read by `/statusz`).
+    shadows: Arc<cutover::Shadows>,
 }
 
 impl Egress {
-    pub fn new(table: Arc<ArcSwap<Table>>, nats: async_nats::Client, replies: Replies, metrics: Metrics) -> Arc<Self> {
+    pub fn new(
+        table: Arc<ArcSwap<Table>>,
+        nats: async_nats::Client,
+        replies: Replies,
+        metrics: Metrics,
+        shadows: Arc<cutover::Shadows>,
+    ) -> Arc<Self> {
         let connect_timeout = table.load().config().sidecar.forward.connect_timeout;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
@@ -86,7 +98,7 @@ impl Egress {
         let reply_len = 2 * nats.new_inbox().len();
         let via = http::HeaderValue::try_from(format!("1.1 natsbridge-{:08x}", uuid::Uuid::new_v4().as_u128() as u32))
             .expect("ASCII header value");
-        let unmatched = metrics.egress_route(forward::UNMATCHED_ROUTE, "forward");
+        let unmatched = metrics.egress_route(forward::UNMATCHED_ROUTE, "forward", crate::metrics::EgressPath::Http, false);
         Arc::new(Self {
             table,
             nats,
@@ -98,6 +110,7 @@ impl Egress {
             listen: std::sync::OnceLock::new(),
             via,
             unmatched,
+            shadows,
         })
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{strip_port, Config, Outbound};
-use crate::metrics::{EgressRouteMetrics, Metrics};
+use crate::metrics::{EgressPath, EgressRouteMetrics, Metrics};
 
 /// One path pattern's routes, distinguished by method (`None` = any method).
 #[derive(Debug, Default)]
@@ -276,7 +276,15 @@ pub struct Table {
 
 impl Table {
     pub fn new(routing: Routing, metrics: &Metrics) -> Self {
-        let per_route = routing.table.routes().iter().map(|r| metrics.egress_route(&r.name, r.mode().as_str())).collect();
+        let per_route = routing
+            .table
+            .routes()
+            .iter()
+            .map(|r| {
+                let path = if r.mode() == crate::config::OutboundMode::Http { EgressPath::Http } else { EgressPath::Nats };
+                metrics.egress_route(&r.name, r.mode().as_str(), path, r.cutover.is_some())
+            })
+            .collect();
         Self { routing, metrics: per_route }
     }
 
@@ -297,6 +305,11 @@ impl Table {
     /// Records one answered request of the route at `index` (from its [`Match`]).
     pub fn observe(&self, index: usize, status: http::StatusCode, elapsed: std::time::Duration) {
         self.metrics[index].observe(status, elapsed.as_secs_f64());
+    }
+
+    /// As [`Table::observe`], for a call that went by `path` (a cut-over route's).
+    pub fn observe_on(&self, index: usize, path: EgressPath, status: http::StatusCode, elapsed: std::time::Duration) {
+        self.metrics[index].observe_on(path, status, elapsed.as_secs_f64());
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
 //! - `gate`: the app's health (`app_health_path`); routes pause while it fails.
+//! - `micro`: NATS micro discovery (ADR-32) of the request routes, with their stats.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
 //!
 //! [`run`] supervises one task per inbound route and restarts, stops or starts them as the
@@ -17,6 +18,7 @@ pub mod app;
 mod gate;
 pub mod idempotency;
 pub mod jetstream;
+mod micro;
 mod nest;
 pub mod policy;
 pub mod request;
@@ -59,6 +61,8 @@ pub(crate) struct Shared {
     pub readiness: Arc<Readiness>,
     /// Open while the app is healthy (always, without `app_health_path`).
     pub gate: gate::Gate,
+    /// NATS micro discovery's per-endpoint stats.
+    pub micro: Arc<micro::Endpoints>,
 }
 
 /// One inbound route, resolved for its task.
@@ -78,6 +82,8 @@ pub(crate) struct Route {
     pub base_has_path: bool,
     /// Refused messages are logged at most this often: a hostile publisher can send many.
     pub refusals: LogLimit,
+    /// This route's NATS micro endpoint stats, when it is announced (request routes).
+    pub micro: Option<Arc<micro::EndpointStats>>,
 }
 
 /// A warning logged at most once per period, with the count of those suppressed since:
@@ -131,9 +137,16 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
         metrics: cx.metrics.clone(),
         readiness: cx.readiness.clone(),
         gate,
+        micro: Arc::default(),
     });
     let mut running: HashMap<String, Running> = HashMap::new();
     let config = cx.config.borrow_and_update().clone();
+    // Announced when request routes exist at start; INFO and STATS follow reloads.
+    let discovery = config
+        .inbound
+        .iter()
+        .any(micro::announced)
+        .then(|| tokio::spawn(micro::serve(cx.nats.clone(), cx.config.clone(), shared.micro.clone(), shutdown.child_token())));
     apply(&shared, &config, &mut running).await;
     loop {
         tokio::select! {
@@ -158,6 +171,9 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     }
     probing.cancel();
     let _ = prober.await;
+    if let Some(d) = discovery {
+        let _ = d.await;
+    }
 }
 
 /// What makes a route's task different: the route itself (not where it sits in the file)
@@ -208,6 +224,7 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             }),
             base_has_path: !config.sidecar.app_url.path().trim_matches('/').is_empty(),
             refusals: LogLimit::new(Duration::from_secs(10)),
+            micro: micro::announced(inbound).then(|| shared.micro.get(&inbound.name)),
         });
         // Starting until bound: set before the task runs so /statusz never races it.
         shared.readiness.starting(&route.check, "not bound yet");

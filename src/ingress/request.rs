@@ -269,6 +269,9 @@ async fn handle(
         }
     };
     m.duration.observe(started.elapsed().as_secs_f64());
+    if let Some(stats) = &route.micro {
+        stats.record(call.as_ref().map_or_else(BridgeError::status, |r| r.status), started.elapsed());
+    }
     let Some(reply) = msg.reply else {
         // Nobody waits for an answer: the call was the point.
         if let Err(e) = &call {

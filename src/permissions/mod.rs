@@ -14,6 +14,7 @@
 //!   does so even without provisioning), pulls, acks on `$JS.ACK.<stream>.<durable>.>`,
 //!   and publishes dead letters (checking the dead-letter stream exists);
 //! - idempotency reads and writes the KV bucket (`$KV.<bucket>.>`, stream `KV_<bucket>`);
+//! - request ingress also answers NATS micro discovery (`$SRV.*`, by service name and id);
 //! - `[sidecar] provision = true` adds account info and creating/updating the streams,
 //!   the dead-letter stream and the bucket. Never a delete: the sidecar never forces.
 
@@ -63,6 +64,25 @@ fn grant(list: &mut BTreeMap<String, Vec<String>>, subject: String, why: String)
     }
 }
 
+/// NATS micro discovery (request routes): `$SRV.<VERB>`, by name, and by name and id
+/// (the id is random, so a wildcard), answered on the asker's inbox under the sidecar's
+/// `reply_prefixes`.
+fn discovery(config: &Config, p: &mut Permissions) {
+    if !config.inbound.iter().any(|i| matches!(i.mode, InboundMode::Request { .. })) {
+        return;
+    }
+    let service = &config.sidecar.service;
+    let why = "NATS micro discovery ($SRV.PING|INFO|STATS)";
+    for s in ["$SRV.*".to_owned(), format!("$SRV.*.{service}"), format!("$SRV.*.{service}.*")] {
+        p.sub(s, why);
+    }
+    for prefix in &config.sidecar.reply_prefixes {
+        for s in reply_patterns(prefix) {
+            p.pub_(s, format!("{why}: replies"));
+        }
+    }
+}
+
 /// The allow-lists `config`'s sidecar needs.
 pub fn for_config(config: &Config) -> Permissions {
     let mut p = Permissions::new(&config.sidecar.service);
@@ -76,6 +96,7 @@ pub fn for_config(config: &Config) -> Permissions {
     }
     egress(config, &mut p);
     ingress(config, &mut p);
+    discovery(config, &mut p);
     if config.sidecar.provision {
         provisioning(config, &mut p);
     }

@@ -141,7 +141,8 @@ fn helm_values_nest_each_service_under_nats_auth_users_with_json_quoted_subjects
         ),
         "{out}"
     );
-    assert!(out.contains("        subscribe:\n          - \"_INBOX.>\"  # replies"), "{out}");
+    assert!(out.contains("        subscribe:\n          - \"$SRV.*\"  # NATS micro discovery"), "{out}");
+    assert!(out.contains("          - \"_INBOX.>\"  # replies"), "{out}");
     assert!(out.contains("          - \"orders.create orders\"  # route create (request)\n"), "{out}");
     assert!(out.contains("      # note: replies come back on the shared _INBOX.>"), "{out}");
     // A service that publishes nothing gets an empty list, which the chart turns into deny-all.

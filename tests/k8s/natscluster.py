@@ -77,19 +77,38 @@ def http_json(url, timeout=2):
 class Cluster:
     def __init__(self, conf, pod_names, env=None):
         self.workdir = tempfile.mkdtemp(prefix="natsbridge-cluster-")
-        flat = free_ports(3 * len(pod_names))
-        self.ports = [tuple(flat[i * 3 : i * 3 + 3]) for i in range(len(pod_names))]
+        self.conf = conf
         self.pod_names = pod_names
         self.procs = []
         self.env = env or {}
+        self.port_retries = 3
+        self._layout()
+
+    def _layout(self):
+        """Picks loopback ports and writes each server's localized config."""
+        flat = free_ports(3 * len(self.pod_names))
+        self.ports = [tuple(flat[i * 3 : i * 3 + 3]) for i in range(len(self.pod_names))]
         self.confs = []
-        for i, pod in enumerate(pod_names):
-            text = localize(conf, pod_names, i, self.ports, self.workdir)
+        for i, pod in enumerate(self.pod_names):
+            text = localize(self.conf, self.pod_names, i, self.ports, self.workdir)
             path = os.path.join(self.workdir, f"nats-{i}.conf")
             with open(path, "w") as f:
                 f.write(text)
             self.confs.append(text)
-        self.paths = [os.path.join(self.workdir, f"nats-{i}.conf") for i in range(len(pod_names))]
+        self.paths = [os.path.join(self.workdir, f"nats-{i}.conf") for i in range(len(self.pod_names))]
+
+    def _restart_on_fresh_ports(self):
+        """A free port is only free until someone else binds it: other test processes on this
+        machine pick ports the same way. When a server could not bind, the whole cluster is
+        laid out again on new ports (its routes name every peer's port), a bounded number of
+        times; any other exit is a real failure."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs = []
+        self._layout()
+        self.start()
 
     def client_urls(self):
         return [f"nats://127.0.0.1:{c}" for c, _, _ in self.ports]
@@ -120,6 +139,13 @@ class Cluster:
         while pending:
             for i in list(pending):
                 if self.procs[i].poll() is not None:
+                    if "address already in use" in self.log(i) and self.port_retries > 0:
+                        self.port_retries -= 1
+                        print(f"nats-server {i}: port taken by another process; cluster restarted on new ports")
+                        self._restart_on_fresh_ports()
+                        pending = set(range(len(self.procs)))
+                        deadline = time.monotonic() + timeout
+                        break
                     raise AssertionError(f"nats-server {i} exited {self.procs[i].returncode}:\n{self.log(i)}")
                 try:
                     status, body = http_json(self.monitor(i) + path)

@@ -8,6 +8,7 @@
 mod codec;
 mod contracts;
 mod cross;
+mod cutover;
 mod inbound;
 mod outbound;
 mod sidecar;

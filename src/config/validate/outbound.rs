@@ -37,6 +37,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         refuse_key(at, &raw.mode, "schema", matches!(raw.mode.as_str(), "tunnel" | "http"), diags);
         super::contracts::load(s, at, diags)
     });
+    let cutover = super::cutover::cutover(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -53,6 +54,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         codec,
         pattern,
         schema,
+        cutover,
     })
 }
 
@@ -93,8 +95,8 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
     let refuse = |key: &str, present: bool, diags: &mut Diagnostics<'_>| refuse_key(at, mode, key, present, diags);
     match mode {
         "request" | "publish" | "jetstream" => {
+            // `upstream` is a cut-over's HTTP side: see `cutover`.
             refuse("service", raw.service.is_some(), diags);
-            refuse("upstream", raw.upstream.is_some(), diags);
             subject_template(raw, at, captures, diags).map(|t| match mode {
                 "request" => OutboundTarget::Request(t),
                 "publish" => OutboundTarget::Publish(t),
@@ -103,7 +105,6 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
         }
         "tunnel" => {
             refuse("subject", raw.subject.is_some(), diags);
-            refuse("upstream", raw.upstream.is_some(), diags);
             tunnel_target(raw, at, diags)
         }
         "http" => {

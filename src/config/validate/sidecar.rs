@@ -28,7 +28,16 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
     let readiness = readiness_mode(at, raw.readiness.as_deref(), diags);
     let reply_prefixes = reply_prefixes(at, &raw.reply_prefixes, diags).unwrap_or_else(|| vec![DEFAULT_REPLY_PREFIX.to_owned()]);
     let forward = forward(&raw, at, diags);
+    let version = raw.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned());
+    if !is_semver(&version) {
+        diags.error(
+            at,
+            Some("version"),
+            format!("`version` {version:?} must be a SemVer version like \"1.4.0\" (NATS micro requires one)"),
+        );
+    }
     Sidecar {
+        version,
         service: raw.service,
         listen,
         admin_listen,
@@ -42,6 +51,20 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         app_health_path: app_health_path(at, raw.app_health_path, diags),
         forward,
     }
+}
+
+/// `[sidecar] version` when absent.
+const DEFAULT_VERSION: &str = "0.0.0";
+
+/// SemVer 2.0: `MAJOR.MINOR.PATCH`, numbers without leading zeros, then an optional
+/// `-pre.release` and `+build` of dot-separated `[0-9A-Za-z-]` identifiers.
+fn is_semver(v: &str) -> bool {
+    let (rest, build) = v.split_once('+').map_or((v, None), |(a, b)| (a, Some(b)));
+    let (core, pre) = rest.split_once('-').map_or((rest, None), |(a, b)| (a, Some(b)));
+    let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && (n == "0" || !n.starts_with('0'));
+    let idents = |s: &str| s.split('.').all(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3 && parts.iter().all(|p| number(p)) && pre.is_none_or(idents) && build.is_none_or(idents)
 }
 
 /// A path of the app's (`/healthz`), with an optional query: appended to `app_url`.
@@ -248,6 +271,21 @@ fn nats_tls(raw: &RawTls, at: Table<'_>, diags: &mut Diagnostics<'_>) -> NatsTls
         cert_file: raw.cert_file.as_ref().map(Into::into),
         key_file: raw.key_file.as_ref().map(Into::into),
         require: raw.require,
+    }
+}
+
+#[cfg(test)]
+mod semver_tests {
+    #[test]
+    fn versions_are_semver() {
+        for ok in ["0.0.0", "1.4.0", "10.20.30", "1.0.0-rc.1", "1.0.0+build.5", "1.0.0-alpha-1+x"] {
+            assert!(super::is_semver(ok), "{ok}");
+        }
+        for bad in ["1", "1.0", "01.0.0", "1.0.0-", "1.0.0+", "v1.0.0", "1.0.0-a..b", "1.0.x"] {
+            assert!(!super::is_semver(bad), "{bad}");
+        }
+        let e = crate::config::test_support::errors("[sidecar]\nservice = \"s\"\nversion = \"v2\"\n");
+        assert!(e.len() == 1 && e[0].starts_with("t.toml:3:") && e[0].contains("SemVer"), "{e:?}");
     }
 }
 
