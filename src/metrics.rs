@@ -40,6 +40,9 @@ pub struct Metrics {
     pub egress_forwarded: IntCounterVec,
     pub egress_tunnels: IntCounterVec,
     pub egress_tunnels_open: IntGauge,
+    /// Streamed replies by side (`reader`: egress, `responder`: ingress), route and how
+    /// they ended.
+    pub streams: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
 }
@@ -149,6 +152,11 @@ impl Metrics {
                 &["kind", "host", "outcome"],
             ),
             egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),
+            streams: counter_vec(
+                "natsbridge_streams_total",
+                "Streamed replies by side (reader: the egress route reading one, responder: the inbound route sending one), route and end: complete, error (the responder failed), cancel (the reader left), gap, stall, limit (stream_max), overflow (a reader slower than stream_buffer), gone (no reader any more).",
+                &["side", "route", "end"],
+            ),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             registry: r,
             names: names.into_inner(),

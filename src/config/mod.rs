@@ -209,6 +209,28 @@ pub struct Outbound {
     pub max_body: usize,
     /// Which `Nats-*` publish-control headers from the app reach NATS.
     pub allow_nats_headers: AllowNatsHeaders,
+    /// Request and tunnel routes: how a streamed reply is read (`stream_*` keys).
+    pub stream: StreamLimits,
+}
+
+/// How an egress route reads a streamed reply: each limit ends the stream as an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// The longest wait between two messages of a stream (`stream_stall`, 30 s).
+    pub stall: Duration,
+    /// The longest a whole stream may last (`stream_max`, 10 min).
+    pub max: Duration,
+    /// Messages buffered for a slow HTTP client before the stream is ended (`stream_buffer`, 256).
+    pub buffer: usize,
+    /// `stream_end = "empty"`: replies from a foreign responder are a stream ended by an
+    /// empty payload (ADR-47's sentinel), without sequence numbers.
+    pub end_on_empty: bool,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self { stall: Duration::from_secs(30), max: Duration::from_secs(600), buffer: 256, end_on_empty: false }
+    }
 }
 
 /// Which of an app's `Nats-*` headers (`Nats-Expected-Stream`, `Nats-Rollup`, `Nats-TTL`,
@@ -329,6 +351,13 @@ pub struct Inbound {
     /// Request and tunnel routes: bytes of received messages that may wait for a free
     /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
     pub max_buffer: usize,
+    /// Request and tunnel routes: small writes of a streamed app body that arrive within
+    /// this window travel as one message (`stream_coalesce`; by default, `0s`, only writes
+    /// that arrived together do).
+    pub stream_coalesce: Duration,
+    /// Request and tunnel routes: the longest pause of a streamed app body between two
+    /// writes before the stream ends as an error (`stream_stall`, 30 s).
+    pub stream_stall: Duration,
 }
 
 /// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.

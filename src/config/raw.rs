@@ -93,6 +93,10 @@ pub(super) struct RawOutbound {
     pub(super) service: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) allow_nats_headers: Option<RawAllowNatsHeaders>,
+    pub(super) stream_stall: Option<String>,
+    pub(super) stream_max: Option<String>,
+    pub(super) stream_buffer: Option<usize>,
+    pub(super) stream_end: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.
@@ -128,6 +132,8 @@ pub(super) struct RawInbound {
     pub(super) forwarded: Option<String>,
     pub(super) extra_methods: Option<Vec<String>>,
     pub(super) max_buffer: Option<String>,
+    pub(super) stream_coalesce: Option<String>,
+    pub(super) stream_stall: Option<String>,
 }
 
 #[derive(Deserialize)]

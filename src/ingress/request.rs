@@ -235,9 +235,14 @@ async fn handle(
                     if let Some(k) = &key {
                         guard::set_key_header(&mut headers, k);
                     }
-                    let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
+                    // An open body streams to a requester, unless the answer is to be kept.
+                    let stream_to = msg.reply.as_ref().filter(|_| claimed.is_none());
+                    let call = super::stream::call(&shared, &route, stream_to, method, &uri, headers, msg.payload.clone(), rid.as_deref());
                     tokio::select! {
-                        r = call => Ok(r),
+                        r = call => match r {
+                            super::stream::Answer::Whole(r) => Ok(r),
+                            super::stream::Answer::Streamed => return m.duration.observe(started.elapsed().as_secs_f64()),
+                        },
                         _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
                     }
                 }

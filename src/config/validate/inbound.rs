@@ -63,6 +63,7 @@ pub(super) fn inbound(
     if mode_name == InboundModeName::JetStream {
         refuse_key(at, mode_name.as_str(), "max_buffer", raw.max_buffer.is_some(), diags);
     }
+    let (stream_coalesce, stream_stall) = super::stream::inbound_stream(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -81,6 +82,8 @@ pub(super) fn inbound(
         forwarded,
         extra_methods,
         max_buffer,
+        stream_coalesce,
+        stream_stall,
     })
 }
 

@@ -9,6 +9,7 @@ mod cross;
 mod inbound;
 mod outbound;
 mod sidecar;
+mod stream;
 mod streams;
 
 use std::path::PathBuf;
