@@ -43,6 +43,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             timeout: Duration::from_secs(5),
             max_body: 1 << 20,
             allow_nats_headers: Default::default(),
+            stream: Default::default(),
         });
     }
     out

@@ -80,6 +80,19 @@ pub enum BridgeError {
     IdempotencyStoreUnbound,
     #[error("the idempotency store cannot be used: {0}")]
     IdempotencyUnavailable(String),
+    /// A streamed reply lost or reordered a message, or broke the wire contract.
+    #[error("the streamed reply is broken: {0}")]
+    StreamBroken(#[source] crate::streamed::WireError),
+    #[error("the streamed reply stalled: no message for {stall:?}")]
+    StreamStalled { stall: Duration },
+    #[error("the streamed reply lasted longer than stream_max ({max:?})")]
+    StreamTooLong { max: Duration },
+    /// The HTTP client read slower than the replies came, past `stream_buffer` messages.
+    #[error("the client read the streamed reply too slowly (more than {buffer} messages behind)")]
+    StreamOverflow { buffer: usize },
+    /// The responder ended its stream with an error; the detail is its problem document's.
+    #[error("the responder failed mid-stream: {0}")]
+    StreamFailed(String),
 }
 
 impl BridgeError {
@@ -104,7 +117,9 @@ impl BridgeError {
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
-            BadReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            BadReply(_) | Upstream(_) | StreamBroken(_) | StreamFailed(_) => StatusCode::BAD_GATEWAY,
+            StreamStalled { .. } | StreamTooLong { .. } => StatusCode::GATEWAY_TIMEOUT,
+            StreamOverflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
@@ -142,6 +157,11 @@ impl BridgeError {
             IdempotencyInFlight { .. } => "idempotency-in-flight",
             IdempotencyKeyReused => "idempotency-key-reused",
             IdempotencyStoreUnbound | IdempotencyUnavailable(_) => "idempotency-unavailable",
+            StreamBroken(_) => "stream-broken",
+            StreamStalled { .. } => "stream-stalled",
+            StreamTooLong { .. } => "stream-limit",
+            StreamOverflow { .. } => "stream-overflow",
+            StreamFailed(_) => "stream-error",
         }
     }
 

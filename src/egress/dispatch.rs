@@ -149,21 +149,8 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let reply = self.replies.request(subject.as_str().into(), headers, body, route.timeout).await.map_err(|e| {
-            use crate::nats::replies::ReplyErrorKind as K;
-            match e.kind() {
-                K::NoResponders => BridgeError::NoResponders { subject: subject.clone() },
-                K::TimedOut => BridgeError::Timeout { subject: subject.clone(), timeout: route.timeout },
-                K::MaxPayloadExceeded => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
-                K::InvalidSubject => BridgeError::BadRequest(format!("invalid subject {subject:?}")),
-                K::Overflow | K::Closed | K::Other => BridgeError::Nats(e.into()),
-            }
-        })?;
-        let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(BridgeError::BadReply)?;
-        let mut res = Response::new(full(r.body));
-        *res.status_mut() = r.status;
-        *res.headers_mut() = r.headers;
-        Ok(res)
+        let rid = headers.get(codec::REQUEST_ID).map(|v| v.as_str().to_owned());
+        self.request_reply(route, subject, headers, body, rid).await
     }
 
     /// `publish` mode: fire and forget, answered 202 once the server has the message.

@@ -5,6 +5,8 @@
 //!   raw-head framing guard; knows nothing of routes.
 //! - [`routes`]: the route table, and the table in force with its per-route metrics.
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
+//! - [`stream`]: replies read as streams (`Bridge-Stream-Seq`), and the streamed response
+//!   writer any multi-message reply reuses.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
 //!
@@ -16,6 +18,7 @@ mod dispatch;
 mod forward;
 mod listener;
 pub mod routes;
+pub(crate) mod stream;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
