@@ -351,9 +351,9 @@ pub struct Inbound {
     /// Request and tunnel routes: bytes of received messages that may wait for a free
     /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
     pub max_buffer: usize,
-    /// Request and tunnel routes: small writes of a streamed app body that arrive within
-    /// this window travel as one message (`stream_coalesce`; by default, `0s`, only writes
-    /// that arrived together do).
+    /// Request and tunnel routes: writes of a streamed app body (not an event stream, whose
+    /// events go one by one at once) within this window travel as one message
+    /// (`stream_coalesce`, 2 ms; `0s`: only writes that arrived together).
     pub stream_coalesce: Duration,
     /// Request and tunnel routes: the longest pause of a streamed app body between two
     /// writes before the stream ends as an error (`stream_stall`, 30 s).

@@ -90,9 +90,10 @@ impl Egress {
         let started = Instant::now();
         let mut waiter = self.replies.stream(route.stream.buffer);
         let reply = waiter.reply_subject().clone();
-        self.nats.publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await.map_err(|e| {
-            self.reply_error(ReplyError::from(e), &subject, route)
-        })?;
+        self.nats
+            .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
+            .await
+            .map_err(|e| self.reply_error(ReplyError::from(e), &subject, route))?;
         let first = match tokio::time::timeout(route.timeout, waiter.next()).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => return Err(self.reply_error(e, &subject, route)),
@@ -123,13 +124,7 @@ impl Egress {
             // Proxies in front of the client must not buffer the events.
             res_headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
-        let guard = Guard {
-            nats: self.nats.clone(),
-            control,
-            end: "cancel",
-            metrics: self.metrics.clone(),
-            route: route.name.clone(),
-        };
+        let guard = Guard { nats: self.nats.clone(), control, end: "cancel", metrics: self.metrics.clone(), route: route.name.clone() };
         let reader = Reader {
             waiter,
             sequence,

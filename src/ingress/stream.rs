@@ -3,7 +3,7 @@
 //! streamed reply while the bytes arrive (the wire contract is in [`crate::streamed`]).
 //!
 //! - An event stream travels one event per message; other bodies as they arrive, writes
-//!   that came together (and, with `stream_coalesce`, within that window) in one message.
+//!   within `stream_coalesce` (2 ms) in one message.
 //!   A message never exceeds the server's `max_payload`: larger pieces are split.
 //! - A body that ends before its first message is sent travels as one plain reply, so a
 //!   small chunked answer reaches non-streaming requesters as it always did.
@@ -119,8 +119,9 @@ impl<'a> Sender<'a> {
                 }
             };
             // What else has already arrived joins this read.
+            let more_may_come = matches!(read, Ok(Some(Ok(_))));
             let mut reads = vec![read];
-            while let Some(more) = body.frame().now_or_never() {
+            while let Some(more) = more_may_come.then(|| body.frame().now_or_never()).flatten() {
                 let done = !matches!(more, Some(Ok(_)));
                 reads.push(Ok(more));
                 if done {
@@ -132,18 +133,27 @@ impl<'a> Sender<'a> {
                 match read {
                     Ok(Some(Ok(frame))) => {
                         if let Ok(data) = frame.into_data() {
-                            if sse { sse_split.push(&data) } else { pending.extend_from_slice(&data) }
+                            if sse {
+                                sse_split.push(&data)
+                            } else {
+                                pending.extend_from_slice(&data)
+                            }
                         }
                     }
-                    Ok(None) => ended = Some(Ok(())),
-                    Ok(Some(Err(e))) => ended = Some(Err(BridgeError::Upstream(format!("the app's body failed: {}", app::error_chain(&e))))),
-                    Err(_) => ended = Some(Err(BridgeError::UpstreamTimeout(idle))),
+                    Ok(None) => ended = ended.or(Some(Ok(()))),
+                    Ok(Some(Err(e))) => {
+                        ended =
+                            ended.or_else(|| Some(Err(BridgeError::Upstream(format!("the app's body failed: {}", app::error_chain(&e))))))
+                    }
+                    Err(_) => ended = ended.or(Some(Err(BridgeError::UpstreamTimeout(idle)))),
                 }
             }
             if let Some(ended) = ended {
                 break Ok(ended);
             }
-            let sent = if sse { self.send_events(&mut sse_split).await } else if coalesce.is_zero() {
+            let sent = if sse {
+                self.send_events(&mut sse_split).await
+            } else if coalesce.is_zero() {
                 self.send_all(pending.split().freeze(), Part::Data).await
             } else {
                 flush_at.get_or_insert_with(|| Instant::now() + coalesce);

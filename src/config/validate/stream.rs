@@ -48,8 +48,7 @@ pub(super) fn inbound_stream(raw: &RawInbound, at: Table<'_>, diags: &mut Diagno
     let jetstream = raw.mode == "jetstream";
     refuse_key(at, &raw.mode, "stream_coalesce", raw.stream_coalesce.is_some() && jetstream, diags);
     refuse_key(at, &raw.mode, "stream_stall", raw.stream_stall.is_some() && jetstream, diags);
-    // By default only writes that have already arrived together share a message.
-    let coalesce = duration(at, "stream_coalesce", &raw.stream_coalesce, Duration::ZERO, diags);
+    let coalesce = duration(at, "stream_coalesce", &raw.stream_coalesce, Duration::from_millis(2), diags);
     if coalesce > Duration::from_millis(100) {
         diags.error(at, Some("stream_coalesce"), "`stream_coalesce` is at most 100ms: tokens must not wait long");
     }
