@@ -175,6 +175,42 @@ impl SseSplitter {
     }
 }
 
+/// One SSE event for a message: `id:` (when known), `event:` (when named; line breaks
+/// removed, they would end the field), and the payload as `data:` lines, however its
+/// lines end, so a multi-line payload stays one event.
+pub fn sse_event(id: Option<u64>, event: Option<&str>, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 32);
+    if let Some(id) = id {
+        out.extend_from_slice(format!("id: {id}\n").as_bytes());
+    }
+    if let Some(e) = event.map(|e| e.replace(['\r', '\n'], "")).filter(|e| !e.is_empty()) {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(e.as_bytes());
+        out.push(b'\n');
+    }
+    let text = data;
+    let mut start = 0;
+    let mut i = 0;
+    loop {
+        let end_here = i == text.len() || text[i] == b'\n' || text[i] == b'\r';
+        if end_here {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&text[start..i]);
+            out.push(b'\n');
+            if i == text.len() {
+                break;
+            }
+            // `\r\n` is one line end.
+            i += if text[i] == b'\r' && text.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+            start = i;
+            continue;
+        }
+        i += 1;
+    }
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
 /// `payload` in pieces of at most `max` bytes (one piece when it fits; never none).
 pub fn split(mut payload: Bytes, max: usize) -> Vec<Bytes> {
     let max = max.max(1);
@@ -256,6 +292,22 @@ mod tests {
         assert!(!has_open_body(http::StatusCode::OK, &hm));
         hm.insert(http::header::CONTENT_TYPE, "Text/Event-Stream; charset=utf-8".parse().unwrap());
         assert!(has_open_body(http::StatusCode::OK, &hm));
+    }
+
+    #[test]
+    fn sse_events_frame_multi_line_payloads_and_names() {
+        assert_eq!(&sse_event(Some(7), Some("token"), b"hi")[..], b"id: 7\nevent: token\ndata: hi\n\n");
+        assert_eq!(&sse_event(None, None, b"a\nb\r\nc\rd")[..], b"data: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(&sse_event(Some(1), Some("x\ny"), b"")[..], b"id: 1\nevent: xy\ndata: \n\n");
+        assert_eq!(&sse_event(None, None, b"end\n")[..], b"data: end\ndata: \n\n");
+        // Whatever the payload, the event parses back into one event with the same data.
+        let payload = b"line one\n\nline three: with colon\r\n";
+        let framed = sse_event(Some(2), None, payload);
+        let mut split = SseSplitter::default();
+        split.push(&framed);
+        assert_eq!(split.next_event().as_deref(), Some(&framed[..]));
+        let data: Vec<&str> = std::str::from_utf8(&framed).unwrap().lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(data.join("\n"), "line one\n\nline three: with colon\n");
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub enum OutboundMode {
     JetStream,
     Tunnel,
     Http,
+    Subscribe,
 }
 
 impl OutboundMode {
@@ -175,6 +176,7 @@ impl OutboundMode {
             OutboundMode::JetStream => "jetstream",
             OutboundMode::Tunnel => "tunnel",
             OutboundMode::Http => "http",
+            OutboundMode::Subscribe => "subscribe",
         }
     }
 }
@@ -193,6 +195,21 @@ pub enum OutboundTarget {
     Http {
         upstream: http::Uri,
     },
+    /// A `GET` becomes a live SSE stream of the subject: from `stream` (a JetStream
+    /// stream: replay and `Last-Event-ID` resume) or, without one, core NATS.
+    Subscribe(Subscribe),
+}
+
+/// What a `subscribe` route reads.
+#[derive(Debug, Clone)]
+pub struct Subscribe {
+    pub subject: SubjectTemplate,
+    pub stream: Option<String>,
+    /// Without `Last-Event-ID`: from the subject's first message (`deliver = "all"`, the
+    /// default) or only new ones (`"new"`).
+    pub deliver_all: bool,
+    /// A comment line this often keeps proxies from cutting an idle stream (`heartbeat`, 15 s).
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +282,7 @@ impl Outbound {
             OutboundTarget::JetStream(_) => OutboundMode::JetStream,
             OutboundTarget::Tunnel { .. } => OutboundMode::Tunnel,
             OutboundTarget::Http { .. } => OutboundMode::Http,
+            OutboundTarget::Subscribe(_) => OutboundMode::Subscribe,
         }
     }
 }

@@ -97,6 +97,9 @@ pub(super) struct RawOutbound {
     pub(super) stream_max: Option<String>,
     pub(super) stream_buffer: Option<usize>,
     pub(super) stream_end: Option<String>,
+    pub(super) stream: Option<String>,
+    pub(super) deliver: Option<String>,
+    pub(super) heartbeat: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

@@ -84,6 +84,9 @@ impl Egress {
         if let OutboundTarget::Http { upstream } = &route.target {
             return self.proxy(route, upstream, req).await;
         }
+        if let OutboundTarget::Subscribe(sub) = &route.target {
+            return self.subscribe(route, sub, subject.unwrap_or_default(), req.headers()).await;
+        }
         let (parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
@@ -93,7 +96,7 @@ impl Egress {
             OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
             OutboundTarget::Publish(_) => self.publish(route, subject, &parts.headers, body).await,
             OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
-            OutboundTarget::Http { .. } => unreachable!("streamed above"),
+            OutboundTarget::Http { .. } | OutboundTarget::Subscribe(_) => unreachable!("answered above"),
         }
     }
 
@@ -244,7 +247,10 @@ fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::Head
 /// template filled from the path captures.
 fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
     match &m.route.target {
-        OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) => {
+        OutboundTarget::Request(t)
+        | OutboundTarget::Publish(t)
+        | OutboundTarget::JetStream(t)
+        | OutboundTarget::Subscribe(crate::config::Subscribe { subject: t, .. }) => {
             t.render(|name| m.params.get(name)).map(Some).map_err(|e| match e {
                 RenderError::TooLong { len, max } => BridgeError::SubjectTooLong { len, max },
                 e => BridgeError::BadRequest(e.to_string()),

@@ -7,6 +7,7 @@
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
 //! - [`stream`]: replies read as streams (`Bridge-Stream-Seq`), and the streamed response
 //!   writer any multi-message reply reuses.
+//! - `subscribe`: `subscribe` routes, a subject (or a JetStream stream) as a live SSE stream.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
 //!
@@ -19,6 +20,7 @@ mod forward;
 mod listener;
 pub mod routes;
 pub(crate) mod stream;
+mod subscribe;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -95,6 +95,16 @@ fn egress(config: &Config, p: &mut Permissions) {
             }
             OutboundTarget::Tunnel { subject, .. } => p.pub_(subject.clone(), why),
             OutboundTarget::Http { .. } => {}
+            OutboundTarget::Subscribe(sub) => match &sub.stream {
+                None => p.sub(template_pattern(sub.subject.as_str()), why),
+                Some(s) => {
+                    // An ordered consumer per client: created, pulled, deleted when it leaves.
+                    p.pub_(format!("$JS.API.STREAM.INFO.{s}"), why.clone());
+                    for api in ["CONSUMER.CREATE", "CONSUMER.MSG.NEXT", "CONSUMER.DELETE", "CONSUMER.INFO"] {
+                        p.pub_(format!("$JS.API.{api}.{s}.>"), why.clone());
+                    }
+                }
+            },
         }
     }
 }

@@ -85,7 +85,18 @@ fn host_without_port(host: &str, at: Table<'_>, diags: &mut Diagnostics<'_>) -> 
 fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Diagnostics<'_>) -> Option<OutboundTarget> {
     let mode = raw.mode.as_str();
     let refuse = |key: &str, present: bool, diags: &mut Diagnostics<'_>| refuse_key(at, mode, key, present, diags);
+    if mode != "subscribe" {
+        refuse("stream", raw.stream.is_some(), diags);
+        refuse("deliver", raw.deliver.is_some(), diags);
+        refuse("heartbeat", raw.heartbeat.is_some(), diags);
+    }
     match mode {
+        "subscribe" => {
+            refuse("service", raw.service.is_some(), diags);
+            refuse("upstream", raw.upstream.is_some(), diags);
+            let subject = subject_template(raw, at, captures, diags);
+            super::stream::subscribe_target(raw, subject, at, diags)
+        }
         "request" | "publish" | "jetstream" => {
             refuse("service", raw.service.is_some(), diags);
             refuse("upstream", raw.upstream.is_some(), diags);
@@ -106,7 +117,11 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
             http_target(raw, at, diags)
         }
         other => {
-            diags.error(at, Some("mode"), format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel or http"));
+            diags.error(
+                at,
+                Some("mode"),
+                format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel, http or subscribe"),
+            );
             None
         }
     }

@@ -3,17 +3,48 @@
 
 use std::time::Duration;
 
-use super::{duration, refuse_key};
+use super::{duration, is_valid_stream_name, refuse_key};
 use crate::config::diagnostics::{Diagnostics, Table};
 use crate::config::raw::{RawInbound, RawOutbound};
-use crate::config::StreamLimits;
+use crate::config::{OutboundTarget, StreamLimits, Subscribe};
+use crate::subject::SubjectTemplate;
+
+/// A `subscribe` route: `GET` only, an optional JetStream `stream`, `deliver` and `heartbeat`.
+pub(super) fn subscribe_target(
+    raw: &RawOutbound,
+    subject: Option<SubjectTemplate>,
+    at: Table<'_>,
+    diags: &mut Diagnostics<'_>,
+) -> Option<OutboundTarget> {
+    if raw.method.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case("GET")) {
+        diags.error(at, Some("method"), "mode \"subscribe\" answers `GET` only (an SSE stream)");
+    }
+    if let Some(s) = raw.stream.as_deref().filter(|s| !is_valid_stream_name(s)) {
+        diags.error(at, Some("stream"), format!("`stream` {s:?} is not a valid stream name"));
+    }
+    let deliver_all = match raw.deliver.as_deref() {
+        None | Some("all") => true,
+        Some("new") => false,
+        Some(other) => {
+            diags.error(at, Some("deliver"), format!("`deliver` {other:?}: expected \"all\" or \"new\""));
+            true
+        }
+    };
+    let heartbeat = duration(at, "heartbeat", &raw.heartbeat, std::time::Duration::from_secs(15), diags);
+    if heartbeat.is_zero() {
+        diags.error(at, Some("heartbeat"), "`heartbeat` must be more than zero");
+    }
+    Some(OutboundTarget::Subscribe(Subscribe { subject: subject?, stream: raw.stream.clone(), deliver_all, heartbeat }))
+}
 
 /// The reading limits of an outbound route; refused on modes that get no replies.
 pub(super) fn outbound_limits(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> StreamLimits {
     let replies = matches!(raw.mode.as_str(), "request" | "tunnel");
+    // A subscribe route's stream is bounded by `stream_max` too.
+    let subscribe = raw.mode == "subscribe";
     let keys = [
         ("stream_stall", raw.stream_stall.is_some()),
-        ("stream_max", raw.stream_max.is_some()),
+        ("stream_max", raw.stream_max.is_some() && !subscribe),
         ("stream_buffer", raw.stream_buffer.is_some()),
         ("stream_end", raw.stream_end.is_some()),
     ];
