@@ -44,6 +44,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             max_body: 1 << 20,
             allow_nats_headers: Default::default(),
             stream: Default::default(),
+            ttl: None,
         });
     }
     out

@@ -270,3 +270,42 @@ async fn a_client_leaving_takes_its_consumer_with_it_and_a_bad_last_event_id_is_
     let bad = call("GET", &sidecar.url("/executions/e5/tokens"), &[("Last-Event-ID", "abc")], Bytes::new()).await;
     assert_eq!(bad.status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_route_with_ttl_gets_a_stream_that_expires_its_messages() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    let toml = r#"[sidecar]
+service = "agent"
+app_url = "http://127.0.0.1:1"
+provision = true
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[[streams]]
+name = "TOKENS"
+subjects = ["agent.token.streamed.>"]
+
+[[outbound]]
+name = "token-out"
+method = "POST"
+path = "/tokens/{id}"
+subject = "agent.token.streamed.{id}"
+mode = "jetstream"
+ttl = "1s"
+"#;
+    let sidecar = Sidecar::start(toml, &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let info = js.get_stream("TOKENS").await.unwrap().info().await.unwrap().clone();
+    assert!(info.config.allow_message_ttl, "provisioning enables per-message TTLs");
+    let res = post(&sidecar.url("/tokens/e6"), "tok").await;
+    assert_eq!(res.status, 202);
+    let stored = js.get_stream("TOKENS").await.unwrap().get_last_raw_message_by_subject("agent.token.streamed.e6").await.unwrap();
+    assert_eq!(stored.headers.get("Nats-TTL").map(|v| v.as_str()), Some("1s"));
+    eventually("the token expired", Duration::from_secs(15), || async { (stored_messages(&js).await == 0).then_some(()) }).await;
+}
+
+async fn stored_messages(js: &jetstream::Context) -> u64 {
+    js.get_stream("TOKENS").await.unwrap().info().await.unwrap().state.messages
+}

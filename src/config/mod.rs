@@ -228,6 +228,8 @@ pub struct Outbound {
     pub allow_nats_headers: AllowNatsHeaders,
     /// Request and tunnel routes: how a streamed reply is read (`stream_*` keys).
     pub stream: StreamLimits,
+    /// Jetstream routes: each message expires after this (`ttl`, sent as `Nats-TTL`).
+    pub ttl: Option<Duration>,
 }
 
 /// How an egress route reads a streamed reply: each limit ends the stream as an error.
@@ -444,6 +446,9 @@ pub struct StreamSpec {
     pub max_bytes: Option<i64>,
     pub max_msgs: Option<i64>,
     pub duplicate_window: Duration,
+    /// Per-message TTLs (`Nats-TTL`): set for streams that capture a jetstream route with
+    /// `ttl`.
+    pub allow_msg_ttl: bool,
 }
 
 /// The stream that captures every dead-letter subject.

@@ -100,6 +100,7 @@ pub(super) struct RawOutbound {
     pub(super) stream: Option<String>,
     pub(super) deliver: Option<String>,
     pub(super) heartbeat: Option<String>,
+    pub(super) ttl: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

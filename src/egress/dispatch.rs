@@ -203,6 +203,9 @@ impl Egress {
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
             nats_headers.insert(codec::NATS_MSG_ID, key);
         }
+        if let Some(ttl) = route.ttl {
+            nats_headers.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
+        }
         let ack = publish_acked(&self.replies, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
             PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },

@@ -113,6 +113,10 @@ pub(super) fn compare_stream(want: &stream::Config, have: &stream::Info, manage_
     if manage_duplicates {
         push_diff(&mut diff, "duplicate_window", fmt_age(old.duplicate_window), fmt_age(want.duplicate_window));
     }
+    // Turned on for per-message TTLs; never turned off (the server refuses that).
+    if want.allow_message_ttl {
+        push_diff(&mut diff, "allow_msg_ttl", old.allow_message_ttl.to_string(), "true".into());
+    }
     // Only discard=new is insisted on (it keeps acked messages); old is left to the operator.
     if want.discard == DiscardPolicy::New {
         push_diff(&mut diff, "discard", fmt_discard(old.discard).into(), fmt_discard(want.discard).into());
@@ -186,6 +190,7 @@ pub(super) fn merge_stream(have: &stream::Config, want: &stream::Config, manage_
     if want.discard == DiscardPolicy::New {
         c.discard = DiscardPolicy::New;
     }
+    c.allow_message_ttl |= want.allow_message_ttl;
     c
 }
 

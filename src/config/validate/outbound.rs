@@ -33,6 +33,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
     let stream = super::stream::outbound_limits(&raw, at, diags);
+    let ttl = super::stream::message_ttl(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -47,6 +48,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         max_body,
         allow_nats_headers,
         stream,
+        ttl,
     })
 }
 

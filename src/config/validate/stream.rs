@@ -9,6 +9,28 @@ use crate::config::raw::{RawInbound, RawOutbound};
 use crate::config::{OutboundTarget, StreamLimits, Subscribe};
 use crate::subject::SubjectTemplate;
 
+/// `ttl` of a jetstream route: whole seconds, at least one (the server's `Nats-TTL` unit).
+pub(super) fn message_ttl(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Option<std::time::Duration> {
+    let value = raw.ttl.as_ref()?;
+    refuse_key(at, &raw.mode, "ttl", raw.mode != "jetstream", diags);
+    let ttl = duration(at, "ttl", &Some(value.clone()), std::time::Duration::ZERO, diags);
+    if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
+        diags.error(at, Some("ttl"), "`ttl` must be a whole number of seconds, at least 1s");
+    }
+    Some(ttl)
+}
+
+/// Streams that capture a jetstream route with `ttl` allow per-message TTLs.
+pub(super) fn mark_ttl_streams(outbound: &[crate::config::Outbound], streams: &mut [crate::config::StreamSpec]) {
+    for o in outbound {
+        let (OutboundTarget::JetStream(t), Some(_)) = (&o.target, o.ttl) else { continue };
+        let probe = t.probe();
+        for s in streams.iter_mut().filter(|s| s.subjects.iter().any(|p| p.matches(&probe))) {
+            s.allow_msg_ttl = true;
+        }
+    }
+}
+
 /// A `subscribe` route: `GET` only, an optional JetStream `stream`, `deliver` and `heartbeat`.
 pub(super) fn subscribe_target(
     raw: &RawOutbound,
@@ -104,6 +126,30 @@ mod tests {
         assert!(e.contains("`stream_stall` does not apply to mode \"publish\""), "{e}");
         assert!(e.contains("`stream_end` \"never\""), "{e}");
         assert!(e.contains("`stream_buffer` must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn subscribe_routes_and_ttl_are_checked() {
+        let route = |extra: &str| {
+            format!("{MINIMAL}\n[[streams]]\nname = \"T\"\nsubjects = [\"t.>\"]\n\n[[outbound]]\nname = \"r\"\npath = \"/t/{{id}}\"\nsubject = \"t.{{id}}\"\n{extra}\n")
+        };
+        let e = errors(&route("mode = \"subscribe\"\nmethod = \"POST\"\nstream = \"a.b\"\ndeliver = \"last\"")).join("\n");
+        assert!(e.contains("answers `GET` only") && e.contains("not a valid stream name") && e.contains("`deliver` \"last\""), "{e}");
+        let e = errors(&route("mode = \"request\"\nttl = \"5s\"\nheartbeat = \"1s\"")).join("\n");
+        assert!(e.contains("`ttl` does not apply") && e.contains("`heartbeat` does not apply"), "{e}");
+        let e = errors(&route("mode = \"jetstream\"\nttl = \"1500ms\"")).join("\n");
+        assert!(e.contains("whole number of seconds"), "{e}");
+        let c = crate::config::parse(&route("mode = \"jetstream\"\nttl = \"30s\""), "t.toml").unwrap();
+        assert_eq!(c.outbound[0].ttl, Some(std::time::Duration::from_secs(30)));
+        assert!(c.streams[0].allow_msg_ttl, "the stream capturing a ttl route allows message TTLs");
+        let c = crate::config::parse(&route("mode = \"subscribe\"\nstream = \"T\""), "t.toml").unwrap();
+        match &c.outbound[0].target {
+            crate::config::OutboundTarget::Subscribe(s) => {
+                assert_eq!((s.stream.as_deref(), s.deliver_all, s.heartbeat), (Some("T"), true, std::time::Duration::from_secs(15)))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!c.streams[0].allow_msg_ttl);
     }
 
     #[test]
