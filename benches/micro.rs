@@ -45,6 +45,8 @@ fn routes(n: usize) -> Vec<Outbound> {
             allow_nats_headers: Default::default(),
             stream: Default::default(),
             ttl: None,
+            always_async: false,
+            async_ttl: Duration::from_secs(3600),
         });
     }
     out

@@ -93,6 +93,14 @@ pub enum BridgeError {
     /// The responder ended its stream with an error; the detail is its problem document's.
     #[error("the responder failed mid-stream: {0}")]
     StreamFailed(String),
+    /// An async operation id that is unknown, or whose result expired (`async_ttl`).
+    #[error("no operation {id} (unknown, or its result expired)")]
+    OperationNotFound { id: String },
+    /// The sidecar running an async call stopped before it finished (past its deadline).
+    #[error("operation {id} was lost: its call did not finish by its deadline")]
+    OperationLost { id: String },
+    #[error("the async operation store cannot be used: {0}")]
+    OperationStore(String),
 }
 
 impl BridgeError {
@@ -100,7 +108,9 @@ impl BridgeError {
     pub fn status(&self) -> StatusCode {
         use BridgeError::*;
         match self {
-            NoRoute { .. } => StatusCode::NOT_FOUND,
+            NoRoute { .. } | OperationNotFound { .. } => StatusCode::NOT_FOUND,
+            OperationLost { .. } => StatusCode::GATEWAY_TIMEOUT,
+            OperationStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SubjectTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -162,6 +172,9 @@ impl BridgeError {
             StreamTooLong { .. } => "stream-limit",
             StreamOverflow { .. } => "stream-overflow",
             StreamFailed(_) => "stream-error",
+            OperationNotFound { .. } => "operation-not-found",
+            OperationLost { .. } => "operation-lost",
+            OperationStore(_) => "operation-store-unavailable",
         }
     }
 

@@ -230,6 +230,11 @@ pub struct Outbound {
     pub stream: StreamLimits,
     /// Jetstream routes: each message expires after this (`ttl`, sent as `Nats-TTL`).
     pub ttl: Option<Duration>,
+    /// Request and tunnel routes: every call answers `202` at once and its result is
+    /// fetched later (`async = true`; a client can ask with `Prefer: respond-async`).
+    pub always_async: bool,
+    /// How long an async call's result is kept (`async_ttl`, 1 h).
+    pub async_ttl: Duration,
 }
 
 /// How an egress route reads a streamed reply: each limit ends the stream as an error.

@@ -101,6 +101,9 @@ pub(super) struct RawOutbound {
     pub(super) deliver: Option<String>,
     pub(super) heartbeat: Option<String>,
     pub(super) ttl: Option<String>,
+    #[serde(rename = "async")]
+    pub(super) always_async: Option<bool>,
+    pub(super) async_ttl: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

@@ -33,6 +33,10 @@ impl Egress {
         if req.method() == http::Method::CONNECT {
             return self.connect(req).await.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
         }
+        if let Some(id) = req.uri().path().strip_prefix(super::operations::PATH_PREFIX).filter(|_| req.method() == http::Method::GET) {
+            let res = self.operation(id, req.headers()).await;
+            return res.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
+        }
         // Absolute form (HTTP_PROXY) carries the host in the URI; origin form in Host.
         let host = match req.uri().authority() {
             Some(a) => Some(a.host().to_owned()),
@@ -152,6 +156,9 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
+        if super::operations::wants_async(route, &headers) {
+            return self.start_async(route, subject, headers, body).await;
+        }
         let rid = headers.get(codec::REQUEST_ID).map(|v| v.as_str().to_owned());
         self.request_reply(route, subject, headers, body, rid).await
     }

@@ -7,6 +7,8 @@
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
 //! - [`stream`]: replies read as streams (`Bridge-Stream-Seq`), and the streamed response
 //!   writer any multi-message reply reuses.
+//! - `operations`: async request-reply (`Prefer: respond-async`, `async = true`) and the
+//!   `/.natsbridge/operations/<id>` results, kept in a KV bucket.
 //! - `subscribe`: `subscribe` routes, a subject (or a JetStream stream) as a live SSE stream.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
@@ -18,6 +20,7 @@ mod connect;
 mod dispatch;
 mod forward;
 mod listener;
+mod operations;
 pub mod routes;
 pub(crate) mod stream;
 mod subscribe;
@@ -36,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::nats::replies::Replies;
 
 pub use listener::serve;
+pub use operations::BUCKET as OPERATIONS_BUCKET;
 pub use routes::Table;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

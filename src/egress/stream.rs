@@ -76,10 +76,36 @@ pub(crate) fn sse_error(e: &BridgeError, route: &str, rid: Option<&str>) -> Byte
     Bytes::from(out)
 }
 
+/// What reading replies takes, apart from the egress listener (an async call runs on its
+/// own task, with its own clones of these).
+#[derive(Clone, Copy)]
+pub(crate) struct Replier<'a> {
+    pub nats: &'a async_nats::Client,
+    pub replies: &'a crate::nats::replies::Replies,
+    pub metrics: &'a crate::metrics::Metrics,
+}
+
 impl Egress {
+    pub(super) fn replier(&self) -> Replier<'_> {
+        Replier { nats: &self.nats, replies: &self.replies, metrics: &self.metrics }
+    }
+
+    pub(super) async fn request_reply(
+        &self,
+        route: &Outbound,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+        rid: Option<String>,
+    ) -> Result<Response<Body>, BridgeError> {
+        self.replier().request_reply(route, subject, headers, payload, rid).await
+    }
+}
+
+impl Replier<'_> {
     /// A request or tunnel call: publishes with a multiplexer waiter as reply subject, then
     /// answers with the reply, whole or streamed.
-    pub(super) async fn request_reply(
+    pub(crate) async fn request_reply(
         &self,
         route: &Outbound,
         subject: String,

@@ -34,6 +34,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
     let stream = super::stream::outbound_limits(&raw, at, diags);
     let ttl = super::stream::message_ttl(&raw, at, diags);
+    let (always_async, async_ttl) = super::stream::async_keys(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -49,6 +50,8 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         allow_nats_headers,
         stream,
         ttl,
+        always_async,
+        async_ttl,
     })
 }
 

@@ -20,6 +20,18 @@ pub(super) fn message_ttl(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnost
     Some(ttl)
 }
 
+/// `async` and `async_ttl`: request and tunnel routes only; results kept 1 s to 7 days.
+pub(super) fn async_keys(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> (bool, std::time::Duration) {
+    let replies = matches!(raw.mode.as_str(), "request" | "tunnel");
+    refuse_key(at, &raw.mode, "async", raw.always_async.is_some() && !replies, diags);
+    refuse_key(at, &raw.mode, "async_ttl", raw.async_ttl.is_some() && !replies, diags);
+    let ttl = duration(at, "async_ttl", &raw.async_ttl, std::time::Duration::from_secs(3600), diags);
+    if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 || ttl > std::time::Duration::from_secs(7 * 24 * 3600) {
+        diags.error(at, Some("async_ttl"), "`async_ttl` must be whole seconds, from 1s to 7 days");
+    }
+    (raw.always_async.unwrap_or(false), ttl)
+}
+
 /// Streams that capture a jetstream route with `ttl` allow per-message TTLs.
 pub(super) fn mark_ttl_streams(outbound: &[crate::config::Outbound], streams: &mut [crate::config::StreamSpec]) {
     for o in outbound {
