@@ -516,3 +516,44 @@ async fn the_responder_sidecar_dying_mid_stream_ends_the_reader_within_stream_st
     assert_eq!(&first[..], b"tok");
     assert!(end.is_err(), "the reader must end with an error, not hang or look complete");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_slower_than_stream_buffer_gets_an_error_end_and_its_waiter_is_gone() {
+    let (_nats, requester, c) = requester_only("stream_buffer = 4").await;
+    let mut sub = subscribe_synced(&c, "tokens.chunks").await;
+    let url = requester.url("/tokens/chunks");
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let client = tokio::spawn(async move {
+        let (_parts, mut body) = open(&url).await.into_parts();
+        // The client reads nothing until told: the replies pile up in the sidecar.
+        wait.await.unwrap();
+        read_all(&mut body, Duration::from_secs(20)).await
+    });
+    let req = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    let reply = req.reply.unwrap();
+    // Far more than the socket buffers between the sidecar and the client hold.
+    let chunk = Bytes::from(vec![b'x'; 256 << 10]);
+    c.publish_with_headers(reply.clone(), seq_headers(1, &[("Bridge-Status", "200")]), chunk.clone()).await.unwrap();
+    for seq in 2..=400u64 {
+        c.publish_with_headers(reply.clone(), seq_headers(seq, &[]), chunk.clone()).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // The waiter was dropped when its buffer overflowed: the rest arrived for nobody.
+    eventually("replies dropped after the overflow", Duration::from_secs(20), || async {
+        let m = requester.metrics().await;
+        let late = m.lines().find_map(|l| l.strip_prefix("natsbridge_late_replies_total ")).and_then(|v| v.trim().parse::<u64>().ok());
+        late.filter(|n| *n > 0).map(|_| ())
+    })
+    .await;
+    go.send(()).unwrap();
+    let (bytes, end) = tokio::time::timeout(Duration::from_secs(30), client).await.unwrap().unwrap();
+    assert!(end.is_err(), "an overflowed stream must not look complete");
+    assert!(bytes.len() < 400 * (256 << 10), "the client got {} bytes: not the whole stream", bytes.len());
+    eventually("the overflow counted", Duration::from_secs(5), || async {
+        let m = requester.metrics().await;
+        (m.contains(r#"natsbridge_streams_total{end="overflow",route="tokens",side="reader"} 1"#)
+            && m.contains("natsbridge_pending_replies 0"))
+        .then_some(())
+    })
+    .await;
+}
