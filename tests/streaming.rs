@@ -37,6 +37,8 @@ async fn streaming_app() -> (String, mpsc::UnboundedReceiver<AppCall>) {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            // A token server writes small chunks: Nagle would hold them for the peer's ACK.
+            let _ = stream.set_nodelay(true);
             let calls_tx = calls_tx.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -556,4 +558,117 @@ async fn a_client_slower_than_stream_buffer_gets_an_error_end_and_its_waiter_is_
         .then_some(())
     })
     .await;
+}
+
+/// Token latency, app write → HTTP client read, through two sidecars, against a raw NATS
+/// publish → subscribe in the same run: 100 streams × 20 tokens/s for 5 s. Prints p50/p99;
+/// run with `--ignored --nocapture` (numbers for BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn bench_token_latency_through_two_sidecars_against_raw_nats() {
+    // STREAM_BENCH_STREAMS: fewer streams, to see the per-token cost on a loaded machine.
+    let streams: usize = std::env::var("STREAM_BENCH_STREAMS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    const TOKENS: usize = 100;
+    const GAP: Duration = Duration::from_millis(50);
+    let base = Instant::now();
+    let micros = move || base.elapsed().as_micros() as u64;
+    let stamp_of = |line: &str| line.trim().strip_prefix("data: ").and_then(|v| v.parse::<u64>().ok());
+
+    // Raw NATS baseline.
+    let nats = NatsServer::start();
+    let (pc, sc) = (nats.client().await, nats.client().await);
+    let mut raw = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut readers = Vec::new();
+    for s in 0..streams {
+        let mut sub = sc.subscribe(format!("raw.{s}")).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while lat.len() < TOKENS {
+                let m = sub.next().await.unwrap();
+                let sent: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+                lat.push(micros() - sent);
+            }
+            lat
+        }));
+    }
+    sc.flush().await.unwrap();
+    let _ = sc.request("_sync", Bytes::new()).await;
+    let mut writers = Vec::new();
+    for s in 0..streams {
+        let pc = pc.clone();
+        writers.push(tokio::spawn(async move {
+            tokio::time::sleep(GAP * s as u32 / streams as u32).await;
+            for _ in 0..TOKENS {
+                pc.publish(format!("raw.{s}"), micros().to_string().into()).await.unwrap();
+                tokio::time::sleep(GAP).await;
+            }
+        }));
+    }
+    for r in readers {
+        for l in r.await.unwrap() {
+            raw.record(l).unwrap();
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    // Through the sidecars. A stream holds its inbound concurrency slot while it lasts.
+    let mut p = pair("", "concurrency = 200").await;
+    let mut clients = Vec::new();
+    for _ in 0..streams {
+        let url = p.requester.url("/tokens/sse");
+        clients.push(tokio::spawn(async move {
+            let (_parts, mut body) = open(&url).await.into_parts();
+            let mut lat = Vec::new();
+            let mut buf = String::new();
+            while lat.len() < TOKENS {
+                let f = body
+                    .frame()
+                    .await
+                    .unwrap_or_else(|| panic!("ended after {} tokens", lat.len()))
+                    .unwrap_or_else(|e| panic!("after {} tokens: {e:?} {buf:?}", lat.len()));
+                let now = micros();
+                if let Ok(d) = f.into_data() {
+                    buf.push_str(std::str::from_utf8(&d).unwrap());
+                    while let Some(i) = buf.find("\n\n") {
+                        let ev: String = buf.drain(..i + 2).collect();
+                        lat.push(now - stamp_of(&ev).unwrap());
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut writers = Vec::new();
+    for s in 0..streams {
+        let call = next_call(&mut p.calls).await;
+        writers.push(tokio::spawn(async move {
+            tokio::time::sleep(GAP * s as u32 / streams as u32).await;
+            for _ in 0..TOKENS {
+                call.tx.send(Ok(Bytes::from(format!("data: {}\n\n", micros())))).await.unwrap();
+                tokio::time::sleep(GAP).await;
+            }
+        }));
+    }
+    let mut bridged = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for c in clients {
+        for l in c.await.unwrap() {
+            bridged.record(l).unwrap();
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let q = |h: &hdrhistogram::Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    println!(
+        "token latency ms ({streams} streams x {} tokens/s, {} tokens): raw NATS p50 {:.3} p99 {:.3}; two sidecars p50 {:.3} p99 {:.3}; added p50 {:.3}",
+        1000 / GAP.as_millis(),
+        bridged.len(),
+        q(&raw, 0.5),
+        q(&raw, 0.99),
+        q(&bridged, 0.5),
+        q(&bridged, 0.99),
+        q(&bridged, 0.5) - q(&raw, 0.5)
+    );
 }
