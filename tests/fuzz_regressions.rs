@@ -55,6 +55,11 @@ fn corpus_and_regressions_replay_routes() {
 }
 
 #[test]
+fn corpus_and_regressions_replay_stream() {
+    replay("stream");
+}
+
+#[test]
 fn corpus_and_regressions_replay_headers() {
     replay("headers");
 }
@@ -326,4 +331,10 @@ fn fuzz_headers() {
 #[ignore = "randomized; run by scripts/fuzz-smoke"]
 fn fuzz_tunnel() {
     fuzz("tunnel");
+}
+
+#[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
+fn fuzz_stream() {
+    fuzz("stream");
 }
