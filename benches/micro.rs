@@ -47,6 +47,10 @@ fn routes(n: usize) -> Vec<Outbound> {
             pattern: None,
             schema: None,
             cutover: None,
+            stream: Default::default(),
+            ttl: None,
+            always_async: false,
+            async_ttl: Duration::from_secs(3600),
         });
     }
     out

@@ -4,6 +4,7 @@
 //! The modules, by what they own:
 //! - [`config`]: `routes.toml`, parsed then validated, with `file:line` diagnostics.
 //! - [`subject`]: NATS subjects, subject templates and app path templates.
+//! - [`streamed`]: the streamed-reply wire contract (sequence, end, cancel) and its framing.
 //! - [`codec`]: the pure HTTP ↔ NATS translation (headers, status, tunnel envelope).
 //! - [`problem`]: failures as HTTP statuses and `application/problem+json` bodies.
 //! - [`nats`]: the NATS connection, its auth, TLS, reconnects and events.
@@ -39,4 +40,5 @@ pub mod provision;
 pub mod reload;
 pub mod shutdown;
 pub mod sidecar;
+pub mod streamed;
 pub mod subject;

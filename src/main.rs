@@ -259,6 +259,7 @@ fn check(path: &std::path::Path) -> Option<config::Config> {
                         }
                         config::OutboundTarget::Tunnel { subject, .. } => subject.clone(),
                         config::OutboundTarget::Http { upstream } => upstream.to_string(),
+                        config::OutboundTarget::Subscribe(s) => s.subject.as_str().to_owned(),
                     };
                     println!(
                         "  {:<24} {:<7} {:<20} {:<36} {:<9} -> {}",

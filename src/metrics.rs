@@ -43,6 +43,9 @@ pub struct Metrics {
     pub egress_tunnels_open: IntGauge,
     pub shadow: IntCounterVec,
     pub fallback: IntCounterVec,
+    /// Streamed replies by side (`reader`: egress, `responder`: ingress), route and how
+    /// they ended.
+    pub streams: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
 }
@@ -160,6 +163,11 @@ const FALLBACK: Family = Family {
     help: "Cut-over calls sent to the route's HTTP upstream after NATS failed before any responder got them, by reason: disconnected, no_responders, no_stream.",
     labels: &["route", "reason"],
 };
+const STREAMS: Family = Family {
+    name: "natsbridge_streams_total",
+    help: "Streamed replies by side (reader: the egress route reading one, responder: the inbound route sending one), route and end: complete, error (the responder failed), cancel (the reader left), gap, stall, limit (stream_max), overflow (a reader slower than stream_buffer), gone (no reader any more).",
+    labels: &["side", "route", "end"],
+};
 
 /// Registers families and records their names, in registration order.
 struct Registrar {
@@ -225,6 +233,7 @@ impl Metrics {
             egress_tunnels_open: r.gauge(&EGRESS_TUNNELS_OPEN),
             shadow: r.counter_vec(&SHADOW),
             fallback: r.counter_vec(&FALLBACK),
+            streams: r.counter_vec(&STREAMS),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             registry: r.registry,
             names: r.names,

@@ -88,6 +88,27 @@ pub enum BridgeError {
     IdempotencyStoreUnbound,
     #[error("the idempotency store cannot be used: {0}")]
     IdempotencyUnavailable(String),
+    /// A streamed reply lost or reordered a message, or broke the wire contract.
+    #[error("the streamed reply is broken: {0}")]
+    StreamBroken(#[source] crate::streamed::WireError),
+    #[error("the streamed reply stalled: no message for {stall:?}")]
+    StreamStalled { stall: Duration },
+    #[error("the streamed reply lasted longer than stream_max ({max:?})")]
+    StreamTooLong { max: Duration },
+    /// The HTTP client read slower than the replies came, past `stream_buffer` messages.
+    #[error("the client read the streamed reply too slowly (more than {buffer} messages behind)")]
+    StreamOverflow { buffer: usize },
+    /// The responder ended its stream with an error; the detail is its problem document's.
+    #[error("the responder failed mid-stream: {0}")]
+    StreamFailed(String),
+    /// An async operation id that is unknown, or whose result expired (`async_ttl`).
+    #[error("no operation {id} (unknown, or its result expired)")]
+    OperationNotFound { id: String },
+    /// The sidecar running an async call stopped before it finished (past its deadline).
+    #[error("operation {id} was lost: its call did not finish by its deadline")]
+    OperationLost { id: String },
+    #[error("the async operation store cannot be used: {0}")]
+    OperationStore(String),
 }
 
 impl BridgeError {
@@ -95,7 +116,9 @@ impl BridgeError {
     pub fn status(&self) -> StatusCode {
         use BridgeError::*;
         match self {
-            NoRoute { .. } => StatusCode::NOT_FOUND,
+            NoRoute { .. } | OperationNotFound { .. } => StatusCode::NOT_FOUND,
+            OperationLost { .. } => StatusCode::GATEWAY_TIMEOUT,
+            OperationStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SubjectTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -112,9 +135,11 @@ impl BridgeError {
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
-            BadReply(_) | NestReply(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            BadReply(_) | NestReply(_) | Upstream(_) | StreamBroken(_) | StreamFailed(_) => StatusCode::BAD_GATEWAY,
             Contract { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NestErr(err) => crate::codec::nestjs::err_status(err),
+            StreamStalled { .. } | StreamTooLong { .. } => StatusCode::GATEWAY_TIMEOUT,
+            StreamOverflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
@@ -154,6 +179,14 @@ impl BridgeError {
             IdempotencyInFlight { .. } => "idempotency-in-flight",
             IdempotencyKeyReused => "idempotency-key-reused",
             IdempotencyStoreUnbound | IdempotencyUnavailable(_) => "idempotency-unavailable",
+            StreamBroken(_) => "stream-broken",
+            StreamStalled { .. } => "stream-stalled",
+            StreamTooLong { .. } => "stream-limit",
+            StreamOverflow { .. } => "stream-overflow",
+            StreamFailed(_) => "stream-error",
+            OperationNotFound { .. } => "operation-not-found",
+            OperationLost { .. } => "operation-lost",
+            OperationStore(_) => "operation-store-unavailable",
         }
     }
 

@@ -14,7 +14,7 @@ fn the_reference_routes_toml_is_valid() {
     let c = natsbridge::config::load(std::path::Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
     // The example, kept as written.
     let names: Vec<_> = c.outbound.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(names, ["execute-agent", "auth-event", "workflow-started", "model-tunnel", "vector-not-migrated"]);
+    assert_eq!(names, ["execute-agent", "auth-event", "workflow-started", "model-tunnel", "vector-not-migrated", "execution-tokens"]);
     assert!(c.inbound.len() >= 2);
     let (code, out, err) = check(path);
     assert_eq!(code, 0, "{err}");

@@ -55,6 +55,11 @@ fn corpus_and_regressions_replay_routes() {
 }
 
 #[test]
+fn corpus_and_regressions_replay_stream() {
+    replay("stream");
+}
+
+#[test]
 fn corpus_and_regressions_replay_headers() {
     replay("headers");
 }
@@ -357,4 +362,9 @@ fn fuzz_framing() {
 #[test]
 fn fuzz_nestjs() {
     fuzz("nestjs");
+}
+
+#[test]
+fn fuzz_stream() {
+    fuzz("stream");
 }

@@ -391,5 +391,66 @@ pub fn nestjs(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for drivers.
-pub const TARGETS: &[(&str, Target)] =
-    &[("config", config), ("routes", routes), ("headers", headers), ("tunnel", tunnel), ("framing", framing), ("nestjs", nestjs)];
+/// The streamed-reply framing (`natsbridge::streamed`): field 0 chunk sizes, field 1 an
+/// event-stream body, field 2 a payload framed as one SSE event, field 3 an event name.
+///
+/// - However the body is chunked, the splitter yields the same events, each ending in a
+///   blank line, and events plus the unfinished rest are the body, byte for byte.
+/// - A framed message is exactly one event whose `data:` lines give back the payload
+///   (line ends normalised to `\n`).
+pub fn stream(data: &[u8]) {
+    use natsbridge::streamed::{self, SseSplitter};
+    let f = fields(data);
+    let sizes = f.first().copied().unwrap_or_default();
+    let body = f.get(1).copied().unwrap_or_default();
+    let events = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+        let mut s = SseSplitter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c);
+            out.extend(std::iter::from_fn(|| s.next_event()));
+        }
+        (out, s.rest())
+    };
+    let (whole, whole_rest) = events(&mut std::iter::once(body));
+    let mut at = 0;
+    let mut i = 0;
+    let mut pieces = Vec::new();
+    while at < body.len() {
+        let n = (sizes.get(i).copied().unwrap_or(7) as usize % 16 + 1).min(body.len() - at);
+        pieces.push(&body[at..at + n]);
+        at += n;
+        i += 1;
+    }
+    let (chunked, chunked_rest) = events(&mut pieces.into_iter());
+    assert_eq!(whole, chunked, "the events depend on the chunking");
+    assert_eq!(whole_rest, chunked_rest);
+    let mut joined: Vec<u8> = whole.iter().flat_map(|e| e.iter().copied()).collect();
+    joined.extend_from_slice(&whole_rest);
+    assert_eq!(joined, body, "bytes were lost or added");
+    for e in &whole {
+        assert!(e.ends_with(b"\n") || e.ends_with(b"\r"), "an event without its blank line: {e:?}");
+    }
+
+    let payload = f.get(2).copied().unwrap_or_default();
+    let name = String::from_utf8_lossy(f.get(3).copied().unwrap_or_default()).into_owned();
+    let framed = streamed::sse_event(Some(1), Some(&name), payload);
+    let mut s = SseSplitter::default();
+    s.push(&framed);
+    assert_eq!(s.next_event().as_deref(), Some(&framed[..]), "a framed message is not one whole event");
+    assert!(s.next_event().is_none() && s.rest().is_empty());
+    let text = String::from_utf8_lossy(&framed).into_owned();
+    let data: Vec<&str> = text.split('\n').filter_map(|l| l.strip_prefix("data: ")).collect();
+    let want = String::from_utf8_lossy(payload).replace("\r\n", "\n").replace('\r', "\n");
+    assert_eq!(data.join("\n"), want);
+}
+
+pub const TARGETS: &[(&str, Target)] = &[
+    ("config", config),
+    ("routes", routes),
+    ("headers", headers),
+    ("tunnel", tunnel),
+    ("framing", framing),
+    ("nestjs", nestjs),
+    ("stream", stream),
+];

@@ -169,6 +169,7 @@ pub enum OutboundMode {
     JetStream,
     Tunnel,
     Http,
+    Subscribe,
 }
 
 impl OutboundMode {
@@ -179,6 +180,7 @@ impl OutboundMode {
             OutboundMode::JetStream => "jetstream",
             OutboundMode::Tunnel => "tunnel",
             OutboundMode::Http => "http",
+            OutboundMode::Subscribe => "subscribe",
         }
     }
 }
@@ -197,6 +199,21 @@ pub enum OutboundTarget {
     Http {
         upstream: http::Uri,
     },
+    /// A `GET` becomes a live SSE stream of the subject: from `stream` (a JetStream
+    /// stream: replay and `Last-Event-ID` resume) or, without one, core NATS.
+    Subscribe(Subscribe),
+}
+
+/// What a `subscribe` route reads.
+#[derive(Debug, Clone)]
+pub struct Subscribe {
+    pub subject: SubjectTemplate,
+    pub stream: Option<String>,
+    /// Without `Last-Event-ID`: from the subject's first message (`deliver = "all"`, the
+    /// default) or only new ones (`"new"`).
+    pub deliver_all: bool,
+    /// A comment line this often keeps proxies from cutting an idle stream (`heartbeat`, 15 s).
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +230,15 @@ pub struct Outbound {
     pub max_body: usize,
     /// Which `Nats-*` publish-control headers from the app reach NATS.
     pub allow_nats_headers: AllowNatsHeaders,
+    /// Request and tunnel routes: how a streamed reply is read (`stream_*` keys).
+    pub stream: StreamLimits,
+    /// Jetstream routes: each message expires after this (`ttl`, sent as `Nats-TTL`).
+    pub ttl: Option<Duration>,
+    /// Request and tunnel routes: every call answers `202` at once and its result is
+    /// fetched later (`async = true`; a client can ask with `Prefer: respond-async`).
+    pub always_async: bool,
+    /// How long an async call's result is kept (`async_ttl`, 1 h).
+    pub async_ttl: Duration,
     /// NATS routes moving over from an HTTP `upstream`: the split, shadow and fallback.
     pub cutover: Option<Cutover>,
     pub codec: Codec,
@@ -239,6 +265,26 @@ impl Codec {
             Codec::Raw => "raw",
             Codec::NestJs => "nestjs",
         }
+    }
+}
+
+/// How an egress route reads a streamed reply: each limit ends the stream as an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// The longest wait between two messages of a stream (`stream_stall`, 30 s).
+    pub stall: Duration,
+    /// The longest a whole stream may last (`stream_max`, 10 min).
+    pub max: Duration,
+    /// Messages buffered for a slow HTTP client before the stream is ended (`stream_buffer`, 256).
+    pub buffer: usize,
+    /// `stream_end = "empty"`: replies from a foreign responder are a stream ended by an
+    /// empty payload (ADR-47's sentinel), without sequence numbers.
+    pub end_on_empty: bool,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self { stall: Duration::from_secs(30), max: Duration::from_secs(600), buffer: 256, end_on_empty: false }
     }
 }
 
@@ -274,6 +320,7 @@ impl Outbound {
             OutboundTarget::JetStream(_) => OutboundMode::JetStream,
             OutboundTarget::Tunnel { .. } => OutboundMode::Tunnel,
             OutboundTarget::Http { .. } => OutboundMode::Http,
+            OutboundTarget::Subscribe(_) => OutboundMode::Subscribe,
         }
     }
 }
@@ -361,6 +408,13 @@ pub struct Inbound {
     /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
     pub max_buffer: usize,
     pub codec: Codec,
+    /// Request and tunnel routes: writes of a streamed app body (not an event stream, whose
+    /// events go one by one at once) within this window travel as one message
+    /// (`stream_coalesce`, 2 ms; `0s`: only writes that arrived together).
+    pub stream_coalesce: Duration,
+    /// Request and tunnel routes: the longest pause of a streamed app body between two
+    /// writes before the stream ends as an error (`stream_stall`, 30 s).
+    pub stream_stall: Duration,
 }
 
 /// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.
@@ -433,6 +487,9 @@ pub struct StreamSpec {
     pub max_bytes: Option<i64>,
     pub max_msgs: Option<i64>,
     pub duplicate_window: Duration,
+    /// Per-message TTLs (`Nats-TTL`): set for streams that capture a jetstream route with
+    /// `ttl`.
+    pub allow_msg_ttl: bool,
 }
 
 /// The stream that captures every dead-letter subject.

@@ -94,6 +94,17 @@ pub(super) struct RawOutbound {
     pub(super) service: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) allow_nats_headers: Option<RawAllowNatsHeaders>,
+    pub(super) stream_stall: Option<String>,
+    pub(super) stream_max: Option<String>,
+    pub(super) stream_buffer: Option<usize>,
+    pub(super) stream_end: Option<String>,
+    pub(super) stream: Option<String>,
+    pub(super) deliver: Option<String>,
+    pub(super) heartbeat: Option<String>,
+    pub(super) ttl: Option<String>,
+    #[serde(rename = "async")]
+    pub(super) always_async: Option<bool>,
+    pub(super) async_ttl: Option<String>,
     pub(super) codec: Option<String>,
     /// NestJS: a string or a table (`{ cmd = "sum" }`).
     pub(super) pattern: Option<toml::Value>,
@@ -152,6 +163,8 @@ pub(super) struct RawInbound {
     pub(super) codec: Option<String>,
     /// NestJS: a string or a table (`{ cmd = "sum" }`), the subject it subscribes to.
     pub(super) pattern: Option<toml::Value>,
+    pub(super) stream_coalesce: Option<String>,
+    pub(super) stream_stall: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -42,6 +42,10 @@ impl Egress {
         if req.method() == http::Method::CONNECT {
             return self.connect(req).await.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
         }
+        if let Some(id) = req.uri().path().strip_prefix(super::operations::PATH_PREFIX).filter(|_| req.method() == http::Method::GET) {
+            let res = self.operation(id, req.headers()).await;
+            return res.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
+        }
         // Absolute form (HTTP_PROXY) carries the host in the URI; origin form in Host.
         let host = match req.uri().authority() {
             Some(a) => Some(a.host().to_owned()),
@@ -103,6 +107,9 @@ impl Egress {
         if let Some(cut) = &route.cutover {
             return self.cutover(route, cut, subject, req).await;
         }
+        if let OutboundTarget::Subscribe(sub) = &route.target {
+            return self.subscribe(route, sub, subject.unwrap_or_default(), req.headers()).await;
+        }
         let (parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
         self.carry(route, subject.unwrap_or_default(), &parts, body).await
@@ -138,6 +145,7 @@ impl Egress {
             OutboundTarget::Publish(_) => self.publish(call).await,
             OutboundTarget::JetStream(_) => self.jetstream(call).await,
             OutboundTarget::Http { upstream } => Err(BridgeError::BadRequest(format!("route {} is plain HTTP to {upstream}", route.name))),
+            OutboundTarget::Subscribe(_) => unreachable!("answered above"),
         }
     }
 
@@ -183,21 +191,11 @@ impl Egress {
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let reply = self.replies.request(subject.as_str().into(), headers, body, route.timeout).await.map_err(|e| {
-            use crate::nats::replies::ReplyErrorKind as K;
-            match e.kind() {
-                K::NoResponders => BridgeError::NoResponders { subject: subject.clone() },
-                K::TimedOut => BridgeError::Timeout { subject: subject.clone(), timeout: route.timeout },
-                K::MaxPayloadExceeded => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
-                K::InvalidSubject => BridgeError::BadRequest(format!("invalid subject {subject:?}")),
-                K::Overflow | K::Closed | K::Other => BridgeError::Nats(e.into()),
-            }
-        })?;
-        let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(BridgeError::BadReply)?;
-        let mut res = Response::new(full(r.body));
-        *res.status_mut() = r.status;
-        *res.headers_mut() = r.headers;
-        Ok(res)
+        if super::operations::wants_async(route, &headers) {
+            return self.start_async(route, subject, headers, body).await;
+        }
+        let rid = headers.get(codec::REQUEST_ID).map(|v| v.as_str().to_owned());
+        self.request_reply(route, subject, headers, body, rid).await
     }
 
     /// `publish` mode: fire and forget, answered 202 once the server has the message.
@@ -236,6 +234,9 @@ impl Egress {
         let mut nats_headers = nats_headers(route, headers);
         if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
             nats_headers.insert(codec::NATS_MSG_ID, key);
+        }
+        if let Some(ttl) = route.ttl {
+            nats_headers.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
         }
         let ack = publish_acked(&self.replies, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
@@ -286,7 +287,10 @@ fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::Head
 /// template filled from the path captures.
 fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
     match &m.route.target {
-        OutboundTarget::Request(t) | OutboundTarget::Publish(t) | OutboundTarget::JetStream(t) => {
+        OutboundTarget::Request(t)
+        | OutboundTarget::Publish(t)
+        | OutboundTarget::JetStream(t)
+        | OutboundTarget::Subscribe(crate::config::Subscribe { subject: t, .. }) => {
             t.render(|name| m.params.get(name)).map(Some).map_err(|e| match e {
                 RenderError::TooLong { len, max } => BridgeError::SubjectTooLong { len, max },
                 e => BridgeError::BadRequest(e.to_string()),

@@ -7,6 +7,11 @@
 //!   wire (pipelined ones included) and judges each head's framing; pure.
 //! - [`routes`]: the route table, and the table in force with its per-route metrics.
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
+//! - [`stream`]: replies read as streams (`Bridge-Stream-Seq`), and the streamed response
+//!   writer any multi-message reply reuses.
+//! - `operations`: async request-reply (`Prefer: respond-async`, `async = true`) and the
+//!   `/.natsbridge/operations/<id>` results, kept in a KV bucket.
+//! - `subscribe`: `subscribe` routes, a subject (or a JetStream stream) as a live SSE stream.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
 //! - [`cutover`]: routes moving from an HTTP `upstream` to NATS: the split, shadow copies
@@ -22,7 +27,10 @@ mod forward;
 pub mod framing;
 mod listener;
 mod nest;
+mod operations;
 pub mod routes;
+pub(crate) mod stream;
+mod subscribe;
 mod tee;
 
 use std::convert::Infallible;
@@ -39,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::nats::replies::Replies;
 
 pub use listener::serve;
+pub use operations::BUCKET as OPERATIONS_BUCKET;
 pub use routes::Table;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

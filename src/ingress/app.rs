@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -66,25 +67,37 @@ impl AppClient {
         timeout: Duration,
         max_body: usize,
     ) -> Result<AppResponse, AppError> {
+        let exchange = async {
+            let res = self.send(method, uri, headers, body).await?;
+            collect(res, max_body).await
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| AppError::Timeout(timeout))?
+    }
+
+    /// Sends one request and returns once the response head arrived; the body is the
+    /// caller's to read (or to drop, which closes the connection). Unbounded in time: the
+    /// caller sets the deadline.
+    pub async fn send(&self, method: Method, uri: &str, headers: HeaderMap, body: Bytes) -> Result<Response<Incoming>, AppError> {
         let uri: Uri = uri.parse().map_err(|_| AppError::BadUri(uri.to_owned()))?;
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        let exchange = async {
-            let res = self.client.request(req).await.map_err(|e| AppError::Unreachable(error_chain(&e)))?;
-            let (parts, body) = res.into_parts();
-            let body = Limited::new(body, max_body).collect().await.map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                    AppError::TooLarge { status: parts.status, limit: max_body }
-                } else {
-                    AppError::Unreachable(format!("reading the response body: {e}"))
-                }
-            })?;
-            Ok(AppResponse { status: parts.status, headers: parts.headers, body: body.to_bytes() })
-        };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| AppError::Timeout(timeout))?
+        self.client.request(req).await.map_err(|e| AppError::Unreachable(error_chain(&e)))
     }
+}
+
+/// The whole response, its body refused past `max_body`.
+pub async fn collect(res: Response<Incoming>, max_body: usize) -> Result<AppResponse, AppError> {
+    let (parts, body) = res.into_parts();
+    let body = Limited::new(body, max_body).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            AppError::TooLarge { status: parts.status, limit: max_body }
+        } else {
+            AppError::Unreachable(format!("reading the response body: {e}"))
+        }
+    })?;
+    Ok(AppResponse { status: parts.status, headers: parts.headers, body: body.to_bytes() })
 }
 
 /// `app_url` as a prefix for request paths: scheme, authority and base path, without a

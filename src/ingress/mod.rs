@@ -5,6 +5,7 @@
 //! - [`jetstream`]: `mode = "jetstream"`, durable pull consumers whose acks, delayed naks
 //!   and dead letters follow [`outcome_for`]; the route's `max_deliver` is enforced there
 //!   (the server's is unlimited), and a watchdog rebinds vanished consumers.
+//! - `stream`: an app's open body (chunked, event stream) sent as a streamed reply.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
 //! - `gate`: the app's health (`app_health_path`); routes pause while it fails.
@@ -22,6 +23,7 @@ mod micro;
 mod nest;
 pub mod policy;
 pub mod request;
+mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

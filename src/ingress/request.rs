@@ -253,7 +253,18 @@ async fn handle(
     let call = match gate {
         Err(answer) => Ok(answer),
         Ok(claimed) => {
-            let call = call_app(&shared, &route, &msg, tunnel, key.as_deref(), nest.as_ref(), &abort).await;
+            // An open body streams to a requester, unless the answer is to be kept (idempotency)
+            // or the codec frames one reply (NestJS).
+            let stream_to = msg.reply.as_ref().filter(|_| claimed.is_none() && nest.is_none());
+            let how = HowToCall { tunnel, key: key.as_deref(), nest: nest.as_ref(), stream_to, rid: rid.as_deref() };
+            let call = match call_app(&shared, &route, &msg, how, &abort).await {
+                Ok(super::stream::Answer::Whole(r)) => Ok(r),
+                Ok(super::stream::Answer::Streamed) => {
+                    m.duration.observe(started.elapsed().as_secs_f64());
+                    return;
+                }
+                Err(e) => Err(e),
+            };
             match (idem, claimed) {
                 // Aborted at shutdown: the app may still be running the dropped request, so
                 // the claim is left to go stale rather than released for a concurrent retry.
@@ -299,23 +310,31 @@ fn refuse_reply(route: &Route, msg: &async_nats::Message) -> bool {
     true
 }
 
-/// Calls the app with the request `msg` stands for (carrying the idempotency `key`),
-/// unless `abort` comes first.
+/// How one message's app call is made: its idempotency `key`, its NestJS envelope, and
+/// whether (and to whom) an open app body streams.
+struct HowToCall<'a> {
+    tunnel: bool,
+    key: Option<&'a str>,
+    nest: Option<&'a nestjs::Incoming>,
+    stream_to: Option<&'a async_nats::Subject>,
+    rid: Option<&'a str>,
+}
+
+/// Calls the app with the request `msg` stands for, unless `abort` comes first. With
+/// `how.stream_to`, an open app body is streamed there and the answer is `Streamed`.
 async fn call_app(
     shared: &Shared,
     route: &Route,
     msg: &async_nats::Message,
-    tunnel: bool,
-    key: Option<&str>,
-    nest: Option<&nestjs::Incoming>,
+    how: HowToCall<'_>,
     abort: &CancellationToken,
-) -> Result<Result<AppResponse, AppError>, BridgeError> {
-    let (method, uri, mut headers) = prepare(route, msg, tunnel)?;
-    if let Some(k) = key {
+) -> Result<super::stream::Answer, BridgeError> {
+    let (method, uri, mut headers) = prepare(route, msg, how.tunnel)?;
+    if let Some(k) = how.key {
         guard::set_key_header(&mut headers, k);
     }
-    let body = super::nest::app_body(nest, &msg.payload, &mut headers);
-    let call = shared.app.call(method, &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
+    let body = super::nest::app_body(how.nest, &msg.payload, &mut headers);
+    let call = super::stream::call(shared, route, how.stream_to, method, &uri, headers, body, how.rid);
     tokio::select! {
         r = call => Ok(r),
         _ = abort.cancelled() => Err(BridgeError::ShuttingDown),

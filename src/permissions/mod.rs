@@ -107,6 +107,17 @@ pub fn for_config(config: &Config) -> Permissions {
 fn egress(config: &Config, p: &mut Permissions) {
     for o in &config.outbound {
         let why = format!("route {} ({})", o.name, o.mode().as_str());
+        if o.always_async {
+            // The results bucket: created on first use, written, read and watched.
+            let kv = crate::egress::OPERATIONS_BUCKET;
+            let why = format!("{why}: async results");
+            for api in ["STREAM.INFO", "STREAM.CREATE", "CONSUMER.CREATE"] {
+                p.pub_(format!("$JS.API.{api}.KV_{kv}"), why.clone());
+            }
+            p.pub_(format!("$JS.API.CONSUMER.CREATE.KV_{kv}.>"), why.clone());
+            p.pub_(format!("$JS.API.DIRECT.GET.KV_{kv}.>"), why.clone());
+            p.pub_(format!("$KV.{kv}.>"), why.clone());
+        }
         match &o.target {
             OutboundTarget::Request(t) | OutboundTarget::Publish(t) => p.pub_(template_pattern(t.as_str()), why),
             OutboundTarget::JetStream(t) => {
@@ -116,6 +127,16 @@ fn egress(config: &Config, p: &mut Permissions) {
             }
             OutboundTarget::Tunnel { subject, .. } => p.pub_(subject.clone(), why),
             OutboundTarget::Http { .. } => {}
+            OutboundTarget::Subscribe(sub) => match &sub.stream {
+                None => p.sub(template_pattern(sub.subject.as_str()), why),
+                Some(s) => {
+                    // An ordered consumer per client: created, pulled, deleted when it leaves.
+                    p.pub_(format!("$JS.API.STREAM.INFO.{s}"), why.clone());
+                    for api in ["CONSUMER.CREATE", "CONSUMER.MSG.NEXT", "CONSUMER.DELETE", "CONSUMER.INFO"] {
+                        p.pub_(format!("$JS.API.{api}.{s}.>"), why.clone());
+                    }
+                }
+            },
         }
     }
 }

@@ -118,6 +118,10 @@ pub(super) fn compare_stream(want: &stream::Config, have: &stream::Info, manage_
     if let Some(new) = want.metadata.get(OWNER_KEY) {
         push_diff(&mut diff, "owner", old.metadata.get(OWNER_KEY).cloned().unwrap_or_else(|| "none".into()), new.clone());
     }
+    // Turned on for per-message TTLs; never turned off (the server refuses that).
+    if want.allow_message_ttl {
+        push_diff(&mut diff, "allow_msg_ttl", old.allow_message_ttl.to_string(), "true".into());
+    }
     // Only discard=new is insisted on (it keeps acked messages); old is left to the operator.
     if want.discard == DiscardPolicy::New {
         push_diff(&mut diff, "discard", fmt_discard(old.discard).into(), fmt_discard(want.discard).into());
@@ -193,6 +197,7 @@ pub(super) fn merge_stream(have: &stream::Config, want: &stream::Config, manage_
     }
     // Only our key: the server's own (`_nats.*`) and hand-added entries stay.
     c.metadata.extend(want.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+    c.allow_message_ttl |= want.allow_message_ttl;
     c
 }
 

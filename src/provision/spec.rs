@@ -112,6 +112,7 @@ pub fn stream_config(s: &StreamSpec) -> stream::Config {
         max_messages: s.max_msgs.unwrap_or(-1),
         duplicate_window,
         discard,
+        allow_message_ttl: s.allow_msg_ttl,
         ..Default::default()
     }
 }

@@ -64,6 +64,7 @@ pub(super) fn inbound(
     if mode_name == InboundModeName::JetStream {
         refuse_key(at, mode_name.as_str(), "max_buffer", raw.max_buffer.is_some(), diags);
     }
+    let (stream_coalesce, stream_stall) = super::stream::inbound_stream(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -83,6 +84,8 @@ pub(super) fn inbound(
         extra_methods,
         max_buffer,
         codec,
+        stream_coalesce,
+        stream_stall,
     })
 }
 

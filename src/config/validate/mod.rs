@@ -12,6 +12,7 @@ mod cutover;
 mod inbound;
 mod outbound;
 mod sidecar;
+mod stream;
 mod streams;
 
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
     let sidecar = raw.sidecar.map(|(raw, at)| sidecar::sidecar(raw, at, diags));
     let nats = raw.nats.map(|(raw, at)| sidecar::nats(raw, at, diags));
     let defaults = raw.defaults.map(|(raw, at)| defaults_section(raw, at, diags));
-    let streams: Vec<_> = raw.streams.into_iter().filter_map(|(raw, at)| streams::stream(raw, at, diags)).collect();
+    let mut streams: Vec<_> = raw.streams.into_iter().filter_map(|(raw, at)| streams::stream(raw, at, diags)).collect();
     let service = sidecar.as_ref().map(|s| s.service.clone()).unwrap_or_default();
     let reply_prefixes = sidecar.as_ref().map(|s| s.reply_prefixes.clone()).unwrap_or_default();
     let dead_letter = raw.dead_letter.map(|(raw, at)| streams::dead_letter(raw, at, diags));
@@ -64,6 +65,8 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
         .collect();
 
     cross::check(&outbound, &inbound, &streams, dead_letter.as_ref(), diags);
+    let routes: Vec<_> = outbound.iter().map(|(o, _)| o.clone()).collect();
+    stream::mark_ttl_streams(&routes, &mut streams);
 
     Some(Config {
         sidecar: sidecar?,

@@ -38,6 +38,9 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         super::contracts::load(s, at, diags)
     });
     let cutover = super::cutover::cutover(&raw, at, diags);
+    let stream = super::stream::outbound_limits(&raw, at, diags);
+    let ttl = super::stream::message_ttl(&raw, at, diags);
+    let (always_async, async_ttl) = super::stream::async_keys(&raw, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -55,6 +58,10 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         pattern,
         schema,
         cutover,
+        stream,
+        ttl,
+        always_async,
+        async_ttl,
     })
 }
 
@@ -93,7 +100,18 @@ fn host_without_port(host: &str, at: Table<'_>, diags: &mut Diagnostics<'_>) -> 
 fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Diagnostics<'_>) -> Option<OutboundTarget> {
     let mode = raw.mode.as_str();
     let refuse = |key: &str, present: bool, diags: &mut Diagnostics<'_>| refuse_key(at, mode, key, present, diags);
+    if mode != "subscribe" {
+        refuse("stream", raw.stream.is_some(), diags);
+        refuse("deliver", raw.deliver.is_some(), diags);
+        refuse("heartbeat", raw.heartbeat.is_some(), diags);
+    }
     match mode {
+        "subscribe" => {
+            refuse("service", raw.service.is_some(), diags);
+            refuse("upstream", raw.upstream.is_some(), diags);
+            let subject = subject_template(raw, at, captures, diags);
+            super::stream::subscribe_target(raw, subject, at, diags)
+        }
         "request" | "publish" | "jetstream" => {
             // `upstream` is a cut-over's HTTP side: see `cutover`.
             refuse("service", raw.service.is_some(), diags);
@@ -113,7 +131,11 @@ fn target(raw: &RawOutbound, at: Table<'_>, captures: &[String], diags: &mut Dia
             http_target(raw, at, diags)
         }
         other => {
-            diags.error(at, Some("mode"), format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel or http"));
+            diags.error(
+                at,
+                Some("mode"),
+                format!("unknown mode {other:?}; expected request, publish, jetstream, tunnel, http or subscribe"),
+            );
             None
         }
     }

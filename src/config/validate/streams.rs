@@ -65,6 +65,7 @@ pub(super) fn stream(raw: RawStream, start: TableStart, diags: &mut Diagnostics<
         max_bytes,
         max_msgs: raw.max_msgs,
         duplicate_window,
+        allow_msg_ttl: false,
     })
 }
 

@@ -1,0 +1,176 @@
+//! `mode = "subscribe"`: an HTTP `GET` becomes a live SSE stream of a subject, each message
+//! one event (`id:` its stream sequence, `event:` its `Bridge-Event` header, `data:` its
+//! payload), written by [`super::stream::body`].
+//!
+//! With `stream`, each client gets its own ordered consumer (ephemeral, in memory, no
+//! acks; it recreates itself from the last delivered sequence after a gap or a NATS
+//! reconnect), so replay and resume are JetStream's: `Last-Event-ID: N` starts after
+//! sequence N, with no gap and no duplicate. The consumer is deleted when the client
+//! goes (a recreated one is reaped by the server after 30 s of inactivity). Without
+//! `stream`, a core subscription: live messages only, no ids.
+//!
+//! A message with `Bridge-Stream: end` ends the stream cleanly; a comment every
+//! `heartbeat` keeps proxies from cutting an idle one; `stream_max` bounds its life.
+
+use std::pin::Pin;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http::{HeaderValue, Response};
+use tokio::time::Instant;
+
+use super::stream::{body, Piece};
+use crate::config::{Outbound, Subscribe};
+use crate::egress::{Body, Egress};
+use crate::nats::connection::{is_connected, jetstream};
+use crate::problem::BridgeError;
+use crate::streamed;
+
+/// The header naming a message's SSE event type.
+pub const BRIDGE_EVENT: &str = "Bridge-Event";
+const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+
+/// One message of the source: its sequence (JetStream), headers and payload.
+type Item = Result<(Option<u64>, Option<async_nats::HeaderMap>, Bytes), String>;
+type Source = Pin<Box<dyn Stream<Item = Item> + Send>>;
+
+impl Egress {
+    pub(super) async fn subscribe(
+        &self,
+        route: &Outbound,
+        sub: &Subscribe,
+        subject: String,
+        headers: &http::HeaderMap,
+    ) -> Result<Response<Body>, BridgeError> {
+        if !is_connected(&self.nats) {
+            return Err(BridgeError::NatsDisconnected);
+        }
+        let last = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok())) {
+            None => None,
+            Some(Some(n)) => Some(n),
+            Some(None) => return Err(BridgeError::BadRequest("Last-Event-ID is not a stream sequence".into())),
+        };
+        let (source, cleanup) = match &sub.stream {
+            None => {
+                let s = self.nats.subscribe(subject.clone()).await.map_err(|e| BridgeError::Nats(e.into()))?;
+                let source: Source = Box::pin(s.map(|m| Ok((None, m.headers, m.payload))));
+                (source, None)
+            }
+            Some(stream) => self.ordered(stream, subject, sub.deliver_all, last).await?,
+        };
+        let rid = headers.get(crate::codec::REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let events =
+            Events { source, heartbeat: sub.heartbeat, deadline: Instant::now() + route.stream.max, done: false, _cleanup: cleanup };
+        let mut res = Response::new(body(events.into_stream(), true, route.name.clone(), rid));
+        let h = res.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        Ok(res)
+    }
+
+    /// An ordered consumer on `stream` for `subject`, starting after `last` when given.
+    async fn ordered(&self, stream: &str, subject: String, all: bool, last: Option<u64>) -> Result<(Source, Option<Cleanup>), BridgeError> {
+        let js = jetstream(self.nats.clone());
+        let s = js.get_stream(stream).await.map_err(|e| match e.kind() {
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                BridgeError::NoStream { subject: subject.clone() }
+            }
+            _ => BridgeError::Nats(e.into()),
+        })?;
+        let deliver_policy = match last {
+            Some(n) => DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
+            None if all => DeliverPolicy::All,
+            None => DeliverPolicy::New,
+        };
+        let name = format!("natsbridge-sse-{}", uuid::Uuid::new_v4().simple());
+        let config = pull::OrderedConfig { name: Some(name.clone()), filter_subject: subject, deliver_policy, ..Default::default() };
+        let consumer = s.create_consumer(config).await.map_err(|e| BridgeError::Nats(e.into()))?;
+        let messages = consumer.messages().await.map_err(|e| BridgeError::Nats(e.into()))?;
+        let source: Source = Box::pin(messages.map(|m| {
+            let m = m.map_err(|e| e.to_string())?;
+            let seq = m.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
+            let m = m.message;
+            Ok((Some(seq), m.headers, m.payload))
+        }));
+        Ok((source, Some(Cleanup { js, stream: stream.to_owned(), consumer: name })))
+    }
+}
+
+/// Deletes a client's consumer when its stream is dropped (the client left, or it ended).
+struct Cleanup {
+    js: async_nats::jetstream::Context,
+    stream: String,
+    consumer: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (js, stream, consumer) = (self.js.clone(), std::mem::take(&mut self.stream), std::mem::take(&mut self.consumer));
+        rt.spawn(async move {
+            if let Err(e) = js.delete_consumer_from_stream(&consumer, &stream).await {
+                tracing::debug!(stream, consumer, error = %e, "could not delete an SSE client's consumer; the server reaps it");
+            }
+        });
+    }
+}
+
+/// The SSE events of one client.
+struct Events {
+    source: Source,
+    heartbeat: std::time::Duration,
+    deadline: Instant,
+    done: bool,
+    _cleanup: Option<Cleanup>,
+}
+
+impl Events {
+    fn into_stream(self) -> Pin<Box<dyn Stream<Item = Piece> + Send>> {
+        Box::pin(futures::stream::unfold(self, |mut e| async move {
+            let piece = e.next().await?;
+            Some((piece, e))
+        }))
+    }
+
+    async fn next(&mut self) -> Option<Piece> {
+        if self.done {
+            return None;
+        }
+        let item = tokio::select! {
+            item = self.source.next() => item,
+            _ = tokio::time::sleep(self.heartbeat) => return Some(Piece::Data(Bytes::from_static(HEARTBEAT))),
+            _ = tokio::time::sleep_until(self.deadline) => {
+                // A clean end: the client reconnects with Last-Event-ID and resumes.
+                self.done = true;
+                return None;
+            }
+        };
+        let (seq, headers, payload) = match item {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                // The ordered consumer reports what it recovers from (missed heartbeats, a
+                // recreate during a server restart) and goes on from the last sequence it
+                // delivered: not an end. `stream_max` bounds one that never recovers.
+                tracing::debug!(error = %e, "SSE subscription hiccup; the ordered consumer recovers");
+                return Some(Piece::Data(Bytes::from_static(HEARTBEAT)));
+            }
+            None => {
+                self.done = true;
+                return Some(Piece::Fail(BridgeError::Nats("the subscription ended".into())));
+            }
+        };
+        let end = headers.as_ref().and_then(|h| h.get(streamed::STREAM)).is_some_and(|v| v.as_str() == streamed::END);
+        if end {
+            self.done = true;
+            if payload.is_empty() {
+                return None;
+            }
+        }
+        let event = headers.as_ref().and_then(|h| h.get(BRIDGE_EVENT)).map(|v| v.as_str().to_owned());
+        Some(Piece::Data(streamed::sse_event(seq, event.as_deref(), &payload)))
+    }
+}

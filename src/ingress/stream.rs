@@ -1,0 +1,254 @@
+//! The responder side of streamed replies: an app answering a `request` or `tunnel` call
+//! with a body of unknown length (chunked, or `text/event-stream`) has it forwarded as a
+//! streamed reply while the bytes arrive (the wire contract is in [`crate::streamed`]).
+//!
+//! - An event stream travels one event per message; other bodies as they arrive, writes
+//!   within `stream_coalesce` (2 ms) in one message.
+//!   A message never exceeds the server's `max_payload`: larger pieces are split.
+//! - A body that ends before its first message is sent travels as one plain reply, so a
+//!   small chunked answer reaches non-streaming requesters as it always did.
+//! - The control subject is a waiter on the connection's reply multiplexer, and every
+//!   message is published with it as reply subject: a reader's `Bridge-Stream: cancel`,
+//!   or the server's "no responders" when the reader's inbox is gone, arrive there and
+//!   stop the stream. Stopping drops the app's body, which closes its connection.
+
+use async_nats::Subject;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use http::{HeaderMap, Method, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::app::{self, AppError, AppResponse};
+use super::{Route, Shared};
+use crate::codec;
+use crate::nats::replies::{ReplyErrorKind, ReplyStream};
+use crate::problem::BridgeError;
+use crate::streamed::{self, Part, SseSplitter};
+
+/// What became of a call: a whole answer for the caller to reply with, or a stream that
+/// was already sent (or stopped).
+pub(crate) enum Answer {
+    Whole(Result<AppResponse, AppError>),
+    Streamed,
+}
+
+/// Calls the app. With `reply` (a requester waits and the answer is not kept for
+/// idempotency), an open body is streamed to it; otherwise the answer is whole.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn call(
+    shared: &Shared,
+    route: &Route,
+    reply: Option<&Subject>,
+    method: Method,
+    uri: &str,
+    headers: HeaderMap,
+    body: Bytes,
+    rid: Option<&str>,
+) -> Answer {
+    let (timeout, max_body) = (route.inbound.timeout, route.inbound.max_body);
+    let Some(reply) = reply else {
+        return Answer::Whole(shared.app.call(method, uri, headers, body, timeout, max_body).await);
+    };
+    let deadline = Instant::now() + timeout;
+    let res = match tokio::time::timeout_at(deadline, shared.app.send(method, uri, headers, body)).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(e)) => return Answer::Whole(Err(e)),
+        Err(_) => return Answer::Whole(Err(AppError::Timeout(timeout))),
+    };
+    if !streamed::has_open_body(res.status(), res.headers()) {
+        let whole = tokio::time::timeout_at(deadline, app::collect(res, max_body)).await;
+        return Answer::Whole(whole.unwrap_or(Err(AppError::Timeout(timeout))));
+    }
+    let sender = Sender::new(shared, route, reply.clone(), rid);
+    sender.run(res).await
+}
+
+/// One streamed reply being sent.
+struct Sender<'a> {
+    shared: &'a Shared,
+    route: &'a Route,
+    reply: Subject,
+    rid: Option<&'a str>,
+    control: ReplyStream,
+    /// The first message's headers (status, response headers, control subject) until sent.
+    first: Option<async_nats::HeaderMap>,
+    seq: u64,
+}
+
+/// Why a stream stopped early.
+enum Stop {
+    /// The reader cancelled, or is gone: nobody to tell.
+    Reader(&'static str),
+    /// NATS refused a message: nobody can be told.
+    Publish,
+}
+
+impl<'a> Sender<'a> {
+    fn new(shared: &'a Shared, route: &'a Route, reply: Subject, rid: Option<&'a str>) -> Self {
+        let control = shared.replies.stream(4);
+        Self { shared, route, reply, rid, control, first: None, seq: 0 }
+    }
+
+    /// Reads the app's body and sends it; the whole answer when it ended before anything
+    /// was sent.
+    async fn run(mut self, res: Response<Incoming>) -> Answer {
+        let (parts, mut body) = res.into_parts();
+        let sse = streamed::is_event_stream(&parts.headers);
+        let mut first = codec::response_to_reply_headers(parts.status, &parts.headers);
+        first.insert(streamed::STREAM_CONTROL, self.control.reply_subject().as_str());
+        self.first = Some(first);
+        let mut sse_split = SseSplitter::default();
+        let mut pending = BytesMut::new();
+        let coalesce = self.route.inbound.stream_coalesce;
+        let idle = self.route.inbound.stream_stall;
+        let mut flush_at: Option<Instant> = None;
+        let end = loop {
+            let read = tokio::select! {
+                biased;
+                stop = stopped(&mut self.control) => break Err(stop),
+                _ = sleep_until(flush_at) => None,
+                read = tokio::time::timeout(idle, body.frame()) => Some(read),
+            };
+            let Some(read) = read else {
+                flush_at = None;
+                match self.send_all(pending.split().freeze(), Part::Data).await {
+                    Ok(()) => continue,
+                    Err(stop) => break Err(stop),
+                }
+            };
+            // What else has already arrived joins this read.
+            let more_may_come = matches!(read, Ok(Some(Ok(_))));
+            let mut reads = vec![read];
+            while let Some(more) = more_may_come.then(|| body.frame().now_or_never()).flatten() {
+                let done = !matches!(more, Some(Ok(_)));
+                reads.push(Ok(more));
+                if done {
+                    break;
+                }
+            }
+            let mut ended = None;
+            for read in reads {
+                match read {
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            if sse {
+                                sse_split.push(&data)
+                            } else {
+                                pending.extend_from_slice(&data)
+                            }
+                        }
+                    }
+                    Ok(None) => ended = ended.or(Some(Ok(()))),
+                    Ok(Some(Err(e))) => {
+                        ended = ended.or_else(|| {
+                            Some(Err(BridgeError::Upstream(format!("the app's body failed: {}", crate::problem::error_chain(&e)))))
+                        })
+                    }
+                    Err(_) => ended = ended.or(Some(Err(BridgeError::UpstreamTimeout(idle)))),
+                }
+            }
+            if let Some(ended) = ended {
+                break Ok(ended);
+            }
+            let sent = if sse {
+                self.send_events(&mut sse_split).await
+            } else if coalesce.is_zero() {
+                self.send_all(pending.split().freeze(), Part::Data).await
+            } else {
+                flush_at.get_or_insert_with(|| Instant::now() + coalesce);
+                Ok(())
+            };
+            if let Err(stop) = sent {
+                break Err(stop);
+            }
+        };
+        let rest = if sse { sse_split.rest() } else { pending.freeze() };
+        self.finish(end, parts, rest).await
+    }
+
+    /// Ends the stream: the end or error message, or, when nothing was sent yet, the whole
+    /// answer for the caller to reply with.
+    async fn finish(mut self, end: Result<Result<(), BridgeError>, Stop>, parts: http::response::Parts, rest: Bytes) -> Answer {
+        let how = match end {
+            Ok(Ok(())) if self.seq == 0 => {
+                return Answer::Whole(Ok(AppResponse { status: parts.status, headers: parts.headers, body: rest }));
+            }
+            Ok(Err(BridgeError::UpstreamTimeout(t))) if self.seq == 0 => return Answer::Whole(Err(AppError::Timeout(t))),
+            Ok(Err(BridgeError::Upstream(e))) if self.seq == 0 => return Answer::Whole(Err(AppError::Unreachable(e))),
+            Ok(Ok(())) => match self.send_all(rest, Part::End).await {
+                Ok(()) => "complete",
+                Err(_) => "gone",
+            },
+            Ok(Err(e)) => {
+                if !rest.is_empty() {
+                    let _ = self.send_all(rest, Part::Data).await;
+                }
+                let body = e.to_response(Some(&self.route.inbound.name), self.rid).into_body();
+                let _ = self.send(body, Part::Error).await;
+                tracing::debug!(route = %self.route.inbound.name, error = %e, "streamed reply ended with an error");
+                "error"
+            }
+            Err(Stop::Reader(how)) => how,
+            Err(Stop::Publish) => "gone",
+        };
+        self.shared.metrics.streams.with_label_values(&["responder", &self.route.inbound.name, how]).inc();
+        self.route.metrics.reply.inc();
+        Answer::Streamed
+    }
+
+    /// Each whole event that arrived, one message each.
+    async fn send_events(&mut self, split: &mut SseSplitter) -> Result<(), Stop> {
+        while let Some(event) = split.next_event() {
+            self.send_all(event, Part::Data).await?;
+        }
+        Ok(())
+    }
+
+    /// `payload` in as many messages as `max_payload` needs; the last one is `part`.
+    async fn send_all(&mut self, payload: Bytes, part: Part) -> Result<(), Stop> {
+        if payload.is_empty() && part == Part::Data {
+            return Ok(());
+        }
+        let head = self.first.as_ref().map_or(0, streamed::headers_len) + 64;
+        let max = self.shared.nats.server_info().max_payload.saturating_sub(head).max(1024);
+        let pieces = streamed::split(payload, max);
+        let n = pieces.len();
+        for (i, piece) in pieces.into_iter().enumerate() {
+            self.send(piece, if i + 1 == n { part } else { Part::Data }).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, payload: Bytes, part: Part) -> Result<(), Stop> {
+        self.seq += 1;
+        let mut headers = self.first.take().unwrap_or_default();
+        streamed::add_message_headers(&mut headers, self.seq, part);
+        let control = self.control.reply_subject().clone();
+        self.shared.nats.publish_with_reply_and_headers(self.reply.clone(), control, headers, payload).await.map_err(|e| {
+            tracing::warn!(route = %self.route.inbound.name, error = %e, "could not send a streamed reply message; stopping the stream");
+            Stop::Publish
+        })
+    }
+}
+
+/// Resolves when the reader cancels or is gone (pending forever otherwise).
+async fn stopped(control: &mut ReplyStream) -> Stop {
+    loop {
+        match control.next().await {
+            Ok(m) if streamed::is_cancel(m.headers.as_ref()) => return Stop::Reader("cancel"),
+            // Anything else on the control subject is not ours to act on.
+            Ok(_) => continue,
+            Err(e) if e.kind() == ReplyErrorKind::Overflow => continue,
+            Err(_) => return Stop::Reader("gone"),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,241 @@
+//! Streamed replies end to end (issue 11 §1): a real app streaming tokens (chunked and
+//! text/event-stream) behind a responder sidecar, a requester sidecar, a real HTTP client
+//! reading incrementally, and a real nats-server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::streaming::*;
+use support::*;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_tokens_reach_the_client_before_the_app_finishes_and_1000_arrive_in_order() {
+    let mut p = pair("", "").await;
+    let started = Instant::now();
+    let url = p.requester.url("/tokens/sse");
+    let client = tokio::spawn(async move {
+        let res = open(&url).await;
+        let head_at = Instant::now();
+        let (parts, mut body) = res.into_parts();
+        let first = next_data(&mut body).await;
+        let first_at = Instant::now();
+        (parts, body, first, head_at, first_at)
+    });
+    let call = next_call(&mut p.calls).await;
+    assert_eq!(call.path, "/sse");
+    call.tx.send(Ok(Bytes::from_static(b"data: 0\n\n"))).await.unwrap();
+    // The app writes nothing more until the client has read the first token: a sidecar that
+    // buffered the body would never deliver it.
+    let (parts, mut body, first, _head_at, first_at) = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+    let app_done_at = Instant::now();
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["content-type"], "text/event-stream");
+    assert_eq!(parts.headers["x-app"], "streams");
+    assert!(parts.headers.get("bridge-stream-seq").is_none() && parts.headers.get("bridge-stream-control").is_none());
+    assert!(parts.headers.get("content-length").is_none());
+    assert_eq!(&first[..], b"data: 0\n\n");
+    assert!(first_at < app_done_at, "the first token arrived {:?} after start, before the app went on", first_at - started);
+    for i in 1..1000 {
+        // Events split across writes must still arrive whole.
+        let e = format!("data: {i}\n\n");
+        let (a, b) = e.as_bytes().split_at(3);
+        call.tx.send(Ok(Bytes::copy_from_slice(a))).await.unwrap();
+        call.tx.send(Ok(Bytes::copy_from_slice(b))).await.unwrap();
+    }
+    drop(call.tx);
+    let (rest, end) = read_all(&mut body, Duration::from_secs(20)).await;
+    assert_eq!(end, Ok(()), "a complete stream ends cleanly");
+    let got = sse_data(&rest);
+    let want: Vec<String> = (1..1000).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+    let responder = p.responder.as_ref().unwrap();
+    eventually("the responder counted a complete stream", Duration::from_secs(5), || async {
+        responder.metrics().await.contains(r#"natsbridge_streams_total{end="complete",route="tokens",side="responder"} 1"#).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_streams_through_and_a_small_one_stays_one_plain_reply() {
+    let mut p = pair("", "").await;
+    let url = p.requester.url("/tokens/chunks");
+    let client = tokio::spawn(async move {
+        let (parts, mut body) = open(&url).await.into_parts();
+        let first = next_data(&mut body).await;
+        let (rest, end) = read_all(&mut body, Duration::from_secs(20)).await;
+        (parts, first, rest, end)
+    });
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"tok-0,"))).await.unwrap();
+    // Wait for the client to have the first chunk before writing the rest.
+    started(&p.requester, 1).await;
+    let mut want = b"tok-0,".to_vec();
+    for i in 1..1000 {
+        let t = format!("tok-{i},");
+        want.extend_from_slice(t.as_bytes());
+        call.tx.send(Ok(Bytes::from(t))).await.unwrap();
+    }
+    drop(call.tx);
+    let (parts, first, rest, end) = tokio::time::timeout(Duration::from_secs(20), client).await.unwrap().unwrap();
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["transfer-encoding"], "chunked");
+    assert_eq!(end, Ok(()));
+    let mut got = first.to_vec();
+    got.extend_from_slice(&rest);
+    assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+
+    // A chunked body that is whole at once is a plain reply, as non-streaming requesters expect.
+    let nats = p.requester_client().await;
+    let ask = tokio::spawn(async move { nats.request("tokens.small", Bytes::new()).await });
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"{\"ok\":true}"))).await.unwrap();
+    drop(call.tx);
+    let reply = ask.await.unwrap().unwrap();
+    assert_eq!(&reply.payload[..], b"{\"ok\":true}");
+    let h = reply.headers.unwrap();
+    assert!(h.get("Bridge-Stream-Seq").is_none(), "{h:?}");
+    assert_eq!(h.get("Bridge-Status").unwrap().as_str(), "200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
+    let mut p = pair("", "").await;
+    let url = p.requester.url("/tokens/sse");
+    let client = tokio::spawn(async move {
+        let (_parts, mut body) = open(&url).await.into_parts();
+        next_data(&mut body).await
+        // The response and its connection are dropped here.
+    });
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"data: 0\n\n"))).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+    let gone = Instant::now();
+    // Keep writing, as a model generating tokens would; the app must see its reader leave.
+    let tx = call.tx.clone();
+    let writer = tokio::spawn(async move {
+        for i in 1.. {
+            if tx.send(Ok(Bytes::from(format!("data: {i}\n\n")))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), call.tx.closed()).await.expect("the app's response was dropped");
+    let took = gone.elapsed();
+    assert!(took < Duration::from_secs(1) * 3, "the app saw the close {took:?} after the client left (goal: 1 s; loaded machine)");
+    writer.abort();
+    let (req, resp) = (&p.requester, p.responder.as_ref().unwrap());
+    eventually("the cancel counted on both sides", Duration::from_secs(5), || async {
+        let (a, b) = (req.metrics().await, resp.metrics().await);
+        (a.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="reader"} 1"#)
+            && b.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="responder"} 1"#))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_failing_mid_stream_ends_sse_with_an_error_event_and_chunked_with_an_aborted_body() {
+    let mut p = pair("", "").await;
+    for (n, path, sse) in [(1, "/tokens/sse", true), (2, "/tokens/chunks", false)] {
+        let url = p.requester.url(path);
+        let client = tokio::spawn(async move {
+            let (parts, mut body) = open(&url).await.into_parts();
+            let first = next_data(&mut body).await;
+            let (rest, end) = read_all(&mut body, Duration::from_secs(20)).await;
+            (parts, first, rest, end)
+        });
+        let call = next_call(&mut p.calls).await;
+        call.tx.send(Ok(Bytes::from_static(b"data: 0\n\n"))).await.unwrap();
+        call.tx.send(Ok(Bytes::from_static(b"data: 1\n\n"))).await.unwrap();
+        // The failure comes once the client has the head: mid-stream.
+        started(&p.requester, n).await;
+        call.tx.send(Err("the model crashed".into())).await.unwrap();
+        let (parts, first, rest, end) = tokio::time::timeout(Duration::from_secs(20), client).await.unwrap().unwrap();
+        assert_eq!(parts.status, 200);
+        let mut all = first.to_vec();
+        all.extend_from_slice(&rest);
+        let text = String::from_utf8_lossy(&all).into_owned();
+        assert!(text.starts_with("data: 0\n\ndata: 1\n\n"), "{text}");
+        if sse {
+            assert_eq!(end, Ok(()), "an event stream ends with its error event");
+            let last = text.rsplit("\n\n").find(|e| !e.is_empty()).unwrap();
+            assert!(last.starts_with("event: error\ndata: {"), "{text}");
+            assert!(last.contains("urn:natsbridge:problem:stream-error"), "{last}");
+        } else {
+            assert!(end.is_err(), "a chunked body must not end cleanly after a failure: {text}");
+        }
+    }
+    let m = p.requester.metrics().await;
+    assert!(m.contains(r#"natsbridge_streams_total{end="error",route="tokens",side="reader"} 2"#), "{m}");
+    let responder = p.responder.as_ref().unwrap();
+    eventually("the responder counted two failed streams", Duration::from_secs(5), || async {
+        responder.metrics().await.contains(r#"natsbridge_streams_total{end="error",route="tokens",side="responder"} 2"#).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_ends_as_an_error_and_stops_the_app() {
+    let mut p = pair("stream_stall = \"400ms\"", "").await;
+    let url = p.requester.url("/tokens/chunks");
+    let client = tokio::spawn(async move {
+        let (_parts, mut body) = open(&url).await.into_parts();
+        let first = next_data(&mut body).await;
+        let at = Instant::now();
+        let (_, end) = read_all(&mut body, Duration::from_secs(20)).await;
+        (first, end, at.elapsed())
+    });
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"tok-0"))).await.unwrap();
+    // Then nothing: the app hangs.
+    let (first, end, took) = tokio::time::timeout(Duration::from_secs(20), client).await.unwrap().unwrap();
+    assert_eq!(&first[..], b"tok-0");
+    assert!(end.is_err(), "a stalled stream must not look complete");
+    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(5), "ended {took:?} after the last token");
+    // The reader cancelled: the app's connection closes.
+    tokio::time::timeout(Duration::from_secs(5), call.tx.closed()).await.expect("the app's response was dropped");
+    let m = p.requester.metrics().await;
+    assert!(m.contains(r#"natsbridge_streams_total{end="stall",route="tokens",side="reader"} 1"#), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_streams_keep_their_order() {
+    const STREAMS: usize = 40;
+    const TOKENS: usize = 200;
+    let mut p = pair("", "").await;
+    let mut clients = Vec::new();
+    for _ in 0..STREAMS {
+        let url = p.requester.url("/tokens/sse");
+        clients.push(tokio::spawn(async move {
+            let (_parts, mut body) = open(&url).await.into_parts();
+            read_all(&mut body, Duration::from_secs(60)).await
+        }));
+    }
+    let writers = Arc::new(AtomicUsize::new(0));
+    for _ in 0..STREAMS {
+        let call = next_call(&mut p.calls).await;
+        let w = writers.clone();
+        tokio::spawn(async move {
+            for i in 0..TOKENS {
+                call.tx.send(Ok(Bytes::from(format!("data: {i}\n\n")))).await.unwrap();
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let want: Vec<String> = (0..TOKENS).map(|i| i.to_string()).collect();
+    for c in clients {
+        let (bytes, end) = tokio::time::timeout(Duration::from_secs(60), c).await.unwrap().unwrap();
+        assert_eq!(end, Ok(()));
+        assert_eq!(sse_data(&bytes), want);
+    }
+    assert_eq!(writers.load(Ordering::SeqCst), STREAMS);
+}

@@ -1,0 +1,311 @@
+//! `mode = "subscribe"` end to end (issue 11 §2): a subject, or a JetStream stream, as a
+//! live SSE stream to a real HTTP client reading incrementally; resume with
+//! `Last-Event-ID`; the per-client consumer goes away with the client; a nats-server
+//! restart mid-stream loses and repeats nothing.
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use support::fixtures::routes_toml;
+use support::*;
+
+fn toml(extra: &str) -> String {
+    routes_toml(
+        "caller",
+        "5s",
+        &format!(
+            r#"[[outbound]]
+name = "execution-tokens"
+method = "GET"
+path = "/executions/{{id}}/tokens"
+subject = "agent.token.streamed.{{id}}"
+mode = "subscribe"
+{extra}
+"#
+        ),
+    )
+}
+
+async fn open(url: &str, last_event_id: Option<u64>) -> http::Response<Incoming> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::get(url);
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id.to_string());
+    }
+    let req = req.body(Full::new(Bytes::new())).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.expect("response head in time").unwrap()
+}
+
+#[derive(Debug, PartialEq)]
+struct Event {
+    id: Option<u64>,
+    event: Option<String>,
+    data: String,
+}
+
+/// Reads whole events until `n` arrived or the body ends; `Err` when it ended uncleanly.
+struct Reader {
+    body: Incoming,
+    buf: Vec<u8>,
+    ended: Option<Result<(), String>>,
+}
+
+impl Reader {
+    fn new(res: http::Response<Incoming>) -> Self {
+        Self { body: res.into_body(), buf: Vec::new(), ended: None }
+    }
+
+    /// The next event (comments skipped unless `comments`), `None` at the end.
+    async fn next(&mut self, comments: bool) -> Option<Result<Event, String>> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                let text = String::from_utf8(raw).unwrap();
+                let mut e = Event { id: None, event: None, data: String::new() };
+                let mut data = Vec::new();
+                for line in text.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        if comments {
+                            return Some(Ok(Event { id: None, event: Some("comment".into()), data: c.trim().into() }));
+                        }
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        e.id = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        e.event = Some(v.into());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push(v.to_owned());
+                    }
+                }
+                if data.is_empty() && e.id.is_none() {
+                    continue;
+                }
+                e.data = data.join("\n");
+                return Some(Ok(e));
+            }
+            if let Some(end) = &self.ended {
+                return end.clone().err().map(Err);
+            }
+            match tokio::time::timeout(Duration::from_secs(20), self.body.frame()).await.expect("an event in time") {
+                None => self.ended = Some(Ok(())),
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.extend_from_slice(&d);
+                    }
+                }
+                Some(Err(e)) => self.ended = Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+async fn tokens_stream(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config {
+        name: "TOKENS".into(),
+        subjects: vec!["agent.token.streamed.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn consumers(js: &jetstream::Context) -> usize {
+    js.get_stream("TOKENS").await.unwrap().info().await.unwrap().state.consumer_count
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], payload: String) -> u64 {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    js.publish_with_headers(subject.to_owned(), h, payload.into()).await.unwrap().await.unwrap().sequence
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_subject_replays_1000_tokens_in_order_as_sse_and_ends_cleanly() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    let mut want = Vec::new();
+    for i in 0..1000 {
+        // Another execution's tokens interleave; they must not show.
+        publish(&js, "agent.token.streamed.other", &[], format!("x{i}")).await;
+        let (headers, payload): (&[(&str, &str)], String) = match i {
+            7 => (&[("Bridge-Event", "tool")], "line one\nline two".into()),
+            _ => (&[], format!("tok-{i}")),
+        };
+        let seq = publish(&js, "agent.token.streamed.e1", headers, payload.clone()).await;
+        want.push(Event { id: Some(seq), event: headers.first().map(|(_, v)| v.to_string()), data: payload });
+    }
+    let end = publish(&js, "agent.token.streamed.e1", &[("Bridge-Stream", "end")], String::new()).await;
+    let sidecar = Sidecar::start(&toml("stream = \"TOKENS\""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let res = open(&sidecar.url("/executions/e1/tokens"), None).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut r = Reader::new(res);
+    let mut got = Vec::new();
+    while let Some(e) = r.next(false).await {
+        got.push(e.expect("a clean end"));
+    }
+    assert_eq!(got.len(), 1000);
+    assert_eq!(got, want);
+    assert!(got.last().unwrap().id.unwrap() < end);
+    assert_eq!(r.ended, Some(Ok(())));
+    // The client's consumer is gone once its stream ended.
+    eventually("no consumer left", Duration::from_secs(10), || async { (consumers(&js).await == 0).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_resumes_after_a_disconnect_with_no_gap_and_no_duplicate() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    let sidecar = Sidecar::start(&toml("stream = \"TOKENS\""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        sent.push((publish(&js, "agent.token.streamed.e2", &[], format!("t{i}")).await, format!("t{i}")));
+    }
+    let mut r = Reader::new(open(&sidecar.url("/executions/e2/tokens"), None).await);
+    let mut got = Vec::new();
+    for _ in 0..40 {
+        got.push(r.next(false).await.unwrap().unwrap());
+    }
+    // The client goes away mid-stream (connection dropped), and more tokens come meanwhile.
+    drop(r);
+    for i in 100..150 {
+        sent.push((publish(&js, "agent.token.streamed.e2", &[], format!("t{i}")).await, format!("t{i}")));
+    }
+    publish(&js, "agent.token.streamed.e2", &[("Bridge-Stream", "end")], String::new()).await;
+    let last = got.last().unwrap().id;
+    let mut r = Reader::new(open(&sidecar.url("/executions/e2/tokens"), last).await);
+    while let Some(e) = r.next(false).await {
+        got.push(e.unwrap());
+    }
+    let got: Vec<(u64, String)> = got.into_iter().map(|e| (e.id.unwrap(), e.data)).collect();
+    assert_eq!(got, sent, "every token exactly once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_stream_resumes_with_nothing_lost_or_repeated() {
+    let mut nats = NatsServer::start();
+    let publisher = nats.client().await;
+    let js = jetstream::new(publisher.clone());
+    tokens_stream(&js).await;
+    let sidecar = Sidecar::start(&toml("stream = \"TOKENS\""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let mut sent = Vec::new();
+    for i in 0..50 {
+        sent.push(publish(&js, "agent.token.streamed.e3", &[], format!("t{i}")).await);
+    }
+    let mut r = Reader::new(open(&sidecar.url("/executions/e3/tokens"), None).await);
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        got.push(r.next(false).await.unwrap().unwrap().id.unwrap());
+    }
+    nats.restart();
+    sidecar.wait_nats().await;
+    let js = jetstream::new(nats.client().await);
+    for i in 50..100 {
+        sent.push(publish(&js, "agent.token.streamed.e3", &[], format!("t{i}")).await);
+    }
+    publish(&js, "agent.token.streamed.e3", &[("Bridge-Stream", "end")], String::new()).await;
+    while let Some(e) = r.next(false).await {
+        got.push(e.expect("no error across the restart").id.unwrap());
+    }
+    assert_eq!(got, sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_subscribe_streams_live_messages_and_heartbeats_an_idle_stream() {
+    let nats = NatsServer::start();
+    let c = nats.client().await;
+    let sidecar = Sidecar::start(&toml("heartbeat = \"300ms\""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let mut r = Reader::new(open(&sidecar.url("/executions/e4/tokens"), None).await);
+    // Idle: a comment arrives, nothing else.
+    let hb = r.next(true).await.unwrap().unwrap();
+    assert_eq!((hb.event.as_deref(), hb.data.as_str()), (Some("comment"), "keep-alive"));
+    // The subscription is live now (it was bound before the head was sent).
+    for i in 0..200 {
+        c.publish("agent.token.streamed.e4", format!("t{i}").into()).await.unwrap();
+    }
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Bridge-Stream", "end");
+    c.publish_with_headers("agent.token.streamed.e4", h, Bytes::new()).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(e) = r.next(false).await {
+        let e = e.unwrap();
+        assert_eq!(e.id, None, "core NATS has no sequence to resume from");
+        got.push(e.data);
+    }
+    assert_eq!(got, (0..200).map(|i| format!("t{i}")).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_takes_its_consumer_with_it_and_a_bad_last_event_id_is_refused() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    publish(&js, "agent.token.streamed.e5", &[], "t0".into()).await;
+    let sidecar = Sidecar::start(&toml("stream = \"TOKENS\""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        let mut r = Reader::new(open(&sidecar.url("/executions/e5/tokens"), None).await);
+        assert_eq!(r.next(false).await.unwrap().unwrap().data, "t0");
+        readers.push(r);
+    }
+    assert_eq!(consumers(&js).await, 10);
+    drop(readers);
+    // Deleted by the sidecar, well before the server's 30 s inactivity reaping.
+    eventually("every consumer deleted", Duration::from_secs(10), || async { (consumers(&js).await == 0).then_some(()) }).await;
+    let bad = call("GET", &sidecar.url("/executions/e5/tokens"), &[("Last-Event-ID", "abc")], Bytes::new()).await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_route_with_ttl_gets_a_stream_that_expires_its_messages() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    let toml = r#"[sidecar]
+service = "agent"
+app_url = "http://127.0.0.1:1"
+provision = true
+
+[nats]
+servers = ["nats://127.0.0.1:1"]
+
+[[streams]]
+name = "TOKENS"
+subjects = ["agent.token.streamed.>"]
+
+[[outbound]]
+name = "token-out"
+method = "POST"
+path = "/tokens/{id}"
+subject = "agent.token.streamed.{id}"
+mode = "jetstream"
+ttl = "1s"
+"#;
+    let sidecar = Sidecar::start(toml, &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let info = js.get_stream("TOKENS").await.unwrap().info().await.unwrap().clone();
+    assert!(info.config.allow_message_ttl, "provisioning enables per-message TTLs");
+    let res = post(&sidecar.url("/tokens/e6"), "tok").await;
+    assert_eq!(res.status, 202);
+    let stored = js.get_stream("TOKENS").await.unwrap().get_last_raw_message_by_subject("agent.token.streamed.e6").await.unwrap();
+    assert_eq!(stored.headers.get("Nats-TTL").map(|v| v.as_str()), Some("1s"));
+    eventually("the token expired", Duration::from_secs(15), || async { (stored_messages(&js).await == 0).then_some(()) }).await;
+}
+
+async fn stored_messages(js: &jetstream::Context) -> u64 {
+    js.get_stream("TOKENS").await.unwrap().info().await.unwrap().state.messages
+}
