@@ -42,6 +42,8 @@ pub struct Metrics {
     pub egress_tunnels_open: IntGauge,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
+    /// The sidecar's own time per request, finer than the Prometheus buckets.
+    pub own_time: std::sync::Arc<crate::own_time::OwnTime>,
 }
 
 impl Default for Metrics {
@@ -150,6 +152,7 @@ impl Metrics {
             ),
             egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
+            own_time: std::sync::Arc::new(crate::own_time::OwnTime::new()),
             registry: r,
             names: names.into_inner(),
         }

@@ -43,6 +43,8 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("sidecar.max_connections", o.http.max_connections != n.http.max_connections),
         // The service names the NATS connection, durable consumers and idempotency scope.
         ("sidecar.service", o.service != n.service),
+        // The runtime is built once, before anything runs on it.
+        ("sidecar.worker_threads", o.worker_threads != n.worker_threads),
         // One NATS connection for the process's lifetime.
         ("nats.servers", old.nats.servers != new.nats.servers),
         ("nats.auth", old.nats.auth != new.nats.auth),

@@ -18,6 +18,7 @@ use crate::egress::{full, Body, BoxError, Egress};
 use crate::metrics::InFlight;
 use crate::nats::connection::is_connected;
 use crate::nats::publish::{publish_acked, PublishErrorKind};
+use crate::own_time::Stage;
 use crate::problem::BridgeError;
 use crate::subject::{control_line_len, RenderError, MAX_CONTROL_LINE};
 
@@ -62,7 +63,7 @@ impl Egress {
                 return e.to_response(None, rid.as_deref()).map(full);
             }
         };
-        let mut res = match self.dispatch(route, subject, req).await {
+        let mut res = match self.dispatch(route, subject, req, started).await {
             Ok(res) => res,
             Err(e) => {
                 if e.status().is_server_error() {
@@ -75,12 +76,21 @@ impl Egress {
         if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
             res.headers_mut().insert(codec::REQUEST_ID, id);
         }
+        if let Some(ReplyRead(read)) = res.extensions_mut().remove::<ReplyRead>() {
+            self.metrics.own_time.record(Stage::EgressReplyToResponse, read.elapsed());
+        }
         res
     }
 
     /// Reads the body under the route's limit, then carries the request by its mode
     /// (`http` routes stream it instead).
-    async fn dispatch(&self, route: &Outbound, subject: Option<String>, req: Request<Incoming>) -> Result<Response<Body>, BridgeError> {
+    async fn dispatch(
+        &self,
+        route: &Outbound,
+        subject: Option<String>,
+        req: Request<Incoming>,
+        started: Instant,
+    ) -> Result<Response<Body>, BridgeError> {
         if let OutboundTarget::Http { upstream } = &route.target {
             return self.proxy(route, upstream, req).await;
         }
@@ -89,8 +99,8 @@ impl Egress {
         let subject = subject.unwrap_or_default();
         self.check_control_line(&subject)?;
         match &route.target {
-            OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body).await,
-            OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body).await,
+            OutboundTarget::Request(_) => self.request(route, subject, &parts.headers, body, started).await,
+            OutboundTarget::Tunnel { .. } => self.tunnel(route, subject, &parts, body, started).await,
             OutboundTarget::Publish(_) => self.publish(route, subject, &parts.headers, body).await,
             OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
             OutboundTarget::Http { .. } => unreachable!("streamed above"),
@@ -124,8 +134,9 @@ impl Egress {
         subject: String,
         headers: &http::HeaderMap,
         body: Bytes,
+        started: Instant,
     ) -> Result<Response<Body>, BridgeError> {
-        self.nats_request(route, subject, nats_headers(route, headers), body).await
+        self.nats_request(route, subject, nats_headers(route, headers), body, started).await
     }
 
     /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
@@ -135,10 +146,11 @@ impl Egress {
         subject: String,
         parts: &http::request::Parts,
         body: Bytes,
+        started: Instant,
     ) -> Result<Response<Body>, BridgeError> {
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
         let headers = codec::strip_nats_control(headers, |n| route.allow_nats_headers.allows(n));
-        self.nats_request(route, subject, headers, body).await
+        self.nats_request(route, subject, headers, body, started).await
     }
 
     async fn nats_request(
@@ -147,9 +159,10 @@ impl Egress {
         subject: String,
         headers: async_nats::HeaderMap,
         body: Bytes,
+        started: Instant,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        let reply = self.replies.request(subject.as_str().into(), headers, body, route.timeout).await.map_err(|e| {
+        let stamped = self.replies.request_stamped(subject.as_str().into(), headers, body, route.timeout).await.map_err(|e| {
             use crate::nats::replies::ReplyErrorKind as K;
             match e.kind() {
                 K::NoResponders => BridgeError::NoResponders { subject: subject.clone() },
@@ -159,10 +172,14 @@ impl Egress {
                 K::Overflow | K::Closed | K::Other => BridgeError::Nats(e.into()),
             }
         })?;
+        self.metrics.own_time.record(Stage::EgressToNats, stamped.published.saturating_duration_since(started));
+        let reply = stamped.message;
         let r = codec::reply_to_response(reply.headers.as_ref(), reply.payload).map_err(BridgeError::BadReply)?;
         let mut res = Response::new(full(r.body));
         *res.status_mut() = r.status;
         *res.headers_mut() = r.headers;
+        // `handle` records the rest of this stage once the response is complete.
+        res.extensions_mut().insert(ReplyRead(stamped.reply_read));
         Ok(res)
     }
 
@@ -249,6 +266,10 @@ impl Egress {
 /// The request's headers for NATS, without the `Nats-*` publish controls the route does
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
 /// stream).
+/// When the reply of a NATS request was read (a response extension, taken off in `handle`).
+#[derive(Clone, Copy)]
+struct ReplyRead(Instant);
+
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
     codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::idempotency::guard;
 use super::{retry_delay, sleep_or_stop, AppError, InFlight, Route, Shared};
 use crate::codec;
+use crate::own_time::Stage;
 use crate::problem::BridgeError;
 
 /// Runs one route until `stop`: subscribes (again, if the subscription ever ends), reads
@@ -73,8 +74,8 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
                     break;
                 }
                 permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
-                    let msg = waiting.pop().expect("not empty");
-                    tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
+                    let (msg, read) = waiting.pop().expect("not empty");
+                    tokio::spawn(handle(shared.clone(), route.clone(), msg, read, tunnel, permit.expect("never closed"), abort.clone()));
                 }
                 msg = s.next() => {
                     let Some(msg) = msg else {
@@ -96,8 +97,8 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     permit = permits.clone().acquire_owned() => {
-                        let msg = waiting.pop().expect("not empty");
-                        tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit.expect("never closed"), abort.clone()));
+                        let (msg, read) = waiting.pop().expect("not empty");
+                        tokio::spawn(handle(shared.clone(), route.clone(), msg, read, tunnel, permit.expect("never closed"), abort.clone()));
                     }
                 }
             }
@@ -110,9 +111,9 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
     }
     let deadline = tokio::time::Instant::now() + route.drain_timeout;
     // Received before the stop: answered like the rest, then what the drain still brings.
-    while let Some(msg) = waiting.pop() {
+    while let Some((msg, read)) = waiting.pop() {
         let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
-        tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+        tokio::spawn(handle(shared.clone(), route.clone(), msg, read, tunnel, permit, abort.clone()));
     }
     // A drain ends with the server's PONG: while disconnected none comes, and the
     // subscription has nothing more to bring anyway.
@@ -122,7 +123,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
         if matches!(tokio::time::timeout_at(deadline, s.drain()).await, Ok(Ok(()))) {
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
                 let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await else { break };
-                tokio::spawn(handle(shared.clone(), route.clone(), msg, tunnel, permit, abort.clone()));
+                tokio::spawn(handle(shared.clone(), route.clone(), msg, Instant::now(), tunnel, permit, abort.clone()));
             }
         }
     }
@@ -134,7 +135,8 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
 /// sidecar hold whatever publishers send.
 #[derive(Default)]
 struct Buffer {
-    queue: VecDeque<async_nats::Message>,
+    /// Each message with when it was read (the start of the sidecar's own time).
+    queue: VecDeque<(async_nats::Message, Instant)>,
     bytes: usize,
 }
 
@@ -156,14 +158,14 @@ impl Buffer {
             return Some(msg);
         }
         self.bytes += size;
-        self.queue.push_back(msg);
+        self.queue.push_back((msg, Instant::now()));
         None
     }
 
-    fn pop(&mut self) -> Option<async_nats::Message> {
-        let msg = self.queue.pop_front()?;
+    fn pop(&mut self) -> Option<(async_nats::Message, Instant)> {
+        let (msg, read) = self.queue.pop_front()?;
         self.bytes -= msg.length;
-        Some(msg)
+        Some((msg, read))
     }
 }
 
@@ -199,6 +201,7 @@ async fn handle(
     shared: Arc<Shared>,
     route: Arc<Route>,
     msg: async_nats::Message,
+    read: Instant,
     tunnel: bool,
     _permit: tokio::sync::OwnedSemaphorePermit,
     abort: CancellationToken,
@@ -218,6 +221,7 @@ async fn handle(
     }
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
+    let mut app_time = std::time::Duration::ZERO;
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
     // Idempotency: claim the key first; a replay, a conflict or an unusable store is
     // answered without calling the app.
@@ -236,10 +240,13 @@ async fn handle(
                         guard::set_key_header(&mut headers, k);
                     }
                     let call = shared.app.call(method, &uri, headers, msg.payload.clone(), route.inbound.timeout, route.inbound.max_body);
-                    tokio::select! {
+                    let app_started = Instant::now();
+                    let r = tokio::select! {
                         r = call => Ok(r),
                         _ = abort.cancelled() => Err(BridgeError::ShuttingDown),
-                    }
+                    };
+                    app_time = app_started.elapsed();
+                    r
                 }
                 Err(e) => Err(e),
             };
@@ -271,7 +278,10 @@ async fn handle(
     };
     let reply_headers = codec::response_to_reply_headers(status, &headers);
     match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
-        Ok(()) => m.reply.inc(),
+        Ok(()) => {
+            m.reply.inc();
+            shared.metrics.own_time.record(Stage::IngressOwn, read.elapsed().saturating_sub(app_time));
+        }
         Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
             let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
             let (status, headers, body) = problem(&e, &route.inbound.name, rid.as_deref());
