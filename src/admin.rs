@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz` (alive), `/readyz` (can serve; see [`crate::health`] for
 //! its two meanings), `/statusz` (every component, its state, why and since when, as JSON)
-//! and `/metrics` (Prometheus text); `POST /drain` stops the inbound routes ahead of the
+//! `/metrics` (Prometheus text) and `/debug/own-time` (the sidecar's own time per request,
+//! see [`crate::own_time`]); `POST /drain` stops the inbound routes ahead of the
 //! sidecar's own stop (an app's preStop hook).
 
 use std::collections::BTreeMap;
@@ -128,6 +129,11 @@ impl Admin {
             },
             "/statusz" => (StatusCode::OK, "application/json", Bytes::from(serde_json::to_vec_pretty(&self.status()).unwrap_or_default())),
             "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(self.metrics_text())),
+            "/debug/own-time" => {
+                let reset = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "reset=1"));
+                let v = self.metrics.own_time.snapshot(reset);
+                (StatusCode::OK, "application/json", Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
+            }
             _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", Bytes::from_static(b"not found\n")),
         };
         let mut res = Response::new(Full::new(body));

@@ -15,6 +15,7 @@
 //! - [`health`]: the component registry (state, reason, since) and what readiness means.
 //! - [`admin`]: the health, readiness, status and metrics endpoints.
 //! - [`metrics`]: the Prometheus families and per-route handles.
+//! - [`own_time`]: the sidecar's own time per request (HdrHistograms, `/debug/own-time`).
 //! - [`reload`]: hot reload of the routing file.
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.
 //! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
@@ -34,6 +35,7 @@ pub mod ingress;
 pub mod inject;
 pub mod metrics;
 pub mod nats;
+pub mod own_time;
 pub mod permissions;
 pub mod problem;
 pub mod provision;

@@ -193,8 +193,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run(args))
+            // Read before the runtime exists: `worker_threads` decides which runtime.
+            let config = match config::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    std::process::exit(1);
+                }
+            };
+            let rt = sidecar_runtime(config.sidecar.worker_threads)?;
+            rt.block_on(run(args, config))
         }
         Command::Inject { args, log } => {
             init_logging(&log);
@@ -405,15 +413,18 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     Ok(plan.is_ok())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// One thread (the default): a current-thread runtime, so a request, its NATS
+/// connection's I/O and its reply never hop between threads. More: that many workers.
+fn sidecar_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+}
+
+async fn run(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
     init_logging(&args.log);
-    let config = match config::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprint!("{e}");
-            std::process::exit(1);
-        }
-    };
     let overrides = Overrides {
         listen: args.listen,
         admin_listen: args.admin_listen,

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub streams: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
+    /// The sidecar's own time per request, finer than the Prometheus buckets.
+    pub own_time: std::sync::Arc<crate::own_time::OwnTime>,
 }
 
 impl Default for Metrics {
@@ -235,6 +237,7 @@ impl Metrics {
             fallback: r.counter_vec(&FALLBACK),
             streams: r.counter_vec(&STREAMS),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
+            own_time: std::sync::Arc::new(crate::own_time::OwnTime::new()),
             registry: r.registry,
             names: r.names,
         }

@@ -46,6 +46,8 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         &changed!("sidecar", o.http, n.http, [header_read_timeout, max_headers, max_header_bytes, idle_timeout, max_connections]),
         // The service names the NATS connection, durable consumers and idempotency scope.
         &changed!("sidecar", o, n, [service]),
+        // The runtime is built once, before anything runs on it.
+        &changed!("sidecar", o, n, [worker_threads]),
         // One NATS connection for the process's lifetime.
         &changed!("nats", old.nats, new.nats, [servers, auth, tls, connect_timeout, inbox_prefix]),
     ]
@@ -53,6 +55,19 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
     .collect()
+}
+
+/// Whether a watcher event can mean new content. Opening, reading and closing the file
+/// cannot, and must not count: the reload's own read raises exactly those, so counting
+/// them re-read the file every 100 ms for the sidecar's whole life (issue 14's "ten
+/// openat/statx/close triples per second").
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 impl Reloader {
@@ -115,7 +130,7 @@ impl Reloader {
             .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
             .unwrap_or_else(|| PathBuf::from("."));
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
+            if ev.is_ok_and(|e| changes_content(&e.kind)) {
                 let _ = tx.try_send(());
             }
         });
@@ -157,6 +172,20 @@ mod tests {
 
     fn parse(sidecar: &str, nats: &str) -> Config {
         config::parse(&format!("[sidecar]\nservice = \"svc\"\n{sidecar}\n[nats]\n{nats}\n"), "t.toml").unwrap()
+    }
+
+    #[test]
+    fn reading_the_file_is_not_a_change() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        use notify::EventKind as K;
+        for quiet in
+            [K::Access(AccessKind::Open(AccessMode::Any)), K::Access(AccessKind::Read), K::Access(AccessKind::Close(AccessMode::Read))]
+        {
+            assert!(!changes_content(&quiet), "{quiet:?}");
+        }
+        for change in [K::Access(AccessKind::Close(AccessMode::Write)), K::Create(CreateKind::File), K::Modify(ModifyKind::Any), K::Any] {
+            assert!(changes_content(&change), "{change:?}");
+        }
     }
 
     #[test]

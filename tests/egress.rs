@@ -599,3 +599,27 @@ async fn the_publish_bound_follows_a_reload() {
     assert_eq!(first.await.unwrap(), 504);
     assert_eq!(second.await.unwrap(), 504);
 }
+
+#[tokio::test]
+async fn own_time_counts_every_answered_request_and_resets_when_read() {
+    let nats = NatsServer::start();
+    let _r = responder(&nats, "agent.*.execution.requested", |m| (async_nats::HeaderMap::new(), m.payload.clone())).await;
+    let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let own = || async { get(&format!("http://{}/debug/own-time?reset=1", sc.admin)).await.unwrap().json() };
+    let _ = own().await;
+    for i in 0..5 {
+        let r = call("POST", &sc.url(&format!("/agents/{i}/execute")), &[("host", "agent-service")], "x").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let v = own().await;
+    for stage in ["egress_to_nats", "egress_reply_to_response"] {
+        assert_eq!(v[stage]["count"], 5, "{v}");
+        let (p50, max) = (v[stage]["p50_us"].as_f64().unwrap(), v[stage]["max_us"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= max, "{v}");
+    }
+    // No inbound route here: no sample, and so no percentile (never a zero).
+    assert_eq!(v["ingress_own"], serde_json::json!({ "count": 0 }), "{v}");
+    // Read with reset=1: the next read starts from nothing.
+    assert_eq!(own().await["egress_to_nats"]["count"], 0);
+}

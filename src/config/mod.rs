@@ -54,6 +54,10 @@ pub struct Sidecar {
     pub provision: bool,
     /// JetStream publishes waiting for their ack, across all routes; past it → 503.
     pub max_inflight_publishes: usize,
+    /// Runtime threads: 1 (the default) runs everything on one thread (a current-thread
+    /// runtime, no cross-thread wake-ups); more starts a multi-thread runtime with that many
+    /// workers. Read at start.
+    pub worker_threads: usize,
     pub http: HttpLimits,
     /// What `/readyz` means (read at start; a reload does not change it).
     pub readiness: ReadinessMode,
@@ -537,6 +541,8 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const TUNNEL_PREFIX: &str = "natsbridge.tunnel";
 /// The inbox prefix of every NATS client library unless configured otherwise.
 pub const DEFAULT_REPLY_PREFIX: &str = "_INBOX.";
+/// `[sidecar] worker_threads` when unset (see BENCHMARKS.md for the measurement).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 
 /// Settings given on the command line or in `NATSBRIDGE_*` variables; they win over the
 /// file, on every load and reload.

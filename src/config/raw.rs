@@ -32,6 +32,7 @@ pub(super) struct RawSidecar {
     #[serde(default)]
     pub(super) provision: bool,
     pub(super) max_inflight_publishes: Option<usize>,
+    pub(super) worker_threads: Option<usize>,
     pub(super) header_read_timeout: Option<String>,
     pub(super) max_headers: Option<usize>,
     pub(super) max_header_bytes: Option<String>,

@@ -18,6 +18,7 @@ use crate::egress::{full, Body, BoxError, Egress};
 use crate::metrics::InFlight;
 use crate::nats::connection::is_connected;
 use crate::nats::publish::{publish_acked, PublishErrorKind};
+use crate::own_time::Stage;
 use crate::problem::BridgeError;
 use crate::subject::{control_line_len, RenderError, MAX_CONTROL_LINE};
 
@@ -75,6 +76,8 @@ impl Egress {
                 return e.to_response(None, rid.as_deref()).map(full);
             }
         };
+        let mut req = req;
+        req.extensions_mut().insert(HeadRead(started));
         let mut res = match self.dispatch(route, subject, req).await {
             Ok(res) => res,
             Err(e) => {
@@ -89,6 +92,9 @@ impl Egress {
         table.observe_on(index, path, res.status(), started.elapsed());
         if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
             res.headers_mut().insert(codec::REQUEST_ID, id);
+        }
+        if let Some(ReplyRead(read)) = res.extensions_mut().remove::<ReplyRead>() {
+            self.metrics.own_time.record(Stage::EgressReplyToResponse, read.elapsed());
         }
         res
     }
@@ -171,8 +177,9 @@ impl Egress {
 
     /// `request` mode: a NATS request with the HTTP headers; the reply is the response.
     async fn request(&self, call: Call<'_>) -> Result<Response<Body>, BridgeError> {
-        let Call { route, subject, parts: http::request::Parts { headers, .. }, body } = call;
-        self.nats_request(route, subject, nats_headers(route, headers), body).await
+        let Call { route, subject, parts: http::request::Parts { headers, extensions, .. }, body } = call;
+        let head_read = extensions.get::<HeadRead>().map(|h| h.0);
+        self.nats_request(route, subject, nats_headers(route, headers), body, head_read).await
     }
 
     /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
@@ -180,7 +187,8 @@ impl Egress {
         let Call { route, subject, parts, body } = call;
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
         let headers = codec::strip_nats_control(headers, |n| route.allow_nats_headers.allows(n));
-        self.nats_request(route, subject, headers, body).await
+        let head_read = parts.extensions.get::<HeadRead>().map(|h| h.0);
+        self.nats_request(route, subject, headers, body, head_read).await
     }
 
     async fn nats_request(
@@ -189,13 +197,14 @@ impl Egress {
         subject: String,
         headers: async_nats::HeaderMap,
         body: Bytes,
+        head_read: Option<Instant>,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
         if super::operations::wants_async(route, &headers) {
             return self.start_async(route, subject, headers, body).await;
         }
         let rid = headers.get(codec::REQUEST_ID).map(|v| v.as_str().to_owned());
-        self.request_reply(route, subject, headers, body, rid).await
+        self.request_reply(route, subject, headers, body, rid, head_read).await
     }
 
     /// `publish` mode: fire and forget, answered 202 once the server has the message.
@@ -270,6 +279,15 @@ impl Egress {
         self.send_upstream(Outgoing { uri, max_body: route.max_body, timeout: Some(route.timeout), host_label }, req).await
     }
 }
+
+/// When the reply of a NATS request was read (a response extension, taken off in `handle`).
+#[derive(Clone, Copy)]
+pub(super) struct ReplyRead(pub(super) Instant);
+
+/// When the HTTP request's head was read (a request extension, set in `handle`): the start
+/// of the sidecar's own time on the way out.
+#[derive(Clone, Copy)]
+struct HeadRead(Instant);
 
 /// The request's headers for NATS, without the `Nats-*` publish controls the route does
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the

@@ -191,7 +191,7 @@ struct Call {
 impl Call {
     async fn run(self, js: async_nats::jetstream::Context, id: String, subject: String, headers: async_nats::HeaderMap, body: Bytes) {
         let route = &self.route;
-        let replier = Replier { nats: &self.nats, replies: &self.replies, metrics: &self.metrics };
+        let replier = Replier { nats: &self.nats, replies: &self.replies, metrics: &self.metrics, head_read: None };
         let rid = headers.get(crate::codec::REQUEST_ID).map(|v| v.as_str().to_owned());
         let max = self.nats.server_info().max_payload.saturating_sub(64 << 10).max(1024);
         let res = match replier.request_reply(route, subject, headers, body, rid.clone()).await {

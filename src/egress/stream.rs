@@ -29,6 +29,7 @@ use crate::codec;
 use crate::config::Outbound;
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::nats::replies::{ReplyError, ReplyErrorKind, ReplyStream};
+use crate::own_time::Stage;
 use crate::problem::BridgeError;
 use crate::streamed::{self, Part, Sequence};
 
@@ -83,11 +84,14 @@ pub(crate) struct Replier<'a> {
     pub nats: &'a async_nats::Client,
     pub replies: &'a crate::nats::replies::Replies,
     pub metrics: &'a crate::metrics::Metrics,
+    /// When the HTTP request's head was read, for the sidecar's own time (`own_time`);
+    /// `None` for calls that are not an HTTP request's (async operations).
+    pub head_read: Option<std::time::Instant>,
 }
 
 impl Egress {
     pub(super) fn replier(&self) -> Replier<'_> {
-        Replier { nats: &self.nats, replies: &self.replies, metrics: &self.metrics }
+        Replier { nats: &self.nats, replies: &self.replies, metrics: &self.metrics, head_read: None }
     }
 
     pub(super) async fn request_reply(
@@ -97,8 +101,9 @@ impl Egress {
         headers: async_nats::HeaderMap,
         payload: Bytes,
         rid: Option<String>,
+        head_read: Option<std::time::Instant>,
     ) -> Result<Response<Body>, BridgeError> {
-        self.replier().request_reply(route, subject, headers, payload, rid).await
+        Replier { head_read, ..self.replier() }.request_reply(route, subject, headers, payload, rid).await
     }
 }
 
@@ -120,17 +125,24 @@ impl Replier<'_> {
             .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
             .await
             .map_err(|e| self.reply_error(ReplyError::from(e), &subject, route))?;
+        if let Some(read) = self.head_read {
+            self.metrics.own_time.record(Stage::EgressToNats, read.elapsed());
+        }
         let first = match tokio::time::timeout(route.timeout, waiter.next()).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => return Err(self.reply_error(e, &subject, route)),
             Err(_) => return Err(BridgeError::Timeout { subject, timeout: route.timeout }),
         };
+        // The waiter got the reply: the start of the sidecar's own time on the way back.
+        let reply_read = std::time::Instant::now();
         let seq = streamed::is_stream(first.headers.as_ref());
         if !seq && !route.stream.end_on_empty {
             let r = codec::reply_to_response(first.headers.as_ref(), first.payload).map_err(BridgeError::BadReply)?;
             let mut res = Response::new(full(r.body));
             *res.status_mut() = r.status;
             *res.headers_mut() = r.headers;
+            // `handle` records the rest of this stage once the response is complete.
+            res.extensions_mut().insert(super::dispatch::ReplyRead(reply_read));
             return Ok(res);
         }
         let mut sequence = seq.then(Sequence::default);

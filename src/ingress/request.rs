@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::idempotency::guard;
 use super::{retry_delay, sleep_or_stop, AppError, AppResponse, InFlight, Route, Shared};
 use crate::codec::{self, nestjs};
+use crate::own_time::Stage;
 use crate::problem::BridgeError;
 
 /// Runs one route until `stop`: subscribes (again, if the subscription ever ends), reads
@@ -110,8 +111,9 @@ struct Handlers {
 }
 
 impl Handlers {
-    fn spawn(&self, msg: async_nats::Message, permit: OwnedSemaphorePermit) {
-        tokio::spawn(handle(self.shared.clone(), self.route.clone(), msg, self.tunnel, permit, self.abort.clone()));
+    /// Runs one handler for `msg`, read off the subscription at `read`.
+    fn spawn(&self, (msg, read): (async_nats::Message, Instant), permit: OwnedSemaphorePermit) {
+        tokio::spawn(handle(self.shared.clone(), self.route.clone(), msg, read, self.tunnel, permit, self.abort.clone()));
     }
 
     /// Queues `msg`, or refuses it when the buffer is full.
@@ -151,7 +153,7 @@ impl Handlers {
             if matches!(tokio::time::timeout_at(deadline, s.drain()).await, Ok(Ok(()))) {
                 while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
                     let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await else { break };
-                    self.spawn(msg, permit);
+                    self.spawn((msg, Instant::now()), permit);
                 }
             }
         }
@@ -164,7 +166,8 @@ impl Handlers {
 /// sidecar hold whatever publishers send.
 #[derive(Default)]
 struct Buffer {
-    queue: VecDeque<async_nats::Message>,
+    /// Each message with when it was read (the start of the sidecar's own time).
+    queue: VecDeque<(async_nats::Message, Instant)>,
     bytes: usize,
 }
 
@@ -186,14 +189,14 @@ impl Buffer {
             return Some(msg);
         }
         self.bytes += size;
-        self.queue.push_back(msg);
+        self.queue.push_back((msg, Instant::now()));
         None
     }
 
-    fn pop(&mut self) -> Option<async_nats::Message> {
-        let msg = self.queue.pop_front()?;
+    fn pop(&mut self) -> Option<(async_nats::Message, Instant)> {
+        let (msg, read) = self.queue.pop_front()?;
         self.bytes -= msg.length;
-        Some(msg)
+        Some((msg, read))
     }
 }
 
@@ -229,6 +232,7 @@ async fn handle(
     shared: Arc<Shared>,
     route: Arc<Route>,
     msg: async_nats::Message,
+    read: Instant,
     tunnel: bool,
     _permit: OwnedSemaphorePermit,
     abort: CancellationToken,
@@ -240,6 +244,8 @@ async fn handle(
     }
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
+    // The app's share of this message's time, left out of the sidecar's own time.
+    let mut app_time = std::time::Duration::ZERO;
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
     // Idempotency: claim the key first; a replay, a conflict or an unusable store is
     // answered without calling the app.
@@ -257,7 +263,10 @@ async fn handle(
             // or the codec frames one reply (NestJS).
             let stream_to = msg.reply.as_ref().filter(|_| claimed.is_none() && nest.is_none());
             let how = HowToCall { tunnel, key: key.as_deref(), nest: nest.as_ref(), stream_to, rid: rid.as_deref() };
-            let call = match call_app(&shared, &route, &msg, how, &abort).await {
+            let app_started = Instant::now();
+            let answer = call_app(&shared, &route, &msg, how, &abort).await;
+            app_time = app_started.elapsed();
+            let call = match answer {
                 Ok(super::stream::Answer::Whole(r)) => Ok(r),
                 Ok(super::stream::Answer::Streamed) => {
                     m.duration.observe(started.elapsed().as_secs_f64());
@@ -290,7 +299,9 @@ async fn handle(
         }
         return;
     };
-    send_reply(&shared, &route, reply, call, rid.as_deref(), nest.as_ref()).await;
+    if send_reply(&shared, &route, reply, call, rid.as_deref(), nest.as_ref()).await {
+        shared.metrics.own_time.record(Stage::IngressOwn, read.elapsed().saturating_sub(app_time));
+    }
 }
 
 /// Refuses (counts, logs at a rate limit) a message whose reply subject is outside the
@@ -342,7 +353,8 @@ async fn call_app(
 }
 
 /// Sends the app's answer (or the failure as problem+json) to `reply`; an answer too large
-/// for the server's `max_payload` goes back as a 413 problem instead.
+/// for the server's `max_payload` goes back as a 413 problem instead. True when the answer
+/// itself was handed to the client.
 async fn send_reply(
     shared: &Shared,
     route: &Route,
@@ -350,22 +362,29 @@ async fn send_reply(
     call: Result<AppResponse, BridgeError>,
     rid: Option<&str>,
     nest: Option<&nestjs::Incoming>,
-) {
+) -> bool {
     let (status, headers, body) = match call {
         Ok(r) => (r.status, r.headers, r.body),
         Err(e) => problem(&e, &route.inbound.name, rid),
     };
     let (reply_headers, body) = super::nest::reply(nest, status, &headers, body);
     match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
-        Ok(()) => route.metrics.reply.inc(),
+        Ok(()) => {
+            route.metrics.reply.inc();
+            true
+        }
         Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
             let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
             let (status, headers, body) = problem(&e, &route.inbound.name, rid);
             let (headers, body) = super::nest::reply(nest, status, &headers, body);
             let _ = shared.nats.publish_with_headers(reply, headers, body).await;
             route.metrics.reply.inc();
+            false
         }
-        Err(e) => tracing::warn!(route = %route.inbound.name, error = %e, "could not send the reply"),
+        Err(e) => {
+            tracing::warn!(route = %route.inbound.name, error = %e, "could not send the reply");
+            false
+        }
     }
 }
 

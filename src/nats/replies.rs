@@ -20,7 +20,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Message, StatusCode, Subject};
 use bytes::Bytes;
@@ -103,8 +103,8 @@ impl From<async_nats::PublishError> for ReplyError {
 
 /// Someone waiting for replies on one token.
 enum Waiter {
-    /// One reply; the entry is removed as it is delivered.
-    One(oneshot::Sender<Message>),
+    /// One reply, with when the dispatcher read it; the entry is removed as it is delivered.
+    One(oneshot::Sender<(Message, Instant)>),
     /// Many replies into a bounded buffer; the flag tells the reader it overflowed.
     Many(mpsc::Sender<Message>, Arc<AtomicBool>),
 }
@@ -154,18 +154,32 @@ impl Replies {
     /// Publishes to `subject` with a reply subject of ours and waits up to `timeout` for
     /// the one reply. A `503` status reply is [`ReplyErrorKind::NoResponders`].
     pub async fn request(&self, subject: Subject, headers: HeaderMap, payload: Bytes, timeout: Duration) -> Result<Message, ReplyError> {
+        self.request_stamped(subject, headers, payload, timeout).await.map(|s| s.message)
+    }
+
+    /// As [`Replies::request`], also telling when the request was handed to the client
+    /// and when the reply was read (for [`crate::own_time`]).
+    pub async fn request_stamped(
+        &self,
+        subject: Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Stamped, ReplyError> {
         let (tx, rx) = oneshot::channel();
         let (reply, _registered) = self.register(Waiter::One(tx));
         let wait = async {
             self.inner.client.publish_with_reply_and_headers(subject, reply, headers, payload).await?;
+            let published = Instant::now();
             // The sender only goes away without a reply when the dispatcher stopped.
-            rx.await.map_err(|_| ReplyError::new(ReplyErrorKind::Closed))
+            let (message, reply_read) = rx.await.map_err(|_| ReplyError::new(ReplyErrorKind::Closed))?;
+            Ok::<_, ReplyError>(Stamped { message, published, reply_read })
         };
-        let message = tokio::time::timeout(timeout, wait).await.map_err(|_| ReplyError::new(ReplyErrorKind::TimedOut))??;
-        if message.status == Some(StatusCode::NO_RESPONDERS) {
+        let stamped = tokio::time::timeout(timeout, wait).await.map_err(|_| ReplyError::new(ReplyErrorKind::TimedOut))??;
+        if stamped.message.status == Some(StatusCode::NO_RESPONDERS) {
             return Err(ReplyError::new(ReplyErrorKind::NoResponders));
         }
-        Ok(message)
+        Ok(stamped)
     }
 
     /// Registers a waiter for many replies, buffered up to `capacity`, and returns it with
@@ -191,6 +205,15 @@ impl Replies {
         let subject = Subject::from(format!("{}{token}", self.inner.prefix));
         (subject, Registered { shared: shared.clone(), token })
     }
+}
+
+/// A reply and the two moments the sidecar's own time is measured between.
+pub struct Stamped {
+    pub message: Message,
+    /// The request was handed to the client.
+    pub published: Instant,
+    /// The dispatcher read the reply off the subscription.
+    pub reply_read: Instant,
 }
 
 /// Owns a waiter's map entry: dropping it removes the entry, whatever ended the wait.
@@ -243,8 +266,9 @@ async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared
             _ = stop.cancelled() => None,
         };
         let Some(message) = message else { break };
+        let read = Instant::now();
         let token = message.subject.strip_prefix(prefix.as_str()).and_then(|t| t.parse::<u64>().ok());
-        if !token.is_some_and(|t| deliver(&shared, t, message)) {
+        if !token.is_some_and(|t| deliver(&shared, t, message, read)) {
             shared.late.inc();
         }
     }
@@ -254,12 +278,12 @@ async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared
 
 /// Hands `message` to the waiter of `token`; false when there is none (late, or the
 /// waiter gave up).
-fn deliver(shared: &Shared, token: u64, message: Message) -> bool {
+fn deliver(shared: &Shared, token: u64, message: Message, read: Instant) -> bool {
     use dashmap::mapref::entry::Entry;
     let Entry::Occupied(entry) = shared.waiters.entry(token) else { return false };
     match entry.get() {
         Waiter::One(_) => match entry.remove() {
-            Waiter::One(tx) => tx.send(message).is_ok(),
+            Waiter::One(tx) => tx.send((message, read)).is_ok(),
             Waiter::Many(..) => unreachable!("matched One above"),
         },
         Waiter::Many(tx, overflowed) => match tx.try_send(message) {
@@ -304,10 +328,10 @@ mod tests {
         let s = shared();
         let (tx, mut rx) = oneshot::channel();
         s.waiters.insert(7, Waiter::One(tx));
-        assert!(deliver(&s, 7, message("p.7")));
-        assert_eq!(rx.try_recv().unwrap().payload, "x");
+        assert!(deliver(&s, 7, message("p.7"), Instant::now()));
+        assert_eq!(rx.try_recv().unwrap().0.payload, "x");
         assert!(s.waiters.is_empty());
-        assert!(!deliver(&s, 7, message("p.7")), "a second reply on a used token is dropped");
+        assert!(!deliver(&s, 7, message("p.7"), Instant::now()), "a second reply on a used token is dropped");
     }
 
     #[test]
@@ -316,8 +340,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1);
         let flag = Arc::new(AtomicBool::new(false));
         s.waiters.insert(1, Waiter::Many(tx, flag.clone()));
-        assert!(deliver(&s, 1, message("p.1")));
-        assert!(!deliver(&s, 1, message("p.1")));
+        assert!(deliver(&s, 1, message("p.1"), Instant::now()));
+        assert!(!deliver(&s, 1, message("p.1"), Instant::now()));
         assert!(flag.load(Ordering::Acquire) && s.waiters.is_empty());
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());

@@ -212,16 +212,43 @@ pub async fn subscribe_synced(c: &async_nats::Client, subject: &str) -> async_na
 }
 
 pub fn nats_server_bin() -> String {
-    // scripts/test exports NATS_SERVER_BIN; a bare `cargo test` finds the pinned server
-    // that scripts/install-nats-server put in the project's virtualenv.
-    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/nats-server");
-        if std::path::Path::new(venv).exists() {
-            venv.into()
-        } else {
-            "nats-server".into()
-        }
-    })
+    static CHECKED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            // scripts/test exports NATS_SERVER_BIN; a bare `cargo test` finds the pinned server
+            // that scripts/install-nats-server put in the project's virtualenv.
+            let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
+                let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/nats-server");
+                if std::path::Path::new(venv).exists() {
+                    venv.into()
+                } else {
+                    "nats-server".into()
+                }
+            });
+            refuse_older_server(&bin);
+            bin
+        })
+        .clone()
+}
+
+/// An older server than the pin (Debian's 2.9, say) passes some tests and fails others for
+/// reasons that are not ours: refused, unless NATSBRIDGE_ALLOW_OLD_NATS_SERVER=1.
+fn refuse_older_server(bin: &str) {
+    let reqs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/requirements.txt")).unwrap_or_default();
+    let Some(pin) =
+        reqs.lines().find_map(|l| l.strip_prefix("nats-server-bin==")).map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+    else {
+        return;
+    };
+    let out = Command::new(bin).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let have = out.trim().rsplit('v').next().unwrap_or("").to_owned();
+    let parse = |v: &str| v.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    if parse(&have) < parse(&pin) && std::env::var("NATSBRIDGE_ALLOW_OLD_NATS_SERVER").as_deref() != Ok("1") {
+        panic!(
+            "{bin} is nats-server {have:?}, older than the pinned {pin} (scripts/requirements.txt): run \
+             scripts/install-nats-server, or set NATSBRIDGE_ALLOW_OLD_NATS_SERVER=1 to test against it anyway"
+        );
+    }
 }
 
 fn wait_port(port: u16, timeout: Duration, log: &Path) {

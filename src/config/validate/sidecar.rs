@@ -9,7 +9,7 @@ use crate::config::raw::{RawNats, RawSidecar, RawTls};
 use crate::config::values::{parse_http_url, parse_server_url, redact_userinfo};
 use crate::config::{
     Forward, HttpLimits, Nats, NatsAuth, NatsTls, ReadinessMode, Secret, Sidecar, Unmatched, DEFAULT_ADMIN_LISTEN, DEFAULT_APP_URL,
-    DEFAULT_LISTEN, DEFAULT_NATS_URL, DEFAULT_REPLY_PREFIX,
+    DEFAULT_LISTEN, DEFAULT_NATS_URL, DEFAULT_REPLY_PREFIX, DEFAULT_WORKER_THREADS,
 };
 use crate::subject;
 
@@ -45,6 +45,7 @@ pub(super) fn sidecar(raw: RawSidecar, start: TableStart, diags: &mut Diagnostic
         drain_timeout: duration(at, "drain_timeout", &raw.drain_timeout, Duration::from_secs(30), diags),
         provision: raw.provision,
         max_inflight_publishes: raw.max_inflight_publishes.unwrap_or(4096).max(1),
+        worker_threads: worker_threads(at, raw.worker_threads, diags),
         http,
         reply_prefixes,
         readiness,
@@ -65,6 +66,18 @@ fn is_semver(v: &str) -> bool {
     let idents = |s: &str| s.split('.').all(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     let parts: Vec<&str> = core.split('.').collect();
     parts.len() == 3 && parts.iter().all(|p| number(p)) && pre.is_none_or(idents) && build.is_none_or(idents)
+}
+
+/// `worker_threads`: 1 to 64 (one sidecar serves one pod; more threads cost wake-ups).
+fn worker_threads(at: Table<'_>, value: Option<usize>, diags: &mut Diagnostics<'_>) -> usize {
+    match value {
+        None => DEFAULT_WORKER_THREADS,
+        Some(n @ 1..=64) => n,
+        Some(n) => {
+            diags.error(at, Some("worker_threads"), format!("`worker_threads` {n} must be from 1 to 64"));
+            DEFAULT_WORKER_THREADS
+        }
+    }
 }
 
 /// A path of the app's (`/healthz`), with an optional query: appended to `app_url`.
@@ -307,6 +320,16 @@ mod tests {
         assert!(e[0].contains("t.toml:3") && e[0].contains("`unmatched`"), "{e:#?}");
         let e = errors(&format!("{MINIMAL}connect_allow = [\"example.com\"]\n"));
         assert!(e[0].contains("host:port"), "{e:#?}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_and_are_bounded() {
+        assert_eq!(parse(MINIMAL, "t").unwrap().sidecar.worker_threads, 1);
+        assert_eq!(parse(&format!("{MINIMAL}worker_threads = 4\n"), "t").unwrap().sidecar.worker_threads, 4);
+        for bad in [0, 65] {
+            let e = errors(&format!("{MINIMAL}worker_threads = {bad}\n"));
+            assert!(e[0].contains("t.toml:3") && e[0].contains("`worker_threads`"), "{e:#?}");
+        }
     }
 
     #[test]
