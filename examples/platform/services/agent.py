@@ -1,0 +1,70 @@
+"""agent: runs a workflow's agent.
+
+Plain HTTP. It gets its work as POST /internal/execute (a JetStream consumer in its
+sidecar), asks model for a key and a config (a Nest microservice; the sidecar speaks
+Nest's wire format), asks vector for context, streams its answer token by token, asks
+tool to run a tool, and says it is done. Every call goes to its sidecar (EGRESS_URL).
+"""
+import json, os, sys, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+EGRESS = os.environ["EGRESS_URL"]
+
+
+def call(path, body, key=None):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Idempotency-Key"] = key  # becomes Nats-Msg-Id: a retried publish is stored once
+    req = urllib.request.Request(EGRESS + path, json.dumps(body).encode(), headers, method="POST")
+    with urllib.request.urlopen(req, timeout=15) as r:
+        return json.loads(r.read() or b"null")
+
+
+def execute(job):
+    wf, prompt = job["workflow_id"], job["prompt"]
+    call(f"/agents/{wf}/started", {"workflow_id": wf, "model": "demo-1"}, f"{wf}-agent-started")
+    key = call("/model/key", {"workflow_id": wf, "model": "demo-1"})
+    config = call("/model/config", {"workflow_id": wf, "model": "demo-1"})
+    hits = call("/vector/search", {"workflow_id": wf, "query": prompt, "k": 2})
+    context = ", ".join(h["text"] for h in hits) or "nothing"
+    answer = (f"Using {config['name']} (key {key['key_id']}) and what I know ({context}), "
+              f"here is my answer to: {prompt}").split(" ")
+    for i, word in enumerate(answer):
+        token = word if i == 0 else " " + word
+        call(f"/tokens/{wf}", {"workflow_id": wf, "index": i, "token": token, "done": False}, f"{wf}-tok-{i}")
+    call(f"/tokens/{wf}", {"workflow_id": wf, "index": len(answer), "token": "", "done": True}, f"{wf}-tok-end")
+    tool = {"workflow_id": wf, "request_id": f"{wf}-tool", "tool": "wordcount", "input": job["tool_input"]}
+    call("/tools/run", tool, f"{wf}-tool")
+    if job.get("simulate_lost_ack"):
+        # The same request again under a new message id, as after a publish whose ack was
+        # lost: JetStream stores it, the tool's consumer delivers it a second time.
+        call("/tools/run", tool, f"{wf}-tool-retry")
+    call("/vector/upsert", {"id": wf, "text": prompt})
+    call(f"/agents/{wf}/completed", {"workflow_id": wf, "answer": "".join(
+        w if i == 0 else " " + w for i, w in enumerate(answer)), "tokens": len(answer)}, f"{wf}-agent-completed")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        job = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        try:
+            execute(job)
+            status = 200
+        except Exception as e:  # a failed step: 503 asks JetStream to redeliver later
+            print(f"agent: {job.get('workflow_id')}: {e}", file=sys.stderr)
+            status = 503
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+if __name__ == "__main__":
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with open(sys.argv[1], "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
