@@ -43,6 +43,7 @@ pub struct Metrics {
     pub egress_forwarded: IntCounterVec,
     pub egress_tunnels: IntCounterVec,
     pub egress_tunnels_open: IntGauge,
+    pub contract_violations: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
 }
@@ -169,6 +170,11 @@ impl Metrics {
                 &["kind", "host", "outcome"],
             ),
             egress_tunnels_open: gauge("natsbridge_egress_tunnels_open", "Byte tunnels (CONNECT, upgrades) open now."),
+            contract_violations: counter_vec(
+                "natsbridge_contract_violations_total",
+                "Messages refused at the border by their route's contract, by route, direction (egress: an app's body, never sent; ingress: a NATS message, never given to the app) and reason: schema (the body breaks the contract), schema-version (it names a version the route does not accept).",
+                &["route", "direction", "reason"],
+            ),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             registry: r,
             names: names.into_inner(),

@@ -213,8 +213,8 @@ pub struct Outbound {
     /// NestJS: the route's `pattern`, whose normalised text is the subject; `None`: the
     /// rendered subject is the pattern.
     pub pattern: Option<serde_json::Value>,
-    /// The contract every body must satisfy before it is sent (`schema`).
-    pub schema: Option<crate::contract::Contract>,
+    /// The contract versions a body must satisfy before it is sent (`schema`/`schemas`).
+    pub schema: Option<crate::contract::Contracts>,
 }
 
 /// `codec`: how a route writes an HTTP message on NATS and reads it back.
@@ -355,6 +355,9 @@ pub struct Inbound {
     /// `concurrency` slot; past it a message is refused (503 reply), not buffered.
     pub max_buffer: usize,
     pub codec: Codec,
+    /// The contract versions a message must satisfy before the app sees it
+    /// (`schema`/`schemas`; not on tunnels).
+    pub schema: Option<crate::contract::Contracts>,
 }
 
 /// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.

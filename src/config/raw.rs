@@ -98,6 +98,8 @@ pub(super) struct RawOutbound {
     pub(super) pattern: Option<toml::Value>,
     /// The JSON Schema the body must satisfy, `…/<name>/v<N>.json`.
     pub(super) schema: Option<String>,
+    /// Several versions of one contract; the message names one (`Bridge-Schema`).
+    pub(super) schemas: Option<Vec<String>>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.
@@ -136,6 +138,10 @@ pub(super) struct RawInbound {
     pub(super) codec: Option<String>,
     /// NestJS: a string or a table (`{ cmd = "sum" }`), the subject it subscribes to.
     pub(super) pattern: Option<toml::Value>,
+    /// The JSON Schema every message must satisfy before the app sees it.
+    pub(super) schema: Option<String>,
+    /// Several versions of one contract; the message names one (`Bridge-Schema`).
+    pub(super) schemas: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -84,15 +84,24 @@ impl Egress {
         if let OutboundTarget::Http { upstream } = &route.target {
             return self.proxy(route, upstream, req).await;
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
         self.check_control_line(&subject)?;
-        if let Some(contract) = &route.schema {
+        if let Some(contracts) = &route.schema {
             // An invalid body never leaves: the contract is checked before anything is sent.
-            let violations = contract.violations(&body);
-            if !violations.is_empty() {
-                return Err(BridgeError::Contract { schema: contract.id.clone(), violations });
+            let named = parts.headers.get(crate::contract::BRIDGE_SCHEMA).and_then(|v| v.to_str().ok());
+            match contracts.check(named, &body) {
+                // The version travels with it: exactly the one the body was checked against.
+                Ok(c) => drop(
+                    parts
+                        .headers
+                        .insert(crate::contract::BRIDGE_SCHEMA, HeaderValue::from_str(&c.id).expect("a contract id is a header value")),
+                ),
+                Err(r) => {
+                    self.metrics.contract_violations.with_label_values(&[&route.name, "egress", r.reason()]).inc();
+                    return Err(r.into());
+                }
             }
         }
         if route.codec == Codec::NestJs && matches!(route.target, OutboundTarget::Request(_)) {
@@ -264,12 +273,7 @@ impl Egress {
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
 /// stream).
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
-    let mut h = codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n));
-    if let Some(contract) = &route.schema {
-        // Ours, not the app's: the body was checked against exactly this version.
-        h.insert(crate::contract::BRIDGE_SCHEMA, contract.id.as_str());
-    }
-    h
+    codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its

@@ -7,6 +7,7 @@
 //!   (the server's is unlimited), and a watchdog rebinds vanished consumers.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
+//! - `border`: the route's contract (`schema`/`schemas`), checked before the app is called.
 //! - `gate`: the app's health (`app_health_path`); routes pause while it fails.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
 //!
@@ -14,6 +15,7 @@
 //! routing file is reloaded.
 
 pub mod app;
+mod border;
 mod gate;
 pub mod idempotency;
 pub mod jetstream;

@@ -219,23 +219,30 @@ async fn handle(
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
+    let nest = super::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
+    // The contract first: a refused message claims no idempotency key and never reaches
+    // the app; its requester gets 422 problem+json listing the violations.
+    let app_body = nest.as_ref().map_or(&msg.payload, |n| &n.body);
+    let checked = super::border::check(&route, &shared.metrics, super::border::named(msg.headers.as_ref()), app_body);
     // Idempotency: claim the key first; a replay, a conflict or an unusable store is
     // answered without calling the app.
     let idem = route.idem.as_deref();
     let key = idem.and_then(|g| g.key(msg.headers.as_ref(), &msg.payload));
-    let gate = match (idem, key.as_deref()) {
-        (Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
+    let gate = match (&checked, idem, key.as_deref()) {
+        (Err(_), _, _) => Ok(None),
+        (Ok(_), Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
         _ => Ok(None),
     };
-    let nest = super::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
-    let call = match gate {
-        Err(answer) => Ok(answer),
-        Ok(claimed) => {
+    let call = match (checked, gate) {
+        (Err(refusal), _) => Err(BridgeError::from(refusal)),
+        (Ok(_), Err(answer)) => Ok(answer),
+        (Ok(checked), Ok(claimed)) => {
             let call = match prepare(&route, &msg, tunnel) {
                 Ok((method, uri, mut headers)) => {
                     if let Some(k) = &key {
                         guard::set_key_header(&mut headers, k);
                     }
+                    super::border::tell_app(&mut headers, checked.as_deref());
                     let body = super::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
                     let call = shared.app.call(method, &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
                     tokio::select! {

@@ -64,6 +64,10 @@ pub(super) fn inbound(
     if mode_name == InboundModeName::JetStream {
         refuse_key(at, mode_name.as_str(), "max_buffer", raw.max_buffer.is_some(), diags);
     }
+    let tunnel = mode_name == InboundModeName::Tunnel;
+    refuse_key(at, mode_name.as_str(), "schema", tunnel && raw.schema.is_some(), diags);
+    refuse_key(at, mode_name.as_str(), "schemas", tunnel && raw.schemas.is_some(), diags);
+    let schema = super::contracts::route(&raw.schema, &raw.schemas, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -83,6 +87,7 @@ pub(super) fn inbound(
         extra_methods,
         max_buffer,
         codec,
+        schema,
     })
 }
 

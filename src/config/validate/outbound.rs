@@ -33,10 +33,10 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
     let (codec, pattern) = super::codec::outbound(&raw, at, diags);
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
-    let schema = raw.schema.as_deref().and_then(|s| {
-        refuse_key(at, &raw.mode, "schema", matches!(raw.mode.as_str(), "tunnel" | "http"), diags);
-        super::contracts::load(s, at, diags)
-    });
+    let raw_mode_refuses = matches!(raw.mode.as_str(), "tunnel" | "http");
+    refuse_key(at, &raw.mode, "schema", raw_mode_refuses && raw.schema.is_some(), diags);
+    refuse_key(at, &raw.mode, "schemas", raw_mode_refuses && raw.schemas.is_some(), diags);
+    let schema = super::contracts::route(&raw.schema, &raw.schemas, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }

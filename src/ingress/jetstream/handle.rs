@@ -13,7 +13,9 @@ use super::delivery::{Delivery, Progress};
 use super::settle::{confirm, dead_letter_then_term, settle};
 use super::{ConsumerRoute, CLAIM_STALE_MARGIN};
 use crate::codec;
+use crate::contract::Refusal;
 use crate::dlq::{self, Reason};
+use crate::ingress::border;
 use crate::ingress::idempotency::guard::{self, Begin, Claimed};
 use crate::ingress::policy;
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse, InFlight, Route, Shared};
@@ -38,6 +40,20 @@ pub(super) async fn handle(
     };
     let at = Delivery { stream: &stream, seq, delivered };
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
+    // The contract first: a message that breaks it never reaches the app, whatever the
+    // app's health, and retrying cannot fix it, so it is dead-lettered on this delivery.
+    let nest = crate::ingress::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
+    let app_body = nest.as_ref().map_or(&msg.payload, |n| &n.body);
+    let checked = match border::check(route, &shared.metrics, border::named(msg.headers.as_ref()), app_body) {
+        Ok(c) => c,
+        Err(refusal) => {
+            let reason = if matches!(refusal, Refusal::Version { .. }) { Reason::SchemaVersion } else { Reason::Schema };
+            let detail = refusal.detail();
+            let failure = dlq::Failure { reason, status: None, error: Some(detail.as_bytes()) };
+            dead_letter_then_term(&shared, &js, &msg, at, &failure, &mut progress).await;
+            return;
+        }
+    };
     // The app is down (`app_health_path`): hold the message under in-progress acks until it
     // is back, rather than spend one of its deliveries on an app that cannot take it.
     if !shared.gate.wait_open(&abort).await {
@@ -72,7 +88,7 @@ pub(super) async fn handle(
     }
 
     let started = Instant::now();
-    let result = call_app(&shared, route, &msg, at, key.as_deref(), &abort).await;
+    let result = call_app(&shared, route, &msg, at, (key.as_deref(), checked.as_deref()), nest.as_ref(), &abort).await;
     m.duration.observe(started.elapsed().as_secs_f64());
     let Some(result) = result else {
         // Shutting down past the drain deadline: let another replica have it now. The
@@ -175,7 +191,8 @@ async fn call_app(
     route: &Route,
     msg: &async_nats::jetstream::Message,
     at: Delivery<'_>,
-    key: Option<&str>,
+    (key, checked): (Option<&str>, Option<&str>),
+    nest: Option<&crate::codec::nestjs::Incoming>,
     abort: &CancellationToken,
 ) -> Option<Result<AppResponse, AppError>> {
     let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
@@ -188,12 +205,12 @@ async fn call_app(
     if let Some(k) = key {
         guard::set_key_header(&mut headers, k);
     }
+    border::tell_app(&mut headers, checked);
     let path = route.inbound.path.render(msg.subject.as_str());
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
     uri.push_str(&path);
-    let nest = crate::ingress::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
-    let body = crate::ingress::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
+    let body = crate::ingress::nest::app_body(nest, &msg.payload, &mut headers);
     let call = shared.app.call(route.inbound.method.clone(), &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
     tokio::select! {
         r = call => Some(r),
