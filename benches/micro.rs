@@ -46,6 +46,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             codec: Default::default(),
             pattern: None,
             schema: None,
+            cloudevents: None,
         });
     }
     out

@@ -122,7 +122,7 @@ impl Contracts {
         let bare = named.strip_suffix(".json").unwrap_or(named);
         self.versions
             .iter()
-            .find(|c| bare == c.id || bare.strip_suffix(c.id.as_str()).is_some_and(|p| p.ends_with('/')))
+            .find(|c| bare == c.id || bare.strip_suffix(c.id.as_str()).is_some_and(|p| p.ends_with('/') || p.ends_with(':')))
             .ok_or_else(|| Refusal::Version { named: named.to_owned(), accepted: self.ids() })
     }
 
@@ -136,6 +136,12 @@ impl Contracts {
             Err(Refusal::Schema { schema: c.id.clone(), violations })
         }
     }
+}
+
+/// `ce-dataschema` for a contract with the CloudEvents codec: a URN naming `<name>/v<N>`
+/// (the attribute must be an absolute URI), which [`Contracts::select`] reads back.
+pub fn dataschema(contract_id: &str) -> String {
+    format!("urn:natsbridge:contract:{contract_id}")
 }
 
 /// `contracts/agent.execution.requested/v1.json` → `agent.execution.requested/v1`.
@@ -244,6 +250,7 @@ mod tests {
         assert_eq!(set.select(Some("o/v1")).unwrap().id, "o/v1");
         assert_eq!(set.select(Some("https://example.com/contracts/o/v1.json")).unwrap().id, "o/v1");
         assert!(set.select(Some("xo/v1")).is_err(), "a longer name is another contract");
+        assert_eq!(set.select(Some(&dataschema("o/v1"))).unwrap().id, "o/v1");
         let r = set.select(Some("o/v3")).unwrap_err();
         assert_eq!((r.reason(), r.detail().contains("o/v1, o/v2")), ("schema-version", true));
         assert_eq!(set.check(Some("o/v1"), br#"{"a":1}"#).unwrap().id, "o/v1");

@@ -74,6 +74,11 @@ fn corpus_and_regressions_replay_nestjs() {
     replay("nestjs");
 }
 
+#[test]
+fn corpus_and_regressions_replay_cloudevents() {
+    replay("cloudevents");
+}
+
 // ---------------------------------------------------------------------------------------
 // Named regressions: one per bug the fuzzers found.
 
@@ -357,4 +362,10 @@ fn fuzz_framing() {
 #[test]
 fn fuzz_nestjs() {
     fuzz("nestjs");
+}
+
+#[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
+fn fuzz_cloudevents() {
+    fuzz("cloudevents");
 }

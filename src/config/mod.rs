@@ -215,6 +215,17 @@ pub struct Outbound {
     pub pattern: Option<serde_json::Value>,
     /// The contract versions a body must satisfy before it is sent (`schema`/`schemas`).
     pub schema: Option<crate::contract::Contracts>,
+    /// `codec = "cloudevents"`: what a plain HTTP request's event is made of.
+    pub cloudevents: Option<CloudEventsRoute>,
+}
+
+/// The attributes an egress route gives the event it makes of a plain HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEventsRoute {
+    /// `/<service>/<route>`.
+    pub source: String,
+    /// `ce_type`; `None`: the rendered subject.
+    pub kind: Option<String>,
 }
 
 /// `codec`: how a route writes an HTTP message on NATS and reads it back.
@@ -225,6 +236,8 @@ pub enum Codec {
     Raw,
     /// The `@nestjs/microservices` NATS transport's JSON packets ([`crate::codec::nestjs`]).
     NestJs,
+    /// CloudEvents 1.0 in binary mode ([`crate::codec::cloudevents`]).
+    CloudEvents,
 }
 
 impl Codec {
@@ -232,6 +245,7 @@ impl Codec {
         match self {
             Codec::Raw => "raw",
             Codec::NestJs => "nestjs",
+            Codec::CloudEvents => "cloudevents",
         }
     }
 }

@@ -100,6 +100,8 @@ pub(super) struct RawOutbound {
     pub(super) schema: Option<String>,
     /// Several versions of one contract; the message names one (`Bridge-Schema`).
     pub(super) schemas: Option<Vec<String>>,
+    /// CloudEvents: the `type` of events made from plain requests (default: the subject).
+    pub(super) ce_type: Option<String>,
 }
 
 /// `allow_nats_headers = true` or a list of header names.

@@ -81,11 +81,21 @@ pub enum Reason {
     Schema,
     /// The message names a contract version its route does not accept.
     SchemaVersion,
+    /// The route's codec cannot read the message (an invalid CloudEvent); the app never
+    /// saw it.
+    Malformed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] =
-        [Reason::Status, Reason::Poison, Reason::MaxDeliver, Reason::AppUnreachable, Reason::Schema, Reason::SchemaVersion];
+    pub const ALL: [Reason; 7] = [
+        Reason::Status,
+        Reason::Poison,
+        Reason::MaxDeliver,
+        Reason::AppUnreachable,
+        Reason::Schema,
+        Reason::SchemaVersion,
+        Reason::Malformed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -95,6 +105,7 @@ impl Reason {
             Reason::AppUnreachable => "app_unreachable",
             Reason::Schema => "schema",
             Reason::SchemaVersion => "schema-version",
+            Reason::Malformed => "malformed",
         }
     }
 

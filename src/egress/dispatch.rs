@@ -88,22 +88,7 @@ impl Egress {
         let body = read_body(route, &parts.headers, body).await?;
         let subject = subject.unwrap_or_default();
         self.check_control_line(&subject)?;
-        if let Some(contracts) = &route.schema {
-            // An invalid body never leaves: the contract is checked before anything is sent.
-            let named = parts.headers.get(crate::contract::BRIDGE_SCHEMA).and_then(|v| v.to_str().ok());
-            match contracts.check(named, &body) {
-                // The version travels with it: exactly the one the body was checked against.
-                Ok(c) => drop(
-                    parts
-                        .headers
-                        .insert(crate::contract::BRIDGE_SCHEMA, HeaderValue::from_str(&c.id).expect("a contract id is a header value")),
-                ),
-                Err(r) => {
-                    self.metrics.contract_violations.with_label_values(&[&route.name, "egress", r.reason()]).inc();
-                    return Err(r.into());
-                }
-            }
-        }
+        let body = self.border(route, &subject, &mut parts.headers, body)?;
         if route.codec == Codec::NestJs && matches!(route.target, OutboundTarget::Request(_)) {
             return self.nest_request(route, subject, nats_headers(route, &parts.headers), body).await;
         }
@@ -118,6 +103,39 @@ impl Egress {
             OutboundTarget::JetStream(_) => self.jetstream(route, subject, &parts.headers, body).await,
             OutboundTarget::Http { .. } => unreachable!("streamed above"),
         }
+    }
+
+    /// What a body must pass before it leaves, and what it becomes: with the CloudEvents
+    /// codec, the event (its data is the payload, its attributes `ce-*` headers); with a
+    /// contract, the version it satisfies (`Bridge-Schema`, and `ce-dataschema` when the
+    /// event names none). An invalid body never leaves.
+    fn border(&self, route: &Outbound, subject: &str, headers: &mut http::HeaderMap, body: Bytes) -> Result<Bytes, BridgeError> {
+        let mut event = match route.codec {
+            Codec::CloudEvents => Some(super::cloudevents::event(route, subject, headers, body.clone())?),
+            _ => None,
+        };
+        let body = event.as_ref().map_or(body, |e| e.data.clone());
+        if let Some(contracts) = &route.schema {
+            let named = event.as_ref().and_then(|e| e.get("dataschema"));
+            let named = named.or_else(|| headers.get(crate::contract::BRIDGE_SCHEMA).and_then(|v| v.to_str().ok()));
+            match contracts.check(named, &body) {
+                Ok(c) => {
+                    // The version travels with it: exactly the one the body was checked against.
+                    headers.insert(crate::contract::BRIDGE_SCHEMA, HeaderValue::from_str(&c.id).expect("a contract id is a header value"));
+                    if let Some(e) = event.as_mut().filter(|e| e.get("dataschema").is_none()) {
+                        e.set("dataschema", &crate::contract::dataschema(&c.id));
+                    }
+                }
+                Err(r) => {
+                    self.metrics.contract_violations.with_label_values(&[&route.name, "egress", r.reason()]).inc();
+                    return Err(r.into());
+                }
+            }
+        }
+        if let Some(e) = &event {
+            super::cloudevents::write(e, headers);
+        }
+        Ok(body)
     }
 
     /// Refuses a subject whose control line could exceed the server's `max_control_line`:

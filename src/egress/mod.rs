@@ -7,12 +7,14 @@
 //!   wire (pipelined ones included) and judges each head's framing; pure.
 //! - [`routes`]: the route table, and the table in force with its per-route metrics.
 //! - [`dispatch`]: one request, from route lookup to response, one function per mode.
+//! - `cloudevents` and `nest`: what `codec = "cloudevents"` / `"nestjs"` make of a request.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
 //!
 //! Calls `codec` (HTTP ↔ NATS), `nats` (connection state, the acked JetStream publish),
 //! `problem` (every failure's status), `config` and `metrics`; nothing calls back in.
 
+mod cloudevents;
 mod connect;
 mod dispatch;
 mod forward;

@@ -219,11 +219,18 @@ async fn handle(
     let _in_flight = InFlight::new(&m.in_flight);
     let started = Instant::now();
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
-    let nest = super::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
-    // The contract first: a refused message claims no idempotency key and never reaches
-    // the app; its requester gets 422 problem+json listing the violations.
-    let app_body = nest.as_ref().map_or(&msg.payload, |n| &n.body);
-    let checked = super::border::check(&route, &shared.metrics, super::border::named(msg.headers.as_ref()), app_body);
+    // The codec, then the contract: a refused message claims no idempotency key and never
+    // reaches the app; its requester gets 400 (not the codec's message) or 422 problem+json
+    // listing the violations.
+    let decoded = super::border::Decoded::decode(&route.inbound, msg.headers.as_ref(), &msg.payload, &msg.subject, None);
+    let checked = match &decoded {
+        Err(e) => Err(BridgeError::BadRequest(e.to_string())),
+        Ok(d) => {
+            super::border::check(&route, &shared.metrics, d.named(msg.headers.as_ref()), d.body(&msg.payload)).map_err(BridgeError::from)
+        }
+    };
+    let decoded = decoded.unwrap_or_default();
+    let nest = decoded.nest.as_ref();
     // Idempotency: claim the key first; a replay, a conflict or an unusable store is
     // answered without calling the app.
     let idem = route.idem.as_deref();
@@ -234,7 +241,7 @@ async fn handle(
         _ => Ok(None),
     };
     let call = match (checked, gate) {
-        (Err(refusal), _) => Err(BridgeError::from(refusal)),
+        (Err(refusal), _) => Err(refusal),
         (Ok(_), Err(answer)) => Ok(answer),
         (Ok(checked), Ok(claimed)) => {
             let call = match prepare(&route, &msg, tunnel) {
@@ -243,7 +250,7 @@ async fn handle(
                         guard::set_key_header(&mut headers, k);
                     }
                     super::border::tell_app(&mut headers, checked.as_deref());
-                    let body = super::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
+                    let body = decoded.app_request(&msg.payload, &mut headers);
                     let call = shared.app.call(method, &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
                     tokio::select! {
                         r = call => Ok(r),
@@ -278,13 +285,13 @@ async fn handle(
         Ok(r) => (r.status, r.headers, r.body),
         Err(e) => problem(&e, &route.inbound.name, rid.as_deref()),
     };
-    let (reply_headers, body) = super::nest::reply(nest.as_ref(), status, &headers, body);
+    let (reply_headers, body) = super::nest::reply(nest, status, &headers, body);
     match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
         Ok(()) => m.reply.inc(),
         Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
             let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
             let (status, headers, body) = problem(&e, &route.inbound.name, rid.as_deref());
-            let (headers, body) = super::nest::reply(nest.as_ref(), status, &headers, body);
+            let (headers, body) = super::nest::reply(nest, status, &headers, body);
             let _ = shared.nats.publish_with_headers(reply, headers, body).await;
             m.reply.inc();
         }

@@ -8,7 +8,13 @@ use crate::config::{AllowNatsHeaders, Defaults, Outbound, OutboundTarget, TUNNEL
 use crate::subject::{self, SubjectTemplate};
 
 /// One validated route, or `None` when it had errors (all of them reported).
-pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults, diags: &mut Diagnostics<'_>) -> Option<Outbound> {
+pub(super) fn outbound(
+    raw: RawOutbound,
+    start: TableStart,
+    defaults: &Defaults,
+    service: &str,
+    diags: &mut Diagnostics<'_>,
+) -> Option<Outbound> {
     let name = raw.name.clone();
     let at = start.named(Some(&name));
     let errors_before = diags.error_count();
@@ -31,6 +37,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         diags.error(at, Some("timeout"), "`timeout` must be more than zero");
     }
     let (codec, pattern) = super::codec::outbound(&raw, at, diags);
+    let cloudevents = super::codec::cloudevents(&raw, codec, service, at, diags);
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
     let raw_mode_refuses = matches!(raw.mode.as_str(), "tunnel" | "http");
@@ -53,6 +60,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         codec,
         pattern,
         schema,
+        cloudevents,
     })
 }
 

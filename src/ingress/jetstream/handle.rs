@@ -42,17 +42,22 @@ pub(super) async fn handle(
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
     // The contract first: a message that breaks it never reaches the app, whatever the
     // app's health, and retrying cannot fix it, so it is dead-lettered on this delivery.
-    let nest = crate::ingress::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
-    let app_body = nest.as_ref().map_or(&msg.payload, |n| &n.body);
-    let checked = match border::check(route, &shared.metrics, border::named(msg.headers.as_ref()), app_body) {
-        Ok(c) => c,
-        Err(refusal) => {
-            let reason = if matches!(refusal, Refusal::Version { .. }) { Reason::SchemaVersion } else { Reason::Schema };
-            let detail = refusal.detail();
+    let fallback_id = format!("{stream}.{seq}");
+    let decoded = border::Decoded::decode(&route.inbound, msg.headers.as_ref(), &msg.payload, &msg.subject, Some(fallback_id));
+    let checked = decoded.as_ref().map_err(|e| (Reason::Malformed, e.to_string())).and_then(|d| {
+        border::check(route, &shared.metrics, d.named(msg.headers.as_ref()), d.body(&msg.payload)).map_err(|r| {
+            let reason = if matches!(r, Refusal::Version { .. }) { Reason::SchemaVersion } else { Reason::Schema };
+            (reason, r.detail())
+        })
+    });
+    let (decoded, checked) = match (decoded, checked) {
+        (Ok(d), Ok(c)) => (d, c),
+        (_, Err((reason, detail))) => {
             let failure = dlq::Failure { reason, status: None, error: Some(detail.as_bytes()) };
             dead_letter_then_term(&shared, &js, &msg, at, &failure, &mut progress).await;
             return;
         }
+        (Err(_), Ok(_)) => unreachable!("a decoding error is never checked"),
     };
     // The app is down (`app_health_path`): hold the message under in-progress acks until it
     // is back, rather than spend one of its deliveries on an app that cannot take it.
@@ -88,7 +93,7 @@ pub(super) async fn handle(
     }
 
     let started = Instant::now();
-    let result = call_app(&shared, route, &msg, at, (key.as_deref(), checked.as_deref()), nest.as_ref(), &abort).await;
+    let result = call_app(&shared, route, &msg, at, (key.as_deref(), checked.as_deref()), &decoded, &abort).await;
     m.duration.observe(started.elapsed().as_secs_f64());
     let Some(result) = result else {
         // Shutting down past the drain deadline: let another replica have it now. The
@@ -192,7 +197,7 @@ async fn call_app(
     msg: &async_nats::jetstream::Message,
     at: Delivery<'_>,
     (key, checked): (Option<&str>, Option<&str>),
-    nest: Option<&crate::codec::nestjs::Incoming>,
+    decoded: &border::Decoded,
     abort: &CancellationToken,
 ) -> Option<Result<AppResponse, AppError>> {
     let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
@@ -210,7 +215,7 @@ async fn call_app(
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
     uri.push_str(&path);
-    let body = crate::ingress::nest::app_body(nest, &msg.payload, &mut headers);
+    let body = decoded.app_request(&msg.payload, &mut headers);
     let call = shared.app.call(route.inbound.method.clone(), &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
     tokio::select! {
         r = call => Some(r),
