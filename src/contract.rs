@@ -262,6 +262,19 @@ mod tests {
     }
 
     #[test]
+    fn an_edited_schema_is_another_contract_for_reload() {
+        // A route's reload fingerprint is its Debug text: an edit must change it, or the
+        // running route would keep checking the old schema.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c/o/v1.json", r#"{"required":["a"]}"#);
+        let before = format!("{:?}", Contract::load(dir.path(), "c/o/v1.json").unwrap());
+        write(dir.path(), "c/o/v1.json", r#"{"required":["b"]}"#);
+        let after = format!("{:?}", Contract::load(dir.path(), "c/o/v1.json").unwrap());
+        assert_ne!(before, after);
+        assert_eq!(after, format!("{:?}", Contract::load(dir.path(), "c/o/v1.json").unwrap()));
+    }
+
+    #[test]
     fn broken_schemas_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "c/bad/v1.json", r#"{"type": 12}"#);

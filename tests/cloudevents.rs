@@ -64,7 +64,8 @@ async fn events_written_by_the_sdk_cross_the_bridge_and_are_read_by_the_sdk() {
         "[[outbound]]\nname = \"order-events\"\npath = \"/events/{{kind}}\"\nmode = \"jetstream\"\nsubject = \"events.{{kind}}\"\n\
          codec = \"cloudevents\"\nce_type = \"com.example.order.created\"\nschema = {:?}\n\n\
          [[inbound]]\nname = \"on-event\"\nsubject = \"events.>\"\nmode = \"jetstream\"\nstream = \"EVENTS\"\ndurable = \"on-event\"\n\
-         path = \"/ce\"\ncodec = \"cloudevents\"\ndeliver = \"all\"\ndead_letter = \"dlq.on-event\"\n",
+         path = \"/ce\"\ncodec = \"cloudevents\"\ndeliver = \"all\"\ndead_letter = \"dlq.on-event\"\nschemas = [{:?}]\n",
+        schema.display().to_string(),
         schema.display().to_string()
     );
     let sidecar = Sidecar::start(&routes_toml("shop", "3s", &routes), &nats.url(), Some(&format!("http://127.0.0.1:{port}"))).await;
@@ -156,6 +157,19 @@ async fn events_written_by_the_sdk_cross_the_bridge_and_are_read_by_the_sdk() {
     let e = &got["event"];
     assert_eq!((&e["id"], &e["source"], &e["type"]), (&json!("raw-1"), &json!("nats:events.raw"), &json!("events.raw")), "{got}");
     assert_eq!(e["data"], json!({"order_id": "o-6"}));
+
+    // 6. Ingress: `ce-dataschema` names the version; one the route does not accept is
+    //    dead-lettered (schema-version) and never reaches the app.
+    let ce = |id: &'static str, schema: &'static str| {
+        vec![("ce-id", id), ("ce-source", "/x"), ("ce-type", "t"), ("ce-specversion", "1.0"), ("ce-dataschema", schema)]
+    };
+    js_publish(&js, "events.v", &ce("v9", "urn:natsbridge:contract:order.created/v9"), r#"{"order_id":"o-7"}"#).await;
+    js_publish(&js, "events.v", &ce("v1", "https://schemas.example.com/order.created/v1.json"), r#"{"order_id":"o-8"}"#).await;
+    let got = next_line(&mut lines).await;
+    assert_eq!(got["event"]["id"], "v1", "the v9 event reached the app: {got}");
+    let dl = js.get_stream("DLQ").await.unwrap().get_raw_message(1).await.unwrap();
+    assert_eq!(dl.headers.get("Bridge-Dlq-Reason").map(|v| v.as_str()), Some("schema-version"));
+    assert_eq!(dl.headers.get("ce-id").map(|v| v.as_str()), Some("v9"));
     sidecar.stop().await;
 }
 
@@ -183,5 +197,29 @@ async fn an_unreadable_structured_event_is_dead_lettered_as_malformed() {
     assert_eq!(dl.headers.get("Bridge-Dlq-Reason").map(|v| v.as_str()), Some("malformed"));
     assert!(dl.headers.get("Bridge-Dlq-Error").is_some_and(|v| v.as_str().contains("source")), "{:?}", dl.headers);
     assert!(app.hits().is_empty());
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_route_gives_the_app_an_event_and_refuses_an_invalid_one() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "done")).await;
+    let routes = "[[inbound]]\nname = \"ask\"\nsubject = \"ask\"\nmode = \"request\"\npath = \"/ask\"\ncodec = \"cloudevents\"\n";
+    let sidecar = Sidecar::start(&routes_toml("shop", "3s", routes), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let within = Duration::from_secs(10);
+    let bad = r#"{"specversion":"1.0","id":"1","type":"t"}"#;
+    let r = nats_request_within(&client, "ask", &[("Content-Type", "application/cloudevents+json")], bad, within).await.unwrap();
+    assert_eq!(reply_header(&r, "Bridge-Status"), Some("400"));
+    assert!(app.hits().is_empty());
+    let good = r#"{"specversion":"1.0","id":"e-1","source":"/q","type":"ask.it","subject":"Jürgen x","data":{"q":1}}"#;
+    let r = nats_request_within(&client, "ask", &[("Content-Type", "application/cloudevents+json")], good, within).await.unwrap();
+    assert_eq!((reply_header(&r, "Bridge-Status"), &r.payload[..]), (Some("200"), &b"done"[..]));
+    let hit = &app.hits()[0];
+    assert_eq!((hit.header("ce-id"), hit.header("ce-source"), hit.header("ce-type")), (Some("e-1"), Some("/q"), Some("ask.it")));
+    assert_eq!(hit.header("ce-subject"), Some("J%C3%BCrgen%20x"), "percent-encoded on HTTP");
+    assert_eq!(hit.header("content-type"), Some("application/json"));
+    assert_eq!(&hit.seen.body[..], br#"{"q":1}"#);
     sidecar.stop().await;
 }
