@@ -29,6 +29,64 @@ pub(crate) fn check(route: &Route, metrics: &Metrics, named: Option<&str>, body:
     }
 }
 
+/// Why the border turned a message away before the app.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// The codec cannot read it (an invalid CloudEvent).
+    Malformed(CeError),
+    /// It breaks the route's contract.
+    Contract(Refusal),
+}
+
+impl Refused {
+    /// The dead-letter reason a jetstream route records.
+    pub fn reason(&self) -> crate::dlq::Reason {
+        use crate::dlq::Reason;
+        match self {
+            Refused::Malformed(_) => Reason::Malformed,
+            Refused::Contract(Refusal::Version { .. }) => Reason::SchemaVersion,
+            Refused::Contract(Refusal::Schema { .. }) => Reason::Schema,
+        }
+    }
+
+    /// One line for `Bridge-Dlq-Error`.
+    pub fn detail(&self) -> String {
+        match self {
+            Refused::Malformed(e) => e.to_string(),
+            Refused::Contract(r) => r.detail(),
+        }
+    }
+}
+
+/// What a request route answers: 400 for what the codec cannot read, 422 for a contract.
+impl From<Refused> for crate::problem::BridgeError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Malformed(e) => crate::problem::BridgeError::BadRequest(e.to_string()),
+            Refused::Contract(r) => r.into(),
+        }
+    }
+}
+
+/// The border in one step: the message decoded by the route's codec (kept when refused: a
+/// refused Nest request is still answered as Nest expects), and the contract version it
+/// satisfies (`None`: the route has no contract) or why it is refused.
+pub(crate) fn admit(
+    route: &Route,
+    metrics: &Metrics,
+    msg_headers: Option<&async_nats::HeaderMap>,
+    payload: &Bytes,
+    subject: &str,
+    fallback_id: Option<String>,
+) -> (Decoded, Result<Option<String>, Refused>) {
+    let decoded = match Decoded::decode(&route.inbound, msg_headers, payload, subject, fallback_id) {
+        Ok(d) => d,
+        Err(e) => return (Decoded::default(), Err(Refused::Malformed(e))),
+    };
+    let verdict = check(route, metrics, decoded.named(msg_headers), decoded.body(payload)).map_err(Refused::Contract);
+    (decoded, verdict)
+}
+
 /// The version a NATS message names: its `Bridge-Schema` header.
 pub(crate) fn named(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
     headers.and_then(|h| h.get(BRIDGE_SCHEMA)).map(|v| v.as_str())

@@ -222,15 +222,8 @@ async fn handle(
     // The codec, then the contract: a refused message claims no idempotency key and never
     // reaches the app; its requester gets 400 (not the codec's message) or 422 problem+json
     // listing the violations.
-    let decoded = super::border::Decoded::decode(&route.inbound, msg.headers.as_ref(), &msg.payload, &msg.subject, None);
-    let checked = match &decoded {
-        Err(e) => Err(BridgeError::BadRequest(e.to_string())),
-        Ok(d) => {
-            super::border::check(&route, &shared.metrics, d.named(msg.headers.as_ref()), d.body(&msg.payload)).map_err(BridgeError::from)
-        }
-    };
-    let decoded = decoded.unwrap_or_default();
-    let nest = decoded.nest.as_ref();
+    let (decoded, checked) = super::border::admit(&route, &shared.metrics, msg.headers.as_ref(), &msg.payload, &msg.subject, None);
+    let checked = checked.map_err(BridgeError::from);
     // Idempotency: claim the key first; a replay, a conflict or an unusable store is
     // answered without calling the app.
     let idem = route.idem.as_deref();
@@ -281,16 +274,30 @@ async fn handle(
         }
         return;
     };
-    let (status, headers, body) = match call {
+    let answer = match call {
         Ok(r) => (r.status, r.headers, r.body),
         Err(e) => problem(&e, &route.inbound.name, rid.as_deref()),
     };
+    send_reply(&shared, &route, reply, decoded.nest.as_ref(), answer, rid.as_deref()).await;
+}
+
+/// Sends the answer in the route's codec; one too large for the server is replaced by a
+/// payload-too-large problem.
+async fn send_reply(
+    shared: &Shared,
+    route: &Route,
+    reply: async_nats::Subject,
+    nest: Option<&crate::codec::nestjs::Incoming>,
+    (status, headers, body): (StatusCode, HeaderMap, Bytes),
+    rid: Option<&str>,
+) {
+    let m = &route.metrics;
     let (reply_headers, body) = super::nest::reply(nest, status, &headers, body);
     match shared.nats.publish_with_headers(reply.clone(), reply_headers, body).await {
         Ok(()) => m.reply.inc(),
         Err(e) if matches!(e.kind(), async_nats::client::PublishErrorKind::MaxPayloadExceeded) => {
             let e = BridgeError::PayloadTooLarge { max_payload: shared.nats.server_info().max_payload };
-            let (status, headers, body) = problem(&e, &route.inbound.name, rid.as_deref());
+            let (status, headers, body) = problem(&e, &route.inbound.name, rid);
             let (headers, body) = super::nest::reply(nest, status, &headers, body);
             let _ = shared.nats.publish_with_headers(reply, headers, body).await;
             m.reply.inc();

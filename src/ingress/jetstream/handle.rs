@@ -13,7 +13,6 @@ use super::delivery::{Delivery, Progress};
 use super::settle::{confirm, dead_letter_then_term, settle};
 use super::{ConsumerRoute, CLAIM_STALE_MARGIN};
 use crate::codec;
-use crate::contract::Refusal;
 use crate::dlq::{self, Reason};
 use crate::ingress::border;
 use crate::ingress::idempotency::guard::{self, Begin, Claimed};
@@ -42,22 +41,16 @@ pub(super) async fn handle(
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
     // The contract first: a message that breaks it never reaches the app, whatever the
     // app's health, and retrying cannot fix it, so it is dead-lettered on this delivery.
-    let fallback_id = format!("{stream}.{seq}");
-    let decoded = border::Decoded::decode(&route.inbound, msg.headers.as_ref(), &msg.payload, &msg.subject, Some(fallback_id));
-    let checked = decoded.as_ref().map_err(|e| (Reason::Malformed, e.to_string())).and_then(|d| {
-        border::check(route, &shared.metrics, d.named(msg.headers.as_ref()), d.body(&msg.payload)).map_err(|r| {
-            let reason = if matches!(r, Refusal::Version { .. }) { Reason::SchemaVersion } else { Reason::Schema };
-            (reason, r.detail())
-        })
-    });
-    let (decoded, checked) = match (decoded, checked) {
-        (Ok(d), Ok(c)) => (d, c),
-        (_, Err((reason, detail))) => {
-            let failure = dlq::Failure { reason, status: None, error: Some(detail.as_bytes()) };
+    let fallback_id = Some(format!("{stream}.{seq}"));
+    let (decoded, verdict) = border::admit(route, &shared.metrics, msg.headers.as_ref(), &msg.payload, &msg.subject, fallback_id);
+    let checked = match verdict {
+        Ok(checked) => checked,
+        Err(refused) => {
+            let detail = refused.detail();
+            let failure = dlq::Failure { reason: refused.reason(), status: None, error: Some(detail.as_bytes()) };
             dead_letter_then_term(&shared, &js, &msg, at, &failure, &mut progress).await;
             return;
         }
-        (Err(_), Ok(_)) => unreachable!("a decoding error is never checked"),
     };
     // The app is down (`app_health_path`): hold the message under in-progress acks until it
     // is back, rather than spend one of its deliveries on an app that cannot take it.
