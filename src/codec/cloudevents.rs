@@ -82,7 +82,9 @@ impl Event {
     /// An HTTP message as an event: structured (by its content type) or binary (it has
     /// `ce-` headers); `None` when it is neither (a plain request).
     pub fn from_http(headers: &HeaderMap, body: Bytes) -> Result<Option<Event>, CeError> {
-        let content_type = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        // UTF-8, not `to_str` (visible ASCII only): a content type is one header both ways,
+        // and one with `é` must not vanish on the way back (found by fuzzing).
+        let content_type = headers.get(http::header::CONTENT_TYPE).and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
         if content_type.is_some_and(is_structured) {
             return structured(&body).map(Some);
         }

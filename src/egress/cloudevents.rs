@@ -25,7 +25,7 @@ pub(super) fn event(route: &Outbound, subject: &str, headers: &HeaderMap, body: 
             };
             let mut e = Event::new(&id, &ce.source, ce.kind.as_deref().unwrap_or(subject), body);
             e.set("time", &humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
-            if let Some(ct) = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+            if let Some(ct) = headers.get(http::header::CONTENT_TYPE).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()) {
                 e.set("datacontenttype", ct);
             }
             e
