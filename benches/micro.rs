@@ -51,6 +51,7 @@ fn routes(n: usize) -> Vec<Outbound> {
             ttl: None,
             always_async: false,
             async_ttl: Duration::from_secs(3600),
+            cloudevents: None,
         });
     }
     out

@@ -17,13 +17,20 @@ pub const BRIDGE_SCHEMA: &str = "Bridge-Schema";
 pub struct Contract {
     /// `<name>/v<N>`, as `Bridge-Schema` carries it.
     pub id: String,
+    /// The contract's name, `agent.execution.requested`.
+    pub name: String,
+    /// `N` of `v<N>`.
+    pub version: u64,
     pub path: PathBuf,
+    /// A digest of the schema's text: an edited schema is another contract (a reload
+    /// restarts the routes that use it).
+    digest: u64,
     validator: Arc<jsonschema::Validator>,
 }
 
 impl std::fmt::Debug for Contract {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Contract").field("id", &self.id).field("path", &self.path).finish()
+        f.debug_struct("Contract").field("id", &self.id).field("path", &self.path).field("digest", &self.digest).finish()
     }
 }
 
@@ -50,6 +57,93 @@ pub struct Violation {
     pub message: String,
 }
 
+/// The contract versions a route accepts (`schema`, or several via `schemas = [...]`, one
+/// contract name), and how a message picks one: the version it names in `Bridge-Schema`
+/// (or `ce-dataschema`), else the newest. A named version the route does not accept is
+/// refused as `schema-version`, whatever the body.
+#[derive(Clone, Debug)]
+pub struct Contracts {
+    /// Oldest first.
+    versions: Vec<Contract>,
+}
+
+/// Why a message was refused at the border.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The body breaks the selected contract.
+    Schema { schema: String, violations: Vec<Violation> },
+    /// The message names a contract version the route does not accept.
+    Version { named: String, accepted: Vec<String> },
+}
+
+impl Refusal {
+    /// The dead-letter reason and metric label: `schema` or `schema-version`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Schema { .. } => "schema",
+            Refusal::Version { .. } => "schema-version",
+        }
+    }
+
+    /// One line saying why, for `Bridge-Dlq-Error` and logs.
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::Schema { schema, violations } => format!("{schema}: {}", summary(violations)),
+            Refusal::Version { named, accepted } => format!("contract {named:?} is not accepted here (accepted: {})", accepted.join(", ")),
+        }
+    }
+}
+
+impl Contracts {
+    /// Several versions of one contract; `Err` names what is wrong with the set.
+    pub fn new(mut versions: Vec<Contract>) -> Result<Contracts, String> {
+        versions.sort_by_key(|c| c.version);
+        let Some(first) = versions.first() else { return Err("no schema given".into()) };
+        if let Some(other) = versions.iter().find(|c| c.name != first.name) {
+            return Err(format!("`schemas` must be versions of one contract, not both {} and {}", first.id, other.id));
+        }
+        if let Some(w) = versions.windows(2).find(|w| w[0].version == w[1].version) {
+            return Err(format!("`schemas` names version {} twice", w[0].id));
+        }
+        Ok(Contracts { versions })
+    }
+
+    /// `<name>/v<N>` of every accepted version, oldest first.
+    pub fn ids(&self) -> Vec<String> {
+        self.versions.iter().map(|c| c.id.clone()).collect()
+    }
+
+    /// The version a message names (a `Bridge-Schema` value, or a `ce-dataschema` URI
+    /// ending in `<name>/v<N>` or `<name>/v<N>.json`), else the newest.
+    pub fn select(&self, named: Option<&str>) -> Result<&Contract, Refusal> {
+        let Some(named) = named.map(str::trim).filter(|n| !n.is_empty()) else {
+            return Ok(self.versions.last().expect("never empty"));
+        };
+        let bare = named.strip_suffix(".json").unwrap_or(named);
+        self.versions
+            .iter()
+            .find(|c| bare == c.id || bare.strip_suffix(c.id.as_str()).is_some_and(|p| p.ends_with('/') || p.ends_with(':')))
+            .ok_or_else(|| Refusal::Version { named: named.to_owned(), accepted: self.ids() })
+    }
+
+    /// The selected version, when the body satisfies it.
+    pub fn check(&self, named: Option<&str>, body: &[u8]) -> Result<&Contract, Refusal> {
+        let c = self.select(named)?;
+        let violations = c.violations(body);
+        if violations.is_empty() {
+            Ok(c)
+        } else {
+            Err(Refusal::Schema { schema: c.id.clone(), violations })
+        }
+    }
+}
+
+/// `ce-dataschema` for a contract with the CloudEvents codec: a URN naming `<name>/v<N>`
+/// (the attribute must be an absolute URI), which [`Contracts::select`] reads back.
+pub fn dataschema(contract_id: &str) -> String {
+    format!("urn:natsbridge:contract:{contract_id}")
+}
+
 /// `contracts/agent.execution.requested/v1.json` → `agent.execution.requested/v1`.
 pub fn contract_id(path: &Path) -> Option<String> {
     let version = path.file_name()?.to_str()?.strip_suffix(".json")?;
@@ -74,7 +168,15 @@ impl Contract {
             .should_validate_formats(true)
             .build(&schema)
             .map_err(|e| ContractError::Schema { path: shown(), message: e.to_string() })?;
-        Ok(Contract { id, path: full, validator: Arc::new(validator) })
+        let (name, version) = id.rsplit_once("/v").expect("contract_id's shape");
+        let (name, version) = (name.to_owned(), version.parse().map_err(|_| ContractError::Name { path: shown() })?);
+        let digest = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut h);
+            h.finish()
+        };
+        Ok(Contract { id, name, version, path: full, digest, validator: Arc::new(validator) })
     }
 
     /// Every violation of the contract by a message body; none when it conforms.
@@ -133,6 +235,43 @@ mod tests {
         assert_eq!(got, [("", "required"), ("/n", "minimum"), ("/tags/1", "type")]);
         assert!(v[0].message.contains("\"id\""), "{}", v[0].message);
         assert_eq!(c.violations(b"nope")[0].keyword, "json");
+    }
+
+    #[test]
+    fn versions_are_selected_by_name_else_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c/o/v1.json", r#"{"required":["a"]}"#);
+        write(dir.path(), "c/o/v2.json", r#"{"required":["b"]}"#);
+        write(dir.path(), "c/p/v3.json", "{}");
+        let load = |p: &str| Contract::load(dir.path(), p).unwrap();
+        let set = Contracts::new(vec![load("c/o/v2.json"), load("c/o/v1.json")]).unwrap();
+        assert_eq!(set.ids(), ["o/v1", "o/v2"]);
+        assert_eq!(set.select(None).unwrap().id, "o/v2");
+        assert_eq!(set.select(Some("o/v1")).unwrap().id, "o/v1");
+        assert_eq!(set.select(Some("https://example.com/contracts/o/v1.json")).unwrap().id, "o/v1");
+        assert!(set.select(Some("xo/v1")).is_err(), "a longer name is another contract");
+        assert_eq!(set.select(Some(&dataschema("o/v1"))).unwrap().id, "o/v1");
+        let r = set.select(Some("o/v3")).unwrap_err();
+        assert_eq!((r.reason(), r.detail().contains("o/v1, o/v2")), ("schema-version", true));
+        assert_eq!(set.check(Some("o/v1"), br#"{"a":1}"#).unwrap().id, "o/v1");
+        let r = set.check(None, br#"{"a":1}"#).unwrap_err();
+        assert_eq!(r.reason(), "schema");
+        assert!(r.detail().starts_with("o/v2: / required:"), "{}", r.detail());
+        assert!(Contracts::new(vec![load("c/o/v1.json"), load("c/p/v3.json")]).is_err());
+        assert!(Contracts::new(vec![load("c/o/v1.json"), load("c/o/v1.json")]).is_err());
+    }
+
+    #[test]
+    fn an_edited_schema_is_another_contract_for_reload() {
+        // A route's reload fingerprint is its Debug text: an edit must change it, or the
+        // running route would keep checking the old schema.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c/o/v1.json", r#"{"required":["a"]}"#);
+        let before = format!("{:?}", Contract::load(dir.path(), "c/o/v1.json").unwrap());
+        write(dir.path(), "c/o/v1.json", r#"{"required":["b"]}"#);
+        let after = format!("{:?}", Contract::load(dir.path(), "c/o/v1.json").unwrap());
+        assert_ne!(before, after);
+        assert_eq!(after, format!("{:?}", Contract::load(dir.path(), "c/o/v1.json").unwrap()));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`metrics`]: the Prometheus families and per-route handles.
 //! - [`own_time`]: the sidecar's own time per request (HdrHistograms, `/debug/own-time`).
 //! - [`reload`]: hot reload of the routing file.
+//! - [`graph`]: `natsbridge graph`, the event flows of many routing files as a picture.
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.
 //! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
 //! - [`shutdown`]: the stop's one `drain_timeout` budget, split between its steps.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod contract;
 pub mod dlq;
 pub mod egress;
+pub mod graph;
 pub mod health;
 pub mod ingress;
 pub mod inject;

@@ -43,6 +43,24 @@ enum Command {
         #[arg(required = true)]
         config: Vec<PathBuf>,
     },
+    /// Draw the event flows of several services' routing files: who requests, publishes
+    /// or consumes each subject, through which stream, with dead-letter edges and each
+    /// edge's mode, codec and contract versions.
+    ///
+    /// Loose ends go to stderr: subjects sent on but consumed by nobody, consumed but
+    /// produced by nobody, streams without a consumer (warnings), and producer and
+    /// consumer routes whose contract versions disagree (errors: exit 1).
+    Graph {
+        /// The routing files, one per service.
+        #[arg(required = true)]
+        config: Vec<PathBuf>,
+        /// mermaid (for READMEs), dot (Graphviz), svg (drawn in-process) or json.
+        #[arg(long, default_value = "mermaid", value_parser = ["mermaid", "dot", "svg", "json"])]
+        format: String,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Print every metric family the binary exports, one per line.
     Metrics,
     /// Create or update the streams, consumers and KV bucket the routing file needs.
@@ -186,6 +204,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check_files(&config),
+        Command::Graph { config, format, output } => graph(&config, &format, output.as_deref()),
         Command::Metrics => {
             for name in natsbridge::metrics::Metrics::new().names() {
                 println!("{name}");
@@ -233,6 +252,35 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `natsbridge check FILE…`: each file on its own, then the streams they share.
+/// `natsbridge graph`: every file must load; the picture, then the loose ends.
+fn graph(paths: &[PathBuf], format: &str, output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use natsbridge::graph::{render, Graph};
+    let mut configs = Vec::new();
+    for path in paths {
+        match config::load(path) {
+            Ok(c) => configs.push(c),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let g = Graph::build(&configs);
+    let format = render::Format::parse(format).expect("clap checked the format");
+    let text = render::render(&g, format).map_err(anyhow::Error::msg)?;
+    match output {
+        Some(p) => std::fs::write(p, text)?,
+        None => print!("{text}"),
+    }
+    for line in g.loose_end_lines() {
+        eprintln!("{line}");
+    }
+    if !g.loose_ends.schema_mismatches.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn check_files(paths: &[PathBuf]) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
     let mut invalid = false;

@@ -46,6 +46,7 @@ pub struct Metrics {
     /// Streamed replies by side (`reader`: egress, `responder`: ingress), route and how
     /// they ended.
     pub streams: IntCounterVec,
+    pub contract_violations: IntCounterVec,
     /// The `host` label values of the two families above, capped.
     pub forward_hosts: HostLabels,
     /// The sidecar's own time per request, finer than the Prometheus buckets.
@@ -170,6 +171,11 @@ const STREAMS: Family = Family {
     help: "Streamed replies by side (reader: the egress route reading one, responder: the inbound route sending one), route and end: complete, error (the responder failed), cancel (the reader left), gap, stall, limit (stream_max), overflow (a reader slower than stream_buffer), gone (no reader any more).",
     labels: &["side", "route", "end"],
 };
+const CONTRACT_VIOLATIONS: Family = Family {
+    name: "natsbridge_contract_violations_total",
+    help: "Messages refused at the border by their route's contract, by route, direction (egress: an app's body, never sent; ingress: a NATS message, never given to the app) and reason: schema (the body breaks the contract), schema-version (it names a version the route does not accept).",
+    labels: &["route", "direction", "reason"],
+};
 
 /// Registers families and records their names, in registration order.
 struct Registrar {
@@ -236,6 +242,7 @@ impl Metrics {
             shadow: r.counter_vec(&SHADOW),
             fallback: r.counter_vec(&FALLBACK),
             streams: r.counter_vec(&STREAMS),
+            contract_violations: r.counter_vec(&CONTRACT_VIOLATIONS),
             forward_hosts: HostLabels::new(MAX_HOST_LABELS),
             own_time: std::sync::Arc::new(crate::own_time::OwnTime::new()),
             registry: r.registry,

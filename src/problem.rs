@@ -62,6 +62,9 @@ pub enum BridgeError {
     /// The body breaks the route's contract; every violation is listed.
     #[error("the body breaks contract {schema} ({} violation(s))", violations.len())]
     Contract { schema: String, violations: Vec<crate::contract::Violation> },
+    /// The message names a contract version the route does not accept.
+    #[error("contract {named:?} is not accepted here (accepted: {})", accepted.join(", "))]
+    ContractVersion { named: String, accepted: Vec<String> },
     #[error("upstream failed: {0}")]
     Upstream(String),
     #[error("upstream did not answer within {0:?}")]
@@ -136,7 +139,7 @@ impl BridgeError {
             | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | NestReply(_) | Upstream(_) | StreamBroken(_) | StreamFailed(_) => StatusCode::BAD_GATEWAY,
-            Contract { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Contract { .. } | ContractVersion { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NestErr(err) => crate::codec::nestjs::err_status(err),
             StreamStalled { .. } | StreamTooLong { .. } => StatusCode::GATEWAY_TIMEOUT,
             StreamOverflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -169,6 +172,7 @@ impl BridgeError {
             BadReply(_) | NestReply(_) => "bad-reply",
             NestErr(_) => "nestjs-error",
             Contract { .. } => "contract-violation",
+            ContractVersion { .. } => "contract-version",
             Upstream(_) => "upstream-error",
             UpstreamTimeout(_) => "upstream-timeout",
             LoopDetected { .. } => "loop-detected",
@@ -221,6 +225,15 @@ pub struct Problem<'a> {
     pub schema: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub violations: Option<&'a [crate::contract::Violation]>,
+}
+
+impl From<crate::contract::Refusal> for BridgeError {
+    fn from(r: crate::contract::Refusal) -> Self {
+        match r {
+            crate::contract::Refusal::Schema { schema, violations } => BridgeError::Contract { schema, violations },
+            crate::contract::Refusal::Version { named, accepted } => BridgeError::ContractVersion { named, accepted },
+        }
+    }
 }
 
 pub const PROBLEM_JSON: &str = "application/problem+json";

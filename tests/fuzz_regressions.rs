@@ -79,6 +79,11 @@ fn corpus_and_regressions_replay_nestjs() {
     replay("nestjs");
 }
 
+#[test]
+fn corpus_and_regressions_replay_cloudevents() {
+    replay("cloudevents");
+}
+
 // ---------------------------------------------------------------------------------------
 // Named regressions: one per bug the fuzzers found.
 
@@ -92,6 +97,21 @@ fn regression_percent_encoded_control_character_never_reaches_a_subject() {
         assert!(t.render(|_| Some(evil)).is_err(), "{evil:?} rendered");
     }
     assert!(!natsbridge::subject::is_valid_token("a\u{1}b"));
+}
+
+/// A CloudEvent whose `datacontenttype` has a non-ASCII character lost it on its way back
+/// from HTTP binary mode: `Content-Type` was read as visible ASCII only. Found by the
+/// `cloudevents` target (fuzz/regressions/cloudevents/non-ascii-content-type).
+#[test]
+fn regression_a_non_ascii_content_type_survives_http_binary_mode() {
+    use natsbridge::codec::cloudevents::Event;
+    let mut e = Event::new("1", "/s", "t", bytes::Bytes::from_static(b"hi"));
+    e.set("datacontenttype", "text/pl\u{e9}ain");
+    let mut h = http::HeaderMap::new();
+    for (n, v) in e.http_headers() {
+        h.insert(http::HeaderName::from_bytes(n.as_bytes()).unwrap(), http::HeaderValue::from_str(&v).unwrap());
+    }
+    assert_eq!(Event::from_http(&h, e.data.clone()).unwrap(), Some(e));
 }
 
 /// A 5,000-byte path capture rendered a 5 KiB subject; nats-server closed the sidecar's
@@ -367,4 +387,10 @@ fn fuzz_nestjs() {
 #[test]
 fn fuzz_stream() {
     fuzz("stream");
+}
+
+#[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
+fn fuzz_cloudevents() {
+    fuzz("cloudevents");
 }

@@ -146,6 +146,11 @@ fn nats_header_name(name: &HeaderName) -> async_nats::HeaderName {
         "idempotency-key" => N::from_static("Idempotency-Key"),
         "date" => N::from_static("Date"),
         "cache-control" => N::from_static("Cache-Control"),
+        // CloudEvents' NATS binding names its attribute headers in lower case (`ce-id`),
+        // and NATS header names are case-sensitive.
+        other if crate::codec::cloudevents::is_ce_header(other) => {
+            other.parse().unwrap_or_else(|_| canonical_name(other).into_header_name())
+        }
         other => canonical_name(other).into_header_name(),
     }
 }

@@ -249,8 +249,19 @@ pub struct Outbound {
     /// NestJS: the route's `pattern`, whose normalised text is the subject; `None`: the
     /// rendered subject is the pattern.
     pub pattern: Option<serde_json::Value>,
-    /// The contract every body must satisfy before it is sent (`schema`).
-    pub schema: Option<crate::contract::Contract>,
+    /// The contract versions a body must satisfy before it is sent (`schema`/`schemas`).
+    pub schema: Option<crate::contract::Contracts>,
+    /// `codec = "cloudevents"`: what a plain HTTP request's event is made of.
+    pub cloudevents: Option<CloudEventsRoute>,
+}
+
+/// The attributes an egress route gives the event it makes of a plain HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEventsRoute {
+    /// `/<service>/<route>`.
+    pub source: String,
+    /// `ce_type`; `None`: the rendered subject.
+    pub kind: Option<String>,
 }
 
 /// `codec`: how a route writes an HTTP message on NATS and reads it back.
@@ -261,6 +272,8 @@ pub enum Codec {
     Raw,
     /// The `@nestjs/microservices` NATS transport's JSON packets ([`crate::codec::nestjs`]).
     NestJs,
+    /// CloudEvents 1.0 in binary mode ([`crate::codec::cloudevents`]).
+    CloudEvents,
 }
 
 impl Codec {
@@ -268,6 +281,7 @@ impl Codec {
         match self {
             Codec::Raw => "raw",
             Codec::NestJs => "nestjs",
+            Codec::CloudEvents => "cloudevents",
         }
     }
 }
@@ -419,6 +433,9 @@ pub struct Inbound {
     /// Request and tunnel routes: the longest pause of a streamed app body between two
     /// writes before the stream ends as an error (`stream_stall`, 30 s).
     pub stream_stall: Duration,
+    /// The contract versions a message must satisfy before the app sees it
+    /// (`schema`/`schemas`; not on tunnels).
+    pub schema: Option<crate::contract::Contracts>,
 }
 
 /// Proxy headers (`Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`) arriving over NATS.

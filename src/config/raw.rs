@@ -111,6 +111,10 @@ pub(super) struct RawOutbound {
     pub(super) pattern: Option<toml::Value>,
     /// The JSON Schema the body must satisfy, `…/<name>/v<N>.json`.
     pub(super) schema: Option<String>,
+    /// Several versions of one contract; the message names one (`Bridge-Schema`).
+    pub(super) schemas: Option<Vec<String>>,
+    /// CloudEvents: the `type` of events made from plain requests (default: the subject).
+    pub(super) ce_type: Option<String>,
     pub(super) cutover: Option<RawCutover>,
 }
 
@@ -166,6 +170,10 @@ pub(super) struct RawInbound {
     pub(super) pattern: Option<toml::Value>,
     pub(super) stream_coalesce: Option<String>,
     pub(super) stream_stall: Option<String>,
+    /// The JSON Schema every message must satisfy before the app sees it.
+    pub(super) schema: Option<String>,
+    /// Several versions of one contract; the message names one (`Bridge-Schema`).
+    pub(super) schemas: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

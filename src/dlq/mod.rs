@@ -77,10 +77,25 @@ pub enum Reason {
     MaxDeliver,
     /// The app could not be reached, or did not answer in time, on the last delivery.
     AppUnreachable,
+    /// The message breaks its route's contract (JSON Schema); the app never saw it.
+    Schema,
+    /// The message names a contract version its route does not accept.
+    SchemaVersion,
+    /// The route's codec cannot read the message (an invalid CloudEvent); the app never
+    /// saw it.
+    Malformed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 4] = [Reason::Status, Reason::Poison, Reason::MaxDeliver, Reason::AppUnreachable];
+    pub const ALL: [Reason; 7] = [
+        Reason::Status,
+        Reason::Poison,
+        Reason::MaxDeliver,
+        Reason::AppUnreachable,
+        Reason::Schema,
+        Reason::SchemaVersion,
+        Reason::Malformed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -88,6 +103,9 @@ impl Reason {
             Reason::Poison => "poison",
             Reason::MaxDeliver => "max_deliver",
             Reason::AppUnreachable => "app_unreachable",
+            Reason::Schema => "schema",
+            Reason::SchemaVersion => "schema-version",
+            Reason::Malformed => "malformed",
         }
     }
 
@@ -214,7 +232,7 @@ impl Publisher {
 
 /// `natsbridge_dlq_published_total{route,reason}`, resolved once per route.
 #[derive(Clone)]
-pub struct Counters([IntCounter; 4]);
+pub struct Counters([IntCounter; Reason::ALL.len()]);
 
 impl Counters {
     pub fn new(metrics: &Metrics, route: &str) -> Self {

@@ -215,7 +215,7 @@ impl Egress {
         parts.headers.remove(BRIDGE_SHADOW);
         let subject = subject.unwrap_or_default();
         if goes_over_nats(cut, &parts.headers, draw) {
-            let res = match self.carry(route, subject, &parts, body.clone()).await {
+            let res = match self.carry(route, subject, &mut parts, body.clone()).await {
                 Err(e) if cut.fallback && fallback_reason(&e).is_some() => {
                     let reason = fallback_reason(&e).unwrap_or_default();
                     self.metrics.fallback.with_label_values(&[route.name.as_str(), reason]).inc();
@@ -277,8 +277,8 @@ impl Egress {
     }
 
     async fn shadow(&self, call: ShadowCall) {
-        let ShadowCall { route, subject, parts, body, http } = call;
-        let nats = match self.carry(&route, subject, &parts, body).await {
+        let ShadowCall { route, subject, mut parts, body, http } = call;
+        let nats = match self.carry(&route, subject, &mut parts, body).await {
             Ok(res) => {
                 let status = res.status();
                 res.into_body().collect().await.map(|b| (status, b.to_bytes())).map_err(|_| ShadowResult::Error)

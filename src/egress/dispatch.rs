@@ -116,9 +116,9 @@ impl Egress {
         if let OutboundTarget::Subscribe(sub) = &route.target {
             return self.subscribe(route, sub, subject.unwrap_or_default(), req.headers()).await;
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let body = read_body(route, &parts.headers, body).await?;
-        self.carry(route, subject.unwrap_or_default(), &parts, body).await
+        self.carry(route, subject.unwrap_or_default(), &mut parts, body).await
     }
 
     /// Carries a read request over NATS by the route's mode (a cut-over's NATS side too).
@@ -126,17 +126,11 @@ impl Egress {
         &self,
         route: &Outbound,
         subject: String,
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         body: Bytes,
     ) -> Result<Response<Body>, BridgeError> {
         self.check_control_line(&subject)?;
-        if let Some(contract) = &route.schema {
-            // An invalid body never leaves: the contract is checked before anything is sent.
-            let violations = contract.violations(&body);
-            if !violations.is_empty() {
-                return Err(BridgeError::Contract { schema: contract.id.clone(), violations });
-            }
-        }
+        let body = self.border(route, &subject, &mut parts.headers, body)?;
         if route.codec == Codec::NestJs && matches!(route.target, OutboundTarget::Request(_)) {
             return self.nest_request(route, subject, nats_headers(route, &parts.headers), body).await;
         }
@@ -144,7 +138,7 @@ impl Egress {
             OutboundTarget::Publish(_) | OutboundTarget::JetStream(_) => super::nest::event_payload(route, &subject, body)?,
             _ => body,
         };
-        let call = Call { route, subject, parts, body };
+        let call = Call { route, subject, parts: &*parts, body };
         match &route.target {
             OutboundTarget::Request(_) => self.request(call).await,
             OutboundTarget::Tunnel { .. } => self.tunnel(call).await,
@@ -153,6 +147,39 @@ impl Egress {
             OutboundTarget::Http { upstream } => Err(BridgeError::BadRequest(format!("route {} is plain HTTP to {upstream}", route.name))),
             OutboundTarget::Subscribe(_) => unreachable!("answered above"),
         }
+    }
+
+    /// What a body must pass before it leaves, and what it becomes: with the CloudEvents
+    /// codec, the event (its data is the payload, its attributes `ce-*` headers); with a
+    /// contract, the version it satisfies (`Bridge-Schema`, and `ce-dataschema` when the
+    /// event names none). An invalid body never leaves.
+    fn border(&self, route: &Outbound, subject: &str, headers: &mut http::HeaderMap, body: Bytes) -> Result<Bytes, BridgeError> {
+        let mut event = match route.codec {
+            Codec::CloudEvents => Some(super::cloudevents::event(route, subject, headers, body.clone())?),
+            _ => None,
+        };
+        let body = event.as_ref().map_or(body, |e| e.data.clone());
+        if let Some(contracts) = &route.schema {
+            let named = event.as_ref().and_then(|e| e.get("dataschema"));
+            let named = named.or_else(|| headers.get(crate::contract::BRIDGE_SCHEMA).and_then(|v| v.to_str().ok()));
+            match contracts.check(named, &body) {
+                Ok(c) => {
+                    // The version travels with it: exactly the one the body was checked against.
+                    headers.insert(crate::contract::BRIDGE_SCHEMA, HeaderValue::from_str(&c.id).expect("a contract id is a header value"));
+                    if let Some(e) = event.as_mut().filter(|e| e.get("dataschema").is_none()) {
+                        e.set("dataschema", &crate::contract::dataschema(&c.id));
+                    }
+                }
+                Err(r) => {
+                    self.metrics.contract_violations.with_label_values(&[&route.name, "egress", r.reason()]).inc();
+                    return Err(r.into());
+                }
+            }
+        }
+        if let Some(e) = &event {
+            super::cloudevents::write(e, headers);
+        }
+        Ok(body)
     }
 
     /// Refuses a subject whose control line could exceed the server's `max_control_line`:
@@ -293,12 +320,7 @@ struct HeadRead(Instant);
 /// not allow (issue 19: a caller's `Nats-Expected-Stream` or `Nats-Rollup` steered the
 /// stream).
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
-    let mut h = codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n));
-    if let Some(contract) = &route.schema {
-        // Ours, not the app's: the body was checked against exactly this version.
-        h.insert(crate::contract::BRIDGE_SCHEMA, contract.id.as_str());
-    }
-    h
+    codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its

@@ -12,6 +12,7 @@
 //! - `operations`: async request-reply (`Prefer: respond-async`, `async = true`) and the
 //!   `/.natsbridge/operations/<id>` results, kept in a KV bucket.
 //! - `subscribe`: `subscribe` routes, a subject (or a JetStream stream) as a live SSE stream.
+//! - `cloudevents` and `nest`: what `codec = "cloudevents"` / `"nestjs"` make of a request.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
 //! - [`cutover`]: routes moving from an HTTP `upstream` to NATS: the split, shadow copies
@@ -20,6 +21,7 @@
 //! Calls `codec` (HTTP ↔ NATS), `nats` (connection state, the acked JetStream publish),
 //! `problem` (every failure's status), `config` and `metrics`; nothing calls back in.
 
+mod cloudevents;
 mod connect;
 pub mod cutover;
 mod dispatch;

@@ -31,7 +31,7 @@ fn data(body: &[u8]) -> Result<Option<Value>, BridgeError> {
 /// event packet `{"pattern","data"}`.
 pub(super) fn event_payload(route: &Outbound, subject: &str, body: Bytes) -> Result<Bytes, BridgeError> {
     match route.codec {
-        Codec::Raw => Ok(body),
+        Codec::Raw | Codec::CloudEvents => Ok(body),
         Codec::NestJs => Ok(nestjs::encode_event(&pattern(route, subject), data(&body)?.as_ref())),
     }
 }

@@ -8,6 +8,7 @@
 //! - `stream`: an app's open body (chunked, event stream) sent as a streamed reply.
 //! - [`policy`]: the pure outcome policy.
 //! - [`app`]: the pooled HTTP client to the app.
+//! - `border`: the route's contract (`schema`/`schemas`), checked before the app is called.
 //! - `gate`: the app's health (`app_health_path`); routes pause while it fails.
 //! - `micro`: NATS micro discovery (ADR-32) of the request routes, with their stats.
 //! - [`idempotency`]: the idempotency store and protocol of routes that set `idempotency`.
@@ -16,6 +17,7 @@
 //! routing file is reloaded.
 
 pub mod app;
+mod border;
 mod gate;
 pub mod idempotency;
 pub mod jetstream;

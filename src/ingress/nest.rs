@@ -10,12 +10,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::codec::{self, nestjs};
-use crate::config::{Codec, Inbound};
-
-/// The Nest packet a message carries, when the route speaks NestJS.
-pub(crate) fn incoming(route: &Inbound, payload: &Bytes, subject: &str) -> Option<nestjs::Incoming> {
-    (route.codec == Codec::NestJs).then(|| nestjs::decode_incoming(payload, subject))
-}
 
 /// The app's body, and its headers completed with the pattern and the JSON content type.
 pub(crate) fn app_body(nest: Option<&nestjs::Incoming>, payload: &Bytes, headers: &mut HeaderMap) -> Bytes {

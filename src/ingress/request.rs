@@ -247,22 +247,30 @@ async fn handle(
     // The app's share of this message's time, left out of the sidecar's own time.
     let mut app_time = std::time::Duration::ZERO;
     let rid = msg.headers.as_ref().and_then(|h| h.get(codec::REQUEST_ID)).map(|v| v.as_str().to_owned());
+    // The codec, then the contract: a refused message claims no idempotency key and never
+    // reaches the app; its requester gets 400 (not the codec's message) or 422 problem+json
+    // listing the violations.
+    let (decoded, checked) = super::border::admit(&route, &shared.metrics, msg.headers.as_ref(), &msg.payload, &msg.subject, None);
+    let checked = checked.map_err(BridgeError::from);
     // Idempotency: claim the key first; a replay, a conflict or an unusable store is
     // answered without calling the app.
     let idem = route.idem.as_deref();
     let key = idem.and_then(|g| g.key(msg.headers.as_ref(), &msg.payload));
-    let gate = match (idem, key.as_deref()) {
-        (Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
+    let gate = match (&checked, idem, key.as_deref()) {
+        (Err(_), _, _) => Ok(None),
+        (Ok(_), Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
         _ => Ok(None),
     };
-    let nest = super::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
-    let call = match gate {
-        Err(answer) => Ok(answer),
-        Ok(claimed) => {
+    let call = match (checked, gate) {
+        (Err(refusal), _) => Err(refusal),
+        (Ok(_), Err(answer)) => Ok(answer),
+        (Ok(checked), Ok(claimed)) => {
             // An open body streams to a requester, unless the answer is to be kept (idempotency)
-            // or the codec frames one reply (NestJS).
-            let stream_to = msg.reply.as_ref().filter(|_| claimed.is_none() && nest.is_none());
-            let how = HowToCall { tunnel, key: key.as_deref(), nest: nest.as_ref(), stream_to, rid: rid.as_deref() };
+            // or the codec frames one reply (NestJS, CloudEvents).
+            let plain = decoded.nest.is_none() && decoded.event.is_none();
+            let stream_to = msg.reply.as_ref().filter(|_| claimed.is_none() && plain);
+            let how =
+                HowToCall { tunnel, key: key.as_deref(), decoded: &decoded, checked: checked.as_deref(), stream_to, rid: rid.as_deref() };
             let app_started = Instant::now();
             let answer = call_app(&shared, &route, &msg, how, &abort).await;
             app_time = app_started.elapsed();
@@ -299,7 +307,7 @@ async fn handle(
         }
         return;
     };
-    if send_reply(&shared, &route, reply, call, rid.as_deref(), nest.as_ref()).await {
+    if send_reply(&shared, &route, reply, call, rid.as_deref(), decoded.nest.as_ref()).await {
         shared.metrics.own_time.record(Stage::IngressOwn, read.elapsed().saturating_sub(app_time));
     }
 }
@@ -321,12 +329,13 @@ fn refuse_reply(route: &Route, msg: &async_nats::Message) -> bool {
     true
 }
 
-/// How one message's app call is made: its idempotency `key`, its NestJS envelope, and
-/// whether (and to whom) an open app body streams.
+/// How one message's app call is made: its idempotency `key`, what its codec made of it,
+/// the contract version it satisfied, and whether (and to whom) an open app body streams.
 struct HowToCall<'a> {
     tunnel: bool,
     key: Option<&'a str>,
-    nest: Option<&'a nestjs::Incoming>,
+    decoded: &'a super::border::Decoded,
+    checked: Option<&'a str>,
     stream_to: Option<&'a async_nats::Subject>,
     rid: Option<&'a str>,
 }
@@ -344,7 +353,8 @@ async fn call_app(
     if let Some(k) = how.key {
         guard::set_key_header(&mut headers, k);
     }
-    let body = super::nest::app_body(how.nest, &msg.payload, &mut headers);
+    super::border::tell_app(&mut headers, how.checked);
+    let body = how.decoded.app_request(&msg.payload, &mut headers);
     let call = super::stream::call(shared, route, how.stream_to, method, &uri, headers, body, how.rid);
     tokio::select! {
         r = call => Ok(r),

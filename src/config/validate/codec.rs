@@ -4,15 +4,16 @@
 use super::refuse_key;
 use crate::config::diagnostics::{Diagnostics, Table};
 use crate::config::raw::{RawInbound, RawOutbound};
-use crate::config::{Codec, InboundModeName};
+use crate::config::{CloudEventsRoute, Codec, InboundModeName};
 use crate::subject::{SubjectPattern, SubjectTemplate};
 
 fn parse(codec: Option<&str>, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Codec {
     match codec {
         None | Some("raw") => Codec::Raw,
         Some("nestjs") => Codec::NestJs,
+        Some("cloudevents") => Codec::CloudEvents,
         Some(other) => {
-            diags.error(at, Some("codec"), format!("unknown codec {other:?}; expected \"raw\" or \"nestjs\""));
+            diags.error(at, Some("codec"), format!("unknown codec {other:?}; expected \"raw\", \"nestjs\" or \"cloudevents\""));
             Codec::Raw
         }
     }
@@ -22,8 +23,8 @@ fn parse(codec: Option<&str>, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Cod
 /// carry a body as a packet: request, publish and jetstream.
 pub(super) fn outbound(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) -> (Codec, Option<serde_json::Value>) {
     let codec = parse(raw.codec.as_deref(), at, diags);
-    if codec == Codec::NestJs && !matches!(raw.mode.as_str(), "request" | "publish" | "jetstream") {
-        diags.error(at, Some("codec"), format!("codec \"nestjs\" does not apply to mode {:?}", raw.mode));
+    if codec != Codec::Raw && !matches!(raw.mode.as_str(), "request" | "publish" | "jetstream") {
+        diags.error(at, Some("codec"), format!("codec {:?} does not apply to mode {:?}", codec.as_str(), raw.mode));
     }
     let Some(p) = &raw.pattern else { return (codec, None) };
     refuse_key(at, codec.as_str(), "pattern", codec != Codec::NestJs, diags);
@@ -83,10 +84,29 @@ pub(super) fn inbound_pattern(
 /// An inbound route's codec: `nestjs` on request and jetstream routes.
 pub(super) fn inbound(codec: Option<&str>, mode: InboundModeName, at: Table<'_>, diags: &mut Diagnostics<'_>) -> Codec {
     let codec = parse(codec, at, diags);
-    if codec == Codec::NestJs && mode == InboundModeName::Tunnel {
-        diags.error(at, Some("codec"), "codec \"nestjs\" does not apply to mode \"tunnel\"");
+    if codec != Codec::Raw && mode == InboundModeName::Tunnel {
+        diags.error(at, Some("codec"), format!("codec {:?} does not apply to mode \"tunnel\"", codec.as_str()));
     }
     codec
+}
+
+/// `codec = "cloudevents"` on an outbound route: the source and type of the events made
+/// from plain requests; `ce_type` belongs to that codec only.
+pub(super) fn cloudevents(
+    raw: &RawOutbound,
+    codec: Codec,
+    service: &str,
+    at: Table<'_>,
+    diags: &mut Diagnostics<'_>,
+) -> Option<CloudEventsRoute> {
+    if codec != Codec::CloudEvents {
+        refuse_key(at, codec.as_str(), "ce_type", raw.ce_type.is_some(), diags);
+        return None;
+    }
+    if raw.ce_type.as_deref().is_some_and(str::is_empty) {
+        diags.error(at, Some("ce_type"), "`ce_type` must not be empty");
+    }
+    Some(CloudEventsRoute { source: format!("/{service}/{}", raw.name), kind: raw.ce_type.clone() })
 }
 
 #[cfg(test)]
@@ -143,5 +163,28 @@ mod tests {
         assert!(e.iter().any(|m| m.contains("\"c\"") && m.contains("not a valid NATS subject")), "{e:#?}");
         assert!(e.iter().any(|m| m.contains("\"d\"") && m.contains("does not apply to mode \"tunnel\"")), "{e:#?}");
         assert!(e.iter().any(|m| m.contains("\"e\"") && m.contains("does not apply to mode \"tunnel\"")), "{e:#?}");
+    }
+
+    #[test]
+    fn cloudevents_routes_get_their_source_and_type() {
+        let src = format!(
+            "{MINIMAL}[[outbound]]\nname = \"ev\"\npath = \"/ev\"\nmode = \"jetstream\"\nsubject = \"ev\"\ncodec = \"cloudevents\"\nce_type = \"com.x.ev\"\n\
+             [[outbound]]\nname = \"plain\"\npath = \"/p\"\nmode = \"publish\"\nsubject = \"p\"\ncodec = \"cloudevents\"\n\
+             [[inbound]]\nname = \"in\"\nsubject = \"ev\"\nmode = \"request\"\npath = \"/in\"\ncodec = \"cloudevents\"\n"
+        );
+        let c = crate::config::parse(&src, "t").unwrap();
+        let ce = c.outbound[0].cloudevents.as_ref().unwrap();
+        assert_eq!((ce.source.as_str(), ce.kind.as_deref()), ("/orchestration/ev", Some("com.x.ev")));
+        assert_eq!(c.outbound[1].cloudevents.as_ref().unwrap().kind, None);
+        assert_eq!(c.inbound[0].codec, Codec::CloudEvents);
+        let bad = format!(
+            "{MINIMAL}[[outbound]]\nname = \"a\"\npath = \"/a\"\nmode = \"publish\"\nsubject = \"a\"\nce_type = \"x\"\n\
+             [[outbound]]\nname = \"b\"\npath = \"/b\"\nmode = \"tunnel\"\nservice = \"x\"\ncodec = \"cloudevents\"\n\
+             [[inbound]]\nname = \"c\"\nmode = \"tunnel\"\ncodec = \"cloudevents\"\n"
+        );
+        let e = errors(&bad);
+        assert!(e.iter().any(|m| m.contains("\"a\"") && m.contains("`ce_type` does not apply to mode \"raw\"")), "{e:#?}");
+        assert!(e.iter().any(|m| m.contains("\"b\"") && m.contains("codec \"cloudevents\" does not apply to mode \"tunnel\"")), "{e:#?}");
+        assert!(e.iter().any(|m| m.contains("\"c\"") && m.contains("codec \"cloudevents\" does not apply")), "{e:#?}");
     }
 }

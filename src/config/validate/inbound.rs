@@ -65,6 +65,10 @@ pub(super) fn inbound(
         refuse_key(at, mode_name.as_str(), "max_buffer", raw.max_buffer.is_some(), diags);
     }
     let (stream_coalesce, stream_stall) = super::stream::inbound_stream(&raw, at, diags);
+    let tunnel = mode_name == InboundModeName::Tunnel;
+    refuse_key(at, mode_name.as_str(), "schema", tunnel && raw.schema.is_some(), diags);
+    refuse_key(at, mode_name.as_str(), "schemas", tunnel && raw.schemas.is_some(), diags);
+    let schema = super::contracts::route(&raw.schema, &raw.schemas, at, diags);
     if diags.error_count() > errors_before {
         return None;
     }
@@ -86,6 +90,7 @@ pub(super) fn inbound(
         codec,
         stream_coalesce,
         stream_stall,
+        schema,
     })
 }
 

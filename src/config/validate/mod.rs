@@ -56,8 +56,11 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
     let idempotency = raw.idempotency_store.map(|(raw, at)| streams::idempotency_store(raw, at, diags));
 
     let route_defaults = defaults.clone().unwrap_or(Defaults { timeout: DEFAULT_TIMEOUT, max_body: DEFAULT_MAX_BODY });
-    let outbound: Vec<_> =
-        raw.outbound.into_iter().filter_map(|(raw, at)| outbound::outbound(raw, at, &route_defaults, diags).map(|o| (o, at))).collect();
+    let outbound: Vec<_> = raw
+        .outbound
+        .into_iter()
+        .filter_map(|(raw, at)| outbound::outbound(raw, at, &route_defaults, &service, diags).map(|o| (o, at)))
+        .collect();
     let inbound: Vec<_> = raw
         .inbound
         .into_iter()

@@ -8,7 +8,13 @@ use crate::config::{AllowNatsHeaders, Defaults, Outbound, OutboundTarget, TUNNEL
 use crate::subject::{self, SubjectTemplate};
 
 /// One validated route, or `None` when it had errors (all of them reported).
-pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults, diags: &mut Diagnostics<'_>) -> Option<Outbound> {
+pub(super) fn outbound(
+    raw: RawOutbound,
+    start: TableStart,
+    defaults: &Defaults,
+    service: &str,
+    diags: &mut Diagnostics<'_>,
+) -> Option<Outbound> {
     let name = raw.name.clone();
     let at = start.named(Some(&name));
     let errors_before = diags.error_count();
@@ -31,12 +37,13 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         diags.error(at, Some("timeout"), "`timeout` must be more than zero");
     }
     let (codec, pattern) = super::codec::outbound(&raw, at, diags);
+    let cloudevents = super::codec::cloudevents(&raw, codec, service, at, diags);
     let target = target(&raw, at, &captures, diags);
     let allow_nats_headers = allow_nats_headers(&raw, at, diags);
-    let schema = raw.schema.as_deref().and_then(|s| {
-        refuse_key(at, &raw.mode, "schema", matches!(raw.mode.as_str(), "tunnel" | "http"), diags);
-        super::contracts::load(s, at, diags)
-    });
+    let raw_mode_refuses = matches!(raw.mode.as_str(), "tunnel" | "http");
+    refuse_key(at, &raw.mode, "schema", raw_mode_refuses && raw.schema.is_some(), diags);
+    refuse_key(at, &raw.mode, "schemas", raw_mode_refuses && raw.schemas.is_some(), diags);
+    let schema = super::contracts::route(&raw.schema, &raw.schemas, at, diags);
     let cutover = super::cutover::cutover(&raw, at, diags);
     let stream = super::stream::outbound_limits(&raw, at, diags);
     let ttl = super::stream::message_ttl(&raw, at, diags);
@@ -62,6 +69,7 @@ pub(super) fn outbound(raw: RawOutbound, start: TableStart, defaults: &Defaults,
         ttl,
         always_async,
         async_ttl,
+        cloudevents,
     })
 }
 

@@ -47,7 +47,7 @@ pub struct FilterArgs {
     /// Only this inbound route's dead letters (the Bridge-Dlq-Route header).
     #[arg(long)]
     pub route: Option<String>,
-    /// Only this reason: status, poison, max_deliver or app_unreachable.
+    /// Only this reason: status, poison, max_deliver, app_unreachable, schema, schema-version or malformed.
     #[arg(long, value_parser = parse_reason)]
     pub reason: Option<Reason>,
     /// Only these dead-letter stream sequences, inclusive: 5..9, 5.., ..9 or 7.

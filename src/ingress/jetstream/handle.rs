@@ -14,6 +14,7 @@ use super::settle::{confirm, dead_letter_then_term, settle};
 use super::{ConsumerRoute, CLAIM_STALE_MARGIN};
 use crate::codec;
 use crate::dlq::{self, Reason};
+use crate::ingress::border;
 use crate::ingress::idempotency::guard::{self, Begin, Claimed};
 use crate::ingress::policy;
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse, InFlight, Route, Shared};
@@ -38,6 +39,19 @@ pub(super) async fn handle(
     };
     let at = Delivery { stream: &stream, seq, delivered };
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
+    // The contract first: a message that breaks it never reaches the app, whatever the
+    // app's health, and retrying cannot fix it, so it is dead-lettered on this delivery.
+    let fallback_id = Some(format!("{stream}.{seq}"));
+    let (decoded, verdict) = border::admit(route, &shared.metrics, msg.headers.as_ref(), &msg.payload, &msg.subject, fallback_id);
+    let checked = match verdict {
+        Ok(checked) => checked,
+        Err(refused) => {
+            let detail = refused.detail();
+            let failure = dlq::Failure { reason: refused.reason(), status: None, error: Some(detail.as_bytes()) };
+            dead_letter_then_term(&shared, &js, &msg, at, &failure, &mut progress).await;
+            return;
+        }
+    };
     // The app is down (`app_health_path`): hold the message under in-progress acks until it
     // is back, rather than spend one of its deliveries on an app that cannot take it.
     if !shared.gate.wait_open(&abort).await {
@@ -70,8 +84,9 @@ pub(super) async fn handle(
     }
 
     let started = Instant::now();
-    let headers = delivery_headers(route, &msg, at, key.as_deref());
-    let result = call_app(&shared, route, &msg, headers, &abort).await;
+    let mut headers = delivery_headers(route, &msg, at, key.as_deref());
+    border::tell_app(&mut headers, checked.as_deref());
+    let result = call_app(&shared, route, &msg, headers, &decoded, &abort).await;
     m.duration.observe(started.elapsed().as_secs_f64());
     let Some(result) = result else {
         // Shutting down past the drain deadline: let another replica have it now. The
@@ -192,14 +207,14 @@ async fn call_app(
     route: &Route,
     msg: &async_nats::jetstream::Message,
     mut headers: HeaderMap,
+    decoded: &border::Decoded,
     abort: &CancellationToken,
 ) -> Option<Result<AppResponse, AppError>> {
     let path = route.inbound.path.render(msg.subject.as_str());
     let mut uri = String::with_capacity(route.base.len() + path.len());
     uri.push_str(&route.base);
     uri.push_str(&path);
-    let nest = crate::ingress::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
-    let body = crate::ingress::nest::app_body(nest.as_ref(), &msg.payload, &mut headers);
+    let body = decoded.app_request(&msg.payload, &mut headers);
     let call = shared.app.call(route.inbound.method.clone(), &uri, headers, body, route.inbound.timeout, route.inbound.max_body);
     tokio::select! {
         r = call => Some(r),
