@@ -165,7 +165,7 @@ impl Pair {
 
 /// Waits until the requester has answered `n` requests with a 2xx (its stream started).
 pub async fn started(requester: &Sidecar, n: usize) {
-    let want = format!("natsbridge_egress_requests_total{{mode=\"request\",route=\"tokens\",status_class=\"2xx\"}} {n}");
+    let want = format!("natsbridge_egress_requests_total{{mode=\"request\",path=\"nats\",route=\"tokens\",status_class=\"2xx\"}} {n}");
     eventually("the stream started", Duration::from_secs(10), || async { requester.metrics().await.contains(&want).then_some(()) }).await
 }
 
