@@ -61,17 +61,18 @@ struct Dev {
 }
 
 fn dev(toml: &str, app: &str, nats_bin: &str) -> Dev {
-    dev_with(toml, app, nats_bin, |_| {})
+    dev_with(toml, &["python3", "-c", app], nats_bin, |_| {})
 }
 
-fn dev_with(toml: &str, app: &str, nats_bin: &str, configure: impl FnOnce(&mut Command)) -> Dev {
+fn dev_with(toml: &str, command: &[&str], nats_bin: &str, configure: impl FnOnce(&mut Command)) -> Dev {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("routes.toml");
     std::fs::write(&path, toml).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_natsbridge"));
     cmd.args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
         .arg(&path)
-        .args(["--", "python3", "-c", app])
+        .arg("--")
+        .args(command)
         .env("NATS_SERVER_BIN", nats_bin)
         // Only NATS_SERVER_BIN may name the server (PATH keeps python3).
         .env_remove("HTTP_PROXY")
@@ -177,7 +178,12 @@ async fn dev_leaves_a_running_nats_server_alone() {
 #[tokio::test]
 async fn sigint_stops_the_app_the_sidecar_and_the_started_nats_server() {
     let port = free_port();
-    let mut d = dev(&routes(&format!("nats://127.0.0.1:{port}")), &app_script(true), &nats_server_bin());
+    // A shell script whose python child does the work: stopping the app stops both.
+    let script = app_script(true);
+    let command = ["sh", "-c", "python3 -c \"$DEV_APP\" & wait"];
+    let mut d = dev_with(&routes(&format!("nats://127.0.0.1:{port}")), &command, &nats_server_bin(), |c| {
+        c.env("DEV_APP", &script);
+    });
     let env_line = d.wait_line("the app's env line", |l| l.starts_with("[app] env ")).await;
     d.wait_line("the app's call answered", |l| l.starts_with("[app] status")).await;
     let app_pid: u32 = env_line.rsplit(' ').next().unwrap().parse().unwrap();
@@ -196,12 +202,12 @@ async fn sigint_stops_the_app_the_sidecar_and_the_started_nats_server() {
 async fn without_a_nats_server_dev_names_the_install_script() {
     let port = free_port();
     // Neither NATS_SERVER_BIN nor PATH has one.
-    let mut d = dev_with(&routes(&format!("nats://127.0.0.1:{port}")), &app_script(false), "/nonexistent/nats-server", |c| {
+    let mut d = dev_with(&routes(&format!("nats://127.0.0.1:{port}")), &["true"], "/nonexistent/nats-server", |c| {
         c.env("PATH", "/nonexistent");
     });
     let code = d.exit_code().await;
     let out = d.output();
     assert_ne!(code, 0);
     assert!(out.contains("scripts/install-nats-server"), "{out}");
-    assert!(!out.contains("[app] env"), "the app must not start: {out}");
+    assert!(!out.contains("[app] exited"), "the app must not start: {out}");
 }
