@@ -22,6 +22,7 @@
 //! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
 //! - [`shutdown`]: the stop's one `drain_timeout` budget, split between its steps.
 //! - [`sidecar`]: one running sidecar, wired from the parts above.
+//! - [`dev`]: `natsbridge dev`, the local loop: nats-server, sidecar and app together.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod contract;
+pub mod dev;
 pub mod dlq;
 pub mod egress;
 pub mod graph;

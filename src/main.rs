@@ -86,6 +86,15 @@ enum Command {
     /// `nats.auth.users` values, or with `--format nsc` as `nsc add user` / `nsc edit user
     /// --allow-pub/--allow-sub` commands for operator mode.
     Permissions(PermissionsArgs),
+    /// The local loop, like `dapr run`: `natsbridge dev --config routes.toml -- <app command>`.
+    ///
+    /// Starts a nats-server (from NATS_SERVER_BIN or PATH; scripts/install-nats-server
+    /// installs one) when none answers at the configured URL, provisions, runs the sidecar
+    /// and the app command with HTTP_PROXY and NATSBRIDGE_URL at the sidecar and PORT from
+    /// `app_url`. The three logs are prefixed `[nats] `, `[sidecar] `, `[app] `. Exits
+    /// with the app; Ctrl-C stops what it started (a nats-server that was already running
+    /// is left alone).
+    Dev(DevArgs),
     /// Inspect, replay and purge dead letters, while sidecars run.
     Dlq {
         #[command(subcommand)]
@@ -169,6 +178,15 @@ struct RunArgs {
 }
 
 #[derive(clap::Args)]
+struct DevArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The app command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
 struct LogArgs {
     /// Log format.
     #[arg(long, env = "NATSBRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -243,6 +261,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::Permissions(args) => permissions(args),
+        Command::Dev(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let code = rt.block_on(dev(args))?;
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            std::process::exit(code)
+        }
         Command::Provision(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let ok = rt.block_on(provision(args))?;
@@ -504,6 +528,63 @@ async fn run(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// `natsbridge dev`: the edge reads the environment, binds the listeners and installs the
+/// signal handlers; `natsbridge::dev` does the rest.
+async fn dev(args: DevArgs) -> anyhow::Result<i32> {
+    let DevArgs { run: args, command } = args;
+    let sink: natsbridge::dev::logs::Sink = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_new(&args.log.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !args.log.log_level.contains("async_nats") {
+        filter = filter.add_directive("async_nats=warn".parse().expect("a valid directive"));
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(natsbridge::dev::logs::SidecarWriter(sink.clone()))
+        .init();
+    let mut config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return Ok(1);
+        }
+    };
+    let overrides = Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        nats_servers: args.nats_url,
+        app_url: args.app_url,
+        nats_ca_file: args.nats_ca_file,
+    };
+    config.apply(&overrides);
+    let egress = tokio::net::TcpListener::bind(config.sidecar.listen)
+        .await
+        .with_context(|| format!("cannot bind the egress listener on {}", config.sidecar.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.sidecar.admin_listen)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {}", config.sidecar.admin_listen))?;
+    let nats_server_bin = std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .or_else(|| std::env::var_os("PATH").and_then(|p| natsbridge::dev::nats::find_on_path(&p)));
+    let shutdown = CancellationToken::new();
+    let (reload_tx, _reload_rx) = tokio::sync::mpsc::channel(1);
+    spawn_signal_handlers(shutdown.clone(), reload_tx)?;
+    let dev = natsbridge::dev::Dev {
+        config,
+        overrides,
+        egress,
+        admin,
+        nats_server_bin,
+        command,
+        env: Arc::new(|k| std::env::var(k).ok()),
+        sink,
+        shutdown,
+    };
+    Ok(natsbridge::dev::run(dev).await?)
 }
 
 fn spawn_signal_handlers(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) -> anyhow::Result<()> {

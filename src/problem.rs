@@ -81,6 +81,10 @@ pub enum BridgeError {
     /// Framing two HTTP parsers could read differently; the connection is closed after.
     #[error("ambiguous request framing: {0}")]
     BadFraming(&'static str),
+    /// An HTTP/2 request with more header fields than `max_headers` (hyper counts them
+    /// for HTTP/1 itself).
+    #[error("more than {max} header fields")]
+    TooManyHeaders { max: usize },
     #[error("handler panicked")]
     Panicked,
     #[error("a request with the same idempotency key is still being processed after {wait:?}; retry later")]
@@ -145,6 +149,7 @@ impl BridgeError {
             StreamOverflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
+            TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Panicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -179,6 +184,7 @@ impl BridgeError {
             ConnectForbidden { .. } => "connect-forbidden",
             ShuttingDown => "shutting-down",
             BadFraming(_) => "bad-framing",
+            TooManyHeaders { .. } => "too-many-headers",
             Panicked => "panic",
             IdempotencyInFlight { .. } => "idempotency-in-flight",
             IdempotencyKeyReused => "idempotency-key-reused",
@@ -344,6 +350,7 @@ mod tests {
         assert_eq!(BridgeError::BadRequest("x".into()).status(), 400);
         assert_eq!(BridgeError::PayloadTooLarge { max_payload: 1 }.status(), 413);
         assert_eq!(BridgeError::BadFraming("x").status(), 400);
+        assert_eq!(BridgeError::TooManyHeaders { max: 1 }.status(), 431);
         assert_eq!(BridgeError::Panicked.status(), 500);
         assert_eq!(BridgeError::IdempotencyInFlight { wait: Duration::from_secs(1) }.status(), 409);
         assert_eq!(BridgeError::IdempotencyStoreUnbound.status(), 503);

@@ -38,7 +38,7 @@ impl Egress {
         let _in_flight = InFlight::new(&self.metrics.egress_in_flight);
         let started = Instant::now();
         let table = self.table.load_full();
-        let req = ensure_request_id(req);
+        let req = ensure_request_id(self.h2_origin_form(req));
         let rid = request_id(&req);
         if req.method() == http::Method::CONNECT {
             return self.connect(req).await.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));

@@ -164,17 +164,43 @@ impl Egress {
         if via_us {
             return Err(BridgeError::LoopDetected { target: target() });
         }
-        let Some(listen) = self.listen.get() else { return Ok(()) };
-        if port != listen.port() {
-            return Ok(());
-        }
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let ours = bare.eq_ignore_ascii_case("localhost")
-            || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified() || ip == listen.ip());
-        if ours {
+        if self.is_own_listener(host, port) {
             return Err(BridgeError::LoopDetected { target: target() });
         }
         Ok(())
+    }
+
+    /// Whether `host:port` is this sidecar's listener: loopback, unspecified or its listen
+    /// address, at its port.
+    fn is_own_listener(&self, host: &str, port: u16) -> bool {
+        let Some(listen) = self.listen.get() else { return false };
+        if port != listen.port() {
+            return false;
+        }
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        bare.eq_ignore_ascii_case("localhost")
+            || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified() || ip == listen.ip())
+    }
+
+    /// An HTTP/2 request always carries its target in `:authority` (its URI is absolute),
+    /// where HTTP/1 tells a proxy call (absolute form) from a direct one (origin form,
+    /// `Host`). One addressed to this listener is a direct call: it becomes origin form
+    /// with that `Host`, and is routed, refused or answered 404 exactly as over HTTP/1.
+    /// Any other authority is a forward-proxy call, as absolute form is.
+    pub(super) fn h2_origin_form(&self, mut req: Request<Incoming>) -> Request<Incoming> {
+        if req.version() != http::Version::HTTP_2 || req.method() == http::Method::CONNECT {
+            return req;
+        }
+        let Some(authority) = req.uri().authority().cloned() else { return req };
+        if !self.is_own_listener(authority.host(), authority.port_u16().unwrap_or(80)) {
+            return req;
+        }
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().entry(http::header::HOST).or_insert(host);
+        }
+        req
     }
 
     /// Sends a request whose body was already read (a cut-over route's upstream share or

@@ -20,6 +20,9 @@ pub const MAX_HEAD: usize = 256 << 10;
 /// A chunk-size line (size and extensions) longer than this is not followed.
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4), which reads as a head.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// What is wrong with one request head's framing, if anything.
 pub type Verdict = Option<&'static str>;
 
@@ -40,6 +43,8 @@ enum State {
     ChunkDataEnd,
     /// Not following this connection any more.
     Lost,
+    /// The connection opened with the HTTP/2 preface: nothing on it is HTTP/1 framing.
+    Http2,
 }
 
 /// One connection's guard. Feed it every read with [`Guard::read`]; take the verdict of
@@ -48,11 +53,13 @@ enum State {
 pub struct Guard {
     state: State,
     verdicts: VecDeque<Verdict>,
+    /// A head was read: the HTTP/2 preface counts only as the connection's first bytes.
+    seen_head: bool,
 }
 
 impl Default for Guard {
     fn default() -> Self {
-        Self { state: State::Head { buf: Vec::new(), trailers: false }, verdicts: VecDeque::new() }
+        Self { state: State::Head { buf: Vec::new(), trailers: false }, verdicts: VecDeque::new(), seen_head: false }
     }
 }
 
@@ -69,6 +76,11 @@ impl Guard {
         self.verdicts.pop_front()
     }
 
+    /// Whether the connection opened with the HTTP/2 preface (h2c, prior knowledge).
+    pub fn is_http2(&self) -> bool {
+        matches!(self.state, State::Http2)
+    }
+
     /// Follows the stream over `data`.
     pub fn read(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
@@ -80,7 +92,7 @@ impl Guard {
     /// Consumes a prefix of `data` (at least one byte unless lost); returns its length.
     fn step(&mut self, data: &[u8]) -> usize {
         match &mut self.state {
-            State::Lost => data.len(),
+            State::Lost | State::Http2 => data.len(),
             State::Body(n) | State::ChunkData(n) => {
                 let used = usize::try_from(*n).unwrap_or(usize::MAX).min(data.len());
                 *n -= used as u64;
@@ -167,6 +179,12 @@ impl Guard {
     fn head_done(&mut self, head: &[u8], trailers: bool) {
         if trailers {
             self.state = head_state();
+            return;
+        }
+        let first = !std::mem::replace(&mut self.seen_head, true);
+        if first && head.starts_with(HTTP2_PREFACE) {
+            // h2c with prior knowledge: its requests are HTTP/2 frames, never judged here.
+            self.state = State::Http2;
             return;
         }
         let frame = frame(head);
@@ -342,5 +360,22 @@ mod tests {
         g.read(b"\r\n\r\n");
         assert_eq!(g.next_verdict(), None);
         assert!(g.verdicts.is_empty());
+    }
+
+    #[test]
+    fn an_http2_connection_is_not_judged() {
+        // The preface, then frames whose bytes could look like a bad HTTP/1 head.
+        let stream = format!("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04\0{BAD}");
+        for piece in [1, 3, 4096] {
+            let mut g = Guard::default();
+            for p in stream.as_bytes().chunks(piece) {
+                g.read(p);
+            }
+            assert!(g.is_http2(), "split {piece}");
+            assert!(g.verdicts.is_empty(), "split {piece}");
+        }
+        // Only as the connection's first bytes: later, hyper reads it as an HTTP/1 request.
+        let v = verdicts(format!("GET / HTTP/1.1\r\n\r\nPRI * HTTP/2.0\r\n\r\n{BAD}").as_bytes(), 4096);
+        assert_eq!(v, [None, None, Some("more than one Content-Length header")]);
     }
 }

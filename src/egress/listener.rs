@@ -1,6 +1,7 @@
-//! The egress listener: accepts connections under `max_connections`, serves HTTP/1.1 on
-//! them through one tower stack, and guards the edge. Knows nothing of routes: each
-//! request goes to [`Egress::handle`].
+//! The egress listener: accepts connections under `max_connections`, serves HTTP/1.1 and
+//! HTTP/2 with prior knowledge (h2c, told apart by the connection preface) on them through
+//! one tower stack, and guards the edge. Knows nothing of routes: each request goes to
+//! [`Egress::handle`].
 //!
 //! Edge limits (`[sidecar]`), enforced per connection by a watchdog (see [`Activity`]):
 //! - `header_read_timeout`: a request head must arrive whole within it, counted from the
@@ -8,12 +9,18 @@
 //! - `idle_timeout`: a keep-alive connection waiting for its next request is closed after
 //!   it, and so is one with a request in progress but no bytes moving either way;
 //! - `max_headers`, `max_header_bytes`: enforced by hyper (431), whatever the read split;
+//!   on HTTP/2, `max_header_bytes` is the advertised header list size (h2 answers 431)
+//!   and `max_headers` is counted here (431);
 //! - `max_connections`: past it, new connections wait in the kernel backlog.
 //!
+//! On HTTP/2 the header timeout covers the preface and the first request's headers; an
+//! idle connection's control frames (pings, window updates) do not start it again, so
+//! it idles out after `idle_timeout` like an HTTP/1 keep-alive connection.
+//!
 //! Requests whose framing two HTTP parsers could read differently are refused before
-//! they reach the handler: on the wire, every request on the connection, pipelined ones
-//! included ([`super::framing`]), and again on what hyper parsed
-//! ([`reject_ambiguous_framing`]).
+//! they reach the handler: on the wire, every HTTP/1 request on the connection, pipelined
+//! ones included ([`super::framing`]), and again on what hyper parsed, HTTP/2 included
+//! (its requests may be forwarded over HTTP/1) ([`reject_ambiguous_framing`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +31,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -37,7 +44,8 @@ use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
 type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
-type Connection = hyper::server::conn::http1::UpgradeableConnection<TokioIo<TrackedIo>, TowerToHyperService<EgressService>>;
+type Connection =
+    hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, TowerToHyperService<EgressService>, TokioExecutor>;
 
 /// What the accept loop tells its connections, by rising severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,7 +69,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
     }
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(Stop::Serve);
-    let http = http1_builder(&limits);
+    let http = builder(&limits);
     let svc = egress_service(egress);
 
     tokio::pin!(shutdown);
@@ -78,9 +86,9 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
-        let service = tracked_service(svc.clone(), activity.clone());
+        let service = tracked_service(svc.clone(), activity.clone(), limits.max_headers);
         // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
-        let conn = http.serve_connection(io, TowerToHyperService::new(service)).with_upgrades();
+        let conn = http.serve_connection_with_upgrades(io, TowerToHyperService::new(service)).into_owned();
         tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), permit));
     }
     drop(listener);
@@ -109,15 +117,21 @@ async fn accept(listener: &TcpListener) -> Option<TcpStream> {
     }
 }
 
-fn http1_builder(limits: &HttpLimits) -> hyper::server::conn::http1::Builder {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+/// HTTP/1.1, or HTTP/2 when the connection opens with its preface (h2c, prior knowledge).
+fn builder(limits: &HttpLimits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         // Ours (the watchdog) instead: hyper's runs while a keep-alive connection idles,
         // which would cut every idle connection at the header timeout.
         .header_read_timeout(None)
         .max_headers(limits.max_headers)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        // Advertised in SETTINGS; a larger header block is answered 431 by h2 itself.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     http
 }
 
@@ -270,9 +284,11 @@ impl Activity {
         // Every byte, whatever the phase: a pipelined head often arrives with (or while
         // serving) the request before it.
         s.framing.read(data);
+        let http2 = s.framing.is_http2();
         let mut started = false;
         if let Phase::AwaitingHead { head, .. } = &mut s.phase {
-            started = head.is_none();
+            // An idle HTTP/2 connection's control frames are not the start of a request.
+            started = head.is_none() && !http2;
             if started {
                 *head = Some(now);
             }
@@ -295,6 +311,10 @@ impl Activity {
             Phase::InRequest(n) => Phase::InRequest(n + 1),
             Phase::AwaitingHead { .. } => Phase::InRequest(1),
         };
+        // HTTP/2 requests are frames, not heads: the guard has no verdict for them.
+        if s.framing.is_http2() {
+            return None;
+        }
         s.framing.next_verdict()
     }
 
@@ -407,9 +427,10 @@ impl Drop for EndOfResponse {
     }
 }
 
-/// The egress service for one connection: marks each request's start and end, and
-/// refuses a request whose head was ambiguous on the wire.
-fn tracked_service(svc: EgressService, activity: Arc<Activity>) -> EgressService {
+/// The egress service for one connection: marks each request's start and end, refuses a
+/// request whose head was ambiguous on the wire, and counts an HTTP/2 request's header
+/// fields (hyper counts HTTP/1's).
+fn tracked_service(svc: EgressService, activity: Arc<Activity>, max_headers: usize) -> EgressService {
     use tower::ServiceExt as _;
     tower::util::BoxCloneService::new(tower::service_fn(move |req: Request<Incoming>| {
         let framing = activity.begin();
@@ -418,6 +439,9 @@ fn tracked_service(svc: EgressService, activity: Arc<Activity>) -> EgressService
         async move {
             let res = match framing {
                 Some(why) => bad_framing(why),
+                None if req.headers().len() > max_headers => {
+                    BridgeError::TooManyHeaders { max: max_headers }.to_response(None, None).map(full)
+                }
                 None => svc.oneshot(req).await?,
             };
             Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }.boxed_unsync()))
