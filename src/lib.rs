@@ -18,6 +18,7 @@
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.
 //! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
 //! - [`shutdown`]: the stop's one `drain_timeout` budget, split between its steps.
+//! - [`telemetry`]: OpenTelemetry spans of each hop, exported over OTLP (`[telemetry]`).
 //! - [`sidecar`]: one running sidecar, wired from the parts above.
 
 #![forbid(unsafe_code)]
@@ -40,3 +41,4 @@ pub mod reload;
 pub mod shutdown;
 pub mod sidecar;
 pub mod subject;
+pub mod telemetry;

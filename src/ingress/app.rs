@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::problem::error_chain;
+use crate::telemetry::Telemetry;
 
 /// The app's answer, body buffered.
 #[derive(Debug)]
@@ -37,6 +38,8 @@ pub enum AppError {
 #[derive(Clone)]
 pub struct AppClient {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// A call made under a message's span gets a client span of its own.
+    telemetry: Telemetry,
 }
 
 impl Default for AppClient {
@@ -53,11 +56,31 @@ impl AppClient {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(1024).build(connector);
-        Self { client }
+        Self { client, telemetry: Telemetry::off() }
+    }
+
+    /// The client whose calls under a message's span are traced.
+    pub fn with_telemetry(self, telemetry: Telemetry) -> Self {
+        Self { telemetry, ..self }
     }
 
     /// One call, bounded by `timeout` from sending to the end of the response body.
     pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        mut headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<AppResponse, AppError> {
+        let span = self.telemetry.app_call(&method, uri, &mut headers);
+        let res = self.exchange(method, uri, headers, body, timeout, max_body).await;
+        span.end(res.as_ref().map(|r| r.status).map_err(|e| e.to_string()));
+        res
+    }
+
+    async fn exchange(
         &self,
         method: Method,
         uri: &str,

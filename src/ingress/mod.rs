@@ -49,6 +49,8 @@ pub struct Parts {
     pub replies: Replies,
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
+    /// The spans of each message and app call (off without `[telemetry]`).
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// What every route task shares.
@@ -63,6 +65,7 @@ pub(crate) struct Shared {
     pub gate: gate::Gate,
     /// NATS micro discovery's per-endpoint stats.
     pub micro: Arc<micro::Endpoints>,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// One inbound route, resolved for its task.
@@ -126,7 +129,7 @@ impl Drop for Running {
 
 /// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
 pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
-    let app = AppClient::new();
+    let app = AppClient::new().with_telemetry(cx.telemetry.clone());
     let probing = CancellationToken::new();
     let (gate, prober) = gate::spawn(cx.config.clone(), app.clone(), cx.readiness.clone(), probing.clone());
     let shared = Arc::new(Shared {
@@ -138,6 +141,7 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
         readiness: cx.readiness.clone(),
         gate,
         micro: Arc::default(),
+        telemetry: cx.telemetry.clone(),
     });
     let mut running: HashMap<String, Running> = HashMap::new();
     let config = cx.config.borrow_and_update().clone();

@@ -250,10 +250,11 @@ async fn handle(
         _ => Ok(None),
     };
     let nest = super::nest::incoming(&route.inbound, &msg.payload, &msg.subject);
+    let span = shared.telemetry.message(&route.inbound, &msg.subject, msg.headers.as_ref(), None);
     let call = match gate {
         Err(answer) => Ok(answer),
         Ok(claimed) => {
-            let call = call_app(&shared, &route, &msg, tunnel, key.as_deref(), nest.as_ref(), &abort).await;
+            let call = span.scope(call_app(&shared, &route, &msg, tunnel, key.as_deref(), nest.as_ref(), &abort)).await;
             match (idem, claimed) {
                 // Aborted at shutdown: the app may still be running the dropped request, so
                 // the claim is left to go stale rather than released for a concurrent retry.
@@ -269,6 +270,7 @@ async fn handle(
         }
     };
     m.duration.observe(started.elapsed().as_secs_f64());
+    span.end(Ok(call.as_ref().map_or_else(BridgeError::status, |r| r.status)));
     if let Some(stats) = &route.micro {
         stats.record(call.as_ref().map_or_else(BridgeError::status, |r| r.status), started.elapsed());
     }
