@@ -183,3 +183,60 @@ fn end(cx: &Context, outcome: Result<http::StatusCode, String>, path: Option<&'s
     }
     span.end();
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn config() -> crate::config::Config {
+        let src = "[sidecar]\nservice = \"s\"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:1\"\n[[outbound]]\nname = \"o\"\npath = \"/o\"\nmode = \"publish\"\nsubject = \"o\"\n[[inbound]]\nname = \"i\"\nsubject = \"i\"\nmode = \"request\"\nmethod = \"POST\"\npath = \"/i\"\n";
+        crate::config::parse(src, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn off_leaves_the_callers_traceparent_and_starts_nothing() {
+        let c = config();
+        let t = Telemetry::off();
+        let mut req = http::Request::new(());
+        req.headers_mut().insert("traceparent", PARENT.parse().unwrap());
+        let spans = t.egress(&c.outbound[0], Some("o"), &mut req);
+        assert!(spans.0.is_none());
+        assert_eq!(req.headers()["traceparent"], PARENT);
+        let mut h = http::HeaderMap::new();
+        assert!(t.app_call(&http::Method::GET, "http://app/", &mut h).0.is_none());
+        assert!(t.message(&c.inbound[0], "i", None, None).0.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_app_call_is_traced_only_under_a_message_span() {
+        let c = config();
+        let t = Telemetry::start(c.telemetry.as_ref()).unwrap();
+        let mut probe = http::HeaderMap::new();
+        // The health probe: no message, no span, no traceparent.
+        assert!(t.app_call(&http::Method::GET, "http://app/healthz", &mut probe).0.is_none());
+        assert!(probe.get("traceparent").is_none());
+        let mut nats = async_nats::HeaderMap::new();
+        nats.insert("Traceparent", PARENT);
+        let message = t.message(&c.inbound[0], "i", Some(&nats), None);
+        let (span, headers) = message
+            .scope(async {
+                let mut h = http::HeaderMap::new();
+                (t.app_call(&http::Method::POST, "http://app/i", &mut h), h)
+            })
+            .await;
+        let sent = headers["traceparent"].to_str().unwrap();
+        assert!(sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{sent}");
+        let client = span.0.as_ref().unwrap().span().span_context().span_id().to_string();
+        assert!(sent.contains(&client), "{sent} carries the client span {client}");
+        span.end(Ok(http::StatusCode::OK));
+        message.end(Ok(http::StatusCode::OK));
+        // Nothing listens on the endpoint: the stop gives up within its budget.
+        let by = Instant::now() + Duration::from_secs(2);
+        t.shutdown(by).await;
+        assert!(Instant::now() <= by + Duration::from_millis(500));
+    }
+}
