@@ -53,7 +53,8 @@ pub struct Parts {
 
 /// Runs until `shutdown` is cancelled, then stops within one `drain_timeout`: ingress
 /// first (in-flight handlers finish while egress still serves their calls), then egress,
-/// then the NATS flush. A step that overruns the budget is abandoned.
+/// then the NATS flush and the export of the last spans. A step that overruns the budget
+/// is abandoned.
 pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let Parts { mut config, overrides, egress: egress_listener, admin: admin_listener, env, reload, shutdown } = parts;
     apply_overrides(&mut config, &overrides);
