@@ -47,28 +47,46 @@ impl Got {
 /// A real OTLP/HTTP receiver on port 0: `POST /v1/traces`, protobuf bodies.
 struct Receiver {
     addr: SocketAddr,
+    /// Exports that arrived (hung or answered).
+    hits: Arc<std::sync::atomic::AtomicUsize>,
     spans: Arc<Mutex<Vec<Got>>>,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl Receiver {
     async fn start() -> Self {
+        Self::serve(false).await
+    }
+
+    /// A collector that reads each export and never answers.
+    async fn hanging() -> Self {
+        Self::serve(true).await
+    }
+
+    async fn serve(hang: bool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (spans, requests) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        let (s, r) = (spans.clone(), requests.clone());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, r, h) = (spans.clone(), requests.clone(), hits.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (s, r) = (s.clone(), r.clone());
+                let (s, r, h) = (s.clone(), r.clone(), h.clone());
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (s, r) = (s.clone(), r.clone());
-                    async move { Ok::<_, Infallible>(receive(req, &s, &r).await) }
+                    let (s, r, h) = (s.clone(), r.clone(), h.clone());
+                    async move {
+                        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if hang {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, Infallible>(receive(req, &s, &r).await)
+                    }
                 });
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
             }
         });
-        Self { addr, spans, requests }
+        Self { addr, hits, spans, requests }
     }
 
     fn spans(&self) -> Vec<Got> {
@@ -226,4 +244,29 @@ mode = "request"
     assert_eq!(message.attr("messaging.destination.name"), "orders.create");
     assert_eq!(client.attr("http.response.status_code"), "200");
     assert!(!message.attrs.contains_key("natsbridge.delivery_count"), "core NATS has no delivery count: {message:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_that_never_answers_delays_no_call_and_not_the_stop() {
+    let _ = tracing_subscriber::fmt().with_env_filter("natsbridge=info").with_test_writer().try_init();
+    let nats = NatsServer::start();
+    let collector = Receiver::hanging().await;
+    let app = App::start(|_| respond(200, "{}")).await;
+    let egress =
+        "[[outbound]]\nname = \"create-order\"\nmethod = \"POST\"\npath = \"/orders\"\nsubject = \"orders.create\"\nmode = \"request\"\n";
+    let routes = format!("{egress}\n{}\n{}", orders_route(""), telemetry(&collector, "shop-sidecar"));
+    let sidecar = Sidecar::start(&routes_toml("shop", "2s", &routes), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(call("POST", &sidecar.url("/orders"), &[], "{}").await.status, 200);
+        assert!(started.elapsed() < Duration::from_secs(2), "a call waited for the collector: {:?}", started.elapsed());
+    }
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), sidecar.stop()).await.expect("the sidecar stops");
+    let took = started.elapsed();
+    // The stop's export reached the collector, which held it: the drain budget (2s) ended it,
+    // not the exporter's own timeout (10s).
+    assert!(collector.hits.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the stop exported the spans");
+    assert!(took < Duration::from_millis(3500), "the stop waited for the collector: {took:?}");
 }

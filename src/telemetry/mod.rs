@@ -68,11 +68,8 @@ impl Telemetry {
         let resource = Resource::builder_empty().with_service_name(config.service_name.clone()).build();
         let provider = SdkTracerProvider::builder().with_span_processor(processor).with_sampler(sampler).with_resource(resource).build();
         let tracer = provider.tracer(SCOPE);
+        tracing::info!(endpoint = %config.traces_url, service_name = %config.service_name, sample_ratio = config.sample_ratio, "exporting spans over OTLP/HTTP");
         Ok(Self(Some(Arc::new(Inner { provider, tracer, propagator: TraceContextPropagator::new() }))))
-    }
-
-    pub fn is_on(&self) -> bool {
-        self.0.is_some()
     }
 
     /// Exports the spans still queued, by `by` (the stop's budget); past it they are lost
