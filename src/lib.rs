@@ -21,6 +21,7 @@
 //! - [`provision`]: streams, consumers and buckets derived from the routing file.
 //! - [`permissions`]: the NATS allow-lists a routing file needs (least privilege).
 //! - [`shutdown`]: the stop's one `drain_timeout` budget, split between its steps.
+//! - [`telemetry`]: OpenTelemetry spans of each hop, exported over OTLP (`[telemetry]`).
 //! - [`sidecar`]: one running sidecar, wired from the parts above.
 //! - [`dev`]: `natsbridge dev`, the local loop: nats-server, sidecar and app together.
 
@@ -48,3 +49,4 @@ pub mod shutdown;
 pub mod sidecar;
 pub mod streamed;
 pub mod subject;
+pub mod telemetry;

@@ -50,6 +50,8 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         &changed!("sidecar", o, n, [worker_threads]),
         // One NATS connection for the process's lifetime.
         &changed!("nats", old.nats, new.nats, [servers, auth, tls, connect_timeout, inbox_prefix]),
+        // The span exporter is started once, with the sidecar.
+        &[("telemetry", old.telemetry != new.telemetry)],
     ]
     .concat()
     .into_iter()
@@ -207,6 +209,8 @@ mod tests {
         }
         let renamed = config::parse("[sidecar]\nservice = \"other\"\n", "t.toml").unwrap();
         assert_eq!(needs_restart(&base, &renamed), vec!["sidecar.service"]);
+        let traced = config::parse("[sidecar]\nservice = \"svc\"\n[telemetry]\notlp_endpoint = \"http://c:4318\"\n", "t.toml").unwrap();
+        assert_eq!(needs_restart(&base, &traced), vec!["telemetry"]);
     }
 
     #[test]

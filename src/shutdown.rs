@@ -1,5 +1,6 @@
 //! The stop: one `drain_timeout` from the signal, shared by every step in order (ingress,
-//! then egress, then the NATS flush), with the last part kept for the flush. Its own module
+//! then egress, then the NATS flush alongside the last span export), with the last part
+//! kept for the flushes. Its own module
 //! so that the wiring (`sidecar`) and the routes that size their handlers' share (`ingress`)
 //! both read it, neither from the other.
 
@@ -15,7 +16,7 @@ pub(crate) struct Drain {
     pub(crate) started: Instant,
     /// Ingress, reload, provisioning and egress are done by then, or abandoned.
     pub(crate) work: Instant,
-    /// The NATS flush is done by then, or abandoned.
+    /// The NATS flush and the span export are done by then, or abandoned.
     pub(crate) end: Instant,
 }
 

@@ -21,6 +21,7 @@ use crate::nats::replies::Replies;
 use crate::provision;
 use crate::reload::Reloader;
 use crate::shutdown::{drain_nats, Drain};
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -30,6 +31,8 @@ pub enum SidecarError {
     Io(#[from] std::io::Error),
     #[error("cannot subscribe to the reply inbox: {0}")]
     Replies(#[from] async_nats::SubscribeError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// Looks up an environment variable (for secrets named in the routing file).
@@ -50,7 +53,8 @@ pub struct Parts {
 
 /// Runs until `shutdown` is cancelled, then stops within one `drain_timeout`: ingress
 /// first (in-flight handlers finish while egress still serves their calls), then egress,
-/// then the NATS flush. A step that overruns the budget is abandoned.
+/// then the NATS flush and the export of the last spans. A step that overruns the budget
+/// is abandoned.
 pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let Parts { mut config, overrides, egress: egress_listener, admin: admin_listener, env, reload, shutdown } = parts;
     apply_overrides(&mut config, &overrides);
@@ -60,6 +64,8 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, readiness.clone(), &*env).await?;
     // One reply subscription for the connection: egress requests, acks, dead letters.
     let replies = Replies::start(&nats, &metrics).await?;
+    // After the steps that can fail: a started exporter is always flushed by the stop.
+    let telemetry = Telemetry::start(config.telemetry.as_ref())?;
     let config = Arc::new(config);
     let table = Arc::new(ArcSwap::from_pointee(Table::new(Routing::new(config.clone()), &metrics)));
     let (changes, config_rx) = watch::channel(config.clone());
@@ -95,12 +101,13 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         replies: replies.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
+        telemetry: telemetry.clone(),
     };
     let ingress_task = spawn_ingress(ingress_parts, ingress_stop.clone(), ingress_done);
 
     log_running(&config, egress_addr, admin_addr);
     mark_draining(readiness.clone(), shutdown.clone());
-    let egress = Egress::new(table, nats.clone(), replies, metrics, shadows);
+    let egress = Egress::new(table, nats.clone(), replies, metrics, shadows, telemetry.clone());
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
     let egress_stop = CancellationToken::new();
@@ -126,8 +133,9 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         Some(served) => served,
         None => drain.finish("egress", egress_task, drain.work).await.unwrap_or(Ok(Ok(()))),
     };
-    // Last, flush what egress and ingress published (replies, acks) and unsubscribe.
-    drain_nats(&nats, drain.end).await;
+    // Last, flush what egress and ingress published (replies, acks) and unsubscribe, and
+    // export the spans they ended.
+    tokio::join!(drain_nats(&nats, drain.end), telemetry.shutdown(drain.end));
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     // A panicked egress task counts as a failed listener.

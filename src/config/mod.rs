@@ -10,11 +10,13 @@
 mod cutover;
 mod diagnostics;
 mod raw;
+mod telemetry;
 mod validate;
 mod values;
 
 pub use cutover::{Cutover, Sticky};
 pub use diagnostics::{ConfigError, Diagnostic};
+pub use telemetry::Telemetry;
 pub use values::{parse_duration, parse_http_url, parse_server_url, parse_size, redact_userinfo, strip_port, ValueError};
 
 use std::fmt;
@@ -37,6 +39,8 @@ pub struct Config {
     pub streams: Vec<StreamSpec>,
     pub dead_letter: DeadLetterStream,
     pub idempotency: IdempotencyStore,
+    /// `[telemetry]`: spans exported over OTLP; `None` exports nothing (read at start).
+    pub telemetry: Option<Telemetry>,
     /// Things that are legal but probably wrong (`check` prints them, `run` logs them).
     pub warnings: Vec<Diagnostic>,
     /// Where the file came from, for diagnostics and hot reload.

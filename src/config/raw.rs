@@ -19,6 +19,7 @@ pub(super) struct RawDocument {
     pub(super) streams: Vec<Spanned<toml::Value>>,
     pub(super) dead_letter: Option<Spanned<toml::Value>>,
     pub(super) idempotency: Option<Spanned<toml::Value>>,
+    pub(super) telemetry: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -223,4 +224,14 @@ pub(super) struct RawIdempotencyStore {
     pub(super) claim_ttl: Option<String>,
     pub(super) max_response_bytes: Option<String>,
     pub(super) storage: Option<String>,
+}
+
+/// `[telemetry]`: where spans go. Leaving the section out exports nothing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) otlp_endpoint: String,
+    pub(super) service_name: Option<String>,
+    pub(super) sample_ratio: Option<f64>,
+    pub(super) export_timeout: Option<String>,
 }

@@ -78,6 +78,7 @@ impl Egress {
         };
         let mut req = req;
         req.extensions_mut().insert(HeadRead(started));
+        let spans = self.telemetry.egress(route, subject.as_deref(), &mut req);
         let mut res = match self.dispatch(route, subject, req).await {
             Ok(res) => res,
             Err(e) => {
@@ -90,6 +91,7 @@ impl Egress {
         let path = crate::egress::cutover::path_of(&res).unwrap_or(default_path(route));
         res.headers_mut().insert(crate::egress::cutover::RESPONSE_PATH, HeaderValue::from_static(path.as_str()));
         table.observe_on(index, path, res.status(), started.elapsed());
+        spans.end(res.status(), path.as_str());
         if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
             res.headers_mut().insert(codec::REQUEST_ID, id);
         }

@@ -19,7 +19,8 @@
 //!   (their comparison, with [`tee`] keeping the HTTP answer) and the fallback.
 //!
 //! Calls `codec` (HTTP ↔ NATS), `nats` (connection state, the acked JetStream publish),
-//! `problem` (every failure's status), `config` and `metrics`; nothing calls back in.
+//! `problem` (every failure's status), `config`, `metrics` and `telemetry` (each routed
+//! call's spans); nothing calls back in.
 
 mod cloudevents;
 mod connect;
@@ -88,6 +89,8 @@ pub struct Egress {
     unmatched: crate::metrics::EgressRouteMetrics,
     /// Cut-over shadows: their concurrency bound and last mismatches (read by `/statusz`).
     shadows: Arc<cutover::Shadows>,
+    /// The spans of each routed call (off without `[telemetry]`).
+    telemetry: crate::telemetry::Telemetry,
 }
 
 impl Egress {
@@ -97,6 +100,7 @@ impl Egress {
         replies: Replies,
         metrics: Metrics,
         shadows: Arc<cutover::Shadows>,
+        telemetry: crate::telemetry::Telemetry,
     ) -> Arc<Self> {
         let connect_timeout = table.load().config().sidecar.forward.connect_timeout;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -122,6 +126,7 @@ impl Egress {
             via,
             unmatched,
             shadows,
+            telemetry,
         })
     }
 }

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::problem::error_chain;
+use crate::telemetry::Telemetry;
 
 /// The app's answer, body buffered.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub enum AppError {
 #[derive(Clone)]
 pub struct AppClient {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// A call made under a message's span gets a client span of its own.
+    telemetry: Telemetry,
 }
 
 impl Default for AppClient {
@@ -54,11 +57,28 @@ impl AppClient {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(1024).build(connector);
-        Self { client }
+        Self { client, telemetry: Telemetry::off() }
+    }
+
+    /// The client whose calls under a message's span are traced.
+    pub fn with_telemetry(self, telemetry: Telemetry) -> Self {
+        Self { telemetry, ..self }
     }
 
     /// One call, bounded by `timeout` from sending to the end of the response body.
     pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<AppResponse, AppError> {
+        self.exchange(method, uri, headers, body, timeout, max_body).await
+    }
+
+    async fn exchange(
         &self,
         method: Method,
         uri: &str,
@@ -77,13 +97,18 @@ impl AppClient {
     /// Sends one request and returns once the response head arrived; the body is the
     /// caller's to read (or to drop, which closes the connection). Unbounded in time: the
     /// caller sets the deadline.
-    pub async fn send(&self, method: Method, uri: &str, headers: HeaderMap, body: Bytes) -> Result<Response<Incoming>, AppError> {
+    /// Under a message's span the call gets a client span, ended when the response head
+    /// arrives (a streamed body outlives it), and the app gets that span as `traceparent`.
+    pub async fn send(&self, method: Method, uri: &str, mut headers: HeaderMap, body: Bytes) -> Result<Response<Incoming>, AppError> {
+        let span = self.telemetry.app_call(&method, uri, &mut headers);
         let uri: Uri = uri.parse().map_err(|_| AppError::BadUri(uri.to_owned()))?;
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        self.client.request(req).await.map_err(|e| AppError::Unreachable(error_chain(&e)))
+        let res = self.client.request(req).await.map_err(|e| AppError::Unreachable(error_chain(&e)));
+        span.end(res.as_ref().map(|r| r.status()).map_err(|e| e.to_string()));
+        res
     }
 }
 

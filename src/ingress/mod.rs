@@ -53,6 +53,8 @@ pub struct Parts {
     pub replies: Replies,
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
+    /// The spans of each message and app call (off without `[telemetry]`).
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// What every route task shares.
@@ -67,6 +69,7 @@ pub(crate) struct Shared {
     pub gate: gate::Gate,
     /// NATS micro discovery's per-endpoint stats.
     pub micro: Arc<micro::Endpoints>,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// One inbound route, resolved for its task.
@@ -130,7 +133,7 @@ impl Drop for Running {
 
 /// Runs every inbound route until `shutdown`, then finishes or naks what is in flight.
 pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
-    let app = AppClient::new();
+    let app = AppClient::new().with_telemetry(cx.telemetry.clone());
     let probing = CancellationToken::new();
     let (gate, prober) = gate::spawn(cx.config.clone(), app.clone(), cx.readiness.clone(), probing.clone());
     let shared = Arc::new(Shared {
@@ -142,6 +145,7 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
         readiness: cx.readiness.clone(),
         gate,
         micro: Arc::default(),
+        telemetry: cx.telemetry.clone(),
     });
     let mut running: HashMap<String, Running> = HashMap::new();
     let config = cx.config.borrow_and_update().clone();

@@ -261,6 +261,7 @@ async fn handle(
         (Ok(_), Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
         _ => Ok(None),
     };
+    let span = shared.telemetry.message(&route.inbound, &msg.subject, msg.headers.as_ref(), None);
     let call = match (checked, gate) {
         (Err(refusal), _) => Err(refusal),
         (Ok(_), Err(answer)) => Ok(answer),
@@ -272,12 +273,15 @@ async fn handle(
             let how =
                 HowToCall { tunnel, key: key.as_deref(), decoded: &decoded, checked: checked.as_deref(), stream_to, rid: rid.as_deref() };
             let app_started = Instant::now();
-            let answer = call_app(&shared, &route, &msg, how, &abort).await;
+            let answer = span.scope(call_app(&shared, &route, &msg, how, &abort)).await;
             app_time = app_started.elapsed();
             let call = match answer {
                 Ok(super::stream::Answer::Whole(r)) => Ok(r),
                 Ok(super::stream::Answer::Streamed) => {
                     m.duration.observe(started.elapsed().as_secs_f64());
+                    // The stream's first message carried the app's status; its end is the
+                    // streams metric's to tell.
+                    span.end(Ok(StatusCode::OK));
                     return;
                 }
                 Err(e) => Err(e),
@@ -297,6 +301,7 @@ async fn handle(
         }
     };
     m.duration.observe(started.elapsed().as_secs_f64());
+    span.end(Ok(call.as_ref().map_or_else(BridgeError::status, |r| r.status)));
     if let Some(stats) = &route.micro {
         stats.record(call.as_ref().map_or_else(BridgeError::status, |r| r.status), started.elapsed());
     }

@@ -1,7 +1,8 @@
 //! Turns the raw sections of a routing file into a [`Config`], pushing every problem into
 //! one [`Diagnostics`] collector so the user sees all of them at once.
 //!
-//! One free function per section (`sidecar`, `outbound`, `inbound`, `streams`); `cross`
+//! One free function per section (`sidecar`, `outbound`, `inbound`, `streams`,
+//! `telemetry`); `cross`
 //! checks what no single table can see (names, overlaps, coverage). Calls only the raw
 //! types, the diagnostics collector, the value parsers and `crate::subject`.
 
@@ -14,6 +15,7 @@ mod outbound;
 mod sidecar;
 mod stream;
 mod streams;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,7 +24,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::diagnostics::{Diagnostics, Table, TableStart};
-use super::raw::{RawDeadLetter, RawDefaults, RawDocument, RawIdempotencyStore, RawInbound, RawNats, RawOutbound, RawSidecar, RawStream};
+use super::raw::{
+    RawDeadLetter, RawDefaults, RawDocument, RawIdempotencyStore, RawInbound, RawNats, RawOutbound, RawSidecar, RawStream, RawTelemetry,
+};
 use super::values::{parse_duration, parse_size};
 use super::{Config, Defaults, Storage};
 
@@ -40,6 +44,8 @@ struct RawSections {
     outbound: Vec<(RawOutbound, TableStart)>,
     inbound: Vec<(RawInbound, TableStart)>,
     streams: Vec<(RawStream, TableStart)>,
+    /// `None` also when the file has no `[telemetry]`: then nothing is exported.
+    telemetry: Option<(RawTelemetry, TableStart)>,
 }
 
 /// Validates the whole document; `None` only when errors were pushed.
@@ -54,6 +60,7 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
     let reply_prefixes = sidecar.as_ref().map(|s| s.reply_prefixes.clone()).unwrap_or_default();
     let dead_letter = raw.dead_letter.map(|(raw, at)| streams::dead_letter(raw, at, diags));
     let idempotency = raw.idempotency_store.map(|(raw, at)| streams::idempotency_store(raw, at, diags));
+    let telemetry = raw.telemetry.and_then(|(raw, at)| telemetry::telemetry(raw, at, &service, diags));
 
     let route_defaults = defaults.clone().unwrap_or(Defaults { timeout: DEFAULT_TIMEOUT, max_body: DEFAULT_MAX_BODY });
     let outbound: Vec<_> = raw
@@ -80,6 +87,7 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
         streams,
         dead_letter: dead_letter?,
         idempotency: idempotency?,
+        telemetry,
         warnings: Vec::new(),
         source: PathBuf::from(diags.locator().file()),
     })
@@ -99,13 +107,14 @@ fn deserialize_sections(doc: RawDocument, diags: &mut Diagnostics<'_>) -> RawSec
     let defaults = optional_section(doc.defaults, "[defaults]", diags);
     let dead_letter = optional_section(doc.dead_letter, "[dead_letter]", diags);
     let idempotency_store = optional_section(doc.idempotency, "[idempotency]", diags);
+    let telemetry = doc.telemetry.and_then(|v| section::<RawTelemetry>(v, "[telemetry]", diags));
     // Before the routes' own errors, and on the raw tables: a duplicate is reported even
     // when the route has errors of its own.
     cross::check_raw_route_names(doc.outbound.iter().chain(doc.inbound.iter()), diags);
     let outbound = doc.outbound.into_iter().filter_map(|v| section::<RawOutbound>(v, "[[outbound]]", diags)).collect();
     let inbound = doc.inbound.into_iter().filter_map(|v| section::<RawInbound>(v, "[[inbound]]", diags)).collect();
     let streams = doc.streams.into_iter().filter_map(|v| section::<RawStream>(v, "[[streams]]", diags)).collect();
-    RawSections { sidecar, nats, defaults, dead_letter, idempotency_store, outbound, inbound, streams }
+    RawSections { sidecar, nats, defaults, dead_letter, idempotency_store, outbound, inbound, streams, telemetry }
 }
 
 /// A section that may be left out: then all its defaults apply.

@@ -86,8 +86,13 @@ pub(super) async fn handle(
     let started = Instant::now();
     let mut headers = delivery_headers(route, &msg, at, key.as_deref());
     border::tell_app(&mut headers, checked.as_deref());
-    let result = call_app(&shared, route, &msg, headers, &decoded, &abort).await;
+    let span = shared.telemetry.message(&route.inbound, &msg.subject, msg.headers.as_ref(), Some(delivered));
+    let result = span.scope(call_app(&shared, route, &msg, headers, &decoded, &abort)).await;
     m.duration.observe(started.elapsed().as_secs_f64());
+    span.end(match &result {
+        Some(r) => r.as_ref().map(|r| r.status).map_err(|e| e.to_string()),
+        None => Err("abandoned at the drain deadline".to_owned()),
+    });
     let Some(result) = result else {
         // Shutting down past the drain deadline: let another replica have it now. The
         // claim is not released but left to go stale: the app may still be running the
