@@ -3,7 +3,9 @@
 //! twice), and the poison path (dead letter → failed workflow → fix → `dlq replay`). This
 //! test checks what independent observers recorded: the demo's tap (a plain NATS
 //! subscriber on `>`, hops.jsonl), the execution service's SQLite file, the tool's effect
-//! file, the `dlq` CLI's output and the sidecars' JSON logs.
+//! file, the `dlq` CLI's output, the sidecars' JSON logs, and the page's token stream as
+//! an EventSource-like reader got it through gateway while gateway's sidecar was killed
+//! and restarted mid-stream (sse.jsonl).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -108,6 +110,26 @@ fn the_platform_runs_a_workflow_and_its_failure_path() {
             assert_eq!(t["done"], i + 1 == tokens.len(), "{wf}: done only at the end");
         }
     }
+
+    // The page's token stream for the first workflow, read through gateway and its
+    // sidecar's subscribe route, with gateway's sidecar killed and restarted after 3 tokens:
+    // the reader reconnected with the last id it had, and got every token once, in order,
+    // exactly as the agent published them.
+    let sse = lines(&work.join("sse.jsonl"));
+    let published: Vec<String> = hops
+        .iter()
+        .filter(|h| h["subject"] == format!("agent.token.streamed.{}", workflows[0]))
+        .map(|h| h["data"].as_str().unwrap().to_owned())
+        .collect();
+    let read: Vec<String> = sse.iter().map(|e| e["data"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(read, published, "the resumed stream is the published one, nothing lost or repeated");
+    let ids: Vec<u64> = sse.iter().map(|e| e["id"].as_str().unwrap().parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "event ids increase: {ids:?}");
+    let first_conn = sse[0]["conn"].as_u64().unwrap();
+    let cut = sse.iter().position(|e| e["conn"] != first_conn).expect("the stream was cut and resumed on a new connection");
+    assert!(cut >= 3 && cut < sse.len() - 1, "cut mid-stream, after the 3 tokens that trigger the restart: {cut}");
+    assert_eq!(sse[cut]["sent_last_event_id"], sse[cut - 1]["id"], "resumed with Last-Event-ID = the last id received");
+    assert!(sse[..cut].iter().all(|e| e["sent_last_event_id"].is_null()));
 
     // The execution log: every execution event the tap saw published is one row, no more.
     let rows = rows(&work.join("execution.sqlite"));

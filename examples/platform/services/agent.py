@@ -5,10 +5,13 @@ sidecar), asks model for a key and a config (a Nest microservice; the sidecar sp
 Nest's wire format), asks vector for context, streams its answer token by token, asks
 tool to run a tool, and says it is done. Every call goes to its sidecar (EGRESS_URL).
 """
-import json, os, sys, urllib.request
+import json, os, sys, time, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 EGRESS = os.environ["EGRESS_URL"]
+# A pause between tokens, as a model's pace: the demo sets it so that a sidecar can be
+# restarted while a stream is open and the page visibly streams.
+TOKEN_DELAY = float(os.environ.get("TOKEN_DELAY_MS", "0")) / 1000
 
 
 def call(path, body, key=None):
@@ -31,6 +34,7 @@ def execute(job):
               f"here is my answer to: {prompt}").split(" ")
     for i, word in enumerate(answer):
         token = word if i == 0 else " " + word
+        time.sleep(TOKEN_DELAY)
         call(f"/tokens/{wf}", {"workflow_id": wf, "index": i, "token": token, "done": False}, f"{wf}-tok-{i}")
     call(f"/tokens/{wf}", {"workflow_id": wf, "index": len(answer), "token": "", "done": True}, f"{wf}-tok-end")
     tool = {"workflow_id": wf, "request_id": f"{wf}-tool", "tool": "wordcount", "input": job["tool_input"]}

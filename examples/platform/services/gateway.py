@@ -71,17 +71,26 @@ class Handler(BaseHTTPRequestHandler):
         try:
             upstream = urllib.request.urlopen(req, timeout=60)
         except urllib.error.HTTPError as e:
-            return self.answer(e.code, e.read())
+            if e.code != 503:
+                return self.answer(e.code, e.read())
+            self.close_connection = True  # not connected to NATS yet: EventSource retries a drop,
+            return                        # never a 503
+        except OSError:  # the sidecar is restarting: a dropped connection, so EventSource retries
+            self.close_connection = True
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        with upstream:
-            for line in upstream:  # SSE is line-framed: forward each line at once
-                self.wfile.write(line)
-                self.wfile.flush()
+        try:
+            with upstream:
+                for line in upstream:  # SSE is line-framed: forward each line at once
+                    self.wfile.write(line)
+                    self.wfile.flush()
+        except OSError:  # cut mid-stream (sidecar restart, or the browser left): close too
+            pass
 
 
 if __name__ == "__main__":

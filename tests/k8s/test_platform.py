@@ -1,0 +1,85 @@
+"""examples/platform/k8s: the platform's seven services on Kubernetes. The chart rendered
+with the platform's values (routes ConfigMaps and NATS users) and linted, every object and
+every Deployment validated against Kubernetes' schemas, the six injected Deployments naming
+a routes ConfigMap the chart ships, the routes passing `natsbridge check` together, and the
+values being exactly what examples/platform/k8s/generate writes from the routes files."""
+
+import filecmp
+import os
+import shutil
+import subprocess
+import tempfile
+
+import helm_python
+import kubernetes_validate
+import yaml
+
+from conftest import CHART, NAMESPACE, REPO, merge, one, render
+
+K8S = REPO / "examples" / "platform" / "k8s"
+KUBE_VERSION = "1.33.0"
+CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
+INJECTED = ["gateway", "orchestration", "agent", "tool", "vector", "execution"]
+
+
+def platform_values():
+    with open(K8S / "values.yaml") as f:
+        values = yaml.safe_load(f)
+    with open(K8S / "nats-users.yaml") as f:
+        return merge(values, yaml.safe_load(f))
+
+
+def binary():
+    subprocess.run(["cargo", "build", "-q", "--bin", "natsbridge"], cwd=REPO, check=True, timeout=900)
+    return REPO / "target" / "debug" / "natsbridge"
+
+
+def test_the_chart_renders_the_platform_as_valid_kubernetes():
+    report = helm_python.lint(str(CHART), platform_values(), strict=True, namespace=NAMESPACE)
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    objects, _ = render(platform_values())
+    for obj in objects:
+        obj = {k: v for k, v in obj.items() if k != "__template"}
+        if not obj["apiVersion"].startswith(CRD_GROUPS):
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    for svc in INJECTED:
+        cm = one([o for o in objects if o["metadata"].get("namespace") == "platform"], "ConfigMap", f"{svc}-routes")
+        assert f'service = "{svc}"' in cm["data"]["routes.toml"]
+
+
+def test_the_seven_deployments_validate_and_six_opt_in():
+    with open(K8S / "apps.yaml") as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    for d in docs:
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    ns = next(d for d in docs if d["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["natsbridge.io/inject"] == "enabled"
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert sorted(deployments) == sorted(INJECTED + ["model"])
+    routes = {r["name"] for r in platform_values()["routes"]}
+    for svc in INJECTED:
+        ann = deployments[svc]["spec"]["template"]["metadata"]["annotations"]
+        assert ann["natsbridge.io/inject"] == "true" and ann["natsbridge.io/routes"] == f"{svc}-routes" in routes
+    # model speaks NATS itself (Nest's transport): no sidecar.
+    assert deployments["model"]["spec"]["template"]["metadata"]["annotations"]["natsbridge.io/inject"] == "false"
+
+
+def test_the_platform_routes_pass_natsbridge_check_together():
+    with tempfile.TemporaryDirectory() as d:
+        names = []
+        for r in platform_values()["routes"]:
+            names.append(f'{r["name"]}.toml')
+            with open(os.path.join(d, names[-1]), "w") as f:
+                f.write(r["toml"])
+        out = subprocess.run([str(binary()), "check", *names], cwd=d, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
+
+
+def test_values_are_what_generate_writes_from_the_routes_files():
+    with tempfile.TemporaryDirectory() as d:
+        copy = os.path.join(d, "examples", "platform")
+        shutil.copytree(REPO / "examples" / "platform" / "routes", os.path.join(copy, "routes"))
+        shutil.copytree(K8S, os.path.join(copy, "k8s"))
+        subprocess.run([os.path.join(copy, "k8s", "generate"), str(binary())], check=True, timeout=60)
+        for name in ["values.yaml", "nats-users.yaml"]:
+            assert filecmp.cmp(os.path.join(copy, "k8s", name), K8S / name, shallow=False), f"run examples/platform/k8s/generate ({name})"
