@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::{Cutover, Outbound, Sticky};
-use crate::egress::dispatch::read_body;
 use crate::egress::forward::Outgoing;
 use crate::egress::tee::Tee;
 use crate::egress::{full, Body, Egress};
@@ -209,7 +208,7 @@ impl Egress {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, BridgeError> {
         let (mut parts, body) = req.into_parts();
-        let body = read_body(route, &parts.headers, body).await?;
+        let body = super::read_body(route, &parts.headers, body).await?;
         // Only the sidecar marks shadows: the app's own mark would make a live call skip
         // its effects.
         parts.headers.remove(BRIDGE_SHADOW);

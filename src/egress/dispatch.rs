@@ -7,14 +7,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::codec;
 use crate::config::{Codec, Outbound, OutboundTarget, Unmatched};
 use crate::egress::forward::Outgoing;
 use crate::egress::routes::{Match, Miss};
-use crate::egress::{full, Body, BoxError, Egress};
+use crate::egress::{full, Body, Egress};
 use crate::metrics::InFlight;
 use crate::nats::connection::is_connected;
 use crate::nats::publish::{publish_acked, PublishErrorKind};
@@ -95,7 +94,7 @@ impl Egress {
         if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
             res.headers_mut().insert(codec::REQUEST_ID, id);
         }
-        if let Some(ReplyRead(read)) = res.extensions_mut().remove::<ReplyRead>() {
+        if let Some(super::stream::ReplyRead(read)) = res.extensions_mut().remove::<super::stream::ReplyRead>() {
             self.metrics.own_time.record(Stage::EgressReplyToResponse, read.elapsed());
         }
         res
@@ -119,7 +118,7 @@ impl Egress {
             return self.subscribe(route, sub, subject.unwrap_or_default(), req.headers()).await;
         }
         let (mut parts, body) = req.into_parts();
-        let body = read_body(route, &parts.headers, body).await?;
+        let body = super::read_body(route, &parts.headers, body).await?;
         self.carry(route, subject.unwrap_or_default(), &mut parts, body).await
     }
 
@@ -309,10 +308,6 @@ impl Egress {
     }
 }
 
-/// When the reply of a NATS request was read (a response extension, taken off in `handle`).
-#[derive(Clone, Copy)]
-pub(super) struct ReplyRead(pub(super) Instant);
-
 /// When the HTTP request's head was read (a request extension, set in `handle`): the start
 /// of the sidecar's own time on the way out.
 #[derive(Clone, Copy)]
@@ -341,23 +336,6 @@ fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
         OutboundTarget::Tunnel { subject, .. } => Ok(Some(subject.clone())),
         OutboundTarget::Http { .. } => Ok(None),
     }
-}
-
-/// The whole request body, refused (413) past the route's `max_body` whether declared
-/// by `Content-Length` or streamed.
-pub(super) async fn read_body(route: &Outbound, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, BridgeError> {
-    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > route.max_body as u64) {
-        return Err(BridgeError::BodyTooLarge { limit: route.max_body });
-    }
-    let body = Limited::new(body, route.max_body).collect().await.map_err(|e: BoxError| {
-        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            BridgeError::BodyTooLarge { limit: route.max_body }
-        } else {
-            BridgeError::BodyRead(e)
-        }
-    })?;
-    Ok(body.to_bytes())
 }
 
 /// The way a route's calls go unless a cut-over says otherwise.

@@ -149,3 +149,24 @@ impl Drop for PublishSlot<'_> {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// The whole request body, refused (413) past the route's `max_body` whether declared
+/// by `Content-Length` or streamed.
+async fn read_body(
+    route: &crate::config::Outbound,
+    headers: &http::HeaderMap,
+    body: hyper::body::Incoming,
+) -> Result<Bytes, crate::problem::BridgeError> {
+    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > route.max_body as u64) {
+        return Err(crate::problem::BridgeError::BodyTooLarge { limit: route.max_body });
+    }
+    let body = http_body_util::Limited::new(body, route.max_body).collect().await.map_err(|e: BoxError| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            crate::problem::BridgeError::BodyTooLarge { limit: route.max_body }
+        } else {
+            crate::problem::BridgeError::BodyRead(e)
+        }
+    })?;
+    Ok(body.to_bytes())
+}

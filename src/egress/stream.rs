@@ -142,7 +142,7 @@ impl Replier<'_> {
             *res.status_mut() = r.status;
             *res.headers_mut() = r.headers;
             // `handle` records the rest of this stage once the response is complete.
-            res.extensions_mut().insert(super::dispatch::ReplyRead(reply_read));
+            res.extensions_mut().insert(ReplyRead(reply_read));
             return Ok(res);
         }
         let mut sequence = seq.then(Sequence::default);
@@ -319,3 +319,7 @@ impl Reader {
         Ok((m.payload, part))
     }
 }
+
+/// When the reply of a NATS request was read (a response extension, taken off in `handle`).
+#[derive(Clone, Copy)]
+pub(super) struct ReplyRead(pub(super) std::time::Instant);

@@ -6,7 +6,7 @@
 //! - in the file, `reference = true` on a `[[streams]]` entry or `[dead_letter]`: the
 //!   stream is only checked to exist, never created or updated from that file;
 //! - on the server, the owner's `[sidecar] service` in the stream's metadata
-//!   ([`OWNER_KEY`]), written when it creates or updates the stream. Another service's
+//!   (`spec::OWNER_KEY`), written when it creates or updates the stream. Another service's
 //!   provisioning leaves such a stream alone (a differing file is refused, not applied)
 //!   unless `--force` takes it over;
 //! - across files, [`conflicts`] (`natsbridge check FILE…`) reports two files owning one
@@ -21,62 +21,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::stream;
 
-use super::compare::{compare_stream, Verdict};
-use super::plan::{item, read_stream, Op, Planned, Status};
-use super::spec::{dead_letter_stream_config, stream_config, OWNER_KEY};
-use super::{Kind, ProvisionError};
+use super::spec::{dead_letter_stream_config, stream_config};
 use crate::config::Config;
-
-/// The service whose routes file owns `have`, if another than `service`.
-pub(super) fn other_owner<'a>(have: &'a stream::Config, service: &str) -> Option<&'a str> {
-    have.metadata.get(OWNER_KEY).map(String::as_str).filter(|o| *o != service)
-}
-
-/// A stream another service owns, without `--force`: nothing is changed. Unchanged when
-/// the file agrees with it, refused (with the differences) when not.
-pub(super) fn leave_to_owner(kind: Kind, want: &stream::Config, have: &stream::Info, owner: &str, manage_duplicates: bool) -> Planned {
-    let name = &want.name;
-    let diff = match compare_stream(want, have, manage_duplicates) {
-        Verdict::Unchanged => Vec::new(),
-        Verdict::Update(diff) | Verdict::Destructive { diff, .. } => diff,
-    };
-    let diff: Vec<_> = diff.into_iter().filter(|d| d.field != "owner").collect();
-    let mut p = if diff.is_empty() {
-        Planned { item: item(kind, name, Status::Unchanged), op: Op::None }
-    } else {
-        let reason = format!(
-            "owned by service {owner:?}, whose routes file sets its settings: change them there, or declare it here with reference = true (--force takes it over)"
-        );
-        Planned { item: item(kind, name, Status::Refused { reason, diff }), op: Op::None }
-    };
-    p.item.note.get_or_insert_with(|| format!("settings owned by service {owner:?}"));
-    p
-}
-
-/// A referenced stream: only checked to exist. Missing is a failure (retried by a
-/// running sidecar), since the owner's provisioning has not created it yet.
-pub(super) async fn plan_reference(
-    js: &jetstream::Context,
-    kind: Kind,
-    name: &str,
-) -> Result<(Planned, Option<stream::Info>), ProvisionError> {
-    let have = read_stream(js, kind, name).await?;
-    let mut p = match &have {
-        Some(_) => Planned { item: item(kind, name, Status::Unchanged), op: Op::None },
-        None => {
-            let error = "referenced (reference = true) but does not exist: the routes file that owns it creates it".to_owned();
-            Planned { item: item(kind, name, Status::Failed { error }), op: Op::None }
-        }
-    };
-    let owner = have.as_ref().and_then(|h| h.config.metadata.get(OWNER_KEY));
-    p.item.note = Some(match owner {
-        Some(o) => format!("referenced; settings owned by service {o:?}"),
-        None => "referenced; settings owned by another routes file".to_owned(),
-    });
-    Ok((p, have))
-}
 
 /// Two routes files owning one stream with different settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use super::spec::{
     consumer_config, dead_letter_stream_config, fit_to_stream, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
     uses_idempotency, OWNER_KEY,
 };
-use super::{owner, Kind, ProvisionError};
+use super::{Kind, ProvisionError};
 use crate::config::{Config, Consumer, Inbound};
 
 /// What happened (or, in a dry run, would happen) to one resource.
@@ -311,7 +311,7 @@ pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: boo
     let service = config.sidecar.service.as_str();
     for (kind, mut want, manage_duplicates, reference) in streams {
         if reference {
-            let (p, have) = owner::plan_reference(js, kind, &want.name).await?;
+            let (p, have) = plan_reference(js, kind, &want.name).await?;
             if let Some(have) = have {
                 known.retention.insert(want.name.clone(), have.config.retention);
                 known.messages.insert(want.name.clone(), have.state.messages);
@@ -388,9 +388,9 @@ async fn plan_stream(
         Some(have) => {
             known.messages.insert(name.clone(), have.state.messages);
             let service = want.metadata.get(OWNER_KEY).cloned().unwrap_or_default();
-            if let Some(owner) = owner::other_owner(&have.config, &service).filter(|_| !force) {
+            if let Some(owner) = other_owner(&have.config, &service).filter(|_| !force) {
                 known.retention.insert(name.clone(), have.config.retention);
-                return Ok(owner::leave_to_owner(kind, &want, &have, owner, manage_duplicates));
+                return Ok(leave_to_owner(kind, &want, &have, owner, manage_duplicates));
             }
             let verdict = compare_stream(&want, &have, manage_duplicates);
             let merged = merge_stream(&have.config, &want, manage_duplicates);
@@ -463,6 +463,58 @@ async fn plan_consumer(
         }
     };
     Ok(p)
+}
+
+// ---------------------------------------------------------------------------------------
+// Streams owned by another routes file (see `owner`): planned, never changed from here.
+
+/// The service whose routes file owns `have`, if another than `service`.
+pub(super) fn other_owner<'a>(have: &'a stream::Config, service: &str) -> Option<&'a str> {
+    have.metadata.get(OWNER_KEY).map(String::as_str).filter(|o| *o != service)
+}
+
+/// A stream another service owns, without `--force`: nothing is changed. Unchanged when
+/// the file agrees with it, refused (with the differences) when not.
+pub(super) fn leave_to_owner(kind: Kind, want: &stream::Config, have: &stream::Info, owner: &str, manage_duplicates: bool) -> Planned {
+    let name = &want.name;
+    let diff = match compare_stream(want, have, manage_duplicates) {
+        Verdict::Unchanged => Vec::new(),
+        Verdict::Update(diff) | Verdict::Destructive { diff, .. } => diff,
+    };
+    let diff: Vec<_> = diff.into_iter().filter(|d| d.field != "owner").collect();
+    let mut p = if diff.is_empty() {
+        Planned { item: item(kind, name, Status::Unchanged), op: Op::None }
+    } else {
+        let reason = format!(
+            "owned by service {owner:?}, whose routes file sets its settings: change them there, or declare it here with reference = true (--force takes it over)"
+        );
+        Planned { item: item(kind, name, Status::Refused { reason, diff }), op: Op::None }
+    };
+    p.item.note.get_or_insert_with(|| format!("settings owned by service {owner:?}"));
+    p
+}
+
+/// A referenced stream: only checked to exist. Missing is a failure (retried by a
+/// running sidecar), since the owner's provisioning has not created it yet.
+pub(super) async fn plan_reference(
+    js: &jetstream::Context,
+    kind: Kind,
+    name: &str,
+) -> Result<(Planned, Option<stream::Info>), ProvisionError> {
+    let have = read_stream(js, kind, name).await?;
+    let mut p = match &have {
+        Some(_) => Planned { item: item(kind, name, Status::Unchanged), op: Op::None },
+        None => {
+            let error = "referenced (reference = true) but does not exist: the routes file that owns it creates it".to_owned();
+            Planned { item: item(kind, name, Status::Failed { error }), op: Op::None }
+        }
+    };
+    let owner = have.as_ref().and_then(|h| h.config.metadata.get(OWNER_KEY));
+    p.item.note = Some(match owner {
+        Some(o) => format!("referenced; settings owned by service {o:?}"),
+        None => "referenced; settings owned by another routes file".to_owned(),
+    });
+    Ok((p, have))
 }
 
 #[cfg(test)]
