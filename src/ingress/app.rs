@@ -75,18 +75,6 @@ impl AppClient {
         timeout: Duration,
         max_body: usize,
     ) -> Result<AppResponse, AppError> {
-        self.exchange(method, uri, headers, body, timeout, max_body).await
-    }
-
-    async fn exchange(
-        &self,
-        method: Method,
-        uri: &str,
-        headers: HeaderMap,
-        body: Bytes,
-        timeout: Duration,
-        max_body: usize,
-    ) -> Result<AppResponse, AppError> {
         let exchange = async {
             let res = self.send(method, uri, headers, body).await?;
             collect(res, max_body).await
@@ -97,6 +85,7 @@ impl AppClient {
     /// Sends one request and returns once the response head arrived; the body is the
     /// caller's to read (or to drop, which closes the connection). Unbounded in time: the
     /// caller sets the deadline.
+    ///
     /// Under a message's span the call gets a client span, ended when the response head
     /// arrives (a streamed body outlives it), and the app gets that span as `traceparent`.
     pub async fn send(&self, method: Method, uri: &str, mut headers: HeaderMap, body: Bytes) -> Result<Response<Incoming>, AppError> {
