@@ -286,16 +286,8 @@ async fn handle(
                 }
                 Err(e) => Err(e),
             };
-            match (idem, claimed) {
-                // Aborted at shutdown: the app may still be running the dropped request, so
-                // the claim is left to go stale rather than released for a concurrent retry.
-                (Some(_), Some(c)) if matches!(call, Err(BridgeError::ShuttingDown)) => drop(c),
-                // Only a 2xx marks the key done; a store error after it is logged (the
-                // reply still carries the app's answer).
-                (Some(g), Some(c)) => {
-                    let _ = g.finish(c, call.as_ref().ok().and_then(guard::success)).await;
-                }
-                _ => {}
+            if let (Some(g), Some(c)) = (idem, claimed) {
+                settle_claim(g, c, &call).await;
             }
             call.and_then(|r| r.map_err(|e| app_error(&e)))
         }
@@ -315,6 +307,17 @@ async fn handle(
     if send_reply(&shared, &route, reply, call, rid.as_deref(), decoded.nest.as_ref()).await {
         shared.metrics.own_time.record(Stage::IngressOwn, read.elapsed().saturating_sub(app_time));
     }
+}
+
+/// After the app call: only a 2xx marks the idempotency key done (a store error after it is
+/// logged; the reply still carries the app's answer). Aborted at shutdown, the app may still
+/// be running the dropped request, so the claim is left to go stale rather than released
+/// for a concurrent retry.
+async fn settle_claim(g: &guard::Guard, claimed: guard::Claimed, call: &Result<Result<AppResponse, AppError>, BridgeError>) {
+    if matches!(call, Err(BridgeError::ShuttingDown)) {
+        return drop(claimed);
+    }
+    let _ = g.finish(claimed, call.as_ref().ok().and_then(guard::success)).await;
 }
 
 /// Refuses (counts, logs at a rate limit) a message whose reply subject is outside the
