@@ -376,3 +376,43 @@ ttl = "1s"
 async fn stored_messages(js: &jetstream::Context) -> u64 {
     js.get_stream("TOKENS").await.unwrap().info().await.unwrap().state.messages
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_asked_for_while_draining_gets_only_the_retry_hint() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    publish(&js, "agent.token.streamed.e8", &[], "t0".into()).await;
+    // An order held at the app keeps ingress draining, and so egress accepting, meanwhile.
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let app = App::script(move |_, _| {
+        let mut go = go_rx.clone();
+        async move {
+            let _ = go.wait_for(|g| *g).await;
+            respond(200, "{}")
+        }
+    })
+    .await;
+    let routes = toml_draining("stream = \"TOKENS\"", "20s") + &support::fixtures::orders_route("timeout = \"30s\"");
+    let sidecar = Sidecar::start(&routes, &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let order =
+        tokio::spawn(
+            async move { support::fixtures::nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(20)).await },
+        );
+    app.wait_hits(1).await;
+    sidecar.shutdown.cancel();
+    let admin = sidecar.admin;
+    eventually("draining", Duration::from_secs(10), || async move { (!all_up(admin).await).then_some(()) }).await;
+    let res = open(&sidecar.url("/executions/e8/tokens"), None).await;
+    assert_eq!(res.status(), 200, "EventSource gives up on anything else");
+    let mut r = Reader::new(res);
+    assert!(r.next(false).await.is_none(), "no event while draining");
+    assert_eq!(r.ended, Some(Ok(())));
+    assert!(r.retry.is_some(), "a retry hint");
+    assert_eq!(consumers(&js).await, 0, "no consumer made for it");
+    go.send(true).unwrap();
+    order.await.unwrap().expect("the order in flight is answered");
+    sidecar.stop().await;
+}
