@@ -107,7 +107,9 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
 
     log_running(&config, egress_addr, admin_addr);
     mark_draining(readiness.clone(), shutdown.clone());
-    let egress = Egress::new(table, nats.clone(), replies, metrics, shadows, telemetry.clone());
+    // The signal, not `egress_stop`: subscribe streams end when the stop starts, so their
+    // clients resume on another pod while this one drains.
+    let egress = Egress::new(table, nats.clone(), replies, metrics, shadows, telemetry.clone(), shutdown.clone());
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
     let egress_stop = CancellationToken::new();

@@ -1,7 +1,8 @@
 //! `mode = "subscribe"` end to end (issue 11 §2): a subject, or a JetStream stream, as a
 //! live SSE stream to a real HTTP client reading incrementally; resume with
 //! `Last-Event-ID`; the per-client consumer goes away with the client; a nats-server
-//! restart mid-stream loses and repeats nothing.
+//! restart mid-stream loses and repeats nothing; the sidecar's stop ends an open stream at
+//! once with a retry hint, and another sidecar resumes it.
 
 mod support;
 
@@ -17,9 +18,13 @@ use support::fixtures::routes_toml;
 use support::*;
 
 fn toml(extra: &str) -> String {
+    toml_draining(extra, "5s")
+}
+
+fn toml_draining(extra: &str, drain_timeout: &str) -> String {
     routes_toml(
         "caller",
-        "5s",
+        drain_timeout,
         &format!(
             r#"[[outbound]]
 name = "execution-tokens"
@@ -55,11 +60,13 @@ struct Reader {
     body: Incoming,
     buf: Vec<u8>,
     ended: Option<Result<(), String>>,
+    /// The last `retry:` hint the stream gave.
+    retry: Option<u64>,
 }
 
 impl Reader {
     fn new(res: http::Response<Incoming>) -> Self {
-        Self { body: res.into_body(), buf: Vec::new(), ended: None }
+        Self { body: res.into_body(), buf: Vec::new(), ended: None, retry: None }
     }
 
     /// The next event (comments skipped unless `comments`), `None` at the end.
@@ -81,6 +88,8 @@ impl Reader {
                         e.event = Some(v.into());
                     } else if let Some(v) = line.strip_prefix("data: ") {
                         data.push(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        self.retry = Some(v.parse().unwrap());
                     }
                 }
                 if data.is_empty() && e.id.is_none() {
@@ -191,6 +200,64 @@ async fn last_event_id_resumes_after_a_disconnect_with_no_gap_and_no_duplicate()
     }
     let got: Vec<(u64, String)> = got.into_iter().map(|e| (e.id.unwrap(), e.data)).collect();
     assert_eq!(got, sent, "every token exactly once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_ends_open_streams_at_once_with_a_retry_hint_and_another_sidecar_resumes_them() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    // A 20 s drain budget: before the fix the open stream held the stop for all of it.
+    let routes = toml_draining("stream = \"TOKENS\"", "20s");
+    let sidecar = Sidecar::start(&routes, &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push((publish(&js, "agent.token.streamed.e7", &[], format!("t{i}")).await, format!("t{i}")));
+    }
+    let mut r = Reader::new(open(&sidecar.url("/executions/e7/tokens"), None).await);
+    let mut got = Vec::new();
+    for _ in 0..30 {
+        got.push(r.next(false).await.unwrap().unwrap());
+    }
+    // More tokens in flight as the stop comes: the first stream may or may not carry them.
+    for i in 30..60 {
+        sent.push((publish(&js, "agent.token.streamed.e7", &[], format!("t{i}")).await, format!("t{i}")));
+    }
+    let started = std::time::Instant::now();
+    let stop = tokio::spawn(sidecar.stop());
+    while let Some(e) = r.next(false).await {
+        got.push(e.expect("the drain is not an error"));
+    }
+    tokio::time::timeout(Duration::from_secs(15), stop).await.expect("the sidecar stopped").unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?} of its 20 s budget");
+    assert_eq!(r.ended, Some(Ok(())), "the body closes, with no error event");
+    let retry = r.retry.expect("a retry hint before the close");
+    assert!((500..=1500).contains(&retry), "retry {retry}");
+    assert!(got.iter().all(|e| e.event.is_none()), "no end or error event: {got:?}");
+    assert!(got.len() >= 30);
+
+    // The producer ends the stream with an end event only now: the resumed stream carries
+    // it, and everything between, exactly once.
+    for i in 60..80 {
+        sent.push((publish(&js, "agent.token.streamed.e7", &[], format!("t{i}")).await, format!("t{i}")));
+    }
+    let end = publish(&js, "agent.token.streamed.e7", &[("Bridge-Stream", "end"), ("Bridge-Event", "end")], "done".into()).await;
+    let other = Sidecar::start(&routes, &nats.url(), None).await;
+    other.wait_ready().await;
+    let last = got.last().unwrap().id;
+    let mut r = Reader::new(open(&other.url("/executions/e7/tokens"), last).await);
+    let mut resumed = Vec::new();
+    while let Some(e) = r.next(false).await {
+        resumed.push(e.unwrap());
+    }
+    assert_eq!(r.retry, None, "a clean end gives no retry hint");
+    let marker = resumed.pop().expect("the end event");
+    assert_eq!((marker.id, marker.event.as_deref(), marker.data.as_str()), (Some(end), Some("end"), "done"));
+    let got: Vec<(u64, String)> = got.into_iter().chain(resumed).map(|e| (e.id.unwrap(), e.data)).collect();
+    assert_eq!(got, sent, "every token exactly once, in order");
+    other.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,4 +375,44 @@ ttl = "1s"
 
 async fn stored_messages(js: &jetstream::Context) -> u64 {
     js.get_stream("TOKENS").await.unwrap().info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_asked_for_while_draining_gets_only_the_retry_hint() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    publish(&js, "agent.token.streamed.e8", &[], "t0".into()).await;
+    // An order held at the app keeps ingress draining, and so egress accepting, meanwhile.
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let app = App::script(move |_, _| {
+        let mut go = go_rx.clone();
+        async move {
+            let _ = go.wait_for(|g| *g).await;
+            respond(200, "{}")
+        }
+    })
+    .await;
+    let routes = toml_draining("stream = \"TOKENS\"", "20s") + &support::fixtures::orders_route("timeout = \"30s\"");
+    let sidecar = Sidecar::start(&routes, &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let client = nats.client().await;
+    let order =
+        tokio::spawn(
+            async move { support::fixtures::nats_request_within(&client, "orders.create", &[], "{}", Duration::from_secs(20)).await },
+        );
+    app.wait_hits(1).await;
+    sidecar.shutdown.cancel();
+    let admin = sidecar.admin;
+    eventually("draining", Duration::from_secs(10), || async move { (!all_up(admin).await).then_some(()) }).await;
+    let res = open(&sidecar.url("/executions/e8/tokens"), None).await;
+    assert_eq!(res.status(), 200, "EventSource gives up on anything else");
+    let mut r = Reader::new(res);
+    assert!(r.next(false).await.is_none(), "no event while draining");
+    assert_eq!(r.ended, Some(Ok(())));
+    assert!(r.retry.is_some(), "a retry hint");
+    assert_eq!(consumers(&js).await, 0, "no consumer made for it");
+    go.send(true).unwrap();
+    order.await.unwrap().expect("the order in flight is answered");
+    sidecar.stop().await;
 }

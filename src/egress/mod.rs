@@ -91,6 +91,9 @@ pub struct Egress {
     shadows: Arc<cutover::Shadows>,
     /// The spans of each routed call (off without `[telemetry]`).
     telemetry: crate::telemetry::Telemetry,
+    /// Cancelled when the stop starts: open `subscribe` streams end at once (they resume
+    /// elsewhere), rather than holding the listener's drain for its whole budget.
+    drain: tokio_util::sync::CancellationToken,
 }
 
 impl Egress {
@@ -101,6 +104,7 @@ impl Egress {
         metrics: Metrics,
         shadows: Arc<cutover::Shadows>,
         telemetry: crate::telemetry::Telemetry,
+        drain: tokio_util::sync::CancellationToken,
     ) -> Arc<Self> {
         let connect_timeout = table.load().config().sidecar.forward.connect_timeout;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -127,6 +131,7 @@ impl Egress {
             unmatched,
             shadows,
             telemetry,
+            drain,
         })
     }
 }

@@ -11,6 +11,13 @@
 //!
 //! A message with `Bridge-Stream: end` ends the stream cleanly; a comment every
 //! `heartbeat` keeps proxies from cutting an idle one; `stream_max` bounds its life.
+//!
+//! When the sidecar's stop starts (the `drain` token given to [`Egress`]), every open
+//! stream ends at once with a `retry:` hint and no end event: the client reconnects with
+//! `Last-Event-ID` (to another pod, as this one is no longer ready) and resumes, instead
+//! of holding the listener's drain for its whole budget. A stream asked for while
+//! draining gets only the hint, for the same reason (a non-200 would make EventSource
+//! give up).
 
 use std::pin::Pin;
 
@@ -51,6 +58,9 @@ impl Egress {
             Some(Some(n)) => Some(n),
             Some(None) => return Err(BridgeError::BadRequest("Last-Event-ID is not a stream sequence".into())),
         };
+        if self.drain.is_cancelled() {
+            return Ok(sse_response(body(futures::stream::iter([Piece::Data(drain_retry())]), true, route.name.clone(), None)));
+        }
         let (source, cleanup) = match &sub.stream {
             None => {
                 let s = self.nats.subscribe(subject.clone()).await.map_err(|e| BridgeError::Nats(e.into()))?;
@@ -60,14 +70,15 @@ impl Egress {
             Some(stream) => self.ordered(stream, subject, sub.deliver_all, last).await?,
         };
         let rid = headers.get(crate::codec::REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let events =
-            Events { source, heartbeat: sub.heartbeat, deadline: Instant::now() + route.stream.max, done: false, _cleanup: cleanup };
-        let mut res = Response::new(body(events.into_stream(), true, route.name.clone(), rid));
-        let h = res.headers_mut();
-        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        Ok(res)
+        let events = Events {
+            source,
+            heartbeat: sub.heartbeat,
+            deadline: Instant::now() + route.stream.max,
+            drain: self.drain.clone(),
+            done: false,
+            _cleanup: cleanup,
+        };
+        Ok(sse_response(body(events.into_stream(), true, route.name.clone(), rid)))
     }
 
     /// An ordered consumer on `stream` for `subject`, starting after `last` when given.
@@ -100,6 +111,23 @@ impl Egress {
     }
 }
 
+fn sse_response(body: Body) -> Response<Body> {
+    let mut res = Response::new(body);
+    let h = res.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res
+}
+
+/// The last words of a stream ended by the drain: reconnect in 0.5 to 1.5 s (spread, so
+/// a pod's clients do not all land on the next one at the same instant), then the body
+/// closes with no end event. The comment says why, for a reader of the raw stream.
+fn drain_retry() -> Bytes {
+    let ms = 500 + (uuid::Uuid::new_v4().as_u128() % 1000) as u64;
+    Bytes::from(format!(": draining; reconnect with Last-Event-ID\nretry: {ms}\n\n"))
+}
+
 /// Deletes a client's consumer when its stream is dropped (the client left, or it ended).
 struct Cleanup {
     js: async_nats::jetstream::Context,
@@ -124,6 +152,8 @@ struct Events {
     source: Source,
     heartbeat: std::time::Duration,
     deadline: Instant,
+    /// The sidecar's stop: ends the stream with [`drain_retry`].
+    drain: tokio_util::sync::CancellationToken,
     done: bool,
     _cleanup: Option<Cleanup>,
 }
@@ -141,6 +171,13 @@ impl Events {
             return None;
         }
         let item = tokio::select! {
+            // First: a stop that comes with messages waiting still ends the stream now;
+            // the client resumes from the last id it got.
+            biased;
+            _ = self.drain.cancelled() => {
+                self.done = true;
+                return Some(Piece::Data(drain_retry()));
+            }
             item = self.source.next() => item,
             _ = tokio::time::sleep(self.heartbeat) => return Some(Piece::Data(Bytes::from_static(HEARTBEAT))),
             _ = tokio::time::sleep_until(self.deadline) => {
