@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::codec::nestjs::{self, Frame};
-use crate::config::{Codec, Outbound};
+use crate::config::{Codec, Outbound, StreamLimits};
 use crate::egress::stream::{body as stream_body, Guard, Piece};
 use crate::egress::{full, Body, Egress};
 use crate::nats::replies::{ReplyErrorKind, ReplyStream};
@@ -43,9 +43,12 @@ pub(super) fn event_payload(route: &Outbound, subject: &str, body: Bytes) -> Res
 
 /// Whether the client's `Accept` names `text/event-stream`.
 pub(super) fn wants_event_stream(headers: &http::HeaderMap) -> bool {
-    headers.get_all(http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|m| {
-        m.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
-    })
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| m.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream")))
 }
 
 /// One streamed value: an SSE `data:` event, or an NDJSON line. serde_json writes no raw
@@ -87,7 +90,16 @@ impl Egress {
                 _ => BridgeError::Nats(e.into()),
             }
         })?;
-        let mut reader = Reader { waiter, id, subject, route: route.clone(), deadline: started + route.stream.max, sse, guard: None, done: false };
+        let mut reader = Reader {
+            waiter,
+            id,
+            subject,
+            limits: route.stream.clone(),
+            deadline: started + route.stream.max,
+            sse,
+            guard: None,
+            done: false,
+        };
         // `frame` skips other requests' replies: `Foreign` never comes back from it.
         let first = match reader.frame(started + route.timeout).await? {
             Some(Frame::Next(v)) => v,
@@ -104,7 +116,8 @@ impl Egress {
             Some(Frame::Err(err)) => return Err(BridgeError::NestErr(err)),
             Some(Frame::Foreign) | None => return Err(reader.elapsed()),
         };
-        reader.guard = Some(Guard { nats: self.nats.clone(), control: None, end: "cancel", metrics: self.metrics.clone(), route: route.name.clone() });
+        reader.guard =
+            Some(Guard { nats: self.nats.clone(), control: None, end: "cancel", metrics: self.metrics.clone(), route: route.name.clone() });
         if last {
             reader.end("complete");
         }
@@ -141,7 +154,7 @@ struct Reader {
     waiter: ReplyStream,
     id: String,
     subject: String,
-    route: Outbound,
+    limits: StreamLimits,
     /// When `stream_max` runs out, counted from the request.
     deadline: Instant,
     sse: bool,
@@ -161,7 +174,7 @@ impl Reader {
                 Ok(Err(e)) => {
                     return Err(match e.kind() {
                         ReplyErrorKind::NoResponders => BridgeError::NoResponders { subject: self.subject.clone() },
-                        ReplyErrorKind::Overflow => BridgeError::StreamOverflow { buffer: self.route.stream.buffer },
+                        ReplyErrorKind::Overflow => BridgeError::StreamOverflow { buffer: self.limits.buffer },
                         _ => BridgeError::Nats(e.into()),
                     })
                 }
@@ -175,15 +188,15 @@ impl Reader {
 
     /// How long the next message may take: `stream_stall`, within `stream_max`.
     fn next_until(&self) -> Instant {
-        (Instant::now() + self.route.stream.stall).min(self.deadline)
+        (Instant::now() + self.limits.stall).min(self.deadline)
     }
 
     /// The error for a wait that ran out: `stream_max` or `stream_stall`.
     fn elapsed(&self) -> BridgeError {
         if Instant::now() >= self.deadline {
-            BridgeError::StreamTooLong { max: self.route.stream.max }
+            BridgeError::StreamTooLong { max: self.limits.max }
         } else {
-            BridgeError::StreamStalled { stall: self.route.stream.stall }
+            BridgeError::StreamStalled { stall: self.limits.stall }
         }
     }
 
@@ -219,7 +232,7 @@ impl Reader {
             Err(e) => ("gone", Some(Piece::Fail(e))),
         };
         if matches!(piece, Some(Piece::Fail(_))) {
-            tracing::debug!(route = %self.route.name, "a NestJS stream ended as an error");
+            tracing::debug!(route = %self.guard.as_ref().map_or("", |g| g.route.as_str()), "a NestJS stream ended as an error");
         }
         self.end(end);
         piece
