@@ -9,7 +9,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
+use http::Request;
+use http_body_util::Full;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use support::fixtures::*;
@@ -112,6 +115,22 @@ async fn client_proxy_calls_an_http_app(nest: Nest) {
     assert_eq!(&created.seen.body[..], br#"{"id":1}"#);
 }
 
+/// A POST whose body is read as it streams: the head, the body, and how it ended
+/// (`Err`: aborted).
+async fn stream(url: &str, body: &str, accept: Option<&str>) -> (Reply, String, Result<(), String>) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::post(url);
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let req = req.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.expect("a response head in time").unwrap();
+    let (parts, mut incoming) = res.into_parts();
+    let (bytes, end) = support::streaming::read_all(&mut incoming, Duration::from_secs(20)).await;
+    let head = Reply { status: parts.status.as_u16(), headers: parts.headers, body: Bytes::new() };
+    (head, String::from_utf8(bytes).unwrap(), end)
+}
+
 const OUTBOUND: &str = r#"
 [[outbound]]
 name = "sum"
@@ -140,6 +159,21 @@ path = "/boom"
 mode = "request"
 codec = "nestjs"
 subject = "nest.boom"
+
+[[outbound]]
+name = "flaky"
+path = "/flaky"
+mode = "request"
+codec = "nestjs"
+subject = "nest.flaky"
+
+[[outbound]]
+name = "hang"
+path = "/hang"
+mode = "request"
+codec = "nestjs"
+subject = "nest.hang"
+stream_stall = "500ms"
 
 [[outbound]]
 name = "nobody"
@@ -182,10 +216,33 @@ async fn sidecar_calls_a_nest_microservice(nest: Nest) {
     assert_eq!((r.status, r.text()), (200, "6".to_owned()));
     assert_eq!(r.header("content-type"), Some("application/json"));
 
-    // An Observable handler: three `response` messages, collected.
-    let r = post(&sidecar.url("/count"), "{}").await;
-    assert_eq!((r.status, r.json()), (200, serde_json::json!([1, 2, 3])));
-    assert_eq!(r.header("bridge-nest-responses"), Some("3"));
+    // An Observable handler: three `response` messages, streamed as NDJSON lines, or as
+    // events when the client accepts an event stream.
+    let (head, body, end) = stream(&sidecar.url("/count"), "{}", None).await;
+    assert_eq!((head.status, head.header("content-type")), (200, Some("application/x-ndjson")));
+    assert_eq!((body.as_str(), end), ("1\n2\n3\n", Ok(())));
+    let (head, body, end) = stream(&sidecar.url("/count"), "{}", Some("text/event-stream")).await;
+    assert_eq!((head.status, head.header("content-type")), (200, Some("text/event-stream")));
+    assert_eq!((body.as_str(), end), ("data: 1\n\ndata: 2\n\ndata: 3\n\n", Ok(())));
+
+    // An error after the stream started ends it as an error, never a clean end: the
+    // chunked body is aborted, the event stream's last event is `event: error`.
+    let (head, body, end) = stream(&sidecar.url("/flaky"), r#"{"values":[1,2]}"#, None).await;
+    assert_eq!((head.status, body.as_str()), (200, "1\n2\n"));
+    assert!(end.is_err(), "an aborted body, not a clean end");
+    let (head, body, end) = stream(&sidecar.url("/flaky"), r#"{"values":["a","b"]}"#, Some("text/event-stream")).await;
+    assert_eq!((head.status, end), (200, Ok(())));
+    let (values, error) = body.split_once("event: error\n").expect("an error event");
+    assert_eq!(values, "data: \"a\"\n\ndata: \"b\"\n\n");
+    let problem: serde_json::Value = serde_json::from_str(error.strip_prefix("data: ").unwrap().trim_end()).unwrap();
+    assert_eq!((problem["status"].clone(), problem["detail"].clone()), (serde_json::json!(409), serde_json::json!("late")));
+    // An error after one value comes before any stream: the error's own status.
+    let r = post(&sidecar.url("/flaky"), r#"{"values":[1]}"#).await;
+    assert_eq!((r.status, r.header("content-type")), (409, Some("application/problem+json")));
+    // A stream that stalls past `stream_stall` (500ms) ends as an error too.
+    let (head, body, end) = stream(&sidecar.url("/hang"), "{}", None).await;
+    assert_eq!((head.status, body.as_str()), (200, "1\n2\n"));
+    assert!(end.is_err(), "a stalled stream is aborted");
 
     // RpcException({statusCode: 409, …}) → 409 problem+json carrying Nest's error.
     let r = post(&sidecar.url("/fail"), "{}").await;

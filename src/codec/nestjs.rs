@@ -17,8 +17,6 @@ use serde_json::{Map, Value};
 
 /// The pattern of an inbound Nest message, for the app.
 pub const BRIDGE_PATTERN: &str = "Bridge-Pattern";
-/// How many `response` messages a Nest reply had, when more than one.
-pub const BRIDGE_NEST_RESPONSES: &str = "Bridge-Nest-Responses";
 
 /// Nest's `transformPatternToRoute`: a string or number as it prints; an object as `{…}`
 /// with its keys sorted by `localeCompare` and string values quoted without escaping

@@ -133,7 +133,8 @@ impl Egress {
         self.check_control_line(&subject)?;
         let body = self.border(route, &subject, &mut parts.headers, body)?;
         if route.codec == Codec::NestJs && matches!(route.target, OutboundTarget::Request(_)) {
-            return self.nest_request(route, subject, nats_headers(route, &parts.headers), body).await;
+            let sse = super::nest::wants_event_stream(&parts.headers);
+            return self.nest_request(route, subject, nats_headers(route, &parts.headers), body, sse).await;
         }
         let body = match route.target {
             OutboundTarget::Publish(_) | OutboundTarget::JetStream(_) => super::nest::event_payload(route, &subject, body)?,

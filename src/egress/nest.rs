@@ -1,22 +1,27 @@
 //! Egress with `codec = "nestjs"`: the body becomes a Nest packet's `data`; a request
-//! collects the handler's replies (by its `id`) until the disposed one.
+//! reads the handler's replies (by its `id`) until the disposed one.
 //!
-//! Several `response` messages (an Observable handler) are, until egress can stream a
-//! response, collected within the route's `timeout` and `max_body` and answered as one JSON
-//! array with `Bridge-Nest-Responses: <n>`; a single value is answered as itself.
+//! The first `response` is held until the next message says what the answer is: the
+//! disposed one makes it a whole response (one value: `200` JSON; none: `204`), an `err`
+//! an error status, and a second `response` (an Observable handler) starts a streamed
+//! response through [`super::stream::body`]: an event stream with one `data:` event per
+//! value when the client accepts `text/event-stream`, else `application/x-ndjson`, one
+//! JSON value a line. Once streaming, an `err`, a stall past `stream_stall` or
+//! `stream_max` end the body as an error (`event: error`, or an aborted chunked body).
+//! Nest's protocol has no cancel: a client going away just drops the waiter.
 
 use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use http::{HeaderValue, Response, StatusCode};
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::codec::nestjs::{self, Frame};
-use crate::config::{Codec, Outbound};
+use crate::config::{Codec, Outbound, StreamLimits};
+use crate::egress::stream::{body as stream_body, Guard, Piece};
 use crate::egress::{full, Body, Egress};
-use crate::nats::replies::ReplyErrorKind;
+use crate::nats::replies::{ReplyErrorKind, ReplyStream};
 use crate::problem::BridgeError;
-
-/// Replies buffered per request before the reader takes them.
-const REPLY_BUFFER: usize = 64;
 
 /// The route's pattern: its `pattern`, else the subject it sends to.
 fn pattern(route: &Outbound, subject: &str) -> Value {
@@ -36,22 +41,47 @@ pub(super) fn event_payload(route: &Outbound, subject: &str, body: Bytes) -> Res
     }
 }
 
+/// Whether the client's `Accept` names `text/event-stream`.
+pub(super) fn wants_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| m.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream")))
+}
+
+/// One streamed value: an SSE `data:` event, or an NDJSON line. serde_json writes no raw
+/// newline, so either framing holds.
+fn frame_value(v: &Value, sse: bool) -> Bytes {
+    let json = serde_json::to_vec(v).unwrap_or_default();
+    let mut out = Vec::with_capacity(json.len() + 8);
+    if sse {
+        out.extend_from_slice(b"data: ");
+    }
+    out.extend_from_slice(&json);
+    out.extend_from_slice(if sse { b"\n\n" } else { b"\n" });
+    Bytes::from(out)
+}
+
 impl Egress {
     /// A NestJS `send`: the request packet with a reply subject of ours, then its replies
-    /// until the disposed one or an `err`.
+    /// until the disposed one or an `err`, answered whole or streamed (`sse`: as events).
     pub(super) async fn nest_request(
         &self,
         route: &Outbound,
         subject: String,
         headers: async_nats::HeaderMap,
         body: Bytes,
+        sse: bool,
     ) -> Result<Response<Body>, BridgeError> {
         let id = nestjs::new_id();
         let payload = nestjs::encode_request(&pattern(route, &subject), data(&body)?.as_ref(), &id);
+        let rid = headers.get(crate::codec::REQUEST_ID).map(|v| v.as_str().to_owned());
         self.ensure_connected()?;
-        let deadline = tokio::time::Instant::now() + route.timeout;
-        let mut replies = self.replies.stream(REPLY_BUFFER);
-        let reply = replies.reply_subject().clone();
+        let started = Instant::now();
+        let waiter = self.replies.stream(route.stream.buffer);
+        let reply = waiter.reply_subject().clone();
         self.replies.client().publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await.map_err(|e| {
             match e.kind() {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
@@ -60,49 +90,179 @@ impl Egress {
                 _ => BridgeError::Nats(e.into()),
             }
         })?;
-        let mut values = Vec::new();
-        let mut size = 0;
-        loop {
-            let msg = match tokio::time::timeout_at(deadline, replies.next()).await {
-                Err(_) => return Err(BridgeError::Timeout { subject, timeout: route.timeout }),
-                Ok(Err(e)) if e.kind() == ReplyErrorKind::NoResponders => return Err(BridgeError::NoResponders { subject }),
-                Ok(Err(e)) => return Err(BridgeError::Nats(e.to_string().into())),
-                Ok(Ok(msg)) => msg,
-            };
-            size += msg.payload.len();
-            if size > route.max_body {
-                return Err(BridgeError::Upstream(format!("the NestJS replies exceed the route's max_body ({} bytes)", route.max_body)));
-            }
-            match nestjs::decode_reply(&msg.payload, &id).map_err(BridgeError::NestReply)? {
-                Frame::Foreign => {}
-                Frame::Next(v) => values.push(v),
-                Frame::Last(v) => {
-                    values.extend(v);
-                    return Ok(nest_response(values));
-                }
-                Frame::Err(err) => return Err(BridgeError::NestErr(err)),
-            }
+        let mut reader = Reader {
+            waiter,
+            id,
+            subject,
+            limits: route.stream.clone(),
+            deadline: started + route.stream.max,
+            sse,
+            guard: None,
+            done: false,
+        };
+        // `frame` skips other requests' replies: `Foreign` never comes back from it.
+        let first = match reader.frame(started + route.timeout).await? {
+            Some(Frame::Next(v)) => v,
+            Some(Frame::Last(v)) => return Ok(whole(v)),
+            Some(Frame::Err(err)) => return Err(BridgeError::NestErr(err)),
+            Some(Frame::Foreign) | None => return Err(BridgeError::Timeout { subject: reader.subject, timeout: route.timeout }),
+        };
+        // Held: the next message says whether this is one value or the start of a stream.
+        let until = reader.next_until();
+        let (second, last) = match reader.frame(until).await? {
+            Some(Frame::Last(None)) => return Ok(whole(Some(first))),
+            Some(Frame::Last(Some(v))) => (v, true),
+            Some(Frame::Next(v)) => (v, false),
+            Some(Frame::Err(err)) => return Err(BridgeError::NestErr(err)),
+            Some(Frame::Foreign) | None => return Err(reader.elapsed()),
+        };
+        reader.guard =
+            Some(Guard { nats: self.nats.clone(), control: None, end: "cancel", metrics: self.metrics.clone(), route: route.name.clone() });
+        if last {
+            reader.end("complete");
         }
+        let head = futures::stream::iter([Piece::Data(frame_value(&first, sse)), Piece::Data(frame_value(&second, sse))]);
+        let pieces = head.chain(reader.into_stream());
+        let mut res = Response::new(stream_body(pieces, sse, route.name.clone(), rid));
+        let h = res.headers_mut();
+        if sse {
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Proxies in front of the client must not buffer the events.
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        } else {
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+        }
+        Ok(res)
     }
 }
 
-/// The handler's values as a response: none is 204, one is itself, several an array.
-fn nest_response(mut values: Vec<Value>) -> Response<Body> {
-    let n = values.len();
-    let body = match n {
-        0 => {
-            let mut res = Response::new(full(Bytes::new()));
-            *res.status_mut() = StatusCode::NO_CONTENT;
-            return res;
-        }
-        1 => values.pop().unwrap_or_default(),
-        _ => Value::Array(values),
+/// The handler's only value as a response: none is 204, one is itself as JSON.
+fn whole(value: Option<Value>) -> Response<Body> {
+    let Some(value) = value else {
+        let mut res = Response::new(full(Bytes::new()));
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        return res;
     };
-    let mut res = Response::new(full(serde_json::to_vec(&body).unwrap_or_default()));
-    let h = res.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if n > 1 {
-        h.insert(nestjs::BRIDGE_NEST_RESPONSES, HeaderValue::from(n));
-    }
+    let mut res = Response::new(full(serde_json::to_vec(&value).unwrap_or_default()));
+    res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
+}
+
+/// Reads one Nest request's replies under the route's stream limits.
+struct Reader {
+    waiter: ReplyStream,
+    id: String,
+    subject: String,
+    limits: StreamLimits,
+    /// When `stream_max` runs out, counted from the request.
+    deadline: Instant,
+    sse: bool,
+    /// Counts how the stream ended; only a streamed answer has one to count.
+    guard: Option<Guard>,
+    done: bool,
+}
+
+impl Reader {
+    /// The next frame of this request (other requests' replies skipped), `None` when
+    /// `until` passes first.
+    async fn frame(&mut self, until: Instant) -> Result<Option<Frame>, BridgeError> {
+        loop {
+            let msg = match tokio::time::timeout_at(until, self.waiter.next()).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(msg)) => msg,
+                Ok(Err(e)) => {
+                    return Err(match e.kind() {
+                        ReplyErrorKind::NoResponders => BridgeError::NoResponders { subject: self.subject.clone() },
+                        ReplyErrorKind::Overflow => BridgeError::StreamOverflow { buffer: self.limits.buffer },
+                        _ => BridgeError::Nats(e.into()),
+                    })
+                }
+            };
+            match nestjs::decode_reply(&msg.payload, &self.id).map_err(BridgeError::NestReply)? {
+                Frame::Foreign => {}
+                frame => return Ok(Some(frame)),
+            }
+        }
+    }
+
+    /// How long the next message may take: `stream_stall`, within `stream_max`.
+    fn next_until(&self) -> Instant {
+        (Instant::now() + self.limits.stall).min(self.deadline)
+    }
+
+    /// The error for a wait that ran out: `stream_max` or `stream_stall`.
+    fn elapsed(&self) -> BridgeError {
+        if Instant::now() >= self.deadline {
+            BridgeError::StreamTooLong { max: self.limits.max }
+        } else {
+            BridgeError::StreamStalled { stall: self.limits.stall }
+        }
+    }
+
+    fn end(&mut self, end: &'static str) {
+        self.done = true;
+        if let Some(g) = &mut self.guard {
+            g.ended(end);
+        }
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Piece> + Send + 'static {
+        futures::stream::unfold(self, |mut r| async move {
+            let piece = r.next().await?;
+            Some((piece, r))
+        })
+    }
+
+    async fn next(&mut self) -> Option<Piece> {
+        if self.done {
+            return None;
+        }
+        let until = self.next_until();
+        let (end, piece) = match self.frame(until).await {
+            Ok(Some(Frame::Next(v))) => return Some(Piece::Data(frame_value(&v, self.sse))),
+            Ok(Some(Frame::Last(v))) => ("complete", v.map(|v| Piece::Data(frame_value(&v, self.sse)))),
+            Ok(Some(Frame::Err(err))) => ("error", Some(Piece::Fail(BridgeError::NestErr(err)))),
+            Ok(Some(Frame::Foreign)) => return None,
+            Ok(None) => {
+                let e = self.elapsed();
+                (if matches!(e, BridgeError::StreamTooLong { .. }) { "limit" } else { "stall" }, Some(Piece::Fail(e)))
+            }
+            Err(e @ BridgeError::StreamOverflow { .. }) => ("overflow", Some(Piece::Fail(e))),
+            Err(e) => ("gone", Some(Piece::Fail(e))),
+        };
+        if matches!(piece, Some(Piece::Fail(_))) {
+            tracing::debug!(route = %self.guard.as_ref().map_or("", |g| g.route.as_str()), "a NestJS stream ended as an error");
+        }
+        self.end(end);
+        piece
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_framed_as_events_or_lines() {
+        let v = serde_json::json!({"a": "x\ny", "n": [1, 2]});
+        assert_eq!(&frame_value(&v, true)[..], b"data: {\"a\":\"x\\ny\",\"n\":[1,2]}\n\n");
+        assert_eq!(&frame_value(&v, false)[..], b"{\"a\":\"x\\ny\",\"n\":[1,2]}\n");
+    }
+
+    #[test]
+    fn an_event_stream_is_chosen_by_accept() {
+        let accept = |vals: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in vals {
+                h.append(http::header::ACCEPT, HeaderValue::from_str(v).unwrap());
+            }
+            wants_event_stream(&h)
+        };
+        assert!(accept(&["text/event-stream"]));
+        assert!(accept(&["application/json", "Text/Event-Stream; q=0.5"]));
+        assert!(accept(&["application/json, text/event-stream;q=1"]));
+        assert!(!accept(&[]));
+        assert!(!accept(&["application/json", "text/*"]));
+    }
 }

@@ -192,19 +192,20 @@ impl Replier<'_> {
 }
 
 /// Says how a reader's stream ended, and cancels the responder's stream unless the
-/// responder ended it: dropped with the body, so a client going away cancels too.
-struct Guard {
-    nats: async_nats::Client,
-    control: Option<Subject>,
+/// responder ended it: dropped with the body, so a client going away cancels too. Without
+/// a `control` subject (a NestJS stream) it only counts the ending.
+pub(super) struct Guard {
+    pub(super) nats: async_nats::Client,
+    pub(super) control: Option<Subject>,
     /// How it ended; `cancel` until something else is known.
-    end: &'static str,
-    metrics: crate::metrics::Metrics,
-    route: String,
+    pub(super) end: &'static str,
+    pub(super) metrics: crate::metrics::Metrics,
+    pub(super) route: String,
 }
 
 impl Guard {
     /// The responder ended the stream: nothing to cancel.
-    fn ended(&mut self, end: &'static str) {
+    pub(super) fn ended(&mut self, end: &'static str) {
         self.end = end;
         self.control = None;
     }

@@ -10,7 +10,7 @@ const { Controller, Module } = req('@nestjs/common');
 const { NestFactory } = req('@nestjs/core');
 const { ClientProxyFactory, EventPattern, MessagePattern, RpcException, Transport } = req('@nestjs/microservices');
 const { connect, StringCodec } = req('nats');
-const { firstValueFrom, from, lastValueFrom, toArray } = req('rxjs');
+const { Observable, firstValueFrom, from, lastValueFrom, toArray } = req('rxjs');
 const NEST_VERSION = req('@nestjs/microservices/package.json').version;
 
 const [mode, url] = process.argv.slice(2);
@@ -26,12 +26,24 @@ async function server() {
     count() { return from([1, 2, 3]); }
     fail() { throw new RpcException({ statusCode: 409, message: 'taken' }); }
     boom() { throw new RpcException('plain'); }
+    // data.values, then an RpcException a tick later (Nest folds an error raised in the
+    // same tick as the values into the last value's isDisposed and loses it).
+    flaky(data) {
+      return new Observable((s) => {
+        data.values.forEach((v) => s.next(v));
+        setTimeout(() => s.error(new RpcException({ statusCode: 409, message: 'late' })), 20);
+      });
+    }
+    // Two values, then nothing: never completes.
+    hang() { return new Observable((s) => { s.next(1); s.next(2); }); }
     event(data) { nc.publish('nest.seen', StringCodec().encode(JSON.stringify(data))); }
   }
   decorate(Handlers, 'sum', MessagePattern({ cmd: 'sum' }));
   decorate(Handlers, 'count', MessagePattern('nest.count'));
   decorate(Handlers, 'fail', MessagePattern('nest.fail'));
   decorate(Handlers, 'boom', MessagePattern('nest.boom'));
+  decorate(Handlers, 'flaky', MessagePattern('nest.flaky'));
+  decorate(Handlers, 'hang', MessagePattern('nest.hang'));
   decorate(Handlers, 'event', EventPattern('nest.event'));
   Controller()(Handlers);
   class AppModule {}
