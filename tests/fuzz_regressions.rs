@@ -380,11 +380,13 @@ fn fuzz_framing() {
 }
 
 #[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
 fn fuzz_nestjs() {
     fuzz("nestjs");
 }
 
 #[test]
+#[ignore = "randomized; run by scripts/fuzz-smoke"]
 fn fuzz_stream() {
     fuzz("stream");
 }
