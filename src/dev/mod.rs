@@ -93,10 +93,27 @@ async fn with_nats(dev: Dev) -> Result<i32, DevError> {
     provision(&config, &env, &sink).await;
     let proxy = format!("http://{}", nats::reachable(egress.local_addr().map_err(DevError::Io)?));
     let app_port = config.sidecar.app_url.port_u16().unwrap_or(80);
+    let admin_addr = nats::reachable(admin.local_addr().map_err(DevError::Io)?);
+    let within = config.nats.connect_timeout + Duration::from_secs(2);
     let stop_sidecar = CancellationToken::new();
     let (_reload_tx, reload) = tokio::sync::mpsc::channel(1);
     let parts = crate::sidecar::Parts { config, overrides, egress, admin, env, reload, shutdown: stop_sidecar.clone() };
-    let sidecar = tokio::spawn(crate::sidecar::run(parts));
+    let mut sidecar = tokio::spawn(crate::sidecar::run(parts));
+    // Like a native sidecar's startup probe: the app starts once the sidecar is ready
+    // (egress serving, the first NATS connection attempt over), so its first call does
+    // not race the connection and get a 503.
+    tokio::select! {
+        ready = wait_ready(admin_addr, within) => if !ready {
+            logs::write_lines(&sink, logs::SIDECAR, &format!("not ready within {within:?}; starting the app anyway (see /statusz)"));
+        },
+        ended = &mut sidecar => {
+            return match ended {
+                Ok(Err(e)) => Err(e.into()),
+                Ok(Ok(())) => Ok(0),
+                Err(e) => Err(DevError::Io(std::io::Error::other(e))),
+            };
+        }
+    }
     let code = match spawn_app(&command, &proxy, app_port) {
         Ok(app) => Ok(supervise_app(app, &sink, &shutdown).await),
         Err(e) => Err(e),
@@ -106,6 +123,27 @@ async fn with_nats(dev: Dev) -> Result<i32, DevError> {
         return Err(e.into());
     }
     code
+}
+
+/// Polls the sidecar's `/readyz` until it answers 200 or `within` passes.
+async fn wait_ready(admin: std::net::SocketAddr, within: Duration) -> bool {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+    let client: Client<HttpConnector, Empty<bytes::Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let uri: http::Uri = match format!("http://{admin}/readyz").parse() {
+        Ok(u) => u,
+        Err(_) => return false,
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.get(uri.clone())).await {
+            if r.status().is_success() {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 /// The app command, pointed at the sidecar: `HTTP_PROXY` (and `http_proxy`, which some
