@@ -2,15 +2,15 @@
 stream from gateway and, when the connection drops, reconnects with Last-Event-ID (the id
 of the last event it got) until the `done` token arrives.
 
-    python3 sse.py URL OUT.jsonl CUT_FILE N
+    python3 sse.py URL OUT.jsonl CUT_FILE N[,N…]
 
 Writes one line per event to OUT.jsonl ({"conn", "sent_last_event_id", "id", "data"}) and
-creates CUT_FILE once N events arrived, so the demo knows when to restart a sidecar
-mid-stream. Exits 0 after the `done` token, 1 after 60 s without it.
+creates CUT_FILE.N once N events arrived, for each N, so the demo knows when to restart a
+sidecar mid-stream. Exits 0 after the `done` token, 1 after 60 s without it.
 """
 import json, sys, time, urllib.request
 
-url, out_path, cut_path, cut_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+url, out_path, cut_path, cuts = sys.argv[1], sys.argv[2], sys.argv[3], {int(n) for n in sys.argv[4].split(",")}
 last_id, conn, got = None, 0, 0
 deadline = time.monotonic() + 60
 with open(out_path, "w") as out:
@@ -33,8 +33,8 @@ with open(out_path, "w") as out:
                         out.write(json.dumps({"conn": conn, "sent_last_event_id": headers.get("Last-Event-ID"), **event}) + "\n")
                         out.flush()
                         got += 1
-                        if got == cut_after:
-                            open(cut_path, "w").close()
+                        if got in cuts:
+                            open(f"{cut_path}.{got}", "w").close()
                         if json.loads(event["data"]).get("done"):
                             sys.exit(0)
                         event = {}

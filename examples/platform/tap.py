@@ -1,7 +1,7 @@
 """The demo's flow printer: a plain NATS subscriber on `>` that prints one line per hop.
 
-It knows who sends and who receives each subject from the routes files (and model's Nest
-patterns), prints `+ms subject mode from → to` for every message of the platform (ms since
+It knows who sends and who receives each subject from the routes files (model's Nest
+patterns are answered by model itself), prints `+ms subject mode from → to` for every message of the platform (ms since
 the workflow's first message), and appends each message to a JSON-lines file for the
 tests. It sees what crosses the server; it takes no part in the flow.
 
@@ -9,9 +9,6 @@ tests. It sees what crosses the server; it takes no part in the flow.
 """
 import asyncio, json, sys, time, tomllib
 
-NATIVE = [  # model speaks NATS itself (Nest); it has no routes file
-    ("model.key.retrieved", "publish", "model", "(notification)"),
-]
 
 
 def matches(pattern, subject):
@@ -48,13 +45,13 @@ def load(files):
     for hop in out:
         if hop[3] is None:
             to = [c for pat, c in consumers if matches(pat, hop[0].replace("*", "x"))]
-            to += ["model"] if hop[0].startswith("model.") else []
+            to += ["model"] if hop[0].startswith("model.") and hop[2] != "model" else []  # its Nest patterns
             hop[3] = ", ".join(dict.fromkeys(to)) or "(notification)"
     for pat, svc in consumers:  # subjects consumed but produced by no route: the dead letters, read by orchestration
         for hop in out:
             if hop[2] != "DLQ" and hop[1] == "dead letter" and matches(pat, hop[0]):
                 hop[3] += f", {svc}"
-    return out + [list(n) for n in NATIVE]
+    return out
 
 
 def workflow_of(data):

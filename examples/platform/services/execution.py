@@ -8,7 +8,7 @@ published once per row. GET /executions/<workflow id> reads the log (gateway, tu
 import json, os, sqlite3, sys, threading, time, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-EGRESS = os.environ["EGRESS_URL"]
+EGRESS = os.environ.get("EGRESS_URL") or os.environ["NATSBRIDGE_URL"]  # `natsbridge dev` sets the latter
 db = sqlite3.connect(os.environ["EXECUTION_DB"], check_same_thread=False, isolation_level=None)
 db.execute("""CREATE TABLE IF NOT EXISTS events (
   stream TEXT NOT NULL, seq INTEGER NOT NULL, subject TEXT NOT NULL, workflow_id TEXT NOT NULL,
@@ -64,7 +64,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "0"))), Handler)  # PORT: from `natsbridge dev`
     with open(sys.argv[1], "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()

@@ -7,7 +7,7 @@ completion events and the tool's dead letters (JetStream consumers).
 import json, os, sys, threading, urllib.request, uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-EGRESS = os.environ["EGRESS_URL"]
+EGRESS = os.environ.get("EGRESS_URL") or os.environ["NATSBRIDGE_URL"]  # `natsbridge dev` sets the latter
 state, lock = {}, threading.Lock()  # workflow id → what has finished
 
 
@@ -58,7 +58,7 @@ class Handler(BaseHTTPRequestHandler):
             wf = "wf-" + uuid.uuid4().hex[:10]
             send(f"/workflows/{wf}/started", {"workflow_id": wf, "prompt": body["prompt"]}, f"{wf}-started")
             ask = {"workflow_id": wf, "prompt": body["prompt"], "tool_input": body.get("tool_input", ""),
-                   "simulate_lost_ack": bool(body.get("simulate_lost_ack"))}
+                   "redeliver_tool_once": bool(body.get("redeliver_tool_once"))}
             send("/agents/execute", ask, f"{wf}-agent")
             return self.reply(201, {"workflow_id": wf})
         wf = body.get("workflow_id", "")
@@ -78,7 +78,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "0"))), Handler)  # PORT: from `natsbridge dev`
     with open(sys.argv[1], "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()

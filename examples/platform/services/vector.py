@@ -3,7 +3,7 @@
 Plain HTTP: POST /search and POST /upsert, reached over NATS request/reply through its
 sidecar (vector.search.requested, vector.upsert.requested).
 """
-import json, sys, threading
+import json, os, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 docs = {"d1": "NATS carries messages between services", "d2": "JetStream keeps messages until they are acked",
@@ -38,7 +38,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "0"))), Handler)  # PORT: from `natsbridge dev`
     with open(sys.argv[1], "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()
