@@ -37,7 +37,7 @@ impl std::fmt::Debug for Contract {
 /// Why a schema file cannot be a contract.
 #[derive(Debug, thiserror::Error)]
 pub enum ContractError {
-    #[error("schema {path}: the file name must be …/<name>/v<N>.json (the contract's name and version)")]
+    #[error("schema {path}: the file name must be …/<name>/v<N>.json or <name>.v<N>.json (the contract's name and version)")]
     Name { path: String },
     #[error("schema {path}: cannot read: {source}")]
     Read { path: String, source: std::io::Error },
@@ -144,15 +144,24 @@ pub fn dataschema(contract_id: &str) -> String {
     format!("urn:natsbridge:contract:{contract_id}")
 }
 
-/// `contracts/agent.execution.requested/v1.json` → `agent.execution.requested/v1`.
+/// `contracts/agent.execution.requested/v1.json` → `agent.execution.requested/v1`; also the
+/// flat form `agent.execution.requested.v1.json`, for where files cannot sit in folders (a
+/// Kubernetes ConfigMap's keys, mounted beside the routing file).
 pub fn contract_id(path: &Path) -> Option<String> {
-    let version = path.file_name()?.to_str()?.strip_suffix(".json")?;
-    let n = version.strip_prefix('v')?;
-    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+    let file = path.file_name()?.to_str()?.strip_suffix(".json")?;
+    let (name, version) = match file.rsplit_once(".v") {
+        Some((name, n)) => (name, n),
+        None => (path.parent()?.file_name()?.to_str()?, file.strip_prefix('v')?),
+    };
+    if n_is_version(version) && !name.is_empty() {
+        Some(format!("{name}/v{version}"))
+    } else {
+        None
     }
-    let name = path.parent()?.file_name()?.to_str()?;
-    (!name.is_empty()).then(|| format!("{name}/{version}"))
+}
+
+fn n_is_version(n: &str) -> bool {
+    !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl Contract {
@@ -215,7 +224,9 @@ mod tests {
     fn ids_come_from_the_path() {
         assert_eq!(contract_id(Path::new("contracts/agent.execution.requested/v1.json")).as_deref(), Some("agent.execution.requested/v1"));
         assert_eq!(contract_id(Path::new("a/v12.json")).as_deref(), Some("a/v12"));
-        for bad in ["v1.json", "a/v.json", "a/va.json", "a/1.json", "a/v1.yaml"] {
+        assert_eq!(contract_id(Path::new("agent.execution.requested.v2.json")).as_deref(), Some("agent.execution.requested/v2"));
+        assert_eq!(contract_id(Path::new("/etc/natsbridge/o.v1.json")).as_deref(), Some("o/v1"));
+        for bad in ["v1.json", "a/v.json", "a/va.json", "a/1.json", "a/v1.yaml", ".v1.json", "o.v.json", "o.vx.json", "o.v1.yaml"] {
             assert_eq!(contract_id(Path::new(bad)), None, "{bad}");
         }
     }

@@ -114,10 +114,7 @@ fn plain_pod_gets_a_native_sidecar() {
     assert_eq!(sc["securityContext"]["runAsUser"], 65532);
     assert_eq!(sc["volumeMounts"][0], json!({ "name": "natsbridge-routes", "mountPath": "/etc/natsbridge", "readOnly": true }));
 
-    assert_eq!(
-        pod["spec"]["volumes"],
-        json!([{ "name": "natsbridge-routes", "configMap": { "name": "orchestration-routes", "items": [{ "key": "routes.toml", "path": "routes.toml" }] } }])
-    );
+    assert_eq!(pod["spec"]["volumes"], json!([{ "name": "natsbridge-routes", "configMap": { "name": "orchestration-routes" } }]));
     let ann = &pod["metadata"]["annotations"];
     assert_eq!(pod["metadata"]["labels"], json!({ "app": "orchestration", "natsbridge.io/injected": "true" }));
     assert_eq!(ann["natsbridge.io/status"], "injected");

@@ -104,8 +104,7 @@ fn the_platform_runs_a_workflow_and_its_failure_path() {
     // twice (the tap sees core traffic); it carries the same Nats-Msg-Id, which JetStream
     // stores once, so the tap's copies are counted once per id.
     for wf in &workflows {
-        let tokens: Vec<Value> =
-            published_tokens(&hops, wf).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+        let tokens: Vec<Value> = published_tokens(&hops, wf).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
         assert!(tokens.len() > 5, "{wf}: {} tokens", tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             assert_eq!(t["index"], i, "{wf}: token {i} out of order: {tokens:?}");
@@ -117,7 +116,8 @@ fn the_platform_runs_a_workflow_and_its_failure_path() {
     // next token publishes failed and were retried with the same Idempotency-Key, and the
     // sidecar has two lives in its log.
     let agent_log = std::fs::read_to_string(work.join("agent.log")).unwrap();
-    let retried: Vec<&str> = agent_log.lines().filter(|l| l.starts_with(&format!("agent: /tokens/{}:", workflows[0])) && l.contains("retrying")).collect();
+    let retried: Vec<&str> =
+        agent_log.lines().filter(|l| l.starts_with(&format!("agent: /tokens/{}:", workflows[0])) && l.contains("retrying")).collect();
     assert!(!retried.is_empty(), "no token publish failed while the agent's sidecar was down:\n{agent_log}");
     let agent_lives = lines(&work.join("agent-sidecar.log")).iter().filter(|l| l["fields"]["message"] == "natsbridge running").count();
     assert_eq!(agent_lives, 2, "the agent's sidecar was restarted once");

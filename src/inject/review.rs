@@ -261,9 +261,11 @@ fn injection_patch(pod: &Pod<'_>, request: &SidecarRequest<'_>, settings: &Injec
     }
 
     // No subPath: a subPath mount never sees ConfigMap updates, and the sidecar hot-reloads.
+    // Every key is mounted, not only routes.toml: the contracts its `schema` lines name
+    // (the chart's `routes[].files`) sit beside it, so the sidecar checks them in the pod.
     let volume = json!({
         "name": ROUTES_VOLUME,
-        "configMap": { "name": request.routes_config_map, "items": [{ "key": "routes.toml", "path": "routes.toml" }] }
+        "configMap": { "name": request.routes_config_map }
     });
     let mut volumes = vec![volume];
     if let Some(ca) = &settings.nats_ca {

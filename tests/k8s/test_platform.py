@@ -1,8 +1,10 @@
 """examples/platform/k8s: the platform's seven services on Kubernetes. The chart rendered
 with the platform's values (routes ConfigMaps and NATS users) and linted, every object and
-every Deployment validated against Kubernetes' schemas, the six injected Deployments naming
-a routes ConfigMap the chart ships, the routes passing `natsbridge check` together, and the
-values being exactly what examples/platform/k8s/generate writes from the routes files."""
+every Deployment validated against Kubernetes' schemas, the seven injected Deployments
+naming a routes ConfigMap the chart ships, each rendered ConfigMap (routes.toml and the
+contracts beside it, as the injector mounts it) passing `natsbridge check` with its
+contracts found, the routes passing it together, and the values being exactly what
+examples/platform/k8s/generate writes from the routes files and contracts."""
 
 import filecmp
 import os
@@ -19,7 +21,7 @@ from conftest import CHART, NAMESPACE, REPO, merge, one, render
 K8S = REPO / "examples" / "platform" / "k8s"
 KUBE_VERSION = "1.33.0"
 CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
-INJECTED = ["gateway", "orchestration", "agent", "tool", "vector", "execution"]
+INJECTED = ["gateway", "orchestration", "agent", "tool", "vector", "execution", "model"]
 
 
 def platform_values():
@@ -47,7 +49,7 @@ def test_the_chart_renders_the_platform_as_valid_kubernetes():
         assert f'service = "{svc}"' in cm["data"]["routes.toml"]
 
 
-def test_the_seven_deployments_validate_and_six_opt_in():
+def test_the_seven_deployments_validate_and_opt_in():
     with open(K8S / "apps.yaml") as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     for d in docs:
@@ -55,13 +57,34 @@ def test_the_seven_deployments_validate_and_six_opt_in():
     ns = next(d for d in docs if d["kind"] == "Namespace")
     assert ns["metadata"]["labels"]["natsbridge.io/inject"] == "enabled"
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert sorted(deployments) == sorted(INJECTED + ["model"])
+    assert sorted(deployments) == sorted(INJECTED)
     routes = {r["name"] for r in platform_values()["routes"]}
     for svc in INJECTED:
         ann = deployments[svc]["spec"]["template"]["metadata"]["annotations"]
         assert ann["natsbridge.io/inject"] == "true" and ann["natsbridge.io/routes"] == f"{svc}-routes" in routes
-    # model speaks NATS itself (Nest's transport): no sidecar.
-    assert deployments["model"]["spec"]["template"]["metadata"]["annotations"]["natsbridge.io/inject"] == "false"
+
+
+def test_each_rendered_configmap_passes_check_with_its_contracts():
+    """The ConfigMap as the injector mounts it (every key in one folder): routes.toml's
+    `schema` lines find their contracts beside it. Without one contract, check fails on it."""
+    objects, _ = render(platform_values())
+    checked = 0
+    for svc in INJECTED:
+        cm = one([o for o in objects if o["metadata"].get("namespace") == "platform"], "ConfigMap", f"{svc}-routes")
+        schemas = [l.split('"')[1] for l in cm["data"]["routes.toml"].splitlines() if l.startswith("schema = ")]
+        assert sorted(schemas) == sorted(k for k in cm["data"] if k != "routes.toml"), svc
+        with tempfile.TemporaryDirectory() as d:
+            for key, text in cm["data"].items():
+                with open(os.path.join(d, key), "w") as f:
+                    f.write(text)
+            out = subprocess.run([str(binary()), "check", "routes.toml"], cwd=d, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, f"{svc}: {out.stdout}\n{out.stderr}"
+            if schemas:
+                os.remove(os.path.join(d, schemas[0]))
+                out = subprocess.run([str(binary()), "check", "routes.toml"], cwd=d, capture_output=True, text=True, timeout=60)
+                assert out.returncode != 0 and schemas[0] in out.stdout + out.stderr, f"{svc}: a missing contract passed check"
+                checked += 1
+    assert checked == len(INJECTED) - 1, "every service but vector (which only answers) names contracts"
 
 
 def test_the_platform_routes_pass_natsbridge_check_together():
@@ -71,6 +94,9 @@ def test_the_platform_routes_pass_natsbridge_check_together():
             names.append(f'{r["name"]}.toml')
             with open(os.path.join(d, names[-1]), "w") as f:
                 f.write(r["toml"])
+            for key, text in r.get("files", {}).items():  # the same contract is the same text everywhere
+                with open(os.path.join(d, key), "w") as f:
+                    f.write(text)
         out = subprocess.run([str(binary()), "check", *names], cwd=d, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
 
@@ -79,6 +105,7 @@ def test_values_are_what_generate_writes_from_the_routes_files():
     with tempfile.TemporaryDirectory() as d:
         copy = os.path.join(d, "examples", "platform")
         shutil.copytree(REPO / "examples" / "platform" / "routes", os.path.join(copy, "routes"))
+        shutil.copytree(REPO / "examples" / "platform" / "contracts", os.path.join(copy, "contracts"))
         shutil.copytree(K8S, os.path.join(copy, "k8s"))
         subprocess.run([os.path.join(copy, "k8s", "generate"), str(binary())], check=True, timeout=60)
         for name in ["values.yaml", "nats-users.yaml"]:
