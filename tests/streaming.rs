@@ -102,20 +102,34 @@ async fn a_chunked_body_streams_through_and_a_small_one_stays_one_plain_reply() 
     assert_eq!(h.get("Bridge-Status").unwrap().as_str(), "200");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
-    let mut p = pair("", "").await;
+/// The issue's bound on the time from the HTTP client's disconnect to the app seeing its
+/// connection closed. Measured on this path in the same run it is a few milliseconds (printed);
+/// a second leaves room for a loaded machine.
+const CANCEL_WITHIN: Duration = Duration::from_secs(1);
+
+/// Opens a stream, reads its first token, then drops the connection; returns the app's call
+/// and when the client went.
+async fn open_then_leave(p: &mut Pair) -> (AppCall, Instant) {
     let url = p.requester.url("/tokens/sse");
     let client = tokio::spawn(async move {
-        let (_parts, mut body) = open(&url).await.into_parts();
-        next_data(&mut body).await
-        // The response and its connection are dropped here.
+        let (parts, mut body) = open(&url).await.into_parts();
+        let first = next_data(&mut body).await;
+        assert_eq!(&first[..], b"data: 0\n\n");
+        drop((parts, body));
+        // The response and its connection are gone from here.
+        Instant::now()
     });
     let call = next_call(&mut p.calls).await;
     call.tx.send(Ok(Bytes::from_static(b"data: 0\n\n"))).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
-    let gone = Instant::now();
-    // Keep writing, as a model generating tokens would; the app must see its reader leave.
+    let gone = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+    (call, gone)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
+    let mut p = pair("", "").await;
+    // An app that keeps writing, as a model generating tokens would.
+    let (call, gone) = open_then_leave(&mut p).await;
     let tx = call.tx.clone();
     let writer = tokio::spawn(async move {
         for i in 1.. {
@@ -126,14 +140,21 @@ async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
         }
     });
     tokio::time::timeout(Duration::from_secs(5), call.tx.closed()).await.expect("the app's response was dropped");
-    let took = gone.elapsed();
-    assert!(took < Duration::from_secs(1) * 3, "the app saw the close {took:?} after the client left (goal: 1 s; loaded machine)");
+    let writing = gone.elapsed();
     writer.abort();
+    // An app that writes nothing more (a model thinking): only the cancel can stop it.
+    let (call, gone) = open_then_leave(&mut p).await;
+    tokio::time::timeout(Duration::from_secs(5), call.tx.closed()).await.expect("the app's response was dropped");
+    let silent = gone.elapsed();
+    eprintln!("cancel: the app saw its connection close {writing:?} (writing) and {silent:?} (silent) after the client left");
+    for took in [writing, silent] {
+        assert!(took <= CANCEL_WITHIN, "the app saw the close {took:?} after the client left (bound {CANCEL_WITHIN:?})");
+    }
     let (req, resp) = (&p.requester, p.responder.as_ref().unwrap());
-    eventually("the cancel counted on both sides", Duration::from_secs(5), || async {
+    eventually("the cancels counted on both sides", Duration::from_secs(5), || async {
         let (a, b) = (req.metrics().await, resp.metrics().await);
-        (a.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="reader"} 1"#)
-            && b.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="responder"} 1"#))
+        (a.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="reader"} 2"#)
+            && b.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="responder"} 2"#))
         .then_some(())
     })
     .await;
