@@ -260,3 +260,61 @@ async fn many_concurrent_streams_keep_their_order() {
     }
     assert_eq!(writers.load(Ordering::SeqCst), STREAMS);
 }
+
+/// `mode = "tunnel"` on both sides: the requester's tunnel route to the service `tokens`,
+/// whose sidecar replays the request against the streaming app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_streams_through_tunnel_routes_incrementally_and_complete() {
+    let nats = NatsServer::start();
+    let (app_url, mut calls) = streaming_app().await;
+    let responder = support::fixtures::routes_toml("tokens", "5s", "[[inbound]]\nname = \"tunnel-in\"\nmode = \"tunnel\"\n");
+    let requester = support::fixtures::routes_toml(
+        "caller",
+        "5s",
+        "[[outbound]]\nname = \"tokens\"\nhost = \"tokens-service\"\npath = \"/{*rest}\"\nmode = \"tunnel\"\nservice = \"tokens\"\ntimeout = \"5s\"\n",
+    );
+    let responder = Sidecar::start(&responder, &nats.url(), Some(&app_url)).await;
+    let requester = Sidecar::start(&requester, &nats.url(), None).await;
+    responder.wait_ready().await;
+    requester.wait_ready().await;
+    for (path, first) in [("/chunks/a", &b"tok-0,"[..]), ("/sse/b", &b"data: 0\n\n"[..])] {
+        let url = requester.url(path);
+        let (got_first_tx, got_first_rx) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<Bytes>>();
+            let req = http::Request::get(&url).header("host", "tokens-service").body(http_body_util::Full::new(Bytes::new())).unwrap();
+            let res = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.unwrap().unwrap();
+            let (parts, mut body) = res.into_parts();
+            let first = next_data(&mut body).await;
+            let _ = got_first_tx.send(());
+            let (rest, end) = read_all(&mut body, Duration::from_secs(20)).await;
+            (parts, first, rest, end)
+        });
+        let call = next_call(&mut calls).await;
+        assert_eq!(call.path, path);
+        call.tx.send(Ok(Bytes::copy_from_slice(first))).await.unwrap();
+        // The rest is written only once the client holds the first piece: a tunnel that
+        // buffered the body would never deliver it.
+        tokio::time::timeout(Duration::from_secs(10), got_first_rx).await.expect("the first piece arrived alone").unwrap();
+        let mut want = first.to_vec();
+        for i in 1..500 {
+            let t = if path.starts_with("/sse") { format!("data: {i}\n\n") } else { format!("tok-{i},") };
+            want.extend_from_slice(t.as_bytes());
+            call.tx.send(Ok(Bytes::from(t))).await.unwrap();
+        }
+        drop(call.tx);
+        let (parts, got_first, rest, end) = tokio::time::timeout(Duration::from_secs(20), client).await.unwrap().unwrap();
+        assert_eq!(parts.status, 200);
+        assert!(parts.headers.get("content-length").is_none() && parts.headers.get("bridge-stream-seq").is_none(), "{:?}", parts.headers);
+        assert_eq!(&got_first[..], first, "the first piece came alone, before the app wrote more");
+        assert_eq!(end, Ok(()), "a complete tunnelled stream ends cleanly");
+        let got = [got_first.to_vec(), rest].concat();
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+    }
+    eventually("the responder counted two complete streams", Duration::from_secs(5), || async {
+        let m = responder.metrics().await;
+        m.contains(r#"natsbridge_streams_total{end="complete",route="tunnel-in",side="responder"} 2"#).then_some(())
+    })
+    .await;
+}
