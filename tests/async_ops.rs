@@ -68,6 +68,8 @@ async fn a_long_call_answers_202_then_any_replica_serves_its_result() {
         }
     })
     .await;
+    // The operator provisions the bucket, which an `async = true` route's readiness needs.
+    provision_operations(&nats, &requester("")).await;
     let resp = Sidecar::start(&responder(), &nats.url(), Some(&app.url())).await;
     let a = Sidecar::start(&requester(""), &nats.url(), None).await;
     let b = Sidecar::start(&requester(""), &nats.url(), None).await;
@@ -116,6 +118,7 @@ async fn a_long_call_answers_202_then_any_replica_serves_its_result() {
 async fn an_async_route_keeps_its_result_for_async_ttl_only() {
     let nats = NatsServer::start();
     let app = App::start(|_| respond(200, "ok")).await;
+    provision_operations(&nats, &requester("")).await;
     let resp = Sidecar::start(&responder(), &nats.url(), Some(&app.url())).await;
     let a = Sidecar::start(&requester("async_ttl = \"2s\""), &nats.url(), None).await;
     resp.wait_ready().await;
@@ -127,4 +130,87 @@ async fn an_async_route_keeps_its_result_for_async_ttl_only() {
     assert_eq!((done.status, &done.body[..]), (200, &b"ok"[..]));
     let url = a.url(&location);
     eventually("the result expired", Duration::from_secs(15), || async { (get(&url).await.unwrap().status == 404).then_some(()) }).await;
+}
+
+/// A requester whose `lost` route gives up after 2 s, and a NATS subscriber on its subject
+/// that takes every request and never answers (so no "no responders" either).
+async fn never_answered(nats: &NatsServer) -> (String, tokio::task::JoinHandle<()>) {
+    let c = nats.client().await;
+    let mut sub = subscribe_synced(&c, "lost.run.*").await;
+    let hold = tokio::spawn(async move {
+        let mut taken = Vec::new();
+        while let Some(m) = futures::StreamExt::next(&mut sub).await {
+            taken.push(m);
+        }
+    });
+    let toml = routes_toml(
+        "caller",
+        "5s",
+        r#"[[outbound]]
+name = "lost"
+method = "POST"
+path = "/lost/{n}"
+subject = "lost.run.{n}"
+mode = "request"
+timeout = "2s"
+async = true
+"#,
+    );
+    (toml, hold)
+}
+
+fn assert_gateway_timeout(r: &Reply, problem: &str) {
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"), "{}", r.text());
+    assert!(r.json()["type"].as_str().unwrap_or_default().ends_with(problem), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_nobody_answers_ends_as_504_not_202_forever() {
+    let nats = NatsServer::start();
+    let (toml, _hold) = never_answered(&nats).await;
+    provision_operations(&nats, &toml).await;
+    let a = Sidecar::start(&toml, &nats.url(), None).await;
+    a.wait_ready().await;
+    let started = call("POST", &a.url("/lost/1"), &[], Bytes::from_static(b"job")).await;
+    assert_eq!(started.status, 202, "{}", started.text());
+    let location = started.headers["location"].to_str().unwrap().to_owned();
+    // Held until the call's own timeout has passed and its result (a 504) is stored.
+    let done = call("GET", &a.url(&location), &[("Prefer", "wait=15")], Bytes::new()).await;
+    assert_gateway_timeout(&done, "timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_whose_sidecar_died_ends_as_504_operation_lost() {
+    let nats = NatsServer::start();
+    let (toml, _hold) = never_answered(&nats).await;
+    provision_operations(&nats, &toml).await;
+    let holder = SidecarProcess::start(&toml, &nats.url(), None);
+    let other = Sidecar::start(&toml, &nats.url(), None).await;
+    holder.wait_ready().await;
+    other.wait_ready().await;
+    let started = call("POST", &holder.url("/lost/2"), &[], Bytes::from_static(b"job")).await;
+    assert_eq!(started.status, 202, "{}", started.text());
+    let location = started.headers["location"].to_str().unwrap().to_owned();
+    // The sidecar carrying the call dies before the call's timeout: nobody will store its result.
+    holder.signal("KILL");
+    let at = std::time::Instant::now();
+    let running = call("GET", &other.url(&location), &[], Bytes::new()).await;
+    assert_eq!(running.status, 202, "still within its deadline: {}", running.text());
+    let url = other.url(&location);
+    let lost = eventually("the operation is reported lost", Duration::from_secs(30), || async {
+        let r = call("GET", &url, &[], Bytes::new()).await;
+        (r.status != 202).then_some(r)
+    })
+    .await;
+    assert_gateway_timeout(&lost, "operation-lost");
+    eprintln!("lost operation reported {:?} after its sidecar died (timeout 2 s + 5 s grace)", at.elapsed());
+}
+
+/// `natsbridge provision`'s work for the operations bucket, as an operator runs it first.
+async fn provision_operations(nats: &NatsServer, toml: &str) {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let config = natsbridge::config::parse(toml, "routes.toml").unwrap_or_else(|e| panic!("{e}"));
+    let plan = natsbridge::provision::apply(&js, &config, false).await.unwrap();
+    assert!(plan.is_ok(), "{plan}");
 }

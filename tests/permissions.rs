@@ -185,3 +185,112 @@ async fn generated_permissions_carry_every_route_and_refuse_the_rest() {
     }
     assert!(js.get_stream("ORDERS").await.is_ok(), "the stream survived");
 }
+
+/// Two services, each under the user `natsbridge permissions` prints for it: `caller`
+/// reads a streamed reply from `tokens` and cancels it by going away, and runs an async
+/// call (`Prefer: respond-async`) through the operations bucket its sidecar provisions.
+fn stream_routes(service: &str, password_file: &Path) -> String {
+    let routes = if service == "caller" {
+        r#"[[outbound]]
+name = "tokens"
+method = "GET"
+path = "/tokens/{kind}"
+subject = "tokens.{kind}"
+mode = "request"
+timeout = "10s"
+"#
+    } else {
+        r#"[[inbound]]
+name = "tokens"
+subject = "tokens.*"
+mode = "request"
+method = "GET"
+path = "/{2}"
+timeout = "10s"
+"#
+    };
+    let provision = if service == "caller" { "provision = true" } else { "" };
+    format!(
+        "[sidecar]\nservice = {service:?}\n{provision}\n\n[nats]\nuser = {service:?}\npassword_file = {password_file:?}\nconnect_timeout = \"2s\"\n\n{routes}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_reply_its_cancel_and_an_async_call_run_under_the_generated_permissions() {
+    use support::streaming::{next_call, next_data, open, read_all, streaming_app};
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "stream-secret").unwrap();
+    let (caller, tokens) = (stream_routes("caller", &pw), stream_routes("tokens", &pw));
+    let (caller_path, tokens_path) = (dir.path().join("caller.toml"), dir.path().join("tokens.toml"));
+    std::fs::write(&caller_path, &caller).unwrap();
+    std::fs::write(&tokens_path, &tokens).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_natsbridge"))
+        .args(["permissions", "--password-env", "NATS_PASSWORD_{SERVICE}"])
+        .arg(&caller_path)
+        .arg(&tokens_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf = String::from_utf8(out.stdout).unwrap();
+    assert!(conf.contains("allow_responses"), "{conf}");
+    std::env::set_var("NATS_PASSWORD_CALLER", "stream-secret");
+    std::env::set_var("NATS_PASSWORD_TOKENS", "stream-secret");
+    let server = NatsServer::start_with(&conf);
+    let (app_url, mut calls) = streaming_app().await;
+    let responder = SidecarProcess::start(&tokens, &server.url(), Some(&app_url));
+    let requester = SidecarProcess::start(&caller, &server.url(), None);
+    responder.wait_ready().await;
+    requester.wait_ready().await;
+
+    // A whole stream.
+    let url = requester.url("/tokens/sse");
+    let client = tokio::spawn(async move {
+        let (parts, mut body) = open(&url).await.into_parts();
+        (parts.status, read_all(&mut body, Duration::from_secs(20)).await)
+    });
+    let call = next_call(&mut calls).await;
+    for i in 0..5 {
+        call.tx.send(Ok(format!("data: {i}\n\n").into())).await.unwrap();
+    }
+    drop(call);
+    let (status, (body, end)) = client.await.unwrap();
+    assert_eq!((status.as_u16(), end), (200, Ok(())), "{}", requester.log());
+    assert_eq!(String::from_utf8_lossy(&body).matches("data: ").count(), 5);
+
+    // A stream the client leaves: the cancel reaches the responder, which closes the app's
+    // connection (without the response permission the server drops the cancel, and the
+    // app would only be stopped by the 30 s stall).
+    let url = requester.url("/tokens/sse");
+    let client = tokio::spawn(async move {
+        let (_parts, mut body) = open(&url).await.into_parts();
+        next_data(&mut body).await
+    });
+    let call = next_call(&mut calls).await;
+    call.tx.send(Ok("data: 0\n\n".into())).await.unwrap();
+    client.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), call.tx.closed()).await.expect("the cancel stopped the app's response");
+
+    // An async call: 202, then its result from the operations bucket.
+    let url = requester.url("/tokens/plain");
+    let started = tokio::spawn(async move { call_async(&url).await });
+    let app_call = next_call(&mut calls).await;
+    app_call.tx.send(Ok("result".into())).await.unwrap();
+    drop(app_call);
+    let location = started.await.unwrap();
+    let done = support::call("GET", &requester.url(&location), &[("Prefer", "wait=10")], "").await;
+    assert_eq!((done.status, done.text()), (200, "result".to_owned()), "{}", requester.log());
+
+    let server_violations: Vec<String> = violations(&server.log()).into_iter().map(str::to_owned).collect();
+    assert!(server_violations.is_empty(), "the server refused a sidecar:\n{}\n\n{conf}", server_violations.join("\n"));
+    for (name, log) in [("requester", requester.log()), ("responder", responder.log())] {
+        assert!(violations(&log).is_empty() && !log.contains(" ERROR "), "{name} log:\n{log}\n\n{conf}");
+    }
+}
+
+/// `GET` with `Prefer: respond-async`: the 202's Location.
+async fn call_async(url: &str) -> String {
+    let r = call("GET", url, &[("Prefer", "respond-async")], "").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.header("location").unwrap().to_owned()
+}

@@ -798,3 +798,53 @@ async fn a_sidecar_referencing_a_missing_stream_waits_for_its_owner() {
     assert_eq!(stream_info(&js, "EV").await.config.metadata.get(provision::OWNER_KEY).map(String::as_str), Some("a"));
     sidecar.stop().await;
 }
+
+/// Issue 11 §3: the async operations bucket. A request route honours `Prefer:
+/// respond-async`, so provisioning creates the bucket (with per-message TTL, which async
+/// results need) and a second run leaves it; a sidecar with an `async = true` route and no
+/// provisioning names it missing until it exists, and one with `provision = true` creates it.
+#[tokio::test]
+async fn the_operations_bucket_is_provisioned_for_request_routes_and_required_by_async_ones() {
+    let server = NatsServer::start();
+    let js = js(&server).await;
+    let request_route = |extra: &str| {
+        format!(
+            "[sidecar]\nservice = \"caller\"\n{extra}\n\n[[outbound]]\nname = \"run\"\nmethod = \"POST\"\npath = \"/run\"\nsubject = \"long.run\"\nmode = \"request\"\n"
+        )
+    };
+    let always = request_route("").replace("mode = \"request\"", "mode = \"request\"\nasync = true");
+
+    // Without provisioning, an async = true route needs the bucket: named until it exists.
+    let sidecar = Sidecar::start(&always, &server.url(), None).await;
+    let body = eventually("statusz names the missing bucket", WAIT, || async {
+        let f = failing(&sidecar).await;
+        f.get("provision:kv:natsbridge_operations").is_some().then_some(f)
+    })
+    .await;
+    let why = body["provision:kv:natsbridge_operations"].as_str().unwrap();
+    assert!(why.contains("needed by route \"run\" for async operations") && why.contains("natsbridge provision"), "{why}");
+    // A route that only honours the preference answers synchronously without it: nothing is named.
+    let plain = Sidecar::start(&request_route(""), &server.url(), None).await;
+    plain.wait_ready().await;
+
+    let plan = provision::apply(&js, &parse(&request_route("")), false).await.unwrap();
+    assert_eq!(status(&plan, Kind::KvBucket, "natsbridge_operations"), &Status::Created, "{plan}");
+    let info = stream_info(&js, "KV_natsbridge_operations").await;
+    assert!(info.config.allow_message_ttl, "async results expire per message: {:?}", info.config);
+    assert_eq!(info.config.max_messages_per_subject, 1);
+    let again = provision::apply(&js, &parse(&always), false).await.unwrap();
+    assert!(again.is_unchanged(), "{again}");
+    sidecar.wait_ready().await;
+    sidecar.stop().await;
+    plain.stop().await;
+
+    // `provision = true` creates it too.
+    js.delete_key_value("natsbridge_operations").await.unwrap();
+    let sidecar = Sidecar::start(&request_route("provision = true"), &server.url(), None).await;
+    eventually("the bucket provisioned", WAIT, || async {
+        stream_names(&js).await.contains(&"KV_natsbridge_operations".to_owned()).then_some(())
+    })
+    .await;
+    sidecar.wait_ready().await;
+    sidecar.stop().await;
+}

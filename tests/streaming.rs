@@ -102,20 +102,34 @@ async fn a_chunked_body_streams_through_and_a_small_one_stays_one_plain_reply() 
     assert_eq!(h.get("Bridge-Status").unwrap().as_str(), "200");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
-    let mut p = pair("", "").await;
+/// The issue's bound on the time from the HTTP client's disconnect to the app seeing its
+/// connection closed. Measured on this path in the same run it is a few milliseconds (printed);
+/// a second leaves room for a loaded machine.
+const CANCEL_WITHIN: Duration = Duration::from_secs(1);
+
+/// Opens a stream, reads its first token, then drops the connection; returns the app's call
+/// and when the client went.
+async fn open_then_leave(p: &mut Pair) -> (AppCall, Instant) {
     let url = p.requester.url("/tokens/sse");
     let client = tokio::spawn(async move {
-        let (_parts, mut body) = open(&url).await.into_parts();
-        next_data(&mut body).await
-        // The response and its connection are dropped here.
+        let (parts, mut body) = open(&url).await.into_parts();
+        let first = next_data(&mut body).await;
+        assert_eq!(&first[..], b"data: 0\n\n");
+        drop((parts, body));
+        // The response and its connection are gone from here.
+        Instant::now()
     });
     let call = next_call(&mut p.calls).await;
     call.tx.send(Ok(Bytes::from_static(b"data: 0\n\n"))).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
-    let gone = Instant::now();
-    // Keep writing, as a model generating tokens would; the app must see its reader leave.
+    let gone = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+    (call, gone)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
+    let mut p = pair("", "").await;
+    // An app that keeps writing, as a model generating tokens would.
+    let (call, gone) = open_then_leave(&mut p).await;
     let tx = call.tx.clone();
     let writer = tokio::spawn(async move {
         for i in 1.. {
@@ -126,14 +140,21 @@ async fn a_client_that_goes_away_closes_the_apps_connection_within_a_second() {
         }
     });
     tokio::time::timeout(Duration::from_secs(5), call.tx.closed()).await.expect("the app's response was dropped");
-    let took = gone.elapsed();
-    assert!(took < Duration::from_secs(1) * 3, "the app saw the close {took:?} after the client left (goal: 1 s; loaded machine)");
+    let writing = gone.elapsed();
     writer.abort();
+    // An app that writes nothing more (a model thinking): only the cancel can stop it.
+    let (call, gone) = open_then_leave(&mut p).await;
+    tokio::time::timeout(Duration::from_secs(5), call.tx.closed()).await.expect("the app's response was dropped");
+    let silent = gone.elapsed();
+    eprintln!("cancel: the app saw its connection close {writing:?} (writing) and {silent:?} (silent) after the client left");
+    for took in [writing, silent] {
+        assert!(took <= CANCEL_WITHIN, "the app saw the close {took:?} after the client left (bound {CANCEL_WITHIN:?})");
+    }
     let (req, resp) = (&p.requester, p.responder.as_ref().unwrap());
-    eventually("the cancel counted on both sides", Duration::from_secs(5), || async {
+    eventually("the cancels counted on both sides", Duration::from_secs(5), || async {
         let (a, b) = (req.metrics().await, resp.metrics().await);
-        (a.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="reader"} 1"#)
-            && b.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="responder"} 1"#))
+        (a.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="reader"} 2"#)
+            && b.contains(r#"natsbridge_streams_total{end="cancel",route="tokens",side="responder"} 2"#))
         .then_some(())
     })
     .await;
@@ -238,4 +259,62 @@ async fn many_concurrent_streams_keep_their_order() {
         assert_eq!(sse_data(&bytes), want);
     }
     assert_eq!(writers.load(Ordering::SeqCst), STREAMS);
+}
+
+/// `mode = "tunnel"` on both sides: the requester's tunnel route to the service `tokens`,
+/// whose sidecar replays the request against the streaming app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_streams_through_tunnel_routes_incrementally_and_complete() {
+    let nats = NatsServer::start();
+    let (app_url, mut calls) = streaming_app().await;
+    let responder = support::fixtures::routes_toml("tokens", "5s", "[[inbound]]\nname = \"tunnel-in\"\nmode = \"tunnel\"\n");
+    let requester = support::fixtures::routes_toml(
+        "caller",
+        "5s",
+        "[[outbound]]\nname = \"tokens\"\nhost = \"tokens-service\"\npath = \"/{*rest}\"\nmode = \"tunnel\"\nservice = \"tokens\"\ntimeout = \"5s\"\n",
+    );
+    let responder = Sidecar::start(&responder, &nats.url(), Some(&app_url)).await;
+    let requester = Sidecar::start(&requester, &nats.url(), None).await;
+    responder.wait_ready().await;
+    requester.wait_ready().await;
+    for (path, first) in [("/chunks/a", &b"tok-0,"[..]), ("/sse/b", &b"data: 0\n\n"[..])] {
+        let url = requester.url(path);
+        let (got_first_tx, got_first_rx) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<Bytes>>();
+            let req = http::Request::get(&url).header("host", "tokens-service").body(http_body_util::Full::new(Bytes::new())).unwrap();
+            let res = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.unwrap().unwrap();
+            let (parts, mut body) = res.into_parts();
+            let first = next_data(&mut body).await;
+            let _ = got_first_tx.send(());
+            let (rest, end) = read_all(&mut body, Duration::from_secs(20)).await;
+            (parts, first, rest, end)
+        });
+        let call = next_call(&mut calls).await;
+        assert_eq!(call.path, path);
+        call.tx.send(Ok(Bytes::copy_from_slice(first))).await.unwrap();
+        // The rest is written only once the client holds the first piece: a tunnel that
+        // buffered the body would never deliver it.
+        tokio::time::timeout(Duration::from_secs(10), got_first_rx).await.expect("the first piece arrived alone").unwrap();
+        let mut want = first.to_vec();
+        for i in 1..500 {
+            let t = if path.starts_with("/sse") { format!("data: {i}\n\n") } else { format!("tok-{i},") };
+            want.extend_from_slice(t.as_bytes());
+            call.tx.send(Ok(Bytes::from(t))).await.unwrap();
+        }
+        drop(call.tx);
+        let (parts, got_first, rest, end) = tokio::time::timeout(Duration::from_secs(20), client).await.unwrap().unwrap();
+        assert_eq!(parts.status, 200);
+        assert!(parts.headers.get("content-length").is_none() && parts.headers.get("bridge-stream-seq").is_none(), "{:?}", parts.headers);
+        assert_eq!(&got_first[..], first, "the first piece came alone, before the app wrote more");
+        assert_eq!(end, Ok(()), "a complete tunnelled stream ends cleanly");
+        let got = [got_first.to_vec(), rest].concat();
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+    }
+    eventually("the responder counted two complete streams", Duration::from_secs(5), || async {
+        let m = responder.metrics().await;
+        m.contains(r#"natsbridge_streams_total{end="complete",route="tunnel-in",side="responder"} 2"#).then_some(())
+    })
+    .await;
 }

@@ -28,7 +28,7 @@ use crate::problem::BridgeError;
 
 /// Where operations are read: `<prefix><id>`.
 pub const PATH_PREFIX: &str = "/.natsbridge/operations/";
-pub const BUCKET: &str = "natsbridge_operations";
+pub use crate::provision::OPERATIONS_BUCKET as BUCKET;
 /// The longest `Prefer: wait`.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -89,18 +89,14 @@ async fn put(js: &async_nats::jetstream::Context, id: &str, record: &Record, ttl
     Ok(())
 }
 
-/// The operations bucket, created on first use: one value per key, per-message TTLs.
+/// The operations bucket. `natsbridge provision` creates it (and readiness requires it for
+/// `async = true` routes); a sidecar that finds it missing creates it on first use, with
+/// the same configuration, so `Prefer: respond-async` works unprovisioned too.
 async fn bucket(js: &async_nats::jetstream::Context) -> Result<kv::Store, BridgeError> {
     if let Ok(store) = js.get_key_value(BUCKET).await {
         return Ok(store);
     }
-    let config = kv::Config {
-        bucket: BUCKET.into(),
-        description: "natsbridge async operations".into(),
-        history: 1,
-        limit_markers: Some(Duration::from_secs(1)),
-        ..Default::default()
-    };
+    let config = crate::provision::operations_kv_config(crate::provision::cluster_size(&js.client()));
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another replica created it meanwhile.

@@ -14,6 +14,16 @@
 //!   does so even without provisioning), pulls, acks on `$JS.ACK.<stream>.<durable>.>`,
 //!   and publishes dead letters (checking the dead-letter stream exists);
 //! - idempotency reads and writes the KV bucket (`$KV.<bucket>.>`, stream `KV_<bucket>`);
+//! - request and tunnel egress may read a streamed reply, and ends one it stops reading
+//!   with `Bridge-Stream: cancel` to the responder's control subject, which lives under the
+//!   *responder's* inbox: no subject list can name it, so the reader gets the server's
+//!   response permission instead (`allow_responses`: it may answer, once each, the reply
+//!   subject of a message it received, and every stream message carries the control
+//!   subject as its reply subject), for as long as a stream may go quiet (`stream_stall`);
+//! - request and tunnel egress honour `Prefer: respond-async`: they read and write the
+//!   operations bucket (`$KV.natsbridge_operations.>`, and watch it for `Prefer: wait`);
+//!   it is created by `natsbridge provision` (or `provision = true`), never by a user
+//!   without that, so a sidecar that is not allowed to provision never tries in vain;
 //! - request ingress also answers NATS micro discovery (`$SRV.*`, by service name and id);
 //! - `[sidecar] provision = true` adds account info and creating/updating the streams,
 //!   the dead-letter stream and the bucket. Never a delete: the sidecar never forces.
@@ -21,12 +31,22 @@
 pub mod render;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use crate::config::{Config, InboundMode, OutboundTarget};
+use crate::config::{Config, InboundMode, Outbound, OutboundTarget};
 use crate::subject::SubjectPattern;
 
 /// The inbox prefix of NATS clients when `[nats] inbox_prefix` is not set.
 pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
+
+/// The server's response permission (`allow_responses`): publishing to the reply subject of
+/// a message received, `max` times each, within `expires` of receiving it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Responses {
+    pub max: usize,
+    pub expires: Duration,
+    pub why: Vec<String>,
+}
 
 /// One service's allow-lists. Each subject carries why it is there (routes, resources),
 /// which the NATS config output prints as comments.
@@ -38,13 +58,15 @@ pub struct Permissions {
     pub publish: BTreeMap<String, Vec<String>>,
     /// Subject (optionally `"<subject> <queue>"`) → reasons.
     pub subscribe: BTreeMap<String, Vec<String>>,
+    /// Replies to the reply subjects of messages received (streamed-reply cancels).
+    pub responses: Option<Responses>,
     /// Things the reader should know (a shared `_INBOX`, …).
     pub notes: Vec<String>,
 }
 
 impl Permissions {
     fn new(service: &str) -> Self {
-        Self { service: service.to_owned(), publish: BTreeMap::new(), subscribe: BTreeMap::new(), notes: Vec::new() }
+        Self { service: service.to_owned(), publish: BTreeMap::new(), subscribe: BTreeMap::new(), responses: None, notes: Vec::new() }
     }
 
     fn pub_(&mut self, subject: impl Into<String>, why: impl Into<String>) {
@@ -103,20 +125,16 @@ pub fn for_config(config: &Config) -> Permissions {
     p
 }
 
+/// How long after a stream's last message its reader may still cancel it, beyond the
+/// route's `stream_stall`: the cancel of a stall goes out right at the stall.
+const CANCEL_SLACK: Duration = Duration::from_secs(30);
+
 /// Publish grants of the egress routes.
 fn egress(config: &Config, p: &mut Permissions) {
     for o in &config.outbound {
         let why = format!("route {} ({})", o.name, o.mode().as_str());
-        if o.always_async {
-            // The results bucket: created on first use, written, read and watched.
-            let kv = crate::egress::OPERATIONS_BUCKET;
-            let why = format!("{why}: async results");
-            for api in ["STREAM.INFO", "STREAM.CREATE", "CONSUMER.CREATE"] {
-                p.pub_(format!("$JS.API.{api}.KV_{kv}"), why.clone());
-            }
-            p.pub_(format!("$JS.API.CONSUMER.CREATE.KV_{kv}.>"), why.clone());
-            p.pub_(format!("$JS.API.DIRECT.GET.KV_{kv}.>"), why.clone());
-            p.pub_(format!("$KV.{kv}.>"), why.clone());
+        if matches!(o.target, OutboundTarget::Request(_) | OutboundTarget::Tunnel { .. }) {
+            replies_of(o, &why, p);
         }
         match &o.target {
             OutboundTarget::Request(t) | OutboundTarget::Publish(t) => p.pub_(template_pattern(t.as_str()), why),
@@ -139,6 +157,26 @@ fn egress(config: &Config, p: &mut Permissions) {
             },
         }
     }
+}
+
+/// What a request or tunnel route's replies need: cancelling a streamed reply (a response
+/// permission, see the module doc) and the async operations bucket.
+fn replies_of(o: &Outbound, why: &str, p: &mut Permissions) {
+    let expires = o.stream.stall + CANCEL_SLACK;
+    let r = p.responses.get_or_insert_with(|| Responses { max: 1, expires, why: Vec::new() });
+    r.expires = r.expires.max(expires);
+    let cancel = format!("{why}: cancels streamed replies (Bridge-Stream-Control)");
+    if !r.why.contains(&cancel) {
+        r.why.push(cancel);
+    }
+    // The results bucket: read, written and watched (`Prefer: wait`).
+    let kv = crate::provision::OPERATIONS_BUCKET;
+    let why = format!("{why}: async results (async = true or Prefer: respond-async)");
+    p.pub_(format!("$JS.API.STREAM.INFO.KV_{kv}"), why.clone());
+    p.pub_(format!("$JS.API.CONSUMER.CREATE.KV_{kv}"), why.clone());
+    p.pub_(format!("$JS.API.CONSUMER.CREATE.KV_{kv}.>"), why.clone());
+    p.pub_(format!("$JS.API.DIRECT.GET.KV_{kv}.>"), why.clone());
+    p.pub_(format!("$KV.{kv}.>"), why);
 }
 
 /// Subscribe and publish grants of the ingress routes and what they use.
@@ -190,6 +228,9 @@ fn provisioning(config: &Config, p: &mut Permissions) {
     }
     if crate::provision::uses_idempotency(config) {
         streams.push((crate::provision::kv_stream_name(&config.idempotency.bucket), true));
+    }
+    if crate::provision::uses_operations(config) {
+        streams.push((crate::provision::kv_stream_name(crate::provision::OPERATIONS_BUCKET), true));
     }
     for (s, owned) in streams {
         let apis: &[&str] = if owned { &["STREAM.INFO", "STREAM.CREATE", "STREAM.UPDATE"] } else { &["STREAM.INFO"] };

@@ -47,6 +47,10 @@ pub fn nats_conf(perms: &[(String, Permissions)], password: &Password) -> String
         out.push_str("      permissions: {\n");
         list(&mut out, "publish", &p.publish);
         list(&mut out, "subscribe", &p.subscribe);
+        if let Some(r) = &p.responses {
+            let _ = writeln!(out, "        # {}", r.why.join("; "));
+            let _ = writeln!(out, "        allow_responses: {{ max: {}, expires: \"{}\" }}", r.max, secs(r.expires));
+        }
         out.push_str("      }\n    }\n");
     }
     out.push_str("  ]\n}\n");
@@ -81,8 +85,17 @@ pub fn helm_values(perms: &[(String, Permissions)]) -> String {
         let _ = writeln!(out, "      {}:", yaml_string(&p.service));
         yaml_list(&mut out, "publish", &p.publish);
         yaml_list(&mut out, "subscribe", &p.subscribe);
+        if let Some(r) = &p.responses {
+            let _ = writeln!(out, "        # {}", r.why.join("; "));
+            let _ = writeln!(out, "        responses: {{ max: {}, expires: {} }}", r.max, yaml_string(&secs(r.expires)));
+        }
     }
     out
+}
+
+/// A duration as nats-server and nsc read it: whole seconds, `40s`.
+fn secs(d: std::time::Duration) -> String {
+    format!("{}s", d.as_secs().max(1))
 }
 
 /// One allow-list as a YAML sequence (`[]` when empty: the chart then denies everything).
@@ -124,6 +137,9 @@ pub fn nsc(perms: &[(String, Permissions)], account: Option<&str>) -> String {
             for subject in grants.keys() {
                 let _ = write!(out, " \\\n  {flag} {}", shell_quote(subject));
             }
+        }
+        if let Some(r) = &p.responses {
+            let _ = write!(out, " \\\n  --allow-pub-response {} --response-ttl {}", r.max, secs(r.expires));
         }
         out.push('\n');
     }

@@ -149,3 +149,43 @@ fn helm_values_nest_each_service_under_nats_auth_users_with_json_quoted_subjects
     assert!(out.contains("      \"sink\":\n        publish: []\n        subscribe:\n          - \"_INBOX_sink.>\""), "{out}");
     assert!(!out.to_ascii_lowercase().contains("password:"), "{out}");
 }
+
+#[test]
+fn request_routes_may_cancel_streamed_replies_and_use_the_operations_bucket() {
+    let p = perms(SERVICE);
+    let r = p.responses.as_ref().expect("a request route reads streamed replies");
+    // One cancel per stream message, for as long as the stream may go quiet and then some.
+    assert_eq!((r.max, r.expires), (1, Duration::from_secs(30) + CANCEL_SLACK));
+    assert!(r.why.iter().any(|w| w.contains("route agent-exec") && w.contains("Bridge-Stream-Control")), "{r:?}");
+    let slow = perms(
+        &SERVICE
+            .replace("subject = \"agent.{id}.execution.requested\"", "subject = \"agent.{id}.execution.requested\"\nstream_stall = \"2m\""),
+    );
+    assert_eq!(slow.responses.unwrap().expires, Duration::from_secs(120) + CANCEL_SLACK, "the longest stall wins");
+    for s in [
+        "$KV.natsbridge_operations.>",
+        "$JS.API.STREAM.INFO.KV_natsbridge_operations",
+        "$JS.API.DIRECT.GET.KV_natsbridge_operations.>",
+        "$JS.API.CONSUMER.CREATE.KV_natsbridge_operations.>",
+    ] {
+        assert!(has(&p.publish, s), "{s} missing from {:#?}", p.publish);
+    }
+    // Created by provisioning only.
+    assert!(!has(&p.publish, "$JS.API.STREAM.CREATE.KV_natsbridge_operations"));
+    let prov = perms(&SERVICE.replace("service = \"orders\"", "service = \"orders\"\nprovision = true"));
+    assert!(has(&prov.publish, "$JS.API.STREAM.CREATE.KV_natsbridge_operations"), "{:#?}", prov.publish);
+    // Without request or tunnel routes: neither.
+    let events = perms("[sidecar]\nservice = \"e\"\n[[outbound]]\nname = \"a\"\npath = \"/a\"\nmode = \"publish\"\nsubject = \"a\"\n");
+    assert!(events.responses.is_none() && !events.publish.keys().any(|s| s.contains("natsbridge_operations")), "{events:#?}");
+}
+
+#[test]
+fn the_response_permission_is_rendered_in_every_format() {
+    let p = vec![("orders.toml".to_owned(), perms(SERVICE))];
+    let conf = nats_conf(&p, &Password::Placeholder);
+    assert!(conf.contains("        allow_responses: { max: 1, expires: \"60s\" }\n      }\n"), "{conf}");
+    let out = nsc(&p, None);
+    assert!(out.contains(" \\\n  --allow-pub-response 1 --response-ttl 60s\n"), "{out}");
+    let values = helm_values(&p);
+    assert!(values.contains("        responses: { max: 1, expires: \"60s\" }\n"), "{values}");
+}

@@ -7,7 +7,7 @@ use std::fmt;
 use async_nats::jetstream;
 
 use super::plan::read_stream;
-use super::spec::{jetstream_routes, kv_stream_name};
+use super::spec::{async_routes, jetstream_routes, kv_stream_name, OPERATIONS_BUCKET};
 use super::{Kind, ProvisionError};
 use crate::config::{Config, OutboundTarget};
 use crate::health::Component;
@@ -36,7 +36,10 @@ impl Missing {
         let by = if self.needed_by.len() == 1 { "route" } else { "routes" };
         match self.kind {
             Kind::SubjectCapture => format!("no stream captures subject {:?} (needed by {by} {routes})", self.name),
-            Kind::KvBucket => format!("kv bucket {:?} does not exist (needed by {by} {routes} for idempotency)", self.name),
+            Kind::KvBucket => {
+                let what = if self.name == OPERATIONS_BUCKET { "async operations (async = true)" } else { "idempotency" };
+                format!("kv bucket {:?} does not exist (needed by {by} {routes} for {what})", self.name)
+            }
             kind => format!("{kind} {:?} does not exist (needed by {by} {routes})", self.name),
         }
     }
@@ -50,7 +53,9 @@ impl fmt::Display for Missing {
 
 /// What `run` needs and cannot create itself: the streams of the inbound jetstream routes,
 /// a stream capturing each outbound jetstream subject, the dead-letter stream, and the
-/// idempotency bucket when a route uses it. Consumers are left out: ingress creates them.
+/// idempotency bucket when a route uses it, and the operations bucket for `async = true`
+/// routes (routes that only honour `Prefer: respond-async` answer synchronously without
+/// it, so its absence never fails them). Consumers are left out: ingress creates them.
 pub async fn check(js: &jetstream::Context, config: &Config) -> Result<Vec<Missing>, ProvisionError> {
     let mut needs: BTreeMap<(Kind, String), Vec<String>> = BTreeMap::new();
     for (route, c) in jetstream_routes(config) {
@@ -59,6 +64,9 @@ pub async fn check(js: &jetstream::Context, config: &Config) -> Result<Vec<Missi
     }
     for route in config.inbound.iter().filter(|i| i.idempotency.is_some()) {
         needs.entry((Kind::KvBucket, config.idempotency.bucket.clone())).or_default().push(route.name.clone());
+    }
+    for (route, _) in async_routes(config).filter(|(_, always)| *always) {
+        needs.entry((Kind::KvBucket, OPERATIONS_BUCKET.to_owned())).or_default().push(route.name.clone());
     }
     for o in &config.outbound {
         if let OutboundTarget::JetStream(t) = &o.target {

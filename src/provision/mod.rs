@@ -10,7 +10,13 @@
 //!
 //! [`check()`] is what `run` does without `sidecar.provision`: it lists what the sidecar
 //! needs and cannot create itself (streams, the dead-letter stream, the idempotency
-//! bucket). Consumers are not checked: ingress creates them when it binds.
+//! bucket, the operations bucket of `async = true` routes). Consumers are not checked:
+//! ingress creates them when it binds.
+//!
+//! The operations bucket (async request-reply) is planned whenever a request or tunnel
+//! route exists, since each honours `Prefer: respond-async`; readiness only requires it
+//! for `async = true` routes, which cannot answer without it (the others answer
+//! synchronous calls as before, and a sidecar still creates it on first use).
 //!
 //! Owns: `spec` (desired configs, pure), `compare` (diffs, pure), `plan` (reading the
 //! server into a [`Plan`]), `owner` (who owns a shared stream's settings: references,
@@ -38,8 +44,8 @@ pub use owner::{conflicts, Conflict};
 pub use plan::{cluster_size, plan, plan_with, Item, Plan, Status};
 pub use prune::prune;
 pub use spec::{
-    consumer_config, dead_letter_stream_config, default_replicas, fit_to_stream, idempotency_ttl, kv_config, kv_stream_name, stream_config,
-    uses_idempotency, OWNER_KEY, ROUTE_KEY,
+    async_routes, consumer_config, dead_letter_stream_config, default_replicas, fit_to_stream, idempotency_ttl, kv_config, kv_stream_name,
+    operations_kv_config, stream_config, uses_idempotency, uses_operations, OPERATIONS_BUCKET, OWNER_KEY, ROUTE_KEY,
 };
 pub use watch::spawn;
 

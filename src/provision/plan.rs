@@ -13,8 +13,8 @@ use async_nats::jetstream::{
 
 use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_kv, merge_stream, FieldDiff, Verdict};
 use super::spec::{
-    consumer_config, dead_letter_stream_config, fit_to_stream, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name, stream_config,
-    uses_idempotency, OWNER_KEY,
+    consumer_config, dead_letter_stream_config, fit_to_stream, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name,
+    operations_kv_config, stream_config, uses_idempotency, uses_operations, OWNER_KEY,
 };
 use super::{Kind, ProvisionError};
 use crate::config::{Config, Consumer, Inbound};
@@ -140,7 +140,7 @@ impl fmt::Display for Plan {
             writeln!(f, "provisioning plan (dry run, nothing changed):")?;
         }
         if self.items.is_empty() {
-            writeln!(f, "  nothing to provision: no [[streams]], jetstream routes or idempotency")?;
+            writeln!(f, "  nothing to provision: no [[streams]], jetstream routes, idempotency or request/tunnel routes")?;
         }
         for item in &self.items {
             item.fmt_with(f, self.applied)?;
@@ -295,11 +295,14 @@ pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: boo
     let mut out = Vec::new();
     let cluster = cluster_size(&js.client());
     let has_jetstream_routes = jetstream_routes(config).next().is_some();
-    if config.streams.is_empty() && !has_jetstream_routes && !uses_idempotency(config) {
+    if config.streams.is_empty() && !has_jetstream_routes && !uses_idempotency(config) && !uses_operations(config) {
         return Ok(out);
     }
     if uses_idempotency(config) {
         out.push(plan_idempotency_bucket(js, config, force, cluster).await?);
+    }
+    if uses_operations(config) {
+        out.push(plan_operations_bucket(js, force, cluster).await?);
     }
     let mut known = KnownStreams::default();
     let mut streams: Vec<(Kind, stream::Config, bool, bool)> =
@@ -367,6 +370,24 @@ async fn plan_idempotency_bucket(js: &jetstream::Context, config: &Config, force
     if p.item.note.is_none() {
         p.item.note = note.or_else(|| single_replica_note(cluster, replicas, "the idempotency keys"));
     }
+    Ok(p)
+}
+
+/// The async operations bucket: created when missing, its settings kept to what async
+/// results need (one value per key, per-message TTL).
+async fn plan_operations_bucket(js: &jetstream::Context, force: bool, cluster: usize) -> Result<Planned, ProvisionError> {
+    let want = operations_kv_config(cluster);
+    let name = want.bucket.clone();
+    let mut p = match read_stream(js, Kind::KvBucket, &kv_stream_name(&name)).await? {
+        None => Planned { item: item(Kind::KvBucket, &name, Status::Created), op: Op::CreateKv(want.clone()) },
+        Some(have) => {
+            let verdict = compare_kv(&want, &have);
+            let merged = merge_kv(&have.config, &want);
+            let w = want.clone();
+            action_for_verdict(Kind::KvBucket, &name, verdict, force, move || Op::UpdateStream(merged), move || Op::RecreateKv(w))
+        }
+    };
+    p.item.note = single_replica_note(cluster, want.num_replicas, "async operations' results");
     Ok(p)
 }
 

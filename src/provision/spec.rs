@@ -11,7 +11,10 @@ use async_nats::jetstream::{
 };
 
 use super::DEFAULT_IDEMPOTENCY_TTL;
-use crate::config::{Config, Consumer, DeadLetterStream, Deliver, IdempotencyStore, Inbound, InboundMode, Retention, Storage, StreamSpec};
+use crate::config::{
+    Config, Consumer, DeadLetterStream, Deliver, IdempotencyStore, Inbound, InboundMode, Outbound, OutboundTarget, Retention, Storage,
+    StreamSpec,
+};
 
 /// The consumer metadata key naming the service whose routes own the consumer: what
 /// `provision --prune` goes by (never the durable's name, which anyone can choose).
@@ -168,6 +171,43 @@ pub fn kv_config(store: &IdempotencyStore, ttl: Duration, cluster_size: usize) -
         storage: storage_type(store.storage),
         num_replicas: store.replicas.unwrap_or_else(|| default_replicas(cluster_size)),
         limit_markers: Some(store.claim_ttl.max(Duration::from_secs(1))),
+        ..Default::default()
+    }
+}
+
+/// The bucket async request-reply keeps its operations in (`Prefer: respond-async`, or a
+/// route with `async = true`); shared by every service, like the idempotency bucket.
+pub const OPERATIONS_BUCKET: &str = "natsbridge_operations";
+
+/// The outbound routes that may run async, with whether they always do (`async = true`).
+/// Every request and tunnel route honours `Prefer: respond-async` (RFC 7240), so each one
+/// may write the operations bucket.
+pub fn async_routes(config: &Config) -> impl Iterator<Item = (&Outbound, bool)> {
+    config
+        .outbound
+        .iter()
+        .filter(|o| matches!(o.target, OutboundTarget::Request(_) | OutboundTarget::Tunnel { .. }))
+        .map(|o| (o, o.always_async))
+}
+
+/// Does any route use the operations bucket (`async = true` or `Prefer: respond-async`)?
+pub fn uses_operations(config: &Config) -> bool {
+    async_routes(config).next().is_some()
+}
+
+/// The operations bucket, the same whether `provision` or a sidecar's first async call
+/// creates it.
+///
+/// - One value per key (`history = 1`); no `max_age`: each value carries its own expiry
+///   (`Nats-TTL`, the route's `async_ttl`), so services with different ttls share it.
+/// - `limit_markers` turns on per-message TTL (nats-server 2.11+), which it needs.
+pub fn operations_kv_config(cluster_size: usize) -> kv::Config {
+    kv::Config {
+        bucket: OPERATIONS_BUCKET.into(),
+        description: "natsbridge async operations".into(),
+        history: 1,
+        num_replicas: default_replicas(cluster_size),
+        limit_markers: Some(Duration::from_secs(1)),
         ..Default::default()
     }
 }
