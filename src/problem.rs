@@ -50,6 +50,10 @@ pub enum BridgeError {
     PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
+    /// A tunnel would take the listener past `max_connections` (connections and tunnels
+    /// share it).
+    #[error("too many open connections and tunnels (max_connections = {max})")]
+    TooManyConnections { max: usize },
     #[error("the inbound route's buffer is full ({limit} bytes of messages wait for the app)")]
     BufferFull { limit: usize },
     #[error("the reply could not be turned into a response: {0}")]
@@ -137,6 +141,7 @@ impl BridgeError {
             | NoStream { .. }
             | JetStream(_)
             | Overloaded
+            | TooManyConnections { .. }
             | ShuttingDown
             | BufferFull { .. }
             | IdempotencyStoreUnbound
@@ -173,6 +178,7 @@ impl BridgeError {
             NoStream { .. } => "no-stream",
             JetStream(_) => "jetstream-unavailable",
             Overloaded => "overloaded",
+            TooManyConnections { .. } => "too-many-connections",
             BufferFull { .. } => "buffer-full",
             BadReply(_) | NestReply(_) => "bad-reply",
             NestErr(_) => "nestjs-error",
