@@ -1,7 +1,8 @@
 //! The sidecar's failures as HTTP: [`BridgeError`], the one mapping from an error to a
 //! status ([`BridgeError::status`]) and to a response ([`BridgeError::to_response`]), and
 //! RFC 9457 `application/problem+json` bodies. Egress, ingress replies and the idempotency
-//! guard all answer failures through it. Calls only `codec` (for header names).
+//! guard all answer failures through it. Calls `codec` (for header names) and names the
+//! error types it maps (`nats::publish`, `contract`, the idempotency store's).
 
 use std::time::Duration;
 
@@ -50,6 +51,10 @@ pub enum BridgeError {
     PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
+    /// A tunnel would take the listener past `max_connections` (connections and tunnels
+    /// share it).
+    #[error("too many open connections and tunnels (max_connections = {max})")]
+    TooManyConnections { max: usize },
     #[error("the inbound route's buffer is full ({limit} bytes of messages wait for the app)")]
     BufferFull { limit: usize },
     #[error("the reply could not be turned into a response: {0}")]
@@ -95,6 +100,9 @@ pub enum BridgeError {
     IdempotencyStoreUnbound,
     #[error("the idempotency store cannot be used: {0}")]
     IdempotencyUnavailable(String),
+    /// Ending a claimed delivery failed (the result not stored, or the claim not released).
+    #[error(transparent)]
+    IdempotencyFinish(#[from] crate::ingress::idempotency::store::FinishError),
     /// A streamed reply lost or reordered a message, or broke the wire contract.
     #[error("the streamed reply is broken: {0}")]
     StreamBroken(#[source] crate::streamed::WireError),
@@ -137,10 +145,12 @@ impl BridgeError {
             | NoStream { .. }
             | JetStream(_)
             | Overloaded
+            | TooManyConnections { .. }
             | ShuttingDown
             | BufferFull { .. }
             | IdempotencyStoreUnbound
-            | IdempotencyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | IdempotencyUnavailable(_)
+            | IdempotencyFinish(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
             BadReply(_) | NestReply(_) | Upstream(_) | StreamBroken(_) | StreamFailed(_) => StatusCode::BAD_GATEWAY,
             Contract { .. } | ContractVersion { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -173,6 +183,7 @@ impl BridgeError {
             NoStream { .. } => "no-stream",
             JetStream(_) => "jetstream-unavailable",
             Overloaded => "overloaded",
+            TooManyConnections { .. } => "too-many-connections",
             BufferFull { .. } => "buffer-full",
             BadReply(_) | NestReply(_) => "bad-reply",
             NestErr(_) => "nestjs-error",
@@ -188,7 +199,7 @@ impl BridgeError {
             Panicked => "panic",
             IdempotencyInFlight { .. } => "idempotency-in-flight",
             IdempotencyKeyReused => "idempotency-key-reused",
-            IdempotencyStoreUnbound | IdempotencyUnavailable(_) => "idempotency-unavailable",
+            IdempotencyStoreUnbound | IdempotencyUnavailable(_) | IdempotencyFinish(_) => "idempotency-unavailable",
             StreamBroken(_) => "stream-broken",
             StreamStalled { .. } => "stream-stalled",
             StreamTooLong { .. } => "stream-limit",
@@ -342,6 +353,18 @@ impl BridgeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_finish_errors_keep_their_kind_and_source() {
+        use crate::ingress::idempotency::store::{FinishError, IdempotencyError};
+        let e = BridgeError::from(FinishError::Complete { key: "k".into(), source: IdempotencyError::Store("bucket gone".into()) });
+        assert_eq!((e.status().as_u16(), e.kind()), (503, "idempotency-unavailable"));
+        assert_eq!(e.retry_after(), Some(1));
+        assert_eq!(error_chain(&e), "storing the result for idempotency key \"k\" failed: idempotency store: bucket gone");
+        let lost = FinishError::Release { key: "k".into(), source: IdempotencyError::ClaimLost { key: "k".into() } };
+        assert!(!lost.source_error().is_store_failure());
+        assert!(error_chain(&lost).starts_with("releasing the claim on idempotency key \"k\" failed: "), "{}", error_chain(&lost));
+    }
 
     #[test]
     fn statuses() {

@@ -103,9 +103,7 @@ cutover = { nats_percent = 30, sticky = "header:X-Workflow-Id" }
 async fn the_split_keeps_its_share_and_sticks_by_key() {
     let nats = NatsServer::start();
     let _r = responder(&nats, "agent.*.execute", Duration::ZERO, answer_nats).await;
-    let app = App::start(|_| respond(200, "http")).await;
-    let sc = Sidecar::start(&routes(&app.url(), SPLIT), &nats.url(), None).await;
-    sc.wait_nats().await;
+    let (app, sc) = app_and_sidecar(&nats, |_| respond(200, "http"), |app| routes(app, SPLIT)).await;
 
     // 3 000 calls at 30 %: 900 expected, sigma about 25; 5 sigma either side.
     let n = 3000;
@@ -180,9 +178,12 @@ async fn shadows_are_compared_and_counted_without_delaying_the_answer() {
     // The shadow's handler is slow: a shadow that held the answer back would show it.
     let slow = Duration::from_millis(400);
     let r = responder(&nats, "items.*", slow, answer_items).await;
-    let app = App::start(|_| with_headers(200, &[("content-type", "application/json")], r#"{"a":"x","b":[1,2]}"#)).await;
-    let sc = Sidecar::start(&routes(&app.url(), SHADOW), &nats.url(), None).await;
-    sc.wait_nats().await;
+    let (_app, sc) = app_and_sidecar(
+        &nats,
+        |_| with_headers(200, &[("content-type", "application/json")], r#"{"a":"x","b":[1,2]}"#),
+        |app| routes(app, SHADOW),
+    )
+    .await;
 
     // Same-run baseline: the same upstream through a route without shadows.
     let baseline = median_latency(&sc.url("/plain/same"), "GET", 15).await;
@@ -273,9 +274,7 @@ async fn fallback_only_before_delivery() {
     let mut nats = NatsServer::start();
     let _silent = responder(&nats, "silent.op", Duration::ZERO, never).await;
     let _answered = responder(&nats, "answered.op", Duration::ZERO, answer_nats).await;
-    let app = App::start(|seen| respond(200, &format!("http {}", seen.uri))).await;
-    let sc = Sidecar::start(&routes(&app.url(), FALLBACK), &nats.url(), None).await;
-    sc.wait_nats().await;
+    let (app, sc) = app_and_sidecar(&nats, |seen| respond(200, &format!("http {}", seen.uri)), |app| routes(app, FALLBACK)).await;
     let fallbacks =
         |m: &str, route: &str, reason: &str| series(m, &format!(r#"natsbridge_fallback_total{{reason="{reason}",route="{route}"}}"#));
 
@@ -348,9 +347,7 @@ cutover = {{ nats_percent = {percent} }}
 async fn a_reload_changes_the_share_under_load_without_an_error() {
     let nats = NatsServer::start();
     let _r = responder(&nats, "agent.*.execute", Duration::ZERO, answer_nats).await;
-    let app = App::start(|_| respond(200, "http")).await;
-    let sc = Sidecar::start(&reload_routes(&app.url(), 0), &nats.url(), None).await;
-    sc.wait_nats().await;
+    let (app, sc) = app_and_sidecar(&nats, |_| respond(200, "http"), |app| reload_routes(app, 0)).await;
     let url = sc.url("/agents/7/execute");
 
     // Load throughout: four callers until told to stop, every answer recorded.
@@ -412,9 +409,7 @@ fn answer_tunnel(m: &async_nats::Message) -> Option<Bytes> {
 async fn tunnel_shadows_carry_the_whole_request_and_the_mark() {
     let nats = NatsServer::start();
     let r = responder(&nats, "natsbridge.tunnel.model", Duration::ZERO, answer_tunnel).await;
-    let app = App::start(|seen| respond(200, &format!("GET {} true", seen.uri))).await;
-    let sc = Sidecar::start(&routes(&app.url(), TUNNEL_SHADOW), &nats.url(), None).await;
-    sc.wait_nats().await;
+    let (_app, sc) = app_and_sidecar(&nats, |seen| respond(200, &format!("GET {} true", seen.uri)), |app| routes(app, TUNNEL_SHADOW)).await;
     let res = call("GET", &sc.url("/v1/models?x=1"), &[("host", "model-service")], "").await;
     assert_eq!((res.status, res.header("bridge-path")), (200, Some("http")));
     eventually("tunnel shadow matched", Duration::from_secs(10), || async {
@@ -440,9 +435,7 @@ async fn shadows_past_the_concurrency_bound_are_skipped_not_queued() {
     let nats = NatsServer::start();
     // Each shadow holds its place for 3 s: every call below starts while the first ones wait.
     let _r = responder(&nats, "slow.*", Duration::from_secs(3), answer_nats).await;
-    let app = App::start(|_| respond(200, "nats")).await;
-    let sc = Sidecar::start(&routes(&app.url(), SLOW_SHADOW), &nats.url(), None).await;
-    sc.wait_nats().await;
+    let (_app, sc) = app_and_sidecar(&nats, |_| respond(200, "nats"), |app| routes(app, SLOW_SHADOW)).await;
     let n = natsbridge::egress::cutover::SHADOW_CONCURRENCY + 16;
     let url = sc.url("/slow/1");
     let started = Instant::now();

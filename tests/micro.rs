@@ -122,3 +122,41 @@ async fn request_routes_answer_srv_ping_info_and_stats_at_every_level() {
     assert_eq!(r["$SRV.PING.other-agent-service"], "silent");
     assert_eq!(r[format!("$SRV.PING.agent-service.not-{id}")], "silent");
 }
+
+/// `$SRV.<verb>.agent-service` from a plain client: the answer's JSON, or `None` on no
+/// responders.
+async fn srv(client: &async_nats::Client, verb: &str) -> Option<serde_json::Value> {
+    let req = async_nats::client::Request::new().payload(Bytes::new()).timeout(Some(Duration::from_secs(2)));
+    match client.send_request(format!("$SRV.{verb}.agent-service"), req).await {
+        Ok(m) => Some(serde_json::from_slice(&m.payload).unwrap()),
+        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => None,
+        Err(e) => panic!("$SRV.{verb}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn hot_reloads_start_and_stop_discovery_with_the_request_routes() {
+    let nats = NatsServer::start();
+    let app = App::start(|_| respond(200, "done")).await;
+    // No request route at start: nothing to announce.
+    let tunnel_only = ROUTES.split("[[inbound]]").filter(|s| !s.contains("mode = \"request\"")).collect::<Vec<_>>().join("[[inbound]]");
+    let sc = Sidecar::start(&tunnel_only, &nats.url(), Some(&app.url())).await;
+    sc.wait_ready().await;
+    let client = nats.client().await;
+    assert_eq!(srv(&client, "PING").await, None);
+
+    // The reload that adds the first request routes announces them.
+    std::fs::write(&sc.config_path, ROUTES).unwrap();
+    sc.reload.send(()).await.unwrap();
+    let info = eventually("announced after the reload", Duration::from_secs(10), || async { srv(&client, "INFO").await }).await;
+    let names: Vec<&str> = info["endpoints"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["execute", "status"], "{info:#}");
+
+    // The reload that removes the last one withdraws the service.
+    std::fs::write(&sc.config_path, &tunnel_only).unwrap();
+    sc.reload.send(()).await.unwrap();
+    eventually("withdrawn after the reload", Duration::from_secs(10), || async { srv(&client, "PING").await.is_none().then_some(()) })
+        .await;
+    sc.wait_ready().await;
+    sc.stop().await;
+}

@@ -53,11 +53,7 @@ async fn sse_tokens_reach_the_client_before_the_app_finishes_and_1000_arrive_in_
     let got = sse_data(&rest);
     let want: Vec<String> = (1..1000).map(|i| i.to_string()).collect();
     assert_eq!(got, want);
-    let responder = p.responder.as_ref().unwrap();
-    eventually("the responder counted a complete stream", Duration::from_secs(5), || async {
-        responder.metrics().await.contains(r#"natsbridge_streams_total{end="complete",route="tokens",side="responder"} 1"#).then_some(())
-    })
-    .await;
+    responder_counted(&p, "complete", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,11 +190,7 @@ async fn an_app_failing_mid_stream_ends_sse_with_an_error_event_and_chunked_with
     }
     let m = p.requester.metrics().await;
     assert!(m.contains(r#"natsbridge_streams_total{end="error",route="tokens",side="reader"} 2"#), "{m}");
-    let responder = p.responder.as_ref().unwrap();
-    eventually("the responder counted two failed streams", Duration::from_secs(5), || async {
-        responder.metrics().await.contains(r#"natsbridge_streams_total{end="error",route="tokens",side="responder"} 2"#).then_some(())
-    })
-    .await;
+    responder_counted(&p, "error", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

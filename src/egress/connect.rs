@@ -1,7 +1,9 @@
 //! Byte tunnels: `CONNECT host:port` (what `HTTPS_PROXY` clients send) and upgraded
 //! connections (WebSocket after its 101). Bytes are spliced both ways until either side
 //! closes or nothing moves for the listener's `idle_timeout`; tunnels are counted in
-//! `natsbridge_egress_tunnels_total` and `natsbridge_egress_tunnels_open`.
+//! `natsbridge_egress_tunnels_total` and `natsbridge_egress_tunnels_open`. Each holds a
+//! place under `max_connections` and closes when the listener's drain times out
+//! ([`super::slots`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Unmatched;
+use crate::egress::slots::{self, Slots, TunnelSlot};
 use crate::egress::{full, Body, Egress};
 use crate::metrics::{InFlight, Metrics};
 use crate::problem::BridgeError;
@@ -45,12 +48,17 @@ impl Egress {
             }
         }
         if self.table.load().has_host(&host) {
+            let mut slot = slots::for_tunnel(req.extensions().get::<Slots>(), req.version()).inspect_err(|_| count("refused"))?;
+            let nested = req.extensions().get::<Slots>().map(Slots::nested);
             count("routed");
             let ours = hyper::upgrade::on(&mut req);
             let egress = self.clone();
             tokio::spawn(async move {
                 match ours.await {
-                    Ok(ours) => egress.routed_tunnel(TokioIo::new(ours), target).await,
+                    Ok(ours) => tokio::select! {
+                        _ = egress.routed_tunnel(TokioIo::new(ours), target, nested) => {}
+                        _ = slot.aborted() => tracing::debug!("listener drain timed out; closing the tunnel"),
+                    },
                     Err(e) => tracing::debug!(%target, error = %e, "CONNECT client went away before the tunnel"),
                 }
             });
@@ -68,12 +76,14 @@ impl Egress {
             }
         };
         let _ = stream.set_nodelay(true);
+        // Taken once the target answered: a failed CONNECT leaves the connection its place.
+        let slot = slots::for_tunnel(req.extensions().get::<Slots>(), req.version()).inspect_err(|_| count("refused"))?;
         count("opened");
         let ours = hyper::upgrade::on(&mut req);
         let (metrics, idle) = (self.metrics.clone(), self.idle_timeout());
         tokio::spawn(async move {
             match ours.await {
-                Ok(ours) => splice(TokioIo::new(ours), stream, idle, &metrics).await,
+                Ok(ours) => splice(TokioIo::new(ours), stream, idle, &metrics, Some(slot)).await,
                 Err(e) => tracing::debug!(%target, error = %e, "CONNECT client went away before the tunnel"),
             }
         });
@@ -85,7 +95,8 @@ impl Egress {
     /// routes. So the tunnel's first bytes decide: TLS (a handshake record) is spliced to
     /// the origin as usual; anything else is served as HTTP/1.1 right here, each request
     /// taken as `http://<target><path>`, so routes apply and unrouted paths are forwarded.
-    async fn routed_tunnel<T>(self: Arc<Self>, mut ours: T, target: String)
+    /// Requests inside get `nested` (the listener's pool, no place of their own).
+    async fn routed_tunnel<T>(self: Arc<Self>, mut ours: T, target: String, nested: Option<Slots>)
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -105,7 +116,8 @@ impl Egress {
             };
             let _ = theirs.set_nodelay(true);
             if tokio::io::AsyncWriteExt::write_all(&mut theirs, &first).await.is_ok() {
-                splice(ours, theirs, idle, &self.metrics).await;
+                // The caller's select holds this tunnel's place and closes it on abort.
+                splice(ours, theirs, idle, &self.metrics, None).await;
             }
             return;
         }
@@ -113,8 +125,12 @@ impl Egress {
         let egress = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (egress, target) = (egress.clone(), target.clone());
+            let nested = nested.clone();
             async move {
-                let req = in_tunnel(req, &target);
+                let mut req = in_tunnel(req, &target);
+                if let Some(n) = nested {
+                    req.extensions_mut().insert(n);
+                }
                 Ok::<_, std::convert::Infallible>(handle_boxed(egress, req).await)
             }
         });
@@ -130,13 +146,14 @@ impl Egress {
     }
 
     /// After a 101 from upstream: splices the app's connection with the upstream's.
-    pub(super) fn splice_upgrade(&self, ours: OnUpgrade, theirs: OnUpgrade, host_label: String) {
+    /// `slot` is the tunnel's place under `max_connections`.
+    pub(super) fn splice_upgrade(&self, ours: OnUpgrade, theirs: OnUpgrade, host_label: String, slot: TunnelSlot) {
         let (metrics, idle) = (self.metrics.clone(), self.idle_timeout());
         tokio::spawn(async move {
             match tokio::try_join!(ours, theirs) {
                 Ok((ours, theirs)) => {
                     metrics.egress_tunnels.with_label_values(&["upgrade", &host_label, "opened"]).inc();
-                    splice(TokioIo::new(ours), TokioIo::new(theirs), idle, &metrics).await;
+                    splice(TokioIo::new(ours), TokioIo::new(theirs), idle, &metrics, Some(slot)).await;
                 }
                 Err(e) => {
                     metrics.egress_tunnels.with_label_values(&["upgrade", &host_label, "failed"]).inc();
@@ -201,9 +218,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     }
 }
 
-/// Copies bytes both ways until both sides are done, either fails, or nothing moved
-/// either way for `idle`.
-async fn splice<A, B>(a: A, b: B, idle: Duration, metrics: &Metrics)
+/// Copies bytes both ways until both sides are done, either fails, nothing moved either
+/// way for `idle`, or the listener's drain timed out (`slot`, when the caller does not
+/// watch it itself).
+async fn splice<A, B>(a: A, b: B, idle: Duration, metrics: &Metrics, slot: Option<TunnelSlot>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -222,6 +240,12 @@ where
             tokio::time::sleep_until(deadline.into()).await;
         }
     };
+    let aborted = async {
+        match slot {
+            Some(mut slot) => slot.aborted().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
             if let Err(e) = r {
@@ -229,6 +253,7 @@ where
             }
         }
         _ = watchdog => tracing::debug!(?idle, "tunnel idle; closing"),
+        _ = aborted => tracing::debug!("listener drain timed out; closing the tunnel"),
     }
 }
 

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::codec;
+use crate::egress::slots::{self, Slots};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::metrics::status_class;
 use crate::problem::{error_chain, BridgeError};
@@ -248,6 +249,8 @@ impl Egress {
         }
         let protocol = upgrade_protocol(req.headers());
         let ours = protocol.is_some().then(|| hyper::upgrade::on(&mut req));
+        // For the tunnel's place under `max_connections`, taken on a 101.
+        let slots = (req.extensions().get::<Slots>().cloned(), req.version());
         let (parts, mut body) = req.into_parts();
         let (prefix, seen, inner_done) = match (declared, to.max_body) {
             // Sized bodies were checked above; unlimited ones need no look ahead.
@@ -284,8 +287,10 @@ impl Egress {
             }
         })?;
         if let (StatusCode::SWITCHING_PROTOCOLS, Some(ours)) = (res.status(), ours) {
+            // Over HTTP/1 (the only upgrade) the tunnel inherits the connection's place.
+            let slot = slots::for_tunnel(slots.0.as_ref(), slots.1)?;
             let theirs = hyper::upgrade::on(&mut res);
-            self.splice_upgrade(ours, theirs, to.host_label);
+            self.splice_upgrade(ours, theirs, to.host_label, slot);
             let mut headers = codec::end_to_end_headers(res.headers());
             if let Some(p) = res.headers().get(http::header::UPGRADE) {
                 set_upgrade(&mut headers, p.clone());

@@ -11,7 +11,8 @@
 //! - `max_headers`, `max_header_bytes`: enforced by hyper (431), whatever the read split;
 //!   on HTTP/2, `max_header_bytes` is the advertised header list size (h2 answers 431)
 //!   and `max_headers` is counted here (431);
-//! - `max_connections`: past it, new connections wait in the kernel backlog.
+//! - `max_connections`: past it, new connections wait in the kernel backlog. Open tunnels
+//!   (`CONNECT`, upgrades) count too, and the drain waits for them ([`super::slots`]).
 //!
 //! On HTTP/2 the header timeout covers the preface and the first request's headers; an
 //! idle connection's control frames (pings, window updates) do not start it again, so
@@ -34,28 +35,19 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::HttpLimits;
 use crate::egress::framing::Guard;
+use crate::egress::slots::{Slots, Stop};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
 type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
 type Connection =
     hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, TowerToHyperService<EgressService>, TokioExecutor>;
-
-/// What the accept loop tells its connections, by rising severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Stop {
-    Serve,
-    /// Finish the request in flight, then close.
-    Drain,
-    /// Close now: the drain timed out.
-    Abort,
-}
 
 /// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `drain_timeout` (from the config in force).
@@ -74,22 +66,29 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
 
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        // Waits for a free place without holding it while idle in accept: an HTTP/2
+        // tunnel may need it first.
+        tokio::select! {
             _ = &mut shutdown => break,
-            p = connections.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = connections.acquire() => drop(p),
         };
         let stream = tokio::select! {
             _ = &mut shutdown => break,
             s = accept(&listener) => s,
         };
         let Some(stream) = stream else { continue };
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = connections.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
-        let service = tracked_service(svc.clone(), activity.clone(), limits.max_headers);
+        let slots = Slots::new(permit, connections.clone(), limits.max_connections, stop_rx.clone());
+        let service = tracked_service(svc.clone(), activity.clone(), limits.max_headers, slots.clone());
         // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
         let conn = http.serve_connection_with_upgrades(io, TowerToHyperService::new(service)).into_owned();
-        tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), permit));
+        tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), slots));
     }
     drop(listener);
     let _ = stop_tx.send(Stop::Drain);
@@ -158,14 +157,9 @@ fn egress_service(egress: Arc<Egress>) -> EgressService {
 }
 
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
-/// holds the connection's `max_connections` permit until then.
-async fn watch_connection(
-    conn: Connection,
-    activity: Arc<Activity>,
-    mut stop: watch::Receiver<Stop>,
-    limits: HttpLimits,
-    permit: OwnedSemaphorePermit,
-) {
+/// holds the connection's `max_connections` place until then, unless a tunnel took the
+/// connection (and its place) over.
+async fn watch_connection(conn: Connection, activity: Arc<Activity>, mut stop: watch::Receiver<Stop>, limits: HttpLimits, slots: Slots) {
     tokio::pin!(conn);
     let mut draining = false;
     loop {
@@ -203,7 +197,7 @@ async fn watch_connection(
             }
         }
     }
-    drop(permit);
+    slots.release_own();
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response<Body> {
@@ -430,9 +424,10 @@ impl Drop for EndOfResponse {
 /// The egress service for one connection: marks each request's start and end, refuses a
 /// request whose head was ambiguous on the wire, and counts an HTTP/2 request's header
 /// fields (hyper counts HTTP/1's).
-fn tracked_service(svc: EgressService, activity: Arc<Activity>, max_headers: usize) -> EgressService {
+fn tracked_service(svc: EgressService, activity: Arc<Activity>, max_headers: usize, slots: Slots) -> EgressService {
     use tower::ServiceExt as _;
-    tower::util::BoxCloneService::new(tower::service_fn(move |req: Request<Incoming>| {
+    tower::util::BoxCloneService::new(tower::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(slots.clone());
         let framing = activity.begin();
         let guard = EndOfResponse(activity.clone());
         let svc = svc.clone();

@@ -14,7 +14,8 @@
 //! - `subscribe`: `subscribe` routes, a subject (or a JetStream stream) as a live SSE stream.
 //! - `cloudevents` and `nest`: what `codec = "cloudevents"` / `"nestjs"` make of a request.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
-//!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice.
+//!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice; [`slots`]:
+//!   tunnels' places under `max_connections`, and when they must close.
 //! - [`cutover`]: routes moving from an HTTP `upstream` to NATS: the split, shadow copies
 //!   (their comparison, with [`tee`] keeping the HTTP answer) and the fallback.
 //!
@@ -32,6 +33,7 @@ mod listener;
 mod nest;
 mod operations;
 pub mod routes;
+mod slots;
 pub(crate) mod stream;
 mod subscribe;
 mod tee;

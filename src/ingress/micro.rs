@@ -154,6 +154,52 @@ pub(crate) fn respond(verb: &str, me: &Identity, config: &Config, stats: &Endpoi
     Value::Object(o)
 }
 
+/// Discovery follows the routing file: announced while it has request routes, started
+/// by the reload that adds the first and stopped by the one that removes the last.
+pub(crate) struct Discovery {
+    nats: async_nats::Client,
+    config: watch::Receiver<Arc<Config>>,
+    stats: Arc<Endpoints>,
+    shutdown: CancellationToken,
+    running: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl Discovery {
+    pub(crate) fn new(
+        nats: async_nats::Client,
+        config: watch::Receiver<Arc<Config>>,
+        stats: Arc<Endpoints>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { nats, config, stats, shutdown, running: None }
+    }
+
+    /// Starts or stops answering `$SRV` as `config` has request routes or not.
+    pub(crate) async fn follow(&mut self, config: &Config) {
+        let wanted = config.inbound.iter().any(announced);
+        match (&self.running, wanted) {
+            (None, true) => {
+                let stop = self.shutdown.child_token();
+                let task = tokio::spawn(serve(self.nats.clone(), self.config.clone(), self.stats.clone(), stop.clone()));
+                self.running = Some((stop, task));
+            }
+            (Some(_), false) => {
+                self.stop().await;
+                tracing::info!("no request routes left: no longer announced over NATS micro");
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops answering and waits until the subscriptions are gone.
+    pub(crate) async fn stop(&mut self) {
+        if let Some((stop, task)) = self.running.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+}
+
 /// Answers the discovery verbs until `stop`, resubscribing after the subscription ends.
 pub(crate) async fn serve(nats: async_nats::Client, config: watch::Receiver<Arc<Config>>, stats: Arc<Endpoints>, stop: CancellationToken) {
     let name = config.borrow().sidecar.service.clone();

@@ -149,12 +149,9 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     });
     let mut running: HashMap<String, Running> = HashMap::new();
     let config = cx.config.borrow_and_update().clone();
-    // Announced when request routes exist at start; INFO and STATS follow reloads.
-    let discovery = config
-        .inbound
-        .iter()
-        .any(micro::announced)
-        .then(|| tokio::spawn(micro::serve(cx.nats.clone(), cx.config.clone(), shared.micro.clone(), shutdown.child_token())));
+    // Announced while request routes exist; INFO and STATS follow reloads.
+    let mut discovery = micro::Discovery::new(cx.nats.clone(), cx.config.clone(), shared.micro.clone(), shutdown.clone());
+    discovery.follow(&config).await;
     apply(&shared, &config, &mut running).await;
     loop {
         tokio::select! {
@@ -166,6 +163,7 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
                     break;
                 }
                 let config = cx.config.borrow_and_update().clone();
+                discovery.follow(&config).await;
                 apply(&shared, &config, &mut running).await;
             }
         }
@@ -179,9 +177,7 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     }
     probing.cancel();
     let _ = prober.await;
-    if let Some(d) = discovery {
-        let _ = d.await;
-    }
+    discovery.stop().await;
 }
 
 /// What makes a route's task different: the route itself (not where it sits in the file)

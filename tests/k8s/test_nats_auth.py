@@ -21,7 +21,7 @@ import nats
 import pytest
 
 from conftest import REPO, example_values, one, render
-from natscluster import Cluster, server_env
+from natscluster import Cluster, http_json, server_env
 
 
 def rendered(replicas):
@@ -115,25 +115,23 @@ class Client:
             await self.nc.flush()  # a round trip: the -ERR, if any, arrives before the PONG
 
 
-async def request_once_served(nc, subject, payload, timeout=5):
-    """A request that waits until the responder's subscription is seen by the server.
-
-    The responder subscribed and flushed on its own connection, yet the first request from
-    another connection sometimes (about 1 run in 5 on this machine) got "no responders",
-    and the same request 200 ms later was answered: the flush alone is not proof that the
-    interest is visible to other clients. No responders is the server's answer, not a
-    lost message, so it is asked again until the deadline; anything else fails at once."""
+async def wait_interest(monitor, subject, queue, timeout=10):
+    """Waits until the server's monitoring endpoint lists a subscription on `subject` in
+    `queue`: the responder's flush returns before its interest is visible to other clients
+    (a request right after it got "no responders" about 1 run in 5), /subsz shows when it is."""
     deadline = time.monotonic() + timeout
+    url = f"{monitor}/subsz?subs=1&test={urllib.parse.quote(subject)}"
     while True:
-        try:
-            return await nc.request(subject, payload, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)  # poll interval while the interest propagates
+        _, body = http_json(url)
+        subs = (body or {}).get("subscriptions_list") or []
+        if any(s.get("subject") == subject and s.get("qgroup") == queue for s in subs):
+            return
+        assert time.monotonic() < deadline, f"{subject} (queue {queue}) never listed by {url}: {body}"
+        await asyncio.sleep(0.05)  # poll interval of the monitoring endpoint
 
 
-async def exercise(objects, url):
+async def exercise(objects, url, monitor):
+    """`url` is a client URL of the server whose monitoring endpoint is `monitor`."""
     orch_user, orch_pw = credentials(objects, "orchestration-routes")
     agent_user, agent_pw = credentials(objects, "agent-routes")
     assert (orch_user, agent_user) == ("orchestration", "agent")
@@ -149,7 +147,9 @@ async def exercise(objects, url):
 
         await agent.nc.subscribe("agent.plans.create", queue="agent", cb=answer)
         await agent.nc.flush()
-        reply = await request_once_served(orch.nc, "agent.plans.create", b"plan-1")
+        await wait_interest(monitor, "agent.plans.create", "agent")
+        # Asked once: "no responders" now fails the test.
+        reply = await orch.nc.request("agent.plans.create", b"plan-1", timeout=5)
         assert reply.data == b"plan-ok"
         # orchestration's JetStream publish is stored; agent pulls and acks it.
         ack = await orch.nc.jetstream(timeout=10).publish("agent.tasks.submit", b"task-1", headers={"Nats-Msg-Id": "t-1"})
@@ -213,7 +213,7 @@ async def refused_connection(url, **auth):
 def test_each_service_gets_its_own_subjects_and_nothing_else(booted):
     objects, values, cluster = booted
     provision(objects, values, cluster)
-    asyncio.run(exercise(objects, cluster.client_urls()[0]))
+    asyncio.run(exercise(objects, cluster.client_urls()[0], cluster.monitor(0)))
 
 
 def test_anonymous_and_wrong_passwords_are_refused(booted):

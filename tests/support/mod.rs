@@ -474,6 +474,19 @@ pub struct Sidecar {
     _dir: tempfile::TempDir,
 }
 
+/// An app answering with `handler` and a sidecar whose routing file `toml` makes from the
+/// app's URL, on `nats`; returns once the sidecar's NATS connection is up.
+pub async fn app_and_sidecar(
+    nats: &NatsServer,
+    handler: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    toml: impl FnOnce(&str) -> String,
+) -> (App, Sidecar) {
+    let app = App::start(handler).await;
+    let sc = Sidecar::start(&toml(&app.url()), &nats.url(), None).await;
+    sc.wait_nats().await;
+    (app, sc)
+}
+
 impl Sidecar {
     /// Writes `toml` to a temp file and runs a sidecar from it, NATS servers and app URL
     /// overridden as given.

@@ -105,6 +105,14 @@ pub struct Pair {
     pub calls: mpsc::UnboundedReceiver<AppCall>,
 }
 
+/// Waits until the pair's responder counted `n` streams of route `tokens` ending `end`.
+pub async fn responder_counted(p: &Pair, end: &str, n: u64) {
+    let responder = p.responder.as_ref().unwrap();
+    let want = format!(r#"natsbridge_streams_total{{end="{end}",route="tokens",side="responder"}} {n}"#);
+    let what = format!("the responder counted {n} {end} stream(s)");
+    eventually(&what, Duration::from_secs(5), || async { responder.metrics().await.contains(&want).then_some(()) }).await;
+}
+
 pub async fn pair(requester_extra: &str, responder_extra: &str) -> Pair {
     let nats = NatsServer::start();
     let (app_url, calls) = streaming_app().await;

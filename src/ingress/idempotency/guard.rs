@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Idempotency, IdempotencyStore};
 use crate::health::{Component, Readiness, State};
-use crate::ingress::idempotency::store::{extract_key, kv_key, payload_digest, Claim, IdempotencyError, Store, StoredResponse, Ticket};
+use crate::ingress::idempotency::store::{extract_key, kv_key, payload_digest, Claim, FinishError, Store, StoredResponse, Ticket};
 use crate::ingress::{retry_delay, sleep_or_stop, AppError, AppResponse};
 use crate::metrics::Metrics;
 use crate::problem::BridgeError;
@@ -193,12 +193,17 @@ impl Guard {
     }
 
     /// A lost claim is no store outage: counted and logged, but the route is not paused.
-    fn finish_failed(&self, what: &str, e: &IdempotencyError) {
-        if e.is_store_failure() {
-            self.store_failed(what, &e.to_string());
+    fn finish_failed(&self, e: &FinishError) {
+        let what = match e {
+            FinishError::Complete { .. } => "storing a result",
+            FinishError::Release { .. } => "releasing a claim",
+        };
+        let source = e.source_error();
+        if source.is_store_failure() {
+            self.store_failed(what, &source.to_string());
         } else {
             self.c.error.inc();
-            tracing::warn!(route = %self.route, error = %e, "idempotency store: {what} failed");
+            tracing::warn!(route = %self.route, error = %source, "idempotency store: {what} failed");
         }
     }
 
@@ -319,24 +324,28 @@ impl Guard {
     /// Ends a claimed delivery: `success` (the app's 2xx, see [`success`]) marks the key
     /// done; `None` releases it so the retry can run. Store errors are logged and counted,
     /// never turned into a retry: after a success the effect has happened.
-    pub async fn finish(&self, mut claimed: Claimed, success: Option<StoredResponse>) -> Result<(), String> {
+    pub async fn finish(&self, mut claimed: Claimed, success: Option<StoredResponse>) -> Result<(), FinishError> {
         let ticket = claimed.stop_refreshing().await;
         let store = claimed.store.clone();
-        let (what, counter, done) = match success {
-            Some(r) => ("storing a result", &self.c.stored, store.complete(ticket, r, self.spec.ttl).await),
+        let key = ticket.key.clone();
+        let done = match success {
+            Some(r) => store
+                .complete(ticket, r, self.spec.ttl)
+                .await
+                .map(|()| &self.c.stored)
+                .map_err(|source| FinishError::Complete { key, source }),
             // On failure the claim goes stale after claim_ttl; the retry runs then.
-            None => ("releasing a claim", &self.c.release, store.release(ticket).await),
+            None => store.release(ticket).await.map(|()| &self.c.release).map_err(|source| FinishError::Release { key, source }),
         };
         match done {
-            Ok(()) => {
+            Ok(counter) => {
                 self.store_ok();
                 counter.inc();
                 Ok(())
             }
             Err(e) => {
-                let why = e.to_string();
-                self.finish_failed(what, &e);
-                Err(why)
+                self.finish_failed(&e);
+                Err(e)
             }
         }
     }

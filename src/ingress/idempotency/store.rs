@@ -45,6 +45,36 @@ impl IdempotencyError {
     }
 }
 
+/// Why ending a claimed delivery failed, by the step that failed. The claim goes stale
+/// after `claim_ttl` either way; the source says whether the store failed or the claim
+/// was lost ([`IdempotencyError::is_store_failure`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError {
+    /// The app succeeded but its result was not stored: a copy of the message arriving
+    /// after the claim goes stale runs again.
+    #[error("storing the result for idempotency key {key:?} failed")]
+    Complete {
+        key: String,
+        #[source]
+        source: IdempotencyError,
+    },
+    /// The app failed and the claim was not released: the retry waits for it to go stale.
+    #[error("releasing the claim on idempotency key {key:?} failed")]
+    Release {
+        key: String,
+        #[source]
+        source: IdempotencyError,
+    },
+}
+
+impl FinishError {
+    pub fn source_error(&self) -> &IdempotencyError {
+        match self {
+            Self::Complete { source, .. } | Self::Release { source, .. } => source,
+        }
+    }
+}
+
 /// The app's response, as stored for replays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredResponse {

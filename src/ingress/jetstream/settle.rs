@@ -51,7 +51,7 @@ pub(super) async fn settle(
         // redelivery would run it again; the claim goes stale after claim_ttl.
         let success = if outcome == Outcome::Ack { guard::success(&result) } else { None };
         if let Err(e) = g.finish(c, success).await {
-            tracing::warn!(route = %route.inbound.name, seq, error = %e, ?outcome, "idempotency store not updated");
+            tracing::warn!(route = %route.inbound.name, seq, error = %crate::problem::error_chain(&e), ?outcome, "idempotency store not updated");
         }
     }
     match outcome {
