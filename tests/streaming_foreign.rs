@@ -263,3 +263,29 @@ async fn bench_token_latency_through_two_sidecars_against_raw_nats() {
         q(&bridged, 0.5) - q(&raw, 0.5)
     );
 }
+
+/// A failure that arrives together with the data before it (one batch off the socket):
+/// the client still gets the status and the data, then an aborted body, never a
+/// connection closed with no response at all. Repeated: it depends on how the pieces
+/// fall into hyper's write buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_in_the_same_batch_as_the_data_still_sends_the_head_and_the_data() {
+    let (_nats, requester, c) = requester_only("").await;
+    let mut sub = subscribe_synced(&c, "tokens.chunks").await;
+    for round in 0..20 {
+        let url = requester.url("/tokens/chunks");
+        let client = tokio::spawn(async move {
+            let (parts, mut body) = open(&url).await.into_parts();
+            (parts, read_all(&mut body, Duration::from_secs(10)).await)
+        });
+        let req = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        let reply = req.reply.unwrap();
+        // No flush between them: the three go out in one write.
+        c.publish_with_headers(reply.clone(), seq_headers(1, &[("Bridge-Status", "200")]), "a".into()).await.unwrap();
+        c.publish_with_headers(reply.clone(), seq_headers(2, &[]), "b".into()).await.unwrap();
+        c.publish_with_headers(reply.clone(), seq_headers(4, &[]), "d".into()).await.unwrap();
+        let (parts, (bytes, end)) = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+        assert_eq!((parts.status.as_u16(), &bytes[..]), (200, &b"ab"[..]), "round {round}");
+        assert!(end.is_err(), "round {round}: a broken stream must not look complete");
+    }
+}

@@ -54,10 +54,21 @@ where
             });
             std::future::ready(next)
         })
-        .map(move |piece| match piece {
-            Piece::Data(b) => Ok(Frame::data(b)),
-            Piece::Fail(e) if sse => Ok(Frame::data(sse_error(&e, &route, rid.as_deref()))),
-            Piece::Fail(e) => Err(Box::new(e) as BoxError),
+        .then(move |piece| {
+            let frame = match piece {
+                Piece::Data(b) => Ok(Frame::data(b)),
+                Piece::Fail(e) if sse => Ok(Frame::data(sse_error(&e, &route, rid.as_deref()))),
+                Piece::Fail(e) => Err(Box::new(e) as BoxError),
+            };
+            async move {
+                if frame.is_err() {
+                    // hyper drops what it has buffered but not yet written when a body
+                    // fails: one `Pending` first lets it flush the head and the data
+                    // before it aborts, or the client would see no response at all.
+                    tokio::task::yield_now().await;
+                }
+                frame
+            }
         });
     StreamBody::new(frames).boxed_unsync()
 }
