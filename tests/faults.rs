@@ -1078,8 +1078,11 @@ async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
                 return (500, false);
             }
             if c.earlier == 0 && i % 10 == 3 {
-                // Past the app timeout (ack_wait - 200ms): the sidecar drops the call.
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+                // Far past the app timeout (ack_wait - 200ms): the sidecar drops the call,
+                // and the handler is dropped with its connection before it commits. Far
+                // past, not just past: on a loaded machine the app may notice the closed
+                // connection late, and a commit after the retry's would count twice.
+                tokio::time::sleep(Duration::from_secs(20)).await;
                 return commit(200);
             }
             tokio::time::sleep(Duration::from_millis(5 + (i as u64 * 7) % 30)).await;
@@ -1125,6 +1128,11 @@ async fn two_replicas_with_forced_redeliveries_apply_each_effect_once() {
         assert_eq!(dlq, 0);
         assert!(consumer_settled(&js, "TOOL", "tool", last).await, "the consumer did not settle");
         assert!(calls.iter().any(|c| c.delivery > 1), "no redelivery was forced");
+        // Every slow first call was abandoned by the sidecar (its handler dropped before
+        // it could commit a second effect).
+        let slow = (0..KEYS).filter(|i| i % 10 == 3 && i % 4 != 1).count();
+        let abandoned = wait_until(Duration::from_secs(15), || async { app.aborted().len() == slow }).await;
+        assert!(abandoned, "slow calls abandoned: {} of {slow}", app.aborted().len());
         assert!(deliveries(&m1) > 0.0 && deliveries(&m2) > 0.0, "both replicas must take part");
         within("replica r1's shutdown", Duration::from_secs(30), r1.stop()).await;
         within("replica r2's shutdown", Duration::from_secs(30), r2.stop()).await;
