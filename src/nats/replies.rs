@@ -260,10 +260,15 @@ impl ReplyStream {
 /// Delivers each reply to its waiter until the subscription ends (drain, close) or the
 /// last handle is dropped; then every waiter still registered learns it is `Closed`.
 async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared: Arc<Shared>, stop: CancellationToken) {
+    // One stop future for the task's life, polled only when no reply is ready: a new one
+    // per reply registered and unregistered a waiter under the token's lock every time.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let message = tokio::select! {
+            biased;
             m = subscriber.next() => m,
-            _ = stop.cancelled() => None,
+            _ = &mut stopped => None,
         };
         let Some(message) = message else { break };
         let read = Instant::now();
