@@ -26,6 +26,31 @@ use futures::StreamExt;
 use natsbridge::metrics::Metrics;
 use natsbridge::nats::replies::Replies;
 
+/// Counts heap allocations (alloc and realloc calls) of this process, so the report can
+/// give allocations per request for each multiplexer. One relaxed atomic add per call:
+/// both variants pay it alike.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        std::alloc::System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
 const BODY_LEN: usize = 1024;
 const SUBJECT: &str = "bench.mux";
 
@@ -118,6 +143,7 @@ struct Sample {
     secs: f64,
     cpu: f64,
     server_cpu: f64,
+    allocations: u64,
 }
 
 impl Sample {
@@ -126,6 +152,9 @@ impl Sample {
     }
     fn server_us(&self) -> f64 {
         self.server_cpu * 1e6 / self.ok.max(1) as f64
+    }
+    fn allocs(&self) -> f64 {
+        self.allocations as f64 / self.ok.max(1) as f64
     }
     fn rps(&self) -> f64 {
         self.ok as f64 / self.secs
@@ -207,18 +236,21 @@ async fn run(quick: bool, runs: usize, dur: Duration, threads: usize) -> i32 {
         for load in ["concurrency 32", "2000 rps"] {
             for v in order {
                 let (t0, s0) = (procs::cpu_ticks(me), procs::cpu_ticks(server));
+                let a0 = ALLOCATIONS.load(Ordering::Relaxed);
                 let (ok, errors, secs) =
                     if load == "2000 rps" { fixed_rate(&req, v, rate, dur).await } else { closed_loop(&req, v, conc, dur).await };
                 let cpu = procs::cpu_ticks(me).saturating_sub(t0) as f64 / tck;
                 let server_cpu = procs::cpu_ticks(server).saturating_sub(s0) as f64 / tck;
-                let s = Sample { variant: v, load, ok, errors, secs, cpu, server_cpu };
+                let allocations = ALLOCATIONS.load(Ordering::Relaxed) - a0;
+                let s = Sample { variant: v, load, ok, errors, secs, cpu, server_cpu, allocations };
                 println!(
-                    "  run {r} {:<28} {:<15} {:>8.0}/s  {:>6.1} µs CPU/request (server {:>5.1})  errors {}",
+                    "  run {r} {:<28} {:<15} {:>8.0}/s  {:>6.1} µs CPU/request (server {:>5.1})  {:>5.1} allocations/request  errors {}",
                     v.name(),
                     load,
                     s.rps(),
                     s.cpu_us(),
                     s.server_us(),
+                    s.allocs(),
                     errors
                 );
                 samples.push(s);
@@ -256,8 +288,9 @@ fn report(samples: &[Sample], runs: usize, dur: Duration, threads: usize, quick:
     let mut s = format!(
         "## Reply multiplexer: async-nats vs natsbridge ({})\n\n{runs} rounds of {:.1} s per variant and load, alternating order; \
          requester runtime: {}; load average at start {}, at end {}. CPU is this process's utime+stime per request (the \
-         responder is another process). Median (min–max) over the rounds; a load with errors is \"not measured\".\n\n\
-         | variant | load | requests/s | CPU µs / request | nats-server CPU µs / request |\n|---|---|---:|---:|---:|\n",
+         responder is another process); allocations are this process's alloc + realloc calls per request (the load \
+         generator's included, alike for both). Median (min–max) over the rounds; a load with errors is \"not measured\".\n\n\
+         | variant | load | requests/s | CPU µs / request | allocations / request | nats-server CPU µs / request |\n|---|---|---:|---:|---:|---:|\n",
         if quick { "quick smoke run: numbers are not meaningful" } else { "same run, same server" },
         dur.as_secs_f64(),
         if threads <= 1 { "current-thread".to_owned() } else { format!("{threads} workers") },
@@ -271,10 +304,11 @@ fn report(samples: &[Sample], runs: usize, dur: Duration, threads: usize, quick:
             let col =
                 |f: &dyn Fn(&Sample) -> f64, d| if clean { spread(of.iter().map(|x| f(x)).collect(), d) } else { "not measured".into() };
             s += &format!(
-                "| {} | {load} | {} | {} | {} |\n",
+                "| {} | {load} | {} | {} | {} | {} |\n",
                 v.name(),
                 col(&|x| x.rps(), 0),
                 col(&|x| x.cpu_us(), 1),
+                col(&|x| x.allocs(), 1),
                 col(&|x| x.server_us(), 1)
             );
         }

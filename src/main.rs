@@ -10,6 +10,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator (the default `mimalloc` feature; see
+/// BENCHMARKS.md for the measurement that keeps or drops it).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use natsbridge::config::{self, Overrides};
 
 #[derive(Parser)]

@@ -17,7 +17,14 @@
 //!
 //! "Handed to the client" is as far as the sidecar can see: async-nats and hyper write
 //! the socket on their own tasks.
+//!
+//! Recording starts with the first read of `/debug/own-time` (that read answers with
+//! `count: 0` everywhere). Until then a request pays one relaxed atomic load instead of a
+//! lock and a histogram update per stage, and egress carries no timestamps in the
+//! request's and response's extensions (each one allocates their map). Nobody reads these
+//! in production; the benchmark reads (and resets) them before each phase.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,6 +54,8 @@ impl Stage {
 /// each). A lock each: taken once per request and stage, never contended for long.
 pub struct OwnTime {
     stages: [Mutex<Histogram<u64>>; 3],
+    /// Set by the first [`OwnTime::snapshot`]; nothing is recorded before.
+    enabled: AtomicBool,
 }
 
 impl Default for OwnTime {
@@ -67,17 +76,28 @@ fn histogram() -> Histogram<u64> {
 
 impl OwnTime {
     pub fn new() -> Self {
-        Self { stages: [Mutex::new(histogram()), Mutex::new(histogram()), Mutex::new(histogram())] }
+        Self { stages: [Mutex::new(histogram()), Mutex::new(histogram()), Mutex::new(histogram())], enabled: AtomicBool::new(false) }
     }
 
+    /// Whether anyone has read the histograms yet: callers skip taking timestamps when not.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Adds one sample to `stage`, once recording has started (see the module doc).
     pub fn record(&self, stage: Stage, d: Duration) {
+        if !self.enabled() {
+            return;
+        }
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
         self.stages[stage as usize].lock().unwrap_or_else(|e| e.into_inner()).saturating_record(ns);
     }
 
     /// Count and percentiles (µs) of each stage; `reset` empties them afterwards. A stage
-    /// with no sample has only `count: 0`: a missing figure, never a zero.
+    /// with no sample has only `count: 0`: a missing figure, never a zero. The first call
+    /// starts the recording.
     pub fn snapshot(&self, reset: bool) -> serde_json::Value {
+        self.enabled.store(true, Ordering::Relaxed);
         let mut out = serde_json::Map::new();
         for stage in STAGES {
             let mut h = self.stages[stage as usize].lock().unwrap_or_else(|e| e.into_inner());
@@ -105,8 +125,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nothing_is_recorded_before_the_first_read() {
+        let t = OwnTime::new();
+        t.record(Stage::IngressOwn, Duration::from_micros(5));
+        assert!(!t.enabled());
+        assert_eq!(t.snapshot(false)["ingress_own"], serde_json::json!({ "count": 0 }));
+        t.record(Stage::IngressOwn, Duration::from_micros(5));
+        assert_eq!(t.snapshot(false)["ingress_own"]["count"], 1, "recording since the first read");
+    }
+
+    #[test]
     fn a_stage_reports_its_samples_and_resets() {
         let t = OwnTime::new();
+        t.snapshot(true);
         for us in 1..=100 {
             t.record(Stage::EgressToNats, Duration::from_micros(us));
         }

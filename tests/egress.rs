@@ -601,13 +601,17 @@ async fn the_publish_bound_follows_a_reload() {
 }
 
 #[tokio::test]
-async fn own_time_counts_every_answered_request_and_resets_when_read() {
+async fn own_time_counts_every_answered_request_once_read_and_resets_when_read() {
     let nats = NatsServer::start();
     let _r = responder(&nats, "agent.*.execution.requested", |m| (async_nats::HeaderMap::new(), m.payload.clone())).await;
     let sc = Sidecar::start(&routes(""), &nats.url(), None).await;
     sc.wait_nats().await;
     let own = || async { get(&format!("http://{}/debug/own-time?reset=1", sc.admin)).await.unwrap().json() };
-    let _ = own().await;
+    // Nothing is recorded until the first read (a request then costs no lock or histogram).
+    let r = call("POST", &sc.url("/agents/0/execute"), &[("host", "agent-service")], "x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let first = own().await;
+    assert_eq!(first["egress_to_nats"], serde_json::json!({ "count": 0 }), "{first}");
     for i in 0..5 {
         let r = call("POST", &sc.url(&format!("/agents/{i}/execute")), &[("host", "agent-service")], "x").await;
         assert_eq!(r.status, 200, "{}", r.text());

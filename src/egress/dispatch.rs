@@ -76,7 +76,10 @@ impl Egress {
             }
         };
         let mut req = req;
-        req.extensions_mut().insert(HeadRead(started));
+        if self.metrics.own_time.enabled() {
+            // Only when recording: the first extension allocates the request's map.
+            req.extensions_mut().insert(HeadRead(started));
+        }
         let spans = self.telemetry.egress(route, subject.as_deref(), &mut req);
         let mut res = match self.dispatch(route, subject, req).await {
             Ok(res) => res,

@@ -152,8 +152,11 @@ impl Replier<'_> {
             let mut res = Response::new(full(r.body));
             *res.status_mut() = r.status;
             *res.headers_mut() = r.headers;
-            // `handle` records the rest of this stage once the response is complete.
-            res.extensions_mut().insert(ReplyRead(reply_read));
+            // `handle` records the rest of this stage once the response is complete (only
+            // when recording: the first extension allocates the response's map).
+            if self.metrics.own_time.enabled() {
+                res.extensions_mut().insert(ReplyRead(reply_read));
+            }
             return Ok(res);
         }
         let mut sequence = seq.then(Sequence::default);

@@ -18,6 +18,7 @@
 //! [`Replies::stream`] (many replies into a bounded channel, for request-many streams).
 
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,9 +110,33 @@ enum Waiter {
     Many(mpsc::Sender<Message>, Arc<AtomicBool>),
 }
 
+/// Tokens are our own counter, never chosen by anyone else: a multiply by an odd constant
+/// spreads consecutive ones over the map's shards (high bits) and buckets (low bits)
+/// without SipHash's cost, paid three times per request (insert, delivery, removal).
+#[derive(Default, Clone, Copy)]
+struct TokenHasher(u64);
+
+impl std::hash::Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Waiters = DashMap<u64, Waiter, BuildHasherDefault<TokenHasher>>;
+
 /// The map and its metrics, shared by the handles, the guards and the dispatcher task.
 struct Shared {
-    waiters: DashMap<u64, Waiter>,
+    waiters: Waiters,
     pending: IntGauge,
     late: IntCounter,
 }
@@ -139,7 +164,7 @@ impl Replies {
         let prefix = format!("{}.", client.new_inbox());
         let subscriber = client.subscribe(format!("{prefix}*")).await?;
         let shared =
-            Arc::new(Shared { waiters: DashMap::new(), pending: metrics.pending_replies.clone(), late: metrics.late_replies.clone() });
+            Arc::new(Shared { waiters: Waiters::default(), pending: metrics.pending_replies.clone(), late: metrics.late_replies.clone() });
         let stop = CancellationToken::new();
         tokio::spawn(dispatch(subscriber, prefix.clone(), shared.clone(), stop.clone()));
         let inner = Inner { client: client.clone(), prefix, next: AtomicU64::new(1), shared, _stop: stop.drop_guard() };
@@ -167,12 +192,14 @@ impl Replies {
         timeout: Duration,
     ) -> Result<Stamped, ReplyError> {
         let (tx, rx) = oneshot::channel();
-        let (reply, _registered) = self.register(Waiter::One(tx));
+        let (reply, mut registered) = self.register(Waiter::One(tx));
         let wait = async {
             self.inner.client.publish_with_reply_and_headers(subject, reply, headers, payload).await?;
             let published = Instant::now();
             // The sender only goes away without a reply when the dispatcher stopped.
             let (message, reply_read) = rx.await.map_err(|_| ReplyError::new(ReplyErrorKind::Closed))?;
+            // Delivery removed the entry: the guard need not look it up again.
+            registered.in_map = false;
             Ok::<_, ReplyError>(Stamped { message, published, reply_read })
         };
         let stamped = tokio::time::timeout(timeout, wait).await.map_err(|_| ReplyError::new(ReplyErrorKind::TimedOut))??;
@@ -202,9 +229,28 @@ impl Replies {
         let shared = &self.inner.shared;
         shared.waiters.insert(token, waiter);
         shared.pending.inc();
-        let subject = Subject::from(format!("{}{token}", self.inner.prefix));
-        (subject, Registered { shared: shared.clone(), token })
+        (reply_subject(&self.inner.prefix, token), Registered { shared: shared.clone(), token, in_map: true })
     }
+}
+
+/// `<prefix><token>` in one allocation of its exact size (`format!` grew a `String` and
+/// then boxed it again to make it `Bytes`: three allocations per request).
+fn reply_subject(prefix: &str, token: u64) -> Subject {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = token;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut s = String::with_capacity(prefix.len() + digits.len() - at);
+    s.push_str(prefix);
+    s.extend(digits[at..].iter().map(|&d| char::from(d)));
+    Subject::from(s)
 }
 
 /// A reply and the two moments the sidecar's own time is measured between.
@@ -220,11 +266,15 @@ pub struct Stamped {
 struct Registered {
     shared: Arc<Shared>,
     token: u64,
+    /// False once the delivery of a single reply removed the entry itself.
+    in_map: bool,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.shared.waiters.remove(&self.token);
+        if self.in_map {
+            self.shared.waiters.remove(&self.token);
+        }
         self.shared.pending.dec();
     }
 }
@@ -260,10 +310,15 @@ impl ReplyStream {
 /// Delivers each reply to its waiter until the subscription ends (drain, close) or the
 /// last handle is dropped; then every waiter still registered learns it is `Closed`.
 async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared: Arc<Shared>, stop: CancellationToken) {
+    // One stop future for the task's life, polled only when no reply is ready: a new one
+    // per reply registered and unregistered a waiter under the token's lock every time.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let message = tokio::select! {
+            biased;
             m = subscriber.next() => m,
-            _ = stop.cancelled() => None,
+            _ = &mut stopped => None,
         };
         let Some(message) = message else { break };
         let read = Instant::now();
@@ -308,7 +363,7 @@ mod tests {
 
     fn shared() -> Shared {
         let m = Metrics::new();
-        Shared { waiters: DashMap::new(), pending: m.pending_replies.clone(), late: m.late_replies.clone() }
+        Shared { waiters: Waiters::default(), pending: m.pending_replies.clone(), late: m.late_replies.clone() }
     }
 
     fn message(subject: &str) -> Message {
@@ -332,6 +387,13 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().0.payload, "x");
         assert!(s.waiters.is_empty());
         assert!(!deliver(&s, 7, message("p.7"), Instant::now()), "a second reply on a used token is dropped");
+    }
+
+    #[test]
+    fn a_reply_subject_is_the_prefix_and_the_token() {
+        for t in [0, 7, 10, 1234567890, u64::MAX] {
+            assert_eq!(reply_subject("_INBOX.abc.", t).as_str(), format!("_INBOX.abc.{t}"));
+        }
     }
 
     #[test]
