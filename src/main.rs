@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc instead of the system allocator (the default `mimalloc` feature; see
-/// BENCHMARKS.md for the measurement that keeps or drops it).
+/// mimalloc instead of the system allocator (the opt-in `mimalloc` feature: less CPU,
+/// more RSS; BENCHMARKS.md has the measurement).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
