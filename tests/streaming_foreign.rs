@@ -17,11 +17,7 @@ async fn a_gap_in_the_sequence_ends_the_stream_as_an_error_and_cancels_it() {
     let (_nats, requester, c) = requester_only("").await;
     let mut sub = subscribe_synced(&c, "tokens.sse").await;
     let mut control = subscribe_synced(&c, "control.gap").await;
-    let url = requester.url("/tokens/sse");
-    let client = tokio::spawn(async move {
-        let (parts, mut body) = open(&url).await.into_parts();
-        (parts, read_all(&mut body, Duration::from_secs(10)).await)
-    });
+    let client = read_in_background(requester.url("/tokens/sse"));
     let req = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
     let reply = req.reply.unwrap();
     let first =
@@ -72,11 +68,7 @@ async fn stream_max_ends_a_stream_that_never_stops() {
 async fn a_foreign_responder_ends_its_stream_with_an_empty_sentinel() {
     let (_nats, requester, c) = requester_only("stream_end = \"empty\"").await;
     let mut sub = subscribe_synced(&c, "tokens.chunks").await;
-    let url = requester.url("/tokens/chunks");
-    let client = tokio::spawn(async move {
-        let (parts, mut body) = open(&url).await.into_parts();
-        (parts, read_all(&mut body, Duration::from_secs(10)).await)
-    });
+    let client = read_in_background(requester.url("/tokens/chunks"));
     let req = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
     let reply = req.reply.unwrap();
     for part in ["one ", "two ", "three"] {
@@ -273,11 +265,7 @@ async fn a_failure_in_the_same_batch_as_the_data_still_sends_the_head_and_the_da
     let (_nats, requester, c) = requester_only("").await;
     let mut sub = subscribe_synced(&c, "tokens.chunks").await;
     for round in 0..20 {
-        let url = requester.url("/tokens/chunks");
-        let client = tokio::spawn(async move {
-            let (parts, mut body) = open(&url).await.into_parts();
-            (parts, read_all(&mut body, Duration::from_secs(10)).await)
-        });
+        let client = read_in_background(requester.url("/tokens/chunks"));
         let req = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
         let reply = req.reply.unwrap();
         // No flush between them: the three go out in one write.

@@ -27,6 +27,7 @@ mod jsf;
 mod load;
 mod procs;
 mod report;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -343,6 +344,14 @@ method = "POST"
 path = "/events/{id}"
 subject = "benche.{id}"
 mode = "jetstream"
+
+[[outbound]]
+name = "tokens"
+method = "GET"
+path = "/tokens/{n}/{gap}"
+subject = "benchtok.{n}.{gap}"
+mode = "request"
+timeout = "60s"
 "#;
 
 const SIDECAR_B: &str = r#"
@@ -573,6 +582,10 @@ async fn run(plan: Plan) -> i32 {
     drop(specs);
     responder.abort();
 
+    if bench.plan.runs("g") && with_ingress {
+        let dur = bench.plan.rate;
+        tokens::path_g(&mut bench, &a, &nc, &base, &nats_url, dur).await;
+    }
     if bench.plan.runs("f") {
         path_f(&mut bench, &js, &app, &app_url, &nats_url, &nats_proc, &me, &body, &mut idle, with_ingress).await;
     }
@@ -649,7 +662,10 @@ fn write_results(
     let micro = std::env::var("BENCH_MICRO_SINCE").ok().and_then(|s| s.parse().ok()).map(report::micro_results).unwrap_or_default();
     let conc = format!("concurrency {}", plan.concurrency);
     let js_conc = format!("concurrency {}", plan.js_concurrency);
-    let goals = report::goals(&bench.phases, &micro, &conc, &js_conc);
+    let mut goals = report::goals(&bench.phases, &micro, &conc, &js_conc);
+    if bench.phases.iter().any(|p| p.path == "g") {
+        goals.push(tokens::goal(&bench.phases));
+    }
     let m = |k: &str| machine[k].as_str().map(str::to_owned).unwrap_or_else(|| machine[k].to_string());
     let kind = if plan.quick {
         "quick smoke run: numbers are not meaningful"
@@ -681,7 +697,7 @@ fn write_results(
         plan.saturation.as_secs_f64(),
         plan.sidecar_threads.map(|n| n.to_string()).unwrap_or_else(|| "default".into()),
     );
-    let md = report::markdown(&header, &bench.phases, &goals, &micro, idle);
+    let md = report::markdown(&header, &bench.phases, &goals, &micro, idle) + &tokens::section(&bench.phases);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (out_dir, stem) = match kind {
         "full run" => (root.join("bench-results"), "latest"),

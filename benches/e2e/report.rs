@@ -60,6 +60,7 @@ pub fn load_name(p: &Phase) -> String {
         ("rate", Some(r), _) => format!("{r:.0} rps"),
         ("concurrency", _, Some(c)) => format!("concurrency {c}"),
         ("drain", _, Some(c)) => format!("drain, {c} in flight"),
+        ("stream", Some(r), Some(c)) => format!("{c} streams, {r:.0} tokens/s"),
         (l, _, _) => l.to_owned(),
     }
 }

@@ -130,6 +130,17 @@ pub async fn open(url: &str) -> http::Response<Incoming> {
     tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.expect("response head in time").unwrap()
 }
 
+/// A whole response: the head, the bytes, and how the body ended (`Err`: aborted).
+pub type WholeRead = (http::response::Parts, (Vec<u8>, Result<(), String>));
+
+/// Opens `url` and reads the whole body in a task.
+pub fn read_in_background(url: String) -> tokio::task::JoinHandle<WholeRead> {
+    tokio::spawn(async move {
+        let (parts, mut body) = open(&url).await.into_parts();
+        (parts, read_all(&mut body, Duration::from_secs(10)).await)
+    })
+}
+
 /// Reads until the body ends: the bytes, and whether it ended cleanly (`Err`: aborted).
 pub async fn read_all(body: &mut Incoming, within: Duration) -> (Vec<u8>, Result<(), String>) {
     let mut out = Vec::new();
