@@ -110,3 +110,71 @@ def test_values_are_what_generate_writes_from_the_routes_files():
         subprocess.run([os.path.join(copy, "k8s", "generate"), str(binary())], check=True, timeout=60)
         for name in ["values.yaml", "nats-users.yaml"]:
             assert filecmp.cmp(os.path.join(copy, "k8s", name), K8S / name, shallow=False), f"run examples/platform/k8s/generate ({name})"
+
+
+def test_models_nest_connection_answers_under_the_pods_user_and_nothing_more():
+    """model.cjs logs in with its sidecar's Secret (apps.yaml). On a nats-server booted from
+    the rendered config, that user answers agent's Nest requests (one reply and Nest's
+    dispose message), and is refused a subject the routes do not name."""
+    import asyncio
+    import base64
+    import urllib.parse
+
+    import nats
+    from natscluster import Cluster, server_env
+    from test_nats_auth import wait_interest
+
+    # One server is enough for core NATS permissions.
+    objects, _ = render(merge(platform_values(), {"nats": {"replicas": 1}}))
+    conf = one(objects, "ConfigMap", "nb-natsbridge-nats-config")["data"]["nats.conf"]
+    apps = list(yaml.safe_load_all(open(K8S / "apps.yaml")))
+    model = next(d for d in apps if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "model")
+    env = {e["name"]: e for e in model["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["NATS_URL"]["valueFrom"]["secretKeyRef"]
+
+    def creds(secret):
+        url = base64.b64decode(one(objects, "Secret", secret)["data"]["url"]).decode()
+        u = urllib.parse.urlsplit(url)
+        return u.username, u.password
+
+    (model_user, model_pw), (agent_user, agent_pw) = creds(ref["name"]), creds("agent-routes-nats-auth")
+    assert model_user == "model"
+    cluster = Cluster(conf, ["nb-natsbridge-nats-0"], env=server_env(objects)).start()
+
+    async def run(url):
+        refused = []
+
+        async def on_error(e):
+            refused.append(str(e).lower())
+
+        m = await nats.connect(servers=[url], user=model_user, password=model_pw, error_cb=on_error, allow_reconnect=False)
+        a = await nats.connect(servers=[url], user=agent_user, password=agent_pw, allow_reconnect=False)
+        try:
+
+            async def answer(msg):
+                await msg.respond(b'{"id":"1","response":{"key_id":"k"}}')
+                await msg.respond(b'{"id":"1","isDisposed":true}')
+
+            await m.subscribe("model.key.requested", cb=answer)
+            await m.flush()
+            await wait_interest(cluster.monitor(0), "model.key.requested", None)
+            reply = await a.request("model.key.requested", b'{"pattern":"model.key.requested","data":{},"id":"1"}', timeout=5)
+            assert b'"response"' in reply.data
+            await m.flush()
+            assert not refused, refused
+            await m.publish("agent.execution.completed", b"{}")
+            await m.flush()
+            for _ in range(50):
+                if any('permissions violation for publish to "agent.execution.completed"' in r for r in refused):
+                    break
+                await asyncio.sleep(0.05)
+            assert any('permissions violation for publish to "agent.execution.completed"' in r for r in refused), refused
+        finally:
+            await m.close()
+            await a.close()
+
+    try:
+        cluster.wait_healthy()
+        asyncio.run(run(cluster.client_urls()[0]))
+    finally:
+        cluster.stop()
