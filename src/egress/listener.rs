@@ -427,7 +427,11 @@ impl Drop for EndOfResponse {
 fn tracked_service(svc: EgressService, activity: Arc<Activity>, max_headers: usize, slots: Slots) -> EgressService {
     use tower::ServiceExt as _;
     tower::util::BoxCloneService::new(tower::service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(slots.clone());
+        // Only a request that can open a tunnel needs its connection's places: inserting
+        // them in every request would allocate an extensions map per request.
+        if req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(slots.clone());
+        }
         let framing = activity.begin();
         let guard = EndOfResponse(activity.clone());
         let svc = svc.clone();
