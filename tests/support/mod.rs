@@ -541,8 +541,7 @@ impl Sidecar {
     /// Waits until every component is up (`/statusz`): NATS connected, every inbound route
     /// bound, nothing missing. Stronger than `/readyz` in the default mode.
     pub async fn wait_ready(&self) {
-        let admin = self.admin;
-        eventually("every sidecar component up", Duration::from_secs(15), || async move { all_up(admin).await.then_some(()) }).await
+        wait_all_up(self.admin, "every sidecar component up", Duration::from_secs(15)).await
     }
 
     /// Waits until the sidecar's NATS connection is up (whatever else `/statusz` reports,
@@ -585,6 +584,19 @@ impl Drop for Sidecar {
 pub async fn statusz(admin: SocketAddr) -> Option<serde_json::Value> {
     let r = get(&format!("http://{admin}/statusz")).await.ok()?;
     serde_json::from_slice(&r.body).ok()
+}
+
+/// Waits until every component of the sidecar at `admin` is up; on timeout, panics with
+/// what `/statusz` still names as failing.
+pub async fn wait_all_up(admin: SocketAddr, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !all_up(admin).await {
+        if Instant::now() > deadline {
+            let failing = statusz(admin).await.map(|v| v["failing"].clone());
+            panic!("timed out after {timeout:?} waiting for {what}; failing: {failing:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Is every component of the sidecar at `admin` up?
@@ -641,8 +653,7 @@ impl SidecarProcess {
     }
 
     pub async fn wait_ready(&self) {
-        let admin = self.admin;
-        eventually("every sidecar process component up", Duration::from_secs(20), || async move { all_up(admin).await.then_some(()) }).await
+        wait_all_up(self.admin, "every sidecar process component up", Duration::from_secs(20)).await
     }
 
     pub async fn wait_nats(&self) {
