@@ -11,8 +11,10 @@
 //! | a | client → app (direct HTTP) |
 //! | b | async-nats request → async-nats responder (raw NATS, the floor) |
 //! | c | client → sidecar A (egress request) → NATS → sidecar B (ingress request) → app |
+//! | c-min | as c through minimal forwarders of the same libraries (`minimal.rs`): the floor |
 //! | d | client → sidecar A (tunnel) → NATS → sidecar B (tunnel) → app |
 //! | e | client → sidecar A (jetstream) → 202, vs raw async-nats JetStream publish + ack |
+//! | e-min | as e through the minimal egress forwarder |
 //! | e-sync | as e, against a nats-server with `sync_interval: always` |
 //! | f | JetStream → sidecar F (pull consumer) → app, vs a raw async-nats pull consumer |
 //!
@@ -25,6 +27,7 @@
 
 mod jsf;
 mod load;
+mod minimal;
 mod procs;
 mod report;
 mod tokens;
@@ -40,6 +43,7 @@ use http::StatusCode;
 use serde_json::json;
 
 use load::{http_client, http_op, js_op, nats_op, run_concurrency, run_rate, start_app, App, Op, Phase};
+use minimal::MinProc;
 use procs::{clock_ticks, rss_kb, HttpClient, Meter, NatsServer, SidecarProc, Watched};
 
 pub const BODY_LEN: usize = 1024;
@@ -151,6 +155,8 @@ impl Plan {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Started by this bench as one of the minimal forwarders of paths c-min and e-min.
+    minimal::run_role(&args);
     // `cargo nextest --all-targets` / `cargo test --benches` list and run bench targets as
     // tests: this one has none, and must not start a long run there.
     if args.iter().any(|a| a == "--list") {
@@ -535,6 +541,20 @@ async fn run(plan: Plan) -> i32 {
             conc,
         });
     }
+    let min_a = (plan.runs("c-min") || plan.runs("e-min")).then(|| MinProc::start("sidecar-min-a", &[minimal::EGRESS_ARG, &nats_url]));
+    let min_b = (with_ingress && plan.runs("c-min")).then(|| MinProc::start("sidecar-min-b", &[minimal::INGRESS_ARG, &nats_url, &app_url]));
+    if let (Some(ma), Some(mb)) = (&min_a, &min_b) {
+        let uri = format!("http://{}/echo", ma.addr.expect("min-egress listens"));
+        specs.push(Spec {
+            path: "c-min",
+            label: "minimal forwarders (A→NATS→B→app)",
+            op: http_op(&uri, None, body.clone(), StatusCode::OK, Some(BODY_LEN)),
+            procs: [vec![ma.watched(), mb.watched()], base.clone()].concat(),
+            sidecars: vec![],
+            sweep: true,
+            conc,
+        });
+    }
     let events = |s: &SidecarProc| http_op(&format!("http://{}/events/1", s.egress), None, body.clone(), StatusCode::ACCEPTED, None);
     specs.push(Spec {
         path: "e",
@@ -545,6 +565,18 @@ async fn run(plan: Plan) -> i32 {
         sweep: false,
         conc: js_conc,
     });
+    if let Some(ma) = &min_a {
+        let uri = format!("http://{}/events/1", ma.addr.expect("min-egress listens"));
+        specs.push(Spec {
+            path: "e-min",
+            label: "minimal forwarder JetStream publish → 202",
+            op: http_op(&uri, None, body.clone(), StatusCode::ACCEPTED, None),
+            procs: [vec![ma.watched()], base.clone()].concat(),
+            sidecars: vec![],
+            sweep: false,
+            conc: js_conc,
+        });
+    }
     specs.push(Spec {
         path: "e-raw",
         label: "raw JetStream publish + ack",
@@ -593,6 +625,8 @@ async fn run(plan: Plan) -> i32 {
     drop(a);
     drop(b);
     drop(a_sync);
+    drop(min_a);
+    drop(min_b);
     drop(nats);
     drop(nats_sync);
     write_results(&bench, &machine, &date, &idle, &load_end, started)

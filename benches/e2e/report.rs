@@ -132,6 +132,19 @@ pub fn paired(gs: &[Group<'_>], x: &str, y: &str, load: &str, f: impl Fn(&Phase)
     spread(d?)
 }
 
+/// One figure of a phase.
+type Figure<'f> = &'f dyn Fn(&Phase) -> Option<f64>;
+
+/// `fx(x) / fy(y)` run by run (the phases of the same round), then summarised.
+pub fn paired_ratio(gs: &[Group<'_>], (x, fx): (&str, Figure<'_>), (y, fy): (&str, Figure<'_>), load: &str) -> Option<Spread> {
+    let (gx, gy) = (group(gs, x, load)?, group(gs, y, load)?);
+    if !gx.clean() || !gy.clean() {
+        return None;
+    }
+    let r: Option<Vec<f64>> = gx.runs.iter().map(|px| Some(fx(px)? / fy(gy.runs.iter().find(|py| py.run == px.run)?)?)).collect();
+    spread(r?)
+}
+
 /// `x / composed` run by run, where `composed` is the same work done by the baselines
 /// with no sidecar cost: 1 / Σ (hops / baseline throughput), each from the same round.
 pub fn composed_ratio(gs: &[Group<'_>], x: &str, load: &str, hops: &[(&str, f64)]) -> Option<(Spread, Spread)> {
@@ -304,6 +317,7 @@ pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap
         s += "\n";
     }
     s += &differences(&gs);
+    s += &against_minimal(&gs);
     s += &own_time(&gs);
     s += "\n### Goals\n\nEach against the median over the runs; the range is min–max.\n\n| goal | measured | met |\n|---|---|---|\n";
     for g in goals {
@@ -330,7 +344,7 @@ fn differences(gs: &[Group<'_>]) -> String {
          percentiles of different runs), then median (min–max) over the rounds. Milliseconds.\n\n\
          | difference | load | p50 | p90 | p99 | p99.9 |\n|---|---|---:|---:|---:|---:|\n",
     );
-    let pairs = [("c", "a"), ("d", "a"), ("e", "e-raw"), ("e-sync", "e-sync-raw")];
+    let pairs = [("c", "a"), ("c-min", "a"), ("c", "c-min"), ("d", "a"), ("e", "e-raw"), ("e", "e-min"), ("e-sync", "e-sync-raw")];
     for (x, y) in pairs {
         for g in gs.iter().filter(|g| g.path == x && g.runs[0].load == "rate") {
             if group(gs, y, &g.load).is_none() {
@@ -347,6 +361,62 @@ fn differences(gs: &[Group<'_>]) -> String {
         }
     }
     s
+}
+
+/// natsbridge against the minimal forwarders of the same round (`minimal.rs`): what its own
+/// features cost over the same libraries doing the same I/O.
+fn against_minimal(gs: &[Group<'_>]) -> String {
+    let rows: [(&str, &'static str, &str, &'static str); 3] = [
+        ("c", "sidecar-a", "c-min", "sidecar-min-a"),
+        ("c", "sidecar-b", "c-min", "sidecar-min-b"),
+        ("e", "sidecar-a", "e-min", "sidecar-min-a"),
+    ];
+    let mut s = String::new();
+    for (x, xp, y, yp) in rows {
+        for g in gs.iter().filter(|g| g.path == x) {
+            let Some(gy) = group(gs, y, &g.load) else { continue };
+            let cpu = |name: &'static str| move |p: &Phase| p.procs.iter().find(|u| u.name == name).map(|u| u.cpu_seconds_per_10k);
+            let (fx, fy) = (cpu(xp), cpu(yp));
+            let ratio = paired_ratio(gs, (x, &fx), (y, &fy), &g.load);
+            let tput = |p: &Phase| Some(p.throughput);
+            let t = if g.runs[0].load == "concurrency" { cell(paired_ratio(gs, (x, &tput), (y, &tput), &g.load)) } else { "–".into() };
+            s += &format!(
+                "| {x} {} vs {y} {} | {} | {} | {} | {} | {t} |\n",
+                xp.trim_start_matches("sidecar-"),
+                yp.trim_start_matches("sidecar-"),
+                g.load,
+                cell(g.proc(xp, |u| u.cpu_seconds_per_10k)),
+                cell(gy.proc(yp, |u| u.cpu_seconds_per_10k)),
+                cell(ratio),
+            );
+        }
+    }
+    if s.is_empty() {
+        return s;
+    }
+    let mut composed = String::new();
+    for (path, hops) in [("c-min", vec![("a", 2.0), ("b", 1.0)]), ("e-min", vec![("a", 1.0), ("e-raw", 1.0)])] {
+        for g in gs.iter().filter(|g| g.path == path && g.runs[0].load == "concurrency") {
+            if let Some((limit, ratio)) = composed_ratio(gs, path, &g.load, &hops) {
+                composed += &format!(
+                    "- {path} at {}: {}/s = {} of its composed limit {}/s (same rounds).\n",
+                    g.load,
+                    cell(g.figure(|p| Some(p.throughput))),
+                    pct(ratio),
+                    cell(Some(limit))
+                );
+            }
+        }
+    }
+    format!(
+        "\n### natsbridge against minimal forwarders (same libraries, no features)\n\n\
+         c-min and e-min are c and e through two (one) hand-glued forwarders built from natsbridge's \
+         libraries (current-thread tokio, hyper 1, async-nats; `benches/e2e/minimal.rs`): no routing, \
+         header mapping, timeouts, limits, metrics or drain. CPU s per 10k requests, median (min–max); \
+         ratios are taken per round, then summarised.\n\n\
+         | process vs its minimal counterpart | load | natsbridge | minimal | CPU ratio | throughput ratio |\n\
+         |---|---|---:|---:|---:|---:|\n{s}\n{composed}"
+    )
 }
 
 /// The sidecars' own time per request, measured inside them (`/debug/own-time`).

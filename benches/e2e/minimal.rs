@@ -1,0 +1,164 @@
+//! Paths c-min and e-min: the least a sidecar must do on paths c and e, built from the same
+//! libraries as natsbridge (a current-thread tokio runtime like the sidecars' default
+//! `worker_threads = 1`, hyper 1, async-nats) and run as processes like the sidecars, so
+//! /proc tells their CPU and RSS apart.
+//!
+//! They are the floor the sidecars are measured against (issue 14): what a hand-glued
+//! HTTP-to-NATS proxy costs with no routing, no header mapping, no timeouts of its own, no
+//! idempotency, metrics, limits or drain. The gap between c and c-min in the same round is
+//! natsbridge's own cost; the gap between c-min and the composed limit is the libraries',
+//! the runtime's and the kernel's.
+//!
+//! The bench binary runs one of them when started with [`EGRESS_ARG`] or [`INGRESS_ARG`]
+//! (it re-executes itself), and it prints its listening address (or `ready`) on stdout.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::load::http_client;
+use crate::procs::Watched;
+
+/// `<bench> --min-egress <nats-url>`: HTTP in, NATS out.
+pub const EGRESS_ARG: &str = "--min-egress";
+/// `<bench> --min-ingress <nats-url> <app-url>`: NATS in, HTTP to the app.
+pub const INGRESS_ARG: &str = "--min-ingress";
+/// The subject between the two (its own, so natsbridge's sidecar B never answers it).
+const SUBJECT: &str = "bench.min.echo";
+
+/// Runs a minimal forwarder and exits when this process was started as one; returns
+/// otherwise.
+pub fn run_role(args: &[String]) {
+    let role = match args.first().map(String::as_str) {
+        Some(r @ (EGRESS_ARG | INGRESS_ARG)) => r,
+        _ => return,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    match role {
+        EGRESS_ARG => rt.block_on(egress(&args[1])),
+        _ => rt.block_on(ingress(&args[1], &args[2])),
+    }
+    std::process::exit(0);
+}
+
+async fn egress(nats_url: &str) {
+    let nc = async_nats::connect(nats_url).await.expect("min-egress: connect to nats");
+    let js = async_nats::jetstream::new(nc.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    announce(&listener.local_addr().unwrap().to_string());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let (nc, js) = (nc.clone(), js.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let (nc, js) = (nc.clone(), js.clone());
+                async move { Ok::<_, Infallible>(forward(req, &nc, &js).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+/// `/echo` → a NATS request to min-ingress; `/events/{id}` → a JetStream publish, 202 once
+/// acked (path e's work).
+async fn forward(
+    req: Request<hyper::body::Incoming>,
+    nc: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+) -> Response<Full<Bytes>> {
+    let event = req.uri().path().strip_prefix("/events/").map(|id| format!("benche.{id}"));
+    let echo = req.uri().path() == "/echo";
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if echo {
+        return match nc.request(SUBJECT, body).await {
+            Ok(m) => Response::new(Full::new(m.payload)),
+            Err(_) => status(StatusCode::BAD_GATEWAY),
+        };
+    }
+    let Some(subject) = event else { return status(StatusCode::NOT_FOUND) };
+    let acked = match js.publish(subject, body).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    status(if acked { StatusCode::ACCEPTED } else { StatusCode::BAD_GATEWAY })
+}
+
+async fn ingress(nats_url: &str, app_url: &str) {
+    let nc = async_nats::connect(nats_url).await.expect("min-ingress: connect to nats");
+    let mut sub = nc.queue_subscribe(SUBJECT, "bench-min".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    let client = http_client();
+    let uri: Uri = format!("{app_url}/echo").parse().unwrap();
+    announce("ready");
+    while let Some(m) = sub.next().await {
+        let (nc, client, uri) = (nc.clone(), client.clone(), uri.clone());
+        tokio::spawn(async move {
+            let Some(reply) = m.reply else { return };
+            let req = Request::post(uri).header(http::header::CONTENT_TYPE, "application/octet-stream").body(Full::new(m.payload)).unwrap();
+            let payload = match client.request(req).await {
+                Ok(res) => res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default(),
+                Err(_) => Bytes::new(),
+            };
+            let _ = nc.publish(reply, payload).await;
+        });
+    }
+}
+
+fn status(s: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = s;
+    r
+}
+
+fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// A minimal forwarder as a child process of the bench; killed on drop.
+pub struct MinProc {
+    pub name: &'static str,
+    pub child: Child,
+    /// min-egress's listening address (None for min-ingress).
+    pub addr: Option<SocketAddr>,
+}
+
+impl MinProc {
+    /// Starts it and waits for its first line (the address, or `ready` once subscribed).
+    pub fn start(name: &'static str, args: &[&str]) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("the bench's own binary"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a minimal forwarder");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("its first line");
+        let addr = line.trim().parse().ok();
+        assert!(addr.is_some() || line.trim() == "ready", "{name} did not start: {line:?}");
+        Self { name, child, addr }
+    }
+
+    pub fn watched(&self) -> Watched {
+        Watched { name: self.name.to_owned(), pid: self.child.id() }
+    }
+}
+
+impl Drop for MinProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
