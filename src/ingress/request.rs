@@ -228,6 +228,9 @@ pub(crate) async fn wait_in_flight(permits: &Semaphore, n: usize, deadline: toki
     }
 }
 
+// Idempotency's store calls (and, in `stream::call`, streamed and no-reply calls) are
+// awaited boxed: this future is allocated per message and is as large as its largest
+// branch, and the common request needs none of them (5.3 KB → 3.0 KB; issue 14).
 async fn handle(
     shared: Arc<Shared>,
     route: Arc<Route>,
@@ -258,7 +261,7 @@ async fn handle(
     let key = idem.and_then(|g| g.key(msg.headers.as_ref(), &msg.payload));
     let gate = match (&checked, idem, key.as_deref()) {
         (Err(_), _, _) => Ok(None),
-        (Ok(_), Some(g), Some(k)) => g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref()).await.map(Some),
+        (Ok(_), Some(g), Some(k)) => Box::pin(g.gate_request(k, &msg.payload, route.inbound.timeout, rid.as_deref())).await.map(Some),
         _ => Ok(None),
     };
     let span = shared.telemetry.message(&route.inbound, &msg.subject, msg.headers.as_ref(), None);
@@ -287,7 +290,7 @@ async fn handle(
                 Err(e) => Err(e),
             };
             if let (Some(g), Some(c)) = (idem, claimed) {
-                settle_claim(g, c, &call).await;
+                Box::pin(settle_claim(g, c, &call)).await;
             }
             call.and_then(|r| r.map_err(|e| app_error(&e)))
         }

@@ -49,7 +49,7 @@ pub(crate) async fn call(
 ) -> Answer {
     let (timeout, max_body) = (route.inbound.timeout, route.inbound.max_body);
     let Some(reply) = reply else {
-        return Answer::Whole(shared.app.call(method, uri, headers, body, timeout, max_body).await);
+        return Answer::Whole(Box::pin(shared.app.call(method, uri, headers, body, timeout, max_body)).await);
     };
     let deadline = Instant::now() + timeout;
     let res = match tokio::time::timeout_at(deadline, shared.app.send(method, uri, headers, body)).await {
@@ -62,7 +62,7 @@ pub(crate) async fn call(
         return Answer::Whole(whole.unwrap_or(Err(AppError::Timeout(timeout))));
     }
     let sender = Sender::new(shared, route, reply.clone(), rid);
-    sender.run(res).await
+    Box::pin(sender.run(res)).await
 }
 
 /// One streamed reply being sent.
