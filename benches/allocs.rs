@@ -373,7 +373,7 @@ fn report_sites(n: u64) {
             *sites.entry((site, ours)).or_default() += 1;
         }
         let mut sites: Vec<_> = sites.into_iter().collect();
-        sites.sort_by(|a, b| b.1.cmp(&a.1));
+        sites.sort_by_key(|s| std::cmp::Reverse(s.1));
         println!("\n{}: {total} samples (1 in {every}), ≈ allocations per request by call site", TAG_NAMES[tag]);
         println!("| per request | two innermost frames outside alloc/core/std | innermost natsbridge frame |");
         println!("|---:|---|---|");
