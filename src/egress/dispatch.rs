@@ -43,25 +43,31 @@ impl Egress {
         let started = Instant::now();
         let table = self.table.load_full();
         let req = ensure_request_id(self.h2_origin_form(req));
-        let rid = request_id(&req);
+        // Kept as the header value (a reference count, not a copy) to echo it back.
+        let rid_value = request_id(&req);
+        let rid = rid_value.as_ref().and_then(|v| v.to_str().ok());
         if req.method() == http::Method::CONNECT {
-            return Box::pin(self.connect(req)).await.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
+            return Box::pin(self.connect(req)).await.unwrap_or_else(|e| e.to_response(None, rid).map(full));
         }
         if let Some(id) = req.uri().path().strip_prefix(super::operations::PATH_PREFIX).filter(|_| req.method() == http::Method::GET) {
             let res = Box::pin(self.operation(id, req.headers())).await;
-            return res.unwrap_or_else(|e| e.to_response(None, rid.as_deref()).map(full));
+            return res.unwrap_or_else(|e| e.to_response(None, rid).map(full));
         }
-        // Absolute form (HTTP_PROXY) carries the host in the URI; origin form in Host.
-        let host = match req.uri().authority() {
-            Some(a) => Some(a.host().to_owned()),
-            None => req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned),
+        // Absolute form (HTTP_PROXY) carries the host in the URI; origin form in Host. Both
+        // are shared with the request's head (reference counts, not copies), so the lookup
+        // borrows them while the request moves on.
+        let uri = req.uri().clone();
+        let host_header = req.headers().get(http::header::HOST).cloned();
+        let host = match uri.authority() {
+            Some(a) => Some(a.host()),
+            None => host_header.as_ref().and_then(|h| h.to_str().ok()),
         };
-        let path = req.uri().path().to_owned();
-        let (route, index, subject) = match table.lookup(req.method(), host.as_deref(), &path) {
+        let path = uri.path();
+        let (route, index, subject) = match table.lookup(req.method(), host, path) {
             Ok(m) => match subject_of(&m) {
                 Ok(subject) => (m.route, m.index, subject),
                 Err(e) => {
-                    let res = e.to_response(Some(&m.route.name), rid.as_deref());
+                    let res = e.to_response(Some(&m.route.name), rid);
                     table.observe(m.index, res.status(), started.elapsed());
                     return res.map(full);
                 }
@@ -69,15 +75,15 @@ impl Egress {
             // Absolute form: the app called another host through HTTP_PROXY; without the
             // sidecar that call would have worked, so it still does.
             Err(Miss::NotFound) if req.uri().authority().is_some() && table.config().sidecar.forward.unmatched == Unmatched::Forward => {
-                return Box::pin(self.forward(req, rid.as_deref())).await;
+                return Box::pin(self.forward(req, rid)).await;
             }
             Err(Miss::NotFound) => {
-                let e = BridgeError::NoRoute { method: req.method().to_string(), path };
-                return e.to_response(None, rid.as_deref()).map(full);
+                let e = BridgeError::NoRoute { method: req.method().to_string(), path: path.to_owned() };
+                return e.to_response(None, rid).map(full);
             }
             Err(Miss::MethodNotAllowed(allowed)) => {
                 let e = BridgeError::MethodNotAllowed { allowed: allowed.iter().map(|m| m.to_string()).collect() };
-                return e.to_response(None, rid.as_deref()).map(full);
+                return e.to_response(None, rid).map(full);
             }
         };
         let mut req = req;
@@ -92,15 +98,15 @@ impl Egress {
                 if e.status().is_server_error() {
                     tracing::debug!(route = %route.name, error = %e, "egress request failed");
                 }
-                e.to_response(Some(&route.name), rid.as_deref()).map(full)
+                e.to_response(Some(&route.name), rid).map(full)
             }
         };
         let path = crate::egress::cutover::path_of(&res).unwrap_or(default_path(route));
         res.headers_mut().insert(crate::egress::cutover::RESPONSE_PATH, HeaderValue::from_static(path.as_str()));
         table.observe_on(index, path, res.status(), started.elapsed());
         spans.end(res.status(), path.as_str());
-        if let Some(id) = rid.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
-            res.headers_mut().insert(codec::REQUEST_ID, id);
+        if let Some(id) = rid_value {
+            res.headers_mut().insert(REQUEST_ID, id);
         }
         if let Some(super::stream::ReplyRead(read)) = res.extensions_mut().remove::<super::stream::ReplyRead>() {
             self.metrics.own_time.record(Stage::EgressReplyToResponse, read.elapsed());
@@ -362,12 +368,16 @@ fn accepted(v: serde_json::Value) -> Response<Body> {
     res
 }
 
+/// `X-Request-Id` as a static name: inserting by `&str` allocates a lower-cased copy of
+/// the name each time.
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 fn ensure_request_id(mut req: Request<Incoming>) -> Request<Incoming> {
-    if !req.headers().contains_key(codec::REQUEST_ID) {
+    if !req.headers().contains_key(REQUEST_ID) {
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let id = new_request_id().hyphenated().encode_lower(&mut buf);
         if let Ok(v) = HeaderValue::from_str(id) {
-            req.headers_mut().insert(codec::REQUEST_ID, v);
+            req.headers_mut().insert(REQUEST_ID, v);
         }
     }
     req
@@ -394,6 +404,7 @@ fn new_request_id() -> uuid::Uuid {
     uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid()
 }
 
-fn request_id(req: &Request<Incoming>) -> Option<String> {
-    req.headers().get(codec::REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// The request's id, when it is text (a value that is not is neither reported nor echoed).
+fn request_id(req: &Request<Incoming>) -> Option<HeaderValue> {
+    req.headers().get(REQUEST_ID).filter(|v| v.to_str().is_ok()).cloned()
 }

@@ -30,14 +30,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::HttpLimits;
 use crate::egress::framing::Guard;
@@ -45,7 +42,7 @@ use crate::egress::slots::{Slots, Stop};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
-type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Guarded<EndOfResponse>>, Infallible>;
 type Connection =
     hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, TowerToHyperService<EgressService>, TokioExecutor>;
 
@@ -62,7 +59,6 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(Stop::Serve);
     let http = builder(&limits);
-    let svc = egress_service(egress);
 
     tokio::pin!(shutdown);
     loop {
@@ -85,7 +81,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
         let slots = Slots::new(permit, connections.clone(), limits.max_connections, stop_rx.clone());
-        let service = tracked_service(svc.clone(), activity.clone(), limits.max_headers, slots.clone());
+        let service = tracked_service(egress.clone(), activity.clone(), limits.max_headers, slots.clone());
         // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
         let conn = http.serve_connection_with_upgrades(io, TowerToHyperService::new(service)).into_owned();
         tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), slots));
@@ -134,26 +130,20 @@ fn builder(limits: &HttpLimits) -> hyper_util::server::conn::auto::Builder<Tokio
     http
 }
 
-/// The tower stack, in one place; cloned per connection.
-fn egress_service(egress: Arc<Egress>) -> EgressService {
-    // Boxed: erasing the stack's type sidesteps rustc's higher-ranked Send bug (#102211).
-    tower::util::BoxCloneService::new(
-        ServiceBuilder::new()
-            // hyper needs one concrete body type; CatchPanic wraps ours in its own.
-            .map_response(unify_body)
-            // A panicking handler answers 500 instead of killing the connection.
-            .layer(CatchPanicLayer::custom(panic_response))
-            .service_fn(move |req: Request<Incoming>| {
-                let egress = egress.clone();
-                async move {
-                    // Framing hyper tolerates but a front proxy might read differently.
-                    if let Some(res) = reject_ambiguous_framing(&req) {
-                        return Ok(res);
-                    }
-                    Ok(egress.handle(req).await)
-                }
-            }),
-    )
+/// One request past the connection's checks: refused when its framing is ambiguous, else
+/// handled, a panicking handler answering 500 instead of killing the connection.
+///
+/// A plain async function rather than a tower stack (tower-http's `CatchPanic` and a body
+/// unifier): those boxed the response body twice and the service once more per request.
+async fn serve_one(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> {
+    use futures::FutureExt as _;
+    // Framing hyper tolerates but a front proxy might read differently.
+    if let Some(res) = reject_ambiguous_framing(&req) {
+        return res;
+    }
+    // Unwind safety: a panic drops the handler's future and everything it borrowed; the
+    // shared state it leaves (metrics, the table) is only ever updated atomically.
+    std::panic::AssertUnwindSafe(egress.handle(req)).catch_unwind().await.unwrap_or_else(panic_response)
 }
 
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
@@ -202,14 +192,6 @@ async fn watch_connection(conn: Connection, activity: Arc<Activity>, mut stop: w
 
 fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response<Body> {
     BridgeError::Panicked.to_response(None, None).map(full)
-}
-
-fn unify_body<B>(r: Response<B>) -> Response<Body>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    r.map(|b| b.map_err(Into::into).boxed_unsync())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -424,8 +406,11 @@ impl Drop for EndOfResponse {
 /// The egress service for one connection: marks each request's start and end, refuses a
 /// request whose head was ambiguous on the wire, and counts an HTTP/2 request's header
 /// fields (hyper counts HTTP/1's).
-fn tracked_service(svc: EgressService, activity: Arc<Activity>, max_headers: usize, slots: Slots) -> EgressService {
-    use tower::ServiceExt as _;
+///
+/// The response body is `Guarded` itself, not boxed again: one allocation less per request.
+/// The service stays boxed: erasing its type sidesteps rustc's higher-ranked Send bug
+/// (#102211).
+fn tracked_service(egress: Arc<Egress>, activity: Arc<Activity>, max_headers: usize, slots: Slots) -> EgressService {
     tower::util::BoxCloneService::new(tower::service_fn(move |mut req: Request<Incoming>| {
         // Only a request that can open a tunnel needs its connection's places: inserting
         // them in every request would allocate an extensions map per request.
@@ -434,16 +419,16 @@ fn tracked_service(svc: EgressService, activity: Arc<Activity>, max_headers: usi
         }
         let framing = activity.begin();
         let guard = EndOfResponse(activity.clone());
-        let svc = svc.clone();
+        let egress = egress.clone();
         async move {
             let res = match framing {
                 Some(why) => bad_framing(why),
                 None if req.headers().len() > max_headers => {
                     BridgeError::TooManyHeaders { max: max_headers }.to_response(None, None).map(full)
                 }
-                None => svc.oneshot(req).await?,
+                None => serve_one(egress, req).await,
             };
-            Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }.boxed_unsync()))
+            Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }))
         }
     }))
 }

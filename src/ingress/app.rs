@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -41,6 +41,8 @@ pub struct AppClient {
     client: Client<HttpConnector, Full<Bytes>>,
     /// A call made under a message's span gets a client span of its own.
     telemetry: Telemetry,
+    /// The `Host` of the app's authority, made once: see [`AppClient::host`].
+    host: std::sync::Arc<std::sync::Mutex<Option<(http::uri::Authority, HeaderValue)>>>,
 }
 
 impl Default for AppClient {
@@ -57,7 +59,7 @@ impl AppClient {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(1024).build(connector);
-        Self { client, telemetry: Telemetry::off() }
+        Self { client, telemetry: Telemetry::off(), host: Default::default() }
     }
 
     /// The client whose calls under a message's span are traced.
@@ -91,6 +93,11 @@ impl AppClient {
     pub async fn send(&self, method: Method, uri: &str, mut headers: HeaderMap, body: Bytes) -> Result<Response<Incoming>, AppError> {
         let span = self.telemetry.app_call(&method, uri, &mut headers);
         let uri: Uri = uri.parse().map_err(|_| AppError::BadUri(uri.to_owned()))?;
+        if !headers.contains_key(http::header::HOST) {
+            if let Some(host) = self.host(&uri) {
+                headers.insert(http::header::HOST, host);
+            }
+        }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -98,6 +105,35 @@ impl AppClient {
         let res = self.client.request(req).await.map_err(|e| AppError::Unreachable(error_chain(&e)));
         span.end(res.as_ref().map(|r| r.status()).map_err(|e| e.to_string()));
         res
+    }
+}
+
+impl AppClient {
+    /// `Host` for `uri`, exactly as hyper-util's client sets it on an HTTP/1 request that
+    /// has none (the host, and the port unless it is the scheme's default), but made once
+    /// per app authority and then shared: the client formatted it anew for every request
+    /// (two allocations).
+    fn host(&self, uri: &Uri) -> Option<HeaderValue> {
+        let authority = uri.authority()?;
+        let mut cached = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        // Compared as written: `Authority`'s own equality ignores case, the header would not.
+        if let Some((_, v)) = cached.as_ref().filter(|(a, _)| a.as_str() == authority.as_str()) {
+            return Some(v.clone());
+        }
+        let value = host_value(uri)?;
+        *cached = Some((authority.clone(), value.clone()));
+        Some(value)
+    }
+}
+
+/// hyper-util's `Host` for `uri` (`set_host`, `get_non_default_port`).
+fn host_value(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
+    let port = uri.port().filter(|p| !matches!((p.as_u16(), secure), (443, true) | (80, false)));
+    match port {
+        Some(p) => HeaderValue::from_str(&format!("{host}:{p}")).ok(),
+        None => HeaderValue::from_str(host).ok(),
     }
 }
 
@@ -124,6 +160,18 @@ pub fn base_url(app_url: &Uri) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values_match_hyper_utils_default() {
+        let host = |u: &str| host_value(&u.parse().unwrap()).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(host("http://127.0.0.1:8080/x").as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(host("http://app:80/").as_deref(), Some("app"));
+        assert_eq!(host("http://App/").as_deref(), Some("App"));
+        assert_eq!(host("https://h:443/").as_deref(), Some("h"));
+        assert_eq!(host("https://h:80/").as_deref(), Some("h:80"));
+        assert_eq!(host("http://[::1]:3000/").as_deref(), Some("[::1]:3000"));
+        assert_eq!(host("/relative"), None);
+    }
 
     #[test]
     fn base_urls() {
