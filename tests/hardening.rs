@@ -382,6 +382,25 @@ async fn slowloris_head_is_cut_at_the_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_later_slow_head_on_a_keep_alive_connection_is_cut_at_the_header_read_timeout() {
+    // The watchdog is not woken when a later head starts (issue 14): it must still cut
+    // that head at its own header deadline, not at the 30 s idle timeout.
+    let e = edge("header_read_timeout = \"1s\"\nidle_timeout = \"30s\"\n").await;
+    let mut s = connect(e.sidecar.egress).await;
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut s, Duration::from_secs(5)).await.unwrap().starts_with("HTTP/1.1 200"));
+    // Idle for part of a header period, so the watchdog went to sleep before the head.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = Instant::now();
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "the slow second head was never cut");
+    let t = started.elapsed();
+    assert!(t >= Duration::from_millis(800) && t < Duration::from_secs(3), "cut after {t:?}, want about 1s");
+    assert_eq!(e.app.requests().len(), 1);
+}
+
+#[tokio::test]
 async fn a_connection_that_sends_nothing_is_cut_at_the_header_read_timeout() {
     let e = edge("header_read_timeout = \"1s\"\nidle_timeout = \"30s\"\n").await;
     let mut s = connect(e.sidecar.egress).await;
