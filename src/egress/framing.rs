@@ -211,16 +211,19 @@ fn head_state() -> State {
 /// The end of a head (just past its blank line) in `b`, lines ending in CRLF or LF,
 /// looking at line ends from `from` on.
 fn head_end_from(b: &[u8], from: usize) -> Option<usize> {
+    // One pass: each line's start is carried from the line before (looking it up again
+    // per line scanned every line twice; this runs on every request head, issue 14).
+    let mut line_start = memchr::memrchr(b'\n', &b[..from]).map_or(0, |p| p + 1);
     let mut i = from;
-    while let Some(nl) = b[i..].iter().position(|&c| c == b'\n') {
+    while let Some(nl) = memchr::memchr(b'\n', &b[i..]) {
         let nl = i + nl;
         // The line before this LF is empty, or just a CR: blank. A head's first line
         // (or a trailer section that is empty) can be blank too.
-        let line_start = b[..nl].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1);
         let line = &b[line_start..nl];
         if line.is_empty() || line == b"\r" {
             return Some(nl + 1);
         }
+        line_start = nl + 1;
         i = nl + 1;
     }
     None
