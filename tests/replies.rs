@@ -176,25 +176,25 @@ async fn jetstream_acks_and_api_errors_are_parsed_by_us() {
     let timeout = Duration::from_secs(5);
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", "m1");
-    let ack = publish_acked(&replies, "acks.a", h.clone(), "one".into(), timeout).await.unwrap();
+    let ack = publish_acked(&replies, "acks.a", || h.clone(), "one".into(), timeout).await.unwrap();
     assert_eq!((ack.stream.as_str(), ack.sequence, ack.duplicate), ("ACKS", 1, false));
-    let ack = publish_acked(&replies, "acks.a", h, "one".into(), timeout).await.unwrap();
+    let ack = publish_acked(&replies, "acks.a", || h.clone(), "one".into(), timeout).await.unwrap();
     assert_eq!((ack.sequence, ack.duplicate), (1, true));
 
     let mut h = HeaderMap::new();
     h.insert("Nats-Expected-Last-Sequence", "99");
-    let e = publish_acked(&replies, "acks.a", h, "x".into(), timeout).await.unwrap_err();
+    let e = publish_acked(&replies, "acks.a", || h.clone(), "x".into(), timeout).await.unwrap_err();
     assert_eq!(e.kind(), PublishErrorKind::Failed);
     let api = e.api_error().expect("the stream's error");
     assert_eq!((api.code, api.err_code), (400, 10071), "{e}");
 
-    let e = publish_acked(&replies, "nostream.a", HeaderMap::new(), "x".into(), timeout).await.unwrap_err();
+    let e = publish_acked(&replies, "nostream.a", HeaderMap::new, "x".into(), timeout).await.unwrap_err();
     assert_eq!(e.kind(), PublishErrorKind::NoStream, "{e}");
 
     // A core subscriber and no stream: the ack never comes (nats-server #8038).
     let silent = nats.client().await;
     let _sub = subscribe_synced(&silent, "captured.a").await;
-    let e = publish_acked(&replies, "captured.a", HeaderMap::new(), "x".into(), Duration::from_millis(50)).await.unwrap_err();
+    let e = publish_acked(&replies, "captured.a", HeaderMap::new, "x".into(), Duration::from_millis(50)).await.unwrap_err();
     assert_eq!(e.kind(), PublishErrorKind::TimedOut, "{e}");
     assert_eq!(metrics.pending_replies.get(), 0);
 }

@@ -226,7 +226,7 @@ impl Publisher {
         headers: async_nats::HeaderMap,
         payload: Bytes,
     ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
-        publish_acked(&self.replies, subject, headers, payload, self.timeout).await
+        publish_acked(&self.replies, subject, || headers.clone(), payload, self.timeout).await
     }
 }
 

@@ -283,13 +283,17 @@ impl Egress {
         self.ensure_connected()?;
         let _slot = self.publish_slot().ok_or(BridgeError::Overloaded)?;
         let _in_flight = InFlight::new(&self.metrics.jetstream_in_flight);
-        let mut nats_headers = nats_headers(route, headers);
-        if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
-            nats_headers.insert(codec::NATS_MSG_ID, key);
-        }
-        if let Some(ttl) = route.ttl {
-            nats_headers.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
-        }
+        // Built again for a retry rather than cloned for every publish.
+        let nats_headers = || {
+            let mut h = nats_headers(route, headers);
+            if let Some(key) = headers.get(codec::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
+                h.insert(codec::NATS_MSG_ID, key);
+            }
+            if let Some(ttl) = route.ttl {
+                h.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
+            }
+            h
+        };
         let ack = publish_acked(&self.replies, &subject, nats_headers, body, route.timeout).await.map_err(|e| match e.kind() {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
             PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },

@@ -111,10 +111,14 @@ impl std::error::Error for PublishError {
 /// `timeout`, our own deadline (the client's ack future would follow its request timeout,
 /// nats.rs #1558, and leak a map entry per lost ack, #1617). "No responders" is retried
 /// with the same headers, so a `Nats-Msg-Id` keeps the retries deduplicated.
+///
+/// `headers` builds the headers for each attempt: the client takes them by value, and
+/// cloning a map of owned names and values for a retry that almost never happens cost
+/// every publish its allocations (issue 14).
 pub async fn publish_acked(
     replies: &Replies,
     subject: &str,
-    headers: async_nats::HeaderMap,
+    headers: impl Fn() -> async_nats::HeaderMap,
     payload: Bytes,
     timeout: Duration,
 ) -> Result<PublishAck, PublishError> {
@@ -124,7 +128,7 @@ pub async fn publish_acked(
     loop {
         attempt += 1;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let error = match replies.request(subject.into(), headers.clone(), payload.clone(), left).await {
+        let error = match replies.request(subject.into(), headers(), payload.clone(), left).await {
             Ok(reply) => return parse_ack(&reply.payload).map_err(|(kind, cause)| fail(kind, Some(cause))),
             Err(e) => e,
         };
