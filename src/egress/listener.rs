@@ -161,6 +161,8 @@ async fn watch_connection(conn: Connection, activity: Arc<Activity>, mut stop: w
     loop {
         let deadline = activity.deadline(&limits).min(Instant::now() + period);
         tokio::select! {
+            // The connection first: it is what wakes this task, request after request.
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "egress connection ended with an error");
