@@ -26,7 +26,7 @@ use crate::problem::BridgeError;
 
 /// The response header that says which way a call went (`nats` or `http`). The tunnel
 /// envelope's request header of the same name travels on NATS messages, never here.
-pub const RESPONSE_PATH: &str = "Bridge-Path";
+pub const RESPONSE_PATH: http::HeaderName = crate::codec::http_names::BRIDGE_PATH;
 /// Marks a shadow copy, so the new handler can skip side effects.
 pub const BRIDGE_SHADOW: &str = "Bridge-Shadow";
 /// Shadow copies in flight at most; past it a copy is skipped, never queued.

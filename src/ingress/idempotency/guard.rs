@@ -400,7 +400,7 @@ impl Claimed {
 pub(crate) fn set_key_header(headers: &mut HeaderMap, key: &str) {
     match HeaderValue::from_str(key) {
         Ok(v) => {
-            headers.insert(HeaderName::from_static("bridge-idempotency-key"), v);
+            headers.insert(crate::codec::http_names::BRIDGE_IDEMPOTENCY_KEY, v);
         }
         Err(_) => tracing::debug!("idempotency key is not a valid header value; not passed to the app"),
     }

@@ -195,11 +195,11 @@ async fn claim(js: &ConsumerRoute, g: &guard::Guard, key: &str, payload: &[u8], 
 fn delivery_headers(route: &Route, msg: &async_nats::jetstream::Message, at: Delivery<'_>, key: Option<&str>) -> HeaderMap {
     let mut headers = msg.headers.as_ref().map(|h| codec::nats_to_http_headers(h, codec::SPOOFABLE)).unwrap_or_default();
     codec::strip_spoofable(&mut headers, route.inbound.trusts_forwarded());
-    headers.insert(codec::BRIDGE_DELIVERY, HeaderValue::from(at.delivered));
+    headers.insert(codec::http_names::BRIDGE_DELIVERY, HeaderValue::from(at.delivered));
     if let Ok(v) = HeaderValue::from_str(at.stream) {
-        headers.insert(codec::BRIDGE_STREAM, v);
+        headers.insert(codec::http_names::BRIDGE_STREAM, v);
     }
-    headers.insert(codec::BRIDGE_SEQ, HeaderValue::from(at.seq));
+    headers.insert(codec::http_names::BRIDGE_SEQ, HeaderValue::from(at.seq));
     if let Some(k) = key {
         guard::set_key_header(&mut headers, k);
     }
