@@ -15,11 +15,14 @@
 //! unique per request, so it can never reach a later one.
 //!
 //! Two kinds of waiter share the map: [`Replies::request`] (one reply) and
-//! [`Replies::stream`] (many replies into a bounded channel, for request-many streams).
+//! [`Replies::stream`] (many replies into a bounded buffer, [`feed`], for request-many
+//! streams).
+
+mod feed;
 
 use std::fmt;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +31,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures::StreamExt;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::metrics::Metrics;
@@ -106,11 +109,8 @@ impl From<async_nats::PublishError> for ReplyError {
 enum Waiter {
     /// One reply, with when the dispatcher read it; the entry is removed as it is delivered.
     One(oneshot::Sender<(Message, Instant)>),
-    /// Many replies into a bounded buffer; the flag tells the reader it overflowed.
-    /// Boxed: tokio's channel allocates its slots 32 at a time, and 32 unboxed messages
-    /// made a ~6 KB block per request (most requests get one reply), enough to show in
-    /// the sidecar's RSS under load and to send every request down malloc's slow path.
-    Many(mpsc::Sender<Box<Message>>, Arc<AtomicBool>),
+    /// Many replies into a bounded buffer, which tells the reader when it overflowed.
+    Many(feed::Feed),
 }
 
 /// Tokens are our own counter, never chosen by anyone else: a multiply by an odd constant
@@ -216,10 +216,9 @@ impl Replies {
     /// its reply subject; the caller publishes the request with that reply subject. The
     /// waiter is removed when the stream is dropped (end, error, cancel, stall).
     pub fn stream(&self, capacity: usize) -> ReplyStream {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let (reply, registered) = self.register(Waiter::Many(tx, overflowed.clone()));
-        ReplyStream { reply, rx, overflowed, _registered: registered }
+        let (feed, tap) = feed::buffer(capacity);
+        let (reply, registered) = self.register(Waiter::Many(feed));
+        ReplyStream { reply, tap, _registered: registered }
     }
 
     /// The client the replies come through (to publish a stream's request).
@@ -286,8 +285,7 @@ impl Drop for Registered {
 /// (total timeout, stall, count, sentinel) are the caller's; dropping it unregisters it.
 pub struct ReplyStream {
     reply: Subject,
-    rx: mpsc::Receiver<Box<Message>>,
-    overflowed: Arc<AtomicBool>,
+    tap: feed::Tap,
     _registered: Registered,
 }
 
@@ -301,11 +299,11 @@ impl ReplyStream {
     /// reader fell behind (the buffered replies come first), `Err(Closed)` when the
     /// multiplexer stopped.
     pub async fn next(&mut self) -> Result<Message, ReplyError> {
-        match self.rx.recv().await {
-            Some(m) if m.status == Some(StatusCode::NO_RESPONDERS) => Err(ReplyError::new(ReplyErrorKind::NoResponders)),
-            Some(m) => Ok(*m),
-            None if self.overflowed.load(Ordering::Acquire) => Err(ReplyError::new(ReplyErrorKind::Overflow)),
-            None => Err(ReplyError::new(ReplyErrorKind::Closed)),
+        match self.tap.next().await {
+            feed::Next::Message(m) if m.status == Some(StatusCode::NO_RESPONDERS) => Err(ReplyError::new(ReplyErrorKind::NoResponders)),
+            feed::Next::Message(m) => Ok(*m),
+            feed::Next::Ended { overflowed: true } => Err(ReplyError::new(ReplyErrorKind::Overflow)),
+            feed::Next::Ended { overflowed: false } => Err(ReplyError::new(ReplyErrorKind::Closed)),
         }
     }
 }
@@ -344,15 +342,11 @@ fn deliver(shared: &Shared, token: u64, message: Message, read: Instant) -> bool
             Waiter::One(tx) => tx.send((message, read)).is_ok(),
             Waiter::Many(..) => unreachable!("matched One above"),
         },
-        Waiter::Many(tx, overflowed) => match tx.try_send(Box::new(message)) {
+        Waiter::Many(feed) => match feed.push(message) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // Core NATS has no flow control: end the stream rather than grow.
-                overflowed.store(true, Ordering::Release);
-                entry.remove();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            // Full: core NATS has no flow control, so the stream ends (the feed dropped
+            // with the entry) rather than grow. Closed: the reader is gone.
+            Err(feed::Refused::Full | feed::Refused::Closed) => {
                 entry.remove();
                 false
             }
@@ -402,13 +396,14 @@ mod tests {
     #[test]
     fn a_stream_that_overflows_is_ended_and_told() {
         let s = shared();
-        let (tx, mut rx) = mpsc::channel(1);
-        let flag = Arc::new(AtomicBool::new(false));
-        s.waiters.insert(1, Waiter::Many(tx, flag.clone()));
+        let (feed, mut tap) = feed::buffer(1);
+        s.waiters.insert(1, Waiter::Many(feed));
         assert!(deliver(&s, 1, message("p.1"), Instant::now()));
         assert!(!deliver(&s, 1, message("p.1"), Instant::now()));
-        assert!(flag.load(Ordering::Acquire) && s.waiters.is_empty());
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err());
+        assert!(s.waiters.is_empty());
+        let next = futures::FutureExt::now_or_never(tap.next());
+        assert!(matches!(next, Some(feed::Next::Message(_))));
+        let next = futures::FutureExt::now_or_never(tap.next());
+        assert!(matches!(next, Some(feed::Next::Ended { overflowed: true })));
     }
 }
