@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Acked JetStream writes across a stream-leader SIGKILL, without natsbridge.
 
-The same pattern as tests/faults.rs `cluster_node_killed_under_load_loses_no_acked_message`,
+The same pattern as tests/faults/cluster_leader.rs `cluster_node_killed_under_load_loses_no_acked_message`,
 with a raw nats-py publisher instead of the sidecar:
 
 - three nats-server nodes on loopback, each `jetstream { sync_interval: always }`;
