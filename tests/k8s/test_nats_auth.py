@@ -130,6 +130,28 @@ async def wait_interest(monitor, subject, queue, timeout=10):
         await asyncio.sleep(0.05)  # poll interval of the monitoring endpoint
 
 
+async def fetch_once_served(js, pull, timeout=10):
+    """One message from a consumer provisioned a moment ago. On the 3-node cluster the
+    consumer's leader is elected, and its pull-request subscription reaches the other servers'
+    routes, after `provision` returns: a pull sent before that gets "no responders" (503; seen
+    by ci-fresh). This waits for the leader, then for the first pull the consumer answers; a
+    pull it answered with anything else, or no answer within `timeout`, still fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await js.consumer_info("AGENT_TASKS", "agent-tasks")
+        if info.cluster is None or info.cluster.leader:
+            break
+        assert time.monotonic() < deadline, f"agent-tasks has no leader after {timeout}s: {info}"
+        await asyncio.sleep(0.05)  # poll interval of the consumer's leader election
+    while True:
+        try:
+            return await pull.fetch(1, timeout=max(deadline - time.monotonic(), 1))
+        except nats.js.errors.ServiceUnavailableError:
+            # no responders: the leader's interest has not reached this server yet
+            assert time.monotonic() < deadline, f"agent-tasks never answered a pull in {timeout}s"
+            await asyncio.sleep(0.05)
+
+
 async def exercise(objects, url, monitor):
     """`url` is a client URL of the server whose monitoring endpoint is `monitor`."""
     orch_user, orch_pw = credentials(objects, "orchestration-routes")
@@ -156,7 +178,7 @@ async def exercise(objects, url, monitor):
         assert ack.stream == "AGENT_TASKS" and ack.seq >= 1
         ajs = agent.nc.jetstream(timeout=10)
         pull = await ajs.pull_subscribe_bind("agent-tasks", stream="AGENT_TASKS")
-        (msg,) = await pull.fetch(1, timeout=10)
+        (msg,) = await fetch_once_served(ajs, pull)
         assert msg.data == b"task-1"
         await msg.ack_sync(timeout=10)
         info = await ajs.consumer_info("AGENT_TASKS", "agent-tasks")
