@@ -431,6 +431,21 @@ def test_passwords_are_generated_per_install_and_never_in_values():
         assert "password:" not in f.read().lower()
 
 
+def test_generated_passwords_start_with_a_letter():
+    # nats-server reads the unquoted `password: $NATS_PASSWORD_X` as a config value: a password
+    # starting with a digit can read as a number or a size (`1e5…`, `4kb…`, `123`) and the
+    # server exits at start. With randAlphaNum alone about one password in six started with a
+    # digit; 2 renders x 63 users make a regression all but certain to show.
+    values = example_values()
+    values["nats"]["auth"]["users"].update({f"svc{i}": {"publish": [], "subscribe": []} for i in range(60)})
+    for _ in range(2):
+        objects, _ = render(values)
+        users = one(objects, "Secret", "nb-natsbridge-nats-users")
+        passwords = [secret_text(users, k) for k in users["data"]]
+        assert len(passwords) == 63
+        assert [p for p in passwords if not p[0].isalpha() or not p.isalnum() or len(p) != 40] == []
+
+
 def test_a_routes_file_without_a_nats_user_fails_the_install():
     values = example_values()
     del values["nats"]["auth"]["users"]["agent"]

@@ -119,14 +119,17 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 Generated passwords, user -> password, as JSON. Computed once per render and cached, because
 the servers' Secret and the sidecars' URL Secrets must hold the same ones; an existing Secret
-(upgrade) keeps its passwords, so upgrades do not rotate them.
+(upgrade) keeps its passwords, so upgrades do not rotate them. A generated password starts
+with a letter: nats-server reads the unquoted `password: $NATS_PASSWORD_X` as a config value,
+so one starting with a digit (`1e5…`, `4kb…`, `7.2…`, all digits) is a number or a size and
+the server refuses to start.
 */}}
 {{- define "natsbridge.nats.passwords" -}}
 {{- if not (hasKey .Values "__natsbridgePasswords") }}
 {{- $old := (lookup "v1" "Secret" .Release.Namespace (include "natsbridge.nats.usersSecret" .)).data | default dict }}
 {{- $pw := dict }}
 {{- range $u := include "natsbridge.nats.userNames" . | fromJsonArray }}
-{{- $_ := set $pw $u (ternary (index $old $u | default "" | b64dec) (randAlphaNum 40) (hasKey $old $u)) }}
+{{- $_ := set $pw $u (ternary (index $old $u | default "" | b64dec) (printf "%s%s" (randAlpha 1) (randAlphaNum 39)) (hasKey $old $u)) }}
 {{- end }}
 {{- $_ := set .Values "__natsbridgePasswords" $pw }}
 {{- end }}
