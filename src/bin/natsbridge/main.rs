@@ -1,14 +1,17 @@
-//! The `natsbridge` binary: parses the command line, sets up logging, binds listeners,
-//! installs signal handlers, and hands everything to the library.
+//! The `natsbridge` binary: parses the command line (`cli.rs`), sets up logging, binds
+//! listeners, installs signal handlers, and hands everything to the library.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+mod cli;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
+
+use cli::{Cli, Command, DevArgs, LogArgs, LogFormat, PermissionsArgs, PermissionsFormat, ProvisionArgs, RunArgs};
 
 /// mimalloc instead of the system allocator (the opt-in `mimalloc` feature: less CPU,
 /// more RSS; BENCHMARKS.md has the measurement).
@@ -17,197 +20,6 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use natsbridge::config::{self, Overrides};
-
-#[derive(Parser)]
-#[command(name = "natsbridge", version, about = "A sidecar that moves HTTP services onto NATS and JetStream one route at a time")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the sidecar: egress listener, inbound routes, admin endpoints.
-    ///
-    /// SIGTERM or SIGINT stops it within one `drain_timeout`: inbound routes stop taking
-    /// messages first, in-flight handlers finish while egress still serves their calls,
-    /// then egress drains and NATS is flushed. A second signal exits at once. SIGHUP
-    /// reloads the routing file.
-    ///
-    /// The egress listener is also a forward proxy for an app run with
-    /// HTTP_PROXY/HTTPS_PROXY pointing at it: calls no route takes go to their origin
-    /// (`[sidecar] unmatched = "forward"`, or "reject" for 404), CONNECT becomes a TCP
-    /// tunnel (`connect_allow`), and WebSocket upgrades pass through.
-    Run(RunArgs),
-    /// Validate routing files, print their route tables, and exit (1 on any error).
-    ///
-    /// Given several files (the services sharing one NATS account), also reports streams
-    /// that two of them own with different settings: one file owns a stream's settings,
-    /// the others declare it with `reference = true`.
-    Check {
-        /// The routing files.
-        #[arg(required = true)]
-        config: Vec<PathBuf>,
-    },
-    /// Draw the event flows of several services' routing files: who requests, publishes
-    /// or consumes each subject, through which stream, with dead-letter edges and each
-    /// edge's mode, codec and contract versions.
-    ///
-    /// Loose ends go to stderr: subjects sent on but consumed by nobody, consumed but
-    /// produced by nobody, streams without a consumer (warnings), and producer and
-    /// consumer routes whose contract versions disagree (errors: exit 1).
-    Graph {
-        /// The routing files, one per service.
-        #[arg(required = true)]
-        config: Vec<PathBuf>,
-        /// mermaid (for READMEs), dot (Graphviz), svg (drawn in-process) or json.
-        #[arg(long, default_value = "mermaid", value_parser = ["mermaid", "dot", "svg", "json"])]
-        format: String,
-        /// Write here instead of stdout.
-        #[arg(long, short)]
-        output: Option<PathBuf>,
-    },
-    /// Print every metric family the binary exports, one per line.
-    Metrics,
-    /// Create or update the streams, consumers and KV bucket the routing file needs.
-    ///
-    /// Prints the plan: each stream, dead-letter stream, consumer and KV bucket as created,
-    /// updated (field by field), unchanged, refused or failed. Exits 1 when a change was
-    /// refused (destructive or impossible without --force) or failed.
-    Provision(ProvisionArgs),
-    /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
-    Inject {
-        #[command(flatten)]
-        args: natsbridge::inject::InjectArgs,
-        #[command(flatten)]
-        log: LogArgs,
-    },
-    /// Print the NATS permissions each service's sidecar needs (least privilege).
-    ///
-    /// For each routing file: publish and subscribe allow-lists covering its route
-    /// subjects, reply inboxes, the JetStream API of its streams and consumers, the
-    /// idempotency bucket and the dead-letter stream (and provisioning's only when it
-    /// provisions). Printed as a nats-server `authorization { users = [...] }` block, one
-    /// user per service named after it, with `--format helm-values` as the chart's
-    /// `nats.auth.users` values, or with `--format nsc` as `nsc add user` / `nsc edit user
-    /// --allow-pub/--allow-sub` commands for operator mode.
-    Permissions(PermissionsArgs),
-    /// The local loop, like `dapr run`: `natsbridge dev --config routes.toml -- <app command>`.
-    ///
-    /// Starts a nats-server (from NATS_SERVER_BIN or PATH; scripts/install-nats-server
-    /// installs one) when none answers at the configured URL, provisions, runs the sidecar
-    /// and the app command with HTTP_PROXY and NATSBRIDGE_URL at the sidecar and PORT from
-    /// `app_url`. The three logs are prefixed `[nats] `, `[sidecar] `, `[app] `. Exits
-    /// with the app; Ctrl-C stops what it started (a nats-server that was already running
-    /// is left alone).
-    Dev(DevArgs),
-    /// Inspect, replay and purge dead letters, while sidecars run.
-    Dlq {
-        #[command(subcommand)]
-        command: natsbridge::dlq::cli::Command,
-    },
-}
-
-#[derive(clap::Args)]
-struct ProvisionArgs {
-    /// The routing file.
-    #[arg(long, short, env = "NATSBRIDGE_CONFIG", default_value = "routes.toml")]
-    config: PathBuf,
-    /// Print the plan without changing anything.
-    #[arg(long)]
-    dry_run: bool,
-    /// Make destructive changes too: delete and recreate what cannot change in place
-    /// (losing its messages), remove subjects, lower limits.
-    #[arg(long)]
-    force: bool,
-    /// Also delete the durable consumers this service owns (by the `natsbridge.service`
-    /// metadata provisioning sets, never by name) whose routes are gone. One still holding
-    /// messages is refused unless --force; --dry-run shows what would go.
-    #[arg(long)]
-    prune: bool,
-    /// NATS server URL(s), comma-separated (overrides [nats] servers).
-    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',', value_parser = config::parse_server_url)]
-    nats_url: Option<Vec<String>>,
-}
-
-#[derive(clap::Args)]
-struct PermissionsArgs {
-    /// The services' routing files (one user each; service names must differ).
-    #[arg(required = true)]
-    files: Vec<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = PermissionsFormat::Conf)]
-    format: PermissionsFormat,
-    /// Read each user's password from this environment variable of the nats-server
-    /// (written unquoted as `$NAME`); `{SERVICE}` becomes the service name in upper snake
-    /// case, e.g. `NATS_PASSWORD_{SERVICE}`. Without it a placeholder is written.
-    #[arg(long, value_name = "NAME")]
-    password_env: Option<String>,
-    /// `--format nsc`: the account the users belong to (else nsc's current account).
-    #[arg(long)]
-    account: Option<String>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PermissionsFormat {
-    /// A nats-server `authorization` block.
-    Conf,
-    /// `nsc` commands (operator mode).
-    Nsc,
-    /// The Helm chart's `nats.auth.users` values (passwords stay in the chart's Secrets).
-    HelmValues,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// The routing file.
-    #[arg(long, short, env = "NATSBRIDGE_CONFIG", default_value = "routes.toml")]
-    config: PathBuf,
-    /// Egress listener address (overrides [sidecar] listen).
-    #[arg(long, env = "NATSBRIDGE_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Admin listener address (overrides [sidecar] admin_listen).
-    #[arg(long, env = "NATSBRIDGE_ADMIN_LISTEN")]
-    admin_listen: Option<SocketAddr>,
-    /// NATS server URL(s), comma-separated (overrides [nats] servers).
-    #[arg(long, env = "NATSBRIDGE_NATS_URL", value_delimiter = ',', value_parser = config::parse_server_url)]
-    nats_url: Option<Vec<String>>,
-    /// The local app's base URL (overrides [sidecar] app_url).
-    #[arg(long, env = "NATSBRIDGE_APP_URL", value_parser = config::parse_http_url)]
-    app_url: Option<http::Uri>,
-    /// PEM CA that verifies the NATS servers (overrides [nats.tls] ca_file); the injector
-    /// sets it when the chart's NATS TLS is on.
-    #[arg(long, env = "NATSBRIDGE_NATS_CA_FILE")]
-    nats_ca_file: Option<PathBuf>,
-    #[command(flatten)]
-    log: LogArgs,
-}
-
-#[derive(clap::Args)]
-struct DevArgs {
-    #[command(flatten)]
-    run: RunArgs,
-    /// The app command and its arguments, after `--`.
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
-}
-
-#[derive(clap::Args)]
-struct LogArgs {
-    /// Log format.
-    #[arg(long, env = "NATSBRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Log filter, e.g. `info` or `natsbridge=debug`. async_nats is held at warn (its
-    /// events print server URLs, credentials included) unless the filter names it.
-    #[arg(long, env = "NATSBRIDGE_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 fn init_logging(args: &LogArgs) {
     let mut filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
