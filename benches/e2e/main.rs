@@ -28,8 +28,10 @@
 mod jsf;
 mod load;
 mod minimal;
+mod plan;
 mod procs;
 mod report;
+mod sidecars;
 mod tokens;
 
 use std::collections::BTreeMap;
@@ -44,7 +46,9 @@ use serde_json::json;
 
 use load::{http_client, http_op, js_op, nats_op, run_concurrency, run_rate, start_app, App, Op, Phase};
 use minimal::MinProc;
+use plan::Plan;
 use procs::{clock_ticks, rss_kb, HttpClient, Meter, NatsServer, SidecarProc, Watched};
+use sidecars::{ingress_available, sidecar_f, with_threads, SIDECAR_A, SIDECAR_B};
 
 pub const BODY_LEN: usize = 1024;
 /// Fixed-rate load stops issuing (and counts as dropped) past this many requests in flight.
@@ -52,106 +56,6 @@ pub const MAX_OUTSTANDING: usize = 4096;
 /// The HTTP client's connection pool per path: requests past it wait for a connection
 /// (and that wait counts in their latency), as with any real client's bounded pool.
 pub const MAX_CONNECTIONS: usize = 256;
-
-/// How long each part of the run takes. Every duration and count has an environment
-/// knob, so a profile can stretch a phase and CI can shrink the whole run.
-struct Plan {
-    quick: bool,
-    /// `BENCH_ONLY=c,e`: run only these paths (a path's `-raw`/`-sync` variants with it).
-    only: Option<Vec<String>>,
-    /// `BENCH_RUNS`: how many times each phase runs (rounds).
-    runs: usize,
-    warmup: Duration,
-    /// `BENCH_RATE_SECS`: each 1k-rps run.
-    rate: Duration,
-    /// `BENCH_SWEEP_SECS`: each run of a sweep step.
-    sweep_step: Duration,
-    /// `BENCH_SWEEP_RATES=2000,4000` (empty: no sweep).
-    sweep_rates: Vec<f64>,
-    /// `BENCH_SATURATION_SECS`: each fixed-concurrency run.
-    saturation: Duration,
-    concurrency: usize,
-    js_concurrency: usize,
-    f_messages: usize,
-    f_concurrency: usize,
-    /// `BENCH_SIDECAR_THREADS`: `[sidecar] worker_threads` of every sidecar (unset: the default).
-    sidecar_threads: Option<usize>,
-}
-
-fn env_f64(k: &str) -> Option<f64> {
-    std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok())
-}
-
-impl Plan {
-    fn runs(&self, path: &str) -> bool {
-        let base = path.split('-').next().unwrap_or(path);
-        self.only.as_ref().is_none_or(|o| o.iter().any(|p| p == path || p == base))
-    }
-
-    fn new(quick: bool) -> Self {
-        let mut plan = if quick {
-            // A smoke run in the debug profile: every code path, three runs each, well
-            // under a minute; the numbers mean nothing.
-            Plan {
-                quick,
-                only: None,
-                runs: 3,
-                warmup: Duration::from_millis(200),
-                rate: Duration::from_millis(400),
-                sweep_step: Duration::from_millis(400),
-                sweep_rates: vec![2000.0],
-                saturation: Duration::from_millis(400),
-                concurrency: 16,
-                js_concurrency: 16,
-                f_messages: 1000,
-                f_concurrency: 32,
-                sidecar_threads: None,
-            }
-        } else {
-            // Issue 10: at least 3 runs of at least 20 s for every fixed-rate phase.
-            Plan {
-                quick,
-                only: None,
-                runs: 3,
-                warmup: Duration::from_secs(2),
-                rate: Duration::from_secs(20),
-                sweep_step: Duration::from_secs(20),
-                sweep_rates: vec![2000.0, 4000.0, 8000.0, 16000.0],
-                saturation: Duration::from_secs(5),
-                concurrency: 32,
-                js_concurrency: 32,
-                f_messages: 20_000,
-                f_concurrency: 32,
-                sidecar_threads: None,
-            }
-        };
-        plan.only = std::env::var("BENCH_ONLY").ok().map(|v| v.split(',').map(|p| p.trim().to_owned()).collect());
-        if let Some(n) = env_f64("BENCH_RUNS") {
-            plan.runs = (n as usize).max(1);
-        }
-        if let Some(s) = env_f64("BENCH_RATE_SECS") {
-            plan.rate = Duration::from_secs_f64(s);
-        }
-        if let Some(s) = env_f64("BENCH_SWEEP_SECS") {
-            plan.sweep_step = Duration::from_secs_f64(s);
-        }
-        if let Some(s) = env_f64("BENCH_SATURATION_SECS") {
-            plan.saturation = Duration::from_secs_f64(s);
-        }
-        if let Ok(v) = std::env::var("BENCH_SWEEP_RATES") {
-            plan.sweep_rates = v.split(',').filter_map(|r| r.trim().parse().ok()).collect();
-        }
-        plan.sidecar_threads = env_f64("BENCH_SIDECAR_THREADS").map(|n| n as usize);
-        plan
-    }
-
-    /// Meets issue 10's floor for a full run: 3 runs of at least 20 s.
-    fn full_length(&self) -> bool {
-        self.runs >= 3
-            && self.rate >= Duration::from_secs(20)
-            && (self.sweep_rates.is_empty() || self.sweep_step >= Duration::from_secs(20))
-    }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -321,107 +225,6 @@ fn fmt_ms(v: Option<f64>) -> String {
 
 // ---------------------------------------------------------------------------------------
 // The run.
-
-const SIDECAR_A: &str = r#"
-[sidecar]
-service = "bench-a"
-
-[defaults]
-timeout = "10s"
-max_body = "1MiB"
-
-[[outbound]]
-name = "echo"
-method = "POST"
-path = "/echo"
-subject = "bench.echo"
-mode = "request"
-
-[[outbound]]
-name = "app-b"
-host = "app-b"
-path = "/{*rest}"
-mode = "tunnel"
-service = "bench-b"
-
-[[outbound]]
-name = "events"
-method = "POST"
-path = "/events/{id}"
-subject = "benche.{id}"
-mode = "jetstream"
-
-[[outbound]]
-name = "tokens"
-method = "GET"
-path = "/tokens/{n}/{gap}"
-subject = "benchtok.{n}.{gap}"
-mode = "request"
-timeout = "60s"
-"#;
-
-const SIDECAR_B: &str = r#"
-[sidecar]
-service = "bench-b"
-
-[defaults]
-timeout = "10s"
-max_body = "1MiB"
-
-[[inbound]]
-name = "echo"
-subject = "bench.echo"
-mode = "request"
-method = "POST"
-path = "/echo"
-concurrency = 256
-
-[[inbound]]
-name = "tunnel"
-mode = "tunnel"
-concurrency = 256
-"#;
-
-fn sidecar_f(conc: usize) -> String {
-    format!(
-        r#"
-[sidecar]
-service = "bench-f"
-provision = true
-
-[defaults]
-timeout = "10s"
-max_body = "1MiB"
-
-[[inbound]]
-name = "jobs"
-subject = "benchf.>"
-mode = "jetstream"
-stream = "BENCH_F"
-durable = "sidecar-f"
-# The bench fills the stream before the sidecar binds: read it from the start.
-deliver = "all"
-method = "POST"
-path = "/ingest"
-ack_wait = "30s"
-max_deliver = 5
-concurrency = {conc}
-"#
-    )
-}
-
-/// `BENCH_SKIP_INGRESS=1` runs only the paths without ingress (a, b, e and the raw f).
-fn ingress_available() -> bool {
-    std::env::var("BENCH_SKIP_INGRESS").is_err()
-}
-
-/// A sidecar's routing file with `worker_threads` set when the bench was told to.
-fn with_threads(toml: &str, threads: Option<usize>) -> String {
-    match threads {
-        Some(n) => toml.replacen("[sidecar]\n", &format!("[sidecar]\nworker_threads = {n}\n"), 1),
-        None => toml.to_owned(),
-    }
-}
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
@@ -708,6 +511,12 @@ fn write_results(
     } else {
         "full run"
     };
+    // RSS depends on the release build's code layout (build.rs): scripts/bench checks
+    // whether this build still finds the text-order list and says so here.
+    let text_order = match std::env::var("BENCH_TEXT_ORDER") {
+        Ok(line) if !line.trim().is_empty() => format!("Code layout: {}.", line.trim().trim_end_matches('.')),
+        _ => "Code layout: not checked (run through `scripts/bench`, which runs `scripts/text-order --check`).".into(),
+    };
     let header = format!(
         "## natsbridge end-to-end benchmark ({kind})\n\n{date} · {} × {} · {} GiB RAM · Linux {} · {} · {} · load average at start {}, at end {load_end}\n\n\
          Every phase ran {} times, in rounds that visit every path in turn: {:.1} s per 1k-rps run, {:.1} s per sweep-step run \
@@ -716,7 +525,7 @@ fn write_results(
          1 KiB request bodies (and 1 KiB echoed replies on a–d), keep-alive connections, warm-up before the rounds. Latency in ms; \
          fixed-rate rows are measured from each request's intended send time (coordinated-omission corrected), concurrency rows from \
          the actual send. CPU is utime+stime from /proc per process (the bench process holds the load generator, the app and the raw \
-         baselines' clients), RSS is the maximum VmRSS sampled every 100 ms.\n\n",
+         baselines' clients), RSS is the maximum VmRSS sampled every 100 ms. {text_order}\n\n",
         m("nproc"),
         m("cpu"),
         m("memory_gib"),
