@@ -136,14 +136,20 @@ fn builder(limits: &HttpLimits) -> hyper_util::server::conn::auto::Builder<Tokio
 /// A plain async function rather than a tower stack (tower-http's `CatchPanic` and a body
 /// unifier): those boxed the response body twice and the service once more per request.
 async fn serve_one(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> {
-    use futures::FutureExt as _;
     // Framing hyper tolerates but a front proxy might read differently.
     if let Some(res) = reject_ambiguous_framing(&req) {
         return res;
     }
+    or_500_on_panic(egress.handle(req)).await
+}
+
+/// The handler's response, or a 500 problem if it panicked: a bug in one request's handling
+/// must cost that request, not the connection or the other requests on it.
+async fn or_500_on_panic(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
+    use futures::FutureExt as _;
     // Unwind safety: a panic drops the handler's future and everything it borrowed; the
     // shared state it leaves (metrics, the table) is only ever updated atomically.
-    std::panic::AssertUnwindSafe(egress.handle(req)).catch_unwind().await.unwrap_or_else(panic_response)
+    std::panic::AssertUnwindSafe(handler).catch_unwind().await.unwrap_or_else(panic_response)
 }
 
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
@@ -480,4 +486,31 @@ fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 /// 400 with `Connection: close`: nothing after this request on the connection is parsed.
 fn bad_framing(why: &'static str) -> Response<Body> {
     BridgeError::BadFraming(why).to_response(None, None).map(full)
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_a_problem_and_a_sound_one_passes_through() {
+        let res = or_500_on_panic(async {
+            // A handler that panics after it has started (awaited once), as a real one would.
+            tokio::task::yield_now().await;
+            panic!("a bug in one request's handling")
+        })
+        .await;
+        assert_eq!(res.status(), 500);
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let body: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["status"], 500, "{body}");
+        // The panic's message is not the caller's business (it may hold request data).
+        assert!(!body.to_string().contains("a bug"), "{body}");
+
+        let res = or_500_on_panic(async { Response::builder().status(201).body(full("made")).unwrap() }).await;
+        assert_eq!(res.status(), 201);
+        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "made");
+    }
 }
