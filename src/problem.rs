@@ -111,7 +111,7 @@ pub enum BridgeError {
     #[error("the streamed reply lasted longer than stream_max ({max:?})")]
     StreamTooLong { max: Duration },
     /// The HTTP client read slower than the replies came, past `stream_buffer` messages.
-    #[error("the client read the streamed reply too slowly (more than {buffer} messages behind)")]
+    #[error("the client read the streamed reply too slowly (more than {buffer} messages behind for over a second, or {} at once)", buffer.saturating_mul(crate::nats::replies::BURST_SLACK))]
     StreamOverflow { buffer: usize },
     /// The responder ended its stream with an error; the detail is its problem document's.
     #[error("the responder failed mid-stream: {0}")]

@@ -136,7 +136,8 @@ pub struct StreamLimits {
     pub stall: Duration,
     /// The longest a whole stream may last (`stream_max`, 10 min).
     pub max: Duration,
-    /// Messages buffered for a slow HTTP client before the stream is ended (`stream_buffer`, 256).
+    /// Messages an HTTP client may be behind for up to a second, or four times that at once,
+    /// before the stream is ended as too slow (`stream_buffer`, 256).
     pub buffer: usize,
     /// `stream_end = "empty"`: replies from a foreign responder are a stream ended by an
     /// empty payload (ADR-47's sentinel), without sequence numbers.

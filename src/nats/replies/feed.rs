@@ -8,19 +8,37 @@
 //! callgrind (issue 14). This is one allocation, and the queue's first push one more.
 //! There is one reader, and the writer is the dispatcher task, so a plain mutex is never
 //! contended for long.
+//!
+//! Behind is not slow. The dispatcher hands over a whole socket read of replies before the
+//! reader runs, and on a loaded host the reader may wait for a core: a burst of small
+//! messages (an SSE event each, a replayed backlog) can outrun a reader that is keeping
+//! up. So a reader is slow when it stays more than `capacity` messages behind for longer
+//! than [`BEHIND_GRACE`]; [`BURST_SLACK`] × `capacity` behind at once ends it regardless,
+//! which bounds the memory a stream holds.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use async_nats::Message;
 
+/// How long a reader may stay more than `capacity` messages behind.
+pub(crate) const BEHIND_GRACE: Duration = Duration::from_secs(1);
+/// How many times `capacity` a reader may be behind at once, however briefly.
+pub(crate) const BURST_SLACK: usize = 4;
+
 /// A new buffer of `capacity` messages: its writing and its reading end.
 pub(super) fn buffer(capacity: usize) -> (Feed, Tap) {
+    buffer_with_grace(capacity, BEHIND_GRACE)
+}
+
+fn buffer_with_grace(capacity: usize, grace: Duration) -> (Feed, Tap) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { queue: VecDeque::new(), waker: None, closed: false, overflowed: false }),
+        state: Mutex::new(State { queue: VecDeque::new(), waker: None, closed: false, overflowed: false, behind_since: None }),
         capacity: capacity.max(1),
+        grace,
     });
     (Feed(shared.clone()), Tap(shared))
 }
@@ -28,6 +46,7 @@ pub(super) fn buffer(capacity: usize) -> (Feed, Tap) {
 struct Shared {
     state: Mutex<State>,
     capacity: usize,
+    grace: Duration,
 }
 
 struct State {
@@ -38,6 +57,9 @@ struct State {
     closed: bool,
     /// The feed was dropped because the reader fell behind, not because replies stopped.
     overflowed: bool,
+    /// Since when the queue has held `capacity` messages or more (read only then: no
+    /// clock read on the common path).
+    behind_since: Option<Instant>,
 }
 
 impl Shared {
@@ -60,18 +82,23 @@ pub(super) enum Refused {
 pub(super) struct Feed(Arc<Shared>);
 
 impl Feed {
-    /// Queues `message` and wakes the reader; refused when the reader is gone or the buffer
-    /// is full. Core NATS has no flow control, so a full buffer ends the stream rather
-    /// than grow: the reader gets what was buffered, then `overflowed`.
+    /// Queues `message` and wakes the reader; refused when the reader is gone or too slow
+    /// (the module's header). Core NATS has no flow control, so a slow reader ends the
+    /// stream rather than let it grow: the reader gets what was buffered, then `overflowed`.
     pub(super) fn push(&self, message: Message) -> Result<(), Refused> {
         // Only the reader holds the other reference: when it is gone, nobody will read.
         if Arc::strong_count(&self.0) == 1 {
             return Err(Refused::Closed);
         }
         let mut s = self.0.lock();
-        if s.queue.len() >= self.0.capacity {
-            s.overflowed = true;
-            return Err(Refused::Full);
+        let capacity = self.0.capacity;
+        if s.queue.len() >= capacity {
+            let now = Instant::now();
+            let since = *s.behind_since.get_or_insert(now);
+            if s.queue.len() >= capacity.saturating_mul(BURST_SLACK) || now.duration_since(since) > self.0.grace {
+                s.overflowed = true;
+                return Err(Refused::Full);
+            }
         }
         s.queue.push_back(Box::new(message));
         let waker = s.waker.take();
@@ -110,6 +137,9 @@ impl Tap {
         poll_fn(|cx| {
             let mut s = self.0.lock();
             if let Some(m) = s.queue.pop_front() {
+                if s.queue.len() < self.0.capacity {
+                    s.behind_since = None;
+                }
                 return Poll::Ready(Next::Message(m));
             }
             if s.closed {
@@ -172,12 +202,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_buffer_refuses_and_says_overflowed_after_what_it_holds() {
-        let (feed, mut tap) = buffer(1);
-        feed.push(message(1)).unwrap();
-        assert_eq!(feed.push(message(2)), Err(Refused::Full));
+    async fn a_burst_past_capacity_is_held_up_to_the_slack_then_refused_after_what_it_holds() {
+        let (feed, mut tap) = buffer(2);
+        for n in 0..(2 * BURST_SLACK) as u8 {
+            feed.push(message(n)).unwrap();
+        }
+        assert_eq!(feed.push(message(99)), Err(Refused::Full));
         drop(feed);
+        for n in 0..(2 * BURST_SLACK) as u8 {
+            assert_eq!(payload(tap.next().await), Some(n));
+        }
+        assert!(matches!(tap.next().await, Next::Ended { overflowed: true }));
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_past_the_grace_is_refused_and_one_that_catches_up_is_not() {
+        let grace = Duration::from_millis(50);
+        // Catches up: drained below capacity before the grace ends, it starts over.
+        let (feed, mut tap) = buffer_with_grace(2, grace);
+        for n in 0..3 {
+            feed.push(message(n)).unwrap();
+        }
+        assert_eq!(payload(tap.next().await), Some(0));
         assert_eq!(payload(tap.next().await), Some(1));
+        tokio::time::sleep(grace * 2).await;
+        feed.push(message(3)).unwrap();
+        feed.push(message(4)).unwrap();
+        assert_eq!(payload(tap.next().await), Some(2));
+        // Stays behind (it reads, but never gets below capacity) past the grace: refused.
+        let (feed, mut tap) = buffer_with_grace(2, grace);
+        for n in 0..4 {
+            feed.push(message(n)).unwrap();
+        }
+        assert_eq!(payload(tap.next().await), Some(0));
+        let behind = Instant::now();
+        while behind.elapsed() <= grace {
+            tokio::time::sleep(grace / 5).await;
+        }
+        assert_eq!(feed.push(message(4)), Err(Refused::Full));
+        drop(feed);
+        assert_eq!([payload(tap.next().await), payload(tap.next().await), payload(tap.next().await)], [Some(1), Some(2), Some(3)]);
         assert!(matches!(tap.next().await, Next::Ended { overflowed: true }));
     }
 
