@@ -14,7 +14,8 @@
 //! messages (an SSE event each, a replayed backlog) can outrun a reader that is keeping
 //! up. So a reader is slow when it stays more than `capacity` messages behind for longer
 //! than [`BEHIND_GRACE`]; [`BURST_SLACK`] × `capacity` behind at once ends it regardless,
-//! which bounds the memory a stream holds.
+//! and so does holding more than `capacity` MiB: a stream's memory stays within what
+//! `capacity` messages of the default 1 MiB `max_payload` held before the slack.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -28,6 +29,8 @@ use async_nats::Message;
 pub(crate) const BEHIND_GRACE: Duration = Duration::from_secs(1);
 /// How many times `capacity` a reader may be behind at once, however briefly.
 pub(crate) const BURST_SLACK: usize = 4;
+/// Bytes a stream may hold per message of `capacity`.
+const BYTES_PER_SLOT: usize = 1 << 20;
 
 /// A new buffer of `capacity` messages: its writing and its reading end.
 pub(super) fn buffer(capacity: usize) -> (Feed, Tap) {
@@ -36,7 +39,7 @@ pub(super) fn buffer(capacity: usize) -> (Feed, Tap) {
 
 fn buffer_with_grace(capacity: usize, grace: Duration) -> (Feed, Tap) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { queue: VecDeque::new(), waker: None, closed: false, overflowed: false, behind_since: None }),
+        state: Mutex::new(State { queue: VecDeque::new(), waker: None, closed: false, overflowed: false, behind_since: None, bytes: 0 }),
         capacity: capacity.max(1),
         grace,
     });
@@ -60,6 +63,8 @@ struct State {
     /// Since when the queue has held `capacity` messages or more (read only then: no
     /// clock read on the common path).
     behind_since: Option<Instant>,
+    /// What the queue holds, as the messages' wire lengths.
+    bytes: usize,
 }
 
 impl Shared {
@@ -95,11 +100,15 @@ impl Feed {
         if s.queue.len() >= capacity {
             let now = Instant::now();
             let since = *s.behind_since.get_or_insert(now);
-            if s.queue.len() >= capacity.saturating_mul(BURST_SLACK) || now.duration_since(since) > self.0.grace {
+            if s.queue.len() >= capacity.saturating_mul(BURST_SLACK)
+                || s.bytes.saturating_add(message.length) > capacity.saturating_mul(BYTES_PER_SLOT)
+                || now.duration_since(since) > self.0.grace
+            {
                 s.overflowed = true;
                 return Err(Refused::Full);
             }
         }
+        s.bytes += message.length;
         s.queue.push_back(Box::new(message));
         let waker = s.waker.take();
         drop(s);
@@ -137,6 +146,7 @@ impl Tap {
         poll_fn(|cx| {
             let mut s = self.0.lock();
             if let Some(m) = s.queue.pop_front() {
+                s.bytes = s.bytes.saturating_sub(m.length);
                 if s.queue.len() < self.0.capacity {
                     s.behind_since = None;
                 }
@@ -213,6 +223,18 @@ mod tests {
             assert_eq!(payload(tap.next().await), Some(n));
         }
         assert!(matches!(tap.next().await, Next::Ended { overflowed: true }));
+    }
+
+    #[test]
+    fn past_capacity_a_stream_holds_at_most_capacity_mib() {
+        let big = |n: u8| Message { length: 600 << 10, ..message(n) };
+        let (feed, tap) = buffer(2);
+        // Up to capacity, any size (as before the slack); past it, 2 MiB in all.
+        feed.push(big(0)).unwrap();
+        feed.push(big(1)).unwrap();
+        feed.push(big(2)).unwrap();
+        assert_eq!(feed.push(big(3)), Err(Refused::Full));
+        drop(tap);
     }
 
     #[tokio::test]
