@@ -152,6 +152,30 @@ async def fetch_once_served(js, pull, timeout=10):
             await asyncio.sleep(0.05)
 
 
+async def publish_once_stored(js, watcher, subject, payload, msg_id, timeout=10):
+    """A JetStream publish to a stream provisioned a moment ago. On the 3-node cluster the
+    stream's leader is elected, and its subject interest reaches the other servers' routes,
+    after `provision` returns: a publish before that gets "no responders" (seen by
+    scripts/test-k8s run three at a time). This waits for the leader, then publishes until
+    the stream answers; the message id makes a repeat a duplicate, never a second message.
+    Any other answer, or none within `timeout`, still fails the test. `watcher` reads the
+    stream's info (the publisher may not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await watcher.stream_info("AGENT_TASKS")
+        if info.cluster is None or info.cluster.leader:
+            break
+        assert time.monotonic() < deadline, f"AGENT_TASKS has no leader after {timeout}s: {info}"
+        await asyncio.sleep(0.05)  # poll interval of the stream's leader election
+    while True:
+        try:
+            return await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except nats.js.errors.NoStreamResponseError:
+            # no responders: the leader's interest has not reached this server yet
+            assert time.monotonic() < deadline, f"AGENT_TASKS never answered a publish in {timeout}s"
+            await asyncio.sleep(0.05)
+
+
 async def exercise(objects, url, monitor):
     """`url` is a client URL of the server whose monitoring endpoint is `monitor`."""
     orch_user, orch_pw = credentials(objects, "orchestration-routes")
@@ -174,9 +198,9 @@ async def exercise(objects, url, monitor):
         reply = await orch.nc.request("agent.plans.create", b"plan-1", timeout=5)
         assert reply.data == b"plan-ok"
         # orchestration's JetStream publish is stored; agent pulls and acks it.
-        ack = await orch.nc.jetstream(timeout=10).publish("agent.tasks.submit", b"task-1", headers={"Nats-Msg-Id": "t-1"})
-        assert ack.stream == "AGENT_TASKS" and ack.seq >= 1
         ajs = agent.nc.jetstream(timeout=10)
+        ack = await publish_once_stored(orch.nc.jetstream(timeout=10), ajs, "agent.tasks.submit", b"task-1", "t-1")
+        assert ack.stream == "AGENT_TASKS" and ack.seq == 1 and not ack.duplicate
         pull = await ajs.pull_subscribe_bind("agent-tasks", stream="AGENT_TASKS")
         (msg,) = await fetch_once_served(ajs, pull)
         assert msg.data == b"task-1"
