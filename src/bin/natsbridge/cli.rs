@@ -197,3 +197,16 @@ pub(crate) enum LogFormat {
     Text,
     Json,
 }
+
+impl RunArgs {
+    /// What the flags (and their environment variables) set over the routing file.
+    pub(crate) fn overrides(&self) -> config::Overrides {
+        config::Overrides {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            nats_servers: self.nats_url.clone(),
+            app_url: self.app_url.clone(),
+            nats_ca_file: self.nats_ca_file.clone(),
+        }
+    }
+}

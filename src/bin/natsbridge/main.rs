@@ -313,23 +313,23 @@ fn sidecar_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// The egress and admin listeners, on the addresses the routing file and flags settled on.
+async fn bind_listeners(sidecar: &config::Sidecar) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let egress = tokio::net::TcpListener::bind(sidecar.listen)
+        .await
+        .with_context(|| format!("cannot bind the egress listener on {}", sidecar.listen))?;
+    let admin = tokio::net::TcpListener::bind(sidecar.admin_listen)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {}", sidecar.admin_listen))?;
+    Ok((egress, admin))
+}
+
 async fn run(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
     init_logging(&args.log);
-    let overrides = Overrides {
-        listen: args.listen,
-        admin_listen: args.admin_listen,
-        nats_servers: args.nats_url,
-        app_url: args.app_url,
-        nats_ca_file: args.nats_ca_file,
-    };
+    let overrides = args.overrides();
     let mut effective = config.clone();
     effective.apply(&overrides);
-    let egress = tokio::net::TcpListener::bind(effective.sidecar.listen)
-        .await
-        .with_context(|| format!("cannot bind the egress listener on {}", effective.sidecar.listen))?;
-    let admin = tokio::net::TcpListener::bind(effective.sidecar.admin_listen)
-        .await
-        .with_context(|| format!("cannot bind the admin listener on {}", effective.sidecar.admin_listen))?;
+    let (egress, admin) = bind_listeners(&effective.sidecar).await?;
 
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
@@ -370,20 +370,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
-    let overrides = Overrides {
-        listen: args.listen,
-        admin_listen: args.admin_listen,
-        nats_servers: args.nats_url,
-        app_url: args.app_url,
-        nats_ca_file: args.nats_ca_file,
-    };
+    let overrides = args.overrides();
     config.apply(&overrides);
-    let egress = tokio::net::TcpListener::bind(config.sidecar.listen)
-        .await
-        .with_context(|| format!("cannot bind the egress listener on {}", config.sidecar.listen))?;
-    let admin = tokio::net::TcpListener::bind(config.sidecar.admin_listen)
-        .await
-        .with_context(|| format!("cannot bind the admin listener on {}", config.sidecar.admin_listen))?;
+    let (egress, admin) = bind_listeners(&config.sidecar).await?;
     let nats_server_bin = std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
         .filter(|p| p.is_file())
