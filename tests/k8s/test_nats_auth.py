@@ -130,50 +130,43 @@ async def wait_interest(monitor, subject, queue, timeout=10):
         await asyncio.sleep(0.05)  # poll interval of the monitoring endpoint
 
 
-async def fetch_once_served(js, pull, timeout=10):
-    """One message from a consumer provisioned a moment ago. On the 3-node cluster the
-    consumer's leader is elected, and its pull-request subscription reaches the other servers'
-    routes, after `provision` returns: a pull sent before that gets "no responders" (503; seen
-    by ci-fresh). This waits for the leader, then for the first pull the consumer answers; a
-    pull it answered with anything else, or no answer within `timeout`, still fails the test."""
+async def once_served(what, info, op, no_responders, timeout=10):
+    """`op` against a stream or consumer provisioned a moment ago. On the 3-node cluster its
+    leader is elected, and its interest reaches the other servers' routes, after `provision`
+    returns: a request before that gets "no responders" (seen by ci-fresh and by
+    scripts/test-k8s run three at a time). This waits until `info()` names a leader, then
+    repeats `op` only while it raises `no_responders`; any other answer, or none within
+    `timeout`, still fails the test."""
     deadline = time.monotonic() + timeout
     while True:
-        info = await js.consumer_info("AGENT_TASKS", "agent-tasks")
-        if info.cluster is None or info.cluster.leader:
+        state = await info()
+        if state.cluster is None or state.cluster.leader:
             break
-        assert time.monotonic() < deadline, f"agent-tasks has no leader after {timeout}s: {info}"
-        await asyncio.sleep(0.05)  # poll interval of the consumer's leader election
+        assert time.monotonic() < deadline, f"{what} has no leader after {timeout}s: {state}"
+        await asyncio.sleep(0.05)  # poll interval of the leader election
     while True:
         try:
-            return await pull.fetch(1, timeout=max(deadline - time.monotonic(), 1))
-        except nats.js.errors.ServiceUnavailableError:
-            # no responders: the leader's interest has not reached this server yet
-            assert time.monotonic() < deadline, f"agent-tasks never answered a pull in {timeout}s"
+            return await op(max(deadline - time.monotonic(), 1))
+        except no_responders:
+            # the leader's interest has not reached this server yet
+            assert time.monotonic() < deadline, f"{what} never answered in {timeout}s"
             await asyncio.sleep(0.05)
 
 
-async def publish_once_stored(js, watcher, subject, payload, msg_id, timeout=10):
-    """A JetStream publish to a stream provisioned a moment ago. On the 3-node cluster the
-    stream's leader is elected, and its subject interest reaches the other servers' routes,
-    after `provision` returns: a publish before that gets "no responders" (seen by
-    scripts/test-k8s run three at a time). This waits for the leader, then publishes until
-    the stream answers; the message id makes a repeat a duplicate, never a second message.
-    Any other answer, or none within `timeout`, still fails the test. `watcher` reads the
-    stream's info (the publisher may not)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await watcher.stream_info("AGENT_TASKS")
-        if info.cluster is None or info.cluster.leader:
-            break
-        assert time.monotonic() < deadline, f"AGENT_TASKS has no leader after {timeout}s: {info}"
-        await asyncio.sleep(0.05)  # poll interval of the stream's leader election
-    while True:
-        try:
-            return await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
-        except nats.js.errors.NoStreamResponseError:
-            # no responders: the leader's interest has not reached this server yet
-            assert time.monotonic() < deadline, f"AGENT_TASKS never answered a publish in {timeout}s"
-            await asyncio.sleep(0.05)
+async def fetch_once_served(js, pull):
+    """One message from the consumer provisioned a moment ago (`once_served`)."""
+    return await once_served("agent-tasks", lambda: js.consumer_info("AGENT_TASKS", "agent-tasks"),
+                             lambda left: pull.fetch(1, timeout=left),
+                             nats.js.errors.ServiceUnavailableError)
+
+
+async def publish_once_stored(js, watcher, subject, payload, msg_id):
+    """A JetStream publish to the stream provisioned a moment ago (`once_served`). The message
+    id makes a repeat a duplicate, never a second message. `watcher` reads the stream's info
+    (the publisher may not)."""
+    return await once_served("AGENT_TASKS", lambda: watcher.stream_info("AGENT_TASKS"),
+                             lambda _left: js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}),
+                             nats.js.errors.NoStreamResponseError)
 
 
 async def exercise(objects, url, monitor):
