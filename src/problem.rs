@@ -111,7 +111,12 @@ pub enum BridgeError {
     #[error("the streamed reply lasted longer than stream_max ({max:?})")]
     StreamTooLong { max: Duration },
     /// The HTTP client read slower than the replies came, past `stream_buffer` messages.
-    #[error("the client read the streamed reply too slowly (more than {buffer} messages behind for over a second, or {} at once)", buffer.saturating_mul(crate::nats::replies::BURST_SLACK))]
+    #[error(
+        "the client read the streamed reply too slowly (more than {buffer} messages behind for over {:?}, or {} messages or {} MiB at once)",
+        crate::nats::replies::BEHIND_GRACE,
+        buffer.saturating_mul(crate::nats::replies::BURST_SLACK),
+        buffer.saturating_mul(crate::nats::replies::BYTES_PER_SLOT) >> 20
+    )]
     StreamOverflow { buffer: usize },
     /// The responder ended its stream with an error; the detail is its problem document's.
     #[error("the responder failed mid-stream: {0}")]
@@ -375,6 +380,11 @@ mod tests {
         assert_eq!(BridgeError::BadFraming("x").status(), 400);
         assert_eq!(BridgeError::TooManyHeaders { max: 1 }.status(), 431);
         assert_eq!(BridgeError::Panicked.status(), 500);
+        // The overflow's detail states the feed's limits as they are, not as once written.
+        assert_eq!(
+            BridgeError::StreamOverflow { buffer: 256 }.to_string(),
+            "the client read the streamed reply too slowly (more than 256 messages behind for over 1s, or 1024 messages or 256 MiB at once)"
+        );
         assert_eq!(BridgeError::IdempotencyInFlight { wait: Duration::from_secs(1) }.status(), 409);
         assert_eq!(BridgeError::IdempotencyStoreUnbound.status(), 503);
         assert_eq!(

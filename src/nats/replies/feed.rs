@@ -30,7 +30,7 @@ pub(crate) const BEHIND_GRACE: Duration = Duration::from_secs(1);
 /// How many times `capacity` a reader may be behind at once, however briefly.
 pub(crate) const BURST_SLACK: usize = 4;
 /// Bytes a stream may hold per message of `capacity`.
-const BYTES_PER_SLOT: usize = 1 << 20;
+pub(crate) const BYTES_PER_SLOT: usize = 1 << 20;
 
 /// A new buffer of `capacity` messages: its writing and its reading end.
 pub(super) fn buffer(capacity: usize) -> (Feed, Tap) {
