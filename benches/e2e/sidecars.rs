@@ -38,6 +38,10 @@ mode = "request"
 timeout = "60s"
 "#;
 
+/// Both routes keep the default `concurrency` (64), as a new user would. Each app call in
+/// flight holds a pooled connection to the app, ~50 KB of the sidecar's memory: at 256 the
+/// 16k rps step opened ~250 of them and B peaked at 21.7 MB instead of 12.8 MB, with no
+/// throughput gained (BENCHMARKS.md, 2026-12-01 afternoon).
 pub const SIDECAR_B: &str = r#"
 [sidecar]
 service = "bench-b"
@@ -52,12 +56,10 @@ subject = "bench.echo"
 mode = "request"
 method = "POST"
 path = "/echo"
-concurrency = 256
 
 [[inbound]]
 name = "tunnel"
 mode = "tunnel"
-concurrency = 256
 "#;
 
 pub fn sidecar_f(conc: usize) -> String {
