@@ -1,7 +1,7 @@
 //! The egress listener: accepts connections under `max_connections`, serves HTTP/1.1 and
 //! HTTP/2 with prior knowledge (h2c, told apart by the connection preface) on them through
-//! one tower stack, and guards the edge. Knows nothing of routes: each request goes to
-//! [`Egress::handle`].
+//! one service per connection ([`Tracked`]), and guards the edge. Knows nothing of routes:
+//! each request goes to [`Egress::handle`].
 //!
 //! Edge limits (`[sidecar]`), enforced per connection by a watchdog (see [`Activity`]):
 //! - `header_read_timeout`: a request head must arrive whole within it, counted from the
@@ -32,7 +32,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -42,9 +41,7 @@ use crate::egress::slots::{Slots, Stop};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
-type EgressService = tower::util::BoxCloneService<Request<Incoming>, Response<Guarded<EndOfResponse>>, Infallible>;
-type Connection =
-    hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, TowerToHyperService<EgressService>, TokioExecutor>;
+type Connection = hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, Tracked, TokioExecutor>;
 
 /// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `drain_timeout` (from the config in force).
@@ -81,9 +78,9 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
         let slots = Slots::new(permit, connections.clone(), limits.max_connections, stop_rx.clone());
-        let service = tracked_service(egress.clone(), activity.clone(), limits.max_headers, slots.clone());
+        let service = Tracked { egress: egress.clone(), activity: activity.clone(), max_headers: limits.max_headers, slots: slots.clone() };
         // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
-        let conn = http.serve_connection_with_upgrades(io, TowerToHyperService::new(service)).into_owned();
+        let conn = http.serve_connection_with_upgrades(io, service).into_owned();
         tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), slots));
     }
     drop(listener);
@@ -406,20 +403,35 @@ impl Drop for EndOfResponse {
 /// request whose head was ambiguous on the wire, and counts an HTTP/2 request's header
 /// fields (hyper counts HTTP/1's).
 ///
-/// The response body is `Guarded` itself, not boxed again: one allocation less per request.
-/// The service stays boxed: erasing its type sidesteps rustc's higher-ranked Send bug
-/// (#102211).
-fn tracked_service(egress: Arc<Egress>, activity: Arc<Activity>, max_headers: usize, slots: Slots) -> EgressService {
-    tower::util::BoxCloneService::new(tower::service_fn(move |mut req: Request<Incoming>| {
+/// It implements hyper's own trait, called by reference. Through tower's `BoxCloneService`
+/// and hyper-util's adapter, each request cloned the whole service (a box and six reference
+/// counts, then their drop) only to call it once. The response body is `Guarded` itself,
+/// not boxed again.
+struct Tracked {
+    egress: Arc<Egress>,
+    activity: Arc<Activity>,
+    max_headers: usize,
+    slots: Slots,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = Response<Guarded<EndOfResponse>>;
+    type Error = Infallible;
+    // Boxed: the handler's future is large, and naming it would need it to be `Send`
+    // through higher-ranked lifetimes rustc cannot prove (rust-lang/rust#102211).
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Only a request that can open a tunnel needs its connection's places: inserting
         // them in every request would allocate an extensions map per request.
         if req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE) {
-            req.extensions_mut().insert(slots.clone());
+            req.extensions_mut().insert(self.slots.clone());
         }
-        let framing = activity.begin();
-        let guard = EndOfResponse(activity.clone());
-        let egress = egress.clone();
-        async move {
+        let framing = self.activity.begin();
+        let guard = EndOfResponse(self.activity.clone());
+        let egress = self.egress.clone();
+        let max_headers = self.max_headers;
+        Box::pin(async move {
             let res = match framing {
                 Some(why) => bad_framing(why),
                 None if req.headers().len() > max_headers => {
@@ -428,8 +440,8 @@ fn tracked_service(egress: Arc<Egress>, activity: Arc<Activity>, max_headers: us
                 None => serve_one(egress, req).await,
             };
             Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }))
-        }
-    }))
+        })
+    }
 }
 
 /// A response body that holds a guard until it is dropped, and keeps the inner body's
