@@ -417,8 +417,7 @@ struct Tracked {
 impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Response = Response<Guarded<EndOfResponse>>;
     type Error = Infallible;
-    // Boxed: the handler's future is large, and naming it would need it to be `Send`
-    // through higher-ranked lifetimes rustc cannot prove (rust-lang/rust#102211).
+    // Boxed: an associated type cannot name an `async` block's type on stable Rust.
     type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
