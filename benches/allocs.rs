@@ -13,6 +13,9 @@
 //! allocations of each sidecar during the measured window and prints the call sites that
 //! allocate most (the innermost frame outside the allocator, and the innermost frame of
 //! natsbridge). Sampling perturbs nothing it counts: its own allocations are not counted.
+//! `ALLOCS_MIN_SIZE` samples only allocations of at least that many bytes: with
+//! `ALLOCS_SAMPLE=1` and 1008 it lists every allocation glibc serves from its large bins,
+//! each of which first consolidates the fast bins (`malloc_consolidate`).
 //!
 //! Run with `cargo bench --bench allocs` (`-- --quick` for fewer requests); requests per
 //! phase `ALLOCS_REQUESTS` (10,000), warm-up `ALLOCS_WARMUP` (2,000), rounds `ALLOCS_ROUNDS` (2).
@@ -60,18 +63,23 @@ static REALLOCS: [AtomicU64; TAGS] = [ZERO; TAGS];
 /// Sampling is on (measured window of path c, with ALLOCS_SITES=1).
 static SAMPLE_ON: AtomicBool = AtomicBool::new(false);
 static SAMPLE_EVERY: AtomicU64 = AtomicU64::new(97);
-static SAMPLES: Mutex<Vec<(usize, std::backtrace::Backtrace)>> = Mutex::new(Vec::new());
+/// Only allocations of at least this many bytes are sampled (`ALLOCS_MIN_SIZE`, default 0).
+static SAMPLE_MIN_SIZE: AtomicU64 = AtomicU64::new(0);
+static SAMPLES: Mutex<Vec<(usize, usize, std::backtrace::Backtrace)>> = Mutex::new(Vec::new());
 
 struct Counting;
 
 impl Counting {
-    fn count(counters: &[AtomicU64; TAGS]) {
+    fn count(counters: &[AtomicU64; TAGS], size: usize) {
         if SAMPLING.with(|s| s.get()) {
             return;
         }
         let tag = TAG.with(|t| t.get());
         counters[tag].fetch_add(1, Ordering::Relaxed);
-        if (tag == SIDECAR_A || tag == SIDECAR_B) && SAMPLE_ON.load(Ordering::Relaxed) {
+        if (tag == SIDECAR_A || tag == SIDECAR_B)
+            && SAMPLE_ON.load(Ordering::Relaxed)
+            && size as u64 >= SAMPLE_MIN_SIZE.load(Ordering::Relaxed)
+        {
             let due = UNTIL_SAMPLE.with(|n| {
                 let left = n.get();
                 n.set(if left == 0 { SAMPLE_EVERY.load(Ordering::Relaxed) - 1 } else { left - 1 });
@@ -80,7 +88,7 @@ impl Counting {
             if due {
                 SAMPLING.with(|s| s.set(true));
                 let bt = std::backtrace::Backtrace::force_capture();
-                SAMPLES.lock().unwrap_or_else(|e| e.into_inner()).push((tag, bt));
+                SAMPLES.lock().unwrap_or_else(|e| e.into_inner()).push((tag, size, bt));
                 SAMPLING.with(|s| s.set(false));
             }
         }
@@ -91,18 +99,18 @@ impl Counting {
 // when sampling, a backtrace taken with the re-entrancy flag set) are added.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        Self::count(&ALLOCS);
+        Self::count(&ALLOCS, layout.size());
         std::alloc::System.alloc(layout)
     }
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        Self::count(&ALLOCS);
+        Self::count(&ALLOCS, layout.size());
         std::alloc::System.alloc_zeroed(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         std::alloc::System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        Self::count(&REALLOCS);
+        Self::count(&REALLOCS, new_size);
         std::alloc::System.realloc(ptr, layout, new_size)
     }
 }
@@ -286,6 +294,7 @@ fn main() {
     let rounds = env("ALLOCS_ROUNDS", if quick { 1 } else { 2 }).max(1);
     let sites = std::env::var("ALLOCS_SITES").is_ok_and(|v| v == "1");
     SAMPLE_EVERY.store(env("ALLOCS_SAMPLE", 97).max(1), Ordering::Relaxed);
+    SAMPLE_MIN_SIZE.store(env("ALLOCS_MIN_SIZE", 0), Ordering::Relaxed);
 
     // The binary's default logging, written nowhere.
     let filter = tracing_subscriber::EnvFilter::new(std::env::var("ALLOCS_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()));
@@ -357,14 +366,19 @@ fn report_sites(n: u64) {
     for tag in [SIDECAR_A, SIDECAR_B] {
         let mut sites: BTreeMap<(String, String), u64> = BTreeMap::new();
         let mut total = 0u64;
-        for (t, bt) in &samples {
+        let large = SAMPLE_MIN_SIZE.load(Ordering::Relaxed) > 0;
+        for (t, size, bt) in &samples {
             if *t != tag {
                 continue;
             }
             total += 1;
             let frames = frames(&bt.to_string());
             let site: Vec<&str> = frames.iter().filter(|f| !is_plumbing(f)).take(2).map(|f| short(f)).collect();
-            let site = site.join(" ← ");
+            let mut site = site.join(" ← ");
+            // Only a few large allocations: their sizes say which buffer or future each is.
+            if large {
+                site = format!("{site} ({size} bytes)");
+            }
             let ours = frames
                 .iter()
                 .find(|f| f.starts_with("natsbridge::") || f.starts_with("<natsbridge::"))

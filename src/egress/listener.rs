@@ -41,7 +41,7 @@ use crate::egress::slots::{Slots, Stop};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
-type Connection = hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, Tracked, TokioExecutor>;
+type Connection<S> = hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, S, TokioExecutor>;
 
 /// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `drain_timeout` (from the config in force).
@@ -78,7 +78,8 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
         let slots = Slots::new(permit, connections.clone(), limits.max_connections, stop_rx.clone());
-        let service = Tracked { egress: egress.clone(), activity: activity.clone(), max_headers: limits.max_headers, slots: slots.clone() };
+        let tracked = Tracked { egress: egress.clone(), activity: activity.clone(), max_headers: limits.max_headers, slots: slots.clone() };
+        let service = hyper::service::service_fn(move |req| tracked.call(req));
         // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
         let conn = http.serve_connection_with_upgrades(io, service).into_owned();
         tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), slots));
@@ -152,7 +153,16 @@ async fn or_500_on_panic(handler: impl Future<Output = Response<Body>>) -> Respo
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
 /// holds the connection's `max_connections` place until then, unless a tunnel took the
 /// connection (and its place) over.
-async fn watch_connection(conn: Connection, activity: Arc<Activity>, mut stop: watch::Receiver<Stop>, limits: HttpLimits, slots: Slots) {
+async fn watch_connection<S>(
+    conn: Connection<S>,
+    activity: Arc<Activity>,
+    mut stop: watch::Receiver<Stop>,
+    limits: HttpLimits,
+    slots: Slots,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Guarded<EndOfResponse>>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
     tokio::pin!(conn);
     let mut draining = false;
     // The watchdog never needs waking: it sleeps at most the shorter of the two timeouts,
@@ -403,10 +413,11 @@ impl Drop for EndOfResponse {
 /// request whose head was ambiguous on the wire, and counts an HTTP/2 request's header
 /// fields (hyper counts HTTP/1's).
 ///
-/// It implements hyper's own trait, called by reference. Through tower's `BoxCloneService`
-/// and hyper-util's adapter, each request cloned the whole service (a box and six reference
-/// counts, then their drop) only to call it once. The response body is `Guarded` itself,
-/// not boxed again.
+/// Served through `service_fn`, so the request's future keeps its own (unnameable) type
+/// and hyper's HTTP/1 dispatcher holds it in the slot it allocates once per connection.
+/// As a `Service` impl it had to be boxed per request: a ~3.5 KB allocation, which glibc
+/// serves from its large bins after consolidating the fast ones (issue 14). Before that,
+/// tower's `BoxCloneService` also cloned the whole service per request.
 struct Tracked {
     egress: Arc<Egress>,
     activity: Arc<Activity>,
@@ -414,13 +425,11 @@ struct Tracked {
     slots: Slots,
 }
 
-impl hyper::service::Service<Request<Incoming>> for Tracked {
-    type Response = Response<Guarded<EndOfResponse>>;
-    type Error = Infallible;
-    // Boxed: an associated type cannot name an `async` block's type on stable Rust.
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+impl Tracked {
+    fn call(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<Guarded<EndOfResponse>>, Infallible>> + Send + 'static {
         // Only a request that can open a tunnel needs its connection's places: inserting
         // them in every request would allocate an extensions map per request.
         if req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE) {
@@ -430,7 +439,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
         let guard = EndOfResponse(self.activity.clone());
         let egress = self.egress.clone();
         let max_headers = self.max_headers;
-        Box::pin(async move {
+        async move {
             let res = match framing {
                 Some(why) => bad_framing(why),
                 None if req.headers().len() > max_headers => {
@@ -439,7 +448,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
                 None => serve_one(egress, req).await,
             };
             Ok::<_, Infallible>(res.map(move |body| Guarded { body, _guard: guard }))
-        })
+        }
     }
 }
 
