@@ -42,5 +42,10 @@ USER 65532:65532
 # 8443: the injector webhook (only in `inject` mode).
 EXPOSE 4280 9464 8443
 
+# mimalloc (the binary's allocator) keeps transparent huge pages off for the process: on a
+# node with THP "always", 2 MB pages would add several MB of RSS to every sidecar (the
+# build already skips mimalloc's own huge-page advice, `no_thp`; BENCHMARKS.md).
+ENV MIMALLOC_ALLOW_THP=0
+
 ENTRYPOINT ["/usr/local/bin/natsbridge"]
 CMD ["run", "--config", "/etc/natsbridge/routes.toml"]

@@ -27,3 +27,14 @@ def test_runtime_stage_is_non_root_with_natsbridge_entrypoint():
     for label in ["title", "description", "licenses", "version", "revision"]:
         assert f"org.opencontainers.image.{label}=" in runtime, label
     assert (REPO / ".dockerignore").read_text().count("target/") == 1
+
+
+def test_runtime_stage_keeps_mimallocs_huge_pages_off():
+    # The binary's allocator is mimalloc; with transparent huge pages an idle sidecar held
+    # ~7 MB more (BENCHMARKS.md, "Issue 14, evening of 2026-12-01"), and a node whose THP
+    # setting is "always" would give them even without mimalloc's advice.
+    runtime = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.M)[-1]
+    assert re.search(r"^ENV MIMALLOC_ALLOW_THP=0$", runtime, flags=re.M)
+    cargo = (REPO / "Cargo.toml").read_text()
+    assert re.search(r'^default = \["mimalloc"\]$', cargo, flags=re.M), "the image's setting is for mimalloc"
+    assert re.search(r'^mimalloc = \{.*features = \["v2", "no_thp"\]', cargo, flags=re.M)

@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command, DevArgs, LogArgs, LogFormat, PermissionsArgs, PermissionsFormat, ProvisionArgs, RunArgs};
 
-/// mimalloc instead of the system allocator (the opt-in `mimalloc` feature: less CPU,
-/// more RSS; BENCHMARKS.md has the measurement).
+/// mimalloc instead of the system allocator (the default `mimalloc` feature): glibc's
+/// malloc and free took ~18% of a sidecar's instructions per request, most allocations
+/// missing its per-thread cache (BENCHMARKS.md has the measurement).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
