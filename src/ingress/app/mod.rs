@@ -1,5 +1,7 @@
-//! The HTTP client to the local app: one pooled keep-alive client (TCP_NODELAY) shared by
-//! every inbound route, bounded by each route's timeout and body limit.
+//! The HTTP client to the local app, shared by every inbound route and bounded by each
+//! route's timeout and body limit.
+//!
+//! - `pool`: the keep-alive connections to the app.
 
 use std::time::Duration;
 
@@ -7,12 +9,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
-use crate::problem::error_chain;
 use crate::telemetry::Telemetry;
+
+mod pool;
 
 /// The app's answer, body buffered.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ pub enum AppError {
 /// The pooled client. Cheap to clone.
 #[derive(Clone)]
 pub struct AppClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    pool: pool::Pool,
     /// A call made under a message's span gets a client span of its own.
     telemetry: Telemetry,
     /// The `Host` of the app's authority, made once: see [`AppClient::host`].
@@ -53,13 +53,7 @@ impl Default for AppClient {
 
 impl AppClient {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        // Small request/response exchanges: Nagle would add up to 40 ms to each.
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(1024).build(connector);
-        Self { client, telemetry: Telemetry::off(), host: Default::default() }
+        Self { pool: pool::Pool::default(), telemetry: Telemetry::off(), host: Default::default() }
     }
 
     /// The client whose calls under a message's span are traced.
@@ -102,17 +96,16 @@ impl AppClient {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        let res = self.client.request(req).await.map_err(|e| AppError::Unreachable(error_chain(&e)));
+        let res = self.pool.send(req).await;
         span.end(res.as_ref().map(|r| r.status()).map_err(|e| e.to_string()));
         res
     }
 }
 
 impl AppClient {
-    /// `Host` for `uri`, exactly as hyper-util's client sets it on an HTTP/1 request that
-    /// has none (the host, and the port unless it is the scheme's default), but made once
-    /// per app authority and then shared: the client formatted it anew for every request
-    /// (two allocations).
+    /// `Host` for `uri`, as hyper-util's client set it on an HTTP/1 request that has none
+    /// (the host, and the port unless it is the scheme's default), made once per app
+    /// authority and then shared (formatting it costs two allocations).
     fn host(&self, uri: &Uri) -> Option<HeaderValue> {
         let authority = uri.authority()?;
         let mut cached = self.host.lock().unwrap_or_else(|e| e.into_inner());
