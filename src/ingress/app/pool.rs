@@ -62,6 +62,13 @@ struct Idle {
     sweeping: bool,
 }
 
+impl Idle {
+    /// Whether the pooled connections go to `host:port`.
+    fn goes_to(&self, host: &str, port: u16) -> bool {
+        self.origin.as_ref().is_some_and(|(h, p)| h == host && *p == port)
+    }
+}
+
 impl Pool {
     /// Sends `req` (absolute URI, `Host` set) on an idle connection to its origin, or on a
     /// new one; returns once the response head arrived. The body is the caller's to read;
@@ -97,7 +104,7 @@ impl Pool {
     /// The most recently used idle connection to `host:port` that can take a request.
     fn checkout(&self, host: &str, port: u16) -> Option<Sender> {
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if !idle.origin.as_ref().is_some_and(|(h, p)| h == host && *p == port) {
+        if !idle.goes_to(host, port) {
             // `app_url` moved: what is pooled goes to the old app.
             idle.conns.clear();
             idle.origin = Some((host.to_owned(), port));
@@ -124,7 +131,7 @@ impl Pool {
         let inner = Arc::downgrade(&self.inner);
         let (host, port) = (host.to_owned(), port);
         tokio::spawn(async move {
-            if std::future::poll_fn(|cx| conn.poll_ready(cx)).await.is_ok() {
+            if conn.ready().await.is_ok() {
                 if let Some(inner) = inner.upgrade() {
                     inner.checkin(conn, &host, port);
                 }
@@ -177,8 +184,7 @@ impl Pool {
 impl Inner {
     fn checkin(&self, conn: Sender, host: &str, port: u16) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let same = idle.origin.as_ref().is_some_and(|(h, p)| h == host && *p == port);
-        if same && idle.conns.len() < MAX_IDLE {
+        if idle.goes_to(host, port) && idle.conns.len() < MAX_IDLE {
             idle.conns.push_back((conn, Instant::now()));
         }
     }
