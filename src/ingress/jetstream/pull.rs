@@ -128,7 +128,8 @@ async fn run_batch(
                     let _ = msg.ack_with(AckKind::Nak(None)).await;
                     continue;
                 };
-                tokio::spawn(handle::handle(shared.clone(), js.clone(), msg, permit, abort.clone()));
+                // Boxed, as ingress::request does, so tokio moves a pointer, not the ~5 KB future.
+                tokio::spawn(Box::pin(handle::handle(shared.clone(), js.clone(), msg, permit, abort.clone())));
             }
             Some(Err(e)) => {
                 // 409 consumer deleted, 503 no responders (consumer gone), …
