@@ -128,7 +128,7 @@ async fn run_batch(
                     let _ = msg.ack_with(AckKind::Nak(None)).await;
                     continue;
                 };
-                // Boxed, as ingress::request does, so tokio moves a pointer, not the ~5 KB future.
+                // Boxed, as ingress::request does, so tokio moves a pointer, not the future (5 KB in a debug build).
                 tokio::spawn(Box::pin(handle::handle(shared.clone(), js.clone(), msg, permit, abort.clone())));
             }
             Some(Err(e)) => {
