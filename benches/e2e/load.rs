@@ -88,9 +88,13 @@ pub fn http_client() -> HttpClient {
         .build(connector)
 }
 
-/// POSTs `body` to `uri` on a fresh keep-alive client of at most [`MAX_CONNECTIONS`].
-pub fn http_op(uri: &str, host: Option<&'static str>, body: Bytes, want: StatusCode, want_len: Option<usize>) -> Op {
-    let (client, uri): (HttpClient, Uri) = (http_client(), uri.parse().unwrap());
+/// POSTs `body` to `uri` through `client`, at most [`MAX_CONNECTIONS`] requests at a time.
+///
+/// The paths into one process share one client, as one app shares one connection pool:
+/// with a client per path, the pools of the paths already run stayed open (idle, kept
+/// alive) and a sidecar's RSS counted up to 256 connections per path, not the load.
+pub fn http_op(client: &HttpClient, uri: &str, host: Option<&'static str>, body: Bytes, want: StatusCode, want_len: Option<usize>) -> Op {
+    let (client, uri): (HttpClient, Uri) = (client.clone(), uri.parse().unwrap());
     let pool = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Arc::new(move || {
         let pool = pool.clone();

@@ -302,12 +302,14 @@ async fn run(plan: Plan) -> i32 {
     two.extend(b.as_ref().map(|b| b.watched()));
     two.extend(base.clone());
     let (conc, js_conc) = (plan.concurrency, plan.js_concurrency);
-    let echo = |host| http_op(&format!("http://{}/echo", a.egress), host, body.clone(), StatusCode::OK, Some(BODY_LEN));
+    // One client per process the load goes into (see `http_op`).
+    let (to_app, to_a, to_min_a) = (http_client(), http_client(), http_client());
+    let echo = |host| http_op(&to_a, &format!("http://{}/echo", a.egress), host, body.clone(), StatusCode::OK, Some(BODY_LEN));
     let mut specs = vec![
         Spec {
             path: "a",
             label: "direct HTTP",
-            op: http_op(&format!("{app_url}/echo"), None, body.clone(), StatusCode::OK, Some(BODY_LEN)),
+            op: http_op(&to_app, &format!("{app_url}/echo"), None, body.clone(), StatusCode::OK, Some(BODY_LEN)),
             procs: base.clone(),
             sidecars: vec![],
             sweep: true,
@@ -351,18 +353,20 @@ async fn run(plan: Plan) -> i32 {
         specs.push(Spec {
             path: "c-min",
             label: "minimal forwarders (A→NATS→B→app)",
-            op: http_op(&uri, None, body.clone(), StatusCode::OK, Some(BODY_LEN)),
+            op: http_op(&to_min_a, &uri, None, body.clone(), StatusCode::OK, Some(BODY_LEN)),
             procs: [vec![ma.watched(), mb.watched()], base.clone()].concat(),
             sidecars: vec![],
             sweep: true,
             conc,
         });
     }
-    let events = |s: &SidecarProc| http_op(&format!("http://{}/events/1", s.egress), None, body.clone(), StatusCode::ACCEPTED, None);
+    let events = |s: &SidecarProc, client: &HttpClient| {
+        http_op(client, &format!("http://{}/events/1", s.egress), None, body.clone(), StatusCode::ACCEPTED, None)
+    };
     specs.push(Spec {
         path: "e",
         label: "sidecar JetStream publish → 202",
-        op: events(&a),
+        op: events(&a, &to_a),
         procs: [vec![a.watched()], base.clone()].concat(),
         sidecars: vec![],
         sweep: false,
@@ -373,7 +377,7 @@ async fn run(plan: Plan) -> i32 {
         specs.push(Spec {
             path: "e-min",
             label: "minimal forwarder JetStream publish → 202",
-            op: http_op(&uri, None, body.clone(), StatusCode::ACCEPTED, None),
+            op: http_op(&to_min_a, &uri, None, body.clone(), StatusCode::ACCEPTED, None),
             procs: [vec![ma.watched()], base.clone()].concat(),
             sidecars: vec![],
             sweep: false,
@@ -394,7 +398,7 @@ async fn run(plan: Plan) -> i32 {
         specs.push(Spec {
             path: "e-sync",
             label: "e, server sync_interval: always",
-            op: events(s),
+            op: events(s, &http_client()),
             procs: [vec![s.watched()], procs.clone()].concat(),
             sidecars: vec![],
             sweep: false,
@@ -522,10 +526,12 @@ fn write_results(
          Every phase ran {} times, in rounds that visit every path in turn: {:.1} s per 1k-rps run, {:.1} s per sweep-step run \
          (rates {:?}), {:.1} s per fixed-concurrency run. Sidecar `worker_threads`: {}. Each figure is the median over the runs, \
          with min–max in brackets; a figure from a phase with errors is \"not measured\".\n\n\
-         1 KiB request bodies (and 1 KiB echoed replies on a–d), keep-alive connections, warm-up before the rounds. Latency in ms; \
+         1 KiB request bodies (and 1 KiB echoed replies on a–d), keep-alive connections (one pool of at most {MAX_CONNECTIONS} per process \
+         the load goes into, shared by its paths, as one app's), warm-up before the rounds. Latency in ms; \
          fixed-rate rows are measured from each request's intended send time (coordinated-omission corrected), concurrency rows from \
          the actual send. CPU is utime+stime from /proc per process (the bench process holds the load generator, the app and the raw \
-         baselines' clients), RSS is the maximum VmRSS sampled every 100 ms. {text_order}\n\n",
+         baselines' clients), RSS is the maximum VmRSS sampled every 100 ms, with the most file descriptors open at once (mostly \
+         connections) beside it. {text_order}\n\n",
         m("nproc"),
         m("cpu"),
         m("memory_gib"),

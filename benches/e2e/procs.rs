@@ -233,6 +233,12 @@ pub fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Open file descriptors: mostly connections, whose buffers are most of a sidecar's RSS
+/// under load.
+pub fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0)
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct ProcUsage {
     pub name: String,
@@ -241,6 +247,8 @@ pub struct ProcUsage {
     pub vcpu: f64,
     pub cpu_seconds_per_10k: f64,
     pub rss_mb_max: f64,
+    /// The most descriptors open at once during the phase.
+    pub open_fds_max: u64,
 }
 
 /// Samples RSS while a phase runs and reads CPU time around it.
@@ -249,6 +257,7 @@ pub struct Meter {
     start_ticks: Vec<u64>,
     started: Instant,
     max_rss: Arc<Vec<AtomicU64>>,
+    max_fds: Arc<Vec<AtomicU64>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -257,17 +266,19 @@ impl Meter {
         let procs = procs.to_vec();
         let start_ticks = procs.iter().map(|p| cpu_ticks(p.pid)).collect();
         let max_rss: Arc<Vec<AtomicU64>> = Arc::new(procs.iter().map(|p| AtomicU64::new(rss_kb(p.pid))).collect());
+        let max_fds: Arc<Vec<AtomicU64>> = Arc::new(procs.iter().map(|p| AtomicU64::new(open_fds(p.pid))).collect());
         let stop = tokio_util::sync::CancellationToken::new();
-        let (pids, m, s) = (procs.iter().map(|p| p.pid).collect::<Vec<_>>(), max_rss.clone(), stop.clone());
+        let (pids, m, f, s) = (procs.iter().map(|p| p.pid).collect::<Vec<_>>(), max_rss.clone(), max_fds.clone(), stop.clone());
         tokio::spawn(async move {
             while !s.is_cancelled() {
                 for (i, pid) in pids.iter().enumerate() {
                     m[i].fetch_max(rss_kb(*pid), Ordering::Relaxed);
+                    f[i].fetch_max(open_fds(*pid), Ordering::Relaxed);
                 }
                 tokio::select! { _ = s.cancelled() => {}, _ = tokio::time::sleep(Duration::from_millis(100)) => {} }
             }
         });
-        Self { procs, start_ticks, started: Instant::now(), max_rss, stop }
+        Self { procs, start_ticks, started: Instant::now(), max_rss, max_fds, stop }
     }
 
     pub fn finish(self, requests: u64, tck: f64) -> Vec<ProcUsage> {
@@ -285,6 +296,7 @@ impl Meter {
                     vcpu: cpu / wall,
                     cpu_seconds_per_10k: if requests > 0 { cpu * 10_000.0 / requests as f64 } else { 0.0 },
                     rss_mb_max: rss as f64 / 1024.0,
+                    open_fds_max: self.max_fds[i].load(Ordering::Relaxed).max(open_fds(p.pid)),
                 }
             })
             .collect()

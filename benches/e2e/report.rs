@@ -220,10 +220,11 @@ pub fn goals(phases: &[Phase], micro: &BTreeMap<String, f64>, conc: &str, js_con
         }
     }
     for name in ["sidecar-a", "sidecar-b"] {
-        let rss = phases.iter().filter(|p| p.path == "c").filter_map(|p| p.procs.iter().find(|u| u.name == name)).map(|u| u.rss_mb_max);
+        let us = || phases.iter().filter(|p| p.path == "c").filter_map(|p| p.procs.iter().find(|u| u.name == name));
         let goal = format!("{name} RSS ≤ 20 MB on path c, every load");
-        g.push(match spread(rss.collect()) {
-            Some(s) => Goal { goal, measured: format!("max {:.1} MB", s.max), met: Some(s.max <= 20.0) },
+        let fds = us().map(|u| u.open_fds_max).max().unwrap_or(0);
+        g.push(match spread(us().map(|u| u.rss_mb_max).collect()) {
+            Some(s) => Goal { goal, measured: format!("max {:.1} MB (at most {fds} fds open)", s.max), met: Some(s.max <= 20.0) },
             None => Goal { goal, measured: NOT_MEASURED.into(), met: None },
         });
     }
@@ -267,7 +268,7 @@ pub fn goals(phases: &[Phase], micro: &BTreeMap<String, f64>, conc: &str, js_con
 pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap<String, f64>, idle: &BTreeMap<String, f64>) -> String {
     let gs = groups(phases);
     let mut s = String::from(header);
-    s += "| path | load | runs | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | sidecar CPU s / 10k req | sidecar vCPU | sidecar RSS MB (max) | CPU s / 10k: nats-server · bench |\n";
+    s += "| path | load | runs | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | sidecar CPU s / 10k req | sidecar vCPU | sidecar RSS MB (max; most fds open) | CPU s / 10k: nats-server · bench |\n";
     s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n";
     for g in &gs {
         let sidecars: Vec<&str> = g.runs[0].procs.iter().map(|u| u.name.as_str()).filter(|n| n.starts_with("sidecar")).collect();
@@ -287,8 +288,9 @@ pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap
                 .unwrap_or("–".into())
         };
         let rss = |n: &str| {
-            let v = g.runs.iter().filter_map(|p| p.procs.iter().find(|u| u.name == n)).map(|u| u.rss_mb_max).fold(0.0, f64::max);
-            format!("{v:.1}")
+            let us = || g.runs.iter().filter_map(|p| p.procs.iter().find(|u| u.name == n));
+            let (v, fds) = (us().map(|u| u.rss_mb_max).fold(0.0, f64::max), us().map(|u| u.open_fds_max).max().unwrap_or(0));
+            format!("{v:.1} ({fds})")
         };
         s += &format!(
             "| {} {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} · {} |\n",
