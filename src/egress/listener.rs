@@ -25,6 +25,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,7 +83,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let service = hyper::service::service_fn(move |req| tracked.call(req));
         // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
         let conn = http.serve_connection_with_upgrades(io, service).into_owned();
-        tokio::spawn(watch_connection(conn, activity, stop_rx.clone(), limits.clone(), slots));
+        tokio::spawn(watch_connection(Box::pin(conn), activity, stop_rx.clone(), limits.clone(), slots));
     }
     drop(listener);
     let _ = stop_tx.send(Stop::Drain);
@@ -143,18 +144,25 @@ async fn serve_one(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body
 
 /// The handler's response, or a 500 problem if it panicked: a bug in one request's handling
 /// must cost that request, not the connection or the other requests on it.
-async fn or_500_on_panic(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
+///
+/// A plain function, not an `async fn`: an async fn keeps its argument (here the handler's
+/// whole future) in its state beside the future it awaits, so the slot hyper keeps per
+/// connection for the request in flight held the handler twice (issue 14).
+fn or_500_on_panic(handler: impl Future<Output = Response<Body>>) -> impl Future<Output = Response<Body>> {
     use futures::FutureExt as _;
     // Unwind safety: a panic drops the handler's future and everything it borrowed; the
     // shared state it leaves (metrics, the table) is only ever updated atomically.
-    std::panic::AssertUnwindSafe(handler).catch_unwind().await.unwrap_or_else(panic_response)
+    std::panic::AssertUnwindSafe(handler).catch_unwind().map(|r| r.unwrap_or_else(panic_response))
 }
 
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
 /// holds the connection's `max_connections` place until then, unless a tunnel took the
 /// connection (and its place) over.
+///
+/// The connection comes boxed: pinned in place here (`tokio::pin!`), it was held twice in
+/// this task, once as the argument and once as the pinned local (issue 14).
 async fn watch_connection<S>(
-    conn: Connection<S>,
+    mut conn: Pin<Box<Connection<S>>>,
     activity: Arc<Activity>,
     mut stop: watch::Receiver<Stop>,
     limits: HttpLimits,
@@ -163,7 +171,6 @@ async fn watch_connection<S>(
     S: hyper::service::Service<Request<Incoming>, Response = Response<Guarded<EndOfResponse>>, Error = Infallible>,
     S::Future: Send + 'static,
 {
-    tokio::pin!(conn);
     let mut draining = false;
     // The watchdog never needs waking: it sleeps at most the shorter of the two timeouts,
     // so whatever starts after it went to sleep (a head, an idle spell, a stall) cannot
