@@ -1,6 +1,6 @@
 //! The egress listener: accepts connections under `max_connections`, serves HTTP/1.1 and
-//! HTTP/2 with prior knowledge (h2c, told apart by the connection preface) on them through
-//! one service per connection ([`Tracked`]), and guards the edge. Knows nothing of routes:
+//! HTTP/2 with prior knowledge (h2c, told apart by the connection preface: [`super::version`])
+//! on them through one service per connection ([`Tracked`]), and guards the edge. Knows nothing of routes:
 //! each request goes to [`Egress::handle`].
 //!
 //! Edge limits (`[sidecar]`), enforced per connection by a watchdog (see [`Activity`]):
@@ -32,17 +32,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::HttpLimits;
 use crate::egress::framing::Guard;
 use crate::egress::slots::{Slots, Stop};
+use crate::egress::version::{self, Builders, Conn, Replay};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
-
-type Connection<S> = hyper_util::server::conn::auto::UpgradeableConnection<'static, TokioIo<TrackedIo>, S, TokioExecutor>;
 
 /// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `drain_timeout` (from the config in force).
@@ -56,7 +54,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
     }
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(Stop::Serve);
-    let http = builder(&limits);
+    let http = Arc::new(Builders::new(&limits));
 
     tokio::pin!(shutdown);
     loop {
@@ -77,13 +75,27 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
         let slots = Slots::new(permit, connections.clone(), limits.max_connections, stop_rx.clone());
         let tracked = Tracked { egress: egress.clone(), activity: activity.clone(), max_headers: limits.max_headers, slots: slots.clone() };
-        let service = hyper::service::service_fn(move |req| tracked.call(req));
-        // Upgrades: CONNECT tunnels and WebSocket hand the connection over after the head.
-        let conn = http.serve_connection_with_upgrades(io, service).into_owned();
-        tokio::spawn(watch_connection(Box::pin(conn), activity, stop_rx.clone(), limits.clone(), slots));
+        let (http, mut stop, limits) = (http.clone(), stop_rx.clone(), limits.clone());
+        tokio::spawn(async move {
+            let mut stream = stream;
+            // The first bytes, under the same bounds as a head: a peer that sends nothing
+            // is closed as the watchdog would close it, and so is one still silent at the stop.
+            let sniffed = tokio::select! {
+                biased;
+                v = version::sniff(&mut stream) => v,
+                _ = tokio::time::sleep(limits.header_read_timeout) => None,
+                _ = stop.changed() => None,
+            };
+            let Some((v, replay)) = sniffed else {
+                slots.release_own();
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| tracked.call(req));
+            let io = TrackedIo { inner: stream, activity: activity.clone(), replay };
+            watch_connection(http.serve(v, io, service), activity, stop, limits, slots).await;
+        });
     }
     drop(listener);
     let _ = stop_tx.send(Stop::Drain);
@@ -112,23 +124,6 @@ async fn accept(listener: &TcpListener) -> Option<TcpStream> {
 }
 
 /// HTTP/1.1, or HTTP/2 when the connection opens with its preface (h2c, prior knowledge).
-fn builder(limits: &HttpLimits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        // Ours (the watchdog) instead: hyper's runs while a keep-alive connection idles,
-        // which would cut every idle connection at the header timeout.
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    http.http2()
-        .timer(TokioTimer::new())
-        // Advertised in SETTINGS; a larger header block is answered 431 by h2 itself.
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    http
-}
-
 /// One request past the connection's checks: refused when its framing is ambiguous, else
 /// handled, a panicking handler answering 500 instead of killing the connection.
 ///
@@ -158,11 +153,8 @@ fn or_500_on_panic(handler: impl Future<Output = Response<Body>>) -> impl Future
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
 /// holds the connection's `max_connections` place until then, unless a tunnel took the
 /// connection (and its place) over.
-///
-/// The connection comes boxed: pinned in place here (`tokio::pin!`), it was held twice in
-/// this task, once as the argument and once as the pinned local (issue 14).
 async fn watch_connection<S>(
-    mut conn: Pin<Box<Connection<S>>>,
+    mut conn: Conn<TrackedIo, S>,
     activity: Arc<Activity>,
     mut stop: watch::Receiver<Stop>,
     limits: HttpLimits,
@@ -183,7 +175,7 @@ async fn watch_connection<S>(
         tokio::select! {
             // The connection first: it is what wakes this task, request after request.
             biased;
-            r = conn.as_mut() => {
+            r = &mut conn => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "egress connection ended with an error");
                 }
@@ -195,7 +187,7 @@ async fn watch_connection<S>(
                 }
                 if !draining {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                 }
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
@@ -203,7 +195,7 @@ async fn watch_connection<S>(
                     Some(Expired::Idle) => {
                         // Nothing in flight: hyper closes at once.
                         draining = true;
-                        conn.as_mut().graceful_shutdown();
+                        conn.graceful_shutdown();
                     }
                     Some(why) => {
                         tracing::debug!(?why, "egress connection timed out; closing");
@@ -344,10 +336,12 @@ impl Activity {
     }
 }
 
-/// Marks the connection's activity on every read and write.
+/// Marks the connection's activity on every read and write; replays the bytes read to
+/// tell the version first.
 struct TrackedIo {
     inner: tokio::net::TcpStream,
     activity: Arc<Activity>,
+    replay: Replay,
 }
 
 impl tokio::io::AsyncRead for TrackedIo {
@@ -356,10 +350,20 @@ impl tokio::io::AsyncRead for TrackedIo {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = r {
+        let r = match this.replay.take_into(buf) {
+            0 => Pin::new(&mut this.inner).poll_read(cx, buf),
+            // The replayed bytes and what follows them in one read (see `version`). They
+            // are the caller's now, whatever the socket says: an error or the end comes
+            // again on the next read.
+            _ if buf.remaining() > 0 => match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) | Poll::Pending | Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
+            },
+            _ => Poll::Ready(Ok(())),
+        };
+        if let Poll::Ready(Ok(())) = r {
             this.activity.read(&buf.filled()[before..]);
         }
         r

@@ -2,7 +2,8 @@
 //! (proxy) form, carried over NATS by their route's mode or proxied as plain HTTP.
 //!
 //! - [`listener`]: the accept loop, connection limits, the idle/slowloris watchdog and the
-//!   per-connection edge state; knows nothing of routes.
+//!   per-connection edge state; knows nothing of routes. [`version`]: HTTP/1.1 or HTTP/2
+//!   told apart by the preface, and hyper's builder for each.
 //! - [`framing`]: the raw-head framing guard, which follows a connection's requests on the
 //!   wire (pipelined ones included) and judges each head's framing; pure.
 //! - [`routes`]: the route table, and the table in force with its per-route metrics.
@@ -37,6 +38,7 @@ mod slots;
 pub(crate) mod stream;
 mod subscribe;
 mod tee;
+mod version;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
