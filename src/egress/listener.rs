@@ -38,7 +38,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::HttpLimits;
 use crate::egress::framing::Guard;
 use crate::egress::slots::{Slots, Stop};
-use crate::egress::version::{self, Builders, Conn, Replay};
+use crate::egress::version::{self, Builders, Conn, Replay, Served};
 use crate::egress::{full, Body, BoxError, Egress};
 use crate::problem::BridgeError;
 
@@ -153,16 +153,13 @@ fn or_500_on_panic(handler: impl Future<Output = Response<Body>>) -> impl Future
 /// Drives one connection until it ends, the listener stops, or its watchdog expires;
 /// holds the connection's `max_connections` place until then, unless a tunnel took the
 /// connection (and its place) over.
-async fn watch_connection<S>(
+async fn watch_connection<S: Served>(
     mut conn: Conn<TrackedIo, S>,
     activity: Arc<Activity>,
     mut stop: watch::Receiver<Stop>,
     limits: HttpLimits,
     slots: Slots,
-) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Guarded<EndOfResponse>>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
+) {
     let mut draining = false;
     // The watchdog never needs waking: it sleeps at most the shorter of the two timeouts,
     // so whatever starts after it went to sleep (a head, an idle spell, a stall) cannot

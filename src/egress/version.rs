@@ -12,11 +12,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::HttpLimits;
@@ -75,6 +76,21 @@ pub(super) async fn sniff(stream: &mut TcpStream) -> Option<(Version, Replay)> {
     }
 }
 
+/// The I/O either version's connection can be served over.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A service either version can serve: what hyper's two builders ask of it (HTTP/2 runs
+/// each request's future as a task of its own, hence `Send + 'static`), named once.
+pub(super) trait Served:
+    HttpService<Incoming, Future: Send + 'static, ResBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static>
+{
+}
+impl<S> Served for S where
+    S: HttpService<Incoming, Future: Send + 'static, ResBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static>
+{
+}
+
 /// hyper's builders, configured once from the listener's limits.
 pub(super) struct Builders {
     h1: http1::Builder,
@@ -97,16 +113,7 @@ impl Builders {
 
     /// Serves `io` as `version`; HTTP/1 with upgrades (CONNECT tunnels and WebSocket take
     /// the connection over after the head).
-    pub(super) fn serve<I, S, B>(&self, version: Version, io: I, service: S) -> Conn<I, S>
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    pub(super) fn serve<I: Io, S: Served>(&self, version: Version, io: I, service: S) -> Conn<I, S> {
         let io = TokioIo::new(io);
         match version {
             Version::Http1 => Conn::Http1(Box::pin(self.h1.serve_connection(io, service).with_upgrades())),
@@ -117,24 +124,12 @@ impl Builders {
 
 /// One served connection, of either version. Each is boxed: the watchdog's task then
 /// holds a pointer, and the enum is `Unpin` without projecting pins.
-pub(super) enum Conn<I, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-{
+pub(super) enum Conn<I, S: Served> {
     Http1(Pin<Box<http1::UpgradeableConnection<TokioIo<I>, S>>>),
     Http2(Pin<Box<http2::Connection<TokioIo<I>, S, TokioExecutor>>>),
 }
 
-impl<I, S, B> Conn<I, S>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<I: Io, S: Served> Conn<I, S> {
     /// Stops taking requests: HTTP/1 closes once the one in flight is answered, HTTP/2
     /// sends GOAWAY and lets its open streams finish.
     pub(super) fn graceful_shutdown(&mut self) {
@@ -145,16 +140,7 @@ where
     }
 }
 
-impl<I, S, B> Future for Conn<I, S>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<I: Io, S: Served> Future for Conn<I, S> {
     type Output = Result<(), hyper::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
