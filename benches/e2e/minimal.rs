@@ -138,12 +138,20 @@ pub struct MinProc {
 impl MinProc {
     /// Starts it and waits for its first line (the address, or `ready` once subscribed).
     pub fn start(name: &'static str, args: &[&str]) -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("the bench's own binary"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a minimal forwarder");
+        // BENCH_WRAP_MINIMAL="valgrind --tool=callgrind" (say) runs it under that, as
+        // BENCH_WRAP_SIDECAR does the sidecars, so the two can be profiled alike.
+        let exe = std::env::current_exe().expect("the bench's own binary");
+        let wrap: Vec<String> =
+            std::env::var("BENCH_WRAP_MINIMAL").map(|w| w.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start a minimal forwarder");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("its first line");
         let addr = line.trim().parse().ok();
@@ -158,7 +166,6 @@ impl MinProc {
 
 impl Drop for MinProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::procs::terminate(&mut self.child, std::env::var("BENCH_WRAP_MINIMAL").is_ok());
     }
 }

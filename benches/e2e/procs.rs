@@ -187,18 +187,23 @@ impl Drop for SidecarProc {
     /// SIGTERM (a clean drain, and a profiler wrapper gets to write its output), then
     /// SIGKILL if it lingers.
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let patience = if std::env::var("BENCH_WRAP_SIDECAR").is_ok() { 120 } else { 5 };
-        let deadline = Instant::now() + Duration::from_secs(patience);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child, std::env::var("BENCH_WRAP_SIDECAR").is_ok());
     }
+}
+
+/// SIGTERM, then SIGKILL if the child lingers: longer when it runs under a profiler,
+/// which writes its output at exit.
+pub fn terminate(child: &mut Child, wrapped: bool) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(if wrapped { 120 } else { 5 });
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A process whose CPU time and RSS each phase reports.
