@@ -222,7 +222,7 @@ impl Egress {
     async fn request(&self, call: Call<'_>) -> Result<Response<Body>, BridgeError> {
         let Call { route, subject, parts: http::request::Parts { headers, extensions, .. }, body } = call;
         let head_read = extensions.get::<HeadRead>().map(|h| h.0);
-        self.nats_request(route, subject, nats_headers(route, headers), body, head_read).await
+        self.nats_request(route, subject, nats_headers(route, headers), headers, body, head_read).await
     }
 
     /// `tunnel` mode: a NATS request carrying the whole HTTP request (method, path, query).
@@ -231,22 +231,26 @@ impl Egress {
         let headers = codec::tunnel_request_headers(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers);
         let headers = codec::strip_nats_control(headers, |n| route.allow_nats_headers.allows(n));
         let head_read = parts.extensions.get::<HeadRead>().map(|h| h.0);
-        self.nats_request(route, subject, headers, body, head_read).await
+        self.nats_request(route, subject, headers, &parts.headers, body, head_read).await
     }
 
+    /// `http` is the request's own headers: whether it runs async and its request id are
+    /// read there, where a lookup costs less than in the NATS map (issue 14).
     async fn nats_request(
         &self,
         route: &Outbound,
         subject: String,
         headers: async_nats::HeaderMap,
+        http: &http::HeaderMap,
         body: Bytes,
         head_read: Option<Instant>,
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
-        if super::operations::wants_async(route, &headers) {
+        if super::operations::wants_async(route, http) {
             return Box::pin(self.start_async(route, subject, headers, body)).await;
         }
-        let rid = headers.get(codec::REQUEST_ID).map(|v| v.as_str().to_owned());
+        // As the NATS headers carry it: UTF-8, not only visible ASCII.
+        let rid = http.get(REQUEST_ID).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()).map(str::to_owned);
         self.request_reply(route, subject, headers, body, rid, head_read).await
     }
 
