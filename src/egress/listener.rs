@@ -68,7 +68,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
             _ = &mut shutdown => break,
             s = accept(&listener) => s,
         };
-        let Some(stream) = stream else { continue };
+        let Some(mut stream) = stream else { continue };
         let permit = tokio::select! {
             _ = &mut shutdown => break,
             p = connections.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -79,7 +79,6 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let tracked = Tracked { egress: egress.clone(), activity: activity.clone(), max_headers: limits.max_headers, slots: slots.clone() };
         let (http, mut stop, limits) = (http.clone(), stop_rx.clone(), limits.clone());
         tokio::spawn(async move {
-            let mut stream = stream;
             // The first bytes, under the same bounds as a head: a peer that sends nothing
             // is closed as the watchdog would close it, and so is one still silent at the stop.
             let sniffed = tokio::select! {
@@ -353,11 +352,12 @@ impl tokio::io::AsyncRead for TrackedIo {
         let r = match this.replay.take_into(buf) {
             0 => Pin::new(&mut this.inner).poll_read(cx, buf),
             // The replayed bytes and what follows them in one read (see `version`). They
-            // are the caller's now, whatever the socket says: an error or the end comes
-            // again on the next read.
-            _ if buf.remaining() > 0 => match Pin::new(&mut this.inner).poll_read(cx, buf) {
-                Poll::Ready(Ok(())) | Poll::Pending | Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
-            },
+            // are the caller's now, whatever the socket says: nothing ready is no news, and
+            // an error or the end shows on the next read (after an error, as the end).
+            _ if buf.remaining() > 0 => {
+                let _ = Pin::new(&mut this.inner).poll_read(cx, buf);
+                Poll::Ready(Ok(()))
+            }
             _ => Poll::Ready(Ok(())),
         };
         if let Poll::Ready(Ok(())) = r {
