@@ -10,7 +10,7 @@ use http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 
 use crate::load::{App, Phase, Recorder};
-use crate::procs::{HttpClient, ProcUsage};
+use crate::procs::{HttpClient, Usage};
 
 pub async fn create_streams(js: &async_nats::jetstream::Context) {
     use async_nats::jetstream::stream::{Config, StorageType};
@@ -115,20 +115,12 @@ pub async fn raw_consumer(
 }
 
 /// A drain's phase: throughput from the app's first call to the last ack.
-pub fn drain_phase(
-    path: &str,
-    label: &str,
-    app: &App,
-    n: usize,
-    conc: usize,
-    drained: Result<Instant, String>,
-    procs: Vec<ProcUsage>,
-) -> Phase {
+pub fn drain_phase(path: &str, label: &str, app: &App, n: usize, conc: usize, drained: Result<Instant, String>, usage: Usage) -> Phase {
     let rec = Recorder::new();
     let first = *app.first_ingest.lock().unwrap();
     let mut p = Phase::from(path, label, "drain", &rec, 0.0, 0);
     p.concurrency = Some(conc);
-    p.procs = procs;
+    p.set_usage(usage);
     match (drained, first) {
         (Ok(end), Some(first)) => {
             p.seconds = end.saturating_duration_since(first).as_secs_f64();

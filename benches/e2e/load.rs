@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::procs::{HttpClient, ProcUsage};
+use crate::procs::{HttpClient, ProcUsage, Usage};
 use crate::{BODY_LEN, MAX_CONNECTIONS, MAX_OUTSTANDING};
 
 pub type OpFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -211,6 +211,8 @@ pub struct Phase {
     pub run: usize,
     /// Each sidecar's own time per request in this phase (`/debug/own-time`), by name.
     pub own_time: BTreeMap<String, serde_json::Value>,
+    /// The share of the host's CPU time stolen by the hypervisor during the phase (%).
+    pub host_steal_pct: Option<f64>,
 }
 
 impl Phase {
@@ -239,7 +241,16 @@ impl Phase {
             saturated: false,
             run: 0,
             own_time: BTreeMap::new(),
+            host_steal_pct: None,
         }
+    }
+}
+
+impl Phase {
+    /// Takes in what the phase cost, as its meter measured it.
+    pub fn set_usage(&mut self, u: Usage) {
+        self.procs = u.procs;
+        self.host_steal_pct = u.host_steal_pct;
     }
 }
 

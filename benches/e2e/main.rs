@@ -144,7 +144,7 @@ impl Bench {
         let mut p = Phase::from(spec.path, spec.label, "rate", &rec, secs, dropped);
         p.target_rps = Some(rate);
         p.run = run;
-        p.procs = m.finish(p.requests, self.tck);
+        p.set_usage(m.finish(p.requests, self.tck));
         for s in &spec.sidecars {
             if let Some(v) = s.own_time(&self.client).await {
                 p.own_time.insert(s.name.to_owned(), v);
@@ -162,7 +162,7 @@ impl Bench {
         let mut p = Phase::from(spec.path, spec.label, "concurrency", &rec, secs, 0);
         p.concurrency = Some(spec.conc);
         p.run = run;
-        p.procs = m.finish(p.requests, self.tck);
+        p.set_usage(m.finish(p.requests, self.tck));
         for s in &spec.sidecars {
             if let Some(v) = s.own_time(&self.client).await {
                 p.own_time.insert(s.name.to_owned(), v);
@@ -531,7 +531,8 @@ fn write_results(
          fixed-rate rows are measured from each request's intended send time (coordinated-omission corrected), concurrency rows from \
          the actual send. CPU is utime+stime from /proc per process (the bench process holds the load generator, the app and the raw \
          baselines' clients), RSS is the maximum VmRSS sampled every 100 ms, with the most file descriptors open at once (mostly \
-         connections) beside it. {text_order}\n\n",
+         connections) beside it. Host CPU stolen is the hypervisor's share of this VM's CPU time during the phase (/proc/stat). \
+         {text_order}\n\n",
         m("nproc"),
         m("cpu"),
         m("memory_gib"),

@@ -256,10 +256,30 @@ pub struct ProcUsage {
     pub open_fds_max: u64,
 }
 
+/// The host's CPU time (all CPUs, clock ticks) from `/proc/stat`: stolen by the
+/// hypervisor, and in all. `None` where there is no such file.
+fn host_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    let total = f.iter().take(8).sum();
+    Some((*f.get(7)?, total))
+}
+
+/// What a phase cost: each watched process's CPU and memory, and the share of the host's
+/// CPU time the hypervisor took for other guests meanwhile. Stolen time slows every
+/// process alike, baselines included, and makes wake-up latency jump: a phase with a
+/// lot of it measures the host more than the code (issue 14, BENCHMARKS.md).
+pub struct Usage {
+    pub procs: Vec<ProcUsage>,
+    pub host_steal_pct: Option<f64>,
+}
+
 /// Samples RSS while a phase runs and reads CPU time around it.
 pub struct Meter {
     procs: Vec<Watched>,
     start_ticks: Vec<u64>,
+    start_host: Option<(u64, u64)>,
     started: Instant,
     max_rss: Arc<Vec<AtomicU64>>,
     max_fds: Arc<Vec<AtomicU64>>,
@@ -283,13 +303,18 @@ impl Meter {
                 tokio::select! { _ = s.cancelled() => {}, _ = tokio::time::sleep(Duration::from_millis(100)) => {} }
             }
         });
-        Self { procs, start_ticks, started: Instant::now(), max_rss, max_fds, stop }
+        Self { procs, start_ticks, start_host: host_ticks(), started: Instant::now(), max_rss, max_fds, stop }
     }
 
-    pub fn finish(self, requests: u64, tck: f64) -> Vec<ProcUsage> {
+    pub fn finish(self, requests: u64, tck: f64) -> Usage {
         self.stop.cancel();
         let wall = self.started.elapsed().as_secs_f64();
-        self.procs
+        let host_steal_pct = match (self.start_host, host_ticks()) {
+            (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => Some(100.0 * s1.saturating_sub(s0) as f64 / (t1 - t0) as f64),
+            _ => None,
+        };
+        let procs = self
+            .procs
             .iter()
             .enumerate()
             .map(|(i, p)| {
@@ -304,6 +329,7 @@ impl Meter {
                     open_fds_max: self.max_fds[i].load(Ordering::Relaxed).max(open_fds(p.pid)),
                 }
             })
-            .collect()
+            .collect();
+        Usage { procs, host_steal_pct }
     }
 }

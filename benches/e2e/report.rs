@@ -268,8 +268,8 @@ pub fn goals(phases: &[Phase], micro: &BTreeMap<String, f64>, conc: &str, js_con
 pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap<String, f64>, idle: &BTreeMap<String, f64>) -> String {
     let gs = groups(phases);
     let mut s = String::from(header);
-    s += "| path | load | runs | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | sidecar CPU s / 10k req | sidecar vCPU | sidecar RSS MB (max; most fds open) | CPU s / 10k: nats-server · bench |\n";
-    s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n";
+    s += "| path | load | runs | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | sidecar CPU s / 10k req | sidecar vCPU | sidecar RSS MB (max; most fds open) | CPU s / 10k: nats-server · bench | host CPU stolen % |\n";
+    s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|\n";
     for g in &gs {
         let sidecars: Vec<&str> = g.runs[0].procs.iter().map(|u| u.name.as_str()).filter(|n| n.starts_with("sidecar")).collect();
         let per = |f: &dyn Fn(&str) -> String| {
@@ -293,7 +293,7 @@ pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap
             format!("{v:.1} ({fds})")
         };
         s += &format!(
-            "| {} {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} · {} |\n",
+            "| {} {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} · {} | {} |\n",
             g.path,
             g.label,
             g.load,
@@ -311,8 +311,10 @@ pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap
             per(&rss),
             other("nats-server"),
             other("bench"),
+            cell(g.figure(|p| p.host_steal_pct)),
         );
     }
+    s += &stolen(phases);
     if !idle.is_empty() {
         s += "\nIdle RSS (ready, before any load): ";
         s += &idle.iter().map(|(k, v)| format!("{k} {v:.1} MB")).collect::<Vec<_>>().join(", ");
@@ -338,6 +340,31 @@ pub fn markdown(header: &str, phases: &[Phase], goals: &[Goal], micro: &BTreeMap
     }
     s
 }
+
+/// Phases during which the hypervisor took more than [`STOLEN_MUCH`] of the host's CPU time.
+/// Every process slows alike then, baselines too, and wake-ups wait for a CPU: latency
+/// and throughput measure the host as much as the code, so the report says which.
+fn stolen(phases: &[Phase]) -> String {
+    let much: Vec<String> = phases
+        .iter()
+        .filter(|p| p.host_steal_pct.is_some_and(|v| v > STOLEN_MUCH))
+        .map(|p| format!("{} {} run {} ({:.0}%)", p.path, load_name(p), p.run, p.host_steal_pct.unwrap_or_default()))
+        .collect();
+    if much.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n**Host CPU stolen.** In {} of {} phases the hypervisor took more than {STOLEN_MUCH:.0}% of this VM's CPU time \
+         (`/proc/stat`, steal): {}. Figures of those phases, and differences paired with them, measure the host as much \
+         as the code.\n",
+        much.len(),
+        phases.len(),
+        much.join(", ")
+    )
+}
+
+/// More stolen CPU time than this (%) is called out.
+const STOLEN_MUCH: f64 = 5.0;
 
 /// Added latency, paired by run.
 fn differences(gs: &[Group<'_>]) -> String {

@@ -198,7 +198,7 @@ pub async fn path_g(bench: &mut Bench, a: &SidecarProc, nc: &async_nats::Client,
             p.target_rps = Some(streams as f64 * per_sec as f64);
             p.concurrency = Some(streams);
             p.run = run;
-            p.procs = m.finish(p.requests, bench.tck);
+            p.set_usage(m.finish(p.requests, bench.tck));
             bench.push(p);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
