@@ -41,6 +41,10 @@ async fn publish_until_acked(js: &jetstream::Context, id: &str, poison: bool) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
+    // The sidecars' warnings (store, ack and reconnect failures around the restart), so a
+    // failure in CI says what happened; RUST_LOG overrides.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "natsbridge=warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     bounded(Duration::from_secs(85), async {
         const EVENTS: usize = 120;
         const SERVICES: [&str; 3] = ["orchestration", "execution", "audit"];
@@ -116,6 +120,18 @@ async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
         );
 
         assert_eq!(t.lost, 0, "events a service never handled, or poison events never dead-lettered");
+        if t.duplicate_effects > 0 {
+            // Which deliveries ran twice: their Bridge-Delivery and idempotency key tell a
+            // redelivery from a second copy and from a claim that did not hold.
+            for (s, app) in SERVICES.iter().zip(&apps) {
+                for k in &normal {
+                    if app.effects(k) > 1 {
+                        let calls: Vec<_> = app.calls().into_iter().filter(|c| &c.key == k).collect();
+                        eprintln!("effect applied twice by {s}, event {k}: calls {calls:?}");
+                    }
+                }
+            }
+        }
         assert_eq!(t.duplicate_effects, 0, "events a service handled more than once");
         assert!(dead_per_consumer_once, "each poison event once per consumer: {dead:?}");
         assert!(settled, "the consumers did not settle");
