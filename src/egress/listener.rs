@@ -122,7 +122,6 @@ async fn accept(listener: &TcpListener) -> Option<TcpStream> {
     }
 }
 
-/// HTTP/1.1, or HTTP/2 when the connection opens with its preface (h2c, prior knowledge).
 /// One request past the connection's checks: refused when its framing is ambiguous, else
 /// handled, a panicking handler answering 500 instead of killing the connection.
 ///

@@ -101,12 +101,15 @@ impl Builders {
     pub(super) fn new(limits: &HttpLimits) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            // The listener's watchdog times heads, on both versions alike.
+            // The listener's watchdog times heads, on both versions alike. hyper's own timer
+            // runs while a keep-alive connection idles, so it would cut every idle connection
+            // at the header timeout.
             .header_read_timeout(None)
             .max_headers(limits.max_headers)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
+        // Advertised in SETTINGS; a larger header block is answered 431 by h2 itself.
         h2.timer(TokioTimer::new()).max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         Self { h1, h2 }
     }
