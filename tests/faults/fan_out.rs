@@ -39,6 +39,18 @@ async fn publish_until_acked(js: &jetstream::Context, id: &str, poison: bool) ->
     }
 }
 
+/// What the wiretap saw of event `id` at `service`: the event's publishes and deliveries
+/// (its payload is its id), the acks and naks of those deliveries, and the idempotency
+/// store's reads and writes of its key, each with the server's answer.
+pub(crate) fn timeline(tap: &Wiretap, service: &str, id: &str) -> Vec<Wire> {
+    let key = natsbridge::ingress::idempotency::store::kv_key(service, "execution-events", id);
+    let durable = format!("$JS.ACK.AGENT.{service}-execution-events.");
+    tap.thread(|w| {
+        let delivery = w.payload == id && (w.subject.starts_with("agent.") || w.reply.as_deref().is_some_and(|r| r.starts_with(&durable)));
+        delivery || w.subject.ends_with(&key)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
     // The sidecars' warnings (store, ack and reconnect failures around the restart), so a
@@ -49,6 +61,7 @@ async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
         const EVENTS: usize = 120;
         const SERVICES: [&str; 3] = ["orchestration", "execution", "audit"];
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let tap = Wiretap::start(&nats.url()).await;
         let js = jetstream::new(nats.client().await);
         stream(&js, "AGENT", "agent.>", 1).await;
         stream(&js, "DLQ", "dlq.>", 1).await;
@@ -78,6 +91,7 @@ async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
         let mut last = 0;
         for (n, id) in ids.iter().enumerate() {
             if n == EVENTS / 2 {
+                println!("{:>9.3}s server SIGKILLed and restarted", tap.now().as_secs_f64());
                 nats.restart();
             }
             last = last.max(publish_until_acked(&js, id, id.starts_with("poison")).await);
@@ -128,6 +142,10 @@ async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
                     if app.effects(k) > 1 {
                         let calls: Vec<_> = app.calls().into_iter().filter(|c| &c.key == k).collect();
                         eprintln!("effect applied twice by {s}, event {k}: calls {calls:?}");
+                        eprintln!("its timeline (what the wiretap saw):");
+                        for w in timeline(&tap, s, k) {
+                            eprintln!("  {w}");
+                        }
                     }
                 }
             }

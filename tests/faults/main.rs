@@ -28,6 +28,7 @@ mod nats_restart;
 mod outage;
 mod replicas;
 mod sidecar_kill;
+mod wiretap;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -48,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use support::fixtures::*;
 use support::*;
+use wiretap::{Wire, Wiretap};
 
 /// Inside every fault server's `jetstream { }` block.
 const SYNC_ALWAYS: &str = "sync_interval: always";
