@@ -15,7 +15,7 @@
 //!   as a transaction would roll back; the ledger counts those as `aborted`.
 //!
 //! The cases, a module each: 1. `nats_restart`, 2. `cluster_leader`, 3. `app_crash`,
-//! 4. `sidecar_kill`, 5. `replicas`, 6. `outage`, 7. `fan_out`. The helpers they share
+//! 4. `sidecar_kill`, 5. `replicas`, 6. `outage`, 7. `fan_out`, 8. `result_lost`. The helpers they share
 //! (the tally, the effect app, the traffic driver, the NATS fixtures) are here.
 
 #[path = "../support/mod.rs"]
@@ -27,6 +27,7 @@ mod fan_out;
 mod nats_restart;
 mod outage;
 mod replicas;
+mod result_lost;
 mod sidecar_kill;
 mod wiretap;
 

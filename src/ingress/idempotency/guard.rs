@@ -13,10 +13,16 @@
 //!   `max_response_bytes`, kept for the route's `ttl`); anything else releases the claim
 //!   so the retry can run;
 //! - a store that cannot be reached never lets a message run unprotected: 503 (request)
-//!   or a delayed nak (jetstream), and readiness says so.
+//!   or a delayed nak (jetstream), and readiness says so;
+//! - a key this process holds is in flight for every other copy that reaches it, until the
+//!   holder is done, whatever the store's record says: after a server crash lost the
+//!   holder's result write, the record is a claim that may look stale while the holder is
+//!   still writing its result again (a crash can also lose the consumer's delivery state,
+//!   so the copy comes back to the same process as a first delivery).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -61,7 +67,30 @@ pub(crate) struct Guard {
     degraded: AtomicBool,
     /// The bucket's max_age is shorter than this route's ttl (found when it was bound).
     short_max_age: std::sync::OnceLock<String>,
+    /// The KV keys this process's handlers hold claims on.
+    held: HeldKeys,
     c: Counters,
+}
+
+type HeldKeys = Arc<std::sync::Mutex<HashSet<String>>>;
+
+/// A KV key held by a live handler of this process, until dropped.
+struct Held {
+    keys: HeldKeys,
+    key: String,
+}
+
+impl Held {
+    /// Holds `key`; `None` when a handler of this process holds it already.
+    fn take(keys: &HeldKeys, key: &str) -> Option<Self> {
+        keys.lock().unwrap_or_else(PoisonError::into_inner).insert(key.to_owned()).then(|| Self { keys: keys.clone(), key: key.to_owned() })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 /// What to do with a message whose key was claimed.
@@ -84,6 +113,8 @@ pub(crate) struct Claimed {
     ticket: Arc<Mutex<Ticket>>,
     stop: CancellationToken,
     refresher: Option<tokio::task::JoinHandle<()>>,
+    /// Dropped last, once the claim is ended (or abandoned at shutdown).
+    _held: Held,
 }
 
 impl Drop for Claimed {
@@ -105,6 +136,7 @@ impl Guard {
             readiness,
             degraded: AtomicBool::new(false),
             short_max_age: std::sync::OnceLock::new(),
+            held: HeldKeys::default(),
             c: Counters {
                 hit: c("hit"),
                 claim: c("claim"),
@@ -249,11 +281,18 @@ impl Guard {
             self.c.error.inc();
             return Begin::Unavailable("the idempotency store is not bound yet".into());
         };
-        match store.claim(&kv_key(&self.service, &self.route, key), &payload_digest(payload)).await {
+        let kv_key = kv_key(&self.service, &self.route, key);
+        // Held here for the whole claim: no store round trip, and no takeover of a claim
+        // whose holder is alive (see the module's notes).
+        let Some(held) = Held::take(&self.held, &kv_key) else {
+            self.c.conflict.inc();
+            return Begin::InFlight { stale_in: store.claim_ttl() };
+        };
+        match store.claim(&kv_key, &payload_digest(payload)).await {
             Ok(Claim::Acquired(ticket)) => {
                 self.store_ok();
                 self.c.claim.inc();
-                Begin::Run(Claimed::start(store, ticket))
+                Begin::Run(Claimed::start(store, ticket, held))
             }
             Ok(Claim::Done(r)) => {
                 self.store_ok();
@@ -358,7 +397,7 @@ impl Guard {
 }
 
 impl Claimed {
-    fn start(store: Arc<Store>, ticket: Ticket) -> Self {
+    fn start(store: Arc<Store>, ticket: Ticket, held: Held) -> Self {
         let ticket = Arc::new(Mutex::new(ticket));
         let stop = CancellationToken::new();
         let every = (store.claim_ttl() / 3).max(Duration::from_millis(50));
@@ -384,7 +423,7 @@ impl Claimed {
                 }
             }
         });
-        Self { store, ticket, stop, refresher: Some(refresher) }
+        Self { store, ticket, stop, refresher: Some(refresher), _held: held }
     }
 
     async fn stop_refreshing(&mut self) -> Ticket {

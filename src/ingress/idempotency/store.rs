@@ -13,18 +13,23 @@
 //! Each claim carries a nonce of its own, so its holder recognises it: a write whose reply
 //! was lost (timed out) may still have been applied, which leaves the ticket's revision
 //! behind the entry's. Then the next compare-and-set fails with `WrongLastRevision`; the
-//! holder re-reads the entry and, finding its own nonce there, carries on from the
-//! entry's revision instead of losing a claim that is still its own.
+//! holder re-reads the entry and, finding its own nonce there (in its claim, or in the
+//! result it was storing), carries on instead of losing a claim that is still its own.
+//!
+//! A holder's writes are bounded by a fraction of `claim_ttl`, and storing a result is
+//! retried (for up to [`complete_budget`]): a result write lost in a server crash must be
+//! written again as soon as the server is back, or a copy of the message finds a stale
+//! claim, takes the key over and runs the effect a second time.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::config::IdempotencyKey;
+pub use super::keys::{extract_key, kv_key, payload_digest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdempotencyError {
@@ -119,7 +124,41 @@ enum Record {
         /// payload. Absent in results stored before it was kept (replayed to any).
         #[serde(default)]
         payload: Option<String>,
+        /// The nonce of the claim that stored it: its writer recognises a write of its
+        /// own whose reply was lost.
+        #[serde(default)]
+        nonce: String,
     },
+}
+
+/// What a key's entry says of the claim with a given nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ours {
+    /// The claim is still ours, at this revision.
+    Claimed(u64),
+    /// Our result is stored (by a write whose reply was lost).
+    Done,
+    /// Neither: another handler's claim or result, released, or gone.
+    Not,
+}
+
+/// An entry (its operation, revision and value) as seen by the holder of `nonce`.
+fn ours(operation: Operation, revision: u64, value: &[u8], nonce: &str) -> Ours {
+    if operation != Operation::Put || nonce.is_empty() {
+        return Ours::Not;
+    }
+    match serde_json::from_slice::<Record>(value) {
+        Ok(Record::Claimed { nonce: n, .. }) if n == nonce => Ours::Claimed(revision),
+        Ok(Record::Done { nonce: n, .. }) if n == nonce => Ours::Done,
+        _ => Ours::Not,
+    }
+}
+
+/// What [`Store::resync`] found: try the write again, or it is done already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resynced {
+    Retry,
+    Done,
 }
 
 /// Proof of a claim: the entry revision we wrote, and the claim's nonce.
@@ -146,77 +185,6 @@ pub enum Claim {
     InFlight { stale_in: Duration },
 }
 
-/// Where a message's key comes from (pure, for tests and fuzzing).
-pub fn extract_key(spec: &IdempotencyKey, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<String> {
-    let value = match spec {
-        IdempotencyKey::Header(name) => header(headers?, name),
-        IdempotencyKey::MsgId => headers?.get(crate::codec::NATS_MSG_ID).map(|v| v.as_str().to_owned()),
-        IdempotencyKey::Json(pointer) => {
-            let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-            match v.pointer(pointer)? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Null => None,
-                other => Some(other.to_string()),
-            }
-        }
-    }?;
-    (!value.trim().is_empty()).then_some(value)
-}
-
-/// A header's first value, its name matched without regard to case: NATS header names
-/// are case-sensitive, but `header:idempotency-key` must find the `Idempotency-Key` the
-/// egress side sends (it canonicalizes names), and any other spelling a peer uses.
-fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
-    if let Some(v) = headers.get(name) {
-        return Some(v.as_str().to_owned());
-    }
-    headers
-        .iter()
-        .find(|(n, _)| AsRef::<str>::as_ref(*n).eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| v.first())
-        .map(|v| v.as_str().to_owned())
-}
-
-/// The KV key for an idempotency key of `service`'s route `route`:
-/// `<service>.<route>.<sha256 of key>`. Keys are hashed because KV keys allow only a few
-/// characters. They are scoped by service because every service that consumes an event
-/// runs its own handler for it: a key shared across services would let one service ack,
-/// without running, what another had processed (replicas of one service share the
-/// service name, and so their claims). They are scoped by route because each route is
-/// its own handler.
-pub fn kv_key(service: &str, route: &str, key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let mut out = String::with_capacity(service.len() + route.len() + 2 + 64);
-    push_scope(&mut out, service);
-    out.push('.');
-    push_scope(&mut out, route);
-    out.push('.');
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
-}
-
-/// A scope segment: the name itself when it is only letters, digits, '-' and '_' (route
-/// names always are), else `=` and its hex bytes. The two forms never meet (a plain name
-/// has no `=`) and neither has a `.`, so two different (service, route) pairs never share
-/// a prefix.
-fn push_scope(out: &mut String, name: &str) {
-    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        out.push_str(name);
-    } else {
-        out.push('=');
-        for b in name.bytes() {
-            out.push_str(&format!("{b:02x}"));
-        }
-    }
-}
-
-/// The digest a result is bound to: sha256 of the message payload, in hex.
-pub fn payload_digest(payload: &[u8]) -> String {
-    Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A live result as the answer to the message with payload `digest`.
 fn done_for(response: StoredResponse, stored: Option<String>, digest: &str) -> Claim {
     match stored {
@@ -234,8 +202,29 @@ fn now_ms() -> u64 {
 pub struct Store {
     kv: kv::Store,
     claim_ttl: Duration,
+    /// The bound on one write (or read) of a claim holder: see [`op_timeout`].
+    op_timeout: Duration,
     max_response_bytes: usize,
     owner: String,
+}
+
+/// A claim holder's bound on one store operation: a quarter of `claim_ttl` (within 250 ms
+/// and 5 s), so that a write lost in a server crash is noticed, and written again, while the
+/// claim is still live, rather than after the client's own 5 s request timeout.
+pub fn op_timeout(claim_ttl: Duration) -> Duration {
+    (claim_ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
+}
+
+/// How long a holder keeps trying to store its result: twice `claim_ttl`, and at least 10 s,
+/// so that a server restart longer than the claim itself is outlasted. (A NATS outage
+/// longer than this while a result is being stored can let a copy run the effect again.)
+pub fn complete_budget(claim_ttl: Duration) -> Duration {
+    (claim_ttl * 2).max(Duration::from_secs(10))
+}
+
+/// The pause before storing a result again after a failed try.
+fn complete_retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(50u64 << attempt.min(3))
 }
 
 impl Store {
@@ -249,7 +238,7 @@ impl Store {
             .get_key_value(&cfg.bucket)
             .await
             .map_err(|e| IdempotencyError::Bucket { bucket: cfg.bucket.clone(), reason: e.to_string() })?;
-        Ok(Self { kv, claim_ttl: cfg.claim_ttl, max_response_bytes: cfg.max_response_bytes, owner })
+        Ok(Self { kv, claim_ttl: cfg.claim_ttl, op_timeout: op_timeout(cfg.claim_ttl), max_response_bytes: cfg.max_response_bytes, owner })
     }
 
     fn claim_record(&self, nonce: &str) -> Bytes {
@@ -257,30 +246,40 @@ impl Store {
         Bytes::from(serde_json::to_vec(&record).unwrap_or_default())
     }
 
-    /// The revision of `key`'s entry when it holds the claim with `nonce`: a write of ours
-    /// whose reply was lost was applied all the same.
-    async fn own_revision(&self, key: &str, nonce: &str) -> Result<Option<u64>, IdempotencyError> {
-        let entry = self.kv.entry(key).await.map_err(|e| IdempotencyError::Store(e.to_string()))?;
-        Ok(entry.filter(|e| e.operation == Operation::Put).and_then(|e| match serde_json::from_slice::<Record>(&e.value) {
-            Ok(Record::Claimed { nonce: n, .. }) if !n.is_empty() && n == nonce => Some(e.revision),
-            _ => None,
-        }))
+    /// One write of a claim holder, bounded by `op_timeout`: one that takes longer counts
+    /// as timed out (it may still be applied; the nonce tells).
+    async fn bounded<T>(&self, write: impl Future<Output = Result<T, kv::UpdateError>>) -> Result<T, kv::UpdateError> {
+        tokio::time::timeout(self.op_timeout, write).await.unwrap_or_else(|_| Err(kv::UpdateError::new(kv::UpdateErrorKind::TimedOut)))
+    }
+
+    /// What `key`'s entry says of the claim with `nonce`: a write of ours whose reply was
+    /// lost may have been applied all the same.
+    async fn ours(&self, key: &str, nonce: &str) -> Result<Ours, IdempotencyError> {
+        let entry = tokio::time::timeout(self.op_timeout, self.kv.entry(key))
+            .await
+            .map_err(|_| IdempotencyError::Store(format!("reading the entry timed out after {:?}", self.op_timeout)))?
+            .map_err(|e| IdempotencyError::Store(e.to_string()))?;
+        Ok(entry.map_or(Ours::Not, |e| ours(e.operation, e.revision, &e.value, nonce)))
     }
 
     /// After a compare-and-set on `ticket` failed: when the entry still holds our claim
     /// (an earlier write of ours was applied though its reply was lost), moves the ticket to
-    /// the entry's revision so the caller can try once more; else the error to return.
-    async fn resync(&self, ticket: &mut Ticket, error: kv::UpdateError) -> Result<(), IdempotencyError> {
+    /// the entry's revision so the caller can try again; `Done` when what was applied is
+    /// our result; else the error to return.
+    async fn resync(&self, ticket: &mut Ticket, error: kv::UpdateError) -> Result<Resynced, IdempotencyError> {
         if !matches!(error.kind(), kv::UpdateErrorKind::WrongLastRevision | kv::UpdateErrorKind::TimedOut) {
             return Err(IdempotencyError::Store(error.to_string()));
         }
-        match self.own_revision(&ticket.key, &ticket.nonce).await? {
-            Some(revision) => {
+        match self.ours(&ticket.key, &ticket.nonce).await? {
+            Ours::Claimed(revision) => {
                 ticket.revision = revision;
-                Ok(())
+                Ok(Resynced::Retry)
             }
-            None if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(IdempotencyError::ClaimLost { key: ticket.key.clone() }),
-            None => Err(IdempotencyError::Store(error.to_string())),
+            Ours::Done => Ok(Resynced::Done),
+            Ours::Not if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(IdempotencyError::ClaimLost { key: ticket.key.clone() })
+            }
+            Ours::Not => Err(IdempotencyError::Store(error.to_string())),
         }
     }
 
@@ -296,8 +295,8 @@ impl Store {
                 Ok(revision) => return ticket(revision),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
                 // Its reply may be what was lost: the entry says whether the create applied.
-                Err(e) => match self.own_revision(key, &nonce).await {
-                    Ok(Some(revision)) => return ticket(revision),
+                Err(e) => match self.ours(key, &nonce).await {
+                    Ok(Ours::Claimed(revision)) => return ticket(revision),
                     _ => return Err(IdempotencyError::Store(e.to_string())),
                 },
             }
@@ -329,8 +328,8 @@ impl Store {
                 // Someone else moved first (or our own write was applied): look again.
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 // A store failure is not a lost race: the caller must not run unprotected.
-                Err(e) => match self.own_revision(key, &nonce).await {
-                    Ok(Some(revision)) => return ticket(revision),
+                Err(e) => match self.ours(key, &nonce).await {
+                    Ok(Ours::Claimed(revision)) => return ticket(revision),
                     _ => return Err(IdempotencyError::Store(e.to_string())),
                 },
             }
@@ -359,13 +358,16 @@ impl Store {
         let value = self.claim_record(&ticket.nonce);
         let mut resynced = false;
         loop {
-            match self.kv.update(&ticket.key, value.clone(), ticket.revision).await {
+            match self.bounded(self.kv.update(&ticket.key, value.clone(), ticket.revision)).await {
                 Ok(revision) => {
                     ticket.revision = revision;
                     return Ok(());
                 }
                 Err(e) if !resynced => {
-                    self.resync(ticket, e).await?;
+                    if self.resync(ticket, e).await? == Resynced::Done {
+                        // Only `complete` writes our result, and it runs after the refreshes.
+                        return Err(IdempotencyError::Store("the claim already holds its result".into()));
+                    }
                     resynced = true;
                 }
                 Err(e) => return Err(IdempotencyError::Store(e.to_string())),
@@ -373,7 +375,9 @@ impl Store {
         }
     }
 
-    /// Records the app's success; later deliveries of the key get `Claim::Done`.
+    /// Records the app's success; later deliveries of the key get `Claim::Done`. The
+    /// effect has happened, so a failed write is tried again (for up to
+    /// [`complete_budget`]) until the result is stored or the claim turns out to be lost.
     pub async fn complete(&self, mut ticket: Ticket, mut response: StoredResponse, ttl: Duration) -> Result<(), IdempotencyError> {
         if response.body.len() > self.max_response_bytes {
             response.body = Bytes::new();
@@ -381,18 +385,30 @@ impl Store {
         }
         let now = now_ms();
         let payload = Some(ticket.digest.clone());
-        let record = Record::Done { at_ms: now, expires_ms: now + ttl.as_millis() as u64, response, payload };
+        let nonce = ticket.nonce.clone();
+        let record = Record::Done { at_ms: now, expires_ms: now + ttl.as_millis() as u64, response, payload, nonce };
         let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| IdempotencyError::Store(e.to_string()))?);
-        let mut resynced = false;
+        let give_up = tokio::time::Instant::now() + complete_budget(self.claim_ttl);
+        let mut attempt = 0;
         loop {
-            match self.kv.update(&ticket.key, value.clone(), ticket.revision).await {
+            let error = match self.bounded(self.kv.update(&ticket.key, value.clone(), ticket.revision)).await {
                 Ok(_) => return Ok(()),
-                Err(e) if !resynced => {
-                    self.resync(&mut ticket, e).await?;
-                    resynced = true;
-                }
-                Err(e) => return Err(IdempotencyError::Store(e.to_string())),
+                Err(e) => e,
+            };
+            let last = match self.resync(&mut ticket, error).await {
+                Ok(Resynced::Done) => return Ok(()),
+                // The claim is still ours (at the revision the ticket now has): again.
+                Ok(Resynced::Retry) => IdempotencyError::Store("storing the result was not confirmed".into()),
+                Err(e) if !e.is_store_failure() => return Err(e),
+                // The store is out of reach (a server restarting): again, shortly.
+                Err(e) => e,
+            };
+            let pause = complete_retry_delay(attempt);
+            if tokio::time::Instant::now() + pause >= give_up {
+                return Err(last);
             }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
         }
     }
 
@@ -400,10 +416,13 @@ impl Store {
     pub async fn release(&self, mut ticket: Ticket) -> Result<(), IdempotencyError> {
         let mut resynced = false;
         loop {
-            match self.kv.delete_expect_revision(&ticket.key, Some(ticket.revision)).await {
+            match self.bounded(self.kv.delete_expect_revision(&ticket.key, Some(ticket.revision))).await {
                 Ok(()) => return Ok(()),
                 Err(e) if !resynced => {
-                    self.resync(&mut ticket, e).await?;
+                    if self.resync(&mut ticket, e).await? == Resynced::Done {
+                        // Never after a success; were it so, the result must stay.
+                        return Ok(());
+                    }
                     resynced = true;
                 }
                 Err(e) => return Err(IdempotencyError::Store(e.to_string())),
@@ -458,42 +477,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_come_from_headers_msg_id_or_json() {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Idempotency-Key", "k1");
-        h.insert("Nats-Msg-Id", "m1");
-        assert_eq!(extract_key(&IdempotencyKey::Header("Idempotency-Key".into()), Some(&h), b""), Some("k1".into()));
-        assert_eq!(extract_key(&IdempotencyKey::MsgId, Some(&h), b""), Some("m1".into()));
-        assert_eq!(extract_key(&IdempotencyKey::MsgId, None, b""), None);
-        // Header names match without regard to case (egress sends `Idempotency-Key`).
-        assert_eq!(extract_key(&IdempotencyKey::Header("idempotency-key".into()), Some(&h), b""), Some("k1".into()));
-        assert_eq!(extract_key(&IdempotencyKey::Header("X-Other".into()), Some(&h), b""), None);
-        let body = br#"{"order":{"id":"o-9","n":7},"blank":" "}"#;
-        assert_eq!(extract_key(&IdempotencyKey::Json("/order/id".into()), None, body), Some("o-9".into()));
-        assert_eq!(extract_key(&IdempotencyKey::Json("/order/n".into()), None, body), Some("7".into()));
-        assert_eq!(extract_key(&IdempotencyKey::Json("/blank".into()), None, body), None);
-        assert_eq!(extract_key(&IdempotencyKey::Json("/missing".into()), None, body), None);
-        assert_eq!(extract_key(&IdempotencyKey::Json("/order/id".into()), None, b"not json"), None);
-    }
-
-    #[test]
-    fn kv_keys_are_valid_and_scoped_by_service_and_route() {
-        let a = kv_key("tools", "tool-exec", "a key with spaces/and.dots*>");
-        assert!(a.starts_with("tools.tool-exec."));
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c)), "{a}");
-        assert_ne!(a, kv_key("tools", "other", "a key with spaces/and.dots*>"));
-        assert_ne!(a, kv_key("orchestration", "tool-exec", "a key with spaces/and.dots*>"));
-        assert_eq!(a, kv_key("tools", "tool-exec", "a key with spaces/and.dots*>"));
-        // A service name KV keys cannot hold is encoded, and never meets a plain one.
-        let odd = kv_key("svc:1", "r", "k");
-        assert!(odd.starts_with("=7376633a31.r."), "{odd}");
-        assert!(odd.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c)), "{odd}");
-        assert_ne!(kv_key("=7376633a31", "r", "k"), odd);
-    }
-
-    #[test]
     fn records_round_trip() {
         let r = Record::Done {
+            nonce: "n1".into(),
             payload: Some(payload_digest(b"p")),
             at_ms: 1,
             expires_ms: 2,
@@ -508,5 +494,34 @@ mod tests {
         let back: Record = serde_json::from_slice(&v).unwrap();
         let Record::Done { response, .. } = back else { panic!() };
         assert_eq!(&response.body[..], &[0, 159, 146, 150]);
+    }
+
+    #[test]
+    fn a_holder_knows_its_own_claim_and_its_own_result_by_the_nonce() {
+        let claimed = |n: &str| serde_json::to_vec(&Record::Claimed { owner: "o".into(), at_ms: 1, nonce: n.into() }).unwrap();
+        let done = |n: &str| {
+            let response = StoredResponse { status: 200, headers: vec![], body: Bytes::new(), truncated: false };
+            serde_json::to_vec(&Record::Done { at_ms: 1, expires_ms: 2, response, payload: None, nonce: n.into() }).unwrap()
+        };
+        assert_eq!(ours(Operation::Put, 7, &claimed("a"), "a"), Ours::Claimed(7));
+        assert_eq!(ours(Operation::Put, 7, &done("a"), "a"), Ours::Done);
+        assert_eq!(ours(Operation::Put, 7, &claimed("b"), "a"), Ours::Not);
+        assert_eq!(ours(Operation::Put, 7, &done("b"), "a"), Ours::Not);
+        assert_eq!(ours(Operation::Delete, 7, &claimed("a"), "a"), Ours::Not);
+        assert_eq!(ours(Operation::Put, 7, b"garbage", "a"), Ours::Not);
+        // Records written before nonces were kept have none, and are nobody's.
+        assert_eq!(ours(Operation::Put, 7, br#"{"state":"claimed","owner":"o","at_ms":1}"#, ""), Ours::Not);
+        let old_done = br#"{"state":"done","at_ms":1,"expires_ms":2,"response":{"status":200,"headers":[],"body":""}}"#;
+        assert_eq!(ours(Operation::Put, 7, old_done, ""), Ours::Not);
+        assert!(serde_json::from_slice::<Record>(old_done).is_ok(), "a result stored before nonces must still read");
+    }
+
+    #[test]
+    fn a_holders_operations_are_bounded_well_inside_the_claim() {
+        assert_eq!(op_timeout(Duration::from_secs(60)), Duration::from_secs(5));
+        assert_eq!(op_timeout(Duration::from_secs(3)), Duration::from_millis(750));
+        assert_eq!(op_timeout(Duration::from_millis(100)), Duration::from_millis(250));
+        assert_eq!(complete_budget(Duration::from_secs(1)), Duration::from_secs(10));
+        assert_eq!(complete_budget(Duration::from_secs(60)), Duration::from_secs(120));
     }
 }
