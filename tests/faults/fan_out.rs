@@ -53,19 +53,13 @@ pub(crate) fn timeline(tap: &Wiretap, service: &str, id: &str) -> Vec<Wire> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_to_three_services_with_poison_events_and_a_server_restart() {
-    // The sidecars' warnings (store, ack and reconnect failures around the restart), so a
-    // failure in CI says what happened; RUST_LOG overrides.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "natsbridge=warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    log_warnings();
     bounded(Duration::from_secs(85), async {
         const EVENTS: usize = 120;
         const SERVICES: [&str; 3] = ["orchestration", "execution", "audit"];
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let tap = Wiretap::start(&nats.url()).await;
-        let js = jetstream::new(nats.client().await);
-        stream(&js, "AGENT", "agent.>", 1).await;
-        stream(&js, "DLQ", "dlq.>", 1).await;
-        js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
+        let js = agent_fixtures(&nats).await;
         let mut apps = Vec::new();
         let mut sidecars = Vec::new();
         for s in SERVICES {

@@ -411,6 +411,22 @@ async fn ingress_fixtures(nats: &NatsServer) -> jetstream::Context {
     js
 }
 
+/// AGENT (`agent.>`), DLQ (`dlq.>`) and the idempotency bucket.
+async fn agent_fixtures(nats: &NatsServer) -> jetstream::Context {
+    let js = jetstream::new(nats.client().await);
+    stream(&js, "AGENT", "agent.>", 1).await;
+    stream(&js, "DLQ", "dlq.>", 1).await;
+    js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
+    js
+}
+
+/// The in-process sidecars' warnings (store, ack and reconnect failures around a crash) on
+/// stderr, so a failure in CI says what happened; RUST_LOG overrides `natsbridge=warn`.
+fn log_warnings() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "natsbridge=warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
 /// The idempotent jetstream route `tool.exec.*` → POST /tools/{3}, durable `tool`.
 fn tool_route(extra: &str) -> String {
     tool_exec_route(&format!("{KEYED}\n{extra}"))

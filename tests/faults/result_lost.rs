@@ -11,15 +11,11 @@ const TRIES: usize = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_write_lost_in_a_server_crash_does_not_run_the_effect_twice() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "natsbridge=warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    log_warnings();
     bounded(Duration::from_secs(150), async {
         let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
         let tap = Wiretap::start(&nats.url()).await;
-        let js = jetstream::new(nats.client().await);
-        stream(&js, "AGENT", "agent.>", 1).await;
-        stream(&js, "DLQ", "dlq.>", 1).await;
-        js.create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, ..Default::default() }).await.unwrap();
+        agent_fixtures(&nats).await;
         // The app stops (SIGSTOP) the server as it answers an `evt-` event's first call: the
         // sidecar's result write then waits in the server's socket, unread, and the kill
         // that follows loses it, every time.
