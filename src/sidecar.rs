@@ -61,7 +61,8 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     readiness.starting(&Component::EGRESS, "not serving yet");
-    let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, readiness.clone(), &*env).await?;
+    let (connects, connects_rx) = watch::channel(0);
+    let nats = connection::connect(&config.nats, &config.sidecar.service, &metrics, readiness.clone(), connects, &*env).await?;
     // One reply subscription for the connection: egress requests, acks, dead letters.
     let replies = Replies::start(&nats, &metrics).await?;
     // After the steps that can fail: a started exporter is always flushed by the stop.
@@ -98,6 +99,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     let ingress_parts = ingress::Parts {
         config: config_rx,
         nats: nats.clone(),
+        connects: connects_rx,
         replies: replies.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),

@@ -49,6 +49,8 @@ pub struct Parts {
     /// The config in force; a new value is sent on every accepted reload.
     pub config: watch::Receiver<Arc<Config>>,
     pub nats: async_nats::Client,
+    /// Changes at every (re)connect of `nats` ([`connect`](crate::nats::connection::connect)).
+    pub connects: watch::Receiver<u64>,
     /// The connection's reply multiplexer (acked dead-letter publishes).
     pub replies: Replies,
     pub metrics: Metrics,
@@ -60,6 +62,8 @@ pub struct Parts {
 /// What every route task shares.
 pub(crate) struct Shared {
     pub nats: async_nats::Client,
+    /// Changes at every (re)connect of `nats`.
+    pub connects: watch::Receiver<u64>,
     pub js: async_nats::jetstream::Context,
     pub replies: Replies,
     pub app: AppClient,
@@ -139,6 +143,7 @@ pub async fn run(mut cx: Parts, shutdown: CancellationToken) {
     let shared = Arc::new(Shared {
         js: crate::nats::connection::jetstream(cx.nats.clone()),
         nats: cx.nats.clone(),
+        connects: cx.connects.clone(),
         replies: cx.replies.clone(),
         app,
         metrics: cx.metrics.clone(),

@@ -1,6 +1,6 @@
 //! The NATS connection: connect options from `[nats]` (auth, TLS, reconnect forever with
 //! backoff), secrets resolved at connect time and never logged, and connection events
-//! turned into metrics.
+//! turned into metrics, readiness and a count of connects (see [`connect`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +119,7 @@ pub async fn options(
     service: &str,
     metrics: &Metrics,
     readiness: Option<Arc<Readiness>>,
+    connects: Option<tokio::sync::watch::Sender<u64>>,
     env: EnvLookup<'_>,
 ) -> Result<ConnectOptions, ConnectError> {
     let mut opts = match &nats.auth {
@@ -159,7 +160,7 @@ pub async fn options(
         opts = opts.custom_inbox_prefix(prefix.clone());
     }
     let events = metrics.clone();
-    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth, &nats.servers), readiness, ..Default::default() });
+    let logs = Arc::new(EventLog { auth: auth_description(&nats.auth, &nats.servers), readiness, connects, ..Default::default() });
     let seen = Arc::new(AtomicBool::new(false));
     Ok(opts
         .name(format!("natsbridge-{service}"))
@@ -190,6 +191,8 @@ fn reconnect_delay(attempts: usize) -> Duration {
 struct EventLog {
     auth: String,
     readiness: Option<Arc<Readiness>>,
+    /// Counts every (re)connect, for what must start over on a new connection.
+    connects: Option<tokio::sync::watch::Sender<u64>>,
     slow: Mutex<Option<Instant>>,
     /// The last connect failure logged, when, and how many identical ones were not.
     failure: Mutex<Option<(String, Instant, u64)>>,
@@ -225,6 +228,9 @@ impl EventLog {
     fn connected(&self) {
         if let Some(r) = &self.readiness {
             r.pass(&Component::NATS);
+        }
+        if let Some(c) = &self.connects {
+            c.send_modify(|n| *n += 1);
         }
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -305,16 +311,19 @@ fn on_event(m: &Metrics, logs: &EventLog, seen: &AtomicBool, event: Event) {
     }
 }
 
-/// Connects (in the background if the server is not up yet).
+/// Connects (in the background if the server is not up yet). `connects` counts every
+/// connect and reconnect: a pull request the old connection's server held may be gone (a
+/// restarted server forgets it), and a pull loop must not wait for it.
 pub async fn connect(
     nats: &Nats,
     service: &str,
     metrics: &Metrics,
     readiness: Arc<Readiness>,
+    connects: tokio::sync::watch::Sender<u64>,
     env: EnvLookup<'_>,
 ) -> Result<async_nats::Client, ConnectError> {
     readiness.starting(&Component::NATS, "first connection attempt under way");
-    let opts = options(nats, service, metrics, Some(readiness), env).await?;
+    let opts = options(nats, service, metrics, Some(readiness), Some(connects), env).await?;
     Ok(opts.connect(nats.servers.clone()).await?)
 }
 
@@ -325,7 +334,7 @@ pub async fn connect_now(nats: &Nats, service: &str, env: EnvLookup<'_>, timeout
     let last = Arc::new(Mutex::new(None::<String>));
     let seen = last.clone();
     // Replaces the sidecar's event callback: remember why connecting fails, log nothing.
-    let opts = options(nats, service, &Metrics::new(), None, env).await?.event_callback(move |event| {
+    let opts = options(nats, service, &Metrics::new(), None, None, env).await?.event_callback(move |event| {
         let seen = seen.clone();
         async move {
             let why = match event {

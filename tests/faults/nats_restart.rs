@@ -104,3 +104,40 @@ concurrency = 16"#,
     })
     .await
 }
+
+/// A restarted server knows nothing of the pull request the sidecar had open when it died:
+/// the sidecar pulls again as soon as it has reconnected, instead of waiting for async-nats'
+/// own timer on the lost request (its `expires`, 5 s, plus 5 s), during which no message of
+/// the route would reach the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_a_consumer_pulls_again_at_once() {
+    log_warnings();
+    bounded(Duration::from_secs(60), async {
+        let mut nats = NatsServer::start_with_js(SYNC_ALWAYS, "");
+        let js = agent_fixtures(&nats).await;
+        let app = EffectApp::start(|_, _| async { commit(200) }).await;
+        let sidecar = Sidecar::start(&sidecar_toml("svc", &execution_events_route("")), &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+        js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "before")], "before").await;
+        let before = vec!["before".to_owned()];
+        assert!(wait_until(Duration::from_secs(20), || async { app.tally(&before).2 == 0 }).await, "the first event never reached the app");
+
+        // The loop has pulled again by now; that request dies with the server.
+        nats.restart();
+        let reconnected = wait_until(Duration::from_secs(20), || async {
+            sidecar.metrics().await.lines().any(|l| l.starts_with("natsbridge_nats_reconnects_total ") && !l.ends_with(" 0"))
+        })
+        .await;
+        assert!(reconnected, "the sidecar did not reconnect");
+        let since = Instant::now();
+        let js = jetstream::new(nats.client().await);
+        js_publish(&js, "agent.execution.completed", &[("Nats-Msg-Id", "after")], "after").await;
+        let after = vec!["after".to_owned()];
+        assert!(wait_until(Duration::from_secs(20), || async { app.tally(&after).2 == 0 }).await, "the second event never reached the app");
+        let took = since.elapsed();
+        println!("  the event published after the reconnect reached the app in {took:?}");
+        assert!(took < Duration::from_secs(4), "{took:?}: the consumer waited for the pull request the restart lost");
+        sidecar.stop().await;
+    })
+    .await
+}

@@ -1,5 +1,7 @@
 //! The pull loop: asks for exactly as many messages as there are free handler permits,
-//! and hands each to its own handler task.
+//! and hands each to its own handler task. A reconnect ends the batch in hand: a restarted
+//! server (or another node of the cluster) knows nothing of its pull request, and
+//! async-nats would otherwise wait `expires` + 5 s before the loop pulls again.
 
 use std::sync::Arc;
 
@@ -7,16 +9,23 @@ use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::AckKind;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{handle, ConsumerRoute, PULL_EXPIRES};
 use crate::ingress::request::wait_in_flight;
 use crate::ingress::{retry_delay, sleep_or_stop, Shared};
 
+/// A pull request's messages, and the connects seen when it was sent.
+struct Pulled {
+    batch: Batch,
+    /// Changes when the connection is made again: the request may be gone with the old one.
+    connects: watch::Receiver<u64>,
+}
+
 /// How a batch ended.
 enum BatchEnd {
-    /// Drained or expired: pull again.
+    /// Drained, expired, or its connection gone: pull again.
     Done,
     /// The pull failed mid-batch: pull again (after the retry delay).
     Failed,
@@ -51,13 +60,16 @@ pub(super) async fn pull(shared: &Arc<Shared>, js: &Arc<ConsumerRoute>, consumer
             }
         }
         let Some(mut held) = free_permits(&permits, stop).await else { break };
+        // Seen before the request is sent: a reconnect after it ends the batch.
+        let mut connects = shared.connects.clone();
+        connects.mark_unchanged();
         let batch = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             b = consumer.batch().max_messages(held.num_permits()).expires(PULL_EXPIRES).messages() => b,
         };
         let end = match batch {
-            Ok(batch) => run_batch(shared, js, batch, &mut held, &abort, stop, &mut errors).await,
+            Ok(batch) => run_batch(shared, js, Pulled { batch, connects }, &mut held, &abort, stop, &mut errors).await,
             Err(e) => {
                 pull_failed(js, &e.to_string(), errors);
                 BatchEnd::Failed
@@ -95,29 +107,44 @@ async fn free_permits(permits: &Arc<Semaphore>, stop: &CancellationToken) -> Opt
     Some(held)
 }
 
-/// Hands each message of `batch` to a handler with one of the `held` permits.
+/// Hands each message of the pulled batch to a handler with one of the `held` permits.
 async fn run_batch(
     shared: &Arc<Shared>,
     js: &Arc<ConsumerRoute>,
-    mut batch: Batch,
+    pulled: Pulled,
     held: &mut OwnedSemaphorePermit,
     abort: &CancellationToken,
     stop: &CancellationToken,
     errors: &mut u32,
 ) -> BatchEnd {
     let route = &js.route;
+    let Pulled { mut batch, mut connects } = pulled;
+    // Reconnected: what has already arrived is handled, then the batch ends.
+    let mut reconnected = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.cancelled() => {
-                // Already here but not started: hand them back at once.
-                while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    route.metrics.nak.inc();
-                }
-                return BatchEnd::Stop;
+        let next = if reconnected {
+            match batch.next().now_or_never() {
+                Some(m) => m,
+                None => return BatchEnd::Done,
             }
-            m = batch.next() => m,
+        } else {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    // Already here but not started: hand them back at once.
+                    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        route.metrics.nak.inc();
+                    }
+                    return BatchEnd::Stop;
+                }
+                m = batch.next() => m,
+                Ok(()) = connects.changed() => {
+                    tracing::debug!(route = %route.inbound.name, "reconnected to NATS; pulling again");
+                    reconnected = true;
+                    continue;
+                }
+            }
         };
         match next {
             None => return BatchEnd::Done,
