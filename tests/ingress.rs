@@ -228,6 +228,57 @@ async fn hot_reload_restarts_changed_routes_and_drops_removed_ones() {
     sidecar.stop().await;
 }
 
+/// A reload that changes a request route but keeps its subject and queue group hands the
+/// subscription to the route's new task. Requests sent all through ten reloads are each
+/// answered: none meets a moment with no subscriber ("no responders"), and none is dropped
+/// by an unsubscribe racing it (its caller would wait out its timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_request_route_answers_every_request_sent_through_the_reloads() {
+    let nats = NatsServer::start();
+    let app = App::script(|_, _| async { respond(200, "ok") }).await;
+    let sidecar = Sidecar::start(&toml(REQUEST_ROUTE), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for i in 0..2 {
+        let (client, stop) = (nats.client().await, stop.clone());
+        callers.push(tokio::spawn(async move {
+            let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let subject = format!("agent.{i}.execution.requested");
+                let outcome = match nats_request_within(&client, &subject, &[], "", Duration::from_secs(3)).await {
+                    Ok(r) => format!("status {}", reply_header(&r, "Bridge-Status").unwrap_or("?")),
+                    Err(e) => format!("{:?}", e.kind()),
+                };
+                *outcomes.entry(outcome).or_default() += 1;
+            }
+            outcomes
+        }));
+    }
+    for n in 0..10 {
+        let path = if n % 2 == 0 { "/v2/agents/{2}" } else { "/agents/{2}/execute" };
+        std::fs::write(&sidecar.config_path, toml(&REQUEST_ROUTE.replace("/agents/{2}/execute", path))).unwrap();
+        sidecar.reload.send(()).await.unwrap();
+        let want = if n % 2 == 0 { "/v2/agents/0" } else { "/agents/0/execute" };
+        eventually("the reloaded path in use", Duration::from_secs(10), || async {
+            app.hits().iter().rev().take(4).any(|h| h.seen.uri == want).then_some(())
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+    for c in callers {
+        for (k, v) in c.await.unwrap() {
+            *outcomes.entry(k).or_default() += v;
+        }
+    }
+    println!("  requests through ten reloads: {outcomes:?}");
+    assert!(outcomes.keys().all(|k| k == "status 200"), "every request answered 200: {outcomes:?}");
+    // Each reload waited for a request answered on its new path: ten at least.
+    assert!(outcomes.get("status 200").copied().unwrap_or(0) >= 10, "{outcomes:?}");
+    sidecar.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // mode = "tunnel", end to end through two sidecar processes
 

@@ -19,6 +19,7 @@
 pub mod app;
 mod border;
 mod gate;
+mod handoff;
 pub mod idempotency;
 pub mod jetstream;
 mod micro;
@@ -95,6 +96,11 @@ pub(crate) struct Route {
     pub refusals: LogLimit,
     /// This route's NATS micro endpoint stats, when it is announced (request routes).
     pub micro: Option<Arc<micro::EndpointStats>>,
+    /// Set by a reload that replaces this task with one reading the same subscription:
+    /// at its stop the task hands its subscription over instead of unsubscribing.
+    pub handoff: std::sync::OnceLock<Arc<handoff::Handoff>>,
+    /// The replaced task's subscription, taken at the first subscribe.
+    pub inherit: Mutex<Option<Arc<handoff::Handoff>>>,
 }
 
 /// A warning logged at most once per period, with the count of those suppressed since:
@@ -124,6 +130,7 @@ impl LogLimit {
 
 struct Running {
     fingerprint: String,
+    route: Arc<Route>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -195,8 +202,22 @@ fn fingerprint(inbound: &Inbound, config: &Config) -> String {
     format!("{i:?}|{}|{:?}|{}|{store}", config.sidecar.app_url, config.sidecar.drain_timeout, config.sidecar.service)
 }
 
+/// Can a task for `new` read on from the subscription of the task for `old`? Only when
+/// both subscribe the same way: same mode, subject and queue group.
+fn same_subscription(old: &Inbound, new: &Inbound) -> bool {
+    let queue = |i: &Inbound| match &i.mode {
+        InboundMode::Request { queue } => Some((false, queue.clone())),
+        InboundMode::Tunnel { queue } => Some((true, queue.clone())),
+        InboundMode::JetStream(_) => None,
+    };
+    old.subject == new.subject && queue(old).is_some() && queue(old) == queue(new)
+}
+
 /// Brings the running tasks in line with `config`: stops removed and changed routes
-/// (waiting for their in-flight messages), then starts changed and new ones.
+/// (waiting for their in-flight messages), then starts changed and new ones. A changed
+/// request or tunnel route that keeps its subject and queue group hands its subscription
+/// to its new task ([`handoff`]), which starts at once, while the old task answers what it
+/// had already read.
 async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<String, Running>) {
     let wanted: HashMap<&str, (&Inbound, String)> = config.inbound.iter().map(|i| (i.name.as_str(), (i, fingerprint(i, config)))).collect();
     let stale: Vec<String> = running
@@ -204,11 +225,26 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
         .filter(|(name, r)| wanted.get(name.as_str()).is_none_or(|(_, fp)| *fp != r.fingerprint))
         .map(|(name, _)| name.clone())
         .collect();
+    let mut handoffs: HashMap<String, Arc<handoff::Handoff>> = HashMap::new();
+    for name in &stale {
+        let (Some(r), Some((new, _))) = (running.get(name), wanted.get(name.as_str())) else { continue };
+        if same_subscription(&r.route.inbound, new) {
+            let h = Arc::new(handoff::Handoff::default());
+            let _ = r.route.handoff.set(h.clone());
+            handoffs.insert(name.clone(), h);
+        }
+    }
     for r in stale.iter().filter_map(|n| running.get(n)) {
         r.stop.cancel();
     }
+    let mut handing_over = Vec::new();
     for name in stale {
         let Some(mut r) = running.remove(&name) else { continue };
+        if handoffs.contains_key(&name) {
+            // Waited for once its replacement runs.
+            handing_over.push((name, r));
+            continue;
+        }
         let _ = (&mut r.task).await;
         if !wanted.contains_key(name.as_str()) {
             tracing::info!(route = %name, "inbound route removed");
@@ -234,6 +270,8 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             base_has_path: !config.sidecar.app_url.path().trim_matches('/').is_empty(),
             refusals: LogLimit::new(Duration::from_secs(10)),
             micro: micro::announced(inbound).then(|| shared.micro.get(&inbound.name)),
+            handoff: std::sync::OnceLock::new(),
+            inherit: Mutex::new(handoffs.remove(&inbound.name)),
         });
         // Starting until bound: set before the task runs so /statusz never races it.
         shared.readiness.starting(&route.check, "not bound yet");
@@ -244,11 +282,19 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             async move { g.keep_open(js, cfg, stop).await }
         });
         let task = match &inbound.mode {
-            InboundMode::Request { queue } => spawn_route(request::run(shared.clone(), route, queue.clone(), false, stop.clone()), store),
-            InboundMode::Tunnel { queue } => spawn_route(request::run(shared.clone(), route, queue.clone(), true, stop.clone()), store),
-            InboundMode::JetStream(c) => spawn_route(jetstream::run(shared.clone(), route, c.clone(), stop.clone()), store),
+            InboundMode::Request { queue } => {
+                spawn_route(request::run(shared.clone(), route.clone(), queue.clone(), false, stop.clone()), store)
+            }
+            InboundMode::Tunnel { queue } => {
+                spawn_route(request::run(shared.clone(), route.clone(), queue.clone(), true, stop.clone()), store)
+            }
+            InboundMode::JetStream(c) => spawn_route(jetstream::run(shared.clone(), route.clone(), c.clone(), stop.clone()), store),
         };
-        running.insert(inbound.name.clone(), Running { fingerprint: fp.clone(), stop, task });
+        running.insert(inbound.name.clone(), Running { fingerprint: fp.clone(), route: route.clone(), stop, task });
+    }
+    for (name, mut r) in handing_over {
+        let _ = (&mut r.task).await;
+        tracing::info!(route = %name, "inbound route changed; its subscription handed over");
     }
     if !config.inbound.iter().any(|i| i.idempotency.is_some()) {
         // No store in use: nothing to report.

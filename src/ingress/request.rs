@@ -34,13 +34,26 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
     let mut attempt = 0;
     let mut sub = None;
     let mut paused = false;
+    // A reload's replacement reads on from the old task's subscription (see `handoff`).
+    let handoff = route.inherit.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    let mut inherited = match handoff {
+        Some(h) => h.take().await,
+        None => None,
+    };
     while !stop.is_cancelled() {
         // While the app is down, no subscription: callers get "no responders" (503) at
         // once, and another replica's subscription takes the requests.
+        if shared.gate.shut().now_or_never().is_some() {
+            inherited = None;
+        }
         if !shared.gate.wait_open(&stop).await {
             break;
         }
-        let mut s = match shared.nats.queue_subscribe(subject.clone(), queue.clone()).await {
+        let subscribed = match inherited.take() {
+            Some(s) => Ok(s),
+            None => shared.nats.queue_subscribe(subject.clone(), queue.clone()).await,
+        };
+        let mut s = match subscribed {
             Ok(s) => s,
             Err(e) => {
                 shared.readiness.fail(&route.check, format!("cannot subscribe to {subject:?}: {e}"));
@@ -141,7 +154,11 @@ impl Handlers {
 
     /// The stop: within the route's `drain_timeout`, answers what was received, drains the
     /// subscription and answers what the drain brings, then waits for the handlers.
-    async fn drain(&self, mut waiting: Buffer, sub: Option<async_nats::Subscriber>) {
+    async fn drain(&self, mut waiting: Buffer, mut sub: Option<async_nats::Subscriber>) {
+        // Replaced by a reload with a task on the same subscription: it reads on from it.
+        if let Some(h) = self.route.handoff.get() {
+            h.give(sub.take());
+        }
         let deadline = tokio::time::Instant::now() + self.route.drain_timeout;
         // Received before the stop: answered like the rest, then what the drain still brings.
         while let Some(msg) = waiting.pop() {
