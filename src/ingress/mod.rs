@@ -99,8 +99,6 @@ pub(crate) struct Route {
     /// Set by a reload that replaces this task with one reading the same subscription:
     /// at its stop the task hands its subscription over instead of unsubscribing.
     pub handoff: std::sync::OnceLock<Arc<handoff::Handoff>>,
-    /// The replaced task's subscription, taken at the first subscribe.
-    pub inherit: Mutex<Option<Arc<handoff::Handoff>>>,
 }
 
 /// A warning logged at most once per period, with the count of those suppressed since:
@@ -271,7 +269,6 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             refusals: LogLimit::new(Duration::from_secs(10)),
             micro: micro::announced(inbound).then(|| shared.micro.get(&inbound.name)),
             handoff: std::sync::OnceLock::new(),
-            inherit: Mutex::new(handoffs.remove(&inbound.name)),
         });
         // Starting until bound: set before the task runs so /statusz never races it.
         shared.readiness.starting(&route.check, "not bound yet");
@@ -281,12 +278,14 @@ async fn apply(shared: &Arc<Shared>, config: &Config, running: &mut HashMap<Stri
             let (js, cfg, stop) = (shared.js.clone(), config.idempotency.clone(), stop.clone());
             async move { g.keep_open(js, cfg, stop).await }
         });
+        // The replaced task's subscription, when it hands it over.
+        let inherit = handoffs.remove(&inbound.name);
         let task = match &inbound.mode {
             InboundMode::Request { queue } => {
-                spawn_route(request::run(shared.clone(), route.clone(), queue.clone(), false, stop.clone()), store)
+                spawn_route(request::run(shared.clone(), route.clone(), queue.clone(), false, inherit, stop.clone()), store)
             }
             InboundMode::Tunnel { queue } => {
-                spawn_route(request::run(shared.clone(), route.clone(), queue.clone(), true, stop.clone()), store)
+                spawn_route(request::run(shared.clone(), route.clone(), queue.clone(), true, inherit, stop.clone()), store)
             }
             InboundMode::JetStream(c) => spawn_route(jetstream::run(shared.clone(), route.clone(), c.clone(), stop.clone()), store),
         };

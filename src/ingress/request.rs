@@ -15,6 +15,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::handoff::Handoff;
 use super::idempotency::guard;
 use super::{retry_delay, sleep_or_stop, AppError, AppResponse, InFlight, Route, Shared};
 use crate::codec::{self, nestjs};
@@ -25,7 +26,16 @@ use crate::problem::BridgeError;
 /// every message at once into a buffer bounded in bytes (`max_buffer`) and count, hands
 /// each to a handler once one of `concurrency` permits is free, and on `stop` drains the
 /// subscription so requests already received still get their answers.
-pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, tunnel: bool, stop: CancellationToken) {
+/// `inherit`: a reload's replacement reads on from the old task's subscription (see
+/// `handoff`).
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    queue: String,
+    tunnel: bool,
+    inherit: Option<Arc<Handoff>>,
+    stop: CancellationToken,
+) {
     let name = route.inbound.name.as_str();
     let subject = route.inbound.subject.as_str().to_owned();
     let permits = Arc::new(Semaphore::new(route.inbound.concurrency));
@@ -34,16 +44,14 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, queue: String, t
     let mut attempt = 0;
     let mut sub = None;
     let mut paused = false;
-    // A reload's replacement reads on from the old task's subscription (see `handoff`).
-    let handoff = route.inherit.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-    let mut inherited = match handoff {
+    let mut inherited = match inherit {
         Some(h) => h.take().await,
         None => None,
     };
     while !stop.is_cancelled() {
         // While the app is down, no subscription: callers get "no responders" (503) at
         // once, and another replica's subscription takes the requests.
-        if shared.gate.shut().now_or_never().is_some() {
+        if inherited.is_some() && shared.gate.shut().now_or_never().is_some() {
             inherited = None;
         }
         if !shared.gate.wait_open(&stop).await {
