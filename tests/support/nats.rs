@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use super::free_ports;
 
 pub struct NatsServer {
     child: Option<Child>,
@@ -214,8 +214,8 @@ impl Cluster {
 
     /// As `start`, with `js` inside each node's `jetstream { }` block.
     pub fn start_with_js(js: &str, extra: &str) -> Self {
-        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let ports = free_ports(6);
+        let (client_ports, route_ports) = (ports[..3].to_vec(), ports[3..].to_vec());
         let routes: Vec<String> = route_ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
         let nodes = (0..3)
             .map(|i| {
