@@ -2,8 +2,9 @@
 //! app that counts its effects (a 2xx answer is an effect), and sidecars in-process.
 //!
 //! - jetstream: duplicates run the app once; a failure releases the key for the retry; a
-//!   key in flight elsewhere is naked with a delay and then acked as a hit; messages without
-//!   a key run unprotected; json-pointer and msg-id keys;
+//!   key in flight elsewhere is naked with a delay and then acked as a hit; a copy of a key
+//!   this sidecar holds waits, whatever the store's record says; messages without a key run
+//!   unprotected; json-pointer and msg-id keys;
 //! - request: replays, concurrent duplicates, 409 for a key still in flight, 503 while the
 //!   bucket is missing (readiness naming it);
 //! - egress → ingress: `Idempotency-Key` sent twice through sidecar A reaches sidecar B's
@@ -269,6 +270,62 @@ async fn jetstream_key_in_flight_on_another_replica_is_naked_with_a_delay_then_a
         let m = sidecar.metrics().await;
         assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
         assert_eq!(metric(&m, "tool-exec", "claim"), 0.0, "{m}");
+        assert_eq!(dlq_count(&js).await, 0);
+        sidecar.stop().await;
+    })
+    .await
+}
+
+/// After a server crash lost a holder's writes, the store's record can look stale while its
+/// holder still runs (and the crash can lose the consumer's delivery state, so the copy
+/// comes back to the same sidecar). The holder's own sidecar knows better than the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_copy_of_a_key_this_sidecar_holds_waits_even_when_the_store_says_stale() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = setup_js(&nats, Duration::from_secs(120)).await;
+        let gate = Arc::new(Semaphore::new(0));
+        let g = gate.clone();
+        let app = App::script(move |_, _| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await.unwrap();
+                respond(201, "done")
+            }
+        })
+        .await;
+        // claim_ttl 6s: the holder's first refresh comes 2 s after its claim, long after the
+        // record is made to look stale below; the copy is naked for about claim_ttl.
+        let route = js_route(KEYED).replace("claim_ttl = \"10s\"", "claim_ttl = \"6s\"");
+        let sidecar = Sidecar::start(&route, &nats.url(), Some(&app.url())).await;
+        sidecar.wait_ready().await;
+
+        let a = js_publish(&js, "tool.exec.x", &[("Idempotency-Key", "held-1")], "{}").await;
+        eventually("the first copy at the app", Duration::from_secs(10), || async { (!app.requests().is_empty()).then_some(()) }).await;
+        // The holder's claim, as a crash leaves it: still its own (same owner and nonce), but
+        // written long ago.
+        let kv = js.get_key_value(BUCKET).await.unwrap();
+        let key = kv_key("svc", "tool-exec", "held-1");
+        let mut record: serde_json::Value = serde_json::from_slice(&kv.get(&key).await.unwrap().expect("the holder's claim")).unwrap();
+        assert_eq!(record["state"], "claimed", "{record}");
+        record["at_ms"] = 1.into();
+        kv.put(&key, serde_json::to_vec(&record).unwrap().into()).await.unwrap();
+
+        // A second copy (no Nats-Msg-Id: the stream keeps it) reaches the same sidecar.
+        let b = js_publish(&js, "tool.exec.x", &[("Idempotency-Key", "held-1")], "{}").await;
+        wait_metric(&sidecar, "tool-exec", "conflict", 1.0).await;
+        assert_eq!(app.requests().len(), 1, "a copy of a held key ran beside its holder");
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "claim"), 1.0, "no takeover of the stale-looking claim: {m}");
+
+        // The holder finishes: its result lands on the record it recognises as its own, and
+        // the copy's next delivery replays it.
+        gate.add_permits(10);
+        settled(&js, b.sequence.max(a.sequence)).await;
+        assert_eq!(app.requests().len(), 1);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "tool-exec", "stored"), 1.0, "{m}");
+        assert_eq!(metric(&m, "tool-exec", "hit"), 1.0, "{m}");
         assert_eq!(dlq_count(&js).await, 0);
         sidecar.stop().await;
     })
