@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,15 +18,10 @@ import urllib.request
 
 
 def free_ports(n):
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """Distinct ports below the ephemeral range, bound moments later: scripts/free-ports says why."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "free-ports")
+    out = subprocess.run([script, str(n)], check=True, capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
 
 
 def localize(conf, pod_names, index, ports, workdir):
