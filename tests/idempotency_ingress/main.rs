@@ -122,6 +122,25 @@ async fn keyed_app(count: &'static str, extra: (&'static str, &'static str)) -> 
     .await
 }
 
+/// An app whose every call waits until the test adds permits to the returned gate, then
+/// answers `answer(n)` (n counts its calls).
+async fn gated_app<F>(answer: F) -> (App, Arc<Semaphore>)
+where
+    F: Fn(usize) -> http::Response<http_body_util::Full<Bytes>> + Send + Sync + 'static,
+{
+    let gate = Arc::new(Semaphore::new(0));
+    let (g, answer) = (gate.clone(), Arc::new(answer));
+    let app = App::script(move |_, n| {
+        let (g, answer) = (g.clone(), answer.clone());
+        async move {
+            let _ = g.acquire().await.unwrap();
+            answer(n)
+        }
+    })
+    .await;
+    (app, gate)
+}
+
 const KEYED: &str = r#"idempotency = { key = "header:Idempotency-Key", ttl = "1h" }"#;
 
 // ---------------------------------------------------------------------------------------
@@ -284,16 +303,7 @@ async fn jetstream_a_copy_of_a_key_this_sidecar_holds_waits_even_when_the_store_
     bounded(async {
         let nats = NatsServer::start();
         let js = setup_js(&nats, Duration::from_secs(120)).await;
-        let gate = Arc::new(Semaphore::new(0));
-        let g = gate.clone();
-        let app = App::script(move |_, _| {
-            let g = g.clone();
-            async move {
-                let _ = g.acquire().await.unwrap();
-                respond(201, "done")
-            }
-        })
-        .await;
+        let (app, gate) = gated_app(|_| respond(201, "done")).await;
         // claim_ttl 6s: the holder's first refresh comes 2 s after its claim, long after the
         // record is made to look stale below; the copy is naked for about claim_ttl.
         let route = js_route(KEYED).replace("claim_ttl = \"10s\"", "claim_ttl = \"6s\"");
@@ -459,16 +469,7 @@ async fn request_concurrent_duplicates_run_once_and_get_the_same_reply() {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
         // The first call blocks until the test lets it go.
-        let gate = Arc::new(Semaphore::new(0));
-        let g = gate.clone();
-        let app = App::script(move |_, n| {
-            let g = g.clone();
-            async move {
-                let _ = g.acquire().await.unwrap();
-                with_headers(200, &[("content-type", "text/plain")], &format!("effect {n}"))
-            }
-        })
-        .await;
+        let (app, gate) = gated_app(|n| with_headers(200, &[("content-type", "text/plain")], &format!("effect {n}"))).await;
         let sidecar = Sidecar::start(&request_route(&format!("timeout = \"10s\"\n{KEYED}")), &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
         let client = nats.client().await;

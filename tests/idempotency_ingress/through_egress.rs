@@ -54,16 +54,7 @@ async fn a_long_handler_keeps_its_claim_past_claim_ttl() {
     bounded(async {
         let nats = NatsServer::start();
         bucket(&jetstream::new(nats.client().await)).await;
-        let gate = Arc::new(Semaphore::new(0));
-        let g = gate.clone();
-        let app = App::script(move |_, _| {
-            let g = g.clone();
-            async move {
-                let _ = g.acquire().await.unwrap();
-                respond(200, "slow but done")
-            }
-        })
-        .await;
+        let (app, gate) = gated_app(|_| respond(200, "slow but done")).await;
         let toml = request_route(&format!("timeout = \"20s\"\n{KEYED}")).replace(r#"claim_ttl = "10s""#, r#"claim_ttl = "1s""#);
         let sidecar = Sidecar::start(&toml, &nats.url(), Some(&app.url())).await;
         sidecar.wait_ready().await;
