@@ -15,9 +15,10 @@ use serde::Serialize;
 /// The keep-alive HTTP client every benchmark uses.
 pub type HttpClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+// A sidecar's ports are picked before it starts: the tests' way, not `bind(0)` released,
+// which can hand one port out twice (two sidecars were once given the same egress port).
+#[path = "../../tests/support/ports.rs"]
+mod ports;
 
 pub fn nats_server_bin() -> String {
     // scripts/test exports NATS_SERVER_BIN; a bare `cargo test` finds the pinned server
@@ -109,8 +110,8 @@ impl SidecarProc {
         let dir = tempfile::Builder::new().prefix("natsbridge-bench-sidecar").tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, toml).unwrap();
-        let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let [egress, admin]: [SocketAddr; 2] =
+            ports::free_ports(2).iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect::<Vec<_>>().try_into().unwrap();
         let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
         // BENCH_WRAP_SIDECAR="valgrind --tool=callgrind" (say) runs each sidecar under it.
         let wrap: Vec<String> =
