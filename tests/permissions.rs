@@ -294,3 +294,22 @@ async fn call_async(url: &str) -> String {
     assert_eq!(r.status, 202, "{}", r.text());
     r.header("location").unwrap().to_owned()
 }
+
+/// The README's least-privilege example is the real output for the file it names, so it
+/// cannot fall behind what the command grants.
+#[test]
+fn the_readme_example_is_the_real_output() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = "examples/permissions/orders.toml";
+    let shown_command = format!("$ natsbridge permissions {file} --password-env 'NATS_PASSWORD_{{SERVICE}}'\n");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find(&shown_command).expect("the README shows the example") + shown_command.len();
+    let shown = &readme[start..start + readme[start..].find("```").unwrap()];
+    let out = Command::new(env!("CARGO_BIN_EXE_natsbridge"))
+        .current_dir(root)
+        .args(["permissions", file, "--password-env", "NATS_PASSWORD_{SERVICE}"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(shown, String::from_utf8(out.stdout).unwrap(), "README.md's permissions example is stale: run the command it shows");
+}
