@@ -439,7 +439,6 @@ pub fn cloudevents(data: &[u8]) {
 /// A fuzz target: panics when an invariant breaks.
 pub type Target = fn(&[u8]);
 
-/// Every target by name, for drivers.
 /// The streamed-reply framing (`natsbridge::streamed`): field 0 chunk sizes, field 1 an
 /// event-stream body, field 2 a payload framed as one SSE event, field 3 an event name.
 ///
@@ -494,6 +493,7 @@ pub fn stream(data: &[u8]) {
     assert_eq!(data.join("\n"), want);
 }
 
+/// Every target by name, for drivers.
 pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("routes", routes),
