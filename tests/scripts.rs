@@ -1,5 +1,6 @@
-//! The install scripts fail loudly: a pin that cannot be installed stops the run with a
-//! message naming the package, on a clean environment (`scripts/ci-fresh`) as well.
+//! The scripts fail loudly: a pin that cannot be installed stops the run with a message
+//! naming the package, on a clean environment (`scripts/ci-fresh`) as well; a soak whose
+//! runs failed or lost a message fails.
 
 use std::path::Path;
 use std::process::Command;
@@ -53,4 +54,33 @@ fn ci_fresh_fails_on_a_clone_whose_pin_does_not_exist() {
     assert!(text.contains(&format!("pip could not install {BAD_PIN}")), "{text}");
     assert!(text.contains("ci-fresh: FAILED"), "{text}");
     assert!(text.contains("install: creating the virtualenv"), "the install steps are listed:\n{text}");
+}
+
+/// `scripts/soak-faults --table DIR`: the soak's verdict from its run logs. A case that
+/// failed, or one that lost a message, fails the soak; clean runs pass, and every case
+/// report is a row.
+#[test]
+fn soak_faults_table_fails_on_a_failed_case_or_a_lost_message() {
+    let table = |logs: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, log) in logs.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("run-{}.log", i + 1)), log).unwrap();
+        }
+        run(Command::new(Path::new(ROOT).join("scripts/soak-faults")).arg("--table").arg(dir.path()))
+    };
+    let clean = "fault nats-killed: sent=100 acked=100 delivered=100 duplicate_effects=0 lost=0\n\
+                 fault app-crash: sent=50 acked=50 delivered=50 duplicate_effects=0 lost=0\n";
+    let (ok, text) = table(&[clean, clean]);
+    assert!(ok, "{text}");
+    assert!(text.contains("2 runs, 4 case reports, 0 failed cases, lost in total: 0"), "{text}");
+
+    let failed = "        FAIL [  12.3s] (3/9) natsbridge::faults outage_case\n";
+    let (ok, text) = table(&[clean, &format!("{clean}{failed}")]);
+    assert!(!ok, "a failed case must fail the soak:\n{text}");
+    assert!(text.contains("FAIL outage_case") && text.contains("1 failed cases"), "{text}");
+
+    let lost = "fault fan-out: sent=10 acked=10 delivered=9 duplicate_effects=0 lost=1\n";
+    let (ok, text) = table(&[clean, lost]);
+    assert!(!ok, "a lost message must fail the soak:\n{text}");
+    assert!(text.contains("lost in total: 1"), "{text}");
 }
