@@ -11,6 +11,12 @@
 //!
 //! The bench binary runs one of them when started with [`EGRESS_ARG`] or [`INGRESS_ARG`]
 //! (it re-executes itself), and it prints its listening address (or `ready`) on stdout.
+//!
+//! `BENCH_MIN_HEADERS=1` makes them carry headers as the sidecars do, and nothing else of
+//! theirs: the request's headers into the NATS request, the app's response headers and a
+//! `Bridge-Status` into the reply, and the reply's headers back into the response, each
+//! through async-nats' `HeaderMap`. It is the floor for a sidecar that keeps HTTP's
+//! headers across NATS (issue 14: most of what separates A from min-a is there).
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write as _};
@@ -77,12 +83,33 @@ async fn forward(
 ) -> Response<Full<Bytes>> {
     let event = req.uri().path().strip_prefix("/events/").map(|id| format!("benche.{id}"));
     let echo = req.uri().path() == "/echo";
-    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return status(StatusCode::BAD_REQUEST);
     };
     if echo {
-        return match nc.request(SUBJECT, body).await {
-            Ok(m) => Response::new(Full::new(m.payload)),
+        if !carry_headers() {
+            return match nc.request(SUBJECT, body).await {
+                Ok(m) => Response::new(Full::new(m.payload)),
+                Err(_) => status(StatusCode::BAD_GATEWAY),
+            };
+        }
+        return match nc.request_with_headers(SUBJECT, to_nats(&parts.headers), body).await {
+            Ok(m) => {
+                let mut res = Response::new(Full::new(m.payload));
+                for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
+                    let name: &str = name.as_ref();
+                    if name == "Bridge-Status" {
+                        continue;
+                    }
+                    for v in values {
+                        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(v.as_str())) {
+                            res.headers_mut().append(n, v);
+                        }
+                    }
+                }
+                res
+            }
             Err(_) => status(StatusCode::BAD_GATEWAY),
         };
     }
@@ -106,13 +133,42 @@ async fn ingress(nats_url: &str, app_url: &str) {
         tokio::spawn(async move {
             let Some(reply) = m.reply else { return };
             let req = Request::post(uri).header(http::header::CONTENT_TYPE, "application/octet-stream").body(Full::new(m.payload)).unwrap();
-            let payload = match client.request(req).await {
-                Ok(res) => res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default(),
-                Err(_) => Bytes::new(),
+            let (headers, payload) = match client.request(req).await {
+                Ok(res) => {
+                    let (parts, body) = res.into_parts();
+                    (parts.headers, body.collect().await.map(|b| b.to_bytes()).unwrap_or_default())
+                }
+                Err(_) => (http::HeaderMap::new(), Bytes::new()),
             };
-            let _ = nc.publish(reply, payload).await;
+            if carry_headers() {
+                let mut h = to_nats(&headers);
+                h.insert("Bridge-Status", "200");
+                let _ = nc.publish_with_headers(reply, h, payload).await;
+            } else {
+                let _ = nc.publish(reply, payload).await;
+            }
         });
     }
+}
+
+/// `BENCH_MIN_HEADERS=1`: carry headers across NATS (see the module's doc).
+fn carry_headers() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BENCH_MIN_HEADERS").is_ok_and(|v| v == "1"))
+}
+
+/// HTTP headers as NATS headers, hop-by-hop ones left out, as a sidecar sends them.
+fn to_nats(headers: &http::HeaderMap) -> async_nats::HeaderMap {
+    let mut out = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        if matches!(name.as_str(), "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade" | "host" | "content-length") {
+            continue;
+        }
+        if let Ok(v) = std::str::from_utf8(value.as_bytes()) {
+            out.append(name.as_str(), v);
+        }
+    }
+    out
 }
 
 fn status(s: StatusCode) -> Response<Full<Bytes>> {

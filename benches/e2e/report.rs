@@ -437,11 +437,17 @@ fn against_minimal(gs: &[Group<'_>]) -> String {
             }
         }
     }
+    let headers = if std::env::var("BENCH_MIN_HEADERS").is_ok_and(|v| v == "1") {
+        "**This run's minimal forwarders carried the headers across NATS** (`BENCH_MIN_HEADERS=1`: \
+         the request's, and the app's response headers with a `Bridge-Status`), as the sidecars do. "
+    } else {
+        ""
+    };
     format!(
         "\n### natsbridge against minimal forwarders (same libraries, no features)\n\n\
          c-min and e-min are c and e through two (one) hand-glued forwarders built from natsbridge's \
          libraries (current-thread tokio, hyper 1, async-nats; `benches/e2e/minimal.rs`): no routing, \
-         header mapping, timeouts, limits, metrics or drain. CPU s per 10k requests, median (min–max); \
+         header mapping, timeouts, limits, metrics or drain. {headers}CPU s per 10k requests, median (min–max); \
          ratios are taken per round, then summarised.\n\n\
          | process vs its minimal counterpart | load | natsbridge | minimal | CPU ratio | throughput ratio |\n\
          |---|---|---:|---:|---:|---:|\n{s}\n{composed}"
