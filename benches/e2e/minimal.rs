@@ -152,7 +152,7 @@ async fn ingress(nats_url: &str, app_url: &str) {
 }
 
 /// `BENCH_MIN_HEADERS=1`: carry headers across NATS (see the module's doc).
-fn carry_headers() -> bool {
+pub fn carry_headers() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("BENCH_MIN_HEADERS").is_ok_and(|v| v == "1"))
 }

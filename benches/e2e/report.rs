@@ -437,7 +437,7 @@ fn against_minimal(gs: &[Group<'_>]) -> String {
             }
         }
     }
-    let headers = if std::env::var("BENCH_MIN_HEADERS").is_ok_and(|v| v == "1") {
+    let headers = if crate::minimal::carry_headers() {
         "**This run's minimal forwarders carried the headers across NATS** (`BENCH_MIN_HEADERS=1`: \
          the request's, and the app's response headers with a `Bridge-Status`), as the sidecars do. "
     } else {
