@@ -214,3 +214,55 @@ async fn provision_operations(nats: &NatsServer, toml: &str) {
     let plan = natsbridge::provision::apply(&js, &config, false).await.unwrap();
     assert!(plan.is_ok(), "{plan}");
 }
+
+/// An async call goes on after its 202, so each running one takes a place under
+/// `max_connections` until its result is stored: past it, the next is refused 503 with
+/// `Retry-After` rather than left to pile up tasks, bodies and reply waiters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_operations_count_under_max_connections() {
+    let nats = NatsServer::start();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let app = App::script(move |seen, _| {
+        let g = g.clone();
+        async move {
+            let _pass = g.acquire().await;
+            with_headers(201, &[], &format!("done {}", String::from_utf8_lossy(&seen.body)))
+        }
+    })
+    .await;
+    // One place for the connection that asks, two for operations.
+    let toml = requester("").replace("[sidecar]\n", "[sidecar]\nmax_connections = 3\n");
+    provision_operations(&nats, &toml).await;
+    let resp = Sidecar::start(&responder(), &nats.url(), Some(&app.url())).await;
+    let a = Sidecar::start(&toml, &nats.url(), None).await;
+    resp.wait_ready().await;
+    a.wait_ready().await;
+    let mut locations = Vec::new();
+    for n in 1..=2 {
+        let r = call("POST", &a.url(&format!("/always/{n}")), &[], Bytes::from(format!("job{n}"))).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        locations.push(r.headers["location"].to_str().unwrap().to_owned());
+    }
+    app.wait_hits(2).await;
+    let refused = call("POST", &a.url("/always/3"), &[], Bytes::from_static(b"job3")).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("content-type"), Some("application/problem+json"));
+    assert!(refused.json()["type"].as_str().unwrap_or_default().ends_with("too-many-connections"), "{}", refused.text());
+    assert!(refused.headers.contains_key("retry-after"), "{:?}", refused.headers);
+    assert_eq!(app.hits().len(), 2, "the refused call never reached the app");
+
+    gate.add_permits(100);
+    let done = call("GET", &a.url(&locations[0]), &[("Prefer", "wait=15")], Bytes::new()).await;
+    assert_eq!((done.status, &done.body[..]), (201, &b"done job1"[..]));
+    // Stored results give their places back: a new operation runs again.
+    let url = a.url("/always/4");
+    let again = eventually("an operation is accepted once the others finished", Duration::from_secs(15), || async {
+        let r = call("POST", &url, &[], Bytes::from_static(b"job4")).await;
+        (r.status == 202).then_some(r)
+    })
+    .await;
+    let location = again.headers["location"].to_str().unwrap().to_owned();
+    let done = call("GET", &a.url(&location), &[("Prefer", "wait=15")], Bytes::new()).await;
+    assert_eq!((done.status, &done.body[..]), (201, &b"done job4"[..]));
+}

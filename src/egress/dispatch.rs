@@ -247,7 +247,8 @@ impl Egress {
     ) -> Result<Response<Body>, BridgeError> {
         self.ensure_connected()?;
         if super::operations::wants_async(route, http) {
-            return Box::pin(self.start_async(route, subject, headers, body)).await;
+            let place = self.operation_place()?;
+            return Box::pin(self.start_async(route, subject, headers, body, place)).await;
         }
         // As the NATS headers carry it: UTF-8, not only visible ASCII.
         let rid = http.get(REQUEST_ID).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()).map(str::to_owned);

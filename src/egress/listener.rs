@@ -53,6 +53,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
         let _ = egress.listen.set(addr);
     }
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let _ = egress.places.set(crate::egress::slots::Places { pool: connections.clone(), max: limits.max_connections });
     let (stop_tx, stop_rx) = watch::channel(Stop::Serve);
     let http = Arc::new(Builders::new(&limits));
 

@@ -16,7 +16,8 @@
 //! - `cloudevents` and `nest`: what `codec = "cloudevents"` / `"nestjs"` make of a request.
 //! - [`forward`]: plain HTTP to an origin (`http` routes, calls no route takes), streamed,
 //!   upgrades included; [`connect`]: `CONNECT` tunnels and the byte splice; [`slots`]:
-//!   tunnels' places under `max_connections`, and when they must close.
+//!   the places of tunnels and async operations under `max_connections`, and when they
+//!   must close.
 //! - [`cutover`]: routes moving from an HTTP `upstream` to NATS: the split, shadow copies
 //!   (their comparison, with [`tee`] keeping the HTTP answer) and the fallback.
 //!
@@ -87,6 +88,8 @@ pub struct Egress {
     reply_len: usize,
     /// The listener's bound address, for refusing calls that would loop back to it.
     listen: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The listener's places under `max_connections`, which async operations share.
+    places: std::sync::OnceLock<slots::Places>,
     /// This process's `Via` entry on forwarded calls: seeing it come back is a loop.
     via: http::HeaderValue,
     /// Metric handles of route `(unmatched)`: the calls forwarded to their origin.
@@ -131,6 +134,7 @@ impl Egress {
             publishes_in_flight: AtomicUsize::new(0),
             reply_len,
             listen: std::sync::OnceLock::new(),
+            places: std::sync::OnceLock::new(),
             via,
             unmatched,
             shadows,
@@ -150,6 +154,14 @@ impl Egress {
         let max = self.table.load().config().sidecar.max_inflight_publishes;
         self.publishes_in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
         Some(PublishSlot(&self.publishes_in_flight))
+    }
+}
+
+impl Egress {
+    /// A place for an async operation under `max_connections`, or 503 when none is left.
+    /// Without a listener (none should run one) nothing bounds it, so it is refused.
+    pub(crate) fn operation_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, crate::problem::BridgeError> {
+        self.places.get().ok_or(crate::problem::BridgeError::TooManyConnections { max: 0 })?.operation()
     }
 }
 

@@ -109,15 +109,21 @@ impl Egress {
         subject: String,
         headers: async_nats::HeaderMap,
         body: Bytes,
+        place: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Response<Body>, BridgeError> {
         let js = jetstream(self.nats.clone());
         bucket(&js).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let deadline_ms = now_ms() + route.timeout.as_millis() as u64;
         put(&js, &id, &Record::Running { deadline_ms }, route.async_ttl).await?;
+        let id_run = id.clone();
         let call = Call { nats: self.nats.clone(), replies: self.replies.clone(), metrics: self.metrics.clone(), route: route.clone() };
-        let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-            Box::pin(call.run(js, id.clone(), subject, headers, body));
+        let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
+            call.run(js, id_run, subject, headers, body).await;
+            // Held until the result is stored: running operations count under
+            // `max_connections` (`slots`).
+            drop(place);
+        });
         tokio::spawn(task);
         let mut res = Response::new(full(serde_json::to_vec(&serde_json::json!({ "operation": id })).unwrap_or_default()));
         *res.status_mut() = StatusCode::ACCEPTED;

@@ -7,6 +7,11 @@
 //! - over HTTP/2 the connection stays open beside its tunnels, so each tunnel takes a new
 //!   place from the pool, or is refused (503, `Retry-After`) when none is left.
 //!
+//! An async operation (`Prefer: respond-async`, `async = true`) goes on after its 202
+//! answered and its connection may be gone, so it too takes a new place from the pool for
+//! as long as it runs, or is refused (503, `Retry-After`). Without it, every 202 would
+//! leave a task holding the body and a reply waiter for the route's timeout, unbounded.
+//!
 //! Held places are what the listener's drain waits for; when the drain times out
 //! ([`Stop::Abort`]), the tunnels close, so the stop stays within `drain_timeout`.
 
@@ -70,6 +75,20 @@ pub(crate) fn for_tunnel(slots: Option<&Slots>, version: http::Version) -> Resul
     match slots {
         Some(slots) => slots.tunnel(version),
         None => Err(BridgeError::TooManyConnections { max: 0 }),
+    }
+}
+
+/// The listener's pool of places, as [`crate::egress::Egress`] keeps it for async
+/// operations, which need no request's marks to find it.
+pub(crate) struct Places {
+    pub(crate) pool: Arc<Semaphore>,
+    pub(crate) max: usize,
+}
+
+impl Places {
+    /// A place for an async operation; see the module doc.
+    pub(crate) fn operation(&self) -> Result<OwnedSemaphorePermit, BridgeError> {
+        self.pool.clone().try_acquire_owned().map_err(|_| BridgeError::TooManyConnections { max: self.max })
     }
 }
 
