@@ -51,9 +51,9 @@ pub enum BridgeError {
     PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
-    /// A tunnel would take the listener past `max_connections` (connections and tunnels
-    /// share it).
-    #[error("too many open connections and tunnels (max_connections = {max})")]
+    /// A tunnel or an async operation would take the listener past `max_connections`
+    /// (connections, tunnels and running async operations share it).
+    #[error("too many open connections, tunnels and async operations (max_connections = {max})")]
     TooManyConnections { max: usize },
     #[error("the inbound route's buffer is full ({limit} bytes of messages wait for the app)")]
     BufferFull { limit: usize },
