@@ -75,6 +75,9 @@ pub(super) fn validate(doc: RawDocument, diags: &mut Diagnostics<'_>) -> Option<
         .collect();
 
     cross::check(&outbound, &inbound, &streams, dead_letter.as_ref(), diags);
+    if let Some(s) = &sidecar {
+        outbound::check_timeouts_against_idle(&outbound, s.http.idle_timeout, diags);
+    }
     let routes: Vec<_> = outbound.iter().map(|(o, _)| o.clone()).collect();
     stream::mark_ttl_streams(&routes, &mut streams);
 

@@ -6,6 +6,7 @@ use crate::config::raw::{RawAllowNatsHeaders, RawOutbound};
 use crate::config::values::{parse_http_url, strip_port};
 use crate::config::{AllowNatsHeaders, Defaults, Outbound, OutboundTarget, TUNNEL_PREFIX};
 use crate::subject::{self, SubjectTemplate};
+use std::time::Duration;
 
 /// One validated route, or `None` when it had errors (all of them reported).
 pub(super) fn outbound(
@@ -204,6 +205,28 @@ fn http_target(raw: &RawOutbound, at: Table<'_>, diags: &mut Diagnostics<'_>) ->
     }
 }
 
+/// A call that waits on NATS longer than `[sidecar] idle_timeout` never gets its 504: the
+/// listener's watchdog closes a connection with a request in flight once nothing was read
+/// or written on it for `idle_timeout`, and the caller sees a dropped connection instead.
+/// `subscribe` streams write heartbeats, and async calls answer at once, so neither waits.
+pub(super) fn check_timeouts_against_idle(outbound: &[(Outbound, TableStart)], idle_timeout: Duration, diags: &mut Diagnostics<'_>) {
+    for (o, start) in outbound {
+        if matches!(o.target, OutboundTarget::Subscribe(_)) || o.always_async || o.timeout < idle_timeout {
+            continue;
+        }
+        diags.warn(
+            start.named(Some(&o.name)),
+            Some("timeout"),
+            format!(
+                "timeout {} is not below [sidecar] idle_timeout {}: a call still waiting then is cut with no answer, not a 504; \
+                 raise idle_timeout or lower timeout",
+                humantime::format_duration(o.timeout),
+                humantime::format_duration(idle_timeout)
+            ),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::test_support::{errors, MINIMAL};
@@ -246,5 +269,23 @@ mod tests {
             let e = errors(&format!("{MINIMAL}{key} = \"0s\"\n"));
             assert!(e.iter().any(|m| m.contains(&format!("`{key}` must be more than zero")) && m.starts_with("t.toml:")), "{e:#?}");
         }
+    }
+
+    #[test]
+    fn a_timeout_past_idle_timeout_is_warned_of() {
+        let route = |name: &str, extra: &str| {
+            format!("[[outbound]]\nname = \"{name}\"\npath = \"/{name}\"\nsubject = \"{name}\"\nmode = \"request\"\n{extra}")
+        };
+        let src = format!(
+            "{MINIMAL}idle_timeout = \"30s\"\n{}{}{}",
+            route("slow", "timeout = \"45s\"\n"),
+            route("quick", "timeout = \"10s\"\n"),
+            route("later", "timeout = \"45s\"\nasync = true\n")
+        );
+        let c = crate::config::parse(&src, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let w: Vec<String> = c.warnings.iter().map(|d| d.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(w[0].contains("\"slow\"") && w[0].contains("timeout 45s is not below [sidecar] idle_timeout 30s"), "{w:#?}");
+        assert_eq!(c.warnings[0].line, 9, "the route's timeout line: {w:#?}");
     }
 }
