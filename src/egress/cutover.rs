@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::config::{Cutover, Outbound, Sticky};
 use crate::egress::forward::Outgoing;
 use crate::egress::tee::Tee;
-use crate::egress::{full, Body, Egress};
+use crate::egress::{full, Body, BoxError, Egress};
 use crate::metrics::EgressPath;
 use crate::problem::BridgeError;
 
@@ -96,13 +96,13 @@ impl ShadowResult {
 }
 
 /// Compares two answers: the status, then the body, as JSON values when both are JSON
-/// (key order and whitespace do not count), else byte for byte. `http_body` is `None`
-/// when the HTTP answer was too long to keep: then the status decides.
-pub fn compare(http_status: StatusCode, http_body: Option<&[u8]>, nats_status: StatusCode, nats_body: &[u8]) -> ShadowResult {
+/// (key order and whitespace do not count), else byte for byte. A body is `None` when it
+/// was too long to keep (`COMPARE_LIMIT`): then the status decides.
+pub fn compare(http_status: StatusCode, http_body: Option<&[u8]>, nats_status: StatusCode, nats_body: Option<&[u8]>) -> ShadowResult {
     if http_status != nats_status {
         return ShadowResult::StatusMismatch;
     }
-    let Some(http_body) = http_body else { return ShadowResult::Match };
+    let (Some(http_body), Some(nats_body)) = (http_body, nats_body) else { return ShadowResult::Match };
     let same = match (serde_json::from_slice::<serde_json::Value>(http_body), serde_json::from_slice::<serde_json::Value>(nats_body)) {
         (Ok(a), Ok(b)) => a == b,
         _ => http_body == nats_body,
@@ -278,9 +278,11 @@ impl Egress {
     async fn shadow(&self, call: ShadowCall) {
         let ShadowCall { route, subject, mut parts, body, http } = call;
         let nats = match self.carry(&route, subject, &mut parts, body).await {
+            // Kept up to the same limit as the HTTP answer: a shadow's streamed reply may be
+            // long, and up to `SHADOW_CONCURRENCY` of them are read at once.
             Ok(res) => {
                 let status = res.status();
-                res.into_body().collect().await.map(|b| (status, b.to_bytes())).map_err(|_| ShadowResult::Error)
+                kept(res.into_body()).await.map(|b| (status, b)).map_err(|_| ShadowResult::Error)
             }
             Err(BridgeError::Timeout { .. }) => Err(ShadowResult::Timeout),
             Err(_) => Err(ShadowResult::Error),
@@ -292,7 +294,7 @@ impl Egress {
             return;
         };
         let result = match &nats {
-            Ok((status, b)) => compare(http_status, http_body.as_deref(), *status, b),
+            Ok((status, b)) => compare(http_status, http_body.as_deref(), *status, b.as_deref()),
             Err(r) => *r,
         };
         self.metrics.shadow.with_label_values(&[route.name.as_str(), result.as_str()]).inc();
@@ -306,10 +308,30 @@ impl Egress {
                 http_status: http_status.as_u16(),
                 nats_status: nats.as_ref().ok().map(|(s, _)| s.as_u16()),
                 http_body: http_body.as_deref().map(shown).unwrap_or_else(|| "(too long to compare)".into()),
-                nats_body: nats.as_ref().map(|(_, b)| shown(b)).unwrap_or_default(),
+                nats_body: match &nats {
+                    Ok((_, Some(b))) => shown(b),
+                    Ok((_, None)) => "(too long to compare)".into(),
+                    Err(_) => String::new(),
+                },
             });
         }
     }
+}
+
+/// A shadow's NATS answer, or `None` past `COMPARE_LIMIT` (read no further). Read frame
+/// by frame: `http_body_util::Limited` over this boxed error makes the spawned shadow's
+/// future fail rustc's `Send` check (rust-lang/rust#102211).
+async fn kept(mut body: Body) -> Result<Option<Bytes>, BoxError> {
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if kept.len() + data.len() > COMPARE_LIMIT {
+                return Ok(None);
+            }
+            kept.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(kept.freeze()))
 }
 
 /// The call's response (a failure as problem+json) with `Bridge-Path` set.
@@ -379,12 +401,21 @@ mod tests {
     #[test]
     fn answers_compare_as_json_when_both_are() {
         let ok = StatusCode::OK;
-        assert_eq!(compare(ok, Some(br#"{"a":1,"b":[1,2]}"#), ok, b"{ \"b\": [1, 2], \"a\": 1 }"), ShadowResult::Match);
-        assert_eq!(compare(ok, Some(br#"{"a":1}"#), ok, br#"{"a":2}"#), ShadowResult::BodyMismatch);
-        assert_eq!(compare(ok, Some(b"plain"), ok, b"plain"), ShadowResult::Match);
-        assert_eq!(compare(ok, Some(b"plain"), ok, b"plain "), ShadowResult::BodyMismatch);
-        assert_eq!(compare(ok, Some(b"x"), StatusCode::CREATED, b"x"), ShadowResult::StatusMismatch);
-        assert_eq!(compare(ok, None, ok, b"anything"), ShadowResult::Match);
+        assert_eq!(compare(ok, Some(br#"{"a":1,"b":[1,2]}"#), ok, Some(b"{ \"b\": [1, 2], \"a\": 1 }")), ShadowResult::Match);
+        assert_eq!(compare(ok, Some(br#"{"a":1}"#), ok, Some(br#"{"a":2}"#)), ShadowResult::BodyMismatch);
+        assert_eq!(compare(ok, Some(b"plain"), ok, Some(b"plain")), ShadowResult::Match);
+        assert_eq!(compare(ok, Some(b"plain"), ok, Some(b"plain ")), ShadowResult::BodyMismatch);
+        assert_eq!(compare(ok, Some(b"x"), StatusCode::CREATED, Some(b"x")), ShadowResult::StatusMismatch);
+        assert_eq!(compare(ok, None, ok, Some(b"anything")), ShadowResult::Match);
+        assert_eq!(compare(ok, Some(b"short"), ok, None), ShadowResult::Match, "a NATS answer too long to keep: the status decides");
+        assert_eq!(compare(ok, Some(b"short"), StatusCode::CREATED, None), ShadowResult::StatusMismatch);
+    }
+
+    #[tokio::test]
+    async fn a_shadows_answer_is_kept_up_to_the_compare_limit() {
+        let at_limit = Bytes::from(vec![b'x'; COMPARE_LIMIT]);
+        assert_eq!(kept(full(at_limit.clone())).await.unwrap(), Some(at_limit));
+        assert_eq!(kept(full(vec![b'x'; COMPARE_LIMIT + 1])).await.unwrap(), None);
     }
 
     #[test]
