@@ -45,8 +45,9 @@ pub struct DrainControl {
     pub stop: CancellationToken,
     /// True once they have stopped and their handlers are done.
     pub done: watch::Receiver<bool>,
-    /// How long `/drain` waits for that (`drain_timeout`).
-    pub timeout: Duration,
+    /// How long `/drain` waits for that: the `drain_timeout` in force, read at each call
+    /// (a reload changes it at once).
+    pub timeout: Arc<dyn Fn() -> Duration + Send + Sync>,
 }
 
 impl DrainControl {
@@ -55,7 +56,7 @@ impl DrainControl {
         readiness.drain();
         self.stop.cancel();
         let mut done = self.done.clone();
-        let stopped = tokio::time::timeout(self.timeout, async { done.wait_for(|d| *d).await.is_ok() }).await;
+        let stopped = tokio::time::timeout((self.timeout)(), async { done.wait_for(|d| *d).await.is_ok() }).await;
         match stopped {
             Ok(true) => (StatusCode::OK, Bytes::from_static(b"drained: inbound routes stopped, no handler running\n")),
             _ => (StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"inbound routes still stopping\n")),

@@ -44,6 +44,8 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         &changed!("sidecar", o, n, [listen, admin_listen])[..],
         // The HTTP edge limits are the listener's, set up once with it.
         &changed!("sidecar", o.http, n.http, [header_read_timeout, max_headers, max_header_bytes, idle_timeout, max_connections]),
+        // The passthrough client is built once, with its connect timeout.
+        &[("sidecar.forward_connect_timeout", o.forward.connect_timeout != n.forward.connect_timeout)],
         // The service names the NATS connection, durable consumers and idempotency scope.
         &changed!("sidecar", o, n, [service]),
         // The runtime is built once, before anything runs on it.
@@ -203,6 +205,7 @@ mod tests {
             ("", "token_env = \"NATS_TOKEN\"", "nats.auth"),
             ("idle_timeout = \"5s\"", "", "sidecar.idle_timeout"),
             ("max_connections = 9", "", "sidecar.max_connections"),
+            ("forward_connect_timeout = \"9s\"", "", "sidecar.forward_connect_timeout"),
         ];
         for (sidecar, nats, name) in cases {
             assert_eq!(needs_restart(&base, &parse(sidecar, nats)), vec![name], "{sidecar}{nats}");

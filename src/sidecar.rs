@@ -88,7 +88,14 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         nats: nats.clone(),
         readiness: readiness.clone(),
         mode: config.sidecar.readiness,
-        drain: admin::DrainControl { stop: ingress_stop.clone(), done: ingress_done_rx, timeout: config.sidecar.drain_timeout },
+        drain: admin::DrainControl {
+            stop: ingress_stop.clone(),
+            done: ingress_done_rx,
+            timeout: {
+                let table = table.clone();
+                Arc::new(move || table.load().config().sidecar.drain_timeout)
+            },
+        },
     };
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone().cancelled_owned()));
@@ -111,6 +118,8 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
     mark_draining(readiness.clone(), shutdown.clone());
     // The signal, not `egress_stop`: subscribe streams end when the stop starts, so their
     // clients resume on another pod while this one drains.
+    // The stop's budget is the `drain_timeout` in force when it starts, not at start-up.
+    let in_force = table.clone();
     let egress = Egress::new(table, nats.clone(), replies, metrics, shadows, telemetry.clone(), shutdown.clone());
     // The listener is bound and the loop below accepts from it at once.
     readiness.pass(&Component::EGRESS);
@@ -121,7 +130,7 @@ pub async fn run(parts: Parts) -> Result<(), SidecarError> {
         served = &mut egress_task => Some(served),
     };
     // One budget for the whole stop, not one per step.
-    let drain = Drain::new(config.sidecar.drain_timeout);
+    let drain = Drain::new(in_force.load().config().sidecar.drain_timeout);
     // Ingress first (no new messages), while egress still accepts: the handlers still
     // running may call out through it. Reload and provisioning stop alongside.
     ingress_stop.cancel();

@@ -45,10 +45,9 @@ use crate::problem::BridgeError;
 /// Serves the egress listener until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `drain_timeout` (from the config in force).
 pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    let (limits, drain_timeout) = {
-        let table = egress.table.load();
-        (table.config().sidecar.http.clone(), table.config().sidecar.drain_timeout)
-    };
+    // The edge limits are the listener's, set up once; the drain's length is read when the
+    // stop comes, so a reload changes it.
+    let limits = egress.table.load().config().sidecar.http.clone();
     if let Ok(addr) = listener.local_addr() {
         let _ = egress.listen.set(addr);
     }
@@ -100,6 +99,7 @@ pub async fn serve(listener: TcpListener, egress: Arc<Egress>, shutdown: impl Fu
     drop(listener);
     let _ = stop_tx.send(Stop::Drain);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drain_timeout = egress.table.load().config().sidecar.drain_timeout;
     tokio::select! {
         _ = connections.acquire_many(all) => tracing::info!("egress drained"),
         _ = tokio::time::sleep(drain_timeout) => {

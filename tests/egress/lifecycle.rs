@@ -251,3 +251,31 @@ async fn own_time_counts_every_answered_request_once_read_and_resets_when_read()
     // Read with reset=1: the next read starts from nothing.
     assert_eq!(own().await["egress_to_nats"]["count"], 0);
 }
+
+/// `drain_timeout` applies on reload, as the README says: the stop that follows a reload
+/// lasts the new one, not the one the sidecar started with.
+#[tokio::test]
+async fn a_reloaded_drain_timeout_bounds_the_next_stop() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    // Takes the call and never answers: it stays in flight through the stop.
+    let mut sub = subscribe_synced(&client, "held.op").await;
+    let held = "[[outbound]]\nname = \"held\"\nmethod = \"POST\"\npath = \"/held\"\nsubject = \"held.op\"\nmode = \"request\"\ntimeout = \"60s\"\n";
+    let sc = Sidecar::start(&routes(held), &nats.url(), None).await;
+    sc.wait_nats().await;
+    let shorter = routes(held).replace("drain_timeout = \"10s\"", "drain_timeout = \"1s\"");
+    assert_ne!(shorter, routes(held));
+    std::fs::write(&sc.config_path, shorter).unwrap();
+    eventually("the reload counted", Duration::from_secs(10), || async {
+        sc.metrics().await.contains("natsbridge_config_reloads_total 1").then_some(())
+    })
+    .await;
+    let url = sc.url("/held");
+    let in_flight = tokio::spawn(async move { call("POST", &url, &[], "x").await });
+    tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
+    let started = std::time::Instant::now();
+    // 10 s (the first drain_timeout) would pass this bound; 1 s and a loaded machine do not.
+    tokio::time::timeout(Duration::from_secs(6), sc.stop()).await.expect("the stop lasted the drain_timeout of start-up");
+    println!("stopped in {:?} with drain_timeout reloaded to 1 s", started.elapsed());
+    in_flight.abort();
+}
