@@ -202,8 +202,16 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                 shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
                 // Unknown floor (a new stream): from its first message, not the route's
-                // `deliver` (new only), which would skip what the new stream holds.
-                let start = resume_point(&stream, floor).await.or(Some(1));
+                // `deliver` (new only), which would skip what the new stream holds. A
+                // stream that cannot say where it ends is asked again at the next tick:
+                // guessing "new stream" would replay all of it to the app.
+                let start = match resume_point(&stream, floor).await {
+                    Ok(start) => start.or(Some(1)),
+                    Err(e) => {
+                        tracing::warn!(route = %route.inbound.name, error = %e, "consumer vanished; its stream's info failed, so it is recreated at the next check");
+                        continue;
+                    }
+                };
                 match ensure_consumer(&stream, route, c, start).await {
                     Ok(_) => {
                         tracing::warn!(route = %route.inbound.name, durable = %c.durable, start = ?start, "consumer vanished; recreated it");
@@ -227,9 +235,10 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
 }
 
 /// Where a recreated consumer starts: after its old ack floor when the stream still
-/// holds that sequence (same stream), else from the beginning (a new stream).
-async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Option<u64> {
-    let floor = floor.filter(|f| *f > 0)?;
-    let info = stream.get_info().await.ok()?;
-    (info.state.last_sequence >= floor).then_some(floor + 1)
+/// holds that sequence (same stream), else from the beginning (a new stream, `None`).
+/// An error when the stream's info could not be read: then nobody knows which it is.
+async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Result<Option<u64>, async_nats::jetstream::context::RequestError> {
+    let Some(floor) = floor.filter(|f| *f > 0) else { return Ok(None) };
+    let info = stream.get_info().await?;
+    Ok((info.state.last_sequence >= floor).then_some(floor + 1))
 }
