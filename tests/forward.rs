@@ -472,3 +472,25 @@ async fn connect_to_a_routed_host_still_takes_the_routes() {
     let want = format!(r#"natsbridge_egress_tunnels_total{{host="localhost:{}",kind="connect",outcome="routed"}} 1"#, tls.port());
     assert!(m.contains(&want), "{want} not in\n{m}");
 }
+
+/// A proxied call whose host and path a route takes, but with a method no route takes,
+/// goes to its origin as it would without the sidecar: the route moved that one call, not
+/// the path's other methods. Called on the sidecar directly (origin form), it is still 405.
+#[tokio::test]
+async fn a_proxied_method_no_route_takes_reaches_its_origin() {
+    let nats = NatsServer::start();
+    let (sink, ws) = (sink().await, ws_echo().await);
+    let moved = "[[outbound]]\nname = \"moved\"\nmethod = \"POST\"\nhost = \"127.0.0.1\"\npath = \"/moved\"\nsubject = \"moved.op\"\nmode = \"publish\"\n";
+    let s = Sidecar::start(&(routes(sink, ws, "") + moved), &nats.url(), None).await;
+    s.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/moved", sink.port());
+    let (status, body) = curl(s.egress, &[&url]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("GET /moved ") && body.contains("via=yes"), "the origin answered, through the proxy: {body}");
+    // The moved call itself still takes the route (publish mode answers 202).
+    let (status, body) = curl(s.egress, &["-X", "POST", "-d", "x", &url]).await;
+    assert_eq!(status, 202, "{body}");
+    let r = call("GET", &s.url("/moved"), &[("host", "127.0.0.1")], "").await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("POST"));
+}

@@ -73,8 +73,11 @@ impl Egress {
                 }
             },
             // Absolute form: the app called another host through HTTP_PROXY; without the
-            // sidecar that call would have worked, so it still does.
-            Err(Miss::NotFound) if req.uri().authority().is_some() && table.config().sidecar.forward.unmatched == Unmatched::Forward => {
+            // sidecar that call would have worked, so it still does. That includes a method
+            // the host's routes do not take: a route moves that call, not the path's others.
+            Err(Miss::NotFound | Miss::MethodNotAllowed(_))
+                if req.uri().authority().is_some() && table.config().sidecar.forward.unmatched == Unmatched::Forward =>
+            {
                 return Box::pin(self.forward(req, rid)).await;
             }
             Err(Miss::NotFound) => {
