@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Unmatched;
+use crate::egress::framing::{Guard, Verdict};
 use crate::egress::slots::{self, Slots, TunnelSlot};
 use crate::egress::{full, Body, Egress};
 use crate::metrics::{InFlight, Metrics};
@@ -121,17 +122,25 @@ impl Egress {
             }
             return;
         }
-        let io = Prefixed { prefix: Bytes::from(first), inner: ours };
+        // The HTTP inside gets the listener's idle bound: a request stalled mid-body (or
+        // a connection kept silent) is closed after `idle_timeout` with nothing moving.
+        // And its framing guard: what two parsers could read differently is refused.
+        let (base, last) = (Instant::now(), Arc::new(AtomicU64::new(0)));
+        let guard = Arc::new(Mutex::new(Guard::default()));
+        let io =
+            Tracked { inner: Prefixed { prefix: Bytes::from(first), inner: ours }, base, last: last.clone(), guard: Some(guard.clone()) };
         let egress = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (egress, target) = (egress.clone(), target.clone());
             let nested = nested.clone();
+            // Taken as hyper hands the request over: its head has been read through the guard.
+            let verdict = guard.lock().unwrap_or_else(|e| e.into_inner()).next_verdict();
             async move {
                 let mut req = in_tunnel(req, &target);
                 if let Some(n) = nested {
                     req.extensions_mut().insert(n);
                 }
-                Ok::<_, std::convert::Infallible>(handle_boxed(egress, req).await)
+                Ok::<_, std::convert::Infallible>(handle_boxed(egress, req, verdict).await)
             }
         });
         let limits = self.table.load().config().sidecar.http.clone();
@@ -140,8 +149,13 @@ impl Egress {
             .header_read_timeout(limits.header_read_timeout)
             .max_headers(limits.max_headers)
             .max_buf_size(limits.max_header_bytes.max(8192));
-        if let Err(e) = http.serve_connection(TokioIo::new(io), svc).with_upgrades().await {
-            tracing::debug!(error = %e, "HTTP inside a CONNECT tunnel ended with an error");
+        tokio::select! {
+            r = http.serve_connection(TokioIo::new(io), svc).with_upgrades() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP inside a CONNECT tunnel ended with an error");
+                }
+            }
+            _ = quiet_for(idle, base, &last) => tracing::debug!(?idle, "HTTP inside a CONNECT tunnel idle; closing"),
         }
     }
 
@@ -168,11 +182,19 @@ impl Egress {
     }
 }
 
-/// [`Egress::handle`] behind a plain function returning a boxed future: the tunnel's
-/// future then names no opaque type of `handle`, whose own future contains `connect`'s
-/// (rustc cannot prove `Send` through that cycle).
-fn handle_boxed(egress: Arc<Egress>, req: Request<Incoming>) -> Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
-    Box::pin(async move { egress.handle(req).await })
+/// A request read inside a routed tunnel, served as the listener serves one (the framing
+/// check, a panic answered 500), behind a plain function returning a boxed future: the
+/// tunnel's future then names no opaque type of `handle`, whose own future contains
+/// `connect`'s (rustc cannot prove `Send` through that cycle).
+fn handle_boxed(
+    egress: Arc<Egress>,
+    req: Request<Incoming>,
+    verdict: Verdict,
+) -> Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+    match verdict {
+        Some(why) => Box::pin(std::future::ready(super::listener::bad_framing(why))),
+        None => Box::pin(super::listener::serve_one(egress, req)),
+    }
 }
 
 /// A request read inside a tunnel to `target`, in absolute form: `http://<target><path>`.
@@ -229,17 +251,9 @@ where
     let _open = InFlight::new(&metrics.egress_tunnels_open);
     let base = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
-    let mut a = Tracked { inner: a, base, last: last.clone() };
-    let mut b = Tracked { inner: b, base, last: last.clone() };
-    let watchdog = async {
-        loop {
-            let deadline = base + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline.into()).await;
-        }
-    };
+    let mut a = Tracked { inner: a, base, last: last.clone(), guard: None };
+    let mut b = Tracked { inner: b, base, last: last.clone(), guard: None };
+    let watchdog = quiet_for(idle, base, &last);
     let aborted = async {
         match slot {
             Some(mut slot) => slot.aborted().await,
@@ -257,11 +271,24 @@ where
     }
 }
 
-/// Marks the time of the last byte moved, for the splice's idle watchdog.
+/// Resolves once no byte moved through the [`Tracked`] ends sharing `last` for `idle`.
+async fn quiet_for(idle: Duration, base: Instant, last: &AtomicU64) {
+    loop {
+        let deadline = base + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// Marks the time of the last byte moved, for the idle watchdogs of tunnels; with a
+/// `guard`, also follows the HTTP read through it, as the listener's connections do.
 struct Tracked<T> {
     inner: T,
     base: Instant,
     last: Arc<AtomicU64>,
+    guard: Option<Arc<Mutex<Guard>>>,
 }
 
 impl<T> Tracked<T> {
@@ -277,6 +304,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.touch();
+            if let Some(guard) = &this.guard {
+                guard.lock().unwrap_or_else(|e| e.into_inner()).read(&buf.filled()[before..]);
+            }
         }
         r
     }

@@ -128,7 +128,7 @@ async fn accept(listener: &TcpListener) -> Option<TcpStream> {
 ///
 /// A plain async function rather than a tower stack (tower-http's `CatchPanic` and a body
 /// unifier): those boxed the response body twice and the service once more per request.
-async fn serve_one(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn serve_one(egress: Arc<Egress>, req: Request<Incoming>) -> Response<Body> {
     // Framing hyper tolerates but a front proxy might read differently.
     if let Some(res) = reject_ambiguous_framing(&req) {
         return res;
@@ -512,7 +512,7 @@ fn reject_ambiguous_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 }
 
 /// 400 with `Connection: close`: nothing after this request on the connection is parsed.
-fn bad_framing(why: &'static str) -> Response<Body> {
+pub(super) fn bad_framing(why: &'static str) -> Response<Body> {
     BridgeError::BadFraming(why).to_response(None, None).map(full)
 }
 
