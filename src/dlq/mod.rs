@@ -55,11 +55,25 @@ fn is_publish_control(name: &str) -> bool {
         || name.eq_ignore_ascii_case(crate::codec::NATS_MSG_ID)
 }
 
-/// The dead letter's own `Nats-Msg-Id`, `<stream>.<durable>.<seq>`: unique per consumer
-/// and message (two services' dead letters of one message are two dead letters), and
-/// stable across a retried publish (the DLQ stream keeps one).
+/// The dead letter's own `Nats-Msg-Id`, `<stream>.<durable>.<seq>.<stored>`: unique per
+/// consumer and message (two services' dead letters of one message are two dead letters),
+/// and stable across a retried publish and a redelivery (the DLQ stream keeps one).
+///
+/// `<stored>` is when the source stream stored the message (ns since the epoch): without
+/// it, a stream deleted and recreated within the DLQ stream's duplicate window numbers its
+/// messages from 1 again, and a new message's dead letter would be answered `duplicate`,
+/// taken for "already stored", and the message termed with no dead letter at all.
 pub fn msg_id(origin: &Origin<'_>) -> String {
-    format!("{}.{}.{}", origin.stream, origin.consumer, origin.seq)
+    format!("{}.{}.{}.{}", origin.stream, origin.consumer, origin.seq, origin.stored)
+}
+
+/// Whether `id` is the `Nats-Msg-Id` [`msg_id`] gives (or gave, before `<stored>` was
+/// added) a dead letter of `stream`/`consumer`/`seq`.
+pub fn is_own_msg_id(id: &str, stream: &str, consumer: &str, seq: &str) -> bool {
+    let Some(rest) = id.strip_prefix(stream).and_then(|r| r.strip_prefix('.')) else { return false };
+    let Some(rest) = rest.strip_prefix(consumer).and_then(|r| r.strip_prefix('.')) else { return false };
+    let Some(rest) = rest.strip_prefix(seq) else { return false };
+    rest.is_empty() || rest.strip_prefix('.').is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// How much of the response body `Bridge-Dlq-Error` keeps.
@@ -133,6 +147,9 @@ pub struct Origin<'a> {
     pub subject: &'a str,
     pub seq: u64,
     pub deliveries: u64,
+    /// When the source stream stored the message, ns since the epoch (the same on every
+    /// delivery of it; see [`msg_id`]).
+    pub stored: u64,
 }
 
 /// What went wrong the last time.
@@ -249,7 +266,15 @@ mod tests {
     use super::*;
 
     fn origin() -> Origin<'static> {
-        Origin { route: "tool-exec", consumer: "tool-service", stream: "TOOL", subject: "tool.execution.requested", seq: 42, deliveries: 5 }
+        Origin {
+            route: "tool-exec",
+            consumer: "tool-service",
+            stream: "TOOL",
+            subject: "tool.execution.requested",
+            seq: 42,
+            deliveries: 5,
+            stored: 1_700_000_000_123_456_789,
+        }
     }
 
     #[test]
@@ -266,7 +291,7 @@ mod tests {
             &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") },
             now,
         );
-        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42.1700000000123456789");
         assert_eq!(h.get_all("Nats-Msg-Id").count(), 1);
         assert_eq!(h.get(MSG_ID).unwrap().as_str(), "abc");
         assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
@@ -300,7 +325,23 @@ mod tests {
         assert_eq!(h.get("X-Keep").unwrap().as_str(), "v");
         // Without an original id there is none to keep, but the dead letter has its own.
         assert!(h.get(MSG_ID).is_none());
-        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42.1700000000123456789");
+    }
+
+    #[test]
+    fn the_id_tells_a_recreated_streams_message_from_an_earlier_one_and_not_a_redelivery() {
+        let first = origin();
+        // Redelivered (more deliveries, same message): the same id, so a retry dedupes.
+        assert_eq!(msg_id(&Origin { deliveries: 9, ..first }), msg_id(&first));
+        // The stream recreated: sequence 42 again, another message, stored later.
+        let again = Origin { stored: first.stored + 5_000_000_000, ..first };
+        assert_ne!(msg_id(&again), msg_id(&first));
+        for id in [msg_id(&first), "TOOL.tool-service.42".into()] {
+            assert!(is_own_msg_id(&id, "TOOL", "tool-service", "42"), "{id}");
+        }
+        for id in ["TOOL.tool-service.421", "TOOL.tool-service.42.", "TOOL.tool-service.42.x", "evt-1", "TOOL.other.42.1"] {
+            assert!(!is_own_msg_id(id, "TOOL", "tool-service", "42"), "{id}");
+        }
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub(super) async fn dead_letter_then_term(
         subject: msg.subject.as_str(),
         seq: at.seq,
         deliveries: at.delivered,
+        stored: at.stored,
     };
     let stored = dead_letter(js, msg.headers.as_ref(), &origin, failure, msg.payload.clone()).await;
     progress.stop().await;
@@ -124,8 +125,9 @@ async fn dead_letter(
     let headers = dlq::headers(original, origin, failure, SystemTime::now());
     match js.dlq.publish(&js.consumer.dead_letter, headers, payload).await {
         Ok(ack) if ack.duplicate => {
-            // Its Nats-Msg-Id is ours alone (`<stream>.<durable>.<seq>`): a duplicate means
-            // an earlier attempt of ours stored it (its term was lost). Not counted twice.
+            // Its Nats-Msg-Id is ours alone, and this message's alone (`dlq::msg_id`): a
+            // duplicate means an earlier attempt of ours stored it (its term was lost). Not
+            // counted twice.
             tracing::info!(route = origin.route, stream = origin.stream, seq = origin.seq, "already dead-lettered");
             true
         }
