@@ -35,6 +35,7 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     pub idempotency: IntCounterVec,
     pub dlq_published: IntCounterVec,
+    pub dlq_too_large: IntCounterVec,
     pub dlq_stored: IntGaugeVec,
     pub dlq_fill_ratio: GaugeVec,
     pub component_up: IntGaugeVec,
@@ -132,6 +133,11 @@ const IDEMPOTENCY: Family = Family {
 };
 const DLQ_PUBLISHED: Family =
     Family { name: "natsbridge_dlq_published_total", help: "Dead letters published, by route and reason.", labels: &["route", "reason"] };
+const DLQ_TOO_LARGE: Family = Family {
+    name: "natsbridge_dlq_too_large_total",
+    help: "Dead letters too large to publish even with their description trimmed (the payload alone is near max_payload, or over the dead-letter stream's max_msg_size); each message is nak'ed and comes back.",
+    labels: &["route"],
+};
 const DLQ_STORED: Family =
     Family { name: "natsbridge_dlq_stored", help: "What the dead-letter stream holds now, by unit: messages, bytes.", labels: &["unit"] };
 const DLQ_FILL_RATIO: Family = Family {
@@ -233,6 +239,7 @@ impl Metrics {
             slow_consumers: r.counter(&SLOW_CONSUMERS),
             idempotency: r.counter_vec(&IDEMPOTENCY),
             dlq_published: r.counter_vec(&DLQ_PUBLISHED),
+            dlq_too_large: r.counter_vec(&DLQ_TOO_LARGE),
             dlq_stored: r.gauge_vec(&DLQ_STORED),
             dlq_fill_ratio: r.float_gauge_vec(&DLQ_FILL_RATIO),
             component_up: r.gauge_vec(&COMPONENT_UP),

@@ -1,6 +1,6 @@
 //! Streamed replies from foreign responders (plain NATS clients speaking the wire
-//! contract, or breaking it), the responder sidecar dying, a slow client, and the token
-//! latency measurement.
+//! contract, or breaking it), a foreign peer flooding a responder's control subject, the
+//! responder sidecar dying, a slow client, and the token latency measurement.
 
 mod support;
 
@@ -33,6 +33,87 @@ async fn a_gap_in_the_sequence_ends_the_stream_as_an_error_and_cancels_it() {
     assert!(text.contains("stream-broken") && !text.contains("data: d"), "{text}");
     let cancel = tokio::time::timeout(Duration::from_secs(5), control.next()).await.expect("a cancel").unwrap();
     assert_eq!(cancel.headers.unwrap().get("Bridge-Stream").unwrap().as_str(), "cancel");
+}
+
+/// A request from a plain NATS client, for a streamed reply: the inbox it arrives on.
+async fn foreign_ask(c: &async_nats::Client, path: &str) -> async_nats::Subscriber {
+    let inbox = c.new_inbox();
+    let sub = subscribe_synced(c, &inbox).await;
+    c.publish_with_reply(format!("tokens.{path}"), inbox, Bytes::new()).await.unwrap();
+    sub
+}
+
+/// The stream's first message, and its control subject.
+async fn first_of(sub: &mut async_nats::Subscriber) -> (Bytes, String) {
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("the first message").unwrap();
+    let control = first.headers.as_ref().and_then(|h| h.get("Bridge-Stream-Control")).expect("a control subject").as_str().to_owned();
+    (first.payload, control)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_the_control_subject_neither_stops_nor_stalls_the_responder() {
+    let nats = NatsServer::start();
+    let (app_url, mut calls) = streaming_app().await;
+    let responder = SidecarProcess::start(&responder_toml(""), &nats.url(), Some(&app_url));
+    responder.wait_ready().await;
+    let c = nats.client().await;
+    let flood = |control: String| {
+        let c = c.clone();
+        async move {
+            // Far past the control buffer (4, 16 in a burst), in one burst: no cancel among them.
+            for i in 0..5000u32 {
+                c.publish(control.clone(), Bytes::from(i.to_string())).await.unwrap();
+            }
+            c.flush().await.unwrap();
+        }
+    };
+
+    // The responder is a process: a task spinning in it cannot take the test's runtime along.
+    let mut sub = foreign_ask(&c, "sse").await;
+    let call = next_call(&mut calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"data: a\n\n"))).await.unwrap();
+    let (first, control) = first_of(&mut sub).await;
+    assert_eq!(&first[..], b"data: a\n\n");
+    flood(control).await;
+    // Another request is answered promptly meanwhile.
+    let other = tokio::spawn({
+        let c = c.clone();
+        async move { tokio::time::timeout(Duration::from_secs(5), c.request("tokens.chunks", Bytes::new())).await }
+    });
+    let whole = next_call(&mut calls).await;
+    whole.tx.send(Ok(Bytes::from_static(b"whole"))).await.unwrap();
+    drop(whole);
+    let answer = other.await.unwrap().expect("answered within 5 s").unwrap();
+    assert_eq!(&answer.payload[..], b"whole");
+    // The stream goes on, and ends complete.
+    call.tx.send(Ok(Bytes::from_static(b"data: b\n\n"))).await.unwrap();
+    drop(call);
+    let mut rest = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("the stream goes on").unwrap();
+        let end = m.headers.as_ref().and_then(|h| h.get("Bridge-Stream")).is_some_and(|v| v.as_str() == "end");
+        rest.extend_from_slice(&m.payload);
+        if end {
+            break;
+        }
+    }
+    assert_eq!(&rest[..], b"data: b\n\n");
+
+    // Still watched after a flood: a reader that goes away stops the stream (its app call
+    // is dropped) instead of it streaming on to nobody.
+    let mut sub = foreign_ask(&c, "sse").await;
+    let call = next_call(&mut calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"data: a\n\n"))).await.unwrap();
+    let (_, control) = first_of(&mut sub).await;
+    flood(control).await;
+    drop(sub);
+    let stopped = async {
+        // Each write after the reader left answers "no responders" to the control subject.
+        while call.tx.send(Ok(Bytes::from_static(b"data: more\n\n"))).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), stopped).await.expect("the responder stopped the stream to a gone reader");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! live SSE stream to a real HTTP client reading incrementally; resume with
 //! `Last-Event-ID`; the per-client consumer goes away with the client; a nats-server
 //! restart mid-stream loses and repeats nothing; the sidecar's stop ends an open stream at
-//! once with a retry hint, and another sidecar resumes it.
+//! once with a retry hint, and another sidecar resumes it; only the end message ends a
+//! stream cleanly, and `stream_max` cuts one visibly.
 
 mod support;
 
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
 use support::fixtures::routes_toml;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn toml(extra: &str) -> String {
     toml_draining(extra, "5s")
@@ -415,4 +417,60 @@ async fn a_stream_asked_for_while_draining_gets_only_the_retry_hint() {
     go.send(true).unwrap();
     order.await.unwrap().expect("the order in flight is answered");
     sidecar.stop().await;
+}
+
+/// A raw HTTP/1.1 `GET` with `Connection: close`: the socket, once the response head has
+/// arrived, and what was read so far.
+async fn raw_open(addr: std::net::SocketAddr, path: &str) -> (tokio::net::TcpStream, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await.expect("a head in time").unwrap();
+        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (s, buf)
+}
+
+/// Everything the server writes until it closes the connection (an abort may reset it).
+async fn raw_rest(mut s: tokio::net::TcpStream, mut buf: Vec<u8>) -> String {
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = s.read(&mut chunk).await {
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(10), read).await.expect("the connection closes in time");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_end_message_ends_a_stream_cleanly_and_stream_max_cuts_it_visibly() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tokens_stream(&js).await;
+    let sidecar = Sidecar::start(&toml("stream = \"TOKENS\"\nstream_max = \"1s\""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+
+    // Cut at stream_max: an error event, then no terminating chunk.
+    let (s, head) = raw_open(sidecar.egress, "/executions/e10/tokens").await;
+    let raw = raw_rest(s, head).await;
+    assert!(raw.starts_with("HTTP/1.1 200") && raw.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{raw}");
+    assert!(raw.contains("event: error\n") && raw.contains("stream-limit"), "{raw}");
+    assert!(!raw.ends_with("0\r\n\r\n"), "a cut stream must not end like a complete one: {raw:?}");
+    // hyper's client sees the same: an error, after the error event.
+    let mut r = Reader::new(open(&sidecar.url("/executions/e11/tokens"), None).await);
+    let e = r.next(false).await.unwrap().unwrap();
+    assert_eq!(e.event.as_deref(), Some("error"));
+    assert!(matches!(r.next(false).await, Some(Err(_))), "the body ends with an error");
+
+    // Ended by the end message: clean, with the terminating chunk.
+    publish(&js, "agent.token.streamed.e12", &[("Bridge-Stream", "end")], "last".into()).await;
+    let (s, head) = raw_open(sidecar.egress, "/executions/e12/tokens").await;
+    let raw = raw_rest(s, head).await;
+    assert!(raw.contains("data: last\n\n") && !raw.contains("event: error"), "{raw}");
+    assert!(raw.ends_with("0\r\n\r\n"), "a complete stream ends with the terminating chunk: {raw:?}");
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use prometheus::IntCounter;
 
 use crate::metrics::Metrics;
-use crate::nats::publish::{publish_acked, PublishError};
+use crate::nats::publish::{publish_acked, PublishError, PublishErrorKind};
 use crate::nats::replies::Replies;
 
 /// `natsbridge dlq list|show|replay|purge`: inspecting, replaying and purging dead letters.
@@ -55,15 +55,51 @@ fn is_publish_control(name: &str) -> bool {
         || name.eq_ignore_ascii_case(crate::codec::NATS_MSG_ID)
 }
 
-/// The dead letter's own `Nats-Msg-Id`, `<stream>.<durable>.<seq>`: unique per consumer
-/// and message (two services' dead letters of one message are two dead letters), and
-/// stable across a retried publish (the DLQ stream keeps one).
+/// The dead letter's own `Nats-Msg-Id`, `<stream>.<durable>.<seq>.<stored>`: unique per
+/// consumer and message (two services' dead letters of one message are two dead letters),
+/// and stable across a retried publish and a redelivery (the DLQ stream keeps one).
+///
+/// `<stored>` is when the source stream stored the message (ns since the epoch): without
+/// it, a stream deleted and recreated within the DLQ stream's duplicate window numbers its
+/// messages from 1 again, and a new message's dead letter would be answered `duplicate`,
+/// taken for "already stored", and the message termed with no dead letter at all.
 pub fn msg_id(origin: &Origin<'_>) -> String {
-    format!("{}.{}.{}", origin.stream, origin.consumer, origin.seq)
+    format!("{}.{}.{}.{}", origin.stream, origin.consumer, origin.seq, origin.stored)
+}
+
+/// Whether `id` is the `Nats-Msg-Id` [`msg_id`] gives (or gave, before `<stored>` was
+/// added) a dead letter of `stream`/`consumer`/`seq`.
+pub fn is_own_msg_id(id: &str, stream: &str, consumer: &str, seq: &str) -> bool {
+    let Some(rest) = id.strip_prefix(stream).and_then(|r| r.strip_prefix('.')) else { return false };
+    let Some(rest) = rest.strip_prefix(consumer).and_then(|r| r.strip_prefix('.')) else { return false };
+    let Some(rest) = rest.strip_prefix(seq) else { return false };
+    rest.is_empty() || rest.strip_prefix('.').is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// How much of the response body `Bridge-Dlq-Error` keeps.
 pub const ERROR_MAX: usize = 1024;
+/// How much it keeps in a dead letter trimmed to fit ([`Trim::Short`]).
+pub const ERROR_SHORT: usize = 128;
+
+/// How much of its description a dead letter carries. The payload and the original
+/// headers are never cut (a replay needs them), so a message near `max_payload` fits only
+/// when the headers we add are cut short: without that, its dead letter is refused, the
+/// message nak'ed, and redelivered for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    /// Everything: the error's first [`ERROR_MAX`] bytes.
+    Full,
+    /// The error's first [`ERROR_SHORT`] bytes.
+    Short,
+    /// No error and no time (the dead-letter stream stamps its own); what a replay and
+    /// `natsbridge dlq` need stays.
+    Bare,
+}
+
+impl Trim {
+    /// Each step, the fullest first.
+    pub const STEPS: [Trim; 3] = [Trim::Full, Trim::Short, Trim::Bare];
+}
 
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,6 +169,9 @@ pub struct Origin<'a> {
     pub subject: &'a str,
     pub seq: u64,
     pub deliveries: u64,
+    /// When the source stream stored the message, ns since the epoch (the same on every
+    /// delivery of it; see [`msg_id`]).
+    pub stored: u64,
 }
 
 /// What went wrong the last time.
@@ -154,6 +193,17 @@ pub fn headers(
     failure: &Failure<'_>,
     now: SystemTime,
 ) -> async_nats::HeaderMap {
+    headers_trimmed(original, origin, failure, now, Trim::Full)
+}
+
+/// As [`headers`], with only as much of the description as `trim` keeps.
+pub fn headers_trimmed(
+    original: Option<&async_nats::HeaderMap>,
+    origin: &Origin<'_>,
+    failure: &Failure<'_>,
+    now: SystemTime,
+    trim: Trim,
+) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
     if let Some(orig) = original {
         for (name, values) in orig.iter() {
@@ -170,14 +220,21 @@ pub fn headers(
     if let Some(s) = failure.status {
         h.insert(STATUS, s.to_string().as_str());
     }
-    if let Some(e) = failure.error.map(error_excerpt).filter(|e| !e.is_empty()) {
+    let error_max = match trim {
+        Trim::Full => ERROR_MAX,
+        Trim::Short => ERROR_SHORT,
+        Trim::Bare => 0,
+    };
+    if let Some(e) = failure.error.map(|e| excerpt(e, error_max)).filter(|e| !e.is_empty()) {
         h.insert(ERROR, e.as_str());
     }
     h.insert(DELIVERIES, origin.deliveries.to_string().as_str());
     h.insert(SUBJECT, origin.subject);
     h.insert(STREAM, origin.stream);
     h.insert(SEQ, origin.seq.to_string().as_str());
-    h.insert(TIME, humantime::format_rfc3339_millis(now).to_string().as_str());
+    if trim != Trim::Bare {
+        h.insert(TIME, humantime::format_rfc3339_millis(now).to_string().as_str());
+    }
     h.insert(ROUTE, origin.route);
     h.insert(CONSUMER, origin.consumer);
     if let Some(id) = original.and_then(|o| o.get(crate::codec::NATS_MSG_ID)) {
@@ -191,17 +248,22 @@ pub fn headers(
 /// boundary, invalid UTF-8 replaced, and control characters (CR/LF would break the NATS
 /// header block) turned into spaces.
 pub fn error_excerpt(body: &[u8]) -> String {
-    let cut = &body[..body.len().min(ERROR_MAX)];
+    excerpt(body, ERROR_MAX)
+}
+
+/// As [`error_excerpt`], the first `max` bytes.
+fn excerpt(body: &[u8], max: usize) -> String {
+    let cut = &body[..body.len().min(max)];
     let text = String::from_utf8_lossy(cut);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if out.len() + c.len_utf8() > ERROR_MAX {
+        if out.len() + c.len_utf8() > max {
             break;
         }
         out.push(if c.is_control() { ' ' } else { c });
     }
     // A cut in the middle of a multi-byte sequence shows up as a trailing U+FFFD.
-    if body.len() > ERROR_MAX && out.ends_with('\u{FFFD}') {
+    if body.len() > max && out.ends_with('\u{FFFD}') {
         out.pop();
     }
     out.trim().to_owned()
@@ -228,6 +290,29 @@ impl Publisher {
     ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
         publish_acked(&self.replies, subject, || headers.clone(), payload, self.timeout).await
     }
+
+    /// Publishes the dead letter `headers` builds, trimmed one [`Trim`] step further each
+    /// time it is too large (refused by the client against `max_payload`, or by the stream
+    /// against its `max_msg_size`); the payload is never cut. Tells which step was stored.
+    /// A retry keeps the same `Nats-Msg-Id`: an earlier step the stream did store is
+    /// answered `duplicate`.
+    pub async fn publish_trimmed(
+        &self,
+        subject: &str,
+        headers: impl Fn(Trim) -> async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<(async_nats::jetstream::publish::PublishAck, Trim), PublishError> {
+        let mut last = None;
+        for trim in Trim::STEPS {
+            let h = headers(trim);
+            match publish_acked(&self.replies, subject, || h.clone(), payload.clone(), self.timeout).await {
+                Ok(ack) => return Ok((ack, trim)),
+                Err(e) if e.kind() == PublishErrorKind::PayloadTooLarge => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("Trim::STEPS is not empty"))
+    }
 }
 
 /// `natsbridge_dlq_published_total{route,reason}`, resolved once per route.
@@ -249,7 +334,15 @@ mod tests {
     use super::*;
 
     fn origin() -> Origin<'static> {
-        Origin { route: "tool-exec", consumer: "tool-service", stream: "TOOL", subject: "tool.execution.requested", seq: 42, deliveries: 5 }
+        Origin {
+            route: "tool-exec",
+            consumer: "tool-service",
+            stream: "TOOL",
+            subject: "tool.execution.requested",
+            seq: 42,
+            deliveries: 5,
+            stored: 1_700_000_000_123_456_789,
+        }
     }
 
     #[test]
@@ -266,7 +359,7 @@ mod tests {
             &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") },
             now,
         );
-        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42.1700000000123456789");
         assert_eq!(h.get_all("Nats-Msg-Id").count(), 1);
         assert_eq!(h.get(MSG_ID).unwrap().as_str(), "abc");
         assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
@@ -300,7 +393,45 @@ mod tests {
         assert_eq!(h.get("X-Keep").unwrap().as_str(), "v");
         // Without an original id there is none to keep, but the dead letter has its own.
         assert!(h.get(MSG_ID).is_none());
-        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42.1700000000123456789");
+    }
+
+    #[test]
+    fn the_id_tells_a_recreated_streams_message_from_an_earlier_one_and_not_a_redelivery() {
+        let first = origin();
+        // Redelivered (more deliveries, same message): the same id, so a retry dedupes.
+        assert_eq!(msg_id(&Origin { deliveries: 9, ..first }), msg_id(&first));
+        // The stream recreated: sequence 42 again, another message, stored later.
+        let again = Origin { stored: first.stored + 5_000_000_000, ..first };
+        assert_ne!(msg_id(&again), msg_id(&first));
+        for id in [msg_id(&first), "TOOL.tool-service.42".into()] {
+            assert!(is_own_msg_id(&id, "TOOL", "tool-service", "42"), "{id}");
+        }
+        for id in ["TOOL.tool-service.421", "TOOL.tool-service.42.", "TOOL.tool-service.42.x", "evt-1", "TOOL.other.42.1"] {
+            assert!(!is_own_msg_id(id, "TOOL", "tool-service", "42"), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_trimmed_dead_letter_keeps_what_a_replay_needs() {
+        let mut orig = async_nats::HeaderMap::new();
+        orig.insert("Nats-Msg-Id", "abc");
+        let body = "x".repeat(3000);
+        let failure = Failure { reason: Reason::Status, status: Some(503), error: Some(body.as_bytes()) };
+        let at = |trim| headers_trimmed(Some(&orig), &origin(), &failure, SystemTime::now(), trim);
+        let len = |h: &async_nats::HeaderMap| {
+            h.iter().map(|(n, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4).sum::<usize>()).sum::<usize>()
+        };
+        let (full, short, bare) = (at(Trim::Full), at(Trim::Short), at(Trim::Bare));
+        assert_eq!(full.get(ERROR).unwrap().as_str().len(), ERROR_MAX);
+        assert_eq!(short.get(ERROR).unwrap().as_str().len(), ERROR_SHORT);
+        assert!(bare.get(ERROR).is_none() && bare.get(TIME).is_none());
+        assert!(len(&full) > len(&short) && len(&short) > len(&bare));
+        for h in [&short, &bare] {
+            for name in [REASON, STATUS, DELIVERIES, SUBJECT, STREAM, SEQ, ROUTE, CONSUMER, MSG_ID, "Nats-Msg-Id"] {
+                assert_eq!(h.get(name), full.get(name), "{name}");
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! A message with `Bridge-Stream: end` ends the stream cleanly; a comment every
 //! `heartbeat` keeps proxies from cutting an idle one; `stream_max` bounds its life.
 //!
+//! Only that end is clean. Any other (`stream_max`, a subscription that ended or keeps
+//! failing) sends an `event: error` and then aborts the body, so the chunked terminator
+//! never comes: neither an SSE parser nor a raw HTTP reader can take it for complete.
+//! EventSource reconnects after either, and resumes with `Last-Event-ID`.
+//!
 //! When the sidecar's stop starts (the `drain` token given to [`Egress`]), every open
 //! stream ends at once with a `retry:` hint and no end event: the client reconnects with
 //! `Last-Event-ID` (to another pod, as this one is no longer ready) and resumes, instead
@@ -27,7 +32,7 @@ use futures::{Stream, StreamExt};
 use http::{HeaderValue, Response};
 use tokio::time::Instant;
 
-use super::stream::{body, Piece};
+use super::stream::{body, sse_error, Piece};
 use crate::config::{Outbound, Subscribe};
 use crate::egress::{Body, Egress};
 use crate::nats::connection::{is_connected, jetstream};
@@ -38,8 +43,20 @@ use crate::streamed;
 pub const BRIDGE_EVENT: &str = "Bridge-Event";
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
+/// Source errors in a row, with no message between, after which the stream ends: past
+/// what a reconnect or a consumer recreate reports, and a bound on a source that fails
+/// at once on every poll (each error is a heartbeat to the client).
+const MAX_HICCUPS: u32 = 20;
+
 /// One message of the source: its sequence (JetStream), headers and payload.
-type Item = Result<(Option<u64>, Option<async_nats::HeaderMap>, Bytes), String>;
+type Item = Result<(Option<u64>, Option<async_nats::HeaderMap>, Bytes), SourceError>;
+
+/// A source error, and whether it ends the stream now (the ordered consumer gave up;
+/// going on would only repeat it).
+struct SourceError {
+    text: String,
+    fatal: bool,
+}
 type Source = Pin<Box<dyn Stream<Item = Item> + Send>>;
 
 impl Egress {
@@ -73,12 +90,19 @@ impl Egress {
         let events = Events {
             source,
             heartbeat: sub.heartbeat,
+            max: route.stream.max,
             deadline: Instant::now() + route.stream.max,
             drain: self.drain.clone(),
+            hiccups: 0,
+            failing: None,
             done: false,
+            route: route.name.clone(),
+            rid: rid.clone(),
             _cleanup: cleanup,
         };
-        Ok(sse_response(body(events.into_stream(), true, route.name.clone(), rid)))
+        // Not `sse`: the error event is written by `Events` itself, and a failed end then
+        // aborts the body (see the module's header), which `body` does for other bodies.
+        Ok(sse_response(body(events.into_stream(), false, route.name.clone(), rid)))
     }
 
     /// An ordered consumer on `stream` for `subject`, starting after `last` when given.
@@ -102,8 +126,13 @@ impl Egress {
         let consumer = s.create_consumer(config).await.map_err(|e| BridgeError::Nats(e.into()))?;
         let messages = consumer.messages().await.map_err(|e| BridgeError::Nats(e.into()))?;
         let source: Source = Box::pin(messages.map(|m| {
-            let m = m.map_err(|e| e.to_string())?;
-            let seq = m.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
+            let m = m.map_err(|e| {
+                use async_nats::jetstream::consumer::pull::OrderedErrorKind as K;
+                // The crate retries the rest itself; these it has given up on.
+                let fatal = matches!(e.kind(), K::Recreate | K::PushBasedConsumer | K::RequestLimitExceeded);
+                SourceError { text: e.to_string(), fatal }
+            })?;
+            let seq = m.info().map(|i| i.stream_sequence).map_err(|e| SourceError { text: e.to_string(), fatal: false })?;
             let m = m.message;
             Ok((Some(seq), m.headers, m.payload))
         }));
@@ -151,10 +180,17 @@ impl Drop for Cleanup {
 struct Events {
     source: Source,
     heartbeat: std::time::Duration,
+    max: std::time::Duration,
     deadline: Instant,
     /// The sidecar's stop: ends the stream with [`drain_retry`].
     drain: tokio_util::sync::CancellationToken,
+    /// Source errors since the last message.
+    hiccups: u32,
+    /// The error whose event was sent: the body aborts with it next.
+    failing: Option<BridgeError>,
     done: bool,
+    route: String,
+    rid: Option<String>,
     _cleanup: Option<Cleanup>,
 }
 
@@ -167,6 +203,9 @@ impl Events {
     }
 
     async fn next(&mut self) -> Option<Piece> {
+        if let Some(e) = self.failing.take() {
+            return Some(Piece::Fail(e));
+        }
         if self.done {
             return None;
         }
@@ -181,25 +220,27 @@ impl Events {
             item = self.source.next() => item,
             _ = tokio::time::sleep(self.heartbeat) => return Some(Piece::Data(Bytes::from_static(HEARTBEAT))),
             _ = tokio::time::sleep_until(self.deadline) => {
-                // A clean end: the client reconnects with Last-Event-ID and resumes.
-                self.done = true;
-                return None;
+                // Cut, not complete: the client reconnects with Last-Event-ID and resumes.
+                return Some(self.fail(BridgeError::StreamTooLong { max: self.max }));
             }
         };
         let (seq, headers, payload) = match item {
             Some(Ok(m)) => m,
+            Some(Err(e)) if e.fatal || self.hiccups >= MAX_HICCUPS => {
+                tracing::debug!(route = %self.route, error = %e.text, "SSE subscription failed; ending the stream");
+                return Some(self.fail(BridgeError::Nats(format!("the subscription failed: {}", e.text).into())));
+            }
             Some(Err(e)) => {
-                // The ordered consumer reports what it recovers from (missed heartbeats, a
-                // recreate during a server restart) and goes on from the last sequence it
-                // delivered: not an end. `stream_max` bounds one that never recovers.
-                tracing::debug!(error = %e, "SSE subscription hiccup; the ordered consumer recovers");
+                // The ordered consumer reports what it recovers from (a pull that failed
+                // during a server restart) and goes on from the last sequence it delivered:
+                // not an end. `MAX_HICCUPS` and `stream_max` bound one that never recovers.
+                self.hiccups += 1;
+                tracing::debug!(error = %e.text, "SSE subscription hiccup; the ordered consumer recovers");
                 return Some(Piece::Data(Bytes::from_static(HEARTBEAT)));
             }
-            None => {
-                self.done = true;
-                return Some(Piece::Fail(BridgeError::Nats("the subscription ended".into())));
-            }
+            None => return Some(self.fail(BridgeError::Nats("the subscription ended".into()))),
         };
+        self.hiccups = 0;
         let end = headers.as_ref().and_then(|h| h.get(streamed::STREAM)).is_some_and(|v| v.as_str() == streamed::END);
         if end {
             self.done = true;
@@ -209,5 +250,14 @@ impl Events {
         }
         let event = headers.as_ref().and_then(|h| h.get(BRIDGE_EVENT)).map(|v| v.as_str().to_owned());
         Some(Piece::Data(streamed::sse_event(seq, event.as_deref(), &payload)))
+    }
+
+    /// A stream that ends other than cleanly: its `event: error` now, the body's abort
+    /// next.
+    fn fail(&mut self, e: BridgeError) -> Piece {
+        self.done = true;
+        let event = sse_error(&e, &self.route, self.rid.as_deref());
+        self.failing = Some(e);
+        Piece::Data(event)
     }
 }

@@ -236,11 +236,29 @@ impl<'a> Sender<'a> {
 /// Resolves when the reader cancels or is gone (pending forever otherwise).
 async fn stopped(control: &mut ReplyStream) -> Stop {
     loop {
+        // Messages that keep coming (a flood of them) must not hold the task: this gives
+        // the worker back every so often, so the body and other tasks still run.
+        tokio::task::consume_budget().await;
         match control.next().await {
             Ok(m) if streamed::is_cancel(m.headers.as_ref()) => return Stop::Reader("cancel"),
             // Anything else on the control subject is not ours to act on.
             Ok(_) => continue,
-            Err(e) if e.kind() == ReplyErrorKind::Overflow => continue,
+            // Someone sent more than the buffer holds (only a cancel means anything here),
+            // and the multiplexer dropped our waiter. Left so, `next` would answer
+            // `Overflow` at once forever and this loop would spin. Watching on under the
+            // same subject, the one the reader knows, keeps its cancel and the server's
+            // "no responders" (the reader gone) stopping the stream. Ending the stream
+            // instead would stop it for messages that ask for no such thing, and ceasing
+            // to watch would stream on to a reader that is gone (an endless event stream
+            // for ever). A cancel lost in the flood is the cost; the reader's going away
+            // still shows on the next message.
+            Err(e) if e.kind() == ReplyErrorKind::Overflow => match control.reopen() {
+                Ok(()) => {
+                    tracing::debug!("the control subject of a streamed reply overflowed; watching it afresh");
+                    continue;
+                }
+                Err(_) => return Stop::Reader("gone"),
+            },
             Err(_) => return Stop::Reader("gone"),
         }
     }

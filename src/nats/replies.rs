@@ -24,7 +24,7 @@ pub(crate) use feed::{BEHIND_GRACE, BURST_SLACK, BYTES_PER_SLOT};
 
 use std::fmt;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,6 +144,8 @@ struct Shared {
     waiters: Waiters,
     pending: IntGauge,
     late: IntCounter,
+    /// The dispatcher stopped: a waiter registered again now would never hear its end.
+    stopped: AtomicBool,
 }
 
 /// The multiplexer of one connection. Cheap to clone; the subscription ends when the
@@ -168,8 +170,12 @@ impl Replies {
     pub async fn start(client: &Client, metrics: &Metrics) -> Result<Self, async_nats::SubscribeError> {
         let prefix = format!("{}.", client.new_inbox());
         let subscriber = client.subscribe(format!("{prefix}*")).await?;
-        let shared =
-            Arc::new(Shared { waiters: Waiters::default(), pending: metrics.pending_replies.clone(), late: metrics.late_replies.clone() });
+        let shared = Arc::new(Shared {
+            waiters: Waiters::default(),
+            pending: metrics.pending_replies.clone(),
+            late: metrics.late_replies.clone(),
+            stopped: AtomicBool::new(false),
+        });
         let stop = CancellationToken::new();
         tokio::spawn(dispatch(subscriber, prefix.clone(), shared.clone(), stop.clone()));
         let inner = Inner { client: client.clone(), prefix, next: AtomicU64::new(1), shared, _stop: stop.drop_guard() };
@@ -308,6 +314,24 @@ impl ReplyStream {
             feed::Next::Ended { overflowed: false } => Err(ReplyError::new(ReplyErrorKind::Closed)),
         }
     }
+
+    /// After `Err(Overflow)`: a fresh, empty buffer on the same reply subject, for a waiter
+    /// that must keep listening there (the subject was already handed out, so a new one
+    /// would not reach whoever holds it). What arrived between the overflow and now is
+    /// lost. `Err(Closed)` when the multiplexer stopped. Without this, `next` answers
+    /// `Overflow` at once forever: a caller that reads on would spin.
+    pub fn reopen(&mut self) -> Result<(), ReplyError> {
+        let (feed, tap) = feed::buffer(self.tap.capacity());
+        let r = &self._registered;
+        r.shared.waiters.insert(r.token, Waiter::Many(feed));
+        // Checked after the insert: a dispatcher that stops later clears the entry itself.
+        if r.shared.stopped.load(Ordering::SeqCst) {
+            r.shared.waiters.remove(&r.token);
+            return Err(ReplyError::new(ReplyErrorKind::Closed));
+        }
+        self.tap = tap;
+        Ok(())
+    }
 }
 
 /// Delivers each reply to its waiter until the subscription ends (drain, close) or the
@@ -330,7 +354,9 @@ async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared
             shared.late.inc();
         }
     }
-    // Dropping the senders wakes every waiter at once instead of at its deadline.
+    // Dropping the senders wakes every waiter at once instead of at its deadline. Marked
+    // first, so a stream reopened from now on learns it is closed (`ReplyStream::reopen`).
+    shared.stopped.store(true, Ordering::SeqCst);
     shared.waiters.clear();
 }
 
@@ -362,7 +388,12 @@ mod tests {
 
     fn shared() -> Shared {
         let m = Metrics::new();
-        Shared { waiters: Waiters::default(), pending: m.pending_replies.clone(), late: m.late_replies.clone() }
+        Shared {
+            waiters: Waiters::default(),
+            pending: m.pending_replies.clone(),
+            late: m.late_replies.clone(),
+            stopped: AtomicBool::new(false),
+        }
     }
 
     fn message(subject: &str) -> Message {
@@ -411,5 +442,34 @@ mod tests {
         }
         let next = futures::FutureExt::now_or_never(tap.next());
         assert!(matches!(next, Some(feed::Next::Ended { overflowed: true })));
+    }
+
+    #[test]
+    fn an_overflowed_stream_reopened_hears_its_subject_again_but_not_once_the_dispatcher_stopped() {
+        let s = Arc::new(shared());
+        let (feed, tap) = feed::buffer(1);
+        s.waiters.insert(1, Waiter::Many(feed));
+        s.pending.inc();
+        let mut stream = ReplyStream { reply: "p.1".into(), tap, _registered: Registered { shared: s.clone(), token: 1, in_map: true } };
+        while deliver(&s, 1, message("p.1"), Instant::now()) {}
+        let overflowed = |stream: &mut ReplyStream| loop {
+            match futures::FutureExt::now_or_never(stream.next()) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e.kind(),
+                None => panic!("pending: the overflow must be told"),
+            }
+        };
+        assert_eq!(overflowed(&mut stream), ReplyErrorKind::Overflow);
+        // Told again on every call, at once: a reader that just reads on would spin.
+        assert_eq!(overflowed(&mut stream), ReplyErrorKind::Overflow);
+        stream.reopen().unwrap();
+        assert!(futures::FutureExt::now_or_never(stream.next()).is_none(), "an empty buffer waits");
+        assert!(deliver(&s, 1, message("p.1"), Instant::now()), "the same subject reaches it again");
+        assert!(matches!(futures::FutureExt::now_or_never(stream.next()), Some(Ok(_))));
+        // The dispatcher stops (and clears the map): reopening now would wait forever.
+        s.stopped.store(true, Ordering::SeqCst);
+        s.waiters.clear();
+        assert_eq!(stream.reopen().unwrap_err().kind(), ReplyErrorKind::Closed);
+        assert!(s.waiters.is_empty());
     }
 }

@@ -44,13 +44,13 @@ pub fn replay_msg_id(original: Option<&str>, dlq_stream: &str, dlq_seq: u64) -> 
 pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> HeaderMap {
     let mut h = HeaderMap::new();
     // The original's id is kept in Bridge-Dlq-Msg-Id; the dead letter's own Nats-Msg-Id
-    // (`<stream>.<durable>.<seq>`) is only the original's in dead letters from before it.
+    // ([`crate::dlq::msg_id`]) is only the original's in dead letters from before it.
     let get = |n: &str| dead.get(n).map(|v| v.as_str());
-    let own_id = match (get(crate::dlq::STREAM), get(crate::dlq::CONSUMER), get(crate::dlq::SEQ)) {
-        (Some(stream), Some(consumer), Some(seq)) => Some(format!("{stream}.{consumer}.{seq}")),
-        _ => None,
+    let own = |id: &str| match (get(crate::dlq::STREAM), get(crate::dlq::CONSUMER), get(crate::dlq::SEQ)) {
+        (Some(stream), Some(consumer), Some(seq)) => crate::dlq::is_own_msg_id(id, stream, consumer, seq),
+        _ => false,
     };
-    let original_id = get(crate::dlq::MSG_ID).or_else(|| get(NATS_MSG_ID).filter(|id| own_id.as_deref() != Some(*id))).map(str::to_owned);
+    let original_id = get(crate::dlq::MSG_ID).or_else(|| get(NATS_MSG_ID).filter(|id| !own(id))).map(str::to_owned);
     for (name, values) in dead.iter() {
         let n: &str = name.as_ref();
         if n.eq_ignore_ascii_case(NATS_MSG_ID) {
@@ -416,7 +416,8 @@ mod tests {
 
     #[test]
     fn replays_use_the_original_id_not_the_dead_letters_own() {
-        let origin = crate::dlq::Origin { route: "r", consumer: "svc-r", stream: "AGENT", subject: "a.b", seq: 5, deliveries: 1 };
+        let origin =
+            crate::dlq::Origin { route: "r", consumer: "svc-r", stream: "AGENT", subject: "a.b", seq: 5, deliveries: 1, stored: 7 };
         let failure = crate::dlq::Failure { reason: crate::dlq::Reason::Poison, status: Some(400), error: None };
         let mut orig = HeaderMap::new();
         orig.insert("Nats-Msg-Id", "evt-1");

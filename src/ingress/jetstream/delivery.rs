@@ -48,10 +48,13 @@ impl Drop for Progress {
     }
 }
 
-/// Where a delivery stands: its stream, sequence and delivery count.
+/// Where a delivery stands: its stream, sequence and delivery count, and when the stream
+/// stored the message (ns since the epoch; it tells a recreated stream's message from an
+/// earlier one with the same sequence).
 #[derive(Clone, Copy)]
 pub(super) struct Delivery<'a> {
     pub(super) stream: &'a str,
     pub(super) seq: u64,
     pub(super) delivered: u64,
+    pub(super) stored: u64,
 }

@@ -30,14 +30,17 @@ pub(super) async fn handle(
     let m = &route.metrics;
     m.deliveries.inc();
     let _in_flight = InFlight::new(&m.in_flight);
-    let (stream, seq, delivered) = match msg.info() {
-        Ok(i) => (i.stream.to_owned(), i.stream_sequence, i.delivered.max(1) as u64),
+    let (stream, seq, delivered, stored) = match msg.info() {
+        Ok(i) => {
+            let stored = u64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(0);
+            (i.stream.to_owned(), i.stream_sequence, i.delivered.max(1) as u64, stored)
+        }
         Err(e) => {
             tracing::warn!(route = %route.inbound.name, error = %e, "not a JetStream delivery; ignored");
             return;
         }
     };
-    let at = Delivery { stream: &stream, seq, delivered };
+    let at = Delivery { stream: &stream, seq, delivered, stored };
     let mut progress = Progress::start(&shared, js.progress_every, &msg);
     // The contract first: a message that breaks it never reaches the app, whatever the
     // app's health, and retrying cannot fix it, so it is dead-lettered on this delivery.

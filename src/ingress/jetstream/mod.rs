@@ -55,6 +55,8 @@ struct ConsumerRoute {
     progress_every: Duration,
     dlq: dlq::Publisher,
     dlq_counters: dlq::Counters,
+    /// `natsbridge_dlq_too_large_total` of this route.
+    dlq_too_large: prometheus::IntCounter,
     /// The pull loop saw an error: the watchdog should look now.
     check_now: Notify,
 }
@@ -91,6 +93,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         progress_every: (shortest_wait / 2).max(Duration::from_millis(50)),
         dlq: dlq::Publisher::new(shared.replies.clone(), CONFIRM_TIMEOUT),
         dlq_counters: dlq::Counters::new(&shared.metrics, &name),
+        dlq_too_large: shared.metrics.dlq_too_large.with_label_values(&[&name]),
         check_now: Notify::new(),
         consumer,
         route,

@@ -12,6 +12,7 @@ use crate::dlq;
 use crate::ingress::idempotency::guard::{self, Claimed};
 use crate::ingress::policy::{self, Attempt, Outcome, Policy};
 use crate::ingress::{AppError, AppResponse, Shared};
+use crate::nats::publish::PublishErrorKind;
 
 /// Ends a delivery whose app call returned, as [`outcome_for`](policy::outcome_for) says.
 pub(super) async fn settle(
@@ -97,6 +98,7 @@ pub(super) async fn dead_letter_then_term(
         subject: msg.subject.as_str(),
         seq: at.seq,
         deliveries: at.delivered,
+        stored: at.stored,
     };
     let stored = dead_letter(js, msg.headers.as_ref(), &origin, failure, msg.payload.clone()).await;
     progress.stop().await;
@@ -121,11 +123,23 @@ async fn dead_letter(
     failure: &dlq::Failure<'_>,
     payload: Bytes,
 ) -> bool {
-    let headers = dlq::headers(original, origin, failure, SystemTime::now());
-    match js.dlq.publish(&js.consumer.dead_letter, headers, payload).await {
+    let now = SystemTime::now();
+    let headers = |trim| dlq::headers_trimmed(original, origin, failure, now, trim);
+    let published = js.dlq.publish_trimmed(&js.consumer.dead_letter, headers, payload).await;
+    if let Ok((_, trim @ (dlq::Trim::Short | dlq::Trim::Bare))) = &published {
+        tracing::warn!(
+            route = origin.route,
+            stream = origin.stream,
+            seq = origin.seq,
+            ?trim,
+            "dead letter too large whole; stored with its description cut short"
+        );
+    }
+    match published.map(|(ack, _)| ack) {
         Ok(ack) if ack.duplicate => {
-            // Its Nats-Msg-Id is ours alone (`<stream>.<durable>.<seq>`): a duplicate means
-            // an earlier attempt of ours stored it (its term was lost). Not counted twice.
+            // Its Nats-Msg-Id is ours alone, and this message's alone (`dlq::msg_id`): a
+            // duplicate means an earlier attempt of ours stored it (its term was lost). Not
+            // counted twice.
             tracing::info!(route = origin.route, stream = origin.stream, seq = origin.seq, "already dead-lettered");
             true
         }
@@ -134,6 +148,14 @@ async fn dead_letter(
             js.route.metrics.dlq.inc();
             tracing::info!(route = origin.route, stream = origin.stream, seq = origin.seq, reason = %failure.reason, status = ?failure.status, deliveries = origin.deliveries, "dead-lettered");
             true
+        }
+        Err(e) if e.kind() == PublishErrorKind::PayloadTooLarge => {
+            // Retrying cannot help: the payload alone (with the original headers) is too
+            // large, and it is never cut. The message is nak'ed and comes back until an
+            // operator acts (raises max_payload or the stream's max_msg_size, or removes it).
+            js.dlq_too_large.inc();
+            tracing::error!(route = origin.route, stream = origin.stream, seq = origin.seq, error = %e, "message too large to dead-letter even trimmed; nak'ed, it will be redelivered");
+            false
         }
         Err(e) => {
             tracing::error!(route = origin.route, stream = origin.stream, seq = origin.seq, error = %e, "dead-letter publish failed");

@@ -141,6 +141,11 @@ pub(super) enum Next {
 }
 
 impl Tap {
+    /// How many messages the buffer holds before the reader counts as behind.
+    pub(super) fn capacity(&self) -> usize {
+        self.0.capacity
+    }
+
     /// The next message; after the last one, the end (buffered messages come first).
     pub(super) async fn next(&mut self) -> Next {
         poll_fn(|cx| {
