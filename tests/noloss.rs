@@ -154,9 +154,15 @@ async fn a_poison_event_with_expectations_is_dead_lettered_once_per_consumer() {
             ids.push(h.get("Nats-Msg-Id").unwrap().as_str().to_owned());
         }
         ids.sort();
+        // `<stream>.<durable>.<seq>.<stored ns>`: the time tells a recreated stream's
+        // message from an earlier one under the same sequence.
+        let stored = js.get_stream("AGENT").await.unwrap().get_raw_message(ack.sequence).await.unwrap().time.unix_timestamp_nanos();
         assert_eq!(
             ids,
-            [format!("AGENT.{}.{}", durable("execution"), ack.sequence), format!("AGENT.{}.{}", durable("orchestration"), ack.sequence)]
+            [
+                format!("AGENT.{}.{}.{stored}", durable("execution"), ack.sequence),
+                format!("AGENT.{}.{}.{stored}", durable("orchestration"), ack.sequence)
+            ]
         );
         // Poison: one call per service, no retries.
         assert_eq!(orchestration.requests().len(), 1);
