@@ -33,6 +33,11 @@ pub enum BridgeError {
     NoResponders { subject: String },
     #[error("no reply on {subject} within {timeout:?}")]
     Timeout { subject: String, timeout: Duration },
+    /// The NATS client did not take the message within the route's timeout: its
+    /// connection stopped taking commands (a frozen or half-open server filled its
+    /// buffers). The hand-off is cancel-safe, so the message was never queued or sent.
+    #[error("NATS did not take the message for {subject} within {timeout:?} (the connection is stalled); it was not sent")]
+    HandOffTimeout { subject: String, timeout: Duration },
     #[error("NATS is not connected")]
     NatsDisconnected,
     #[error("NATS error: {0}")]
@@ -156,7 +161,9 @@ impl BridgeError {
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_)
             | IdempotencyFinish(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Timeout { .. } | HandOffTimeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             BadReply(_) | NestReply(_) | Upstream(_) | StreamBroken(_) | StreamFailed(_) => StatusCode::BAD_GATEWAY,
             Contract { .. } | ContractVersion { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NestErr(err) => crate::codec::nestjs::err_status(err),
@@ -182,7 +189,7 @@ impl BridgeError {
             AckTimeout(_) | PublishUnconfirmed { .. } => "outcome-unknown",
             BodyRead(_) => "body-read",
             NoResponders { .. } => "no-responders",
-            Timeout { .. } => "timeout",
+            Timeout { .. } | HandOffTimeout { .. } => "timeout",
             NatsDisconnected => "nats-disconnected",
             Nats(_) => "nats-error",
             NoStream { .. } => "no-stream",

@@ -259,18 +259,26 @@ impl Egress {
         let Call { route, subject, parts: http::request::Parts { headers, .. }, body } = call;
         self.ensure_connected()?;
         let nats_headers = nats_headers(route, headers);
-        self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
-            async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
-            }
-            _ => BridgeError::Nats(e.into()),
-        })?;
-        // A buffered publish is no proof of delivery (nats.rs #1177): flush, bounded. A
+        // One deadline (one timer) over the hand-off and the flush: the publish awaits room
+        // in the client's command queue, which a stalled connection never makes.
+        // A buffered publish is no proof of delivery (nats.rs #1177), hence the flush. A
         // flush only writes to the socket, so the 202 says "written", and the response
         // says the guarantee is at most once.
-        match tokio::time::timeout(route.timeout, self.nats.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BridgeError::Nats(e.into())),
+        let mut handed = false;
+        let sent = async {
+            self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                    BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
+                }
+                _ => BridgeError::Nats(e.into()),
+            })?;
+            handed = true;
+            self.nats.flush().await.map_err(|e| BridgeError::Nats(e.into()))
+        };
+        match tokio::time::timeout_at(tokio::time::Instant::now() + route.timeout, sent).await {
+            Ok(r) => r?,
+            // Never queued (the queue's send is cancel-safe): nothing will be sent.
+            Err(_) if !handed => return Err(BridgeError::HandOffTimeout { subject, timeout: route.timeout }),
             // Still buffered: it may yet be sent, so a retry could duplicate it.
             Err(_) if is_connected(&self.nats) => return Err(BridgeError::PublishUnconfirmed { timeout: route.timeout }),
             Err(_) => return Err(BridgeError::NatsDisconnected),
