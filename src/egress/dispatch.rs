@@ -101,7 +101,10 @@ impl Egress {
                 e.to_response(Some(&route.name), rid).map(full)
             }
         };
-        let path = crate::egress::cutover::path_of(&res).unwrap_or(default_path(route));
+        // Only a cut-over chooses the path (and says so on its answer); any other route's
+        // `Bridge-Path` came from its upstream (another sidecar's egress, say) and is ours
+        // to overwrite, not to believe.
+        let path = route.cutover.as_ref().and_then(|_| crate::egress::cutover::path_of(&res)).unwrap_or(default_path(route));
         res.headers_mut().insert(crate::egress::cutover::RESPONSE_PATH, HeaderValue::from_static(path.as_str()));
         table.observe_on(index, path, res.status(), started.elapsed());
         spans.end(res.status(), path.as_str());
