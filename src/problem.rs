@@ -50,9 +50,9 @@ pub enum BridgeError {
     /// `Idempotency-Key` is safe, retrying without one may duplicate it.
     #[error("JetStream did not acknowledge the publish in time; the outcome is unknown (the message may be stored): {0}")]
     AckTimeout(#[source] crate::nats::publish::PublishError),
-    /// A core publish still in the client's buffer at the route's timeout while the
-    /// connection is up: it may yet be sent.
-    #[error("the publish was not written to NATS within {timeout:?}; the outcome is unknown (it may still be sent)")]
+    /// A core publish the client took but did not confirm written (flushed) within the
+    /// route's timeout, connected or not: it may yet be sent, after a reconnect too.
+    #[error("the publish was not confirmed written to NATS within {timeout:?}; the outcome is unknown (it may still be sent)")]
     PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,

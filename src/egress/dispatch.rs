@@ -276,16 +276,13 @@ impl Egress {
                 _ => BridgeError::Nats(e.into()),
             })?;
             handed = true;
-            self.nats.flush().await.map_err(|e| BridgeError::Nats(e.into()))
+            self.nats.flush().await.map_err(|e| {
+                tracing::debug!(route = %route.name, error = %e, "flush failed after the client took the publish");
+                BridgeError::PublishUnconfirmed { timeout: route.timeout }
+            })
         };
-        match tokio::time::timeout_at(tokio::time::Instant::now() + route.timeout, sent).await {
-            Ok(r) => r?,
-            // Never queued (the queue's send is cancel-safe): nothing will be sent.
-            Err(_) if !handed => return Err(BridgeError::HandOffTimeout { subject, timeout: route.timeout }),
-            // Still buffered: it may yet be sent, so a retry could duplicate it.
-            Err(_) if is_connected(&self.nats) => return Err(BridgeError::PublishUnconfirmed { timeout: route.timeout }),
-            Err(_) => return Err(BridgeError::NatsDisconnected),
-        }
+        let done = tokio::time::timeout_at(tokio::time::Instant::now() + route.timeout, sent).await.ok();
+        publish_outcome(done, handed, &subject, route.timeout)?;
         #[derive(serde::Serialize)]
         struct Published<'a> {
             subject: &'a str,
@@ -365,6 +362,25 @@ fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::Head
     codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
 }
 
+/// A publish-mode call's failure, from how far it got: `done` is `None` when the route's
+/// deadline passed first, `handed` whether the client took the message. Once it did,
+/// anything short of a flush is "outcome unknown" whatever the connection's state: the
+/// message waits in the client's buffers, which async-nats still sends after a reconnect,
+/// so a "not delivered" answer (503, on which a cut-over falls back) could send it twice.
+fn publish_outcome(
+    done: Option<Result<(), BridgeError>>,
+    handed: bool,
+    subject: &str,
+    timeout: std::time::Duration,
+) -> Result<(), BridgeError> {
+    match done {
+        Some(r) => r,
+        // Never queued (the queue's send is cancel-safe): nothing will be sent.
+        None if !handed => Err(BridgeError::HandOffTimeout { subject: subject.to_owned(), timeout }),
+        None => Err(BridgeError::PublishUnconfirmed { timeout }),
+    }
+}
+
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
 /// template filled from the path captures.
 fn subject_of(m: &Match<'_, '_>) -> Result<Option<String>, BridgeError> {
@@ -439,4 +455,26 @@ fn new_request_id() -> uuid::Uuid {
 /// The request's id, when it is text (a value that is not is neither reported nor echoed).
 fn request_id(req: &Request<Incoming>) -> Option<HeaderValue> {
     req.headers().get(REQUEST_ID).filter(|v| v.to_str().is_ok()).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::egress::cutover::fallback_reason;
+
+    #[test]
+    fn a_publish_the_client_took_is_never_reported_undelivered() {
+        let t = Duration::from_secs(1);
+        // The deadline passed after the hand-off: connected or not, the outcome is unknown.
+        let e = publish_outcome(None, true, "a.b", t).unwrap_err();
+        assert!(matches!(e, BridgeError::PublishUnconfirmed { .. }), "{e}");
+        assert_eq!((e.status().as_u16(), e.kind(), fallback_reason(&e)), (504, "outcome-unknown", None));
+        // Before the hand-off nothing was queued; still a timeout, never a fallback (the
+        // route's time is spent).
+        let e = publish_outcome(None, false, "a.b", t).unwrap_err();
+        assert_eq!((e.status().as_u16(), e.kind(), fallback_reason(&e)), (504, "timeout", None));
+        assert!(publish_outcome(Some(Ok(())), true, "a.b", t).is_ok());
+    }
 }
