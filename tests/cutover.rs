@@ -533,3 +533,31 @@ cutover = { nats_percent = 100, fallback = true }
         assert_eq!(f.await.unwrap(), 504);
     }
 }
+
+/// A fallback sends the app's own request: `carry` had rewritten its headers for NATS (a
+/// contract's `Bridge-Schema`; the CloudEvents codec's `ce-*`, `Content-Type` and
+/// `Idempotency-Key`) and the upstream got those instead of what the app sent.
+#[tokio::test]
+async fn a_fallback_sends_the_apps_own_headers() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("v1.json");
+    std::fs::write(&schema, r#"{"type":"object"}"#).unwrap();
+    let sections = format!(
+        "[[outbound]]\nname = \"ev\"\npath = \"/ev\"\nsubject = \"nobody.ev\"\nmode = \"request\"\ncodec = \"cloudevents\"\n\
+         schema = {:?}\nupstream = \"UPSTREAM\"\ncutover = {{ nats_percent = 100, fallback = true }}\n",
+        schema.display().to_string()
+    );
+    let (app, sc) = app_and_sidecar(&nats, |_| respond(200, "http"), |app| routes(app, &sections)).await;
+
+    let sent = [("content-type", "application/json; charset=utf-8"), ("x-app", "mine")];
+    let r = call("POST", &sc.url("/ev"), &sent, r#"{"a":1}"#).await;
+    assert_eq!((r.status, r.header("bridge-path")), (200, Some("http")), "{}", r.text());
+    let hit = app.hits().pop().expect("the upstream was called once");
+    assert_eq!(hit.header("content-type"), Some("application/json; charset=utf-8"));
+    assert_eq!(hit.header("x-app"), Some("mine"));
+    assert_eq!(hit.header("bridge-schema"), None);
+    assert_eq!(hit.header("idempotency-key"), None);
+    assert!(!hit.seen.headers.keys().any(|n| n.as_str().starts_with("ce-")), "{:?}", hit.seen.headers);
+    assert_eq!(&hit.seen.body[..], br#"{"a":1}"#);
+}
