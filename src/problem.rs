@@ -46,6 +46,13 @@ pub enum BridgeError {
     NoStream { subject: String },
     #[error("JetStream did not acknowledge the publish: {0}")]
     JetStream(#[source] crate::nats::publish::PublishError),
+    /// The stream refused a `Nats-Expected-*` precondition (wrong last sequence, last
+    /// message id or stream): every retry of the same request fails the same way.
+    #[error("the stream refused the publish's precondition: {0}")]
+    PreconditionFailed(#[source] crate::nats::publish::PublishError),
+    /// Any other 4xx the stream answered for this message (its description says why).
+    #[error("the stream refused the publish: {0}")]
+    JetStreamRefused(#[source] crate::nats::publish::PublishError),
     /// No ack in time, but the stream may have stored the message: retrying with the same
     /// `Idempotency-Key` is safe, retrying without one may duplicate it.
     #[error("JetStream did not acknowledge the publish in time; the outcome is unknown (the message may be stored): {0}")]
@@ -149,6 +156,12 @@ impl BridgeError {
             SubjectTooLong { .. } => StatusCode::URI_TOO_LONG,
             BadRequest(_) | BodyRead(_) | BadFraming(_) => StatusCode::BAD_REQUEST,
             IdempotencyInFlight { .. } | IdempotencyKeyReused => StatusCode::CONFLICT,
+            PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            // Not 503: the same request fails the same way every time, so no retry hint.
+            // Not 400 or 422: the request was well formed and met its contract; the
+            // stream's state or settings (sealed, say) conflict with storing it,
+            // and the caller (or an operator) must change something before retrying.
+            JetStreamRefused(_) => StatusCode::CONFLICT,
             NoResponders { .. }
             | NatsDisconnected
             | Nats(_)
@@ -194,6 +207,8 @@ impl BridgeError {
             Nats(_) => "nats-error",
             NoStream { .. } => "no-stream",
             JetStream(_) => "jetstream-unavailable",
+            PreconditionFailed(_) => "precondition-failed",
+            JetStreamRefused(_) => "jetstream-refused",
             Overloaded => "overloaded",
             TooManyConnections { .. } => "too-many-connections",
             BufferFull { .. } => "buffer-full",

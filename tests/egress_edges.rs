@@ -149,7 +149,8 @@ async fn reply_statuses_and_utf8_headers_at_the_edge() {
 }
 
 /// Issue 19 item 2: an HTTP caller's `Nats-*` publish controls do not reach the stream
-/// unless the route allows them; `Nats-Msg-Id` from `Idempotency-Key` still does.
+/// unless the route allows them; `Nats-Msg-Id` from `Idempotency-Key` still does. A
+/// stream's 4xx refusal is not retryable: 412 for a failed expectation, else 409.
 #[tokio::test]
 async fn nats_publish_controls_from_callers_are_stripped_unless_allowed() {
     let nats = NatsServer::start();
@@ -171,7 +172,14 @@ method = "POST"
 path = "/trusted"
 subject = "ev.trusted"
 mode = "jetstream"
-allow_nats_headers = ["Nats-Expected-Stream"]
+allow_nats_headers = ["Nats-Expected-Stream", "Nats-Expected-Last-Sequence"]
+
+[[outbound]]
+name = "sealed"
+method = "POST"
+path = "/sealed"
+subject = "sealed.x"
+mode = "jetstream"
 "#;
     let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
     sc.wait_nats().await;
@@ -184,11 +192,31 @@ allow_nats_headers = ["Nats-Expected-Stream"]
     assert!(stored.headers.get("Nats-Rollup").is_none() && stored.headers.get("Nats-Expected-Stream").is_none(), "{:?}", stored.headers);
     assert_eq!(stored.headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("k1"));
 
-    // Allowed by name: the expectation reaches the stream, which refuses it.
+    // Allowed by name: the expectation reaches the stream, which refuses it. A failed
+    // precondition is 412, not 503 with Retry-After: a retry fails the same way.
     let r = call("POST", &sc.url("/trusted"), &wrong[..1], "two").await;
-    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!((r.status, r.header("retry-after")), (412, None), "{}", r.text());
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:precondition-failed");
     let r = call("POST", &sc.url("/trusted"), &[("nats-expected-stream", "EV")], "three").await;
     assert_eq!(r.status, 202, "{}", r.text());
+    let last = r.json()["seq"].as_u64().unwrap();
+
+    // A lost race on the last sequence: 412 naming it; the right one is stored.
+    let r = call("POST", &sc.url("/trusted"), &[("nats-expected-last-sequence", &(last - 1).to_string())], "four").await;
+    assert_eq!((r.status, r.header("retry-after")), (412, None), "{}", r.text());
+    assert!(r.json()["detail"].as_str().unwrap().contains("wrong last sequence"), "{}", r.text());
+    let r = call("POST", &sc.url("/trusted"), &[("nats-expected-last-sequence", &last.to_string())], "four").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    // Any other refusal (a sealed stream): not retryable either, and the stream's
+    // description says why.
+    let config = async_nats::jetstream::stream::Config { name: "SEALED".into(), subjects: vec!["sealed.>".into()], ..Default::default() };
+    js.create_stream(config.clone()).await.unwrap();
+    js.update_stream(async_nats::jetstream::stream::Config { sealed: true, ..config }).await.unwrap();
+    let r = call("POST", &sc.url("/sealed"), &[], "five").await;
+    assert_eq!((r.status, r.header("retry-after")), (409, None), "{}", r.text());
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:jetstream-refused");
+    assert!(r.json()["detail"].as_str().unwrap().contains("sealed"), "{}", r.text());
 }
 
 /// Issue 21 §2: publish mode's 202 is honest about its guarantee.

@@ -314,7 +314,12 @@ impl Egress {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
             PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
             PublishErrorKind::TimedOut => BridgeError::AckTimeout(e),
-            PublishErrorKind::Failed => BridgeError::JetStream(e),
+            // A 4xx refusal fails the same way on every retry: never 503 + Retry-After.
+            PublishErrorKind::Failed => match e.api_error() {
+                Some(api) if api.is_precondition() => BridgeError::PreconditionFailed(e),
+                Some(api) if api.is_refusal() => BridgeError::JetStreamRefused(e),
+                _ => BridgeError::JetStream(e),
+            },
         })?;
         // The fields in the order `json!` wrote them (sorted), so the body is unchanged.
         #[derive(serde::Serialize)]
