@@ -33,6 +33,11 @@ pub enum BridgeError {
     NoResponders { subject: String },
     #[error("no reply on {subject} within {timeout:?}")]
     Timeout { subject: String, timeout: Duration },
+    /// The NATS client did not take the message within the route's timeout: its
+    /// connection stopped taking commands (a frozen or half-open server filled its
+    /// buffers). The hand-off is cancel-safe, so the message was never queued or sent.
+    #[error("NATS did not take the message for {subject} within {timeout:?} (the connection is stalled); it was not sent")]
+    HandOffTimeout { subject: String, timeout: Duration },
     #[error("NATS is not connected")]
     NatsDisconnected,
     #[error("NATS error: {0}")]
@@ -41,13 +46,20 @@ pub enum BridgeError {
     NoStream { subject: String },
     #[error("JetStream did not acknowledge the publish: {0}")]
     JetStream(#[source] crate::nats::publish::PublishError),
+    /// The stream refused a `Nats-Expected-*` precondition (wrong last sequence, last
+    /// message id or stream): every retry of the same request fails the same way.
+    #[error("the stream refused the publish's precondition: {0}")]
+    PreconditionFailed(#[source] crate::nats::publish::PublishError),
+    /// Any other 4xx the stream answered for this message (its description says why).
+    #[error("the stream refused the publish: {0}")]
+    JetStreamRefused(#[source] crate::nats::publish::PublishError),
     /// No ack in time, but the stream may have stored the message: retrying with the same
     /// `Idempotency-Key` is safe, retrying without one may duplicate it.
     #[error("JetStream did not acknowledge the publish in time; the outcome is unknown (the message may be stored): {0}")]
     AckTimeout(#[source] crate::nats::publish::PublishError),
-    /// A core publish still in the client's buffer at the route's timeout while the
-    /// connection is up: it may yet be sent.
-    #[error("the publish was not written to NATS within {timeout:?}; the outcome is unknown (it may still be sent)")]
+    /// A core publish the client took but did not confirm written (flushed) within the
+    /// route's timeout, connected or not: it may yet be sent, after a reconnect too.
+    #[error("the publish was not confirmed written to NATS within {timeout:?}; the outcome is unknown (it may still be sent)")]
     PublishUnconfirmed { timeout: Duration },
     #[error("too many publishes waiting for JetStream acks")]
     Overloaded,
@@ -144,6 +156,12 @@ impl BridgeError {
             SubjectTooLong { .. } => StatusCode::URI_TOO_LONG,
             BadRequest(_) | BodyRead(_) | BadFraming(_) => StatusCode::BAD_REQUEST,
             IdempotencyInFlight { .. } | IdempotencyKeyReused => StatusCode::CONFLICT,
+            PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            // Not 503: the same request fails the same way every time, so no retry hint.
+            // Not 400 or 422: the request was well formed and met its contract; the
+            // stream's state or settings (sealed, say) conflict with storing it,
+            // and the caller (or an operator) must change something before retrying.
+            JetStreamRefused(_) => StatusCode::CONFLICT,
             NoResponders { .. }
             | NatsDisconnected
             | Nats(_)
@@ -156,7 +174,9 @@ impl BridgeError {
             | IdempotencyStoreUnbound
             | IdempotencyUnavailable(_)
             | IdempotencyFinish(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Timeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Timeout { .. } | HandOffTimeout { .. } | UpstreamTimeout(_) | AckTimeout(_) | PublishUnconfirmed { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             BadReply(_) | NestReply(_) | Upstream(_) | StreamBroken(_) | StreamFailed(_) => StatusCode::BAD_GATEWAY,
             Contract { .. } | ContractVersion { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NestErr(err) => crate::codec::nestjs::err_status(err),
@@ -182,11 +202,13 @@ impl BridgeError {
             AckTimeout(_) | PublishUnconfirmed { .. } => "outcome-unknown",
             BodyRead(_) => "body-read",
             NoResponders { .. } => "no-responders",
-            Timeout { .. } => "timeout",
+            Timeout { .. } | HandOffTimeout { .. } => "timeout",
             NatsDisconnected => "nats-disconnected",
             Nats(_) => "nats-error",
             NoStream { .. } => "no-stream",
             JetStream(_) => "jetstream-unavailable",
+            PreconditionFailed(_) => "precondition-failed",
+            JetStreamRefused(_) => "jetstream-refused",
             Overloaded => "overloaded",
             TooManyConnections { .. } => "too-many-connections",
             BufferFull { .. } => "buffer-full",

@@ -453,3 +453,111 @@ async fn shadows_past_the_concurrency_bound_are_skipped_not_queued() {
     .await;
     assert_eq!(m, (natsbridge::egress::cutover::SHADOW_CONCURRENCY as u64, 16), "(matched, skipped)");
 }
+
+/// A `publish` cut-over with `fallback`: once the client took the message, a flush that
+/// never completes is `504 outcome-unknown` even when the connection is gone by then.
+/// It answered 503 "disconnected" and fell back to the upstream, yet async-nats keeps
+/// what it was not able to write and sends it after reconnecting: sent twice.
+///
+/// The server is frozen and its socket filled (large requests the client has handed on,
+/// counted by `/debug/own-time`), so the events' flushes stay pending; then it is killed,
+/// and the client is disconnected when their timeout comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_client_took_never_falls_back() {
+    const FILLERS: usize = 48;
+    const EVENTS: usize = 4;
+    let mut nats = NatsServer::start();
+    let sections = r#"
+[[outbound]]
+name = "fill"
+path = "/fill"
+subject = "fill.x"
+mode = "request"
+timeout = "3s"
+max_body = "1MiB"
+
+[[outbound]]
+name = "events"
+path = "/events"
+subject = "events.x"
+mode = "publish"
+timeout = "3s"
+upstream = "UPSTREAM"
+cutover = { nats_percent = 100, fallback = true }
+"#;
+    let (app, sc) = app_and_sidecar(&nats, |_| respond(200, "http"), |app| routes(app, sections)).await;
+    let r = post(&sc.url("/events"), "{}").await;
+    assert_eq!((r.status, r.header("bridge-path")), (202, Some("nats")), "{}", r.text());
+    let own = |admin| async move { get(&format!("http://{admin}/debug/own-time")).await.unwrap().json() };
+    own(sc.admin).await; // starts recording
+
+    nats.pause();
+    let big = Bytes::from(vec![b'x'; 512 << 10]);
+    let fillers: Vec<_> = (0..FILLERS)
+        .map(|_| {
+            let (url, big) = (sc.url("/fill"), big.clone());
+            tokio::spawn(async move { call("POST", &url, &[], big).await.status })
+        })
+        .collect();
+    let admin = sc.admin;
+    eventually("every filler handed to the client", Duration::from_secs(10), || async move {
+        (own(admin).await["egress_to_nats"]["count"] == FILLERS).then_some(())
+    })
+    .await;
+    let events: Vec<_> = (0..EVENTS)
+        .map(|_| {
+            let url = sc.url("/events");
+            tokio::spawn(async move { call("POST", &url, &[], "{}").await })
+        })
+        .collect();
+    eventually("every event in the sidecar", Duration::from_secs(10), || async {
+        (series(&sc.metrics().await, "natsbridge_egress_requests_in_flight") == (FILLERS + EVENTS) as u64).then_some(())
+    })
+    .await;
+    nats.kill();
+
+    let mut unknown = 0;
+    for e in events {
+        let r = e.await.unwrap();
+        if r.status == 202 {
+            continue; // written to the socket before it filled
+        }
+        assert_eq!((r.status, r.header("bridge-path")), (504, Some("nats")), "{}", r.text());
+        assert_eq!(r.json()["type"], "urn:natsbridge:problem:outcome-unknown");
+        unknown += 1;
+    }
+    assert!(unknown > 0, "no event's flush was left pending; the test did not exercise the case");
+    assert!(app.hits().is_empty(), "the upstream got a message NATS may still deliver: {:?}", app.requests());
+    assert_eq!(fallbacks_total(&sc.metrics().await, "events"), 0);
+    for f in fillers {
+        assert_eq!(f.await.unwrap(), 504);
+    }
+}
+
+/// A fallback sends the app's own request: `carry` had rewritten its headers for NATS (a
+/// contract's `Bridge-Schema`; the CloudEvents codec's `ce-*`, `Content-Type` and
+/// `Idempotency-Key`) and the upstream got those instead of what the app sent.
+#[tokio::test]
+async fn a_fallback_sends_the_apps_own_headers() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("v1.json");
+    std::fs::write(&schema, r#"{"type":"object"}"#).unwrap();
+    let sections = format!(
+        "[[outbound]]\nname = \"ev\"\npath = \"/ev\"\nsubject = \"nobody.ev\"\nmode = \"request\"\ncodec = \"cloudevents\"\n\
+         schema = {:?}\nupstream = \"UPSTREAM\"\ncutover = {{ nats_percent = 100, fallback = true }}\n",
+        schema.display().to_string()
+    );
+    let (app, sc) = app_and_sidecar(&nats, |_| respond(200, "http"), |app| routes(app, &sections)).await;
+
+    let sent = [("content-type", "application/json; charset=utf-8"), ("x-app", "mine")];
+    let r = call("POST", &sc.url("/ev"), &sent, r#"{"a":1}"#).await;
+    assert_eq!((r.status, r.header("bridge-path")), (200, Some("http")), "{}", r.text());
+    let hit = app.hits().pop().expect("the upstream was called once");
+    assert_eq!(hit.header("content-type"), Some("application/json; charset=utf-8"));
+    assert_eq!(hit.header("x-app"), Some("mine"));
+    assert_eq!(hit.header("bridge-schema"), None);
+    assert_eq!(hit.header("idempotency-key"), None);
+    assert!(!hit.seen.headers.keys().any(|n| n.as_str().starts_with("ce-")), "{:?}", hit.seen.headers);
+    assert_eq!(&hit.seen.body[..], br#"{"a":1}"#);
+}

@@ -149,7 +149,8 @@ async fn reply_statuses_and_utf8_headers_at_the_edge() {
 }
 
 /// Issue 19 item 2: an HTTP caller's `Nats-*` publish controls do not reach the stream
-/// unless the route allows them; `Nats-Msg-Id` from `Idempotency-Key` still does.
+/// unless the route allows them; `Nats-Msg-Id` from `Idempotency-Key` still does. A
+/// stream's 4xx refusal is not retryable: 412 for a failed expectation, else 409.
 #[tokio::test]
 async fn nats_publish_controls_from_callers_are_stripped_unless_allowed() {
     let nats = NatsServer::start();
@@ -171,7 +172,14 @@ method = "POST"
 path = "/trusted"
 subject = "ev.trusted"
 mode = "jetstream"
-allow_nats_headers = ["Nats-Expected-Stream"]
+allow_nats_headers = ["Nats-Expected-Stream", "Nats-Expected-Last-Sequence"]
+
+[[outbound]]
+name = "sealed"
+method = "POST"
+path = "/sealed"
+subject = "sealed.x"
+mode = "jetstream"
 "#;
     let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
     sc.wait_nats().await;
@@ -184,11 +192,31 @@ allow_nats_headers = ["Nats-Expected-Stream"]
     assert!(stored.headers.get("Nats-Rollup").is_none() && stored.headers.get("Nats-Expected-Stream").is_none(), "{:?}", stored.headers);
     assert_eq!(stored.headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("k1"));
 
-    // Allowed by name: the expectation reaches the stream, which refuses it.
+    // Allowed by name: the expectation reaches the stream, which refuses it. A failed
+    // precondition is 412, not 503 with Retry-After: a retry fails the same way.
     let r = call("POST", &sc.url("/trusted"), &wrong[..1], "two").await;
-    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!((r.status, r.header("retry-after")), (412, None), "{}", r.text());
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:precondition-failed");
     let r = call("POST", &sc.url("/trusted"), &[("nats-expected-stream", "EV")], "three").await;
     assert_eq!(r.status, 202, "{}", r.text());
+    let last = r.json()["seq"].as_u64().unwrap();
+
+    // A lost race on the last sequence: 412 naming it; the right one is stored.
+    let r = call("POST", &sc.url("/trusted"), &[("nats-expected-last-sequence", &(last - 1).to_string())], "four").await;
+    assert_eq!((r.status, r.header("retry-after")), (412, None), "{}", r.text());
+    assert!(r.json()["detail"].as_str().unwrap().contains("wrong last sequence"), "{}", r.text());
+    let r = call("POST", &sc.url("/trusted"), &[("nats-expected-last-sequence", &last.to_string())], "four").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    // Any other refusal (a sealed stream): not retryable either, and the stream's
+    // description says why.
+    let config = async_nats::jetstream::stream::Config { name: "SEALED".into(), subjects: vec!["sealed.>".into()], ..Default::default() };
+    js.create_stream(config.clone()).await.unwrap();
+    js.update_stream(async_nats::jetstream::stream::Config { sealed: true, ..config }).await.unwrap();
+    let r = call("POST", &sc.url("/sealed"), &[], "five").await;
+    assert_eq!((r.status, r.header("retry-after")), (409, None), "{}", r.text());
+    assert_eq!(r.json()["type"], "urn:natsbridge:problem:jetstream-refused");
+    assert!(r.json()["detail"].as_str().unwrap().contains("sealed"), "{}", r.text());
 }
 
 /// Issue 21 §2: publish mode's 202 is honest about its guarantee.
@@ -278,4 +306,84 @@ timeout = "2s"
     assert_eq!(r.status, 202, "an ack after ~6 s is within the route's 20 s: {}", r.text());
     assert!(answered.duration_since(paused) >= Duration::from_secs(6), "{:?}", answered.duration_since(paused));
     assert_eq!(r.header("bridge-stream"), Some("SLOWACK"));
+}
+
+/// A frozen server (SIGSTOP: connected but silent) stops the client's connection from
+/// taking commands once the socket and its write buffer are full; then a publish waits for
+/// room in the client's queue (2,048 commands). That wait was outside the route timeout:
+/// such calls hung until the idle watchdog cut them, with no answer. Now one deadline
+/// covers the hand-off and the wait, so every call gets a 504 within about its timeout.
+///
+/// Large bodies fill the sockets, then more calls than the queue holds; over HTTP/2 (16
+/// connections of at most 150 streams), so that thousands of calls in flight need
+/// neither thousands of connections nor a deep accept backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_answers_every_call_within_its_route_timeout() {
+    use http_body_util::{BodyExt, Full};
+    let nats = NatsServer::start();
+    let extra = r#"
+[[outbound]]
+name = "stall-req"
+method = "POST"
+path = "/stall/req"
+subject = "stall.req"
+mode = "request"
+max_body = "1MiB"
+
+[[outbound]]
+name = "stall-pub"
+method = "POST"
+path = "/stall/pub"
+subject = "stall.pub"
+mode = "publish"
+max_body = "1MiB"
+"#;
+    let sc = Sidecar::start(&routes(extra), &nats.url(), None).await;
+    sc.wait_nats().await;
+    assert_eq!(post(&sc.url("/stall/pub"), "warm").await.status, 202);
+
+    let clients: Vec<Client> = (0..16)
+        .map(|_| hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http())
+        .collect();
+    // The routes' timeout is 2 s; generous room for a loaded machine, far below the
+    // 90 s a hung call waited.
+    let bound = Duration::from_secs(2 + 5);
+    nats.pause();
+    let big = Bytes::from(vec![b'x'; 512 << 10]);
+    let bodies = std::iter::repeat_n(big, 64).chain(std::iter::repeat_n(Bytes::from_static(b"x"), 2300));
+    let calls: Vec<_> = bodies
+        .enumerate()
+        .map(|(i, body)| {
+            let client = clients[i % clients.len()].clone();
+            let url = sc.url(if i % 2 == 0 { "/stall/req" } else { "/stall/pub" });
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let req = http::Request::post(&url).body(Full::new(body)).unwrap();
+                let answer = tokio::time::timeout(bound, async {
+                    let (parts, body) = client.request(req).await.map_err(|e| e.to_string())?.into_parts();
+                    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+                    Ok::<_, String>((parts.status.as_u16(), parts.headers, body))
+                })
+                .await;
+                (url, answer, started.elapsed())
+            })
+        })
+        .collect();
+    let mut hand_offs = 0;
+    for call in calls {
+        let (url, answer, took) = call.await.unwrap();
+        let (status, headers, body) = answer.unwrap_or_else(|_| panic!("{url}: no answer within {bound:?}")).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        // A publish written to the socket before it filled is answered 202, as it should be.
+        if status == 202 && url.ends_with("/pub") {
+            continue;
+        }
+        assert_eq!(status, 504, "{url} after {took:?}: {doc}");
+        assert_eq!(headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/problem+json"[..]));
+        assert!(doc["type"] == "urn:natsbridge:problem:timeout" || doc["type"] == "urn:natsbridge:problem:outcome-unknown", "{doc}");
+        hand_offs += usize::from(doc["detail"].as_str().is_some_and(|d| d.contains("did not take the message")));
+    }
+    nats.resume();
+    // The case under test happened: some calls never got into the client's queue.
+    assert!(hand_offs > 0, "no call waited for room in the client's queue; the test did not stall the connection");
 }

@@ -540,3 +540,41 @@ async fn http_inside_a_routed_tunnel_gets_the_listeners_edge_checks() {
     tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut rest)).await.expect("the stalled tunnel was closed").ok();
     println!("a stalled request inside a routed tunnel was closed after {:?}", started.elapsed());
 }
+
+/// The `content-length` header of a head printed by `curl -I` or `-D -`.
+fn content_length(head: &str) -> Option<u64> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+    })
+}
+
+/// A HEAD passed through (an `http` route, or a forwarded call) keeps the origin's
+/// `Content-Length`: it is hop-by-hop for a NATS hop, but a body passed through unchanged
+/// keeps its length, and hyper writes none for a HEAD on its own. It was dropped, so
+/// the app saw less than it would without the sidecar (the control below).
+#[tokio::test]
+async fn a_head_passed_through_keeps_the_origin_content_length() {
+    let nats = NatsServer::start();
+    let (sink, ws) = (sink().await, ws_echo().await);
+    let s = sidecar(&nats, sink, ws, "").await;
+    let text = |method: &str| format!("{method} /h bytes=0 host={sink} via=yes proxy-connection=no");
+
+    // Without the sidecar: the origin's own answer to HEAD carries the length.
+    let direct = tokio::process::Command::new("curl").args(["-s", "-I", &format!("http://{sink}/h")]).output().await.unwrap();
+    let direct = String::from_utf8_lossy(&direct.stdout).into_owned();
+    let want = text("HEAD").replace(" via=yes", " via=no").len() as u64;
+    assert_eq!(content_length(&direct), Some(want), "control, no sidecar: {direct}");
+
+    for url in ["http://legacy-service/h".to_owned(), format!("http://{sink}/h")] {
+        let (status, head) = curl(s.egress, &["-I", &url]).await;
+        assert_eq!(status, 200, "{url}: {head}");
+        assert_eq!(content_length(&head), Some(text("HEAD").len() as u64), "{url}: {head}");
+        // A GET still gets a body of the length it says.
+        let (status, out) = curl(s.egress, &["-D", "-", &url]).await;
+        assert_eq!(status, 200, "{url}: {out}");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{url}: {out}"));
+        assert_eq!(body, text("GET"), "{url}");
+        assert_eq!(content_length(head), Some(body.len() as u64), "{url}: {head}");
+    }
+}

@@ -250,8 +250,9 @@ pub fn nats_to_http_headers(headers: &async_nats::HeaderMap, skip: &[&str]) -> H
     out
 }
 
-/// The reply headers that are ours, not the app's.
-const REPLY_CONTROL: &[&str] = &[BRIDGE_STATUS, SERVICE_ERROR, SERVICE_ERROR_CODE];
+/// The reply headers that are ours, not the app's. `Bridge-Path` is the egress answer's
+/// (which way the call went), set by the sidecar alone: a responder's copy would lie.
+const REPLY_CONTROL: &[&str] = &[BRIDGE_STATUS, SERVICE_ERROR, SERVICE_ERROR_CODE, BRIDGE_PATH];
 
 /// Why a reply could not become a response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -524,10 +525,12 @@ mod tests {
         h.insert(BRIDGE_STATUS, "201");
         h.insert(SERVICE_ERROR_CODE, "500");
         h.insert("Content-Type", "application/json");
+        h.insert(BRIDGE_PATH, "http");
         let r = reply_to_response(Some(&h), Bytes::new()).unwrap();
         assert_eq!(r.status, StatusCode::CREATED);
         assert_eq!(r.headers.get("content-type").unwrap(), "application/json");
         assert!(r.headers.get("bridge-status").is_none());
+        assert!(r.headers.get("bridge-path").is_none(), "only the sidecar says which path a call took");
 
         let mut h = async_nats::HeaderMap::new();
         h.insert(SERVICE_ERROR_CODE, "404");

@@ -214,8 +214,13 @@ impl Egress {
         parts.headers.remove(BRIDGE_SHADOW);
         let subject = subject.unwrap_or_default();
         if goes_over_nats(cut, &parts.headers, draw) {
+            // `carry` rewrites the headers for NATS (a contract's `Bridge-Schema`, the
+            // CloudEvents codec's own `ce-*` and `Content-Type`); a fallback must send the
+            // app's own, so they are kept, but only where a fallback can happen.
+            let mut own = cut.fallback.then(|| parts.headers.clone());
             let res = match self.carry(route, subject, &mut parts, body.clone()).await {
-                Err(e) if cut.fallback && fallback_reason(&e).is_some() => {
+                Err(e) if fallback_reason(&e).is_some() && own.is_some() => {
+                    parts.headers = own.take().unwrap_or_default();
                     let reason = fallback_reason(&e).unwrap_or_default();
                     self.metrics.fallback.with_label_values(&[route.name.as_str(), reason]).inc();
                     tracing::info!(route = %route.name, %reason, error = %e, "NATS path failed before delivery; calling upstream once");

@@ -104,7 +104,10 @@ impl Egress {
                 e.to_response(Some(&route.name), rid).map(full)
             }
         };
-        let path = crate::egress::cutover::path_of(&res).unwrap_or(default_path(route));
+        // Only a cut-over chooses the path (and says so on its answer); any other route's
+        // `Bridge-Path` came from its upstream (another sidecar's egress, say) and is ours
+        // to overwrite, not to believe.
+        let path = route.cutover.as_ref().and_then(|_| crate::egress::cutover::path_of(&res)).unwrap_or(default_path(route));
         res.headers_mut().insert(crate::egress::cutover::RESPONSE_PATH, HeaderValue::from_static(path.as_str()));
         table.observe_on(index, path, res.status(), started.elapsed());
         spans.end(res.status(), path.as_str());
@@ -263,22 +266,27 @@ impl Egress {
         let Call { route, subject, parts: http::request::Parts { headers, .. }, body } = call;
         self.ensure_connected()?;
         let nats_headers = nats_headers(route, headers);
-        self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
-            async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
-            }
-            _ => BridgeError::Nats(e.into()),
-        })?;
-        // A buffered publish is no proof of delivery (nats.rs #1177): flush, bounded. A
+        // One deadline (one timer) over the hand-off and the flush: the publish awaits room
+        // in the client's command queue, which a stalled connection never makes.
+        // A buffered publish is no proof of delivery (nats.rs #1177), hence the flush. A
         // flush only writes to the socket, so the 202 says "written", and the response
         // says the guarantee is at most once.
-        match tokio::time::timeout(route.timeout, self.nats.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BridgeError::Nats(e.into())),
-            // Still buffered: it may yet be sent, so a retry could duplicate it.
-            Err(_) if is_connected(&self.nats) => return Err(BridgeError::PublishUnconfirmed { timeout: route.timeout }),
-            Err(_) => return Err(BridgeError::NatsDisconnected),
-        }
+        let mut handed = false;
+        let sent = async {
+            self.nats.publish_with_headers(subject.clone(), nats_headers, body).await.map_err(|e| match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                    BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
+                }
+                _ => BridgeError::Nats(e.into()),
+            })?;
+            handed = true;
+            self.nats.flush().await.map_err(|e| {
+                tracing::debug!(route = %route.name, error = %e, "flush failed after the client took the publish");
+                BridgeError::PublishUnconfirmed { timeout: route.timeout }
+            })
+        };
+        let done = tokio::time::timeout_at(tokio::time::Instant::now() + route.timeout, sent).await.ok();
+        publish_outcome(done, handed, &subject, route.timeout)?;
         #[derive(serde::Serialize)]
         struct Published<'a> {
             subject: &'a str,
@@ -310,7 +318,12 @@ impl Egress {
             PublishErrorKind::NoStream => BridgeError::NoStream { subject: subject.clone() },
             PublishErrorKind::PayloadTooLarge => BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload },
             PublishErrorKind::TimedOut => BridgeError::AckTimeout(e),
-            PublishErrorKind::Failed => BridgeError::JetStream(e),
+            // A 4xx refusal fails the same way on every retry: never 503 + Retry-After.
+            PublishErrorKind::Failed => match e.api_error() {
+                Some(api) if api.is_precondition() => BridgeError::PreconditionFailed(e),
+                Some(api) if api.is_refusal() => BridgeError::JetStreamRefused(e),
+                _ => BridgeError::JetStream(e),
+            },
         })?;
         // The fields in the order `json!` wrote them (sorted), so the body is unchanged.
         #[derive(serde::Serialize)]
@@ -356,6 +369,25 @@ struct HeadRead(Instant);
 /// stream).
 fn nats_headers(route: &Outbound, headers: &http::HeaderMap) -> async_nats::HeaderMap {
     codec::strip_nats_control(codec::http_to_nats_headers(headers), |n| route.allow_nats_headers.allows(n))
+}
+
+/// A publish-mode call's failure, from how far it got: `done` is `None` when the route's
+/// deadline passed first, `handed` whether the client took the message. Once it did,
+/// anything short of a flush is "outcome unknown" whatever the connection's state: the
+/// message waits in the client's buffers, which async-nats still sends after a reconnect,
+/// so a "not delivered" answer (503, on which a cut-over falls back) could send it twice.
+fn publish_outcome(
+    done: Option<Result<(), BridgeError>>,
+    handed: bool,
+    subject: &str,
+    timeout: std::time::Duration,
+) -> Result<(), BridgeError> {
+    match done {
+        Some(r) => r,
+        // Never queued (the queue's send is cancel-safe): nothing will be sent.
+        None if !handed => Err(BridgeError::HandOffTimeout { subject: subject.to_owned(), timeout }),
+        None => Err(BridgeError::PublishUnconfirmed { timeout }),
+    }
 }
 
 /// The NATS subject a matched route sends to (`None` for plain HTTP routes), its
@@ -432,4 +464,26 @@ fn new_request_id() -> uuid::Uuid {
 /// The request's id, when it is text (a value that is not is neither reported nor echoed).
 fn request_id(req: &Request<Incoming>) -> Option<HeaderValue> {
     req.headers().get(REQUEST_ID).filter(|v| v.to_str().is_ok()).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::egress::cutover::fallback_reason;
+
+    #[test]
+    fn a_publish_the_client_took_is_never_reported_undelivered() {
+        let t = Duration::from_secs(1);
+        // The deadline passed after the hand-off: connected or not, the outcome is unknown.
+        let e = publish_outcome(None, true, "a.b", t).unwrap_err();
+        assert!(matches!(e, BridgeError::PublishUnconfirmed { .. }), "{e}");
+        assert_eq!((e.status().as_u16(), e.kind(), fallback_reason(&e)), (504, "outcome-unknown", None));
+        // Before the hand-off nothing was queued; still a timeout, never a fallback (the
+        // route's time is spent).
+        let e = publish_outcome(None, false, "a.b", t).unwrap_err();
+        assert_eq!((e.status().as_u16(), e.kind(), fallback_reason(&e)), (504, "timeout", None));
+        assert!(publish_outcome(Some(Ok(())), true, "a.b", t).is_ok());
+    }
 }

@@ -237,7 +237,7 @@ impl Egress {
         };
         let res = res.map_err(|e| BridgeError::Upstream(error_chain(&e)))?;
         let (mut parts, body) = res.into_parts();
-        parts.headers = codec::end_to_end_headers(&parts.headers);
+        parts.headers = passed_through(&parts.headers);
         Ok(Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
     }
 
@@ -301,9 +301,23 @@ impl Egress {
             return Ok(switched);
         }
         let (mut parts, body) = res.into_parts();
-        parts.headers = codec::end_to_end_headers(&parts.headers);
+        parts.headers = passed_through(&parts.headers);
         Ok(Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
     }
+}
+
+/// The upstream response's headers as the app gets them: the end-to-end ones, and its
+/// `Content-Length`. That one is on the hop-by-hop list because a NATS hop recomputes it,
+/// but a body passed through unchanged keeps its length, and hyper writes none on its own
+/// for a HEAD (or a 304): dropping it answered the app with less than the origin said.
+/// Not beside a `Transfer-Encoding`: then the length is the chunks' (RFC 9112 §6.3).
+fn passed_through(headers: &HeaderMap) -> HeaderMap {
+    let mut out = codec::end_to_end_headers(headers);
+    let len = headers.get(http::header::CONTENT_LENGTH).filter(|_| !headers.contains_key(http::header::TRANSFER_ENCODING));
+    if let Some(len) = len {
+        out.insert(http::header::CONTENT_LENGTH, len.clone());
+    }
+    out
 }
 
 /// Reads up to [`PREFETCH`] bytes of a body without a declared length: its frames, their

@@ -82,14 +82,18 @@ impl Egress {
         let started = Instant::now();
         let waiter = self.replies.stream(route.stream.buffer);
         let reply = waiter.reply_subject().clone();
-        self.replies.client().publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await.map_err(|e| {
-            match e.kind() {
-                async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                    BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload }
-                }
-                _ => BridgeError::Nats(e.into()),
+        // The hand-off is under the route's deadline too: a stalled connection stops taking
+        // commands, and the publish would wait for room forever.
+        let handed = self.replies.client().publish_with_reply_and_headers(subject.clone(), reply, headers, payload);
+        match tokio::time::timeout_at(started + route.timeout, handed).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                return Err(BridgeError::PayloadTooLarge { max_payload: self.nats.server_info().max_payload })
             }
-        })?;
+            Ok(Err(e)) => return Err(BridgeError::Nats(e.into())),
+            // Never queued (the send is cancel-safe): nothing reached NATS.
+            Err(_) => return Err(BridgeError::HandOffTimeout { subject, timeout: route.timeout }),
+        }
         let mut reader = Reader {
             waiter,
             id,

@@ -132,16 +132,26 @@ impl Replier<'_> {
         let started = Instant::now();
         let mut waiter = self.replies.stream(route.stream.buffer);
         let reply = waiter.reply_subject().clone();
-        self.nats
-            .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
-            .await
-            .map_err(|e| self.reply_error(ReplyError::from(e), &subject, route))?;
-        if let Some(read) = self.head_read {
-            self.metrics.own_time.record(Stage::EgressToNats, read.elapsed());
-        }
-        let first = match tokio::time::timeout(route.timeout, waiter.next()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => return Err(self.reply_error(e, &subject, route)),
+        // One deadline over the hand-off and the wait: the client's publish awaits room in
+        // its command queue, which a frozen or half-open server never makes, so an
+        // unbounded hand-off hung the call past its timeout with no answer. One timer, and
+        // it is only registered if something is still pending.
+        let mut handed = false;
+        let sent = async {
+            self.nats
+                .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
+                .await
+                .map_err(|e| self.reply_error(ReplyError::from(e), &subject, route))?;
+            handed = true;
+            if let Some(read) = self.head_read {
+                self.metrics.own_time.record(Stage::EgressToNats, read.elapsed());
+            }
+            waiter.next().await.map_err(|e| self.reply_error(e, &subject, route))
+        };
+        let first = match tokio::time::timeout_at(started + route.timeout, sent).await {
+            Ok(first) => first?,
+            // Never queued (the queue's send is cancel-safe): nothing reached NATS.
+            Err(_) if !handed => return Err(BridgeError::HandOffTimeout { subject, timeout: route.timeout }),
             Err(_) => return Err(BridgeError::Timeout { subject, timeout: route.timeout }),
         };
         // The waiter got the reply: the start of the sidecar's own time on the way back.

@@ -17,6 +17,13 @@ const ATTEMPTS: u32 = 3;
 
 /// JetStream's error code for a message larger than the stream's `max_msg_size`.
 const MESSAGE_EXCEEDS_MAXIMUM: u64 = 10054;
+/// JetStream's codes for a failed `Nats-Expected-*` precondition: the stream (10060), the
+/// last message id (10070), the last sequence (10071; 10164 when the server cannot yet
+/// tell the sequence, e.g. another publish to the subject is in flight).
+const PRECONDITION_FAILED: [u64; 4] = [10060, 10070, 10071, 10164];
+/// "Duplicate message id is in process" (409): the first copy may still be stored, so a
+/// retry with the same id is safe and useful, not refused.
+const DUPLICATE_IN_PROCESS: u64 = 10158;
 
 /// What went wrong with an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +50,20 @@ pub struct ApiError {
     pub err_code: u64,
     #[serde(default)]
     pub description: String,
+}
+
+impl ApiError {
+    /// A `Nats-Expected-*` header's expectation failed (or the stream answered 412): the
+    /// same publish fails the same way on every retry.
+    pub fn is_precondition(&self) -> bool {
+        self.code == 412 || PRECONDITION_FAILED.contains(&self.err_code)
+    }
+
+    /// Any other refusal of this message as sent (a 4xx), apart from those that clear on
+    /// their own: a timeout (408), too many requests (429), a duplicate still in process.
+    pub fn is_refusal(&self) -> bool {
+        (400..500).contains(&self.code) && !matches!(self.code, 408 | 429) && self.err_code != DUPLICATE_IN_PROCESS
+    }
 }
 
 /// Why a publish was not acknowledged, below the kind.
@@ -209,6 +230,14 @@ mod tests {
         let (kind, _) =
             parse_ack(br#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#).unwrap_err();
         assert_eq!(kind, PublishErrorKind::PayloadTooLarge);
+        let api = |code, err_code| ApiError { code, err_code, description: String::new() };
+        for (code, err_code) in [(400, 10060), (400, 10070), (400, 10071), (400, 10164), (412, 10180)] {
+            assert!(api(code, err_code).is_precondition(), "{err_code}");
+        }
+        assert!(!api(400, 10077).is_precondition() && api(400, 10077).is_refusal());
+        for (code, err_code) in [(503, 10008), (500, 10047), (429, 10167), (409, 10158)] {
+            assert!(!api(code, err_code).is_precondition() && !api(code, err_code).is_refusal(), "{err_code}");
+        }
         let (kind, cause) = parse_ack(b"not json").unwrap_err();
         assert!(kind == PublishErrorKind::Failed && matches!(cause, PublishCause::BadAck(_)), "{cause}");
     }
