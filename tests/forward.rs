@@ -495,21 +495,6 @@ async fn a_proxied_method_no_route_takes_reaches_its_origin() {
     assert_eq!(r.header("allow"), Some("POST"));
 }
 
-/// Opens a CONNECT tunnel to `target` through the sidecar and reads its 200.
-async fn routed_tunnel(egress: SocketAddr, target: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut t = tokio::net::TcpStream::connect(egress).await.unwrap();
-    t.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(t.read(&mut b).await.unwrap(), 1, "the tunnel closed before its 200: {}", String::from_utf8_lossy(&head));
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
-    t
-}
-
 /// Plain HTTP inside a CONNECT to a routed host (how Node's undici sends every proxied
 /// call) is served as the listener serves it: ambiguous framing is refused, and a request
 /// stalled mid-body is closed after `idle_timeout` instead of holding its place for ever.
@@ -520,7 +505,7 @@ async fn http_inside_a_routed_tunnel_gets_the_listeners_edge_checks() {
     let (sink, ws) = (sink().await, ws_echo().await);
     let s = sidecar(&nats, sink, ws, "idle_timeout = \"1s\"").await;
 
-    let mut t = routed_tunnel(s.egress, "legacy-service:80").await;
+    let mut t = connect_tunnel(s.egress, "legacy-service:80").await;
     t.write_all(
         b"POST /x HTTP/1.1\r\nHost: legacy-service\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     )
@@ -532,7 +517,7 @@ async fn http_inside_a_routed_tunnel_gets_the_listeners_edge_checks() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("both Content-Length and Transfer-Encoding"), "{answer}");
 
-    let mut t = routed_tunnel(s.egress, "legacy-service:80").await;
+    let mut t = connect_tunnel(s.egress, "legacy-service:80").await;
     t.write_all(b"POST /stalled HTTP/1.1\r\nHost: legacy-service\r\nContent-Length: 10\r\n\r\nab").await.unwrap();
     let started = std::time::Instant::now();
     let mut rest = Vec::new();

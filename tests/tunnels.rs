@@ -33,17 +33,7 @@ async fn sidecar(nats: &NatsServer, drain_timeout: &str, sidecar_extra: &str) ->
 
 /// An HTTP/1 `CONNECT` tunnel through the egress listener to `target`.
 async fn tunnel(egress: SocketAddr, target: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(egress).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "CONNECT answer cut short: {:?}", String::from_utf8_lossy(&head));
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    s
+    connect_tunnel(egress, &target.to_string()).await
 }
 
 /// Sends `msg` through the tunnel and reads it back from the echo.

@@ -501,3 +501,20 @@ pub async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: impl 
     }
     send(b.body(Full::new(body.into())).unwrap()).await.unwrap()
 }
+
+/// An HTTP/1 `CONNECT` tunnel through the egress listener at `egress` to `target`
+/// (`host:port`), its `200` read.
+pub async fn connect_tunnel(egress: SocketAddr, target: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(egress).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "CONNECT answer cut short: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
