@@ -186,18 +186,9 @@ pub struct Failure<'a> {
 /// The dead letter's headers: the original ones minus publish controls (see
 /// [`is_publish_control`]; the original id is kept as [`MSG_ID`]), plus ours (replacing
 /// any left by an earlier trip through a dead-letter queue, so they always describe this
-/// one), and its own `Nats-Msg-Id` ([`msg_id`]).
+/// one), and its own `Nats-Msg-Id` ([`msg_id`]), with as much of the description as
+/// `trim` keeps.
 pub fn headers(
-    original: Option<&async_nats::HeaderMap>,
-    origin: &Origin<'_>,
-    failure: &Failure<'_>,
-    now: SystemTime,
-) -> async_nats::HeaderMap {
-    headers_trimmed(original, origin, failure, now, Trim::Full)
-}
-
-/// As [`headers`], with only as much of the description as `trim` keeps.
-pub fn headers_trimmed(
     original: Option<&async_nats::HeaderMap>,
     origin: &Origin<'_>,
     failure: &Failure<'_>,
@@ -244,15 +235,10 @@ pub fn headers_trimmed(
     h
 }
 
-/// The first [`ERROR_MAX`] bytes of `body` as one header-safe line: cut on a character
-/// boundary, invalid UTF-8 replaced, and control characters (CR/LF would break the NATS
-/// header block) turned into spaces.
-pub fn error_excerpt(body: &[u8]) -> String {
-    excerpt(body, ERROR_MAX)
-}
-
-/// As [`error_excerpt`], the first `max` bytes.
-fn excerpt(body: &[u8], max: usize) -> String {
+/// The first `max` bytes of `body` as one header-safe line: cut on a character boundary,
+/// invalid UTF-8 replaced, and control characters (CR/LF would break the NATS header
+/// block) turned into spaces.
+pub fn excerpt(body: &[u8], max: usize) -> String {
     let cut = &body[..body.len().min(max)];
     let text = String::from_utf8_lossy(cut);
     let mut out = String::with_capacity(text.len());
@@ -304,8 +290,7 @@ impl Publisher {
     ) -> Result<(async_nats::jetstream::publish::PublishAck, Trim), PublishError> {
         let mut last = None;
         for trim in Trim::STEPS {
-            let h = headers(trim);
-            match publish_acked(&self.replies, subject, || h.clone(), payload.clone(), self.timeout).await {
+            match self.publish(subject, headers(trim), payload.clone()).await {
                 Ok(ack) => return Ok((ack, trim)),
                 Err(e) if e.kind() == PublishErrorKind::PayloadTooLarge => last = Some(e),
                 Err(e) => return Err(e),
@@ -358,6 +343,7 @@ mod tests {
             &origin(),
             &Failure { reason: Reason::Status, status: Some(503), error: Some(b"down\r\nfor maintenance") },
             now,
+            Trim::Full,
         );
         assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "TOOL.tool-service.42.1700000000123456789");
         assert_eq!(h.get_all("Nats-Msg-Id").count(), 1);
@@ -375,7 +361,7 @@ mod tests {
         assert_eq!(h.get(ROUTE).unwrap().as_str(), "tool-exec");
         assert_eq!(h.get(CONSUMER).unwrap().as_str(), "tool-service");
 
-        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::MaxDeliver, status: None, error: None }, now);
+        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::MaxDeliver, status: None, error: None }, now, Trim::Full);
         assert!(h.get(STATUS).is_none());
         assert!(h.get(ERROR).is_none());
         assert_eq!(h.get(REASON).unwrap().as_str(), "max_deliver");
@@ -387,7 +373,13 @@ mod tests {
         for n in ["Nats-Expected-Stream", "nats-expected-last-sequence", "Nats-Rollup", "Nats-TTL", "X-Keep"] {
             orig.insert(n, "v");
         }
-        let h = headers(Some(&orig), &origin(), &Failure { reason: Reason::Poison, status: Some(400), error: None }, SystemTime::now());
+        let h = headers(
+            Some(&orig),
+            &origin(),
+            &Failure { reason: Reason::Poison, status: Some(400), error: None },
+            SystemTime::now(),
+            Trim::Full,
+        );
         let names: Vec<String> = h.iter().map(|(n, _)| AsRef::<str>::as_ref(n).to_ascii_lowercase()).collect();
         assert!(!names.iter().any(|n| n.starts_with("nats-expected") || n == "nats-rollup" || n == "nats-ttl"), "{names:?}");
         assert_eq!(h.get("X-Keep").unwrap().as_str(), "v");
@@ -418,7 +410,7 @@ mod tests {
         orig.insert("Nats-Msg-Id", "abc");
         let body = "x".repeat(3000);
         let failure = Failure { reason: Reason::Status, status: Some(503), error: Some(body.as_bytes()) };
-        let at = |trim| headers_trimmed(Some(&orig), &origin(), &failure, SystemTime::now(), trim);
+        let at = |trim| headers(Some(&orig), &origin(), &failure, SystemTime::now(), trim);
         let len = |h: &async_nats::HeaderMap| {
             h.iter().map(|(n, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4).sum::<usize>()).sum::<usize>()
         };
@@ -437,11 +429,11 @@ mod tests {
     #[test]
     fn error_excerpt_is_bounded_and_header_safe() {
         let long = "é".repeat(2000);
-        let e = error_excerpt(long.as_bytes());
+        let e = excerpt(long.as_bytes(), ERROR_MAX);
         assert!(e.len() <= ERROR_MAX);
         assert!(e.chars().all(|c| c == 'é'));
-        assert_eq!(error_excerpt(b"a\nb\x00c"), "a b c");
-        assert_eq!(error_excerpt(b""), "");
+        assert_eq!(excerpt(b"a\nb\x00c", ERROR_MAX), "a b c");
+        assert_eq!(excerpt(b"", ERROR_MAX), "");
     }
 
     #[test]

@@ -421,10 +421,10 @@ mod tests {
         let failure = crate::dlq::Failure { reason: crate::dlq::Reason::Poison, status: Some(400), error: None };
         let mut orig = HeaderMap::new();
         orig.insert("Nats-Msg-Id", "evt-1");
-        let dead = crate::dlq::headers(Some(&orig), &origin, &failure, std::time::SystemTime::now());
+        let dead = crate::dlq::headers(Some(&orig), &origin, &failure, std::time::SystemTime::now(), crate::dlq::Trim::Full);
         assert_eq!(replay_headers(&dead, "DLQ", 9).get("Nats-Msg-Id").unwrap().as_str(), "evt-1-replay-9");
         // No original id: the dead letter's own is not mistaken for one.
-        let dead = crate::dlq::headers(None, &origin, &failure, std::time::SystemTime::now());
+        let dead = crate::dlq::headers(None, &origin, &failure, std::time::SystemTime::now(), crate::dlq::Trim::Full);
         assert_eq!(replay_headers(&dead, "DLQ", 9).get("Nats-Msg-Id").unwrap().as_str(), "natsbridge-replay-DLQ-9");
     }
 }

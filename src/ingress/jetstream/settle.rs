@@ -124,7 +124,7 @@ async fn dead_letter(
     payload: Bytes,
 ) -> bool {
     let now = SystemTime::now();
-    let headers = |trim| dlq::headers_trimmed(original, origin, failure, now, trim);
+    let headers = |trim| dlq::headers(original, origin, failure, now, trim);
     let published = js.dlq.publish_trimmed(&js.consumer.dead_letter, headers, payload).await;
     if let Ok((_, trim @ (dlq::Trim::Short | dlq::Trim::Bare))) = &published {
         tracing::warn!(
