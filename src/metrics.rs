@@ -31,6 +31,7 @@ pub struct Metrics {
     pub ingress_duration: HistogramVec,
     pub ingress_in_flight: IntGaugeVec,
     pub ingress_pending: IntGaugeVec,
+    pub ingress_ack_floor: IntGaugeVec,
     pub ingress_refused: IntCounterVec,
     pub slow_consumers: IntCounter,
     pub idempotency: IntCounterVec,
@@ -119,6 +120,11 @@ const INGRESS_IN_FLIGHT: Family =
     Family { name: "natsbridge_ingress_in_flight", help: "Inbound messages being handled.", labels: &["route"] };
 const INGRESS_PENDING: Family =
     Family { name: "natsbridge_ingress_consumer_pending", help: "Messages pending on the route's consumer (lag).", labels: &["route"] };
+const INGRESS_ACK_FLOOR: Family = Family {
+    name: "natsbridge_ingress_consumer_ack_floor",
+    help: "The stream sequence up to which the route's consumer has every message acked, as the sidecar last read it (every 2 s).",
+    labels: &["route"],
+};
 const INGRESS_REFUSED: Family = Family {
     name: "natsbridge_ingress_refused_total",
     help: "Inbound messages refused before reaching the app, by reason: reply_subject (a reply subject outside reply_prefixes), request (a method or path the route does not replay), buffer_full (over the route's buffer).",
@@ -235,6 +241,7 @@ impl Metrics {
             ingress_duration: r.histogram_vec(&INGRESS_DURATION),
             ingress_in_flight: r.gauge_vec(&INGRESS_IN_FLIGHT),
             ingress_pending: r.gauge_vec(&INGRESS_PENDING),
+            ingress_ack_floor: r.gauge_vec(&INGRESS_ACK_FLOOR),
             ingress_refused: r.counter_vec(&INGRESS_REFUSED),
             slow_consumers: r.counter(&SLOW_CONSUMERS),
             idempotency: r.counter_vec(&IDEMPOTENCY),
@@ -300,6 +307,7 @@ impl Metrics {
             duration: self.ingress_duration.with_label_values(&[route]),
             in_flight: self.ingress_in_flight.with_label_values(&[route]),
             pending: self.ingress_pending.with_label_values(&[route]),
+            ack_floor: self.ingress_ack_floor.with_label_values(&[route]),
             refused_reply: self.ingress_refused.with_label_values(&[route, "reply_subject"]),
             refused_request: self.ingress_refused.with_label_values(&[route, "request"]),
             buffer_full: self.ingress_refused.with_label_values(&[route, "buffer_full"]),
@@ -420,6 +428,7 @@ pub struct IngressRouteMetrics {
     pub duration: Histogram,
     pub in_flight: IntGauge,
     pub pending: IntGauge,
+    pub ack_floor: IntGauge,
     pub refused_reply: IntCounter,
     pub refused_request: IntCounter,
     pub buffer_full: IntCounter,

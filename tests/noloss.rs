@@ -12,7 +12,9 @@
 //! - in-progress acks cover a slow settle (a dead letter slower than ack_wait): no
 //!   redelivery;
 //! - a handler aborted at shutdown leaves its claim to go stale: its redelivery does not
-//!   run beside the app's still-running call.
+//!   run beside the app's still-running call;
+//! - a stream deleted and created again while the sidecar could not look, already longer
+//!   than the old consumer's ack floor, loses none of its first messages.
 
 mod support;
 
@@ -418,4 +420,59 @@ async fn a_bucket_max_age_shorter_than_the_route_ttl_shows_the_store_degraded() 
         sidecar.stop().await;
     })
     .await
+}
+
+/// The value of the metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// The watchdog compared the new stream's length with the old ack floor: a stream created
+/// again that already held more messages than the floor looked like the same stream, so
+/// its consumer was recreated after the old floor and skipped its first messages. The
+/// sidecar is frozen (SIGSTOP) across the deletion, the creation and the publishes, so it
+/// finds the consumer gone only once the new stream is longer than the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_again_longer_than_the_old_floor_loses_none_of_its_first_messages() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = agent_stream(&nats).await;
+        dlq_stream(&js).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
+        let toml = routes_toml("svc", "1s", &execution_events_route("durable = \"events\""));
+        let sidecar = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
+        sidecar.wait_ready().await;
+        for i in 0..5 {
+            js_publish(&js, "agent.execution.completed", &[], &format!("old-{i}")).await;
+        }
+        let admin = sidecar.admin;
+        eventually("the watchdog reading the ack floor at 5", Duration::from_secs(20), || async move {
+            let text = get(&format!("http://{admin}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned())?;
+            (metric(&text, r#"natsbridge_ingress_consumer_ack_floor{route="execution-events"}"#) == Some(5.0)).then_some(())
+        })
+        .await;
+
+        sidecar.signal("STOP");
+        js.delete_stream("AGENT").await.unwrap();
+        agent_stream(&nats).await;
+        for i in 0..10 {
+            js_publish(&js, "agent.execution.completed", &[], &format!("new-{i}")).await;
+        }
+        sidecar.signal("CONT");
+
+        let want: Vec<String> = (0..10).map(|i| format!("new-{i}")).collect();
+        let got = eventually("the app seeing every message of the new stream", Duration::from_secs(30), || {
+            let seen = seen(&app);
+            let want = want.clone();
+            async move { want.iter().all(|w| seen.contains_key(w)).then_some(seen) }
+        })
+        .await;
+        for w in &want {
+            assert_eq!(got[w], 1, "{w} once: {got:?}");
+        }
+        for i in 0..5 {
+            assert_eq!(got[&format!("old-{i}")], 1, "old-{i} once: {got:?}");
+        }
+    })
+    .await;
 }

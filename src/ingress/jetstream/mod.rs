@@ -188,28 +188,39 @@ async fn unlimit_deliveries(stream: &JsStream<()>, c: &Consumer, mut config: asy
 async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, stop: CancellationToken) {
     let route = &js.route;
     let c = &js.consumer;
-    // (stream first seq seen, ack floor) of the last healthy look.
-    let mut floor: Option<u64> = None;
+    // Where the last healthy look left the consumer: its ack floor, and which stream (by
+    // creation time) that floor counts in.
+    let mut at: Option<Floor> = None;
+    // The stream's creation time, read before a consumer info whose floor is taken: a
+    // consumer that exists after it was read belongs to that stream or a later one, so a
+    // recreation in between can only make the next comparison replay, never skip.
+    let mut created: Option<i128> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(WATCHDOG_EVERY) => {}
             _ = js.check_now.notified() => {}
         }
+        if created.is_none() {
+            // One stream info per binding, not per tick. If it fails, this tick's floor is
+            // not kept (a vanished consumer then starts from the stream's first message).
+            created = stream.get_info().await.ok().map(|i| i.created.unix_timestamp_nanos());
+        }
         match stream.consumer_info(&c.durable).await {
             Ok(info) => {
                 route.metrics.pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
-                floor = Some(info.ack_floor.stream_sequence);
+                route.metrics.ack_floor.set(i64::try_from(info.ack_floor.stream_sequence).unwrap_or(i64::MAX));
+                at = created.map(|created| Floor { seq: info.ack_floor.stream_sequence, created });
                 shared.readiness.pass(&route.check);
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                 shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
-                // Unknown floor (a new stream): from its first message, not the route's
-                // `deliver` (new only), which would skip what the new stream holds. A
-                // stream that cannot say where it ends is asked again at the next tick:
-                // guessing "new stream" would replay all of it to the app.
-                let start = match resume_point(&stream, floor).await {
-                    Ok(start) => start.or(Some(1)),
+                // Unknown floor, or a stream other than the floor's: from its first
+                // message, not the route's `deliver` (new only), which would skip what the
+                // new stream holds. A stream that cannot say which it is is asked again at
+                // the next tick: guessing "new stream" would replay all of it to the app.
+                let (start, now) = match resume_point(&stream, at).await {
+                    Ok((start, now)) => (start.or(Some(1)), now),
                     Err(e) => {
                         tracing::warn!(route = %route.inbound.name, error = %e, "consumer vanished; its stream's info failed, so it is recreated at the next check");
                         continue;
@@ -219,6 +230,9 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                     Ok(_) => {
                         tracing::warn!(route = %route.inbound.name, durable = %c.durable, start = ?start, "consumer vanished; recreated it");
                         shared.readiness.pass(&route.check);
+                        // The new consumer counts in the stream just read.
+                        created = Some(now);
+                        at = None;
                     }
                     Err(why) => {
                         tracing::warn!(route = %route.inbound.name, "{why}");
@@ -228,7 +242,8 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => {
                 // A stream created again numbers its messages anew: forget where we were.
-                floor = None;
+                at = None;
+                created = None;
                 shared.readiness.fail(&route.check, format!("stream {:?} not found", c.stream));
             }
             // NATS down or JetStream busy: the connection check already says so.
@@ -237,11 +252,58 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
     }
 }
 
-/// Where a recreated consumer starts: after its old ack floor when the stream still
-/// holds that sequence (same stream), else from the beginning (a new stream, `None`).
-/// An error when the stream's info could not be read: then nobody knows which it is.
-async fn resume_point(stream: &JsStream<()>, floor: Option<u64>) -> Result<Option<u64>, async_nats::jetstream::context::RequestError> {
-    let Some(floor) = floor.filter(|f| *f > 0) else { return Ok(None) };
+/// A consumer's ack floor, and the creation time of the stream it counts in (Unix ns).
+#[derive(Clone, Copy, Debug)]
+struct Floor {
+    seq: u64,
+    created: i128,
+}
+
+/// Where a recreated consumer starts: after its old ack floor when the stream is the one
+/// that floor counts in (same creation time) and still holds that sequence, else from
+/// the beginning (`None`). A stream deleted and created again between two looks may
+/// already hold more messages than the old floor: its creation time, not its length,
+/// tells it apart. Also returns the stream's creation time as read now. An error when the
+/// stream's info could not be read: then nobody knows which it is.
+async fn resume_point(
+    stream: &JsStream<()>,
+    at: Option<Floor>,
+) -> Result<(Option<u64>, i128), async_nats::jetstream::context::RequestError> {
     let info = stream.get_info().await?;
-    Ok((info.state.last_sequence >= floor).then_some(floor + 1))
+    let created = info.created.unix_timestamp_nanos();
+    Ok((resume_after(at, created, info.state.last_sequence), created))
+}
+
+/// The pure part of [`resume_point`].
+fn resume_after(at: Option<Floor>, created: i128, last_sequence: u64) -> Option<u64> {
+    let at = at.filter(|a| a.seq > 0 && a.created == created)?;
+    (last_sequence >= at.seq).then_some(at.seq + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i128 = 1_700_000_000_000_000_000;
+
+    #[test]
+    fn the_same_stream_resumes_after_its_floor() {
+        assert_eq!(resume_after(Some(Floor { seq: 5, created: T }), T, 9), Some(6));
+        assert_eq!(resume_after(Some(Floor { seq: 5, created: T }), T, 5), Some(6));
+    }
+
+    #[test]
+    fn a_stream_created_again_starts_from_its_first_message_however_long_it_is() {
+        // Longer than the old floor already: its length alone would look like the same
+        // stream and skip its first five messages.
+        assert_eq!(resume_after(Some(Floor { seq: 5, created: T }), T + 1, 20), None);
+        assert_eq!(resume_after(Some(Floor { seq: 5, created: T }), T + 1, 2), None);
+    }
+
+    #[test]
+    fn a_stream_shorter_than_the_floor_or_no_floor_starts_from_the_beginning() {
+        assert_eq!(resume_after(Some(Floor { seq: 5, created: T }), T, 4), None);
+        assert_eq!(resume_after(Some(Floor { seq: 0, created: T }), T, 4), None);
+        assert_eq!(resume_after(None, T, 4), None);
+    }
 }
