@@ -3,7 +3,8 @@
 //! `Last-Event-ID`; the per-client consumer goes away with the client; a nats-server
 //! restart mid-stream loses and repeats nothing; the sidecar's stop ends an open stream at
 //! once with a retry hint, and another sidecar resumes it; only the end message ends a
-//! stream cleanly, and `stream_max` cuts one visibly.
+//! stream cleanly, and `stream_max` cuts one visibly; a client that stops reading a core
+//! subscription's stream gets it ended as overflowed, not a backlog that drops silently.
 
 mod support;
 
@@ -473,4 +474,42 @@ async fn only_the_end_message_ends_a_stream_cleanly_and_stream_max_cuts_it_visib
     let raw = raw_rest(s, head).await;
     assert!(raw.contains("data: last\n\n") && !raw.contains("event: error"), "{raw}");
     assert!(raw.ends_with("0\r\n\r\n"), "a complete stream ends with the terminating chunk: {raw:?}");
+}
+
+/// A client that stops reading a core subscription's stream. Left to async-nats, up to
+/// 65,536 messages (1 GiB here) waited for it and any more were dropped without a word.
+/// Now the sidecar buffers at most four times `stream_buffer` (256) messages, then
+/// unsubscribes and ends the stream visibly: what was buffered, `event: error`
+/// (stream-overflow), and no terminating chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_core_subscription_gets_an_overflow_error_not_a_silent_gap() {
+    let nats = NatsServer::start();
+    let c = nats.client().await;
+    let sidecar = Sidecar::start(&toml(""), &nats.url(), None).await;
+    sidecar.wait_ready().await;
+    const SUBJECT: &str = "agent.token.streamed.e20";
+    // The subscription is bound before the head is sent; the client reads no more.
+    let (s, head) = raw_open(sidecar.egress, "/executions/e20/tokens").await;
+    // Far more than the socket buffers hold (a few MiB) plus 4 × 256 messages.
+    let payload = Bytes::from("x".repeat(16 * 1024));
+    for _ in 0..4000 {
+        c.publish(SUBJECT, payload.clone()).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // The sidecar gave up on the client: nobody is subscribed to the subject any more.
+    eventually("the sidecar unsubscribing the slow client", Duration::from_secs(20), || {
+        let c = c.clone();
+        async move {
+            match tokio::time::timeout(Duration::from_millis(500), c.request(SUBJECT, Bytes::new())).await {
+                Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    let raw = raw_rest(s, head).await;
+    let events = raw.matches("data: x").count();
+    assert!(events > 0 && events < 4000, "what was buffered comes first, not all: {events}");
+    assert!(raw.contains("event: error\n") && raw.contains("stream-overflow"), "{}", &raw[raw.len().saturating_sub(600)..]);
+    assert!(!raw.ends_with("0\r\n\r\n"), "an overflowed stream must not end like a complete one");
 }

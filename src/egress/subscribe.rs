@@ -7,7 +7,11 @@
 //! reconnect), so replay and resume are JetStream's: `Last-Event-ID: N` starts after
 //! sequence N, with no gap and no duplicate. The consumer is deleted when the client
 //! goes (a recreated one is reaped by the server after 30 s of inactivity). Without
-//! `stream`, a core subscription: live messages only, no ids.
+//! `stream`, a core subscription: live messages only, no ids. Its messages are read at
+//! once into a bounded buffer (`stream_buffer`, [`crate::nats::replies::subscription`]): a
+//! client that falls behind it gets `event: error` (`stream-overflow`) and a cut body, not
+//! silently lost messages nor an unbounded backlog. A JetStream stream needs no such
+//! bound: the ordered consumer pulls only as the client reads.
 //!
 //! A message with `Bridge-Stream: end` ends the stream cleanly; a comment every
 //! `heartbeat` keeps proxies from cutting an idle one; `stream_max` bounds its life.
@@ -56,6 +60,8 @@ type Item = Result<(Option<u64>, Option<async_nats::HeaderMap>, Bytes), SourceEr
 struct SourceError {
     text: String,
     fatal: bool,
+    /// The client fell behind the core subscription's buffer of this many messages.
+    overflow: Option<usize>,
 }
 type Source = Pin<Box<dyn Stream<Item = Item> + Send>>;
 
@@ -81,8 +87,7 @@ impl Egress {
         let (source, cleanup) = match &sub.stream {
             None => {
                 let s = self.nats.subscribe(subject.clone()).await.map_err(|e| BridgeError::Nats(e.into()))?;
-                let source: Source = Box::pin(s.map(|m| Ok((None, m.headers, m.payload))));
-                (source, None)
+                (core(crate::nats::replies::subscription(s, route.stream.buffer)), None)
             }
             Some(stream) => self.ordered(stream, subject, sub.deliver_all, last).await?,
         };
@@ -130,14 +135,34 @@ impl Egress {
                 use async_nats::jetstream::consumer::pull::OrderedErrorKind as K;
                 // The crate retries the rest itself; these it has given up on.
                 let fatal = matches!(e.kind(), K::Recreate | K::PushBasedConsumer | K::RequestLimitExceeded);
-                SourceError { text: e.to_string(), fatal }
+                SourceError { text: e.to_string(), fatal, overflow: None }
             })?;
-            let seq = m.info().map(|i| i.stream_sequence).map_err(|e| SourceError { text: e.to_string(), fatal: false })?;
+            let seq = m.info().map(|i| i.stream_sequence).map_err(|e| SourceError { text: e.to_string(), fatal: false, overflow: None })?;
             let m = m.message;
             Ok((Some(seq), m.headers, m.payload))
         }));
         Ok((source, Some(Cleanup { js, stream: stream.to_owned(), consumer: name })))
     }
+}
+
+/// A core subscription's buffered messages; an overflow is a fatal error, the
+/// subscription's own end is the source's end.
+fn core(sub: crate::nats::replies::Subscription) -> Source {
+    use crate::nats::replies::Next;
+    Box::pin(futures::stream::unfold(Some(sub), |sub| async move {
+        let mut sub = sub?;
+        match sub.next().await {
+            Next::Message(m) => {
+                let m = *m;
+                Some((Ok((None, m.headers, m.payload)), Some(sub)))
+            }
+            Next::Ended { overflowed: true } => {
+                let buffer = sub.capacity();
+                Some((Err(SourceError { text: "the client fell behind".into(), fatal: true, overflow: Some(buffer) }), None))
+            }
+            Next::Ended { overflowed: false } => None,
+        }
+    }))
 }
 
 fn sse_response(body: Body) -> Response<Body> {
@@ -226,6 +251,10 @@ impl Events {
         };
         let (seq, headers, payload) = match item {
             Some(Ok(m)) => m,
+            Some(Err(SourceError { overflow: Some(buffer), .. })) => {
+                tracing::debug!(route = %self.route, buffer, "SSE client too slow for its core subscription; ending the stream");
+                return Some(self.fail(BridgeError::StreamOverflow { buffer }));
+            }
             Some(Err(e)) if e.fatal || self.hiccups >= MAX_HICCUPS => {
                 tracing::debug!(route = %self.route, error = %e.text, "SSE subscription failed; ending the stream");
                 return Some(self.fail(BridgeError::Nats(format!("the subscription failed: {}", e.text).into())));

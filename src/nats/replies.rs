@@ -20,7 +20,7 @@
 
 mod feed;
 
-pub(crate) use feed::{BEHIND_GRACE, BURST_SLACK, BYTES_PER_SLOT};
+pub(crate) use feed::{subscription, Next, Subscription, BEHIND_GRACE, BURST_SLACK, BYTES_PER_SLOT};
 
 use std::fmt;
 use std::hash::BuildHasherDefault;

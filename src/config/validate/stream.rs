@@ -79,11 +79,17 @@ pub(super) fn outbound_limits(raw: &RawOutbound, at: Table<'_>, diags: &mut Diag
     let keys = [
         ("stream_stall", raw.stream_stall.is_some()),
         ("stream_max", raw.stream_max.is_some() && !subscribe),
-        ("stream_buffer", raw.stream_buffer.is_some()),
+        // A core subscription is buffered for a slow client, bounded by it too.
+        ("stream_buffer", raw.stream_buffer.is_some() && !(subscribe && raw.stream.is_none())),
         ("stream_end", raw.stream_end.is_some()),
     ];
     for (key, present) in keys {
-        refuse_key(at, &raw.mode, key, present && !replies, diags);
+        if key == "stream_buffer" && present && subscribe {
+            // The ordered consumer pulls only as the client reads: nothing to bound.
+            diags.error(at, Some(key), "`stream_buffer` bounds a core subscription; one on a `stream` is pulled as the client reads");
+        } else {
+            refuse_key(at, &raw.mode, key, present && !replies, diags);
+        }
     }
     let d = StreamLimits::default();
     let stall = duration(at, "stream_stall", &raw.stream_stall, d.stall, diags);
@@ -162,6 +168,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!c.streams[0].allow_msg_ttl);
+        // `stream_buffer` bounds a core subscription only.
+        let c = crate::config::parse(&route("mode = \"subscribe\"\nstream_buffer = 8"), "t.toml").unwrap();
+        assert_eq!(c.outbound[0].stream.buffer, 8);
+        let e = errors(&route("mode = \"subscribe\"\nstream = \"T\"\nstream_buffer = 8")).join("\n");
+        assert!(e.contains("`stream_buffer` bounds a core subscription"), "{e}");
+        let e = errors(&route("mode = \"publish\"\nstream_buffer = 8")).join("\n");
+        assert!(e.contains("`stream_buffer` does not apply to mode \"publish\""), "{e}");
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //! than [`BEHIND_GRACE`]; [`BURST_SLACK`] × `capacity` behind at once ends it regardless,
 //! and so does holding more than `capacity` MiB: a stream's memory stays within what
 //! `capacity` messages of the default 1 MiB `max_payload` held before the slack.
+//!
+//! [`subscription`] puts the same buffer behind a core subscription of a `subscribe`
+//! route, for the same reason: left to async-nats, a slow SSE client's messages wait in
+//! the subscription's channel, 65,536 of them (up to 64 GiB at 1 MiB), and past that are
+//! dropped without a word. Read at once into a feed, a slow client's stream ends as
+//! overflowed instead, visibly.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -135,7 +141,7 @@ impl Drop for Feed {
 pub(super) struct Tap(Arc<Shared>);
 
 /// What the reader gets: a message, or the end and whether it came from an overflow.
-pub(super) enum Next {
+pub(crate) enum Next {
     Message(Box<Message>),
     Ended { overflowed: bool },
 }
@@ -167,6 +173,49 @@ impl Tap {
             Poll::Pending
         })
         .await
+    }
+}
+
+/// `sub` read at once into a buffer of `capacity` messages by a task of its own; the
+/// task and the subscription end when the reader is dropped, when the buffer overflows
+/// or when the subscription ends.
+pub(crate) fn subscription(sub: async_nats::Subscriber, capacity: usize) -> Subscription {
+    let (feed, tap) = buffer(capacity);
+    let task = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut sub = sub;
+        while let Some(m) = sub.next().await {
+            if feed.push(m).is_err() {
+                break;
+            }
+        }
+        // Dropping `sub` unsubscribes; dropping `feed` ends the reader's stream.
+    });
+    Subscription { tap, task: task.abort_handle() }
+}
+
+/// The reading end of [`subscription`].
+pub(crate) struct Subscription {
+    tap: Tap,
+    task: tokio::task::AbortHandle,
+}
+
+impl Subscription {
+    /// The next message; after the last one, the end and whether it was an overflow.
+    pub(crate) async fn next(&mut self) -> Next {
+        self.tap.next().await
+    }
+
+    /// Messages held before the reader counts as behind.
+    pub(crate) fn capacity(&self) -> usize {
+        self.tap.capacity()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // The task may be waiting for a message that never comes.
+        self.task.abort();
     }
 }
 
