@@ -133,6 +133,10 @@ pub enum BridgeError {
     /// The responder ended its stream with an error; the detail is its problem document's.
     #[error("the responder failed mid-stream: {0}")]
     StreamFailed(String),
+    /// A streamed reply to an HTTP/1.0 client, held whole (1.0 has no chunked encoding to
+    /// show a cut), grew past what one stream may hold.
+    #[error("the streamed reply is over {limit} bytes, too large to hold whole for an HTTP/1.0 client, which could not tell a cut stream from a complete one; use HTTP/1.1")]
+    StreamTooLargeForHttp10 { limit: usize },
     /// An async operation id that is unknown, or whose result expired (`async_ttl`).
     #[error("no operation {id} (unknown, or its result expired)")]
     OperationNotFound { id: String },
@@ -182,6 +186,7 @@ impl BridgeError {
             NestErr(err) => crate::codec::nestjs::err_status(err),
             StreamStalled { .. } | StreamTooLong { .. } => StatusCode::GATEWAY_TIMEOUT,
             StreamOverflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            StreamTooLargeForHttp10 { .. } => StatusCode::BAD_GATEWAY,
             LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ConnectForbidden { .. } => StatusCode::FORBIDDEN,
             TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -231,6 +236,7 @@ impl BridgeError {
             StreamStalled { .. } => "stream-stalled",
             StreamTooLong { .. } => "stream-limit",
             StreamOverflow { .. } => "stream-overflow",
+            StreamTooLargeForHttp10 { .. } => "stream-too-large-for-http10",
             StreamFailed(_) => "stream-error",
             OperationNotFound { .. } => "operation-not-found",
             OperationLost { .. } => "operation-lost",

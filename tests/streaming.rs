@@ -1,6 +1,7 @@
 //! Streamed replies end to end (issue 11 §1): a real app streaming tokens (chunked and
 //! text/event-stream) behind a responder sidecar, a requester sidecar, a real HTTP client
-//! reading incrementally, and a real nats-server.
+//! reading incrementally, and a real nats-server. An HTTP/1.0 client, which has no
+//! chunked encoding to show a cut, gets a streamed reply held whole or an error.
 
 mod support;
 
@@ -309,4 +310,73 @@ async fn a_chunked_body_streams_through_tunnel_routes_incrementally_and_complete
         m.contains(r#"natsbridge_streams_total{end="complete",route="tunnel-in",side="responder"} 2"#).then_some(())
     })
     .await;
+}
+
+/// A raw HTTP/1.0 `GET` to the requester: everything it writes until it closes.
+async fn http10_get(addr: std::net::SocketAddr, path: &str) -> tokio::task::JoinHandle<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let read = s.read_to_end(&mut out);
+        // A reset after the error is as good as a close here: the bytes read are kept.
+        let _ = tokio::time::timeout(Duration::from_secs(20), read).await.expect("the requester closes in time");
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+/// Waits until the responder has put a stream message starting with `first` on NATS:
+/// what the app writes next comes mid-stream.
+async fn stream_message_seen(sub: &mut async_nats::Subscriber, first: &[u8]) {
+    use futures::StreamExt;
+    let seen = async {
+        while let Some(m) = sub.next().await {
+            if m.headers.as_ref().is_some_and(|h| h.get("Bridge-Stream-Seq").is_some()) && m.payload.starts_with(first) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), seen).await.expect("a stream message on NATS");
+}
+
+/// HTTP/1.0 ends a body of unknown length by closing the connection, so a stream cut
+/// mid-way would look complete to its client. The requester holds a streamed reply whole
+/// for it: a complete stream is one body with `Content-Length`, a failed one is the
+/// stream's error as a problem, never a 200 with part of the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_client_gets_a_streamed_reply_whole_or_an_error_never_a_cut_body_that_looks_complete() {
+    let mut p = pair("", "").await;
+    let mut wire = p.requester_client().await.subscribe(">").await.unwrap();
+
+    // Complete: every token, one body, its length given.
+    let client = http10_get(p.requester.egress, "/tokens/chunks").await;
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"tok-0,"))).await.unwrap();
+    stream_message_seen(&mut wire, b"tok-0,").await;
+    let mut want = b"tok-0,".to_vec();
+    for i in 1..200 {
+        let t = format!("tok-{i},");
+        want.extend_from_slice(t.as_bytes());
+        call.tx.send(Ok(Bytes::from(t))).await.unwrap();
+    }
+    drop(call.tx);
+    let raw = client.await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("a response: {raw:?}"));
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains(" 200 "), "{head}");
+    assert!(head.contains(&format!("content-length: {}", want.len())) && !head.contains("transfer-encoding"), "{head}");
+    assert_eq!(body.as_bytes(), &want[..]);
+
+    // Failed mid-stream: the stream's error, not a 200 whose cut body looks whole.
+    let client = http10_get(p.requester.egress, "/tokens/chunks").await;
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(Bytes::from_static(b"cut-0,"))).await.unwrap();
+    stream_message_seen(&mut wire, b"cut-0,").await;
+    call.tx.send(Ok(Bytes::from_static(b"cut-1,"))).await.unwrap();
+    call.tx.send(Err("the model crashed".into())).await.unwrap();
+    let raw = client.await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("a response: {raw:?}"));
+    assert!(head.contains(" 502 ") && head.to_ascii_lowercase().contains("application/problem+json"), "{raw}");
+    assert!(body.contains("urn:natsbridge:problem:stream-error") && !body.contains("cut-"), "{raw}");
 }

@@ -89,6 +89,7 @@ impl Egress {
                 return e.to_response(None, rid).map(full);
             }
         };
+        let http10 = req.version() == http::Version::HTTP_10;
         let mut req = req;
         if self.metrics.own_time.enabled() {
             // Only when recording: the first extension allocates the request's map.
@@ -108,6 +109,11 @@ impl Egress {
         // `Bridge-Path` came from its upstream (another sidecar's egress, say) and is ours
         // to overwrite, not to believe.
         let path = route.cutover.as_ref().and_then(|_| crate::egress::cutover::path_of(&res)).unwrap_or(default_path(route));
+        if http10 && path == crate::metrics::EgressPath::Nats {
+            // What an HTTP origin answers keeps its own framing, as without the sidecar.
+            let limit = route.stream.buffer.saturating_mul(crate::nats::replies::BYTES_PER_SLOT);
+            res = Box::pin(super::stream::whole_for_http10(res, limit, &route.name, rid)).await;
+        }
         res.headers_mut().insert(crate::egress::cutover::RESPONSE_PATH, HeaderValue::from_static(path.as_str()));
         table.observe_on(index, path, res.status(), started.elapsed());
         spans.end(res.status(), path.as_str());

@@ -73,6 +73,42 @@ where
     StreamBody::new(frames).boxed_unsync()
 }
 
+/// A streamed answer for an HTTP/1.0 client, held whole. 1.0 has no chunked encoding: a
+/// body of unknown length is ended by closing the connection, so a cut stream would look
+/// complete to it. Held, it gets the whole body with `Content-Length`, or the stream's
+/// error as a problem, or a 502 past `limit` bytes. An answer of known length passes as
+/// it is, and so does an event stream (its `event: error` shows a cut; holding a stream
+/// meant to stay open would never answer).
+pub(crate) async fn whole_for_http10(res: Response<Body>, limit: usize, route: &str, rid: Option<&str>) -> Response<Body> {
+    let sse = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+    if sse || http_body::Body::size_hint(res.body()).exact().is_some() {
+        return res;
+    }
+    let (mut parts, mut body) = res.into_parts();
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(f) => f.into_data().unwrap_or_default(),
+            Err(e) => {
+                let e = e.downcast::<BridgeError>().map_or_else(|e| BridgeError::StreamFailed(e.to_string()), |e| *e);
+                return e.to_response(Some(route), rid).map(full);
+            }
+        };
+        if whole.len() + data.len() > limit {
+            // Dropping the body ends the stream: the responder is told to stop.
+            return BridgeError::StreamTooLargeForHttp10 { limit }.to_response(Some(route), rid).map(full);
+        }
+        whole.extend_from_slice(&data);
+    }
+    parts.headers.remove(http::header::TRANSFER_ENCODING);
+    parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+    Response::from_parts(parts, full(whole.freeze()))
+}
+
 /// The last event of a failed event stream: `event: error`, the problem document as data.
 pub(crate) fn sse_error(e: &BridgeError, route: &str, rid: Option<&str>) -> Bytes {
     let doc = e.to_response(Some(route), rid).into_body();
@@ -348,3 +384,45 @@ impl Reader {
 /// When the reply of a NATS request was read (a response extension, taken off in `handle`).
 #[derive(Clone, Copy)]
 pub(super) struct ReplyRead(pub(super) std::time::Instant);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(pieces: Vec<Piece>, content_type: &'static str) -> Response<Body> {
+        let mut res = Response::new(body(futures::stream::iter(pieces), false, "r".into(), None));
+        res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        res
+    }
+
+    async fn text(res: Response<Body>) -> (u16, Option<String>, String) {
+        let status = res.status().as_u16();
+        let len = res.headers().get(http::header::CONTENT_LENGTH).map(|v| v.to_str().unwrap().to_owned());
+        let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        (status, len, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_whole_stream_gets_its_length_and_a_cut_or_oversized_one_a_problem() {
+        let data = |s: &'static str| Piece::Data(Bytes::from_static(s.as_bytes()));
+        let res = whole_for_http10(streamed(vec![data("ab"), data("cd")], "text/plain"), 4, "r", None).await;
+        assert_eq!(text(res).await, (200, Some("4".into()), "abcd".into()));
+        let res = whole_for_http10(streamed(vec![data("ab"), data("cde")], "text/plain"), 4, "r", None).await;
+        let (status, _, body) = text(res).await;
+        assert!(status == 502 && body.contains("stream-too-large-for-http10"), "{status} {body}");
+        let cut = Piece::Fail(BridgeError::StreamStalled { stall: Duration::from_secs(1) });
+        let res = whole_for_http10(streamed(vec![data("ab"), cut], "text/plain"), 4, "r", None).await;
+        let (status, _, body) = text(res).await;
+        assert!(status == 504 && body.contains("stream-stalled") && !body.contains("ab"), "{status} {body}");
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_or_a_body_of_known_length_passes_as_it_is() {
+        let sse = streamed(vec![Piece::Data(Bytes::from_static(b"data: 1\n\n"))], "Text/Event-Stream; charset=utf-8");
+        let res = whole_for_http10(sse, 1, "r", None).await;
+        assert!(res.headers().get(http::header::CONTENT_LENGTH).is_none());
+        assert_eq!(text(res).await.2, "data: 1\n\n");
+        let known = Response::new(full(Bytes::from_static(b"whole")));
+        assert_eq!(text(whole_for_http10(known, 1, "r", None).await).await.2, "whole");
+    }
+}
