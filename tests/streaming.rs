@@ -380,3 +380,38 @@ async fn an_http10_client_gets_a_streamed_reply_whole_or_an_error_never_a_cut_bo
     assert!(head.contains(" 502 ") && head.to_ascii_lowercase().contains("application/problem+json"), "{raw}");
     assert!(body.contains("urn:natsbridge:problem:stream-error") && !body.contains("cut-"), "{raw}");
 }
+
+/// An answer too large for one NATS message (the server's `max_payload` is 1 MiB here)
+/// reaches the caller whole, as a stream, however the app framed it: chunked but ended
+/// before the first message went, or with `Content-Length`. Without the sidecar the caller
+/// would have had it; the 413 it got made the pod worse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_larger_than_max_payload_reaches_the_caller_whole_however_the_app_framed_it() {
+    let big: Bytes = (0..3usize << 20).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>().into();
+
+    // Chunked, all of it at once.
+    let mut p = pair("", "").await;
+    let client = read_in_background(p.requester.url("/tokens/chunks"));
+    let call = next_call(&mut p.calls).await;
+    call.tx.send(Ok(big.clone())).await.unwrap();
+    drop(call.tx);
+    let (parts, (body, end)) = client.await.unwrap();
+    assert_eq!((parts.status.as_u16(), end), (200, Ok(())), "{}", String::from_utf8_lossy(&body[..body.len().min(600)]));
+    assert!(body == big[..], "{} bytes of {}", body.len(), big.len());
+
+    // With Content-Length.
+    let nats = NatsServer::start();
+    let whole = big.clone();
+    let app = App::script(move |_, _| {
+        let whole = whole.clone();
+        async move { http::Response::new(http_body_util::Full::new(whole)) }
+    })
+    .await;
+    let responder = Sidecar::start(&responder_toml(""), &nats.url(), Some(&app.url())).await;
+    let requester = Sidecar::start(&requester_toml(""), &nats.url(), None).await;
+    responder.wait_ready().await;
+    requester.wait_ready().await;
+    let (parts, (body, end)) = read_in_background(requester.url("/tokens/fixed")).await.unwrap();
+    assert_eq!((parts.status.as_u16(), end), (200, Ok(())), "{}", String::from_utf8_lossy(&body[..body.len().min(600)]));
+    assert!(body == big[..], "{} bytes of {}", body.len(), big.len());
+}

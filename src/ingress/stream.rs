@@ -6,7 +6,10 @@
 //!   within `stream_coalesce` (2 ms) in one message.
 //!   A message never exceeds the server's `max_payload`: larger pieces are split.
 //! - A body that ends before its first message is sent travels as one plain reply, so a
-//!   small chunked answer reaches non-streaming requesters as it always did.
+//!   small chunked answer reaches non-streaming requesters as it always did. One too
+//!   large for a single message under `max_payload` streams instead, whatever its framing
+//!   (a `Content-Length` answer too): without the sidecar the caller would have had it,
+//!   so a 413 would make the pod worse.
 //! - The control subject is a waiter on the connection's reply multiplexer, and every
 //!   message is published with it as reply subject: a reader's `Bridge-Stream: cancel`,
 //!   or the server's "no responders" when the reader's inbox is gone, arrive there and
@@ -57,12 +60,32 @@ pub(crate) async fn call(
         Ok(Err(e)) => return Answer::Whole(Err(e)),
         Err(_) => return Answer::Whole(Err(AppError::Timeout(timeout))),
     };
-    if !streamed::has_open_body(res.status(), res.headers()) {
+    // A body of known length too large for one message streams as if the app had sent it
+    // chunked, rather than getting the 413 (or, past `max_body`, the 502) of a single reply.
+    let too_large = || {
+        let len = res.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        len.is_some_and(|len| !fits_one_message(shared, res.headers(), len))
+    };
+    if !streamed::has_open_body(res.status(), res.headers()) && !too_large() {
         let whole = tokio::time::timeout_at(deadline, app::collect(res, max_body)).await;
         return Answer::Whole(whole.unwrap_or(Err(AppError::Timeout(timeout))));
     }
     let sender = Sender::new(shared, route, reply.clone(), rid);
     Box::pin(sender.run(res)).await
+}
+
+/// Whether an answer goes in one reply message under the server's `max_payload` (with
+/// room for the headers a reply carries).
+fn fits_one_message(shared: &Shared, headers: &HeaderMap, body: usize) -> bool {
+    // Reading `max_payload` clones the server's info (a handful of allocations): not for
+    // the small answers of the hot path. Below this, an answer counts as fitting; on a
+    // server configured that small, its publish is refused and it gets the 413 as before.
+    const SURELY_FITS: usize = 32 << 10;
+    if body < SURELY_FITS {
+        return true;
+    }
+    let head: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 512;
+    body.saturating_add(head) <= shared.nats.server_info().max_payload
 }
 
 /// One streamed reply being sent.
@@ -96,9 +119,7 @@ impl<'a> Sender<'a> {
     async fn run(mut self, res: Response<Incoming>) -> Answer {
         let (parts, mut body) = res.into_parts();
         let sse = streamed::is_event_stream(&parts.headers);
-        let mut first = codec::response_to_reply_headers(parts.status, &parts.headers);
-        first.insert(streamed::STREAM_CONTROL, self.control.reply_subject().as_str());
-        self.first = Some(first);
+        self.start(&parts);
         let mut sse_split = SseSplitter::default();
         let mut pending = BytesMut::new();
         let coalesce = self.route.inbound.stream_coalesce;
@@ -168,11 +189,18 @@ impl<'a> Sender<'a> {
         self.finish(end, parts, rest).await
     }
 
-    /// Ends the stream: the end or error message, or, when nothing was sent yet, the whole
-    /// answer for the caller to reply with.
+    /// The first message's headers: the response's, and the control subject.
+    fn start(&mut self, parts: &http::response::Parts) {
+        let mut first = codec::response_to_reply_headers(parts.status, &parts.headers);
+        first.insert(streamed::STREAM_CONTROL, self.control.reply_subject().as_str());
+        self.first = Some(first);
+    }
+
+    /// Ends the stream: the end or error message, or, when nothing was sent yet and the
+    /// body fits one message, the whole answer for the caller to reply with.
     async fn finish(mut self, end: Result<Result<(), BridgeError>, Stop>, parts: http::response::Parts, rest: Bytes) -> Answer {
         let how = match end {
-            Ok(Ok(())) if self.seq == 0 => {
+            Ok(Ok(())) if self.seq == 0 && fits_one_message(self.shared, &parts.headers, rest.len()) => {
                 return Answer::Whole(Ok(AppResponse { status: parts.status, headers: parts.headers, body: rest }));
             }
             Ok(Err(BridgeError::UpstreamTimeout(t))) if self.seq == 0 => return Answer::Whole(Err(AppError::Timeout(t))),
