@@ -14,7 +14,9 @@
 //! - a handler aborted at shutdown leaves its claim to go stale: its redelivery does not
 //!   run beside the app's still-running call;
 //! - a stream deleted and created again while the sidecar could not look, already longer
-//!   than the old consumer's ack floor, loses none of its first messages.
+//!   than the old consumer's ack floor, loses none of its first messages;
+//! - a durable lost while its sidecar was down is recreated from the floor the last
+//!   sidecar kept, so what was published meanwhile still reaches the app.
 
 mod support;
 
@@ -473,6 +475,54 @@ async fn a_stream_created_again_longer_than_the_old_floor_loses_none_of_its_firs
         for i in 0..5 {
             assert_eq!(got[&format!("old-{i}")], 1, "old-{i} once: {got:?}");
         }
+    })
+    .await;
+}
+
+/// The floor a sidecar keeps for durable `events` on AGENT, once it is at `seq`.
+async fn kept_floor(js: &jetstream::Context, seq: u64) -> Option<()> {
+    let kv = js.get_key_value("natsbridge_consumer_floors").await.ok()?;
+    let v = kv.get("AGENT.events").await.ok()??;
+    let record: serde_json::Value = serde_json::from_slice(&v).ok()?;
+    (record["seq"] == seq).then_some(())
+}
+
+/// A durable deleted while no sidecar ran: before, the next sidecar created it at the
+/// route's `deliver` ("new"), which skipped everything published meanwhile. Now it starts
+/// after the floor the last sidecar kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_lost_while_its_sidecar_was_down_resumes_from_the_floor_kept_for_it() {
+    bounded(async {
+        let nats = NatsServer::start();
+        let js = agent_stream(&nats).await;
+        dlq_stream(&js).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
+        let toml = routes_toml("svc", "1s", &execution_events_route("durable = \"events\""));
+        let first = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
+        first.wait_ready().await;
+        for i in 0..5 {
+            js_publish(&js, "agent.execution.completed", &[], &format!("old-{i}")).await;
+        }
+        eventually("the floor kept at 5", Duration::from_secs(20), || kept_floor(&js, 5)).await;
+        drop(first);
+
+        js.get_stream("AGENT").await.unwrap().delete_consumer("events").await.unwrap();
+        for i in 0..3 {
+            js_publish(&js, "agent.execution.completed", &[], &format!("new-{i}")).await;
+        }
+        let second = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
+        let want: Vec<String> = (0..3).map(|i| format!("new-{i}")).collect();
+        let got = eventually("the app seeing what was published while no sidecar ran", Duration::from_secs(30), || {
+            let seen = seen(&app);
+            let want = want.clone();
+            async move { want.iter().all(|w| seen.contains_key(w)).then_some(seen) }
+        })
+        .await;
+        for (body, n) in &got {
+            assert_eq!(*n, 1, "{body} once: {got:?}");
+        }
+        assert_eq!(got.len(), 8, "{got:?}");
+        drop(second);
     })
     .await;
 }

@@ -203,6 +203,7 @@ fn ingress(config: &Config, p: &mut Permissions) {
                 p.pub_(format!("$JS.ACK.{s}.{d}.>"), format!("{why}: acks"));
                 p.pub_(c.dead_letter.clone(), format!("{why}: dead letters"));
                 p.pub_(format!("$JS.API.STREAM.INFO.{}", config.dead_letter.stream), "dead-letter stream");
+                floors(p, &why);
             }
         }
         if i.idempotency.is_some() {
@@ -214,6 +215,17 @@ fn ingress(config: &Config, p: &mut Permissions) {
             p.pub_(format!("$JS.API.DIRECT.GET.KV_{b}.>"), why);
         }
     }
+}
+
+/// The floors bucket a jetstream route keeps its durable's ack floor in: read when the
+/// durable is missing, written as it moves.
+fn floors(p: &mut Permissions, why: &str) {
+    let kv = crate::provision::FLOORS_BUCKET;
+    let why = format!("{why}: its consumer's ack floor");
+    p.pub_(format!("$JS.API.STREAM.INFO.KV_{kv}"), why.clone());
+    p.pub_(format!("$JS.API.STREAM.MSG.GET.KV_{kv}"), why.clone());
+    p.pub_(format!("$JS.API.DIRECT.GET.KV_{kv}.>"), why.clone());
+    p.pub_(format!("$KV.{kv}.>"), why);
 }
 
 /// What `[sidecar] provision = true` adds: reading the account and creating or updating
@@ -231,6 +243,9 @@ fn provisioning(config: &Config, p: &mut Permissions) {
     }
     if crate::provision::uses_operations(config) {
         streams.push((crate::provision::kv_stream_name(crate::provision::OPERATIONS_BUCKET), true));
+    }
+    if crate::provision::uses_floors(config) {
+        streams.push((crate::provision::kv_stream_name(crate::provision::FLOORS_BUCKET), true));
     }
     for (s, owned) in streams {
         let apis: &[&str] = if owned { &["STREAM.INFO", "STREAM.CREATE", "STREAM.UPDATE"] } else { &["STREAM.INFO"] };

@@ -13,6 +13,10 @@
 //! bucket, the operations bucket of `async = true` routes). Consumers are not checked:
 //! ingress creates them when it binds.
 //!
+//! The floors bucket (each durable's ack floor, kept so a lost durable resumes) is planned
+//! with any jetstream inbound route; it is never required (a sidecar creates it, or runs
+//! without it and warns).
+//!
 //! The operations bucket (async request-reply) is planned whenever a request or tunnel
 //! route exists, since each honours `Prefer: respond-async`; readiness only requires it
 //! for `async = true` routes, which cannot answer without it (the others answer
@@ -44,8 +48,9 @@ pub use owner::{conflicts, Conflict};
 pub use plan::{cluster_size, plan, plan_with, Item, Plan, Status};
 pub use prune::prune;
 pub use spec::{
-    async_routes, consumer_config, dead_letter_stream_config, default_replicas, fit_to_stream, idempotency_ttl, kv_config, kv_stream_name,
-    operations_kv_config, stream_config, uses_idempotency, uses_operations, OPERATIONS_BUCKET, OWNER_KEY, ROUTE_KEY,
+    async_routes, consumer_config, dead_letter_stream_config, default_replicas, fit_to_stream, floors_kv_config, idempotency_ttl,
+    kv_config, kv_stream_name, operations_kv_config, stream_config, uses_floors, uses_idempotency, uses_operations, FLOORS_BUCKET,
+    OPERATIONS_BUCKET, OWNER_KEY, ROUTE_KEY,
 };
 pub use watch::spawn;
 

@@ -13,8 +13,8 @@ use async_nats::jetstream::{
 
 use super::compare::{compare_consumer, compare_kv, compare_stream, merge_consumer, merge_kv, merge_stream, FieldDiff, Verdict};
 use super::spec::{
-    consumer_config, dead_letter_stream_config, fit_to_stream, idempotency_ttl, jetstream_routes, kv_config, kv_stream_name,
-    operations_kv_config, stream_config, uses_idempotency, uses_operations, OWNER_KEY,
+    consumer_config, dead_letter_stream_config, fit_to_stream, floors_kv_config, idempotency_ttl, jetstream_routes, kv_config,
+    kv_stream_name, operations_kv_config, stream_config, uses_floors, uses_idempotency, uses_operations, OWNER_KEY,
 };
 use super::{Kind, ProvisionError};
 use crate::config::{Config, Consumer, Inbound};
@@ -290,7 +290,7 @@ fn single_replica_note(cluster: usize, replicas: usize, what: &str) -> Option<St
     })
 }
 
-/// Every planned action, in order: the idempotency bucket, the streams, the consumers.
+/// Every planned action, in order: the buckets (idempotency, operations, floors), the streams, the consumers.
 pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: bool) -> Result<Vec<Planned>, ProvisionError> {
     let mut out = Vec::new();
     let cluster = cluster_size(&js.client());
@@ -302,7 +302,10 @@ pub(super) async fn compute(js: &jetstream::Context, config: &Config, force: boo
         out.push(plan_idempotency_bucket(js, config, force, cluster).await?);
     }
     if uses_operations(config) {
-        out.push(plan_operations_bucket(js, force, cluster).await?);
+        out.push(plan_own_bucket(js, operations_kv_config(cluster), force, cluster, "async operations' results").await?);
+    }
+    if uses_floors(config) {
+        out.push(plan_own_bucket(js, floors_kv_config(cluster), force, cluster, "the consumers' floors").await?);
     }
     let mut known = KnownStreams::default();
     let mut streams: Vec<(Kind, stream::Config, bool, bool)> =
@@ -373,10 +376,15 @@ async fn plan_idempotency_bucket(js: &jetstream::Context, config: &Config, force
     Ok(p)
 }
 
-/// The async operations bucket: created when missing, its settings kept to what async
-/// results need (one value per key, per-message TTL).
-async fn plan_operations_bucket(js: &jetstream::Context, force: bool, cluster: usize) -> Result<Planned, ProvisionError> {
-    let want = operations_kv_config(cluster);
+/// A bucket whose settings are natsbridge's alone (the async operations' results, the
+/// consumers' floors): created when missing, kept to `want`.
+async fn plan_own_bucket(
+    js: &jetstream::Context,
+    want: kv::Config,
+    force: bool,
+    cluster: usize,
+    what: &str,
+) -> Result<Planned, ProvisionError> {
     let name = want.bucket.clone();
     let mut p = match read_stream(js, Kind::KvBucket, &kv_stream_name(&name)).await? {
         None => Planned { item: item(Kind::KvBucket, &name, Status::Created), op: Op::CreateKv(want.clone()) },
@@ -387,7 +395,7 @@ async fn plan_operations_bucket(js: &jetstream::Context, force: bool, cluster: u
             action_for_verdict(Kind::KvBucket, &name, verdict, force, move || Op::UpdateStream(merged), move || Op::RecreateKv(w))
         }
     };
-    p.item.note = single_replica_note(cluster, want.num_replicas, "async operations' results");
+    p.item.note = single_replica_note(cluster, want.num_replicas, what);
     Ok(p)
 }
 

@@ -212,6 +212,29 @@ pub fn operations_kv_config(cluster_size: usize) -> kv::Config {
     }
 }
 
+/// The bucket where each durable's ack floor is kept (`ingress::jetstream::floors`), so
+/// a durable lost while its route was not running is recreated where it left off. Shared
+/// by every service; keys are `<stream>.<durable>`.
+pub const FLOORS_BUCKET: &str = "natsbridge_consumer_floors";
+
+/// Does any route keep a floor (an inbound jetstream route)?
+pub fn uses_floors(config: &Config) -> bool {
+    jetstream_routes(config).next().is_some()
+}
+
+/// The floors bucket, the same whether `provision` or a sidecar creates it: one value
+/// per key, no expiry (an idle route's floor must outlive its idleness; a record is a
+/// few dozen bytes).
+pub fn floors_kv_config(cluster_size: usize) -> kv::Config {
+    kv::Config {
+        bucket: FLOORS_BUCKET.into(),
+        description: "natsbridge: where each durable consumer's acks had got to".into(),
+        history: 1,
+        num_replicas: default_replicas(cluster_size),
+        ..Default::default()
+    }
+}
+
 /// The stream behind a KV bucket.
 pub fn kv_stream_name(bucket: &str) -> String {
     format!("KV_{bucket}")

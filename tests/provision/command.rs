@@ -20,12 +20,12 @@ async fn the_provision_command_end_to_end() {
 
     let out = cli(&["provision", "--config", file, "--nats-url", &url]);
     assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains("4 created"), "{}", text(&out.stdout));
-    assert_eq!(stream_names(&js).await, ["DLQ", "KV_natsbridge_idempotency", "TOOL"]);
+    assert!(text(&out.stdout).contains("5 created"), "{}", text(&out.stdout));
+    assert_eq!(stream_names(&js).await, ["DLQ", "KV_natsbridge_consumer_floors", "KV_natsbridge_idempotency", "TOOL"]);
 
     let out = cli(&["provision", "--config", file, "--nats-url", &url]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(text(&out.stdout).contains("0 created, 0 updated, 0 recreated, 4 unchanged"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("0 created, 0 updated, 0 recreated, 5 unchanged"), "{}", text(&out.stdout));
 
     std::fs::write(&path, routes("", "").replace("storage = \"file\"", "storage = \"memory\"")).unwrap();
     let out = cli(&["provision", "--config", file, "--nats-url", &url]);

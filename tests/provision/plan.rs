@@ -13,13 +13,14 @@ async fn provision_creates_everything_and_a_second_run_changes_nothing() {
     assert!(plan.is_ok(), "{plan}");
     for (kind, name) in [
         (Kind::KvBucket, "natsbridge_idempotency"),
+        (Kind::KvBucket, "natsbridge_consumer_floors"),
         (Kind::Stream, "TOOL"),
         (Kind::DeadLetterStream, "DLQ"),
         (Kind::Consumer, "TOOL/tool-service"),
     ] {
         assert_eq!(status(&plan, kind, name), &Status::Created, "{plan}");
     }
-    assert_eq!(stream_names(&js).await, ["DLQ", "KV_natsbridge_idempotency", "TOOL"]);
+    assert_eq!(stream_names(&js).await, ["DLQ", "KV_natsbridge_consumer_floors", "KV_natsbridge_idempotency", "TOOL"]);
 
     let tool = stream_info(&js, "TOOL").await;
     assert_eq!(tool.config.subjects, ["tool.>"]);
@@ -40,7 +41,7 @@ async fn provision_creates_everything_and_a_second_run_changes_nothing() {
 
     let again = provision::apply(&js, &config, false).await.unwrap();
     assert!(again.is_unchanged(), "second run must be all unchanged:\n{again}");
-    assert_eq!(again.items.len(), 4);
+    assert_eq!(again.items.len(), 5);
     let planned = provision::plan(&js, &config).await.unwrap();
     assert!(planned.is_unchanged(), "{planned}");
     assert!(!planned.applied);
@@ -56,7 +57,7 @@ async fn dry_run_changes_nothing_but_shows_the_plan() {
     let text = plan.to_string();
     assert!(text.contains("dry run"), "{text}");
     assert!(text.contains("+ stream             TOOL"), "{text}");
-    assert!(text.contains("4 created"), "{text}");
+    assert!(text.contains("5 created"), "{text}");
     assert!(stream_names(&js).await.is_empty(), "a dry run created something");
 
     // Now with something to update: the dry run reports it and the server keeps its value.

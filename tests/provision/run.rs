@@ -10,7 +10,7 @@ async fn run_with_provision_creates_the_streams() {
     let src = routes("", "").replace("service = \"svc\"", "service = \"svc\"\nprovision = true");
     let sidecar = Sidecar::start(&src, &server.url(), None).await;
     eventually("streams provisioned", WAIT, || async {
-        (stream_names(&js).await == ["DLQ", "KV_natsbridge_idempotency", "TOOL"]).then_some(())
+        (stream_names(&js).await == ["DLQ", "KV_natsbridge_consumer_floors", "KV_natsbridge_idempotency", "TOOL"]).then_some(())
     })
     .await;
     eventually("consumer provisioned", WAIT, || async {

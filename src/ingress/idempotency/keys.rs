@@ -60,7 +60,7 @@ pub fn kv_key(service: &str, route: &str, key: &str) -> String {
 /// names always are), else `=` and its hex bytes. The two forms never meet (a plain name
 /// has no `=`) and neither has a `.`, so two different (service, route) pairs never share
 /// a prefix.
-fn push_scope(out: &mut String, name: &str) {
+pub(crate) fn push_scope(out: &mut String, name: &str) {
     if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         out.push_str(name);
     } else {

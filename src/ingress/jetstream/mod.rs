@@ -8,7 +8,9 @@
 //!   nothing sits in a client buffer while its ack_wait runs out; it pauses while the
 //!   route's idempotency store cannot be used;
 //! - the watchdog reads the consumer's info (lag gauge, readiness) and recreates the
-//!   consumer when it vanished (deleted, stream recreated, server restarted without it).
+//!   consumer when it vanished (deleted, stream recreated, server restarted without it);
+//!   it keeps the ack floor it reads in [`floors`], where a bind that finds the durable
+//!   missing resumes from.
 //!
 //! The last delivery is the sidecar's to enforce, not the server's: the consumer's
 //! `max_deliver` is unlimited, and a message delivered more often than the route's
@@ -18,6 +20,7 @@
 //! plain NATS message anyone allowed to publish on `$JS.EVENT.>` could forge.
 
 mod delivery;
+mod floors;
 mod handle;
 mod pull;
 mod settle;
@@ -71,7 +74,8 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
             return;
         }
     };
-    let Some(bound) = bind(&shared, &route, &consumer, &stream, &stop).await else { return };
+    let floors = floors::Floors::new(shared.js.clone(), &consumer.stream, &consumer.durable, &name);
+    let Some(bound) = bind(&shared, &route, &consumer, &stream, &floors, &stop).await else { return };
     let info = bound.cached_info().config.clone();
     if info.filter_subject != route.inbound.subject.as_str() {
         tracing::warn!(
@@ -98,7 +102,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         consumer,
         route,
     });
-    let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream, stop.clone()));
+    let watchdog = tokio::spawn(watchdog(shared.clone(), js.clone(), stream, floors, stop.clone()));
     pull::pull(&shared, &js, bound, &stop).await;
     // It only reads the consumer, or recreates a vanished one (the next start does that
     // too): a stop need not wait for its JetStream calls, each up to their timeout.
@@ -108,7 +112,14 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
 
 /// Binds the durable, creating it from the route when missing; retries (not ready) until
 /// it exists or `stop`.
-async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()>, stop: &CancellationToken) -> Option<PullConsumer> {
+async fn bind(
+    shared: &Shared,
+    route: &Route,
+    c: &Consumer,
+    stream: &JsStream<()>,
+    floors: &floors::Floors,
+    stop: &CancellationToken,
+) -> Option<PullConsumer> {
     let mut attempt = 0;
     let mut last_why = String::new();
     loop {
@@ -116,7 +127,7 @@ async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()
         // must not wait for it.
         let ensured = tokio::select! {
             _ = stop.cancelled() => return None,
-            r = ensure_consumer(stream, route, c, None) => r,
+            r = ensure_consumer(stream, route, c, Start::Kept(floors)) => r,
         };
         match ensured {
             Ok(consumer) => {
@@ -139,9 +150,17 @@ async fn bind(shared: &Shared, route: &Route, c: &Consumer, stream: &JsStream<()
     }
 }
 
-/// The consumer, created when missing (from `start`, when given, else from the start of
-/// the stream). The error says exactly what is missing.
-async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, start: Option<u64>) -> Result<PullConsumer, String> {
+/// Where a consumer that is created starts.
+enum Start<'a> {
+    /// After the floor a running watchdog last read (`ByStartSequence`).
+    At(u64),
+    /// After the floor kept for the durable, if any; else the route's `deliver`.
+    Kept(&'a floors::Floors),
+}
+
+/// The consumer, created when missing (from `start`). The error says exactly what is
+/// missing.
+async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, start: Start<'_>) -> Result<PullConsumer, String> {
     match stream.consumer_info(&c.durable).await {
         Ok(info) => {
             if info.config.max_deliver > 0 {
@@ -151,9 +170,25 @@ async fn ensure_consumer(stream: &JsStream<()>, route: &Route, c: &Consumer, sta
         }
         Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
             let mut config: js_pull::Config = provision::consumer_config(&route.inbound, c);
-            if let Ok(info) = stream.get_info().await {
+            let info = stream.get_info().await;
+            if let Ok(info) = &info {
                 provision::fit_to_stream(&mut config, info.config.retention);
             }
+            let start = match start {
+                Start::At(seq) => Some(seq),
+                Start::Kept(floors) => match floors.read().await.map_err(|e| format!("consumer {:?} is missing; {e}", c.durable))? {
+                    None => None,
+                    Some(record) => {
+                        // A durable that existed: never guess where it was.
+                        let info = info.map_err(|e| {
+                            format!("consumer {:?} is missing and stream {:?} cannot say where it had got to: {e}", c.durable, c.stream)
+                        })?;
+                        let start = floors::start_after(Some(record), info.created.unix_timestamp_nanos(), info.state.last_sequence);
+                        tracing::warn!(route = %route.inbound.name, durable = %c.durable, floor = record.seq, start = ?start, "the durable is missing; recreating it from the floor kept for it");
+                        start
+                    }
+                },
+            };
             if let Some(seq) = start {
                 config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: seq };
             }
@@ -185,7 +220,7 @@ async fn unlimit_deliveries(stream: &JsStream<()>, c: &Consumer, mut config: asy
 /// Reads the consumer's info every [`WATCHDOG_EVERY`] (or when the pull loop asks):
 /// updates the lag gauge and readiness, and recreates a vanished consumer from where
 /// its acks had got to, so the app does not see the whole stream again.
-async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, stop: CancellationToken) {
+async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<()>, floors: floors::Floors, stop: CancellationToken) {
     let route = &js.route;
     let c = &js.consumer;
     // Where the last healthy look left the consumer: its ack floor, and which stream (by
@@ -212,6 +247,10 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                 route.metrics.ack_floor.set(i64::try_from(info.ack_floor.stream_sequence).unwrap_or(i64::MAX));
                 at = created.map(|created| Floor { seq: info.ack_floor.stream_sequence, created });
                 shared.readiness.pass(&route.check);
+                if let Some(at) = at {
+                    let stream_created_ns = i64::try_from(at.created).unwrap_or(i64::MAX);
+                    floors.write(floors::Record { seq: at.seq, stream_created_ns }).await;
+                }
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                 shared.readiness.fail(&route.check, format!("consumer {:?} on stream {:?} vanished; recreating it", c.durable, c.stream));
@@ -219,14 +258,20 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                 // message, not the route's `deliver` (new only), which would skip what the
                 // new stream holds. A stream that cannot say which it is is asked again at
                 // the next tick: guessing "new stream" would replay all of it to the app.
-                let (start, now) = match resume_point(&stream, at).await {
-                    Ok((start, now)) => (start.or(Some(1)), now),
+                // No look yet since the bind: the floor kept for the durable, if any.
+                let last = match at {
+                    Some(at) => Some(at),
+                    None => floors.read().await.ok().flatten().map(|r| Floor { seq: r.seq, created: r.stream_created_ns.into() }),
+                };
+                let (start, now) = match resume_point(&stream, last).await {
+                    Ok(found) => found,
                     Err(e) => {
                         tracing::warn!(route = %route.inbound.name, error = %e, "consumer vanished; its stream's info failed, so it is recreated at the next check");
                         continue;
                     }
                 };
-                match ensure_consumer(&stream, route, c, start).await {
+                let start = start.unwrap_or(1);
+                match ensure_consumer(&stream, route, c, Start::At(start)).await {
                     Ok(_) => {
                         tracing::warn!(route = %route.inbound.name, durable = %c.durable, start = ?start, "consumer vanished; recreated it");
                         shared.readiness.pass(&route.check);

@@ -1,0 +1,173 @@
+//! Where each durable's acks had got to, kept in the KV bucket
+//! [`FLOORS_BUCKET`](crate::provision::FLOORS_BUCKET), so that a durable lost while its
+//! route was not running (deleted by hand, lost with a server's store, a stream restored
+//! without it) is recreated where it left off, not at the route's `deliver` ("new" by
+//! default, which would skip everything published meanwhile).
+//!
+//! The watchdog writes the floor it reads, when it moved; a bind that finds the durable
+//! missing reads it. A record names the stream's creation time too: a floor counts in one
+//! stream, and a stream deleted and created again starts from its first message.
+//!
+//! Best effort, by design: without the bucket (not provisioned, and no permission to
+//! create it) a route runs as before, with one warning. What it cannot cover: acks after
+//! the last write (at most one watchdog look, 2 s) come again, once.
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::provision::{cluster_size, floors_kv_config, FLOORS_BUCKET};
+
+/// One durable's floor: every message up to `seq` is acked, in the stream created at
+/// `stream_created_ns` (Unix ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Record {
+    pub seq: u64,
+    pub stream_created_ns: i64,
+}
+
+/// Where a durable recreated at bind starts, given its record and the stream as it is
+/// now: after the floor in the same stream (one that still holds it), else from the
+/// first message; `None` (the route's `deliver`) only without a record: a new route.
+pub(super) fn start_after(record: Option<Record>, created_ns: i128, last_sequence: u64) -> Option<u64> {
+    let r = record?;
+    let same = i128::from(r.stream_created_ns) == created_ns && last_sequence >= r.seq;
+    Some(if same { r.seq + 1 } else { 1 })
+}
+
+/// The key of a durable's record: `<stream>.<durable>`, each a KV-safe segment.
+pub(super) fn key(stream: &str, durable: &str) -> String {
+    let mut out = String::new();
+    crate::ingress::idempotency::keys::push_scope(&mut out, stream);
+    out.push('.');
+    crate::ingress::idempotency::keys::push_scope(&mut out, durable);
+    out
+}
+
+/// One route's record in the bucket, opened (or created) when first used.
+pub(super) struct Floors {
+    js: jetstream::Context,
+    key: String,
+    route: String,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    store: Option<kv::Store>,
+    /// The bucket could not be opened or created: warned once.
+    warned: bool,
+    /// The last record written (or read): the same floor is not written again.
+    written: Option<Record>,
+}
+
+/// The bucket could not be read: a bind must not guess.
+#[derive(Debug, thiserror::Error)]
+#[error("the consumer floors bucket {FLOORS_BUCKET:?} could not be read: {0}")]
+pub(super) struct ReadError(String);
+
+impl Floors {
+    pub(super) fn new(js: jetstream::Context, stream: &str, durable: &str, route: &str) -> Self {
+        Self { js, key: key(stream, durable), route: route.to_owned(), state: Mutex::new(State::default()) }
+    }
+
+    /// The bucket, opened or created; `None` (warned once) when neither works.
+    async fn store(&self, s: &mut State) -> Option<kv::Store> {
+        if let Some(store) = &s.store {
+            return Some(store.clone());
+        }
+        let opened = match self.js.get_key_value(FLOORS_BUCKET).await {
+            Ok(store) => Ok(store),
+            Err(_) => match self.js.create_key_value(floors_kv_config(cluster_size(&self.js.client()))).await {
+                Ok(store) => Ok(store),
+                // Another sidecar created it meanwhile, or we may not create it.
+                Err(create) => self.js.get_key_value(FLOORS_BUCKET).await.map_err(|_| create.to_string()),
+            },
+        };
+        match opened {
+            Ok(store) => {
+                s.store = Some(store.clone());
+                Some(store)
+            }
+            Err(e) => {
+                if !s.warned {
+                    s.warned = true;
+                    tracing::warn!(
+                        route = %self.route,
+                        bucket = FLOORS_BUCKET,
+                        error = %e,
+                        "cannot open or create the consumer floors bucket; run `natsbridge provision`: until then a durable lost while this route is not running is recreated at the route's `deliver`"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// The durable's record: `Ok(None)` when there is none or no bucket, an error when the
+    /// bucket is there but could not be read.
+    pub(super) async fn read(&self) -> Result<Option<Record>, ReadError> {
+        let mut s = self.state.lock().await;
+        let Some(store) = self.store(&mut s).await else { return Ok(None) };
+        let value = store.get(&self.key).await.map_err(|e| ReadError(e.to_string()))?;
+        let record = value.and_then(|v| match serde_json::from_slice::<Record>(&v) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(route = %self.route, key = %self.key, error = %e, "an unreadable consumer floor record is ignored");
+                None
+            }
+        });
+        s.written = record;
+        Ok(record)
+    }
+
+    /// Keeps `record` unless it is the one last kept. Failures are logged: the next look
+    /// tries again.
+    pub(super) async fn write(&self, record: Record) {
+        let mut s = self.state.lock().await;
+        if s.written == Some(record) {
+            return;
+        }
+        let Some(store) = self.store(&mut s).await else { return };
+        let value = Bytes::from(serde_json::to_vec(&record).expect("a record serializes"));
+        match store.put(&self.key, value).await {
+            Ok(_) => s.written = Some(record),
+            Err(e) => tracing::debug!(route = %self.route, error = %e, "could not keep the consumer's floor; the next look tries again"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_700_000_000_000_000_000;
+
+    #[test]
+    fn a_record_resumes_its_own_stream_after_the_floor() {
+        let r = Record { seq: 5, stream_created_ns: T };
+        assert_eq!(start_after(Some(r), T.into(), 9), Some(6));
+        assert_eq!(start_after(Some(Record { seq: 0, stream_created_ns: T }), T.into(), 9), Some(1));
+    }
+
+    #[test]
+    fn another_stream_or_one_shorter_than_the_floor_starts_from_its_first_message() {
+        let r = Record { seq: 5, stream_created_ns: T };
+        assert_eq!(start_after(Some(r), i128::from(T) + 1, 20), Some(1));
+        assert_eq!(start_after(Some(r), T.into(), 4), Some(1));
+    }
+
+    #[test]
+    fn without_a_record_the_route_decides() {
+        assert_eq!(start_after(None, T.into(), 9), None);
+    }
+
+    #[test]
+    fn keys_are_kv_safe_and_tell_stream_and_durable_apart() {
+        assert_eq!(key("TOOL", "tool"), "TOOL.tool");
+        let odd = key("a:b", "c");
+        assert!(odd.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=.".contains(&b)), "{odd}");
+        assert_ne!(key("a-b", "c"), key("a", "b-c"));
+    }
+}
