@@ -15,9 +15,10 @@
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
-use crate::provision::{cluster_size, floors_kv_config, FLOORS_BUCKET};
+use crate::provision::{cluster_size, floors_kv_config, kv_stream_name, FLOORS_BUCKET};
 
 /// One durable's floor: every message up to `seq` is acked, in the stream created at
 /// `stream_created_ns` (Unix ns).
@@ -56,10 +57,29 @@ pub(super) struct Floors {
 #[derive(Default)]
 struct State {
     store: Option<kv::Store>,
-    /// The bucket could not be opened or created: warned once.
+    /// Creating the bucket was tried (once: without the permission, each try would wait
+    /// out a JetStream API timeout).
+    create_tried: bool,
+    /// The bucket does not exist and could not be created: not asked again before this
+    /// (the watchdog must not spend each look on it).
+    absent_until: Option<Instant>,
+    /// Warned that the bucket is absent.
     warned: bool,
     /// The last record written (or read): the same floor is not written again.
     written: Option<Record>,
+}
+
+/// How long a bucket found absent is taken to stay so.
+const ABSENT_FOR: Duration = Duration::from_secs(60);
+
+/// The bucket as a caller finds it.
+enum Bucket {
+    /// Boxed: a store is 1.5 KB.
+    Open(Box<kv::Store>),
+    /// It does not exist (and could not be created): there is no record.
+    Absent,
+    /// The server could not say (NATS away, an API timeout): nobody knows.
+    Unknown(String),
 }
 
 /// The bucket could not be read: a bind must not guess.
@@ -72,36 +92,45 @@ impl Floors {
         Self { js, key: key(stream, durable), route: route.to_owned(), state: Mutex::new(State::default()) }
     }
 
-    /// The bucket, opened or created; `None` (warned once) when neither works.
-    async fn store(&self, s: &mut State) -> Option<kv::Store> {
+    /// The bucket, opened, or created once when it does not exist.
+    async fn bucket(&self, s: &mut State) -> Bucket {
         if let Some(store) = &s.store {
-            return Some(store.clone());
+            return Bucket::Open(Box::new(store.clone()));
         }
-        let opened = match self.js.get_key_value(FLOORS_BUCKET).await {
-            Ok(store) => Ok(store),
-            Err(_) => match self.js.create_key_value(floors_kv_config(cluster_size(&self.js.client()))).await {
-                Ok(store) => Ok(store),
-                // Another sidecar created it meanwhile, or we may not create it.
-                Err(create) => self.js.get_key_value(FLOORS_BUCKET).await.map_err(|_| create.to_string()),
-            },
-        };
-        match opened {
-            Ok(store) => {
-                s.store = Some(store.clone());
-                Some(store)
-            }
-            Err(e) => {
+        if s.absent_until.is_some_and(|at| Instant::now() < at) {
+            return Bucket::Absent;
+        }
+        // Its stream first: only "not found" means there is no bucket.
+        use async_nats::jetstream::context::GetStreamErrorKind as K;
+        match self.js.get_stream(kv_stream_name(FLOORS_BUCKET)).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), K::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
+                if !s.create_tried {
+                    s.create_tried = true;
+                    if let Ok(store) = self.js.create_key_value(floors_kv_config(cluster_size(&self.js.client()))).await {
+                        s.store = Some(store.clone());
+                        return Bucket::Open(Box::new(store));
+                    }
+                }
+                s.absent_until = Some(Instant::now() + ABSENT_FOR);
                 if !s.warned {
                     s.warned = true;
                     tracing::warn!(
                         route = %self.route,
                         bucket = FLOORS_BUCKET,
-                        error = %e,
-                        "cannot open or create the consumer floors bucket; run `natsbridge provision`: until then a durable lost while this route is not running is recreated at the route's `deliver`"
+                        "the consumer floors bucket does not exist and could not be created; run `natsbridge provision`: until then a durable lost while this route is not running is recreated at the route's `deliver`"
                     );
                 }
-                None
+                return Bucket::Absent;
             }
+            Err(e) => return Bucket::Unknown(e.to_string()),
+        }
+        match self.js.get_key_value(FLOORS_BUCKET).await {
+            Ok(store) => {
+                s.store = Some(store.clone());
+                Bucket::Open(Box::new(store))
+            }
+            Err(e) => Bucket::Unknown(e.to_string()),
         }
     }
 
@@ -109,7 +138,11 @@ impl Floors {
     /// bucket is there but could not be read.
     pub(super) async fn read(&self) -> Result<Option<Record>, ReadError> {
         let mut s = self.state.lock().await;
-        let Some(store) = self.store(&mut s).await else { return Ok(None) };
+        let store = match self.bucket(&mut s).await {
+            Bucket::Open(store) => store,
+            Bucket::Absent => return Ok(None),
+            Bucket::Unknown(e) => return Err(ReadError(e)),
+        };
         let value = store.get(&self.key).await.map_err(|e| ReadError(e.to_string()))?;
         let record = value.and_then(|v| match serde_json::from_slice::<Record>(&v) {
             Ok(r) => Some(r),
@@ -129,7 +162,7 @@ impl Floors {
         if s.written == Some(record) {
             return;
         }
-        let Some(store) = self.store(&mut s).await else { return };
+        let Bucket::Open(store) = self.bucket(&mut s).await else { return };
         let value = Bytes::from(serde_json::to_vec(&record).expect("a record serializes"));
         match store.put(&self.key, value).await {
             Ok(_) => s.written = Some(record),
