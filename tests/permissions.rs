@@ -313,3 +313,49 @@ fn the_readme_example_is_the_real_output() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(shown, String::from_utf8(out.stdout).unwrap(), "README.md's permissions example is stale: run the command it shows");
 }
+
+/// Without `provision`, the user `natsbridge permissions` prints may not create the
+/// consumer floors bucket (nor read the account's limits, which creating it starts with). A sidecar that finds it missing tries once, in the background,
+/// and warns: its jetstream route binds and runs as before, and the refused create is the
+/// only thing the server refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floors_bucket_it_may_not_create_costs_a_sidecar_only_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, PASSWORD).unwrap();
+    let routes_path = dir.path().join("routes.toml");
+    let toml = routes(&pw).replace("provision = true", "provision = false");
+    std::fs::write(&routes_path, &toml).unwrap();
+    let conf = permissions_conf(&routes_path);
+    std::env::set_var("NATS_PASSWORD_ORDERS", PASSWORD);
+    let conf = conf.replacen("  users = [\n", "  users = [\n    { user: \"admin\", password: \"admin\" }\n", 1);
+    let server = NatsServer::start_with(&conf);
+    let admin = connect(&server, "admin", "admin").await;
+    let js = jetstream::new(admin.clone());
+    // What an operator's provisioning made, less the floors bucket.
+    for (name, subject) in [("ORDERS", "orders.events.>"), ("TOOLS", "tool.execution.>"), ("DLQ", "dlq.>")] {
+        js.create_stream(jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() })
+            .await
+            .unwrap();
+    }
+    js.create_key_value(jetstream::kv::Config { bucket: "natsbridge_idempotency".into(), history: 1, ..Default::default() }).await.unwrap();
+
+    let app = App::start(|_| respond(200, "done")).await;
+    let sidecar = SidecarProcess::start(&toml, &server.url(), Some(&app.url()));
+    sidecar.wait_ready().await;
+    js_publish(&js, "orders.events.good", &[("Nats-Msg-Id", "m1")], "e1").await;
+    eventually("the event settled", Duration::from_secs(20), || async {
+        consumer_settled(&js, "ORDERS", "orders-events", 1).await.then_some(())
+    })
+    .await;
+    assert_eq!(app.hits().len(), 1);
+
+    let warned = || sidecar.log().lines().filter(|l| l.contains("consumer floors bucket does not exist")).count();
+    eventually("the warning", Duration::from_secs(20), || async { (warned() > 0).then_some(()) }).await;
+    assert_eq!(warned(), 1, "{}", sidecar.log());
+    assert!(js.get_key_value("natsbridge_consumer_floors").await.is_err(), "the bucket was not created");
+    let refused: Vec<String> = violations(&server.log()).into_iter().map(str::to_owned).collect();
+    // async-nats reads the account's limits (`$JS.API.INFO`) before it creates a bucket.
+    let create = |l: &String| l.contains("\"$JS.API.INFO\"") || l.contains("STREAM.CREATE.KV_natsbridge_consumer_floors");
+    assert!(!refused.is_empty() && refused.iter().all(create), "only the bucket's create is refused:\n{}", refused.join("\n"));
+}

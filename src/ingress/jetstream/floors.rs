@@ -57,20 +57,15 @@ pub(super) struct Floors {
 #[derive(Default)]
 struct State {
     store: Option<kv::Store>,
-    /// Creating the bucket was tried (once: without the permission, each try would wait
-    /// out a JetStream API timeout).
-    create_tried: bool,
-    /// The bucket does not exist and could not be created: not asked again before this
-    /// (the watchdog must not spend each look on it).
+    /// The bucket did not exist: not asked again before this.
     absent_until: Option<Instant>,
-    /// Warned that the bucket is absent.
-    warned: bool,
     /// The last record written (or read): the same floor is not written again.
     written: Option<Record>,
 }
 
-/// How long a bucket found absent is taken to stay so.
-const ABSENT_FOR: Duration = Duration::from_secs(60);
+/// How long a bucket found absent is taken to stay so (one cheap stream info per period
+/// while it is).
+const ABSENT_FOR: Duration = Duration::from_secs(5);
 
 /// The bucket as a caller finds it.
 enum Bucket {
@@ -80,6 +75,22 @@ enum Bucket {
     Absent,
     /// The server could not say (NATS away, an API timeout): nobody knows.
     Unknown(String),
+}
+
+/// Whether the bucket's stream exists: only "not found" means there is no bucket.
+enum Probe {
+    Exists,
+    NotFound,
+    Failed(String),
+}
+
+async fn probe(js: &jetstream::Context) -> Probe {
+    use async_nats::jetstream::context::GetStreamErrorKind as K;
+    match js.get_stream(kv_stream_name(FLOORS_BUCKET)).await {
+        Ok(_) => Probe::Exists,
+        Err(e) if matches!(e.kind(), K::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => Probe::NotFound,
+        Err(e) => Probe::Failed(e.to_string()),
+    }
 }
 
 /// The bucket could not be read: a bind must not guess.
@@ -92,7 +103,30 @@ impl Floors {
         Self { js, key: key(stream, durable), route: route.to_owned(), state: Mutex::new(State::default()) }
     }
 
-    /// The bucket, opened, or created once when it does not exist.
+    /// Creates the bucket when it does not exist, on a task of its own: without the
+    /// permission the server never answers the create, and a bind must not wait out that
+    /// timeout. A bucket that did not exist holds no record, so nothing waits for it.
+    pub(super) fn create_in_background(&self) {
+        let (js, route) = (self.js.clone(), self.route.clone());
+        tokio::spawn(async move {
+            if !matches!(probe(&js).await, Probe::NotFound) {
+                return;
+            }
+            if let Err(e) = js.create_key_value(floors_kv_config(cluster_size(&js.client()))).await {
+                // Another sidecar may have created it meanwhile.
+                if matches!(probe(&js).await, Probe::NotFound) {
+                    tracing::warn!(
+                        route = %route,
+                        bucket = FLOORS_BUCKET,
+                        error = %e,
+                        "the consumer floors bucket does not exist and could not be created; run `natsbridge provision`: until then a durable lost while this route is not running is recreated at the route's `deliver`"
+                    );
+                }
+            }
+        });
+    }
+
+    /// The bucket as it is now.
     async fn bucket(&self, s: &mut State) -> Bucket {
         if let Some(store) = &s.store {
             return Bucket::Open(Box::new(store.clone()));
@@ -100,30 +134,13 @@ impl Floors {
         if s.absent_until.is_some_and(|at| Instant::now() < at) {
             return Bucket::Absent;
         }
-        // Its stream first: only "not found" means there is no bucket.
-        use async_nats::jetstream::context::GetStreamErrorKind as K;
-        match self.js.get_stream(kv_stream_name(FLOORS_BUCKET)).await {
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), K::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
-                if !s.create_tried {
-                    s.create_tried = true;
-                    if let Ok(store) = self.js.create_key_value(floors_kv_config(cluster_size(&self.js.client()))).await {
-                        s.store = Some(store.clone());
-                        return Bucket::Open(Box::new(store));
-                    }
-                }
+        match probe(&self.js).await {
+            Probe::Exists => {}
+            Probe::NotFound => {
                 s.absent_until = Some(Instant::now() + ABSENT_FOR);
-                if !s.warned {
-                    s.warned = true;
-                    tracing::warn!(
-                        route = %self.route,
-                        bucket = FLOORS_BUCKET,
-                        "the consumer floors bucket does not exist and could not be created; run `natsbridge provision`: until then a durable lost while this route is not running is recreated at the route's `deliver`"
-                    );
-                }
                 return Bucket::Absent;
             }
-            Err(e) => return Bucket::Unknown(e.to_string()),
+            Probe::Failed(e) => return Bucket::Unknown(e),
         }
         match self.js.get_key_value(FLOORS_BUCKET).await {
             Ok(store) => {

@@ -75,6 +75,7 @@ pub(crate) async fn run(shared: Arc<Shared>, route: Arc<Route>, consumer: Consum
         }
     };
     let floors = floors::Floors::new(shared.js.clone(), &consumer.stream, &consumer.durable, &name);
+    floors.create_in_background();
     let Some(bound) = bind(&shared, &route, &consumer, &stream, &floors, &stop).await else { return };
     let info = bound.cached_info().config.clone();
     if info.filter_subject != route.inbound.subject.as_str() {
