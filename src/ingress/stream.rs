@@ -63,7 +63,9 @@ pub(crate) async fn call(
     // A body of known length too large for one message streams as if the app had sent it
     // chunked, rather than getting the 413 (or, past `max_body`, the 502) of a single reply.
     let too_large = || {
-        let len = res.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        // The length hyper read from the head (no header lookup and parse: ~270
+        // instructions per request on path B under callgrind, issue 14).
+        let len = http_body::Body::size_hint(res.body()).exact().and_then(|n| usize::try_from(n).ok());
         len.is_some_and(|len| !fits_one_message(shared, res.headers(), len))
     };
     if !streamed::has_open_body(res.status(), res.headers()) && !too_large() {
