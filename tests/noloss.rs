@@ -424,6 +424,31 @@ async fn a_bucket_max_age_shorter_than_the_route_ttl_shows_the_store_degraded() 
     .await
 }
 
+/// Stream AGENT, the dead-letter stream, an app answering 200, and a sidecar process
+/// (ready) consuming `agent.execution.completed` with durable `events`, to which five
+/// events `old-0`…`old-4` were published. Also the routes file it runs.
+async fn events_sidecar(nats: &NatsServer) -> (jetstream::Context, App, String, SidecarProcess) {
+    let js = agent_stream(nats).await;
+    dlq_stream(&js).await;
+    let app = App::script(|_, _| async { respond(200, "ok") }).await;
+    let toml = routes_toml("svc", "1s", &execution_events_route("durable = \"events\""));
+    let sidecar = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
+    sidecar.wait_ready().await;
+    for i in 0..5 {
+        js_publish(&js, "agent.execution.completed", &[], &format!("old-{i}")).await;
+    }
+    (js, app, toml, sidecar)
+}
+
+/// Waits until the app has seen every body in `want`; then how often it saw each.
+async fn seen_all(app: &App, want: &[String], what: &str) -> BTreeMap<String, usize> {
+    eventually(what, Duration::from_secs(30), || {
+        let seen = seen(app);
+        async move { want.iter().all(|w| seen.contains_key(w)).then_some(seen) }
+    })
+    .await
+}
+
 /// The value of the metric line starting with `prefix`.
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
@@ -438,15 +463,7 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
 async fn a_stream_created_again_longer_than_the_old_floor_loses_none_of_its_first_messages() {
     bounded(async {
         let nats = NatsServer::start();
-        let js = agent_stream(&nats).await;
-        dlq_stream(&js).await;
-        let app = App::script(|_, _| async { respond(200, "ok") }).await;
-        let toml = routes_toml("svc", "1s", &execution_events_route("durable = \"events\""));
-        let sidecar = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
-        sidecar.wait_ready().await;
-        for i in 0..5 {
-            js_publish(&js, "agent.execution.completed", &[], &format!("old-{i}")).await;
-        }
+        let (js, app, _, sidecar) = events_sidecar(&nats).await;
         let admin = sidecar.admin;
         eventually("the watchdog reading the ack floor at 5", Duration::from_secs(20), || async move {
             let text = get(&format!("http://{admin}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned())?;
@@ -463,12 +480,7 @@ async fn a_stream_created_again_longer_than_the_old_floor_loses_none_of_its_firs
         sidecar.signal("CONT");
 
         let want: Vec<String> = (0..10).map(|i| format!("new-{i}")).collect();
-        let got = eventually("the app seeing every message of the new stream", Duration::from_secs(30), || {
-            let seen = seen(&app);
-            let want = want.clone();
-            async move { want.iter().all(|w| seen.contains_key(w)).then_some(seen) }
-        })
-        .await;
+        let got = seen_all(&app, &want, "the app seeing every message of the new stream").await;
         for w in &want {
             assert_eq!(got[w], 1, "{w} once: {got:?}");
         }
@@ -494,15 +506,7 @@ async fn kept_floor(js: &jetstream::Context, seq: u64) -> Option<()> {
 async fn a_durable_lost_while_its_sidecar_was_down_resumes_from_the_floor_kept_for_it() {
     bounded(async {
         let nats = NatsServer::start();
-        let js = agent_stream(&nats).await;
-        dlq_stream(&js).await;
-        let app = App::script(|_, _| async { respond(200, "ok") }).await;
-        let toml = routes_toml("svc", "1s", &execution_events_route("durable = \"events\""));
-        let first = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
-        first.wait_ready().await;
-        for i in 0..5 {
-            js_publish(&js, "agent.execution.completed", &[], &format!("old-{i}")).await;
-        }
+        let (js, app, toml, first) = events_sidecar(&nats).await;
         eventually("the floor kept at 5", Duration::from_secs(20), || kept_floor(&js, 5)).await;
         drop(first);
 
@@ -512,12 +516,7 @@ async fn a_durable_lost_while_its_sidecar_was_down_resumes_from_the_floor_kept_f
         }
         let second = SidecarProcess::start(&toml, &nats.url(), Some(&app.url()));
         let want: Vec<String> = (0..3).map(|i| format!("new-{i}")).collect();
-        let got = eventually("the app seeing what was published while no sidecar ran", Duration::from_secs(30), || {
-            let seen = seen(&app);
-            let want = want.clone();
-            async move { want.iter().all(|w| seen.contains_key(w)).then_some(seen) }
-        })
-        .await;
+        let got = seen_all(&app, &want, "the app seeing what was published while no sidecar ran").await;
         for (body, n) in &got {
             assert_eq!(*n, 1, "{body} once: {got:?}");
         }

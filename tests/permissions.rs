@@ -105,21 +105,32 @@ fn violations(log: &str) -> Vec<&str> {
     log.lines().filter(|l| l.to_ascii_lowercase().contains("violation")).collect()
 }
 
-#[tokio::test]
-async fn generated_permissions_carry_every_route_and_refuse_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("password");
+/// The `orders` routes (changed by `edit`) in `dir`, and a server configured with what
+/// `natsbridge permissions` prints for them: the routes file, that configuration, the
+/// server and a connection of the test's own user `admin`. The server reads the
+/// password from its environment, as the chart runs it; the test harness adds a user of
+/// its own for setup and observation.
+async fn orders_under_generated_permissions(
+    dir: &Path,
+    edit: impl FnOnce(String) -> String,
+) -> (String, String, NatsServer, async_nats::Client) {
+    let pw = dir.join("password");
     std::fs::write(&pw, PASSWORD).unwrap();
-    let routes_path = dir.path().join("routes.toml");
-    let toml = routes(&pw);
+    let routes_path = dir.join("routes.toml");
+    let toml = edit(routes(&pw));
     std::fs::write(&routes_path, &toml).unwrap();
     let conf = permissions_conf(&routes_path);
-    // The server reads the password from its environment, as the chart runs it; the test
-    // harness adds a user of its own for setup and observation.
     std::env::set_var("NATS_PASSWORD_ORDERS", PASSWORD);
     let conf = conf.replacen("  users = [\n", "  users = [\n    { user: \"admin\", password: \"admin\" }\n", 1);
     let server = NatsServer::start_with(&conf);
     let admin = connect(&server, "admin", "admin").await;
+    (toml, conf, server, admin)
+}
+
+#[tokio::test]
+async fn generated_permissions_carry_every_route_and_refuse_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (toml, conf, server, admin) = orders_under_generated_permissions(dir.path(), |t| t).await;
     let js = jetstream::new(admin.clone());
 
     let mut agent = admin.subscribe("agent.*.execution.requested").await.unwrap();
@@ -315,22 +326,15 @@ fn the_readme_example_is_the_real_output() {
 }
 
 /// Without `provision`, the user `natsbridge permissions` prints may not create the
-/// consumer floors bucket (nor read the account's limits, which creating it starts with). A sidecar that finds it missing tries once, in the background,
-/// and warns: its jetstream route binds and runs as before, and the refused create is the
-/// only thing the server refuses.
+/// consumer floors bucket (nor read the account's limits, which creating it starts
+/// with). A sidecar that finds it missing tries once, in the background, and warns: its
+/// jetstream route binds and runs as before, and the refused create is the only thing
+/// the server refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_floors_bucket_it_may_not_create_costs_a_sidecar_only_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("password");
-    std::fs::write(&pw, PASSWORD).unwrap();
-    let routes_path = dir.path().join("routes.toml");
-    let toml = routes(&pw).replace("provision = true", "provision = false");
-    std::fs::write(&routes_path, &toml).unwrap();
-    let conf = permissions_conf(&routes_path);
-    std::env::set_var("NATS_PASSWORD_ORDERS", PASSWORD);
-    let conf = conf.replacen("  users = [\n", "  users = [\n    { user: \"admin\", password: \"admin\" }\n", 1);
-    let server = NatsServer::start_with(&conf);
-    let admin = connect(&server, "admin", "admin").await;
+    let (toml, _, server, admin) =
+        orders_under_generated_permissions(dir.path(), |t| t.replace("provision = true", "provision = false")).await;
     let js = jetstream::new(admin.clone());
     // What an operator's provisioning made, less the floors bucket.
     for (name, subject) in [("ORDERS", "orders.events.>"), ("TOOLS", "tool.execution.>"), ("DLQ", "dlq.>")] {
