@@ -28,13 +28,19 @@ pub(super) struct Record {
     pub stream_created_ns: i64,
 }
 
+impl From<Record> for super::Floor {
+    fn from(r: Record) -> Self {
+        Self { seq: r.seq, created: r.stream_created_ns.into() }
+    }
+}
+
 /// Where a durable recreated at bind starts, given its record and the stream as it is
-/// now: after the floor in the same stream (one that still holds it), else from the
-/// first message; `None` (the route's `deliver`) only without a record: a new route.
+/// now: as the watchdog resumes a vanished one ([`super::resume_after`]: after the floor
+/// in the same stream, else from the first message); `None` (the route's `deliver`) only
+/// without a record: a new durable.
 pub(super) fn start_after(record: Option<Record>, created_ns: i128, last_sequence: u64) -> Option<u64> {
-    let r = record?;
-    let same = i128::from(r.stream_created_ns) == created_ns && last_sequence >= r.seq;
-    Some(if same { r.seq + 1 } else { 1 })
+    let floor = super::Floor::from(record?);
+    Some(super::resume_after(Some(floor), created_ns, last_sequence).unwrap_or(1))
 }
 
 /// The key of a durable's record: `<stream>.<durable>`, each a KV-safe segment.

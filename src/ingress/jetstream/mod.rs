@@ -259,10 +259,10 @@ async fn watchdog(shared: Arc<Shared>, js: Arc<ConsumerRoute>, stream: JsStream<
                 // message, not the route's `deliver` (new only), which would skip what the
                 // new stream holds. A stream that cannot say which it is is asked again at
                 // the next tick: guessing "new stream" would replay all of it to the app.
-                // No look yet since the bind: the floor kept for the durable, if any.
                 let last = match at {
                     Some(at) => Some(at),
-                    None => floors.read().await.ok().flatten().map(|r| Floor { seq: r.seq, created: r.stream_created_ns.into() }),
+                    // No look yet since the bind: the floor kept for the durable, if any.
+                    None => floors.read().await.ok().flatten().map(Floor::from),
                 };
                 let (start, now) = match resume_point(&stream, last).await {
                     Ok(found) => found,
