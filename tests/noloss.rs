@@ -223,7 +223,7 @@ async fn a_server_paused_mid_call_neither_hangs_the_handler_nor_the_shutdown() {
         // The app stops the server while it handles the event: every JetStream call after
         // it (the store write, the ack, the watchdog's consumer info) gets no answer.
         let app = App::script(move |_, _| async move {
-            std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+            freeze(pid);
             respond(200, "ok")
         })
         .await;
@@ -471,7 +471,7 @@ async fn a_stream_created_again_longer_than_the_old_floor_loses_none_of_its_firs
         })
         .await;
 
-        sidecar.signal("STOP");
+        sidecar.freeze();
         js.delete_stream("AGENT").await.unwrap();
         agent_stream(&nats).await;
         for i in 0..10 {

@@ -72,9 +72,9 @@ timeout = "1s"
         let (log, traffic) = drive(workers, sidecar.url("/echo"), pace, stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
         nats.pause();
-        // The outage starts once SIGSTOP is sent: `pause` waits for `kill -STOP`, and a
-        // request started before that (spawning `kill` is slow on a loaded machine) can
-        // still get its 200.
+        // The outage starts once the server is stopped: `pause` returns when every one of
+        // its threads is, and a request started before that (spawning `kill` and the
+        // group stop are slow on a loaded machine) can still get its 200.
         let down = Instant::now();
         tokio::time::sleep(Duration::from_secs(15)).await;
         let killed = Instant::now();

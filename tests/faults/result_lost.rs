@@ -26,7 +26,7 @@ async fn a_result_write_lost_in_a_server_crash_does_not_run_the_effect_twice() {
                 let pid = pid.load(Ordering::SeqCst);
                 async move {
                     if c.earlier == 0 && c.key.starts_with("evt-") {
-                        std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+                        freeze(u32::try_from(pid).unwrap());
                     }
                     commit(200)
                 }

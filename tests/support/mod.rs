@@ -43,6 +43,45 @@ where
     }
 }
 
+/// SIGSTOP, returning once every thread of `pid` is stopped. `kill` returns when the
+/// signal is queued, not when it took effect: the kernel wakes one thread to start the
+/// group stop, and on a loaded machine the others run on for milliseconds meanwhile. A
+/// nats-server "paused" that way was seen storing and acking a publish sent after the
+/// pause (issue: flaky `jetstream_acks_are_awaited...`). Panics if `pid` is not stopped
+/// within 10 s.
+pub fn freeze(pid: u32) {
+    let status = Command::new("kill").arg("-STOP").arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -STOP {pid}: {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(Instant::now() < deadline, "process {pid} not stopped 10 s after SIGSTOP");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGCONT to `pid`.
+pub fn thaw(pid: u32) {
+    let status = Command::new("kill").arg("-CONT").arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -CONT {pid}: {status}");
+}
+
+/// Is every thread of `pid` in the stopped state (`T` in `/proc/<pid>/task/*/stat`)? A
+/// thread that exits meanwhile is skipped; a process with no threads left is not stopped.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // `tid (comm) S ...`: the state follows the last `)`, as comm may hold one.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state != Some('T') {
+            return false;
+        }
+        seen += 1;
+    }
+    seen > 0
+}
+
 /// A TCP server on a random local port that runs `conn` on each connection, on its own
 /// task; returns the address.
 pub async fn serve_tcp<F, Fut>(conn: F) -> SocketAddr
@@ -441,6 +480,11 @@ impl SidecarProcess {
 
     pub fn signal(&self, sig: &str) {
         Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+    }
+
+    /// SIGSTOP, returning once the process is stopped ([`freeze`]).
+    pub fn freeze(&self) {
+        freeze(self.child.id());
     }
 }
 

@@ -109,16 +109,17 @@ impl NatsServer {
     }
 
     /// SIGSTOP: the process keeps its sockets open but answers nothing, as a partitioned
-    /// server looks to its clients. `resume` (SIGCONT) or `kill` ends it.
+    /// server looks to its clients. Returns once every thread has stopped ([`super::freeze`]).
+    /// `resume` (SIGCONT) or `kill` ends it.
     pub fn pause(&self) {
         if let Some(pid) = self.pid() {
-            Command::new("kill").arg("-STOP").arg(pid.to_string()).status().unwrap();
+            super::freeze(pid);
         }
     }
 
     pub fn resume(&self) {
         if let Some(pid) = self.pid() {
-            Command::new("kill").arg("-CONT").arg(pid.to_string()).status().unwrap();
+            super::thaw(pid);
         }
     }
 
