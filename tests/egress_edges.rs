@@ -363,31 +363,40 @@ max_body = "1MiB"
     // 7 s once allowed from the spawn. The room left is generous for a loaded machine, far below the
     // 90 s a hung call waited.
     let bound = Duration::from_secs(2 + 5);
-    nats.pause();
-    let big = Bytes::from(vec![b'x'; 512 << 10]);
-    let bodies = std::iter::repeat_n(big, 64).chain(std::iter::repeat_n(Bytes::from_static(b"x"), 2300));
-    let calls: Vec<_> = bodies
-        .enumerate()
-        .map(|(i, body)| {
-            let client = clients[i % clients.len()].clone();
-            let url = sc.url(if i % 2 == 0 { "/stall/req" } else { "/stall/pub" });
-            tokio::spawn(async move {
-                let sent = Arc::new(std::sync::OnceLock::new());
-                let req = http::Request::post(&url).body(Stamped { inner: Full::new(body), sent: sent.clone() }).unwrap();
-                let answer = async {
-                    let (parts, body) = client.request(req).await.map_err(|e| e.to_string())?.into_parts();
-                    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-                    Ok::<_, String>((parts.status.as_u16(), parts.headers, body))
-                };
-                // A hang guard only; each call's own time is checked against `bound` below.
-                let answer = tokio::time::timeout(Duration::from_secs(60), answer).await;
-                let took = sent.get().map(|at| at.elapsed()).unwrap_or_default();
-                (url, answer, took)
-            })
+    let spawn_call = |i: usize, url: String, body: Bytes| {
+        let client = clients[i % clients.len()].clone();
+        tokio::spawn(async move {
+            let sent = Arc::new(std::sync::OnceLock::new());
+            let req = http::Request::post(&url).body(Stamped { inner: Full::new(body), sent: sent.clone() }).unwrap();
+            let answer = async {
+                let (parts, body) = client.request(req).await.map_err(|e| e.to_string())?.into_parts();
+                let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+                Ok::<_, String>((parts.status.as_u16(), parts.headers, body))
+            };
+            // A hang guard only; each call's own time is checked against `bound` below.
+            let answer = tokio::time::timeout(Duration::from_secs(60), answer).await;
+            let took = sent.get().map(|at| at.elapsed()).unwrap_or_default();
+            (url, answer, took)
         })
-        .collect();
-    let mut hand_offs = 0;
+    };
+    nats.pause();
+    // Two phases, in this order, so that the stall does not depend on which calls the
+    // sidecar happens to read first. First 32 MiB of publishes, far more than the kernel's
+    // socket buffers take (4 MiB send and 128 KiB receive by default on Linux); each is
+    // answered once it is in the client's queue, so when all are answered the bytes the
+    // writer cannot get into the socket sit at the head of that queue. Only then more
+    // small calls than the queue holds (2,048): whatever the socket took, at least 252 of
+    // them must wait for room. When the small calls raced the large ones, CI once read
+    // all of them first; they fit in the socket and nothing waited.
+    let big = Bytes::from(vec![b'x'; 512 << 10]);
     let mut answered = Vec::new();
+    let fill: Vec<_> = (0..64).map(|i| spawn_call(i, sc.url("/stall/pub"), big.clone())).collect();
+    for call in fill {
+        answered.push(call.await.unwrap());
+    }
+    let calls: Vec<_> =
+        (0..2300).map(|i| spawn_call(i, sc.url(if i % 2 == 0 { "/stall/req" } else { "/stall/pub" }), Bytes::from_static(b"x"))).collect();
+    let mut hand_offs = 0;
     for call in calls {
         answered.push(call.await.unwrap());
     }
@@ -408,8 +417,13 @@ max_body = "1MiB"
         hand_offs += usize::from(doc["detail"].as_str().is_some_and(|d| d.contains("did not take the message")));
     }
     nats.resume();
-    // The case under test happened: some calls never got into the client's queue.
-    assert!(hand_offs > 0, "no call waited for room in the client's queue; the test did not stall the connection");
+    println!("{hand_offs} calls were answered that NATS did not take the message");
+    // The case under test happened: with the writer stuck behind the large publishes,
+    // at least the small calls beyond the queue's 2,048 slots never got into it.
+    assert!(
+        hand_offs >= 2300 - 2048,
+        "only {hand_offs} calls waited for room in the client's queue; the test did not stall the connection"
+    );
 }
 
 /// A request body that notes when the client first took data from it: from then on the
