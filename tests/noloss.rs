@@ -16,7 +16,9 @@
 //! - a stream deleted and created again while the sidecar could not look, already longer
 //!   than the old consumer's ack floor, loses none of its first messages;
 //! - a durable lost while its sidecar was down is recreated from the floor the last
-//!   sidecar kept, so what was published meanwhile still reaches the app.
+//!   sidecar kept, so what was published meanwhile still reaches the app;
+//! - a durable lost while its stream cannot say where it ends is recreated once it can,
+//!   after its floor: the app sees nothing twice.
 
 mod support;
 
@@ -522,6 +524,75 @@ async fn a_durable_lost_while_its_sidecar_was_down_resumes_from_the_floor_kept_f
         }
         assert_eq!(got.len(), 8, "{got:?}");
         drop(second);
+    })
+    .await;
+}
+
+/// The sidecar's user may do everything; with `deny_stream_info`, everything but read
+/// stream AGENT's info. The test's own user may do everything.
+fn users(deny_stream_info: bool) -> String {
+    let deny = if deny_stream_info { r#", deny: "$JS.API.STREAM.INFO.AGENT""# } else { "" };
+    format!(
+        r#"authorization {{ users = [
+  {{ user: "admin", password: "pw" }},
+  {{ user: "bridge", password: "pw", permissions: {{ publish: {{ allow: ">"{deny} }}, subscribe: ">" }} }}
+] }}"#
+    )
+}
+
+/// A durable that vanished while its stream's info could not be read: the watchdog
+/// cannot tell the stream it knew from a new one, so it must not guess "new" (that
+/// replayed the whole stream to the app, `1ff3e60`). It waits, readiness failing, and
+/// recreates the durable after its floor once the stream answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_lost_while_its_stream_cannot_say_where_it_ends_is_recreated_after_its_floor() {
+    bounded(async {
+        let nats = NatsServer::start_with(&users(false));
+        let admin = async_nats::ConnectOptions::with_user_and_password("admin".into(), "pw".into()).connect(nats.url()).await.unwrap();
+        let js = jetstream::new(admin);
+        js.create_stream(jetstream::stream::Config { name: "AGENT".into(), subjects: vec!["agent.>".into()], ..Default::default() })
+            .await
+            .unwrap();
+        dlq_stream(&js).await;
+        let app = App::script(|_, _| async { respond(200, "ok") }).await;
+        let toml = routes_toml("svc", "1s", &execution_events_route("durable = \"events\""));
+        let url = format!("nats://bridge:pw@127.0.0.1:{}", nats.port);
+        let sidecar = SidecarProcess::start(&toml, &url, Some(&app.url()));
+        sidecar.wait_ready().await;
+        for i in 0..5 {
+            js_publish(&js, "agent.execution.completed", &[], &format!("old-{i}")).await;
+        }
+        let old: Vec<String> = (0..5).map(|i| format!("old-{i}")).collect();
+        seen_all(&app, &old, "the app seeing the first five").await;
+        let addr = sidecar.admin;
+        eventually("the watchdog reading the ack floor at 5", Duration::from_secs(20), || async move {
+            let text = get(&format!("http://{addr}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned())?;
+            (metric(&text, r#"natsbridge_ingress_consumer_ack_floor{route="execution-events"}"#) == Some(5.0)).then_some(())
+        })
+        .await;
+
+        nats.reload_with(&users(true));
+        js.get_stream("AGENT").await.unwrap().delete_consumer("events").await.unwrap();
+        eventually("the watchdog finding the durable gone and its stream's info refused", Duration::from_secs(30), || async {
+            sidecar.log().contains("its stream's info failed").then_some(())
+        })
+        .await;
+        let stream = js.get_stream("AGENT").await.unwrap();
+        assert!(stream.consumer_info("events").await.is_err(), "recreated without knowing where the stream ends");
+        let failing = statusz(addr).await.unwrap_or_default()["failing"]["inbound:execution-events"].clone();
+        assert!(failing.as_str().is_some_and(|f| f.contains("vanished")), "readiness: {failing}");
+
+        nats.reload_with(&users(false));
+        sidecar.wait_ready().await;
+        for i in 0..3 {
+            js_publish(&js, "agent.execution.completed", &[], &format!("new-{i}")).await;
+        }
+        let want: Vec<String> = (0..3).map(|i| format!("new-{i}")).collect();
+        let got = seen_all(&app, &want, "the app seeing what was published after the durable came back").await;
+        for (body, n) in &got {
+            assert_eq!(*n, 1, "{body} once: {got:?}");
+        }
+        assert_eq!(got.len(), 8, "{got:?}");
     })
     .await;
 }

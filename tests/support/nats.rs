@@ -133,6 +133,23 @@ impl NatsServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Rewrites the configuration with `extra` (on the port it runs on) and has the
+    /// running server reload it (SIGHUP); returns once its log says it did. Connected
+    /// clients keep their connections and get the new permissions.
+    pub fn reload_with(&self, extra: &str) {
+        const RELOADED: &str = "Reloaded server configuration";
+        let before = self.log().matches(RELOADED).count();
+        self.write_conf(self.port as i32, extra);
+        let pid = self.pid().expect("a running server");
+        let status = Command::new("kill").arg("-HUP").arg(pid.to_string()).status().unwrap();
+        assert!(status.success(), "kill -HUP {pid}: {status}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches(RELOADED).count() == before {
+            assert!(Instant::now() < deadline, "nats-server did not reload within 10 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(self.url()).await.unwrap()
     }
