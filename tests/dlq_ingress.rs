@@ -1,6 +1,7 @@
 //! Dead letters at the edges: a recreated stream's message that reuses an earlier one's
-//! sequence gets its own dead letter, and a message near `max_payload` is dead-lettered
-//! with its description cut short rather than nak'ed for ever.
+//! sequence gets its own dead letter, a message near `max_payload` is dead-lettered
+//! with its description cut short rather than nak'ed for ever, and one whose dead letter
+//! cannot fit even bare is kept (nak'ed, counted) until the dead-letter stream takes it.
 
 mod support;
 
@@ -83,5 +84,49 @@ async fn a_message_near_max_payload_is_dead_lettered_with_its_error_cut_short() 
     assert!(error.len() <= 128 && error.chars().all(|c| c == 'e'), "{error}");
     assert_eq!(dl.headers.get("Bridge-Dlq-Reason").map(|v| v.as_str()), Some("poison"));
     assert_eq!(app.hits().len(), 1, "termed after its dead letter, not redelivered");
+    sidecar.stop().await;
+}
+
+/// The value of the metric line starting with `prefix`, 0 when absent.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+/// The payload alone is over the dead-letter stream's `max_msg_size`, so no trim makes
+/// its dead letter fit. The message must not be termed (that would lose it): it is
+/// nak'ed and counted, and it stays in its stream until an operator makes room; then it
+/// is dead-lettered whole, with its full description, and only then settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_even_bare_keeps_its_message_until_the_stream_takes_it() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(nats.client().await);
+    tool_stream(&js).await;
+    let small =
+        jetstream::stream::Config { name: "DLQ".into(), subjects: vec!["dlq.>".into()], max_message_size: 4096, ..Default::default() };
+    js.create_stream(small.clone()).await.unwrap();
+    let app = App::script(|_, _| async { respond(422, "no") }).await;
+    let sidecar = Sidecar::start(&route("backoff = [\"200ms\"]"), &nats.url(), Some(&app.url())).await;
+    sidecar.wait_ready().await;
+    let payload = "p".repeat(5000);
+    let seq = js.publish("tool.exec.big", Bytes::from(payload.clone())).await.unwrap().await.unwrap().sequence;
+
+    // Refused, counted, and delivered again: a second call to the app is the proof that
+    // the first outcome was a nak, not a term.
+    eventually("the dead letter refused and the message back", Duration::from_secs(20), || async {
+        let too_large = metric(&sidecar.metrics().await, r#"natsbridge_dlq_too_large_total{route="tool-exec"}"#);
+        (too_large >= 1.0 && app.hits().len() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(dlq_count(&js).await, 0);
+    let info = js.get_stream("TOOL").await.unwrap().consumer_info("tool").await.unwrap();
+    assert!(info.ack_floor.stream_sequence < seq, "settled without a dead letter: {info:?}");
+
+    js.update_stream(jetstream::stream::Config { max_message_size: 64 << 10, ..small }).await.unwrap();
+    let dl = dead_letter(&js, 1).await;
+    settled(&js, seq).await;
+    assert!(dl.payload[..] == *payload.as_bytes(), "the payload is kept whole");
+    assert_eq!(dl.headers.get("Bridge-Dlq-Reason").map(|v| v.as_str()), Some("poison"));
+    assert_eq!(dl.headers.get("Bridge-Dlq-Error").map(|v| v.as_str()), Some("no"), "the whole description once it fits");
+    assert_eq!(dlq_count(&js).await, 1);
     sidecar.stop().await;
 }
