@@ -46,10 +46,6 @@ fn schema_path(dir: &tempfile::TempDir, version: u32) -> String {
     dir.path().join(format!("contracts/order.created/v{version}.json")).display().to_string()
 }
 
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)).and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn an_invalid_body_never_leaves_and_a_valid_one_names_its_version() {
     let nats = NatsServer::start();

@@ -87,11 +87,6 @@ async fn a_message_near_max_payload_is_dead_lettered_with_its_error_cut_short() 
     sidecar.stop().await;
 }
 
-/// The value of the metric line starting with `prefix`, 0 when absent.
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-}
-
 /// The payload alone is over the dead-letter stream's `max_msg_size`, so no trim makes
 /// its dead letter fit. The message must not be termed (that would lose it): it is
 /// nak'ed and counted, and it stays in its stream until an operator makes room; then it
@@ -113,7 +108,7 @@ async fn a_dead_letter_too_large_even_bare_keeps_its_message_until_the_stream_ta
     // Refused, counted, and delivered again: a second call to the app is the proof that
     // the first outcome was a nak, not a term.
     eventually("the dead letter refused and the message back", Duration::from_secs(20), || async {
-        let too_large = metric(&sidecar.metrics().await, r#"natsbridge_dlq_too_large_total{route="tool-exec"}"#);
+        let too_large = metric(&sidecar.metrics().await, r#"natsbridge_dlq_too_large_total{route="tool-exec"}"#).unwrap_or(0.0);
         (too_large >= 1.0 && app.hits().len() >= 2).then_some(())
     })
     .await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::fixtures::responder;
+use support::fixtures::{metric, responder};
 use support::*;
 
 fn routes(extra: &str) -> String {
@@ -31,10 +31,6 @@ mode = "request"
 {extra}
 "#
     )
-}
-
-fn metric(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Issue 20 item 1: a 5,000-byte path capture used to render a 5 KiB subject; the server

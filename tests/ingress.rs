@@ -57,10 +57,6 @@ fn hdr<'a>(m: &'a StreamMessage, name: &str) -> &'a str {
     m.headers.get(name).map(|v| v.as_str()).unwrap_or_else(|| panic!("dead letter has no {name}: {:?}", m.headers))
 }
 
-fn metric_line(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
 async fn nats_request(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &'static str) -> async_nats::Message {
     try_request(client, subject, headers, body).await.unwrap()
 }
@@ -140,10 +136,7 @@ async fn request_reply_maps_status_headers_body_and_subject_tokens() {
     assert_eq!(p["instance"], "rid-9");
 
     let metrics = sidecar.metrics().await;
-    assert!(
-        metric_line(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="reply",route="agent-requests"}"#).unwrap() >= 3.0,
-        "{metrics}"
-    );
+    assert!(metric(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="reply",route="agent-requests"}"#).unwrap() >= 3.0, "{metrics}");
     sidecar.stop().await;
 }
 
@@ -355,8 +348,8 @@ async fn jetstream_2xx_is_acked_once_with_delivery_headers() {
     assert_eq!(h.header("x-trace"), Some("t"));
     assert_eq!(dlq_count(&js).await, 0);
     let metrics = sidecar.metrics().await;
-    assert_eq!(metric_line(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="ack",route="tool-exec"}"#), Some(1.0), "{metrics}");
-    assert_eq!(metric_line(&metrics, r#"natsbridge_ingress_deliveries_total{route="tool-exec"}"#), Some(1.0));
+    assert_eq!(metric(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="ack",route="tool-exec"}"#), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, r#"natsbridge_ingress_deliveries_total{route="tool-exec"}"#), Some(1.0));
     sidecar.stop().await;
 }
 
@@ -398,9 +391,9 @@ async fn jetstream_retryable_status_naks_with_backoff_then_dead_letters() {
     assert_eq!(dlq_count(&js).await, 1);
 
     let metrics = sidecar.metrics().await;
-    assert_eq!(metric_line(&metrics, r#"natsbridge_dlq_published_total{reason="status",route="tool-exec"}"#), Some(1.0), "{metrics}");
-    assert_eq!(metric_line(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="nak",route="tool-exec"}"#), Some(2.0));
-    assert_eq!(metric_line(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="term",route="tool-exec"}"#), Some(1.0));
+    assert_eq!(metric(&metrics, r#"natsbridge_dlq_published_total{reason="status",route="tool-exec"}"#), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="nak",route="tool-exec"}"#), Some(2.0));
+    assert_eq!(metric(&metrics, r#"natsbridge_ingress_outcomes_total{outcome="term",route="tool-exec"}"#), Some(1.0));
     sidecar.stop().await;
 }
 
@@ -457,7 +450,7 @@ async fn jetstream_poison_4xx_is_dead_lettered_on_first_delivery() {
     assert_eq!(hdr(&dl, "Bridge-Dlq-Error"), r#"{"error":"bad tool"}"#);
     assert_eq!(hdr(&dl, "Bridge-Dlq-Deliveries"), "1");
     let metrics = sidecar.metrics().await;
-    assert_eq!(metric_line(&metrics, r#"natsbridge_dlq_published_total{reason="poison",route="tool-exec"}"#), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, r#"natsbridge_dlq_published_total{reason="poison",route="tool-exec"}"#), Some(1.0), "{metrics}");
     sidecar.stop().await;
 }
 
@@ -569,7 +562,7 @@ async fn jetstream_last_delivery_lost_with_a_killed_sidecar_is_dead_lettered_by_
     assert_eq!(hdr(&dl, "Bridge-Dlq-Seq"), seq.to_string());
     assert_eq!(hdr(&dl, "Bridge-Dlq-Subject"), "tool.exec.crash");
     let metrics = second.metrics().await;
-    assert_eq!(metric_line(&metrics, r#"natsbridge_dlq_published_total{reason="max_deliver",route="tool-exec"}"#), Some(1.0));
+    assert_eq!(metric(&metrics, r#"natsbridge_dlq_published_total{reason="max_deliver",route="tool-exec"}"#), Some(1.0));
     second.stop().await;
 }
 

@@ -451,11 +451,6 @@ async fn seen_all(app: &App, want: &[String], what: &str) -> BTreeMap<String, us
     .await
 }
 
-/// The value of the metric line starting with `prefix`.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
 /// The watchdog compared the new stream's length with the old ack floor: a stream created
 /// again that already held more messages than the floor looked like the same stream, so
 /// its consumer was recreated after the old floor and skipped its first messages. The

@@ -25,10 +25,6 @@ name = "tun"
 mode = "tunnel"
 "#;
 
-fn metric(text: &str, line_prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
 fn refused(route: &str, reason: &str) -> String {
     format!(r#"natsbridge_ingress_refused_total{{reason="{reason}",route="{route}"}}"#)
 }

@@ -170,6 +170,12 @@ pub fn nats_headers(pairs: &[(&str, &str)]) -> async_nats::HeaderMap {
     headers
 }
 
+/// The value of one series (`name{labels}`, exactly as exposed) in a Prometheus text
+/// exposition; `None` when it is absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Publishes to JetStream and waits for the stream's ack.
 pub async fn js_publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], body: &str) -> jetstream::publish::PublishAck {
     js.publish_with_headers(subject.to_owned(), nats_headers(headers), Bytes::copy_from_slice(body.as_bytes()))
