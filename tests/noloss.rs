@@ -451,6 +451,17 @@ async fn seen_all(app: &App, want: &[String], what: &str) -> BTreeMap<String, us
     .await
 }
 
+/// Waits until the watchdog of `sidecar`'s route `execution-events` has read its ack floor
+/// at `seq`: from then on it knows where a recreated durable must start.
+async fn watchdog_floor_at(sidecar: &SidecarProcess, seq: u64) {
+    let admin = sidecar.admin;
+    eventually(&format!("the watchdog reading the ack floor at {seq}"), Duration::from_secs(20), || async move {
+        let text = get(&format!("http://{admin}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned())?;
+        (metric(&text, r#"natsbridge_ingress_consumer_ack_floor{route="execution-events"}"#) == Some(seq as f64)).then_some(())
+    })
+    .await
+}
+
 /// The watchdog compared the new stream's length with the old ack floor: a stream created
 /// again that already held more messages than the floor looked like the same stream, so
 /// its consumer was recreated after the old floor and skipped its first messages. The
@@ -461,12 +472,7 @@ async fn a_stream_created_again_longer_than_the_old_floor_loses_none_of_its_firs
     bounded(async {
         let nats = NatsServer::start();
         let (js, app, _, sidecar) = events_sidecar(&nats).await;
-        let admin = sidecar.admin;
-        eventually("the watchdog reading the ack floor at 5", Duration::from_secs(20), || async move {
-            let text = get(&format!("http://{admin}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned())?;
-            (metric(&text, r#"natsbridge_ingress_consumer_ack_floor{route="execution-events"}"#) == Some(5.0)).then_some(())
-        })
-        .await;
+        watchdog_floor_at(&sidecar, 5).await;
 
         sidecar.freeze();
         js.delete_stream("AGENT").await.unwrap();
@@ -559,12 +565,8 @@ async fn a_durable_lost_while_its_stream_cannot_say_where_it_ends_is_recreated_a
         }
         let old: Vec<String> = (0..5).map(|i| format!("old-{i}")).collect();
         seen_all(&app, &old, "the app seeing the first five").await;
+        watchdog_floor_at(&sidecar, 5).await;
         let addr = sidecar.admin;
-        eventually("the watchdog reading the ack floor at 5", Duration::from_secs(20), || async move {
-            let text = get(&format!("http://{addr}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned())?;
-            (metric(&text, r#"natsbridge_ingress_consumer_ack_floor{route="execution-events"}"#) == Some(5.0)).then_some(())
-        })
-        .await;
 
         nats.reload_with(&users(true));
         js.get_stream("AGENT").await.unwrap().delete_consumer("events").await.unwrap();
