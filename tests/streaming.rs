@@ -218,6 +218,58 @@ async fn a_stalled_stream_ends_as_an_error_and_stops_the_app() {
     assert!(m.contains(r#"natsbridge_streams_total{end="stall",route="tokens",side="reader"} 1"#), "{m}");
 }
 
+/// The requester's route timeout on `/slow/{kind}`; the app's first token comes after it.
+const SLOW_ROUTE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_at_once_reaches_the_client_so_a_first_token_later_than_the_route_timeout_is_no_504() {
+    // A second route to the same responder, with a short timeout (the template's is 5 s).
+    let slow = format!(
+        r#"
+[[outbound]]
+name = "slow"
+method = "GET"
+path = "/slow/{{kind}}"
+subject = "tokens.{{kind}}"
+mode = "request"
+timeout = "{}ms"
+"#,
+        SLOW_ROUTE_TIMEOUT.as_millis()
+    );
+    let mut p = pair(&slow, "").await;
+    // An event stream (its head goes at once) and a chunked body (its head goes alone after a
+    // second of silence), at the same time.
+    let mut clients = Vec::new();
+    for kind in ["sse-late", "chunks-late"] {
+        let url = p.requester.url(&format!("/slow/{kind}"));
+        let sent = Instant::now();
+        clients.push((kind, sent, tokio::spawn(async move { open(&url).await })));
+    }
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        calls.push(next_call(&mut p.calls).await);
+    }
+    for (kind, sent, client) in clients {
+        let call = calls.iter().position(|c| c.path == format!("/{kind}")).map(|i| calls.swap_remove(i)).unwrap();
+        // The app has answered its head and written nothing: the client has the head anyway.
+        let (parts, mut body) = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap().into_parts();
+        assert_eq!(parts.status, 200, "{kind}: the head, not the route timeout's 504");
+        assert_eq!(parts.headers["x-app"], "streams");
+        // The app thinks past the caller's route timeout before its first token (the
+        // scenario: a model slow to its first token), then streams and ends.
+        tokio::time::sleep_until((sent + SLOW_ROUTE_TIMEOUT + Duration::from_millis(500)).into()).await;
+        let tokens = if kind.starts_with("sse") { ["data: 0\n\n", "data: 1\n\n"] } else { ["tok-0,", "tok-1,"] };
+        for t in tokens {
+            call.tx.send(Ok(Bytes::from_static(t.as_bytes()))).await.unwrap();
+        }
+        drop(call.tx);
+        let (got, end) = read_all(&mut body, Duration::from_secs(10)).await;
+        assert_eq!(end, Ok(()), "{kind}: a complete stream ends cleanly");
+        assert_eq!(String::from_utf8(got).unwrap(), tokens.concat(), "{kind}");
+    }
+    responder_counted(&p, "complete", 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_streams_keep_their_order() {
     const STREAMS: usize = 40;

@@ -10,6 +10,8 @@
 //!   large for a single message under `max_payload` streams instead, whatever its framing
 //!   (a `Content-Length` answer too): without the sidecar the caller would have had it,
 //!   so a 413 would make the pod worse.
+//! - The head does not wait for the body: with no bytes yet, it goes alone once due (at
+//!   once for an event stream, after a second for other bodies).
 //! - The control subject is a waiter on the connection's reply multiplexer, and every
 //!   message is published with it as reply subject: a reader's `Bridge-Stream: cancel`,
 //!   or the server's "no responders" when the reader's inbox is gone, arrive there and
@@ -126,7 +128,10 @@ impl<'a> Sender<'a> {
         let mut pending = BytesMut::new();
         let coalesce = self.route.inbound.stream_coalesce;
         let idle = self.route.inbound.stream_stall;
-        let mut flush_at: Option<Instant> = None;
+        // The head does not wait for the body's first bytes: an app that answered at once
+        // and is slow to its first token (a model thinking) would otherwise be a 504 at the
+        // caller's route timeout, where without the sidecar its client had the head.
+        let mut flush_at = Some(Instant::now() + head_alone_after(sse, coalesce));
         let end = loop {
             let read = tokio::select! {
                 biased;
@@ -136,7 +141,14 @@ impl<'a> Sender<'a> {
             };
             let Some(read) = read else {
                 flush_at = None;
-                match self.send_all(pending.split().freeze(), Part::Data).await {
+                let data = pending.split().freeze();
+                let sent = if data.is_empty() && self.first.is_some() {
+                    // Nothing of the body yet: the head goes alone (an empty first message).
+                    self.send(data, Part::Data).await
+                } else {
+                    self.send_all(data, Part::Data).await
+                };
+                match sent {
                     Ok(()) => continue,
                     Err(stop) => break Err(stop),
                 }
@@ -180,7 +192,9 @@ impl<'a> Sender<'a> {
             } else if coalesce.is_zero() {
                 self.send_all(pending.split().freeze(), Part::Data).await
             } else {
-                flush_at.get_or_insert_with(|| Instant::now() + coalesce);
+                // Due `coalesce` after the first bytes, or sooner when the head was due first.
+                let due = Instant::now() + coalesce;
+                flush_at = Some(flush_at.map_or(due, |at| at.min(due)));
                 Ok(())
             };
             if let Err(stop) = sent {
@@ -291,6 +305,19 @@ async fn stopped(control: &mut ReplyStream) -> Stop {
             },
             Err(_) => return Stop::Reader("gone"),
         }
+    }
+}
+
+/// How long after the app's head its first message is due when no bytes of the body have
+/// come: `stream_coalesce` for an event stream (a stream by nature, whose client waits for
+/// the head to know it is connected), a second for other bodies, which mostly end soon
+/// after their head and then travel as one plain reply that any NATS requester reads.
+fn head_alone_after(sse: bool, coalesce: std::time::Duration) -> std::time::Duration {
+    const OTHER_BODIES: std::time::Duration = std::time::Duration::from_secs(1);
+    if sse {
+        coalesce
+    } else {
+        OTHER_BODIES.max(coalesce)
     }
 }
 
