@@ -6,7 +6,10 @@
 //! `Bridge-Stream-Seq: N` (1, 2, 3…). The first also carries `Bridge-Status`, the
 //! response headers and `Bridge-Stream-Control: <subject>`; the last `Bridge-Stream: end`;
 //! a failure after the start ends it with `Bridge-Stream: error` and a problem+json
-//! payload. The reader publishes `Bridge-Stream: cancel` to the control subject to stop it.
+//! payload. The reader publishes `Bridge-Stream: cancel` to the control subject to stop it,
+//! or to the reply subject of the latest message when that is under the control subject
+//! (`<control>.<seq>`, what our responder sends): NATS response permissions let a reader
+//! answer only reply subjects it received, each once.
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -96,6 +99,11 @@ pub fn add_message_headers(h: &mut async_nats::HeaderMap, seq: u64, part: Part) 
         Part::End => h.insert(STREAM, END),
         Part::Error => h.insert(STREAM, ERROR),
     }
+}
+
+/// Whether `reply` is the control subject or a subject under it (`<control>.<seq>`).
+pub fn is_under_control(control: &str, reply: &str) -> bool {
+    reply.strip_prefix(control).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 /// Whether a control message asks the responder to stop.
@@ -231,6 +239,15 @@ pub fn headers_len(h: &async_nats::HeaderMap) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_goes_only_to_the_control_subject_or_under_it() {
+        assert!(is_under_control("_INBOX.a.7", "_INBOX.a.7"));
+        assert!(is_under_control("_INBOX.a.7", "_INBOX.a.7.3"));
+        assert!(!is_under_control("_INBOX.a.7", "_INBOX.a.71"), "another token");
+        assert!(!is_under_control("_INBOX.a.7", "_INBOX.a"));
+        assert!(!is_under_control("_INBOX.a.7", "orders.create"));
+    }
 
     fn h(pairs: &[(&str, &str)]) -> async_nats::HeaderMap {
         let mut m = async_nats::HeaderMap::new();

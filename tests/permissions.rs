@@ -269,18 +269,56 @@ async fn a_streamed_reply_its_cancel_and_an_async_call_run_under_the_generated_p
     assert_eq!((status.as_u16(), end), (200, Ok(())), "{}", requester.log());
     assert_eq!(String::from_utf8_lossy(&body).matches("data: ").count(), 5);
 
-    // A stream the client leaves: the cancel reaches the responder, which closes the app's
-    // connection (without the response permission the server drops the cancel, and the
-    // app would only be stopped by the 30 s stall).
-    let url = requester.url("/tokens/sse");
-    let client = tokio::spawn(async move {
-        let (_parts, mut body) = open(&url).await.into_parts();
-        next_data(&mut body).await
-    });
+    // Streams the client leaves after one token and after two: the cancel reaches the
+    // responder, which closes the app's connection (without the response permission the
+    // server drops the cancel, and the app would only be stopped by the 30 s stall). The
+    // head goes alone before the first token, so the reader has had two messages, then
+    // three: nats-server 2.14 refused a cancel to a reply subject delivered an even number
+    // of times, so a responder reusing one subject for every message fails one of the two.
+    for tokens in 1..=2 {
+        let url = requester.url("/tokens/sse");
+        let (read_tx, mut read_rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = tokio::spawn(async move {
+            let (_parts, mut body) = open(&url).await.into_parts();
+            read_tx.send(()).unwrap();
+            for _ in 0..tokens {
+                next_data(&mut body).await;
+                read_tx.send(()).unwrap();
+            }
+        });
+        let call = next_call(&mut calls).await;
+        // One message per token: each written once the client has what came before.
+        read_rx.recv().await.expect("the client has the head");
+        for i in 0..tokens {
+            call.tx.send(Ok(format!("data: {i}\n\n").into())).await.unwrap();
+            read_rx.recv().await.expect("the client read the token");
+        }
+        client.await.unwrap();
+        let stopped = tokio::time::timeout(Duration::from_secs(10), call.tx.closed()).await;
+        assert!(stopped.is_ok(), "the cancel after {tokens} token(s) stopped the app's response\n{}", server.log());
+    }
+
+    // A reader that follows the written contract (any language) cancels to the subject in
+    // `Bridge-Stream-Control`. The responder gives that reply subject to the first message
+    // only and every later one its own, so after three messages it is still answerable.
+    let foreign =
+        async_nats::ConnectOptions::with_user_and_password("caller".into(), "stream-secret".into()).connect(server.url()).await.unwrap();
+    let inbox = foreign.new_inbox();
+    let mut messages = foreign.subscribe(inbox.clone()).await.unwrap();
+    foreign.publish_with_reply("tokens.sse", inbox, bytes::Bytes::new()).await.unwrap();
     let call = next_call(&mut calls).await;
-    call.tx.send(Ok("data: 0\n\n".into())).await.unwrap();
-    client.await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), call.tx.closed()).await.expect("the cancel stopped the app's response");
+    let first = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap();
+    let control = first.headers.as_ref().and_then(|h| h.get("Bridge-Stream-Control")).expect("a control subject").to_string();
+    for i in 0..2 {
+        call.tx.send(Ok(format!("data: {i}\n\n").into())).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), messages.next()).await.expect("the token's message").unwrap();
+    }
+    let mut cancel = async_nats::HeaderMap::new();
+    cancel.insert("Bridge-Stream", "cancel");
+    foreign.publish_with_headers(control, cancel, bytes::Bytes::new()).await.unwrap();
+    foreign.flush().await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), call.tx.closed()).await;
+    assert!(stopped.is_ok(), "a foreign reader's cancel to the control subject stopped the app's response\n{}", server.log());
 
     // An async call: 202, then its result from the operations bucket.
     let url = requester.url("/tokens/plain");

@@ -120,8 +120,7 @@ impl Egress {
             Some(Frame::Err(err)) => return Err(BridgeError::NestErr(err)),
             Some(Frame::Foreign) | None => return Err(reader.elapsed()),
         };
-        reader.guard =
-            Some(Guard { nats: self.nats.clone(), control: None, end: "cancel", metrics: self.metrics.clone(), route: route.name.clone() });
+        reader.guard = Some(Guard::new(self.nats.clone(), None, self.metrics.clone(), route.name.clone()));
         if last {
             reader.end("complete");
         }

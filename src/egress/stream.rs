@@ -222,7 +222,8 @@ impl Replier<'_> {
             // Proxies in front of the client must not buffer the events.
             res_headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
-        let guard = Guard { nats: self.nats.clone(), control, end: "cancel", metrics: self.metrics.clone(), route: route.name.clone() };
+        let mut guard = Guard::new(self.nats.clone(), control, self.metrics.clone(), route.name.clone());
+        guard.heard(first.reply.as_ref());
         let reader = Reader {
             waiter,
             sequence,
@@ -255,15 +256,36 @@ impl Replier<'_> {
 /// responder ended it: dropped with the body, so a client going away cancels too. Without
 /// a `control` subject (a NestJS stream) it only counts the ending.
 pub(super) struct Guard {
-    pub(super) nats: async_nats::Client,
-    pub(super) control: Option<Subject>,
+    nats: async_nats::Client,
+    /// The responder's control subject (`Bridge-Stream-Control`); `None` once nothing is
+    /// to be cancelled.
+    control: Option<Subject>,
+    /// Where the cancel goes: the reply subject of the latest message, when it is the
+    /// control subject or under it, else the control subject.
+    cancel_to: Option<Subject>,
     /// How it ended; `cancel` until something else is known.
     pub(super) end: &'static str,
-    pub(super) metrics: crate::metrics::Metrics,
+    metrics: crate::metrics::Metrics,
     pub(super) route: String,
 }
 
 impl Guard {
+    pub(super) fn new(nats: async_nats::Client, control: Option<Subject>, metrics: crate::metrics::Metrics, route: String) -> Self {
+        Self { nats, control, cancel_to: None, end: "cancel", metrics, route }
+    }
+
+    /// A message of the stream came with `reply`. Under NATS response permissions
+    /// (`allow_responses`) a reader may publish only to reply subjects of messages it
+    /// received, and nats-server 2.14 spends that right when a second message arrives with
+    /// the same reply subject; a responder that gives each message its own subject under
+    /// the control subject (as ours does) leaves the latest one always answerable.
+    pub(super) fn heard(&mut self, reply: Option<&Subject>) {
+        let (Some(control), Some(reply)) = (&self.control, reply) else { return };
+        if streamed::is_under_control(control, reply) {
+            self.cancel_to = Some(reply.clone());
+        }
+    }
+
     /// The responder ended the stream: nothing to cancel.
     pub(super) fn ended(&mut self, end: &'static str) {
         self.end = end;
@@ -275,6 +297,7 @@ impl Drop for Guard {
     fn drop(&mut self) {
         self.metrics.streams.with_label_values(&["reader", &self.route, self.end]).inc();
         let Some(control) = self.control.take() else { return };
+        let control = self.cancel_to.take().unwrap_or(control);
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let nats = self.nats.clone();
         let mut h = async_nats::HeaderMap::new();
@@ -372,6 +395,7 @@ impl Reader {
             Err(_) if wait < self.stall => return Err(("limit", BridgeError::StreamTooLong { max: self.max })),
             Err(_) => return Err(("stall", BridgeError::StreamStalled { stall: self.stall })),
         };
+        self.guard.heard(m.reply.as_ref());
         let part = match &mut self.sequence {
             Some(s) => s.accept(m.headers.as_ref()).map_err(|e| ("gap", BridgeError::StreamBroken(e)))?,
             None if m.payload.is_empty() => Part::End,

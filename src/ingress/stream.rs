@@ -13,9 +13,10 @@
 //! - The head does not wait for the body: with no bytes yet, it goes alone once due (at
 //!   once for an event stream, after a second for other bodies).
 //! - The control subject is a waiter on the connection's reply multiplexer, and every
-//!   message is published with it as reply subject: a reader's `Bridge-Stream: cancel`,
-//!   or the server's "no responders" when the reader's inbox is gone, arrive there and
-//!   stop the stream. Stopping drops the app's body, which closes its connection.
+//!   message is published with `<control>.<seq>` as reply subject: a reader's
+//!   `Bridge-Stream: cancel` (to the control subject or to a message's reply subject), or
+//!   the server's "no responders" when the reader's inbox is gone, arrive there and stop
+//!   the stream. Stopping drops the app's body, which closes its connection.
 
 use async_nats::Subject;
 use bytes::{Bytes, BytesMut};
@@ -269,7 +270,17 @@ impl<'a> Sender<'a> {
         self.seq += 1;
         let mut headers = self.first.take().unwrap_or_default();
         streamed::add_message_headers(&mut headers, self.seq, part);
-        let control = self.control.reply_subject().clone();
+        // Each message its own reply subject: the control subject for the first (what a
+        // reader that follows the contract, or an older natsbridge, cancels to), then
+        // `<control>.<seq>`, which the multiplexer delivers to the same waiter.
+        // nats-server 2.14's response permission (`allow_responses`, max 1) counts a second
+        // delivery with the same reply subject as the reader's response, so after an even
+        // number of messages sharing one subject the reader's cancel was refused and the app
+        // streamed on to nobody.
+        let control = match self.seq {
+            1 => self.control.reply_subject().clone(),
+            seq => Subject::from(format!("{}.{seq}", self.control.reply_subject())),
+        };
         self.shared.nats.publish_with_reply_and_headers(self.reply.clone(), control, headers, payload).await.map_err(|e| {
             tracing::warn!(route = %self.route.inbound.name, error = %e, "could not send a streamed reply message; stopping the stream");
             Stop::Publish

@@ -1,6 +1,8 @@
 //! Our own reply multiplexer: one wildcard subscription per connection on
-//! `<inbox prefix>.<nuid>.*`, and a waiter per request in a concurrent map, keyed by a
-//! token that is never reused.
+//! `<inbox prefix>.<nuid>.>`, and a waiter per request in a concurrent map, keyed by a
+//! token that is never reused. A reply goes to the waiter of its subject's first token
+//! after the prefix: `<prefix><token>`, or `<prefix><token>.<more>` (a streamed reply's
+//! messages each carry their own reply subject under the stream's control token).
 //!
 //! Why not the client's: async-nats 0.51 keeps an entry for every request that never got
 //! a reply, for the life of the connection (nats.rs #1617); a responder that keeps timing
@@ -165,11 +167,11 @@ struct Inner {
 }
 
 impl Replies {
-    /// Subscribes `<inbox prefix>.<nuid>.*` on `client` and starts delivering replies.
+    /// Subscribes `<inbox prefix>.<nuid>.>` on `client` and starts delivering replies.
     /// The inbox prefix is the client's (`_INBOX`, or `[nats] inbox_prefix`).
     pub async fn start(client: &Client, metrics: &Metrics) -> Result<Self, async_nats::SubscribeError> {
         let prefix = format!("{}.", client.new_inbox());
-        let subscriber = client.subscribe(format!("{prefix}*")).await?;
+        let subscriber = client.subscribe(format!("{prefix}>")).await?;
         let shared = Arc::new(Shared {
             waiters: Waiters::default(),
             pending: metrics.pending_replies.clone(),
@@ -349,7 +351,7 @@ async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared
         };
         let Some(message) = message else { break };
         let read = Instant::now();
-        let token = message.subject.strip_prefix(prefix.as_str()).and_then(|t| t.parse::<u64>().ok());
+        let token = message.subject.strip_prefix(prefix.as_str()).and_then(token_of);
         if !token.is_some_and(|t| deliver(&shared, t, message, read)) {
             shared.late.inc();
         }
@@ -358,6 +360,11 @@ async fn dispatch(mut subscriber: async_nats::Subscriber, prefix: String, shared
     // first, so a stream reopened from now on learns it is closed (`ReplyStream::reopen`).
     shared.stopped.store(true, Ordering::SeqCst);
     shared.waiters.clear();
+}
+
+/// The waiter's token in what follows the prefix: its first token (`7` of `7` or `7.3`).
+fn token_of(rest: &str) -> Option<u64> {
+    rest.split('.').next()?.parse().ok()
 }
 
 /// Hands `message` to the waiter of `token`; false when there is none (late, or the
@@ -406,6 +413,16 @@ mod tests {
             description: None,
             length: 1,
         }
+    }
+
+    #[test]
+    fn a_subjects_first_token_after_the_prefix_names_its_waiter() {
+        assert_eq!(token_of("7"), Some(7));
+        assert_eq!(token_of("7.3"), Some(7), "a streamed reply's message subject");
+        assert_eq!(token_of("7.3.1"), Some(7));
+        assert_eq!(token_of("x.7"), None);
+        assert_eq!(token_of(""), None);
+        assert_eq!(token_of(".7"), None);
     }
 
     #[test]
