@@ -12,11 +12,12 @@
 //!   so a 413 would make the pod worse.
 //! - The head does not wait for the body: with no bytes yet, it goes alone once due (at
 //!   once for an event stream, after a second for other bodies).
-//! - The control subject is a waiter on the connection's reply multiplexer, and every
-//!   message is published with `<control>.<seq>` as reply subject: a reader's
-//!   `Bridge-Stream: cancel` (to the control subject or to a message's reply subject), or
-//!   the server's "no responders" when the reader's inbox is gone, arrive there and stop
-//!   the stream. Stopping drops the app's body, which closes its connection.
+//! - The control subject is a waiter on the connection's reply multiplexer. The first
+//!   message is published with it as reply subject, each later one with `<control>.<seq>`
+//!   (the multiplexer delivers both to the waiter): a reader's `Bridge-Stream: cancel` (to
+//!   the control subject or to a message's reply subject), or the server's "no responders"
+//!   when the reader's inbox is gone, arrive there and stop the stream. Stopping drops the
+//!   app's body, which closes its connection.
 
 use async_nats::Subject;
 use bytes::{Bytes, BytesMut};
